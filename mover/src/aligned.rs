@@ -1,0 +1,100 @@
+//! A heap buffer aligned for `O_DIRECT` (4096 bytes), usable by tokio-uring. tokio-uring's
+//! `Vec<u8>` buffers are not aligned, so this type implements its buffer traits.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ptr::NonNull;
+
+pub const ALIGN: usize = 4096;
+
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively (like Vec<u8>); moving it between
+// threads moves that ownership.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only allow reads of initialised bytes.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `cap` bytes (rounded up to [`ALIGN`]); `len` starts at 0.
+    pub fn new(cap: usize) -> Self {
+        let cap = cap.max(ALIGN).div_ceil(ALIGN) * ALIGN;
+        let layout = Layout::from_size_align(cap, ALIGN).unwrap_or_else(|_| std::process::abort());
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { ptr, cap, len: 0 }
+    }
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Sets the initialised length. Every byte of the allocation is initialised (zeroed at
+    /// allocation), so any length up to the capacity is sound.
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.cap);
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for cap bytes, all initialised; len <= cap.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    /// The whole capacity, for reading into.
+    pub fn as_mut_full(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid and uniquely borrowed for cap bytes, all initialised.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with exactly this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.cap, ALIGN)) }
+    }
+}
+
+// SAFETY: the pointer is stable for the buffer's lifetime (heap allocation that never moves
+// or reallocates); bytes_init <= bytes_total.
+unsafe impl tokio_uring::buf::IoBuf for AlignedBuf {
+    fn stable_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.len
+    }
+    fn bytes_total(&self) -> usize {
+        self.cap
+    }
+}
+
+// SAFETY: as above; set_init only grows the initialised length within the capacity.
+unsafe impl tokio_uring::buf::IoBufMut for AlignedBuf {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    unsafe fn set_init(&mut self, pos: usize) {
+        if pos > self.len {
+            self.len = pos.min(self.cap);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn aligned_and_zeroed() {
+        let mut b = AlignedBuf::new(10_000);
+        assert_eq!(b.capacity(), 12_288);
+        assert_eq!(b.as_mut_full().as_ptr() as usize % ALIGN, 0);
+        b.set_len(5000);
+        assert!(b.as_slice().iter().all(|&x| x == 0));
+    }
+}

@@ -1,0 +1,11 @@
+//! Mover: the data-mover daemon and CLI for block-level volume backup and restore.
+//! See `docs/design.md` for how the parts fit.
+
+pub mod aligned;
+pub mod extents;
+pub mod index_cache;
+pub mod metrics;
+pub mod open;
+pub mod pipeline;
+pub mod s3;
+pub mod source;

@@ -1,0 +1,546 @@
+//! The `mover` command: repository CLI (init, backup, restore, snapshots, show, index, key).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mover::metrics::Progress;
+use mover::open::{local_index, RepoArgs};
+use mover::pipeline::backup::{backup, BackupOptions, ParentSpec, VolumeSpec};
+use mover::pipeline::reader::IoChoice;
+use mover::pipeline::restore::{restore_volume, HoleMode, RestoreOptions};
+use mover_format::config::CompressionConfig;
+use mover_format::crypto::KdfParams;
+use mover_format::local_index;
+use mover_format::{InitOptions, Repository};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "mover", version, about = "Block-level volume backup and restore into a deduplicated, encrypted repository")]
+struct Cli {
+    #[command(flatten)]
+    repo: RepoOpts,
+    /// Log filter (e.g. info, debug); also MOVER_LOG.
+    #[arg(long, global = true, env = "MOVER_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Debug, Clone)]
+struct RepoOpts {
+    /// Repository: a directory, or s3://bucket/prefix.
+    #[arg(long, short = 'r', global = true, env = "MOVER_REPOSITORY")]
+    repo: Option<String>,
+    /// File holding the password (else MOVER_PASSWORD).
+    #[arg(long, global = true, env = "MOVER_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// S3 endpoint URL (else AWS_ENDPOINT_URL).
+    #[arg(long, global = true)]
+    s3_endpoint: Option<String>,
+    /// S3 region (else AWS_REGION, else us-east-1).
+    #[arg(long, global = true)]
+    s3_region: Option<String>,
+    /// Directory of the local index cache (else MOVER_CACHE_DIR, else ~/.cache/mover).
+    #[arg(long, global = true)]
+    cache_dir: Option<PathBuf>,
+}
+
+impl From<RepoOpts> for RepoArgs {
+    fn from(o: RepoOpts) -> Self {
+        RepoArgs { repo: o.repo, password_file: o.password_file, s3_endpoint: o.s3_endpoint, s3_region: o.s3_region, cache_dir: o.cache_dir }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a repository.
+    Init {
+        /// zstd level for new blobs (0 = no compression).
+        #[arg(long, default_value_t = 1)]
+        compression_level: i32,
+        /// Target pack size in MiB.
+        #[arg(long, default_value_t = 16)]
+        pack_size_mib: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Back up block devices or disk-image files into one snapshot.
+    Backup(BackupArgs),
+    /// Restore a snapshot's volume(s) onto a block device or file.
+    Restore {
+        /// SNAPSHOT or SNAPSHOT:VOLUME (id, unique prefix, or `latest`).
+        snapshot: String,
+        /// Target device or file; a directory when restoring several volumes.
+        target: PathBuf,
+        /// How to treat holes (zero runs) on the target.
+        #[arg(long, value_enum, default_value_t = HoleMode::Auto)]
+        holes: HoleMode,
+        /// Segments restored concurrently.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots.
+    Snapshots {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one snapshot.
+    Show {
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The local index cache.
+    #[command(subcommand)]
+    Index(IndexCmd),
+    /// Key files (passwords) of the repository.
+    #[command(subcommand)]
+    Key(KeyCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum IndexCmd {
+    /// Bring the local index up to date with the store's index segments.
+    Sync {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the local index and rebuild it from index segments, and from pack trailers
+    /// for packs no readable index segment names (writing new segments for them).
+    Rebuild {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a password; the new one from MOVER_NEW_PASSWORD or --new-password-file.
+    Add {
+        #[arg(long)]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Remove a key file by id.
+    Remove { id: String },
+    /// Change the password: add a key with the new password, remove the current one.
+    Passwd {
+        #[arg(long)]
+        new_password_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct BackupArgs {
+    /// A single source (block device or file): short for --volume disk=SOURCE.
+    source: Option<PathBuf>,
+    /// Volume name for the positional source.
+    #[arg(long, default_value = "disk")]
+    name: String,
+    /// NAME=SOURCE, repeatable: the disks of one VM, taken together.
+    #[arg(long = "volume", value_name = "NAME=SOURCE")]
+    volumes: Vec<String>,
+    /// Parent snapshot: an id, a unique prefix, or `latest` (same volume name and source).
+    #[arg(long)]
+    parent: Option<String>,
+    /// Changed extents: FILE for the single volume, or NAME=FILE per volume.
+    #[arg(long = "changed-extents", value_name = "[NAME=]FILE")]
+    changed_extents: Vec<String>,
+    /// NAME=FILE, repeatable: opaque metadata stored with the snapshot (e.g. VM YAML).
+    #[arg(long = "metadata", value_name = "NAME=FILE")]
+    metadata: Vec<String>,
+    /// K=V, repeatable.
+    #[arg(long = "tag", value_name = "K=V")]
+    tags: Vec<String>,
+    /// Read path.
+    #[arg(long, value_enum, default_value_t = IoChoice::Auto)]
+    io: IoChoice,
+    /// Segment reads in flight.
+    #[arg(long, default_value_t = 4)]
+    queue_depth: usize,
+    /// Chunking/compression threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Concurrent pack uploads.
+    #[arg(long, default_value_t = 3)]
+    uploads: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn split_kv<'a>(s: &'a str, what: &str) -> Result<(&'a str, &'a str)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k, v)),
+        _ => bail!("{what} '{s}' is not of the form NAME=VALUE"),
+    }
+}
+
+fn progress_bar(progress: Arc<Progress>, enabled: bool, label: &'static str) -> Option<tokio::task::JoinHandle<()>> {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(label);
+    Some(tokio::spawn(async move {
+        loop {
+            pb.set_length(progress.total());
+            pb.set_position(progress.done());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }))
+}
+
+async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
+    let ra: RepoArgs = cli.repo.clone().into();
+    match cli.cmd {
+        Cmd::Init { compression_level, pack_size_mib, json } => {
+            if !(1..=256).contains(&pack_size_mib) {
+                bail!("--pack-size-mib {pack_size_mib}: must be between 1 and 256");
+            }
+            let storage = ra.storage().await?;
+            let pw = ra.password()?;
+            let kdf = match std::env::var("MOVER_INSECURE_TEST_KDF") {
+                Ok(v) if v == "1" => KdfParams::insecure_for_tests(),
+                _ => KdfParams::default(),
+            };
+            let opts = InitOptions {
+                compression: CompressionConfig { algorithm: "zstd".into(), level: compression_level },
+                pack_size: pack_size_mib * 1024 * 1024,
+                kdf,
+                ..Default::default()
+            };
+            let repo = Repository::init(storage, &pw.0, opts, &cancel).await?;
+            if json {
+                println!("{}", serde_json::json!({"repository": repo.location(), "id": repo.config().id, "key": repo.key_id()}));
+            } else {
+                println!("created repository {} (id {})", repo.location(), repo.config().id);
+            }
+        }
+        Cmd::Backup(b) => {
+            let mut specs: Vec<VolumeSpec> = Vec::new();
+            if let Some(s) = &b.source {
+                specs.push(VolumeSpec { name: b.name.clone(), source: s.clone(), changed: None });
+            }
+            for v in &b.volumes {
+                let (n, s) = split_kv(v, "--volume")?;
+                specs.push(VolumeSpec { name: n.into(), source: s.into(), changed: None });
+            }
+            for ce in &b.changed_extents {
+                let (name, file) = match ce.split_once('=') {
+                    Some((n, f)) if specs.iter().any(|s| s.name == n) => (n.to_string(), PathBuf::from(f)),
+                    _ if specs.len() == 1 => (specs[0].name.clone(), PathBuf::from(ce)),
+                    _ => bail!("--changed-extents '{ce}': with several volumes, give NAME=FILE naming one of them"),
+                };
+                let ext = mover::extents::read(&file)?;
+                if let Some(s) = specs.iter_mut().find(|s| s.name == name) {
+                    s.changed = Some(ext);
+                }
+            }
+            let mut metadata = Vec::new();
+            for m in &b.metadata {
+                let (n, f) = split_kv(m, "--metadata")?;
+                let bytes = std::fs::read(f).with_context(|| format!("reading metadata file {f}"))?;
+                if bytes.len() > 64 << 20 {
+                    bail!("metadata file {f} is larger than 64 MiB");
+                }
+                metadata.push((n.to_string(), bytes));
+            }
+            let mut tags = BTreeMap::new();
+            for t in &b.tags {
+                let (k, v) = split_kv(t, "--tag")?;
+                tags.insert(k.to_string(), v.to_string());
+            }
+            let parent = match b.parent.as_deref() {
+                None => ParentSpec::None,
+                Some("latest") => ParentSpec::Latest,
+                Some(s) => ParentSpec::Id(s.to_string()),
+            };
+            let mut opts = BackupOptions { volumes: specs, metadata, parent, tags, io: b.io, queue_depth: b.queue_depth, upload_concurrency: b.uploads, ..Default::default() };
+            if let Some(w) = b.workers {
+                opts.workers = w;
+            }
+            if opts.volumes.is_empty() {
+                bail!("nothing to back up: give a SOURCE or --volume NAME=SOURCE");
+            }
+            let repo = ra.open(&cancel).await?;
+            let index = local_index(&repo, &ra.cache_root(), &cancel).await?;
+            let progress = Arc::new(Progress::default());
+            let bar = progress_bar(progress.clone(), !b.json, "backup");
+            let r = backup(&repo, index, opts, progress, &cancel).await;
+            if let Some(h) = bar {
+                h.abort();
+            }
+            let s = r?;
+            if b.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                let st = &s.stats;
+                println!("snapshot {} saved", s.snapshot_id);
+                if let Some(p) = s.parent {
+                    println!("  parent          {p}");
+                }
+                println!("  volume bytes    {}", st.bytes_total);
+                println!("  read            {} ({} reused from parent)", st.bytes_read, st.bytes_reused_parent);
+                println!("  skipped         {} (unchanged per extents)", st.bytes_skipped);
+                println!("  zero            {}", st.bytes_zero);
+                println!("  new             {} in {} chunks, stored as {}", st.bytes_new, st.chunks_new, st.bytes_stored);
+                println!("  deduplicated    {} chunks", st.chunks_dedup);
+                println!("  took            {:.2} s via {}", s.duration_s, s.io_backend);
+            }
+        }
+        Cmd::Restore { snapshot, target, holes, concurrency, json } => {
+            let repo = ra.open(&cancel).await?;
+            let (snap_s, vol_name) = match snapshot.split_once(':') {
+                Some((s, v)) => (s.to_string(), Some(v.to_string())),
+                None => (snapshot.clone(), None),
+            };
+            let snap_id = if snap_s == "latest" {
+                repo.snapshots(&cancel).await?.last().map(|(id, _)| *id).ok_or_else(|| anyhow!("repository {} has no snapshots", repo.location()))?
+            } else {
+                repo.resolve_snapshot(&snap_s, &cancel).await?
+            };
+            let m = repo.read_snapshot(&snap_id, &cancel).await?;
+            let vols: Vec<_> = match &vol_name {
+                Some(v) => vec![m.volume(v).cloned().ok_or_else(|| {
+                    anyhow!("snapshot {snap_id} has no volume named '{v}' (it has: {})", m.volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", "))
+                })?],
+                None => m.volumes.clone(),
+            };
+            let targets: Vec<PathBuf> = if vols.len() == 1 {
+                vec![target.clone()]
+            } else {
+                if !target.is_dir() {
+                    bail!("snapshot {snap_id} has {} volumes: the target {} must be a directory (or name one volume as SNAPSHOT:VOLUME)", vols.len(), target.display());
+                }
+                vols.iter().map(|v| target.join(format!("{}.img", v.name))).collect()
+            };
+            let index = local_index(&repo, &ra.cache_root(), &cancel).await?;
+            let progress = Arc::new(Progress::default());
+            let bar = progress_bar(progress.clone(), !json, "restore");
+            let mut out = Vec::new();
+            for (v, t) in vols.iter().zip(&targets) {
+                let r = restore_volume(&repo, index.clone(), &snap_id, v, t, &RestoreOptions { holes, concurrency }, progress.clone(), &cancel).await;
+                match r {
+                    Ok(s) => out.push(s),
+                    Err(e) => {
+                        if let Some(h) = &bar {
+                            h.abort();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            if let Some(h) = bar {
+                h.abort();
+            }
+            if json {
+                let bytes_written: u64 = out.iter().map(|s| s.bytes_written).sum();
+                let bytes_holes: u64 = out.iter().map(|s| s.bytes_holes).sum();
+                let duration_s: f64 = out.iter().map(|s| s.duration_s).sum();
+                println!("{}", serde_json::json!({"snapshot_id": snap_id, "bytes_written": bytes_written, "bytes_holes": bytes_holes, "duration_s": duration_s, "volumes": out}));
+            } else {
+                for s in &out {
+                    println!("restored volume '{}' of snapshot {} to {}: {} bytes written, {} bytes of holes, {:.2} s", s.volume, s.snapshot_id, s.target.display(), s.bytes_written, s.bytes_holes, s.duration_s);
+                }
+            }
+        }
+        Cmd::Snapshots { json } => {
+            let repo = ra.open(&cancel).await?;
+            let snaps = repo.snapshots(&cancel).await?;
+            if json {
+                let v: Vec<_> = snaps
+                    .iter()
+                    .map(|(id, m)| {
+                        serde_json::json!({"id": id, "time": fmt_time(m.time_unix_ms), "time_unix_ms": m.time_unix_ms, "hostname": m.hostname, "parent": m.parent, "tags": m.tags,
+                            "volumes": m.volumes.iter().map(|v| serde_json::json!({"name": v.name, "size": v.size, "source": v.source, "change_source": v.change_source})).collect::<Vec<_>>()})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{:<16} {:<20} {:<16} {:>14}  volumes", "id", "time (UTC)", "host", "size");
+                for (id, m) in &snaps {
+                    let vols: Vec<String> = m.volumes.iter().map(|v| v.name.clone()).collect();
+                    println!("{:<16} {:<20} {:<16} {:>14}  {}", &id.to_hex()[..16], fmt_time(m.time_unix_ms), m.hostname, m.stats.bytes_total, vols.join(","));
+                }
+                println!("{} snapshots", snaps.len());
+            }
+        }
+        Cmd::Show { snapshot, json } => {
+            let repo = ra.open(&cancel).await?;
+            let id = repo.resolve_snapshot(&snapshot, &cancel).await?;
+            let m = repo.read_snapshot(&id, &cancel).await?;
+            if json {
+                let mut v = serde_json::to_value(&m)?;
+                v["id"] = serde_json::json!(id);
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("snapshot {id}");
+                println!("  time      {} UTC", fmt_time(m.time_unix_ms));
+                println!("  host      {}", m.hostname);
+                if let Some(p) = m.parent {
+                    println!("  parent    {p}");
+                }
+                for (k, v) in &m.tags {
+                    println!("  tag       {k}={v}");
+                }
+                for v in &m.volumes {
+                    println!("  volume    {} ({} bytes) from {} [{}]: read {}, new {}, stored {}", v.name, v.size, v.source, v.change_source, v.stats.bytes_read, v.stats.bytes_new, v.stats.bytes_stored);
+                }
+                for md in &m.metadata {
+                    println!("  metadata  {} ({} bytes, blob {})", md.name, md.size, md.blob);
+                }
+            }
+        }
+        Cmd::Index(cmd) => {
+            let repo = ra.open(&cancel).await?;
+            let root = ra.cache_root();
+            let path = mover::index_cache::RocksIndex::path_for(&root, &repo.config().id);
+            match cmd {
+                IndexCmd::Sync { json } => {
+                    let idx = mover::index_cache::RocksIndex::open(&path)?;
+                    let r = local_index::sync(&repo, &idx, &cancel).await?;
+                    if json {
+                        println!("{}", serde_json::json!({"segments_total": r.segments_total, "segments_ingested": r.segments_ingested, "entries_ingested": r.entries_ingested}));
+                    } else {
+                        println!("index {}: {} segments in the store, {} new, {} entries added", path.display(), r.segments_total, r.segments_ingested, r.entries_ingested);
+                    }
+                }
+                IndexCmd::Rebuild { json } => {
+                    if path.exists() {
+                        std::fs::remove_dir_all(&path).with_context(|| format!("deleting local index {}", path.display()))?;
+                    }
+                    let idx = mover::index_cache::RocksIndex::open(&path)?;
+                    let r = local_index::rebuild_from_packs(&repo, &idx, true, &cancel).await?;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"segments_read": r.segments_read, "segments_unreadable": r.segments_unreadable, "packs_total": r.packs_total,
+                            "packs_from_trailers": r.packs_from_trailers, "packs_unreadable": r.packs_unreadable, "entries": r.entries, "segments_written": r.segments_written})
+                        );
+                    } else {
+                        println!("rebuilt {}: {} entries from {} index segments and {} of {} packs' trailers", path.display(), r.entries, r.segments_read, r.packs_from_trailers, r.packs_total);
+                        for s in &r.segments_unreadable {
+                            println!("  unreadable index segment: {s}");
+                        }
+                        for p in &r.packs_unreadable {
+                            println!("  unreadable pack: {p}");
+                        }
+                        for s in &r.segments_written {
+                            println!("  wrote index segment {s}");
+                        }
+                    }
+                }
+            }
+        }
+        Cmd::Key(cmd) => {
+            let repo = ra.open(&cancel).await?;
+            let new_pw = |file: &Option<PathBuf>| -> Result<Vec<u8>> {
+                if let Some(f) = file {
+                    let s = std::fs::read(f).with_context(|| format!("reading new password file {}", f.display()))?;
+                    return Ok(String::from_utf8_lossy(&s).trim_end_matches(['\n', '\r']).as_bytes().to_vec());
+                }
+                match std::env::var("MOVER_NEW_PASSWORD") {
+                    Ok(p) if !p.is_empty() => Ok(p.into_bytes()),
+                    _ => bail!("no new password: set MOVER_NEW_PASSWORD or use --new-password-file"),
+                }
+            };
+            match cmd {
+                KeyCmd::List { json } => {
+                    let keys = repo.list_keys(&cancel).await?;
+                    if json {
+                        let v: Vec<_> = keys.iter().map(|(id, k)| serde_json::json!({"id": id, "current": *id == repo.key_id(), "created_unix": k.created_unix, "hostname": k.hostname})).collect();
+                        println!("{}", serde_json::to_string(&v)?);
+                    } else {
+                        for (id, k) in &keys {
+                            println!("{} {id} {} {}", if *id == repo.key_id() { "*" } else { " " }, fmt_time(k.created_unix * 1000), k.hostname);
+                        }
+                    }
+                }
+                KeyCmd::Add { new_password_file } => {
+                    let np = new_pw(&new_password_file)?;
+                    let id = repo.add_key(&ra.password()?.0, &np, KdfParams::default(), &cancel).await?;
+                    println!("added key {id}");
+                }
+                KeyCmd::Remove { id } => {
+                    let id = id.parse().map_err(|e| anyhow!("{e}"))?;
+                    repo.remove_key(&id, &cancel).await?;
+                    println!("removed key {id}");
+                }
+                KeyCmd::Passwd { new_password_file } => {
+                    let np = new_pw(&new_password_file)?;
+                    let new_id = repo.add_key(&ra.password()?.0, &np, KdfParams::default(), &cancel).await?;
+                    let storage = ra.storage().await?;
+                    let reopened = Repository::open(storage, &np, &cancel).await?;
+                    reopened.remove_key(&repo.key_id(), &cancel).await?;
+                    println!("password changed: key {} replaced by {new_id}", repo.key_id());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) from Unix milliseconds.
+fn fmt_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    let result = rt.block_on(async move {
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: stopping (what was uploaded is kept)");
+                c2.cancel();
+            }
+        });
+        run(cli, cancel).await
+    });
+    rt.shutdown_timeout(Duration::from_secs(5));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Opening a repository from what a user gives: `--repo PATH|s3://bucket/prefix`,
+//! password from `MOVER_PASSWORD` or a file, cache directory for the local index.
+
+use crate::index_cache::RocksIndex;
+use crate::s3::{S3Options, S3Storage};
+use anyhow::{bail, Context, Result};
+use mover_format::local_index::{self, ChunkIndex, MemIndex};
+use mover_format::storage::local::LocalStorage;
+use mover_format::storage::Storage;
+use mover_format::Repository;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use zeroize_free::Password;
+
+mod zeroize_free {
+    /// A password that is never printed.
+    pub struct Password(pub Vec<u8>);
+    impl std::fmt::Debug for Password {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Password(<secret>)")
+        }
+    }
+    impl Drop for Password {
+        fn drop(&mut self) {
+            for b in self.0.iter_mut() {
+                // Volatile-free best effort; the format crate zeroizes keys proper.
+                *b = 0;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RepoArgs {
+    pub repo: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+}
+
+pub async fn storage_for(url: &str, endpoint: Option<String>, region: Option<String>) -> Result<Arc<dyn Storage>> {
+    if url.starts_with("s3://") {
+        let mut o = S3Options::from_url(url).map_err(anyhow::Error::msg)?;
+        o.endpoint = endpoint.or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok()).or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+        o.region = region;
+        Ok(Arc::new(S3Storage::new(o).await))
+    } else if url.contains("://") {
+        bail!("repository '{url}': unknown scheme (use a local path or s3://bucket/prefix)")
+    } else {
+        Ok(Arc::new(LocalStorage::new(url)))
+    }
+}
+
+impl RepoArgs {
+    pub fn url(&self) -> Result<String> {
+        match &self.repo {
+            Some(r) if !r.is_empty() => Ok(r.clone()),
+            _ => bail!("no repository given: use --repo PATH|s3://bucket/prefix or set MOVER_REPOSITORY"),
+        }
+    }
+
+    pub fn password(&self) -> Result<Password> {
+        if let Some(p) = &self.password_file {
+            let s = std::fs::read(p).with_context(|| format!("reading password file {}", p.display()))?;
+            let end = s.iter().rposition(|&b| b != b'\n' && b != b'\r').map(|i| i + 1).unwrap_or(0);
+            return Ok(Password(s[..end].to_vec()));
+        }
+        match std::env::var("MOVER_PASSWORD") {
+            Ok(p) if !p.is_empty() => Ok(Password(p.into_bytes())),
+            _ => bail!("no password given: set MOVER_PASSWORD or use --password-file FILE"),
+        }
+    }
+
+    pub async fn storage(&self) -> Result<Arc<dyn Storage>> {
+        storage_for(&self.url()?, self.s3_endpoint.clone(), self.s3_region.clone()).await
+    }
+
+    pub async fn open(&self, cancel: &CancellationToken) -> Result<Repository> {
+        let storage = self.storage().await?;
+        let pw = self.password()?;
+        Ok(Repository::open(storage, &pw.0, cancel).await?)
+    }
+
+    pub fn cache_root(&self) -> PathBuf {
+        if let Some(d) = &self.cache_dir {
+            return d.clone();
+        }
+        if let Ok(d) = std::env::var("MOVER_CACHE_DIR") {
+            return PathBuf::from(d);
+        }
+        if let Ok(d) = std::env::var("XDG_CACHE_HOME") {
+            return Path::new(&d).join("mover");
+        }
+        match std::env::var("HOME") {
+            Ok(h) => Path::new(&h).join(".cache").join("mover"),
+            Err(_) => PathBuf::from("/var/cache/mover"),
+        }
+    }
+}
+
+/// The local index of `repo`, synced with the store. RocksDB under the cache directory;
+/// when another process holds it, an in-memory index synced from the store instead.
+pub async fn local_index(repo: &Repository, cache_root: &Path, cancel: &CancellationToken) -> Result<Arc<dyn ChunkIndex>> {
+    let path = RocksIndex::path_for(cache_root, &repo.config().id);
+    let index: Arc<dyn ChunkIndex> = match RocksIndex::open(&path) {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            tracing::warn!("{e:#}; using an in-memory index for this run");
+            Arc::new(MemIndex::default())
+        }
+    };
+    let rep = local_index::sync(repo, &*index, cancel).await.with_context(|| format!("syncing the local index {}", path.display()))?;
+    tracing::debug!(?rep, "local index synced");
+    Ok(index)
+}

@@ -1,0 +1,503 @@
+//! Backup: reader → chunk + hash + dedup (worker threads, one per core) → compress +
+//! encrypt (new chunks only, same workers) → pack → upload → commit (index segment, then
+//! manifest). Bounded channels and a fixed buffer pool bound memory; the first error or a
+//! cancel stops every stage; segment results are put back in volume order so the manifest
+//! does not depend on scheduling.
+
+use super::reader::{self, IoBackend, IoChoice, ReadDone, ReadJob};
+use super::packer::Packer;
+use crate::aligned::AlignedBuf;
+use crate::metrics::Progress;
+use crate::source;
+use anyhow::{anyhow, bail, Context, Result};
+use mover_format::blob::{BlobEncoder, EncodedBlob};
+use mover_format::chunker::{is_zero, split_segment, Chunker, ChunkerParams, Piece};
+use mover_format::crypto::Keys;
+use mover_format::file_formats::{KIND_DATA, KIND_METADATA, KIND_TREE};
+use mover_format::local_index::ChunkIndex;
+use mover_format::manifest::{Manifest, MetadataEntry, VolumeEntry, VolumeStats, MANIFEST_VERSION};
+use mover_format::tree::{MapEntry, SegmentGroup, SegmentMap, SegmentRef, GROUP_SEGMENTS};
+use mover_format::{ChunkId, Repository, SnapshotId};
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Byte ranges `[offset, offset + len)` that may have changed.
+pub type Extents = Vec<(u64, u64)>;
+
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub source: PathBuf,
+    /// Changed extents from the caller; `None` reads everything.
+    pub changed: Option<Extents>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParentSpec {
+    None,
+    Latest,
+    Id(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub volumes: Vec<VolumeSpec>,
+    pub metadata: Vec<(String, Vec<u8>)>,
+    pub parent: ParentSpec,
+    pub tags: BTreeMap<String, String>,
+    pub io: IoChoice,
+    pub queue_depth: usize,
+    pub workers: usize,
+    pub upload_concurrency: usize,
+    pub checkpoint_packs: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        Self {
+            volumes: Vec::new(),
+            metadata: Vec::new(),
+            parent: ParentSpec::None,
+            tags: BTreeMap::new(),
+            io: IoChoice::Auto,
+            queue_depth: 4,
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            upload_concurrency: 3,
+            checkpoint_packs: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeSummary {
+    pub name: String,
+    pub change_source: String,
+    #[serde(flatten)]
+    pub stats: VolumeStats,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupSummary {
+    pub snapshot_id: SnapshotId,
+    pub parent: Option<SnapshotId>,
+    #[serde(flatten)]
+    pub stats: VolumeStats,
+    pub duration_s: f64,
+    pub io_backend: String,
+    pub packs_uploaded: u64,
+    pub bytes_uploaded: u64,
+    pub volumes: Vec<VolumeSummary>,
+}
+
+/// What the worker threads share.
+struct Shared {
+    repo: Repository,
+    index: Arc<dyn ChunkIndex>,
+    chunker: Chunker,
+    params: ChunkerParams,
+    /// Chunks this backup has already handled (new or found in the index).
+    claimed: Mutex<HashSet<ChunkId>>,
+}
+
+impl Shared {
+    fn keys(&self) -> &Keys {
+        self.repo.keys()
+    }
+    /// True when the chunk is already stored or claimed by this backup.
+    fn known(&self, id: &ChunkId) -> Result<bool> {
+        let first = self.claimed.lock().map_err(|_| anyhow!("claimed set poisoned"))?.insert(*id);
+        if !first {
+            return Ok(true);
+        }
+        Ok(self.index.lookup(id)?.is_some())
+    }
+}
+
+struct SegOut {
+    seg: u64,
+    r: SegmentRef,
+    blobs: Vec<EncodedBlob>,
+    stats: VolumeStats,
+}
+
+fn process_segment(sh: &Shared, enc: &mut BlobEncoder, data: &[u8], parent: Option<&SegmentRef>) -> Result<(SegmentRef, Vec<EncodedBlob>, VolumeStats)> {
+    let len = data.len() as u64;
+    let mut st = VolumeStats { bytes_read: len, ..Default::default() };
+    if is_zero(data) {
+        st.bytes_zero = len;
+        return Ok((SegmentRef::Hole, Vec::new(), st));
+    }
+    let digest = sh.keys().segment_digest(data);
+    if let Some(SegmentRef::Map { map, digest: d }) = parent {
+        if *d == digest {
+            st.bytes_reused_parent = len;
+            return Ok((SegmentRef::Map { map: *map, digest }, Vec::new(), st));
+        }
+    }
+    let mut blobs = Vec::new();
+    let mut entries = Vec::new();
+    for piece in split_segment(&sh.params, &sh.chunker, data) {
+        match piece {
+            Piece::Hole { len, .. } => {
+                st.bytes_zero += len as u64;
+                entries.push(MapEntry::Hole { len: len as u32 });
+            }
+            Piece::Data { offset, len } => {
+                let bytes = &data[offset..offset + len];
+                let id = sh.keys().chunk_id(bytes);
+                if sh.known(&id)? {
+                    st.chunks_dedup += 1;
+                } else {
+                    let b = enc.encode(sh.keys(), id, KIND_DATA, bytes)?;
+                    st.chunks_new += 1;
+                    st.bytes_new += len as u64;
+                    st.bytes_stored += b.sealed.len() as u64;
+                    blobs.push(b);
+                }
+                entries.push(MapEntry::Chunk { id, len: len as u32 });
+            }
+        }
+    }
+    let map = SegmentMap { entries }.encode();
+    let map_id = sh.keys().chunk_id(&map);
+    if !sh.known(&map_id)? {
+        blobs.push(enc.encode(sh.keys(), map_id, KIND_TREE, &map)?);
+    }
+    Ok((SegmentRef::Map { map: map_id, digest }, blobs, st))
+}
+
+/// Reads a tree blob through the local index.
+pub async fn load_blob(repo: &Repository, index: &dyn ChunkIndex, id: &ChunkId, what: &str, cancel: &CancellationToken) -> Result<Vec<u8>> {
+    let loc = index.lookup(id)?.ok_or_else(|| anyhow!("{what}: blob {id} is not in the index of repository {}", repo.location()))?;
+    Ok(repo.read_blob(id, &loc, cancel).await.with_context(|| what.to_string())?)
+}
+
+/// The segment refs of a stored volume, in order.
+pub async fn load_refs(repo: &Repository, index: &dyn ChunkIndex, snap: &SnapshotId, vol: &VolumeEntry, cancel: &CancellationToken) -> Result<Vec<SegmentRef>> {
+    let mut refs = Vec::new();
+    for g in &vol.groups {
+        let what = format!("segment group of volume '{}' in snapshot {snap}", vol.name);
+        let b = load_blob(repo, index, g, &what, cancel).await?;
+        let group = SegmentGroup::decode(&b).with_context(|| format!("{what}: blob {g}"))?;
+        if group.first_segment != refs.len() as u64 {
+            bail!("{what}: blob {g} starts at segment {}, expected {}", group.first_segment, refs.len());
+        }
+        refs.extend(group.segments);
+    }
+    let nseg = vol.size.div_ceil(vol.segment_size as u64);
+    if refs.len() as u64 != nseg {
+        bail!("volume '{}' in snapshot {snap}: {} segments recorded, size {} needs {nseg}", vol.name, refs.len(), vol.size);
+    }
+    Ok(refs)
+}
+
+fn overlaps(ext: &Extents, start: u64, end: u64) -> bool {
+    ext.iter().any(|&(o, l)| o < end && o.saturating_add(l) > start)
+}
+
+/// Validates caller extents against the volume size: within bounds, non-empty lengths.
+pub fn validate_extents(name: &str, ext: &Extents, size: u64) -> Result<()> {
+    for &(o, l) in ext {
+        if l == 0 || o.checked_add(l).is_none_or(|e| e > size) {
+            bail!("changed extent {o}+{l} of volume '{name}' lies outside the volume ({size} bytes)");
+        }
+    }
+    Ok(())
+}
+
+async fn resolve_parent(repo: &Repository, opts: &BackupOptions, cancel: &CancellationToken) -> Result<Option<(SnapshotId, Manifest)>> {
+    match &opts.parent {
+        ParentSpec::None => Ok(None),
+        ParentSpec::Id(s) => {
+            let id = repo.resolve_snapshot(s, cancel).await?;
+            let m = repo.read_snapshot(&id, cancel).await?;
+            for v in &opts.volumes {
+                if m.volume(&v.name).is_none() {
+                    let names: Vec<&str> = m.volumes.iter().map(|v| v.name.as_str()).collect();
+                    bail!("parent snapshot {id} has no volume named '{}' (it has: {})", v.name, names.join(", "));
+                }
+            }
+            Ok(Some((id, m)))
+        }
+        ParentSpec::Latest => {
+            let first = &opts.volumes[0];
+            let src = first.source.display().to_string();
+            let snaps = repo.snapshots(cancel).await?;
+            let found = snaps.into_iter().rev().find(|(_, m)| m.volume(&first.name).is_some_and(|v| v.source == src));
+            if found.is_none() {
+                tracing::warn!("no earlier snapshot of volume '{}' from {src}: this backup reads everything", first.name);
+            }
+            Ok(found)
+        }
+    }
+}
+
+/// Runs a backup and writes its manifest. Progress is reported through `progress`.
+pub async fn backup(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupOptions, progress: Arc<Progress>, cancel: &CancellationToken) -> Result<BackupSummary> {
+    let started = Instant::now();
+    if opts.volumes.is_empty() {
+        bail!("nothing to back up: name a source or at least one --volume NAME=SOURCE");
+    }
+    let mut names = HashSet::new();
+    for v in &opts.volumes {
+        if v.name.is_empty() || v.name.contains('/') || v.name.contains(':') {
+            bail!("volume name '{}' is not valid (non-empty, without '/' or ':')", v.name);
+        }
+        if !names.insert(v.name.clone()) {
+            bail!("volume name '{}' is given twice", v.name);
+        }
+    }
+    // Open every source before any work: a wrong path fails here, naming it.
+    let mut sources = Vec::new();
+    for v in &opts.volumes {
+        let f = std::fs::File::open(&v.source).with_context(|| format!("opening source {} of volume '{}'", v.source.display(), v.name))?;
+        let (kind, size) = source::inspect(&v.source, &f)?;
+        if let Some(ext) = &v.changed {
+            validate_extents(&v.name, ext, size)?;
+        }
+        progress.add_total(size);
+        sources.push((f, kind, size));
+    }
+    let parent = resolve_parent(repo, &opts, cancel).await?;
+    for v in &opts.volumes {
+        if v.changed.is_some() && parent.is_none() {
+            bail!("changed extents for volume '{}' need a parent snapshot (--parent)", v.name);
+        }
+    }
+
+    let job = cancel.child_token();
+    let params = repo.config().chunker;
+    let shared = Arc::new(Shared { repo: repo.clone(), index: index.clone(), chunker: repo.chunker(), params, claimed: Mutex::new(HashSet::new()) });
+    let mut packer = Packer::new(repo.clone(), index.clone(), opts.upload_concurrency, opts.checkpoint_packs, progress.clone(), job.clone());
+    let mut enc = BlobEncoder::new(repo.config().compression.level);
+
+    let result: Result<(Vec<VolumeEntry>, Vec<MetadataEntry>, IoBackend)> = async {
+        let mut metadata = Vec::new();
+        for (name, bytes) in &opts.metadata {
+            let id = shared.keys().chunk_id(bytes);
+            if !shared.known(&id)? {
+                packer.add(&enc.encode(shared.keys(), id, KIND_METADATA, bytes)?).await?;
+            }
+            metadata.push(MetadataEntry { name: name.clone(), blob: id, size: bytes.len() as u64 });
+        }
+        let mut volumes = Vec::new();
+        let mut backend = IoBackend::Pread;
+        for (spec, (file, _kind, size)) in opts.volumes.iter().zip(sources) {
+            let pvol = parent.as_ref().and_then(|(id, m)| m.volume(&spec.name).map(|v| (*id, v.clone())));
+            let prefs = match &pvol {
+                Some((pid, pv)) if pv.segment_size == params.segment_size => Some(load_refs(repo, &*index, pid, pv, &job).await?),
+                _ => None,
+            };
+            let (entry, b) = backup_volume(&shared, &mut packer, &mut enc, spec, &file, size, pvol.as_ref().map(|p| &p.1), prefs, &opts, &progress, &job).await?;
+            backend = b;
+            volumes.push(entry);
+        }
+        packer.finish().await?;
+        Ok((volumes, metadata, backend))
+    }
+    .await;
+    let (volumes, metadata, backend) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            job.cancel();
+            // Keep what was uploaded: wait for uploads under way and index them, so a rerun
+            // skips them. Failures here are secondary to the first error.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), packer.finish_after_error()).await;
+            return Err(e);
+        }
+    };
+
+    let mut stats = VolumeStats::default();
+    for v in &volumes {
+        stats.add(&v.stats);
+    }
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        time_unix_ms: mover_format::now_unix_ms(),
+        hostname: mover_format::hostname(),
+        tags: opts.tags.clone(),
+        parent: parent.as_ref().map(|(id, _)| *id),
+        volumes: volumes.clone(),
+        metadata,
+        stats,
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    let snapshot_id = repo.write_snapshot(&manifest, cancel).await?;
+    Ok(BackupSummary {
+        snapshot_id,
+        parent: manifest.parent,
+        stats,
+        duration_s: started.elapsed().as_secs_f64(),
+        io_backend: backend.as_str().into(),
+        packs_uploaded: packer.packs_uploaded,
+        bytes_uploaded: packer.bytes_uploaded,
+        volumes: volumes.iter().map(|v| VolumeSummary { name: v.name.clone(), change_source: v.change_source.clone(), stats: v.stats }).collect(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn backup_volume(
+    sh: &Arc<Shared>,
+    packer: &mut Packer,
+    enc: &mut BlobEncoder,
+    spec: &VolumeSpec,
+    file: &std::fs::File,
+    size: u64,
+    pvol: Option<&VolumeEntry>,
+    prefs: Option<Vec<SegmentRef>>,
+    opts: &BackupOptions,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<(VolumeEntry, IoBackend)> {
+    let seg_size = sh.params.segment_size as u64;
+    let nseg = size.div_ceil(seg_size);
+    let mut refs: Vec<Option<SegmentRef>> = vec![None; nseg as usize];
+    let mut st = VolumeStats { bytes_total: size, ..Default::default() };
+    let allocated = source::allocated_ranges(file, size);
+    let parent_size = pvol.map(|p| p.size).unwrap_or(0);
+    let change_source = match (&spec.changed, &prefs) {
+        (Some(_), Some(_)) => "extents",
+        (_, Some(_)) => "parent-digest",
+        _ => "full",
+    };
+
+    let mut jobs = Vec::new();
+    for seg in 0..nseg {
+        let start = seg * seg_size;
+        let end = (start + seg_size).min(size);
+        let len = end - start;
+        // A segment that lies wholly inside the parent's volume and touches no changed
+        // extent is taken from the parent as is.
+        if let (Some(ext), Some(pr)) = (&spec.changed, &prefs) {
+            let same_shape = end <= parent_size && (end < parent_size || parent_size == size);
+            if same_shape && !overlaps(ext, start, end) {
+                refs[seg as usize] = Some(pr[seg as usize]);
+                st.bytes_skipped += len;
+                progress.add_done(len);
+                continue;
+            }
+        }
+        if let Some(al) = &allocated {
+            if !al.iter().any(|&(a, b)| a < end && b > start) {
+                refs[seg as usize] = Some(SegmentRef::Hole);
+                st.bytes_zero += len;
+                progress.add_done(len);
+                continue;
+            }
+        }
+        jobs.push(ReadJob { seg, offset: start, len: len as usize });
+    }
+
+    let workers = opts.workers.max(1);
+    let qd = opts.queue_depth.max(1);
+    let pool_size = qd + workers + 2;
+    let (pool_tx, pool_rx) = mpsc::channel::<AlignedBuf>(pool_size);
+    for _ in 0..pool_size.min(jobs.len().max(1)) {
+        pool_tx.try_send(AlignedBuf::new(seg_size as usize)).map_err(|_| anyhow!("buffer pool full"))?;
+    }
+    let (read_tx, read_rx) = mpsc::channel::<Result<ReadDone>>(2);
+    let (out_tx, mut out_rx) = mpsc::channel::<Result<SegOut>>(workers + 1);
+    let (reader, backend) = reader::spawn(spec.source.clone(), jobs, opts.io, qd, pool_rx, read_tx, cancel.clone())?;
+
+    let read_rx = Arc::new(Mutex::new(read_rx));
+    let prefs = Arc::new(prefs);
+    let mut threads = Vec::new();
+    for i in 0..workers {
+        let sh = sh.clone();
+        let read_rx = read_rx.clone();
+        let out_tx = out_tx.clone();
+        let pool_tx = pool_tx.clone();
+        let prefs = prefs.clone();
+        let cancel = cancel.clone();
+        let level = enc.level();
+        threads.push(std::thread::Builder::new().name(format!("mover-chunk-{i}")).spawn(move || {
+            let mut enc = BlobEncoder::new(level);
+            loop {
+                if cancel.is_cancelled() {
+                    return;
+                }
+                let item = match read_rx.lock() {
+                    Ok(mut rx) => rx.blocking_recv(),
+                    Err(_) => return,
+                };
+                let Some(item) = item else { return };
+                let out = item.and_then(|done| {
+                    let parent = prefs.as_ref().as_ref().and_then(|p| p.get(done.seg as usize));
+                    let r = process_segment(&sh, &mut enc, done.buf.as_slice(), parent);
+                    let seg = done.seg;
+                    let _ = pool_tx.try_send(done.buf);
+                    r.map(|(r, blobs, stats)| SegOut { seg, r, blobs, stats })
+                });
+                if out_tx.blocking_send(out).is_err() {
+                    return;
+                }
+            }
+        })?);
+    }
+    drop(out_tx);
+    drop(pool_tx);
+
+    let mut first_err: Option<anyhow::Error> = None;
+    while let Some(item) = out_rx.recv().await {
+        let step = async {
+            let o = item?;
+            for b in &o.blobs {
+                packer.add(b).await?;
+            }
+            let len = o.stats.bytes_read;
+            progress.add_read(len);
+            progress.add_done(len);
+            st.add(&o.stats);
+            refs[o.seg as usize] = Some(o.r);
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        if let Err(e) = step {
+            first_err = Some(e);
+            cancel.cancel();
+            break;
+        }
+    }
+    drop(out_rx);
+    for t in threads {
+        let _ = t.join();
+    }
+    let _ = reader.join();
+    if let Some(e) = first_err {
+        return Err(e.context(format!("backing up volume '{}' from {}", spec.name, spec.source.display())));
+    }
+    if cancel.is_cancelled() {
+        bail!("backup of volume '{}' cancelled", spec.name);
+    }
+
+    // Segment groups, in order.
+    let mut groups = Vec::new();
+    let all: Vec<SegmentRef> = refs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.ok_or_else(|| anyhow!("volume '{}': segment {i} was never processed", spec.name)))
+        .collect::<Result<_>>()?;
+    for (gi, chunk) in all.chunks(GROUP_SEGMENTS).enumerate() {
+        let g = SegmentGroup { first_segment: (gi * GROUP_SEGMENTS) as u64, segments: chunk.to_vec() }.encode();
+        let id = sh.keys().chunk_id(&g);
+        if !sh.known(&id)? {
+            packer.add(&enc.encode(sh.keys(), id, KIND_TREE, &g)?).await?;
+        }
+        groups.push(id);
+    }
+    let entry = VolumeEntry {
+        name: spec.name.clone(),
+        size,
+        segment_size: sh.params.segment_size,
+        groups,
+        source: spec.source.display().to_string(),
+        change_source: change_source.into(),
+        change_base: None,
+        stats: st,
+    };
+    Ok((entry, backend))
+}

@@ -1,0 +1,294 @@
+//! Restore: the reverse pipeline. Segments are restored concurrently; each fetches its
+//! chunks with as few ranged reads as possible (adjacent blobs of one pack in one read),
+//! verifies every chunk against its id, and writes with one `pwrite` per run of data.
+//! Holes stay unwritten on a new or empty file; elsewhere they are zeroed (BLKZEROOUT on a
+//! device, hole punching on a file), unless the caller says the target is already zeroed.
+
+use super::backup::{load_blob, load_refs};
+use crate::metrics::Progress;
+use crate::source::{self, Kind};
+use anyhow::{anyhow, bail, Context, Result};
+use mover_format::local_index::ChunkIndex;
+use mover_format::manifest::VolumeEntry;
+use mover_format::names;
+use mover_format::tree::{MapEntry, SegmentMap, SegmentRef};
+use mover_format::{Repository, SnapshotId};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoleMode {
+    /// Leave holes unwritten on a new or empty file, zero them everywhere else.
+    #[default]
+    Auto,
+    /// Always zero holes.
+    Zero,
+    /// Never write holes: the caller guarantees the target reads as zeros.
+    Skip,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub holes: HoleMode,
+    pub concurrency: usize,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        Self { holes: HoleMode::Auto, concurrency: 8 }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreSummary {
+    pub snapshot_id: SnapshotId,
+    pub volume: String,
+    pub target: PathBuf,
+    pub bytes_written: u64,
+    pub bytes_holes: u64,
+    pub duration_s: f64,
+}
+
+/// Opens (or creates) the target and checks its size before anything is written.
+/// Returns the file, its kind and whether holes must be zeroed.
+fn open_target(target: &Path, vol: &VolumeEntry, snap: &SnapshotId, holes: HoleMode) -> Result<(File, Kind, bool)> {
+    let existing = std::fs::metadata(target).ok();
+    let f = match &existing {
+        Some(_) => OpenOptions::new().write(true).open(target).with_context(|| format!("opening restore target {}", target.display()))?,
+        None => OpenOptions::new().write(true).create_new(true).open(target).with_context(|| format!("creating restore target {}", target.display()))?,
+    };
+    let (kind, size) = source::inspect(target, &f)?;
+    let fresh = kind == Kind::File && size == 0;
+    if kind == Kind::BlockDevice && size < vol.size {
+        bail!(
+            "restore target {} is {size} bytes, smaller than volume '{}' of snapshot {snap} ({} bytes); nothing was written",
+            target.display(),
+            vol.name,
+            vol.size
+        );
+    }
+    if kind == Kind::File {
+        f.set_len(vol.size).with_context(|| format!("sizing restore target {} to {} bytes", target.display(), vol.size))?;
+    }
+    let zero = match holes {
+        HoleMode::Auto => !fresh,
+        HoleMode::Zero => true,
+        HoleMode::Skip => false,
+    };
+    Ok((f, kind, zero))
+}
+
+fn zero_range(f: &File, kind: Kind, offset: u64, len: u64) -> std::io::Result<()> {
+    let r = match kind {
+        Kind::BlockDevice => source::zero_out_device(f, offset, len),
+        Kind::File => source::punch_hole(f, offset, len),
+    };
+    if r.is_ok() {
+        return Ok(());
+    }
+    // Fall back to writing zeros.
+    let zeros = vec![0u8; (1usize << 20).min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+struct Ctx {
+    repo: Repository,
+    index: Arc<dyn ChunkIndex>,
+    file: Arc<File>,
+    kind: Kind,
+    zero_holes: bool,
+    snap: SnapshotId,
+    vol: String,
+    progress: Arc<Progress>,
+}
+
+/// Restores one segment; returns (bytes written, bytes of holes).
+async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: SegmentRef, cancel: CancellationToken) -> Result<(u64, u64)> {
+    let map = match r {
+        SegmentRef::Hole => {
+            if cx.zero_holes {
+                let f = cx.file.clone();
+                let kind = cx.kind;
+                tokio::task::spawn_blocking(move || zero_range(&f, kind, seg_offset, seg_len)).await??;
+            }
+            return Ok((0, seg_len));
+        }
+        SegmentRef::Map { map, .. } => map,
+    };
+    let what = format!("segment map at offset {seg_offset} of volume '{}' in snapshot {}", cx.vol, cx.snap);
+    let mb = load_blob(&cx.repo, &*cx.index, &map, &what, &cancel).await?;
+    let map = SegmentMap::decode(&mb).with_context(|| format!("{what}: blob {map}"))?;
+    if map.total_len() != seg_len {
+        bail!("{what}: covers {} bytes, the segment has {seg_len}", map.total_len());
+    }
+    // Locate every chunk, then fetch runs of adjacent blobs in one ranged read each.
+    struct Want {
+        off_in_seg: u64,
+        id: mover_format::ChunkId,
+        loc: mover_format::index::BlobLocation,
+    }
+    let mut wants = Vec::new();
+    let mut holes = Vec::new();
+    let mut pos = 0u64;
+    for e in &map.entries {
+        match *e {
+            MapEntry::Chunk { id, len } => {
+                let loc = cx.index.lookup(&id)?.ok_or_else(|| {
+                    anyhow!("restoring volume '{}' of snapshot {} at offset {}: chunk {id} is not in the index of repository {}", cx.vol, cx.snap, seg_offset + pos, cx.repo.location())
+                })?;
+                if loc.raw_len != len {
+                    bail!("restoring volume '{}' of snapshot {} at offset {}: chunk {id} in pack {} has {} bytes, the segment map says {len}", cx.vol, cx.snap, seg_offset + pos, loc.pack, loc.raw_len);
+                }
+                wants.push(Want { off_in_seg: pos, id, loc });
+            }
+            MapEntry::Hole { len } => holes.push((pos, len as u64)),
+        }
+        pos += e.len() as u64;
+    }
+    wants.sort_by_key(|w| (w.loc.pack, w.loc.offset));
+    let mut buf = vec![0u8; seg_len as usize];
+    let mut i = 0;
+    while i < wants.len() {
+        let mut j = i + 1;
+        let mut end = wants[i].loc.offset as u64 + wants[i].loc.stored_len as u64;
+        while j < wants.len() && wants[j].loc.pack == wants[i].loc.pack && wants[j].loc.offset as u64 == end && (end - wants[i].loc.offset as u64) < (8 << 20) {
+            end += wants[j].loc.stored_len as u64;
+            j += 1;
+        }
+        let start = wants[i].loc.offset as u64;
+        let pack = wants[i].loc.pack;
+        let bytes = cx.repo.get_object_range(&names::pack(&pack), start, end - start, &cancel).await.map_err(|e| {
+            anyhow!(e).context(format!("restoring volume '{}' of snapshot {} at offset {}: reading chunk {} from pack {pack}", cx.vol, cx.snap, seg_offset + wants[i].off_in_seg, wants[i].id))
+        })?;
+        // Decrypt + verify off the reactor.
+        let run: Vec<(u64, mover_format::ChunkId, mover_format::index::BlobLocation)> = wants[i..j].iter().map(|w| (w.off_in_seg, w.id, w.loc)).collect();
+        let repo = cx.repo.clone();
+        let (vol, snap) = (cx.vol.clone(), cx.snap);
+        let plains = tokio::task::spawn_blocking(move || {
+            run.into_iter()
+                .map(|(off, id, loc)| {
+                    let s = (loc.offset as u64 - start) as usize;
+                    let sealed = &bytes[s..s + loc.stored_len as usize];
+                    repo.decode_blob(&id, &loc, sealed)
+                        .map(|p| (off, p))
+                        .map_err(|e| anyhow!(e).context(format!("restoring volume '{vol}' of snapshot {snap} at offset {}", seg_offset + off)))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await??;
+        for (off, p) in plains {
+            buf[off as usize..off as usize + p.len()].copy_from_slice(&p);
+        }
+        i = j;
+    }
+    // Write: the whole segment at once when holes must be zeroed (the buffer holds their
+    // zeros), else only the data runs.
+    let f = cx.file.clone();
+    let zero = cx.zero_holes;
+    let hole_bytes: u64 = holes.iter().map(|h| h.1).sum();
+    let written = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+        if zero || holes.is_empty() {
+            f.write_all_at(&buf, seg_offset)?;
+            return Ok(buf.len() as u64);
+        }
+        let mut written = 0;
+        let mut pos = 0u64;
+        for (hoff, hlen) in holes.iter().copied().chain(std::iter::once((buf.len() as u64, 0))) {
+            if hoff > pos {
+                f.write_all_at(&buf[pos as usize..hoff as usize], seg_offset + pos)?;
+                written += hoff - pos;
+            }
+            pos = hoff + hlen;
+        }
+        Ok(written)
+    })
+    .await?
+    .with_context(|| format!("writing volume '{}' at offset {seg_offset}", cx.vol))?;
+    cx.progress.add_written(written);
+    Ok((written, hole_bytes))
+}
+
+/// Restores one volume of a snapshot onto `target` (a block device or a file).
+#[allow(clippy::too_many_arguments)]
+pub async fn restore_volume(
+    repo: &Repository,
+    index: Arc<dyn ChunkIndex>,
+    snap: &SnapshotId,
+    vol: &VolumeEntry,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<RestoreSummary> {
+    let started = Instant::now();
+    let refs = load_refs(repo, &*index, snap, vol, cancel).await?;
+    let (file, kind, zero_holes) = open_target(target, vol, snap, opts.holes)?;
+    progress.add_total(vol.size);
+    let cx = Arc::new(Ctx {
+        repo: repo.clone(),
+        index,
+        file: Arc::new(file),
+        kind,
+        zero_holes,
+        snap: *snap,
+        vol: vol.name.clone(),
+        progress: progress.clone(),
+    });
+    let job = cancel.child_token();
+    let seg_size = vol.segment_size as u64;
+    let mut set: JoinSet<Result<(u64, u64, u64)>> = JoinSet::new();
+    let (mut written, mut holes) = (0u64, 0u64);
+    let mut first_err = None;
+    let mut next = 0usize;
+    loop {
+        while next < refs.len() && set.len() < opts.concurrency.max(1) && first_err.is_none() {
+            let off = next as u64 * seg_size;
+            let len = seg_size.min(vol.size - off);
+            let (cx, r, c) = (cx.clone(), refs[next], job.clone());
+            set.spawn(async move { restore_segment(cx, off, len, r, c).await.map(|(w, h)| (w, h, len)) });
+            next += 1;
+        }
+        let Some(r) = set.join_next().await else { break };
+        match r.map_err(|e| anyhow!("restore task failed: {e}")).and_then(|x| x) {
+            Ok((w, h, len)) => {
+                written += w;
+                holes += h;
+                progress.add_done(len);
+            }
+            Err(e) => {
+                if first_err.is_none() {
+                    first_err = Some(e);
+                    job.cancel();
+                }
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    if cancel.is_cancelled() {
+        bail!("restore of volume '{}' cancelled", vol.name);
+    }
+    let f = cx.file.clone();
+    tokio::task::spawn_blocking(move || f.sync_all()).await?.with_context(|| format!("flushing restore target {}", target.display()))?;
+    Ok(RestoreSummary {
+        snapshot_id: *snap,
+        volume: vol.name.clone(),
+        target: target.to_path_buf(),
+        bytes_written: written,
+        bytes_holes: holes,
+        duration_s: started.elapsed().as_secs_f64(),
+    })
+}

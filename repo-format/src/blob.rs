@@ -1,0 +1,109 @@
+//! Blobs: compress (zstd, kept raw when compression does not pay), then seal with
+//! XChaCha20-Poly1305, the chunk id as associated data. Stored form:
+//! `nonce[24] || AEAD(flag u8 || payload) || tag[16]`.
+
+use crate::crypto::Keys;
+use crate::error::FormatError;
+use crate::file_formats::{BLOB_RAW, BLOB_ZSTD};
+use crate::id::ChunkId;
+
+/// A sealed blob ready for a pack.
+#[derive(Debug, Clone)]
+pub struct EncodedBlob {
+    pub id: ChunkId,
+    pub kind: u8,
+    pub raw_len: u32,
+    pub sealed: Vec<u8>,
+}
+
+/// Reusable encoder (one per worker thread: it owns a zstd context).
+pub struct BlobEncoder {
+    level: i32,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl BlobEncoder {
+    /// `level` 0 disables compression.
+    pub fn new(level: i32) -> Self {
+        let zstd = if level == 0 { None } else { zstd::bulk::Compressor::new(level).ok() };
+        Self { level, zstd }
+    }
+
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    pub fn encode(&mut self, keys: &Keys, id: ChunkId, kind: u8, plain: &[u8]) -> Result<EncodedBlob, FormatError> {
+        let raw_len = u32::try_from(plain.len()).map_err(|_| FormatError::InvalidParameter(format!("blob {id} is larger than 4 GiB")))?;
+        let mut payload = Vec::with_capacity(plain.len() + 1);
+        payload.push(BLOB_RAW);
+        let mut compressed = false;
+        if let Some(z) = self.zstd.as_mut() {
+            // Worth it only when it saves at least 1/32 of the bytes.
+            let limit = plain.len() - plain.len() / 32;
+            payload.push(0);
+            payload.resize(1 + limit.max(1), 0);
+            if let Ok(n) = z.compress_to_buffer(plain, &mut payload[1..]) {
+                if n < limit {
+                    payload.truncate(1 + n);
+                    payload[0] = BLOB_ZSTD;
+                    compressed = true;
+                }
+            }
+        }
+        if !compressed {
+            payload.truncate(1);
+            payload[0] = BLOB_RAW;
+            payload.extend_from_slice(plain);
+        }
+        let sealed = keys.seal(&payload, id.as_bytes())?;
+        Ok(EncodedBlob { id, kind, raw_len, sealed })
+    }
+}
+
+/// Opens, decompresses and verifies a blob against its id.
+pub fn decode(keys: &Keys, id: &ChunkId, sealed: &[u8], raw_len: u32) -> Result<Vec<u8>, FormatError> {
+    let payload = keys
+        .open(sealed, id.as_bytes())
+        .ok_or_else(|| FormatError::Corrupt("authentication failed (modified, truncated or encrypted with another key)".into()))?;
+    let (flag, body) = payload.split_first().ok_or_else(|| FormatError::Corrupt("empty blob payload".into()))?;
+    let plain = match *flag {
+        BLOB_RAW => body.to_vec(),
+        BLOB_ZSTD => zstd::bulk::decompress(body, raw_len as usize).map_err(|e| FormatError::Corrupt(format!("zstd: {e}")))?,
+        other => return Err(FormatError::Unsupported(format!("blob payload flag {other}"))),
+    };
+    if plain.len() != raw_len as usize {
+        return Err(FormatError::Corrupt(format!("blob is {} bytes, the index says {raw_len}", plain.len())));
+    }
+    if keys.chunk_id(&plain) != *id {
+        return Err(FormatError::Corrupt("content does not hash to its id".into()));
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+
+    #[test]
+    fn roundtrip_compressible_and_random() {
+        let keys = Keys::derive(&MasterKey::generate());
+        let mut enc = BlobEncoder::new(3);
+        let text = b"abcabcabc".repeat(10_000);
+        let mut random = vec![0u8; 100_000];
+        blake3::Hasher::new().finalize_xof().fill(&mut random);
+        for plain in [&text[..], &random[..], &[][..], b"x"] {
+            let id = keys.chunk_id(plain);
+            let b = enc.encode(&keys, id, 0, plain).unwrap();
+            assert_eq!(decode(&keys, &id, &b.sealed, b.raw_len).unwrap(), plain);
+        }
+        let id = keys.chunk_id(&text);
+        assert!(enc.encode(&keys, id, 0, &text).unwrap().sealed.len() < text.len() / 10);
+        let id = keys.chunk_id(&random);
+        let b = enc.encode(&keys, id, 0, &random).unwrap();
+        assert_eq!(b.sealed.len(), random.len() + 1 + 24 + 16);
+        let other = keys.chunk_id(b"other");
+        assert!(decode(&keys, &other, &b.sealed, b.raw_len).is_err());
+    }
+}

@@ -1,0 +1,42 @@
+//! Mover's repository format: objects, ids, keys, the chunker, packs, index segments, tree
+//! blobs, manifests, and the storage trait with its local-directory backend.
+//!
+//! This crate is pure: no gRPC, io_uring, metrics or RocksDB (see `docs/design.md`).
+#![forbid(unsafe_code)]
+
+pub mod blob;
+pub mod bytes_io;
+pub mod chunker;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod file_formats;
+pub mod id;
+pub mod index;
+pub mod local_index;
+pub mod manifest;
+pub mod names;
+pub mod pack;
+pub mod repo;
+pub mod retry;
+pub mod storage;
+pub mod tree;
+
+pub use error::{FormatError, RepoError};
+pub use id::{ChunkId, IndexId, KeyId, PackId, RepoId, SegmentDigest, SnapshotId};
+pub use repo::{InitOptions, Repository};
+pub use tokio_util::sync::CancellationToken;
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix() -> u64 {
+    now_unix_ms() / 1000
+}
+
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// This machine's host name, or `unknown`.
+pub fn hostname() -> String {
+    hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
+}

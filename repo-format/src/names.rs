@@ -1,0 +1,47 @@
+//! The one place that builds object names. Everything else asks here.
+//!
+//! Layout: `config`, `keys/<id>`, `packs/<first 2 hex>/<id>`, `index/<id>`,
+//! `snapshots/<id>`, `locks/<name>`.
+
+use crate::id::{IndexId, KeyId, PackId, SnapshotId};
+
+pub const CONFIG: &str = "config";
+pub const KEYS_PREFIX: &str = "keys/";
+pub const PACKS_PREFIX: &str = "packs/";
+pub const INDEX_PREFIX: &str = "index/";
+pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
+pub const LOCKS_PREFIX: &str = "locks/";
+
+pub fn key(id: &KeyId) -> String {
+    format!("{KEYS_PREFIX}{id}")
+}
+pub fn pack(id: &PackId) -> String {
+    let hex = id.to_hex();
+    format!("{PACKS_PREFIX}{}/{hex}", &hex[..2])
+}
+pub fn index(id: &IndexId) -> String {
+    format!("{INDEX_PREFIX}{id}")
+}
+pub fn snapshot(id: &SnapshotId) -> String {
+    format!("{SNAPSHOTS_PREFIX}{id}")
+}
+pub fn lock(name: &str) -> String {
+    format!("{LOCKS_PREFIX}{name}")
+}
+
+/// The id part of an object name (`packs/ab/abcd…` → `abcd…`), parsed as `T`.
+pub fn parse_id<T: std::str::FromStr>(name: &str) -> Option<T> {
+    name.rsplit('/').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn pack_names_are_sharded_and_parse_back() {
+        let id = PackId([0x3f; 32]);
+        let n = pack(&id);
+        assert!(n.starts_with("packs/3f/3f3f"));
+        assert_eq!(parse_id::<PackId>(&n), Some(id));
+    }
+}

@@ -1,0 +1,164 @@
+//! Packs: `header magic[8] || blob… || sealed trailer || trailer_len u32 || footer magic[8]`.
+//! The trailer lists every blob so the index can be rebuilt from packs alone. A pack's id
+//! is the BLAKE3 of all its bytes.
+
+use crate::blob::EncodedBlob;
+use crate::bytes_io::{put_u32, Reader};
+use crate::crypto::Keys;
+use crate::error::FormatError;
+use crate::file_formats::*;
+use crate::id::{content_id, ChunkId, PackId};
+
+/// Bytes after the trailer: its length and the footer magic.
+pub const FOOTER_LEN: usize = 12;
+/// One trailer record: id, kind, offset, stored length, raw length.
+pub const TRAILER_RECORD: usize = 32 + 1 + 4 + 4 + 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    pub id: ChunkId,
+    pub kind: u8,
+    pub offset: u32,
+    pub stored_len: u32,
+    pub raw_len: u32,
+}
+
+/// Collects sealed blobs into one pack.
+#[derive(Debug)]
+pub struct PackBuilder {
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl PackBuilder {
+    pub fn new(capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity + 4096);
+        buf.extend_from_slice(&PACK_HEADER_MAGIC);
+        Self { buf, entries: Vec::new() }
+    }
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    pub fn entries(&self) -> &[PackEntry] {
+        &self.entries
+    }
+    pub fn add(&mut self, blob: &EncodedBlob) -> Result<(), FormatError> {
+        let offset = u32::try_from(self.buf.len()).map_err(|_| FormatError::InvalidParameter("pack larger than 4 GiB".into()))?;
+        let stored_len = u32::try_from(blob.sealed.len()).map_err(|_| FormatError::InvalidParameter("blob larger than 4 GiB".into()))?;
+        self.buf.extend_from_slice(&blob.sealed);
+        self.entries.push(PackEntry { id: blob.id, kind: blob.kind, offset, stored_len, raw_len: blob.raw_len });
+        Ok(())
+    }
+    /// The finished pack: its id, bytes and entries.
+    pub fn finish(mut self, keys: &Keys) -> Result<(PackId, Vec<u8>, Vec<PackEntry>), FormatError> {
+        let trailer = keys.seal(&encode_trailer(&self.entries), PACK_TRAILER_AAD)?;
+        self.buf.extend_from_slice(&trailer);
+        put_u32(&mut self.buf, trailer.len() as u32);
+        self.buf.extend_from_slice(&PACK_FOOTER_MAGIC);
+        let id = PackId(content_id(&self.buf));
+        Ok((id, self.buf, self.entries))
+    }
+}
+
+pub fn encode_trailer(entries: &[PackEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + entries.len() * TRAILER_RECORD);
+    out.push(PACK_TRAILER_VERSION);
+    put_u32(&mut out, entries.len() as u32);
+    for e in entries {
+        out.extend_from_slice(e.id.as_bytes());
+        out.push(e.kind);
+        put_u32(&mut out, e.offset);
+        put_u32(&mut out, e.stored_len);
+        put_u32(&mut out, e.raw_len);
+    }
+    out
+}
+
+/// Parses a trailer's plaintext; every entry must lie inside `[8, blobs_end)`.
+pub fn decode_trailer(plain: &[u8], blobs_end: u64) -> Result<Vec<PackEntry>, FormatError> {
+    let mut r = Reader::new(plain, "pack trailer");
+    let v = r.u8()?;
+    if v != PACK_TRAILER_VERSION {
+        return Err(FormatError::Unsupported(format!("pack trailer version {v}")));
+    }
+    let n = r.count(TRAILER_RECORD)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let e = PackEntry { id: ChunkId(r.id()?), kind: r.u8()?, offset: r.u32()?, stored_len: r.u32()?, raw_len: r.u32()? };
+        if (e.offset as u64) < PACK_HEADER_MAGIC.len() as u64 || e.offset as u64 + e.stored_len as u64 > blobs_end {
+            return Err(FormatError::Corrupt(format!("trailer entry for chunk {} points outside the pack", e.id)));
+        }
+        out.push(e);
+    }
+    r.finish()?;
+    Ok(out)
+}
+
+/// From the last [`FOOTER_LEN`] bytes of a pack of `pack_len` bytes: where the sealed
+/// trailer starts and how long it is.
+pub fn parse_footer(footer: &[u8], pack_len: u64) -> Result<(u64, u32), FormatError> {
+    if footer.len() != FOOTER_LEN || footer[4..] != PACK_FOOTER_MAGIC {
+        return Err(FormatError::Corrupt("pack footer magic missing (truncated or not a pack)".into()));
+    }
+    let mut r = Reader::new(&footer[..4], "pack footer");
+    let tlen = r.u32()?;
+    let start = pack_len
+        .checked_sub(FOOTER_LEN as u64 + tlen as u64)
+        .filter(|&s| s >= PACK_HEADER_MAGIC.len() as u64)
+        .ok_or_else(|| FormatError::Corrupt(format!("pack trailer length {tlen} does not fit in {pack_len} bytes")))?;
+    Ok((start, tlen))
+}
+
+/// Parses a whole pack held in memory: checks header, footer and trailer.
+pub fn read_pack(keys: &Keys, bytes: &[u8]) -> Result<Vec<PackEntry>, FormatError> {
+    if bytes.len() < PACK_HEADER_MAGIC.len() + FOOTER_LEN || bytes[..8] != PACK_HEADER_MAGIC {
+        return Err(FormatError::Corrupt("pack header magic missing".into()));
+    }
+    let (start, tlen) = parse_footer(&bytes[bytes.len() - FOOTER_LEN..], bytes.len() as u64)?;
+    let sealed = &bytes[start as usize..start as usize + tlen as usize];
+    let plain = keys.open(sealed, PACK_TRAILER_AAD).ok_or_else(|| FormatError::Corrupt("pack trailer fails authentication".into()))?;
+    decode_trailer(&plain, start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::BlobEncoder;
+    use crate::crypto::MasterKey;
+
+    #[test]
+    fn build_and_read_back() {
+        let keys = Keys::derive(&MasterKey::generate());
+        let mut enc = BlobEncoder::new(1);
+        let mut b = PackBuilder::new(1 << 20);
+        let blobs: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1000 + i as usize * 100]).collect();
+        for p in &blobs {
+            b.add(&enc.encode(&keys, keys.chunk_id(p), KIND_DATA, p).unwrap()).unwrap();
+        }
+        let (id, bytes, entries) = b.finish(&keys).unwrap();
+        assert_eq!(id, PackId(content_id(&bytes)));
+        assert_eq!(read_pack(&keys, &bytes).unwrap(), entries);
+        for (e, p) in entries.iter().zip(&blobs) {
+            let s = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+            assert_eq!(&crate::blob::decode(&keys, &e.id, s, e.raw_len).unwrap(), p);
+        }
+        // Truncation and flipped bits are caught.
+        assert!(read_pack(&keys, &bytes[..bytes.len() - 1]).is_err());
+        let mut bad = bytes.clone();
+        let n = bad.len();
+        bad[n - 20] ^= 1;
+        assert!(read_pack(&keys, &bad).is_err());
+    }
+
+    #[test]
+    fn trailer_roundtrip_and_bounds() {
+        let e = PackEntry { id: ChunkId([7; 32]), kind: 1, offset: 8, stored_len: 10, raw_len: 3 };
+        let t = encode_trailer(&[e]);
+        assert_eq!(decode_trailer(&t, 18).unwrap(), vec![e]);
+        assert!(decode_trailer(&t, 17).is_err());
+        assert!(decode_trailer(&t[..t.len() - 1], 18).is_err());
+    }
+}

@@ -1,0 +1,364 @@
+//! A repository: a [`Storage`] plus the unlocked keys and the config. Every object goes
+//! through here, so every error names the object and the repository.
+
+use crate::blob;
+use crate::chunker::{Chunker, ChunkerParams};
+use crate::config::{CompressionConfig, RepoConfig, DEFAULT_PACK_SIZE};
+use crate::crypto::{KdfParams, KeyFile, Keys, MasterKey};
+use crate::error::{FormatError, RepoError};
+use crate::id::{content_id, ChunkId, IndexId, KeyId, PackId, SnapshotId};
+use crate::index::{self, BlobLocation, IndexEntry};
+use crate::manifest::Manifest;
+use crate::names;
+use crate::pack::{self, PackBuilder, PackEntry, FOOTER_LEN};
+use crate::retry::{retry, RetryPolicy};
+use crate::storage::{list_all, PutOutcome, Storage};
+use bytes::Bytes;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
+
+/// Parameters of a new repository.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub chunker: ChunkerParams,
+    pub compression: CompressionConfig,
+    pub pack_size: u32,
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self { chunker: ChunkerParams::default(), compression: CompressionConfig::default(), pack_size: DEFAULT_PACK_SIZE, kdf: KdfParams::default() }
+    }
+}
+
+struct Inner {
+    storage: Arc<dyn Storage>,
+    config: RepoConfig,
+    keys: Keys,
+    key_id: KeyId,
+    retry: RetryPolicy,
+}
+
+/// An open repository; cheap to clone.
+#[derive(Clone)]
+pub struct Repository {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repository({}, id {})", self.location(), self.inner.config.id)
+    }
+}
+
+async fn get_retry(s: &dyn Storage, policy: &RetryPolicy, name: &str, cancel: &CancellationToken) -> Result<Bytes, RepoError> {
+    Ok(retry(policy, cancel, || s.get(name, cancel)).await?)
+}
+
+impl Repository {
+    /// Creates a repository in an empty store: a key file, then the config (create-only;
+    /// a concurrent `init` that loses the race fails with `AlreadyInitialised`).
+    pub async fn init(storage: Arc<dyn Storage>, password: &[u8], opts: InitOptions, cancel: &CancellationToken) -> Result<Self, RepoError> {
+        let policy = RetryPolicy::default();
+        let loc = storage.location().to_string();
+        if password.is_empty() {
+            return Err(RepoError::Invalid(format!("repository {loc}: the password is empty")));
+        }
+        opts.chunker.validate().map_err(|e| RepoError::Invalid(format!("repository {loc}: {e}")))?;
+        if retry(&policy, cancel, || storage.head(names::CONFIG, cancel)).await?.is_some() {
+            return Err(RepoError::AlreadyInitialised { location: loc });
+        }
+        let master = MasterKey::generate();
+        let keys = Keys::derive(&master);
+        let config = RepoConfig::new(opts.chunker, opts.compression, opts.pack_size);
+        let kf = KeyFile::wrap(&master, password, opts.kdf).map_err(|e| fmt_err(&loc, "new key file", e))?;
+        let kbytes = kf.to_bytes().map_err(|e| fmt_err(&loc, "new key file", e))?;
+        let key_id = KeyId(content_id(&kbytes));
+        let kname = names::key(&key_id);
+        retry(&policy, cancel, || storage.put(&kname, Bytes::from(kbytes.clone()), cancel)).await?;
+        let cbytes = config.to_bytes(&keys).map_err(|e| fmt_err(&loc, names::CONFIG, e))?;
+        let out = retry(&policy, cancel, || storage.put(names::CONFIG, Bytes::from(cbytes.clone()), cancel)).await?;
+        if out == PutOutcome::Existed {
+            let _ = storage.delete(&kname, cancel).await;
+            return Err(RepoError::AlreadyInitialised { location: loc });
+        }
+        Ok(Self { inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy }) })
+    }
+
+    /// Opens an existing repository with a password.
+    pub async fn open(storage: Arc<dyn Storage>, password: &[u8], cancel: &CancellationToken) -> Result<Self, RepoError> {
+        let policy = RetryPolicy::default();
+        let loc = storage.location().to_string();
+        let cbytes = match retry(&policy, cancel, || storage.get(names::CONFIG, cancel)).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Err(RepoError::NotInitialised { location: loc }),
+            Err(e) => return Err(e.into()),
+        };
+        let (config, mac, mac_at) = match RepoConfig::parse_unverified(&cbytes) {
+            Ok(v) => v,
+            Err(FormatError::UnsupportedVersion(v)) => {
+                return Err(RepoError::UnsupportedVersion { location: loc, found: v, supported: crate::file_formats::FORMAT_VERSION })
+            }
+            Err(e) => return Err(fmt_err(&loc, names::CONFIG, e)),
+        };
+        let key_objects = retry(&policy, cancel, || list_all(&*storage, names::KEYS_PREFIX, cancel)).await?;
+        let mut opened = None;
+        for obj in &key_objects {
+            let kb = get_retry(&*storage, &policy, &obj.name, cancel).await?;
+            let kf = KeyFile::from_bytes(&kb).map_err(|e| fmt_err(&loc, &obj.name, e))?;
+            if let Some(master) = kf.unwrap_key(password).map_err(|e| fmt_err(&loc, &obj.name, e))? {
+                let id = names::parse_id::<KeyId>(&obj.name).unwrap_or(KeyId(content_id(&kb)));
+                opened = Some((master, id));
+                break;
+            }
+        }
+        let (master, key_id) = opened.ok_or(RepoError::WrongPassword { location: loc.clone() })?;
+        let keys = Keys::derive(&master);
+        if keys.config_mac(&cbytes[..mac_at]) != mac {
+            return Err(RepoError::ConfigMismatch { location: loc });
+        }
+        Ok(Self { inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy }) })
+    }
+
+    pub fn location(&self) -> &str {
+        self.inner.storage.location()
+    }
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.inner.storage
+    }
+    pub fn config(&self) -> &RepoConfig {
+        &self.inner.config
+    }
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+    pub fn key_id(&self) -> KeyId {
+        self.inner.key_id
+    }
+    pub fn chunker(&self) -> Chunker {
+        Chunker::new(&self.inner.config.chunker, self.inner.keys.gear())
+    }
+    fn err(&self, object: &str, e: FormatError) -> RepoError {
+        fmt_err(self.location(), object, e)
+    }
+
+    // ---- raw objects, with retries ----
+
+    pub async fn put_object(&self, name: &str, bytes: Bytes, cancel: &CancellationToken) -> Result<PutOutcome, RepoError> {
+        let s = &self.inner.storage;
+        Ok(retry(&self.inner.retry, cancel, || s.put(name, bytes.clone(), cancel)).await?)
+    }
+    pub async fn get_object(&self, name: &str, cancel: &CancellationToken) -> Result<Bytes, RepoError> {
+        get_retry(&*self.inner.storage, &self.inner.retry, name, cancel).await
+    }
+    pub async fn get_object_range(&self, name: &str, offset: u64, len: u64, cancel: &CancellationToken) -> Result<Bytes, RepoError> {
+        let s = &self.inner.storage;
+        Ok(retry(&self.inner.retry, cancel, || s.get_range(name, offset, len, cancel)).await?)
+    }
+    pub async fn head_object(&self, name: &str, cancel: &CancellationToken) -> Result<Option<u64>, RepoError> {
+        let s = &self.inner.storage;
+        Ok(retry(&self.inner.retry, cancel, || s.head(name, cancel)).await?)
+    }
+    pub async fn delete_object(&self, name: &str, cancel: &CancellationToken) -> Result<(), RepoError> {
+        let s = &self.inner.storage;
+        Ok(retry(&self.inner.retry, cancel, || s.delete(name, cancel)).await?)
+    }
+    pub async fn list_objects(&self, prefix: &str, cancel: &CancellationToken) -> Result<Vec<crate::storage::ObjectMeta>, RepoError> {
+        let s = &self.inner.storage;
+        Ok(retry(&self.inner.retry, cancel, || list_all(&**s, prefix, cancel)).await?)
+    }
+
+    // ---- packs ----
+
+    /// Seals the trailer, uploads the pack; returns its id, index entries and size.
+    /// Durable when it returns.
+    pub async fn write_pack(&self, builder: PackBuilder, cancel: &CancellationToken) -> Result<(PackId, Vec<IndexEntry>, u64), RepoError> {
+        let (id, bytes, entries) = builder.finish(self.keys()).map_err(|e| self.err("new pack", e))?;
+        let size = bytes.len() as u64;
+        self.put_object(&names::pack(&id), Bytes::from(bytes), cancel).await?;
+        Ok((id, entries.iter().map(|e| IndexEntry::from_pack(id, e)).collect(), size))
+    }
+
+    pub async fn list_packs(&self, cancel: &CancellationToken) -> Result<Vec<(PackId, u64)>, RepoError> {
+        let objs = self.list_objects(names::PACKS_PREFIX, cancel).await?;
+        Ok(objs.into_iter().filter_map(|o| names::parse_id::<PackId>(&o.name).map(|id| (id, o.size))).collect())
+    }
+
+    /// Reads a pack's trailer with two ranged reads.
+    pub async fn read_pack_trailer(&self, id: &PackId, cancel: &CancellationToken) -> Result<Vec<PackEntry>, RepoError> {
+        let name = names::pack(id);
+        let size = self
+            .head_object(&name, cancel)
+            .await?
+            .ok_or_else(|| RepoError::NotFound { what: format!("pack {id}"), location: self.location().into() })?;
+        if size < (8 + FOOTER_LEN) as u64 {
+            return Err(self.err(&name, FormatError::Corrupt(format!("pack is only {size} bytes"))));
+        }
+        let footer = self.get_object_range(&name, size - FOOTER_LEN as u64, FOOTER_LEN as u64, cancel).await?;
+        let (start, tlen) = pack::parse_footer(&footer, size).map_err(|e| self.err(&name, e))?;
+        let sealed = self.get_object_range(&name, start, tlen as u64, cancel).await?;
+        let plain = self
+            .keys()
+            .open(&sealed, crate::file_formats::PACK_TRAILER_AAD)
+            .ok_or_else(|| self.err(&name, FormatError::Corrupt("pack trailer fails authentication".into())))?;
+        pack::decode_trailer(&plain, start).map_err(|e| self.err(&name, e))
+    }
+
+    /// Reads, decrypts, decompresses and verifies one blob.
+    pub async fn read_blob(&self, id: &ChunkId, loc: &BlobLocation, cancel: &CancellationToken) -> Result<Vec<u8>, RepoError> {
+        let name = names::pack(&loc.pack);
+        let sealed = match self.get_object_range(&name, loc.offset as u64, loc.stored_len as u64, cancel).await {
+            Ok(b) => b,
+            Err(RepoError::Storage(e)) if e.is_not_found() => {
+                return Err(RepoError::BadChunk { chunk: *id, pack: loc.pack, location: self.location().into(), what: "pack is missing".into() })
+            }
+            Err(RepoError::Storage(e)) if e.kind == crate::storage::ErrorKind::Permanent => {
+                return Err(RepoError::BadChunk { chunk: *id, pack: loc.pack, location: self.location().into(), what: format!("pack is truncated or unreadable: {}", e.message) })
+            }
+            Err(e) => return Err(e),
+        };
+        self.decode_blob(id, loc, &sealed)
+    }
+
+    /// Decodes a blob already fetched (e.g. from a larger ranged read of its pack).
+    pub fn decode_blob(&self, id: &ChunkId, loc: &BlobLocation, sealed: &[u8]) -> Result<Vec<u8>, RepoError> {
+        blob::decode(self.keys(), id, sealed, loc.raw_len).map_err(|e| RepoError::BadChunk {
+            chunk: *id,
+            pack: loc.pack,
+            location: self.location().into(),
+            what: e.to_string(),
+        })
+    }
+
+    // ---- index segments ----
+
+    /// Writes an index segment. Call only after every pack it names is durable.
+    pub async fn write_index(&self, entries: &[IndexEntry], cancel: &CancellationToken) -> Result<IndexId, RepoError> {
+        let bytes = index::seal(self.keys(), entries).map_err(|e| self.err("new index segment", e))?;
+        let id = IndexId(content_id(&bytes));
+        self.put_object(&names::index(&id), Bytes::from(bytes), cancel).await?;
+        Ok(id)
+    }
+
+    pub async fn list_index(&self, cancel: &CancellationToken) -> Result<Vec<IndexId>, RepoError> {
+        let objs = self.list_objects(names::INDEX_PREFIX, cancel).await?;
+        Ok(objs.into_iter().filter_map(|o| names::parse_id(&o.name)).collect())
+    }
+
+    pub async fn read_index(&self, id: &IndexId, cancel: &CancellationToken) -> Result<Vec<IndexEntry>, RepoError> {
+        let name = names::index(id);
+        let bytes = self.get_object(&name, cancel).await?;
+        if IndexId(content_id(&bytes)) != *id {
+            return Err(self.err(&name, FormatError::Corrupt("content does not hash to its name".into())));
+        }
+        index::open(self.keys(), &bytes).map_err(|e| self.err(&name, e))
+    }
+
+    // ---- snapshots ----
+
+    /// Writes a manifest: the last step of a backup.
+    pub async fn write_snapshot(&self, m: &Manifest, cancel: &CancellationToken) -> Result<SnapshotId, RepoError> {
+        let bytes = m.seal(self.keys()).map_err(|e| self.err("new snapshot", e))?;
+        let id = SnapshotId(content_id(&bytes));
+        self.put_object(&names::snapshot(&id), Bytes::from(bytes), cancel).await?;
+        Ok(id)
+    }
+
+    pub async fn list_snapshot_ids(&self, cancel: &CancellationToken) -> Result<Vec<SnapshotId>, RepoError> {
+        let objs = self.list_objects(names::SNAPSHOTS_PREFIX, cancel).await?;
+        Ok(objs.into_iter().filter_map(|o| names::parse_id(&o.name)).collect())
+    }
+
+    pub async fn read_snapshot(&self, id: &SnapshotId, cancel: &CancellationToken) -> Result<Manifest, RepoError> {
+        let name = names::snapshot(id);
+        let bytes = match self.get_object(&name, cancel).await {
+            Ok(b) => b,
+            Err(RepoError::Storage(e)) if e.is_not_found() => {
+                return Err(RepoError::NotFound { what: format!("snapshot {id}"), location: self.location().into() })
+            }
+            Err(e) => return Err(e),
+        };
+        if SnapshotId(content_id(&bytes)) != *id {
+            return Err(self.err(&name, FormatError::Corrupt("content does not hash to its name".into())));
+        }
+        Manifest::open(self.keys(), &bytes).map_err(|e| self.err(&name, e))
+    }
+
+    /// Every snapshot, oldest first.
+    pub async fn snapshots(&self, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, Manifest)>, RepoError> {
+        let mut out = Vec::new();
+        for id in self.list_snapshot_ids(cancel).await? {
+            out.push((id, self.read_snapshot(&id, cancel).await?));
+        }
+        out.sort_by_key(|(id, m)| (m.time_unix_ms, *id));
+        Ok(out)
+    }
+
+    /// A snapshot named by its full id or a unique prefix of at least 4 hex digits.
+    pub async fn resolve_snapshot(&self, s: &str, cancel: &CancellationToken) -> Result<SnapshotId, RepoError> {
+        if let Ok(id) = s.parse::<SnapshotId>() {
+            return Ok(id);
+        }
+        if s.len() < 4 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(RepoError::Invalid(format!("'{s}' is not a snapshot id (at least 4 hex digits)")));
+        }
+        let lower = s.to_ascii_lowercase();
+        let matches: Vec<SnapshotId> = self.list_snapshot_ids(cancel).await?.into_iter().filter(|id| id.to_hex().starts_with(&lower)).collect();
+        match matches.len() {
+            1 => Ok(matches[0]),
+            0 => Err(RepoError::NotFound { what: format!("snapshot {s}"), location: self.location().into() }),
+            n => Err(RepoError::Ambiguous { what: format!("snapshot {s}"), location: self.location().into(), count: n }),
+        }
+    }
+
+    // ---- keys ----
+
+    pub async fn list_keys(&self, cancel: &CancellationToken) -> Result<Vec<(KeyId, KeyFile)>, RepoError> {
+        let mut out = Vec::new();
+        for o in self.list_objects(names::KEYS_PREFIX, cancel).await? {
+            let b = self.get_object(&o.name, cancel).await?;
+            let kf = KeyFile::from_bytes(&b).map_err(|e| self.err(&o.name, e))?;
+            if let Some(id) = names::parse_id(&o.name) {
+                out.push((id, kf));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds a key file wrapping the same master key under another password.
+    pub async fn add_key(&self, current_password: &[u8], new_password: &[u8], kdf: KdfParams, cancel: &CancellationToken) -> Result<KeyId, RepoError> {
+        if new_password.is_empty() {
+            return Err(RepoError::Invalid(format!("repository {}: the new password is empty", self.location())));
+        }
+        let kname = names::key(&self.inner.key_id);
+        let kb = self.get_object(&kname, cancel).await?;
+        let kf = KeyFile::from_bytes(&kb).map_err(|e| self.err(&kname, e))?;
+        let master = kf
+            .unwrap_key(current_password)
+            .map_err(|e| self.err(&kname, e))?
+            .ok_or_else(|| RepoError::WrongPassword { location: self.location().into() })?;
+        let new = KeyFile::wrap(&master, new_password, kdf).map_err(|e| self.err("new key file", e))?;
+        let bytes = Zeroizing::new(new.to_bytes().map_err(|e| self.err("new key file", e))?);
+        let id = KeyId(content_id(&bytes));
+        self.put_object(&names::key(&id), Bytes::from(bytes.to_vec()), cancel).await?;
+        Ok(id)
+    }
+
+    /// Removes a key file; refuses the key this session opened with and the last key.
+    pub async fn remove_key(&self, id: &KeyId, cancel: &CancellationToken) -> Result<(), RepoError> {
+        if *id == self.inner.key_id {
+            return Err(RepoError::Invalid(format!("key {id} in repository {}: it is the key in use; open with another key to remove it", self.location())));
+        }
+        let keys = self.list_keys(cancel).await?;
+        if !keys.iter().any(|(k, _)| k == id) {
+            return Err(RepoError::NotFound { what: format!("key {id}"), location: self.location().into() });
+        }
+        self.delete_object(&names::key(id), cancel).await
+    }
+}
+
+fn fmt_err(location: &str, object: &str, source: FormatError) -> RepoError {
+    RepoError::Format { object: object.to_string(), location: location.to_string(), source }
+}

@@ -1,0 +1,132 @@
+//! The storage trait: where a repository's objects live.
+//!
+//! # Contract (every implementation)
+//! - **Names** are `/`-separated relative paths built by [`crate::names`]; nothing else.
+//! - **`put` is create-only.** It never replaces an object. When an object of that name
+//!   exists it returns [`PutOutcome::Existed`] and leaves it untouched. Objects are named by
+//!   content, so an existing name holds the same bytes; locks rely on the create-only rule
+//!   for mutual exclusion.
+//! - **Durability:** when `put` returns `Ok`, the object survives a crash of this process and
+//!   of the machine (local: file and directory fsynced; S3: the PUT was acknowledged).
+//!   A `put` that failed or was cancelled leaves either nothing or the complete object, never
+//!   a partial one under the final name.
+//! - **Idempotence:** `put` of the same name and bytes, `delete` and every read may be
+//!   retried freely. `delete` of a missing object succeeds.
+//! - **Cancellation:** every call takes a [`CancellationToken`]; a cancelled call returns
+//!   an error of kind [`ErrorKind::Cancelled`] as soon as it can. Blocking filesystem calls
+//!   already under way finish first.
+//! - **Errors** are classified by [`ErrorKind`] so that one retry helper
+//!   ([`crate::retry`]) serves every caller: only `Transient` is retried.
+
+pub mod conformance;
+pub mod fault;
+pub mod local;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::fmt;
+use tokio_util::sync::CancellationToken;
+
+/// How a failed storage call should be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The object (or the store, for the root) does not exist.
+    NotFound,
+    /// May succeed if tried again: timeouts, throttling, 5xx, connection resets.
+    Transient,
+    /// Will fail again: permission denied, bad request, corrupt response.
+    Permanent,
+    /// The caller's cancellation token fired.
+    Cancelled,
+}
+
+/// A storage call that failed, naming the operation, the object and the store.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {object} in {location}: {message}")]
+pub struct StorageError {
+    pub kind: ErrorKind,
+    pub op: &'static str,
+    pub object: String,
+    pub location: String,
+    pub message: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl StorageError {
+    pub fn new(kind: ErrorKind, op: &'static str, object: &str, location: &str, message: impl Into<String>) -> Self {
+        Self { kind, op, object: object.to_string(), location: location.to_string(), message: message.into(), source: None }
+    }
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+    pub fn cancelled(op: &'static str, object: &str, location: &str) -> Self {
+        Self::new(ErrorKind::Cancelled, op, object, location, "cancelled")
+    }
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+    pub fn is_not_found(&self) -> bool {
+        self.kind == ErrorKind::NotFound
+    }
+}
+
+/// What a create-only `put` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    Existed,
+}
+
+/// One listed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub name: String,
+    pub size: u64,
+}
+
+/// One page of a listing; `next` continues it.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectMeta>,
+    pub next: Option<String>,
+}
+
+#[async_trait]
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Where the store is, for messages: a path or `s3://bucket/prefix`.
+    fn location(&self) -> &str;
+
+    /// Create-only write; see the module docs for durability.
+    async fn put(&self, name: &str, data: Bytes, cancel: &CancellationToken) -> Result<PutOutcome, StorageError>;
+
+    /// The whole object.
+    async fn get(&self, name: &str, cancel: &CancellationToken) -> Result<Bytes, StorageError>;
+
+    /// `len` bytes at `offset`. Asking past the end is an error of kind `Permanent`.
+    async fn get_range(&self, name: &str, offset: u64, len: u64, cancel: &CancellationToken) -> Result<Bytes, StorageError>;
+
+    /// The object's size, or `None` when it does not exist.
+    async fn head(&self, name: &str, cancel: &CancellationToken) -> Result<Option<u64>, StorageError>;
+
+    /// Objects whose names start with `prefix`, in name order, one page at a time.
+    async fn list_page(&self, prefix: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError>;
+
+    /// Removes an object; a missing object is not an error.
+    async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError>;
+}
+
+/// Every object under `prefix`, following continuation tokens.
+pub async fn list_all(storage: &dyn Storage, prefix: &str, cancel: &CancellationToken) -> Result<Vec<ObjectMeta>, StorageError> {
+    let mut out = Vec::new();
+    let mut token = None;
+    loop {
+        let page = storage.list_page(prefix, token, cancel).await?;
+        out.extend(page.objects);
+        match page.next {
+            Some(t) => token = Some(t),
+            None => return Ok(out),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Tree blobs, stored in packs like data (kind `KIND_TREE`) and named by content:
+//!
+//! - a **segment map** lists one segment's pieces: chunks (id, length) and holes (length);
+//! - a **segment group** lists up to [`GROUP_SEGMENTS`] consecutive segments of a volume,
+//!   each a hole or (segment map id, segment digest).
+//!
+//! A manifest lists a volume's groups. An incremental snapshot writes only the maps and
+//! groups that changed: its metadata grows with the changed segments, not the volume.
+
+use crate::bytes_io::{put_u32, put_u64, Reader};
+use crate::error::FormatError;
+use crate::file_formats::*;
+use crate::id::{ChunkId, SegmentDigest};
+
+/// Segments per group: 1024 × 4 MiB = 4 GiB of volume per group blob (≈ 65 KiB).
+pub const GROUP_SEGMENTS: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapEntry {
+    Chunk { id: ChunkId, len: u32 },
+    Hole { len: u32 },
+}
+
+impl MapEntry {
+    pub fn len(&self) -> u32 {
+        match *self {
+            MapEntry::Chunk { len, .. } | MapEntry::Hole { len } => len,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SegmentMap {
+    pub entries: Vec<MapEntry>,
+}
+
+impl SegmentMap {
+    pub fn total_len(&self) -> u64 {
+        self.entries.iter().map(|e| e.len() as u64).sum()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(6 + self.entries.len() * 37);
+        out.push(TREE_VERSION);
+        out.push(TREE_SEGMENT_MAP);
+        put_u32(&mut out, self.entries.len() as u32);
+        for e in &self.entries {
+            match e {
+                MapEntry::Chunk { id, len } => {
+                    out.push(0);
+                    put_u32(&mut out, *len);
+                    out.extend_from_slice(id.as_bytes());
+                }
+                MapEntry::Hole { len } => {
+                    out.push(1);
+                    put_u32(&mut out, *len);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, FormatError> {
+        let mut r = Reader::new(b, "segment map");
+        check_header(&mut r, TREE_SEGMENT_MAP, "segment map")?;
+        let n = r.count(5)?;
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let tag = r.u8()?;
+            let len = r.u32()?;
+            entries.push(match tag {
+                0 => MapEntry::Chunk { id: ChunkId(r.id()?), len },
+                1 => MapEntry::Hole { len },
+                t => return Err(FormatError::Corrupt(format!("segment map entry tag {t}"))),
+            });
+        }
+        r.finish()?;
+        Ok(Self { entries })
+    }
+}
+
+fn check_header(r: &mut Reader<'_>, ty: u8, what: &str) -> Result<(), FormatError> {
+    let v = r.u8()?;
+    if v != TREE_VERSION {
+        return Err(FormatError::Unsupported(format!("{what} version {v}")));
+    }
+    let t = r.u8()?;
+    if t != ty {
+        return Err(FormatError::Corrupt(format!("expected a {what}, found tree type {t}")));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentRef {
+    /// The whole segment is zeros.
+    Hole,
+    Map { map: ChunkId, digest: SegmentDigest },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SegmentGroup {
+    pub first_segment: u64,
+    pub segments: Vec<SegmentRef>,
+}
+
+impl SegmentGroup {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(14 + self.segments.len() * 65);
+        out.push(TREE_VERSION);
+        out.push(TREE_SEGMENT_GROUP);
+        put_u64(&mut out, self.first_segment);
+        put_u32(&mut out, self.segments.len() as u32);
+        for s in &self.segments {
+            match s {
+                SegmentRef::Hole => out.push(0),
+                SegmentRef::Map { map, digest } => {
+                    out.push(1);
+                    out.extend_from_slice(map.as_bytes());
+                    out.extend_from_slice(digest.as_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, FormatError> {
+        let mut r = Reader::new(b, "segment group");
+        check_header(&mut r, TREE_SEGMENT_GROUP, "segment group")?;
+        let first_segment = r.u64()?;
+        let n = r.count(1)?;
+        let mut segments = Vec::with_capacity(n);
+        for _ in 0..n {
+            segments.push(match r.u8()? {
+                0 => SegmentRef::Hole,
+                1 => SegmentRef::Map { map: ChunkId(r.id()?), digest: SegmentDigest(r.id()?) },
+                t => return Err(FormatError::Corrupt(format!("segment group entry tag {t}"))),
+            });
+        }
+        r.finish()?;
+        Ok(Self { first_segment, segments })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn map_roundtrip(raw in proptest::collection::vec((any::<bool>(), any::<[u8; 32]>(), any::<u32>()), 0..40)) {
+            let m = SegmentMap { entries: raw.iter().map(|(h, id, len)| if *h { MapEntry::Hole { len: *len } } else { MapEntry::Chunk { id: ChunkId(*id), len: *len } }).collect() };
+            prop_assert_eq!(SegmentMap::decode(&m.encode()).unwrap(), m);
+        }
+
+        #[test]
+        fn group_roundtrip(first in any::<u64>(), raw in proptest::collection::vec((any::<bool>(), any::<[u8; 32]>(), any::<[u8; 32]>()), 0..40)) {
+            let g = SegmentGroup { first_segment: first, segments: raw.iter().map(|(h, a, b)| if *h { SegmentRef::Hole } else { SegmentRef::Map { map: ChunkId(*a), digest: SegmentDigest(*b) } }).collect() };
+            prop_assert_eq!(SegmentGroup::decode(&g.encode()).unwrap(), g);
+        }
+    }
+
+    #[test]
+    fn wrong_type_and_truncation_are_errors() {
+        let g = SegmentGroup { first_segment: 0, segments: vec![SegmentRef::Hole] }.encode();
+        assert!(SegmentMap::decode(&g).is_err());
+        let m = SegmentMap { entries: vec![MapEntry::Hole { len: 5 }] }.encode();
+        assert!(SegmentMap::decode(&m[..m.len() - 1]).is_err());
+    }
+}
