@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what Mover's build, tests, demo and benchmark need and is missing, on Debian.
+#   scripts/deps.sh build|test|bench
+set -euo pipefail
+what=${1:-build}
+need=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+want() { for p in "$@"; do have_pkg "$p" || need+=("$p"); done; }
+
+want libclang-dev clang pkg-config util-linux e2fsprogs curl b3sum
+case "$what" in
+  test) want qemu-utils libnbd-bin ;;
+  bench) want restic borgbackup hyperfine fio time ;;
+esac
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq >&2
+  $SUDO apt-get install -y -qq "${need[@]}" >&2
+fi
+if ! command -v cargo >/dev/null; then
+  echo "cargo is missing: install Rust (rustup) first" >&2
+  exit 1
+fi

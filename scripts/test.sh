@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, starts a real S3 server (SeaweedFS) on
+# 127.0.0.1, builds once (release profile, shared target directory) and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh test
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mover-target}
+eval "$(scripts/s3-server.sh start | tail -n 1)"
+trap 'scripts/s3-server.sh stop' EXIT
+
+# The format crate stays free of gRPC, io_uring, metrics and RocksDB.
+bad=$(cargo tree -q -p mover-format -e normal --prefix none | awk '{print $1}' | sort -u | grep -xE 'tonic|tokio-uring|prometheus|prost|rocksdb|librocksdb-sys' || true)
+if [ -n "$bad" ]; then echo "mover-format depends on: $bad" >&2; exit 1; fi
+
+cargo build --release --workspace --all-targets
+cargo test --release --workspace
