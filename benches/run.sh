@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# The bench command: Mover against this machine's limits and against restic, borg and
+# rustic (where installed) on the same volume, in the same run.
+#   benches/run.sh [--size-gib N] [--no-peers]
+# Prints a table (seconds, MiB/s of the volume, repository size, peak RSS) and ratios.
+# Figures go to docs/benchmarks.md by hand, with the command line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_GIB=4; PEERS=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size-gib) SIZE_GIB=$2; shift 2 ;;
+    --no-peers) PEERS=0; shift ;;
+    *) echo "usage: $0 [--size-gib N] [--no-peers]" >&2; exit 2 ;;
+  esac
+done
+scripts/deps.sh bench
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mover-target}
+cargo build --release -p mover >&2
+M="$CARGO_TARGET_DIR/release/mover"
+W=${MOVER_BENCH_DIR:-/var/tmp/mover-bench}
+rm -rf "$W"; mkdir -p "$W"
+export MOVER_PASSWORD=bench RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench RUSTIC_PASSWORD=bench
+export MOVER_CACHE_DIR="$W/cache" BORG_BASE_DIR="$W/borgbase" RESTIC_CACHE_DIR="$W/restic-cache" XDG_CACHE_HOME="$W/xdg-cache"
+RESULTS="$W/results.tsv"; : > "$RESULTS"
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+# run TOOL OP CMD...: times CMD, records seconds and peak RSS (KiB).
+run() {
+  local tool=$1 op=$2; shift 2
+  drop
+  /usr/bin/time -f "%e %M" -o "$W/time.out" "$@" > "$W/last.out" 2> "$W/last.err" || { echo "$tool $op failed:" >&2; tail -5 "$W/last.err" >&2; return 1; }
+  read -r secs rss < <(tail -n 1 "$W/time.out")
+  printf '%s\t%s\t%s\t%s\n' "$tool" "$op" "$secs" "$rss" >> "$RESULTS"
+  printf '  %-7s %-18s %8.2f s  %7d MiB RSS\n' "$tool" "$op" "$secs" $((rss / 1024)) >&2
+}
+
+echo "== building the volume: ext4, ${SIZE_GIB} GiB, about half allocated" >&2
+img="$W/vm.img"; files="$W/files"; mkdir -p "$files"/{bin,log,db,home}
+unit=$(( SIZE_GIB * 1024 / 4 ))   # MiB per quarter of the volume
+python3 - "$files" "$unit" <<'PY'
+import os, sys, random
+root, unit = sys.argv[1], int(sys.argv[2])
+rnd = random.Random(7)
+def w(path, data): open(path, "wb").write(data)
+# ~40 % of a quarter: incompressible binaries, in files of 1..16 MiB
+left = int(unit * 0.9) << 20; i = 0
+while left > 0:
+    n = min(left, rnd.randint(1, 16) << 20); w(f"{root}/bin/f{i}", os.urandom(n)); left -= n; i += 1
+# ~text logs (compressible)
+line = b"2026-11-22T05:00:00Z INFO api request id=%d path=/v1/volumes/%d status=200 took=%dms\n"
+left = int(unit * 0.6) << 20; i = 0
+while left > 0:
+    n = min(left, 8 << 20)
+    buf = b"".join(line % (k, k % 977, k % 91) for k in range(i * 100000, i * 100000 + n // 70 + 1))[:n]
+    w(f"{root}/log/app{i}.log", buf); left -= n; i += 1
+# a database file with structure, plus a copy (dedup)
+db = bytearray(os.urandom(int(unit * 0.25) << 20))
+for k in range(0, len(db), 4096): db[k:k+2048] = bytes(2048)
+w(f"{root}/db/data.db", db); w(f"{root}/home/backup-of-data.db", db)
+PY
+truncate -s "${SIZE_GIB}G" "$img"
+mkfs.ext4 -q -F -d "$files" "$img"
+rm -rf "$files"
+alloc=$(du -B1 "$img" | cut -f1)
+vol=$(stat -c %s "$img")
+echo "volume $vol bytes, $alloc allocated" >&2
+
+echo "== machine limits" >&2
+drop
+raw=$( { /usr/bin/time -f "%e" dd if="$img" of=/dev/null bs=4M iflag=direct status=none; } 2>&1 | tail -1)
+head -c 1G "$img" > "$W/sample" 2>/dev/null || true
+b3=$( { /usr/bin/time -f "%e" b3sum --num-threads 1 "$W/sample" >/dev/null; } 2>&1 | tail -1)
+zs=$( { /usr/bin/time -f "%e" zstd -1 -T1 -q -c "$W/sample" >/dev/null; } 2>&1 | tail -1)
+samp=$(stat -c %s "$W/sample"); rm -f "$W/sample"
+printf 'limits\tread_direct\t%s\t%s\nlimits\tb3sum_1t\t%s\t%s\nlimits\tzstd1_1t\t%s\t%s\n' "$raw" "$vol" "$b3" "$samp" "$zs" "$samp" >> "$W/limits.tsv"
+
+snap_img() { cp --sparse=always "$img" "$W/base.img"; }
+change() {
+  # ~1 % of the volume, like a running VM: new files, appended logs, a rewritten db region.
+  mkdir -p "$W/mnt"; mount -o loop "$img" "$W/mnt"
+  local mib=$(( SIZE_GIB * 1024 / 100 ))
+  head -c $(( mib * 6 / 10 ))M /dev/urandom > "$W/mnt/home/new-download.bin"
+  for f in $(ls "$W/mnt/log" | head -5); do head -c 1M /dev/urandom | base64 >> "$W/mnt/log/$f"; done
+  dd if=/dev/urandom of="$W/mnt/db/data.db" bs=64K count=$(( mib * 16 / 100 + 1 )) seek=37 conv=notrunc status=none
+  sync; umount "$W/mnt"
+  # Changed extents (as a CBT source would report them): 64 KiB blocks that differ.
+  python3 - "$W/base.img" "$img" > "$W/changed.txt" <<'PY'
+import sys
+a, b = open(sys.argv[1], "rb"), open(sys.argv[2], "rb")
+B = 64 << 10; off = 0; start = None
+while True:
+    x, y = a.read(B), b.read(B)
+    if not y: break
+    if x != y:
+        if start is None: start = off
+    elif start is not None:
+        print(start, off - start); start = None
+    off += len(y)
+if start is not None: print(start, off - start)
+PY
+}
+
+echo "== mover" >&2
+"$M" --repo "$W/mover-repo" init >/dev/null
+snap_img
+run mover full "$M" --repo "$W/mover-repo" backup "$img" --json
+cp "$W/last.out" "$W/mover-full.json"
+change
+changed=$(awk '{s+=$2} END {print s+0}' "$W/changed.txt")
+echo "changed: $changed bytes in $(wc -l < "$W/changed.txt") extents" >&2
+mover_size_full=$(du -sb "$W/mover-repo" | cut -f1)
+cp -r "$W/mover-repo" "$W/mover-repo2"; cp -r "$W/cache" "$W/cache2"
+run mover incr_extents "$M" --repo "$W/mover-repo" backup "$img" --parent latest --changed-extents "$W/changed.txt" --json
+cp "$W/last.out" "$W/mover-incr.json"
+mover_size_incr=$(du -sb "$W/mover-repo" | cut -f1)
+run mover incr_no_extents env MOVER_CACHE_DIR="$W/cache2" "$M" --repo "$W/mover-repo2" backup "$img" --parent latest --json
+rm -f "$W/restored.img"
+run mover restore "$M" --repo "$W/mover-repo" restore latest "$W/restored.img"
+if [ "$(b3sum --no-names "$img")" != "$(b3sum --no-names "$W/restored.img")" ]; then echo "mover restore MISMATCH" >&2; exit 1; fi
+rm -f "$W/restored.img"
+printf 'mover\trepo_full\t%s\nmover\trepo_incr_added\t%s\n' "$mover_size_full" $((mover_size_incr - mover_size_full)) >> "$W/sizes.tsv"
+
+cp "$W/base.img" "$W/peer.img"   # peers see the same two states of the same file
+peer() { # name init full incr restore
+  local name=$1
+  echo "== $name" >&2
+  cp --sparse=always "$W/base.img" "$W/peer.img"
+  eval "$2" >/dev/null 2>&1
+  run "$name" full bash -c "$3"
+  local s1; s1=$(du -sb "$W/$name-repo" | cut -f1)
+  cp --sparse=always "$img" "$W/peer.img"
+  run "$name" incr bash -c "$4"
+  local s2; s2=$(du -sb "$W/$name-repo" | cut -f1)
+  rm -rf "$W/$name-restore"; mkdir -p "$W/$name-restore"
+  run "$name" restore bash -c "$5"
+  rm -rf "$W/$name-restore"
+  printf '%s\trepo_full\t%s\n%s\trepo_incr_added\t%s\n' "$name" "$s1" "$name" $((s2 - s1)) >> "$W/sizes.tsv"
+}
+if [ "$PEERS" = 1 ]; then
+  cd "$W"
+  command -v restic >/dev/null && peer restic "restic -r $W/restic-repo init" \
+    "restic -r $W/restic-repo backup peer.img" "restic -r $W/restic-repo backup peer.img" \
+    "restic -r $W/restic-repo restore latest --target $W/restic-restore"
+  command -v borg >/dev/null && peer borg "borg init -e repokey $W/borg-repo" \
+    "borg create $W/borg-repo::a peer.img" "borg create $W/borg-repo::b peer.img" \
+    "cd $W/borg-restore && borg extract $W/borg-repo::b"
+  command -v rustic >/dev/null && peer rustic "rustic -r $W/rustic-repo init" \
+    "rustic -r $W/rustic-repo backup peer.img" "rustic -r $W/rustic-repo backup peer.img" \
+    "rustic -r $W/rustic-repo restore latest $W/rustic-restore"
+  cd - >/dev/null
+fi
+
+python3 - "$W" "$vol" "$alloc" "$changed" <<'PY'
+import sys, json, collections
+W, vol, alloc, changed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+res = collections.defaultdict(dict)
+for l in open(f"{W}/results.tsv"):
+    t, op, s, rss = l.split("\t"); res[t][op] = (float(s), int(rss))
+sizes = collections.defaultdict(dict)
+for l in open(f"{W}/sizes.tsv"):
+    t, k, v = l.split("\t"); sizes[t][k] = int(v)
+lim = {l.split("\t")[1]: (float(l.split("\t")[2]), int(l.split("\t")[3])) for l in open(f"{W}/limits.tsv")}
+mib = 1 << 20
+print(f"volume: {vol/mib:.0f} MiB ext4 image, {alloc/mib:.0f} MiB allocated; change: {changed/mib:.1f} MiB")
+print("machine limits: " + ", ".join(f"{k} {v[1]/mib/v[0]:.0f} MiB/s" for k, v in lim.items()))
+print(f"{'tool':8} {'operation':18} {'seconds':>8} {'MiB/s':>8} {'peak RSS':>9}")
+for t, ops in res.items():
+    for op, (s, rss) in ops.items():
+        print(f"{t:8} {op:18} {s:8.2f} {vol/mib/max(s,1e-9):8.0f} {rss//1024:8d}M")
+print(f"{'tool':8} {'repo after full':>16} {'added by incr':>14} {'incr / changed':>15}")
+for t, z in sizes.items():
+    print(f"{t:8} {z['repo_full']/mib:15.1f}M {z['repo_incr_added']/mib:13.1f}M {z['repo_incr_added']/max(changed,1):15.2f}")
+m = res.get("mover", {})
+pairs = [("full", "full"), ("incr_extents", "incr"), ("incr_no_extents", "incr"), ("restore", "restore")]
+for peer in [p for p in res if p != "mover"]:
+    r = ", ".join(f"{mo}: {res[peer][po][0]/m[mo][0]:.1f}x" for mo, po in pairs if mo in m and po in res[peer])
+    print(f"mover vs {peer} (peer seconds / mover seconds): {r}")
+if "full" in m and "read_direct" in lim:
+    print(f"mover full backup vs raw direct read of the whole volume: {lim['read_direct'][0]/m['full'][0]:.2f}x the time of dd")
+PY
