@@ -7,7 +7,7 @@ need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 want() { for p in "$@"; do have_pkg "$p" || need+=("$p"); done; }
 
-want libclang-dev clang pkg-config util-linux e2fsprogs curl b3sum
+want libclang-dev clang pkg-config util-linux e2fsprogs curl b3sum protobuf-compiler
 case "$what" in
   test) want qemu-utils libnbd-bin ;;
   bench) want restic borgbackup hyperfine fio time ;;

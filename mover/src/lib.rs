@@ -9,3 +9,7 @@ pub mod open;
 pub mod pipeline;
 pub mod s3;
 pub mod source;
+pub mod client;
+pub mod daemon;
+pub mod instrumented;
+pub mod ratelimit;

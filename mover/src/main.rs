@@ -103,6 +103,90 @@ enum Cmd {
     /// Key files (passwords) of the repository.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Run the per-node daemon (gRPC API, /metrics, /healthz, /readyz).
+    Serve {
+        /// TOML configuration; without it: 127.0.0.1, a local repository in the state directory.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override `listen` (HOST:PORT or unix:PATH).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Override `http_listen`.
+        #[arg(long)]
+        http_listen: Option<String>,
+        /// Override `state_dir`.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Talk to a daemon.
+    Client(ClientArgs),
+}
+
+#[derive(Args, Debug)]
+struct ClientArgs {
+    /// http://HOST:PORT, https://HOST:PORT or unix:PATH.
+    #[arg(long, env = "MOVER_SERVER", default_value = "http://127.0.0.1:7600")]
+    server: String,
+    /// CA certificate of the server (https).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client certificate and key (mTLS).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: ClientCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientCmd {
+    StartBackup {
+        #[arg(long, default_value = "default")]
+        repository: String,
+        /// NAME=PATH, repeatable.
+        #[arg(long = "volume", value_name = "NAME=PATH")]
+        volumes: Vec<String>,
+        /// NAME=PODUID/VOLUME, repeatable: a pod's volume under the kubelet root.
+        #[arg(long = "pod-volume", value_name = "NAME=PODUID/VOLUME")]
+        pod_volumes: Vec<String>,
+        #[arg(long, default_value = "")]
+        parent: String,
+        #[arg(long, default_value = "")]
+        request_id: String,
+        #[arg(long = "tag", value_name = "K=V")]
+        tags: Vec<String>,
+        /// Upload limit for this transfer, bytes per second.
+        #[arg(long, default_value_t = 0)]
+        bandwidth_limit: u64,
+        /// Follow progress until the transfer ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    StartRestore {
+        #[arg(long, default_value = "default")]
+        repository: String,
+        #[arg(long)]
+        snapshot: String,
+        #[arg(long, default_value = "")]
+        volume: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value = "")]
+        request_id: String,
+        #[arg(long)]
+        watch: bool,
+    },
+    Get { id: String },
+    Watch { id: String },
+    Cancel { id: String },
+    List,
+    Snapshots {
+        #[arg(long, default_value = "default")]
+        repository: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -208,6 +292,36 @@ fn progress_bar(progress: Arc<Progress>, enabled: bool, label: &'static str) -> 
 async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
     let ra: RepoArgs = cli.repo.clone().into();
     match cli.cmd {
+        Cmd::Serve { config, listen, http_listen, state_dir } => {
+            let mut cfg = mover::daemon::config::DaemonConfig::load(config.as_deref())?;
+            if let Some(l) = listen {
+                cfg.listen = mover::daemon::config::parse_listen(&l)?;
+            }
+            if let Some(h) = http_listen {
+                cfg.http_listen = h.parse().with_context(|| format!("--http-listen '{h}'"))?;
+            }
+            if let Some(s) = state_dir {
+                if config.is_none() {
+                    // Keep the embedded defaults inside the given state directory.
+                    for r in cfg.repositories.values_mut() {
+                        if r.init_if_missing {
+                            r.url = s.join("repository").display().to_string();
+                            r.password_file = Some(s.join("default-repository.password"));
+                        }
+                    }
+                    cfg.cache_dir = s.join("cache");
+                }
+                cfg.state_dir = s;
+            }
+            if let mover::daemon::config::Listen::Tcp(a) = &cfg.listen {
+                if !a.ip().is_loopback() && cfg.tls.is_none() && std::env::var("MOVER_INSECURE_PLAINTEXT").as_deref() != Ok("1") {
+                    bail!("listen address {a} is not loopback: configure [tls] (mTLS) or set insecure_plaintext = true");
+                }
+            }
+            let stop = cancel.clone();
+            mover::daemon::serve(cfg, stop).await?;
+        }
+        Cmd::Client(c) => client(c).await?,
         Cmd::Init { compression_level, pack_size_mib, json } => {
             if !(1..=256).contains(&pack_size_mib) {
                 bail!("--pack-size-mib {pack_size_mib}: must be between 1 and 256");
@@ -495,6 +609,120 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
     Ok(())
 }
 
+async fn client(a: ClientArgs) -> Result<()> {
+    use mover::client::{connect, is_terminal, state_name, transfer_json, Conn};
+    use mover_protocol::v1 as pb;
+    let ch = connect(&Conn { server: a.server.clone(), ca: a.ca.clone(), cert: a.cert.clone(), key: a.key.clone() }).await?;
+    let mut tc = pb::transfer_service_client::TransferServiceClient::new(ch.clone());
+    let status = |e: tonic::Status| anyhow!("{}: {}", a.server, e.message());
+    let print = |t: &pb::Transfer| {
+        if a.json {
+            println!("{}", transfer_json(t));
+        } else {
+            let p = t.progress.clone().unwrap_or_default();
+            println!("{} {} {} {}/{} bytes {}{}", t.id, state_name(t), p.phase, p.bytes_done, p.bytes_total, t.snapshot_id, if t.error.is_empty() { String::new() } else { format!(" error: {}", t.error) });
+        }
+    };
+    let watch = |id: String, mut tc: pb::transfer_service_client::TransferServiceClient<tonic::transport::Channel>| async move {
+        let mut stream = tc.watch_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner();
+        let mut last = None;
+        let bar = (!a.json && std::io::stderr().is_terminal()).then(|| {
+            let pb = indicatif::ProgressBar::new(0);
+            pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+            pb
+        });
+        while let Some(t) = stream.message().await.map_err(status)? {
+            if let (Some(b), Some(p)) = (&bar, &t.progress) {
+                b.set_length(p.bytes_total);
+                b.set_position(p.bytes_done);
+                b.set_message(p.phase.clone());
+            }
+            last = Some(t);
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        last.ok_or_else(|| anyhow!("the watch stream ended without a transfer"))
+    };
+    let finish = |t: &pb::Transfer| -> Result<()> {
+        match t.state() {
+            pb::TransferState::Succeeded | pb::TransferState::Queued | pb::TransferState::Running => Ok(()),
+            _ => bail!("transfer {} {}: {}", t.id, state_name(t), t.error),
+        }
+    };
+    match a.cmd {
+        ClientCmd::StartBackup { repository, volumes, pod_volumes, parent, request_id, tags, bandwidth_limit, watch: w } => {
+            let mut vols = Vec::new();
+            for v in &volumes {
+                let (n, p) = split_kv(v, "--volume")?;
+                vols.push(pb::BackupVolume { name: n.into(), source: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::Path(p.into())) }), ..Default::default() });
+            }
+            for v in &pod_volumes {
+                let (n, p) = split_kv(v, "--pod-volume")?;
+                let (uid, vol) = p.split_once('/').ok_or_else(|| anyhow!("--pod-volume '{v}' is not NAME=PODUID/VOLUME"))?;
+                vols.push(pb::BackupVolume {
+                    name: n.into(),
+                    source: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::PodVolume(pb::PodVolume { pod_uid: uid.into(), volume_name: vol.into() })) }),
+                    ..Default::default()
+                });
+            }
+            let mut tagmap = std::collections::HashMap::new();
+            for t in &tags {
+                let (k, v) = split_kv(t, "--tag")?;
+                tagmap.insert(k.to_string(), v.to_string());
+            }
+            let t = tc
+                .start_backup(pb::StartBackupRequest { request_id, repository, volumes: vols, parent, metadata: vec![], tags: tagmap, bandwidth_limit })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let t = if w && !is_terminal(&t) { watch(t.id.clone(), tc.clone()).await? } else { t };
+            print(&t);
+            finish(&t)?;
+        }
+        ClientCmd::StartRestore { repository, snapshot, volume, target, request_id, watch: w } => {
+            let t = tc
+                .start_restore(pb::StartRestoreRequest { request_id, repository, snapshot, volume, target: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::Path(target)) }), holes: 0 })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let t = if w && !is_terminal(&t) { watch(t.id.clone(), tc.clone()).await? } else { t };
+            print(&t);
+            finish(&t)?;
+        }
+        ClientCmd::Get { id } => print(&tc.get_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner()),
+        ClientCmd::Watch { id } => {
+            let t = watch(id, tc.clone()).await?;
+            print(&t);
+            finish(&t)?;
+        }
+        ClientCmd::Cancel { id } => print(&tc.cancel_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner()),
+        ClientCmd::List => {
+            let l = tc.list_transfers(pb::ListTransfersRequest {}).await.map_err(status)?.into_inner();
+            if a.json {
+                println!("{}", serde_json::Value::Array(l.transfers.iter().map(transfer_json).collect()));
+            } else {
+                for t in &l.transfers {
+                    print(t);
+                }
+            }
+        }
+        ClientCmd::Snapshots { repository } => {
+            let mut rc = pb::repository_service_client::RepositoryServiceClient::new(ch);
+            let l = rc.list_snapshots(pb::ListSnapshotsRequest { repository }).await.map_err(status)?.into_inner();
+            if a.json {
+                let v: Vec<_> = l.snapshots.iter().map(|s| serde_json::json!({"id": s.id, "time_unix_ms": s.time_unix_ms, "hostname": s.hostname, "parent": s.parent, "volumes": s.volumes.iter().map(|v| serde_json::json!({"name": v.name, "size": v.size})).collect::<Vec<_>>()})).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for s in &l.snapshots {
+                    println!("{} {} {}", s.id, fmt_time(s.time_unix_ms as u64), s.volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>().join(","));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `YYYY-MM-DD HH:MM:SS` (UTC) from Unix milliseconds.
 fn fmt_time(ms: u64) -> String {
     let secs = ms / 1000;
@@ -528,10 +756,16 @@ fn main() -> ExitCode {
     let c2 = cancel.clone();
     let result = rt.block_on(async move {
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("interrupted: stopping (what was uploaded is kept)");
-                c2.cancel();
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
+            eprintln!("stopping (what was uploaded is kept)");
+            c2.cancel();
         });
         run(cli, cancel).await
     });

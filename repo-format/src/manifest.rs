@@ -30,6 +30,9 @@ pub struct VolumeStats {
     pub bytes_stored: u64,
     pub chunks_new: u64,
     pub chunks_dedup: u64,
+    /// Bytes in chunks that were already stored (or stored earlier in this backup).
+    #[serde(default)]
+    pub bytes_dedup: u64,
 }
 
 impl VolumeStats {
@@ -43,6 +46,7 @@ impl VolumeStats {
         self.bytes_stored += o.bytes_stored;
         self.chunks_new += o.chunks_new;
         self.chunks_dedup += o.chunks_dedup;
+        self.bytes_dedup += o.bytes_dedup;
     }
 }
 

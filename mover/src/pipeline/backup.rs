@@ -54,6 +54,8 @@ pub struct BackupOptions {
     pub workers: usize,
     pub upload_concurrency: usize,
     pub checkpoint_packs: usize,
+    /// Upload bandwidth limits (node-wide and per transfer); every pack takes from each.
+    pub limiters: Vec<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 impl Default for BackupOptions {
@@ -68,6 +70,7 @@ impl Default for BackupOptions {
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             upload_concurrency: 3,
             checkpoint_packs: 4,
+            limiters: Vec::new(),
         }
     }
 }
@@ -151,6 +154,7 @@ fn process_segment(sh: &Shared, enc: &mut BlobEncoder, data: &[u8], parent: Opti
                 let id = sh.keys().chunk_id(bytes);
                 if sh.known(&id)? {
                     st.chunks_dedup += 1;
+                    st.bytes_dedup += len as u64;
                 } else {
                     let b = enc.encode(sh.keys(), id, KIND_DATA, bytes)?;
                     st.chunks_new += 1;
@@ -273,6 +277,7 @@ pub async fn backup(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupO
     let params = repo.config().chunker;
     let shared = Arc::new(Shared { repo: repo.clone(), index: index.clone(), chunker: repo.chunker(), params, claimed: Mutex::new(HashSet::new()) });
     let mut packer = Packer::new(repo.clone(), index.clone(), opts.upload_concurrency, opts.checkpoint_packs, progress.clone(), job.clone());
+    packer.limiters = opts.limiters.clone();
     let mut enc = BlobEncoder::new(repo.config().compression.level);
 
     let result: Result<(Vec<VolumeEntry>, Vec<MetadataEntry>, IoBackend)> = async {

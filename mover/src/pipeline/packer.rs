@@ -35,6 +35,7 @@ pub struct Packer {
     pub packs_uploaded: u64,
     pub bytes_uploaded: u64,
     pub index_segments: u64,
+    pub limiters: Vec<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 impl Packer {
@@ -63,6 +64,7 @@ impl Packer {
             packs_uploaded: 0,
             bytes_uploaded: 0,
             index_segments: 0,
+            limiters: Vec::new(),
         }
     }
 
@@ -90,8 +92,15 @@ impl Packer {
         let repo = self.repo.clone();
         let cancel = self.cancel.clone();
         let progress = self.progress.clone();
+        let limiters = self.limiters.clone();
+        let size = b.len() as u64;
         self.uploads.spawn(async move {
             let _permit = permit;
+            for l in &limiters {
+                if !l.acquire(size, &cancel).await {
+                    return Err(anyhow!("cancelled"));
+                }
+            }
             let r = repo.write_pack(b, &cancel).await.map_err(|e| anyhow!(e))?;
             progress.add_uploaded(r.2);
             Ok(r)

@@ -1,0 +1,81 @@
+//! `mover client`: a gRPC client for people and tests, with TLS flags.
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::TokioIo;
+use mover_protocol::v1 as pb;
+use std::path::PathBuf;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+
+#[derive(Debug, Clone, Default)]
+pub struct Conn {
+    /// `http://HOST:PORT`, `https://HOST:PORT` or `unix:/path`.
+    pub server: String,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+pub async fn connect(c: &Conn) -> Result<Channel> {
+    if let Some(path) = c.server.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        let ch = Endpoint::try_from("http://[::]:50051")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let p = path.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+            }))
+            .await
+            .with_context(|| format!("connecting to {}", c.server))?;
+        return Ok(ch);
+    }
+    let mut ep = Endpoint::from_shared(c.server.clone()).with_context(|| format!("server address '{}'", c.server))?;
+    if c.server.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &c.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca).with_context(|| format!("reading CA {}", ca.display()))?));
+        }
+        match (&c.cert, &c.key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(
+                    std::fs::read(cert).with_context(|| format!("reading client certificate {}", cert.display()))?,
+                    std::fs::read(key).with_context(|| format!("reading client key {}", key.display()))?,
+                ))
+            }
+            (None, None) => {}
+            _ => bail!("--cert and --key go together"),
+        }
+        ep = ep.tls_config(tls)?;
+    }
+    ep.connect().await.with_context(|| format!("connecting to {}", c.server))
+}
+
+pub fn state_name(t: &pb::Transfer) -> &'static str {
+    match t.state() {
+        pb::TransferState::Queued => "queued",
+        pb::TransferState::Running => "running",
+        pb::TransferState::Succeeded => "succeeded",
+        pb::TransferState::Failed => "failed",
+        pb::TransferState::Cancelled => "cancelled",
+        pb::TransferState::Interrupted => "interrupted",
+        pb::TransferState::Unspecified => "unspecified",
+    }
+}
+
+pub fn is_terminal(t: &pb::Transfer) -> bool {
+    !matches!(t.state(), pb::TransferState::Queued | pb::TransferState::Running | pb::TransferState::Unspecified)
+}
+
+/// A transfer as JSON (the proto's fields, enums by name).
+pub fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
+    let p = t.progress.clone().unwrap_or_default();
+    let s = t.stats.clone().unwrap_or_default();
+    serde_json::json!({
+        "id": t.id, "request_id": t.request_id, "kind": if t.kind() == pb::TransferKind::Restore { "restore" } else { "backup" },
+        "state": state_name(t), "repository": t.repository, "error": t.error, "snapshot_id": t.snapshot_id, "volumes": t.volumes,
+        "progress": {"phase": p.phase, "bytes_total": p.bytes_total, "bytes_done": p.bytes_done, "bytes_read": p.bytes_read,
+                     "bytes_uploaded": p.bytes_uploaded, "bytes_written": p.bytes_written, "rate_bytes_per_second": p.rate_bytes_per_second, "eta_seconds": p.eta_seconds},
+        "stats": {"bytes_total": s.bytes_total, "bytes_read": s.bytes_read, "bytes_zero": s.bytes_zero, "bytes_skipped": s.bytes_skipped,
+                  "bytes_reused_parent": s.bytes_reused_parent, "bytes_new": s.bytes_new, "bytes_stored": s.bytes_stored, "chunks_new": s.chunks_new,
+                  "chunks_dedup": s.chunks_dedup, "bytes_uploaded": s.bytes_uploaded, "bytes_written": s.bytes_written, "bytes_holes": s.bytes_holes, "io_backend": s.io_backend},
+        "created_unix_ms": t.created_unix_ms, "started_unix_ms": t.started_unix_ms, "finished_unix_ms": t.finished_unix_ms,
+    })
+}

@@ -1,0 +1,428 @@
+//! Transfers as jobs: a state machine (Queued → Running → Succeeded | Failed | Cancelled,
+//! or Interrupted when the daemon stops), a per-node concurrency limit, per-job
+//! cancellation, and records persisted in the state directory so a restarted daemon still
+//! reports finished transfers and marks in-flight ones Interrupted.
+
+use super::prom::Metrics;
+use crate::metrics::Progress;
+use crate::pipeline::backup::{backup, BackupOptions};
+use crate::pipeline::restore::{restore_volume, HoleMode, RestoreOptions};
+use crate::ratelimit::RateLimiter;
+use anyhow::{Context, Result};
+use mover_format::local_index::{self, ChunkIndex};
+use mover_format::manifest::VolumeEntry;
+use mover_format::{Repository, SnapshotId};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Backup,
+    Restore,
+}
+
+impl Kind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Kind::Backup => "backup",
+            Kind::Restore => "restore",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Interrupted,
+}
+
+impl State {
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, State::Queued | State::Running)
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub bytes_total: u64,
+    pub bytes_read: u64,
+    pub bytes_zero: u64,
+    pub bytes_skipped: u64,
+    pub bytes_reused_parent: u64,
+    pub bytes_new: u64,
+    pub bytes_stored: u64,
+    pub chunks_new: u64,
+    pub chunks_dedup: u64,
+    pub bytes_uploaded: u64,
+    pub bytes_written: u64,
+    pub bytes_holes: u64,
+    pub io_backend: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub request_id: String,
+    pub kind: Kind,
+    pub state: State,
+    pub repository: String,
+    pub error: String,
+    pub snapshot_id: String,
+    pub stats: Stats,
+    pub created_ms: u64,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub volumes: Vec<String>,
+}
+
+/// What a job does, validated.
+pub enum Work {
+    Backup(BackupOptions),
+    Restore { snapshot: SnapshotId, volume: VolumeEntry, target: PathBuf, holes: HoleMode },
+}
+
+/// An open repository and its local index.
+#[derive(Clone)]
+pub struct RepoHandle {
+    pub repo: Repository,
+    pub index: Arc<dyn ChunkIndex>,
+}
+
+pub struct Job {
+    record: Mutex<Record>,
+    pub progress: Arc<Progress>,
+    pub cancel: CancellationToken,
+    changed: watch::Sender<u64>,
+    phase: Mutex<&'static str>,
+    started: Mutex<Option<Instant>>,
+}
+
+impl Job {
+    pub fn record(&self) -> Record {
+        self.record.lock().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+    pub fn phase(&self) -> &'static str {
+        self.phase.lock().map(|p| *p).unwrap_or("unknown")
+    }
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+    /// Seconds since the job started running, when it has.
+    pub fn elapsed(&self) -> Option<f64> {
+        self.started.lock().ok().and_then(|s| s.map(|t| t.elapsed().as_secs_f64()))
+    }
+    fn update(&self, f: impl FnOnce(&mut Record)) -> Record {
+        let r = {
+            let mut g = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut g);
+            g.clone()
+        };
+        self.changed.send_modify(|v| *v += 1);
+        r
+    }
+    fn set_phase(&self, p: &'static str) {
+        if let Ok(mut g) = self.phase.lock() {
+            *g = p;
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+pub struct Jobs {
+    map: Mutex<HashMap<String, Arc<Job>>>,
+    by_request: Mutex<HashMap<String, String>>,
+    /// Serialises starts so that one request id never starts twice.
+    pub start_lock: tokio::sync::Mutex<()>,
+    sem: Arc<Semaphore>,
+    dir: PathBuf,
+    metrics: Arc<Metrics>,
+    /// Cancelled at shutdown: running jobs end Interrupted.
+    shutdown: CancellationToken,
+    global_limit: Option<Arc<RateLimiter>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+fn now_ms() -> u64 {
+    mover_format::now_unix_ms()
+}
+
+impl Jobs {
+    pub fn load(state_dir: &std::path::Path, max: usize, metrics: Arc<Metrics>, shutdown: CancellationToken, global_limit: u64) -> Result<Self> {
+        let dir = state_dir.join("transfers");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let jobs = Self {
+            map: Mutex::new(HashMap::new()),
+            by_request: Mutex::new(HashMap::new()),
+            start_lock: tokio::sync::Mutex::new(()),
+            sem: Arc::new(Semaphore::new(max)),
+            dir,
+            metrics,
+            shutdown,
+            global_limit: (global_limit > 0).then(|| Arc::new(RateLimiter::new(global_limit))),
+            tasks: Mutex::new(Vec::new()),
+        };
+        for e in std::fs::read_dir(&jobs.dir)?.flatten() {
+            let p = e.path();
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let rec: Record = match std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+                Some(r) => r,
+                None => {
+                    tracing::warn!("ignoring unreadable transfer record {}", p.display());
+                    continue;
+                }
+            };
+            let mut rec = rec;
+            if !rec.state.is_terminal() {
+                rec.state = State::Interrupted;
+                rec.error = "the daemon stopped while this transfer ran; start it again to resume".into();
+                rec.finished_ms = now_ms();
+                jobs.persist(&rec);
+            }
+            let (tx, _) = watch::channel(0);
+            let job = Arc::new(Job { record: Mutex::new(rec.clone()), progress: Arc::default(), cancel: CancellationToken::new(), changed: tx, phase: Mutex::new("done"), started: Mutex::new(None) });
+            if let Ok(mut m) = jobs.by_request.lock() {
+                if !rec.request_id.is_empty() {
+                    m.insert(rec.request_id.clone(), rec.id.clone());
+                }
+            }
+            if let Ok(mut m) = jobs.map.lock() {
+                m.insert(rec.id.clone(), job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn persist(&self, r: &Record) {
+        let path = self.dir.join(format!("{}.json", r.id));
+        let tmp = self.dir.join(format!(".{}.tmp", r.id));
+        let res = serde_json::to_vec_pretty(r).map_err(std::io::Error::other).and_then(|b| {
+            std::fs::write(&tmp, b)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        });
+        if let Err(e) = res {
+            tracing::error!("persisting transfer {}: {e}", r.id);
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+        self.map.lock().ok()?.get(id).cloned()
+    }
+
+    pub fn by_request(&self, request_id: &str) -> Option<Arc<Job>> {
+        if request_id.is_empty() {
+            return None;
+        }
+        let id = self.by_request.lock().ok()?.get(request_id).cloned()?;
+        self.get(&id)
+    }
+
+    pub fn list(&self) -> Vec<Arc<Job>> {
+        let mut v: Vec<Arc<Job>> = self.map.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        v.sort_by_key(|j| j.record().created_ms);
+        v
+    }
+
+    /// Registers and spawns a validated job; it waits for a slot (Queued) first.
+    pub fn start(self: &Arc<Self>, kind: Kind, request_id: String, repository: String, volumes: Vec<String>, work: Work, handle: RepoHandle, bandwidth: u64) -> Arc<Job> {
+        let id = format!("tr-{}", hex::encode(rand_bytes()));
+        let rec = Record {
+            id: id.clone(),
+            request_id: request_id.clone(),
+            kind,
+            state: State::Queued,
+            repository,
+            error: String::new(),
+            snapshot_id: String::new(),
+            stats: Stats::default(),
+            created_ms: now_ms(),
+            started_ms: 0,
+            finished_ms: 0,
+            volumes,
+        };
+        self.persist(&rec);
+        let (tx, _) = watch::channel(0);
+        let job = Arc::new(Job { record: Mutex::new(rec), progress: Arc::default(), cancel: self.shutdown.child_token(), changed: tx, phase: Mutex::new("queued"), started: Mutex::new(None) });
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(id.clone(), job.clone());
+        }
+        if !request_id.is_empty() {
+            if let Ok(mut m) = self.by_request.lock() {
+                m.insert(request_id, id);
+            }
+        }
+        let me = self.clone();
+        let j = job.clone();
+        let h = tokio::spawn(async move { me.run(j, work, handle, bandwidth).await });
+        if let Ok(mut t) = self.tasks.lock() {
+            t.retain(|h| !h.is_finished());
+            t.push(h);
+        }
+        job
+    }
+
+    async fn run(self: Arc<Self>, job: Arc<Job>, work: Work, h: RepoHandle, bandwidth: u64) {
+        let kind = job.record().kind;
+        let k = kind.label();
+        self.metrics.queued.with_label_values(&[k]).inc();
+        let permit = tokio::select! {
+            p = self.sem.clone().acquire_owned() => p.ok(),
+            _ = job.cancel.cancelled() => None,
+        };
+        self.metrics.queued.with_label_values(&[k]).dec();
+        let Some(_permit) = permit else {
+            let state = if self.shutdown.is_cancelled() { State::Interrupted } else { State::Cancelled };
+            let r = job.update(|r| {
+                r.state = state;
+                r.finished_ms = now_ms();
+            });
+            job.set_phase("done");
+            self.persist(&r);
+            self.metrics.transfers.with_label_values(&[k, result_label(state)]).inc();
+            return;
+        };
+        self.metrics.active.with_label_values(&[k]).inc();
+        if let Ok(mut s) = job.started.lock() {
+            *s = Some(Instant::now());
+        }
+        let r = job.update(|r| {
+            r.state = State::Running;
+            r.started_ms = now_ms();
+        });
+        self.persist(&r);
+        let t0 = Instant::now();
+        let result = self.execute(&job, work, &h, bandwidth).await;
+        let secs = t0.elapsed().as_secs_f64();
+        let state = match &result {
+            Ok(()) => State::Succeeded,
+            Err(_) if self.shutdown.is_cancelled() => State::Interrupted,
+            Err(_) if job.cancel.is_cancelled() => State::Cancelled,
+            Err(_) => State::Failed,
+        };
+        let r = job.update(|r| {
+            r.state = state;
+            r.finished_ms = now_ms();
+            if let Err(e) = &result {
+                r.error = match state {
+                    State::Cancelled => format!("cancelled (what was uploaded is kept): {e:#}"),
+                    State::Interrupted => format!("interrupted by daemon shutdown; start it again to resume: {e:#}"),
+                    _ => format!("{e:#}"),
+                };
+            }
+        });
+        job.set_phase("done");
+        self.persist(&r);
+        self.metrics.active.with_label_values(&[k]).dec();
+        self.metrics.transfers.with_label_values(&[k, result_label(state)]).inc();
+        self.metrics.duration.with_label_values(&[k, result_label(state)]).observe(secs);
+    }
+
+    async fn execute(&self, job: &Arc<Job>, work: Work, h: &RepoHandle, bandwidth: u64) -> Result<()> {
+        match work {
+            Work::Backup(mut opts) => {
+                job.set_phase("syncing index");
+                local_index::sync(&h.repo, &*h.index, &job.cancel).await?;
+                opts.limiters = self.global_limit.iter().cloned().collect();
+                if bandwidth > 0 {
+                    opts.limiters.push(Arc::new(RateLimiter::new(bandwidth)));
+                }
+                job.set_phase("backing up");
+                let s = backup(&h.repo, h.index.clone(), opts, job.progress.clone(), &job.cancel).await?;
+                let m = &self.metrics;
+                let st = &s.stats;
+                for (what, v) in [
+                    ("read", st.bytes_read),
+                    ("zero", st.bytes_zero),
+                    ("skipped", st.bytes_skipped),
+                    ("reused_parent", st.bytes_reused_parent),
+                    ("deduplicated", st.bytes_dedup),
+                    ("new", st.bytes_new),
+                    ("stored", st.bytes_stored),
+                ] {
+                    m.backup_bytes.with_label_values(&[what]).inc_by(v);
+                }
+                m.upload_bytes.inc_by(s.bytes_uploaded);
+                if s.io_backend == "pread" {
+                    m.io_uring_fallbacks.inc();
+                }
+                let r = job.update(|r| {
+                    r.snapshot_id = s.snapshot_id.to_string();
+                    r.stats = Stats {
+                        bytes_total: st.bytes_total,
+                        bytes_read: st.bytes_read,
+                        bytes_zero: st.bytes_zero,
+                        bytes_skipped: st.bytes_skipped,
+                        bytes_reused_parent: st.bytes_reused_parent,
+                        bytes_new: st.bytes_new,
+                        bytes_stored: st.bytes_stored,
+                        chunks_new: st.chunks_new,
+                        chunks_dedup: st.chunks_dedup,
+                        bytes_uploaded: s.bytes_uploaded,
+                        io_backend: s.io_backend.clone(),
+                        ..Default::default()
+                    };
+                });
+                self.persist(&r);
+            }
+            Work::Restore { snapshot, volume, target, holes } => {
+                job.set_phase("syncing index");
+                local_index::sync(&h.repo, &*h.index, &job.cancel).await?;
+                job.set_phase("restoring");
+                let s = restore_volume(&h.repo, h.index.clone(), &snapshot, &volume, &target, &RestoreOptions { holes, ..Default::default() }, job.progress.clone(), &job.cancel).await?;
+                self.metrics.restore_bytes.with_label_values(&["written"]).inc_by(s.bytes_written);
+                self.metrics.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);
+                let r = job.update(|r| {
+                    r.snapshot_id = snapshot.to_string();
+                    r.stats = Stats { bytes_total: volume.size, bytes_written: s.bytes_written, bytes_holes: s.bytes_holes, ..Default::default() };
+                });
+                self.persist(&r);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn cancel(&self, id: &str) -> Option<Arc<Job>> {
+        let j = self.get(id)?;
+        j.cancel.cancel();
+        Some(j)
+    }
+
+    /// Stops the jobs at shutdown: lets running ones finish within `grace`, then cancels
+    /// them (they index what they uploaded) and waits for them to record Interrupted.
+    pub async fn shutdown(&self, grace: Duration) {
+        let handles: Vec<_> = self.tasks.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let all = futures::future::join_all(handles);
+        tokio::pin!(all);
+        if tokio::time::timeout(grace, &mut all).await.is_err() {
+            self.shutdown.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(60), all).await;
+        }
+        self.shutdown.cancel();
+    }
+}
+
+fn result_label(s: State) -> &'static str {
+    match s {
+        State::Succeeded => "ok",
+        State::Cancelled => "cancelled",
+        State::Interrupted => "interrupted",
+        _ => "err",
+    }
+}
+
+fn rand_bytes() -> [u8; 8] {
+    rand::random()
+}

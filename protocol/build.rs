@@ -1,0 +1,7 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("mover_v1_descriptor.bin"))
+        .compile_protos(&["proto/mover/v1/mover.proto"], &["proto"])?;
+    Ok(())
+}
