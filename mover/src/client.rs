@@ -16,6 +16,7 @@ pub struct Conn {
 }
 
 pub async fn connect(c: &Conn) -> Result<Channel> {
+    crate::init_tls();
     if let Some(path) = c.server.strip_prefix("unix:") {
         let path = PathBuf::from(path);
         let ch = Endpoint::try_from("http://[::]:50051")?

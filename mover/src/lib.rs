@@ -13,3 +13,9 @@ pub mod client;
 pub mod daemon;
 pub mod instrumented;
 pub mod ratelimit;
+
+/// Selects rustls's crypto provider (ring) for the process. The AWS SDK and tonic enable
+/// different providers, so rustls cannot choose one by itself. Idempotent.
+pub fn init_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -743,6 +743,7 @@ fn fmt_time(ms: u64) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    mover::init_tls();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -518,3 +518,6 @@ mod s3 {
         assert!(t.elapsed().as_secs() < 60);
     }
 }
+
+#[path = "daemon/mod.rs"]
+mod daemon;

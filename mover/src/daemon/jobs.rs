@@ -285,13 +285,13 @@ impl Jobs {
         self.metrics.queued.with_label_values(&[k]).dec();
         let Some(_permit) = permit else {
             let state = if self.shutdown.is_cancelled() { State::Interrupted } else { State::Cancelled };
+            self.metrics.transfers.with_label_values(&[k, result_label(state)]).inc();
             let r = job.update(|r| {
                 r.state = state;
                 r.finished_ms = now_ms();
             });
             job.set_phase("done");
             self.persist(&r);
-            self.metrics.transfers.with_label_values(&[k, result_label(state)]).inc();
             return;
         };
         self.metrics.active.with_label_values(&[k]).inc();
@@ -312,6 +312,10 @@ impl Jobs {
             Err(_) if job.cancel.is_cancelled() => State::Cancelled,
             Err(_) => State::Failed,
         };
+        // Metrics first: whoever sees the end state sees the counters that go with it.
+        self.metrics.active.with_label_values(&[k]).dec();
+        self.metrics.transfers.with_label_values(&[k, result_label(state)]).inc();
+        self.metrics.duration.with_label_values(&[k, result_label(state)]).observe(secs);
         let r = job.update(|r| {
             r.state = state;
             r.finished_ms = now_ms();
@@ -325,9 +329,6 @@ impl Jobs {
         });
         job.set_phase("done");
         self.persist(&r);
-        self.metrics.active.with_label_values(&[k]).dec();
-        self.metrics.transfers.with_label_values(&[k, result_label(state)]).inc();
-        self.metrics.duration.with_label_values(&[k, result_label(state)]).observe(secs);
     }
 
     async fn execute(&self, job: &Arc<Job>, work: Work, h: &RepoHandle, bandwidth: u64) -> Result<()> {

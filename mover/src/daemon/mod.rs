@@ -119,6 +119,7 @@ async fn http_server(d: Arc<Daemon>, listener: tokio::net::TcpListener, stop: Ca
 
 /// Runs the daemon until `stop` fires.
 pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
+    crate::init_tls();
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
     std::fs::create_dir_all(&cfg.cache_dir).with_context(|| format!("creating cache directory {}", cfg.cache_dir.display()))?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);

@@ -432,8 +432,10 @@ async fn backup_volume(
                 let Some(item) = item else { return };
                 let out = item.and_then(|done| {
                     let parent = prefs.as_ref().as_ref().and_then(|p| p.get(done.seg as usize));
+                    let t = std::time::Instant::now();
                     let r = process_segment(&sh, &mut enc, done.buf.as_slice(), parent);
                     let seg = done.seg;
+                    tracing::trace!(seg, worker = i, ms = t.elapsed().as_millis() as u64, "segment processed");
                     let _ = pool_tx.try_send(done.buf);
                     r.map(|(r, blobs, stats)| SegOut { seg, r, blobs, stats })
                 });
@@ -443,13 +445,21 @@ async fn backup_volume(
             }
         })?);
     }
+    // Only the workers may hold the read receiver: if this function kept a handle, a
+    // reader blocked on a full channel after a cancel would never see it close.
+    drop(read_rx);
     drop(out_tx);
     drop(pool_tx);
 
     let mut first_err: Option<anyhow::Error> = None;
-    while let Some(item) = out_rx.recv().await {
+    loop {
+        let item = tokio::select! {
+            i = out_rx.recv() => match i { Some(i) => i, None => break },
+            _ = cancel.cancelled() => { first_err = Some(anyhow!("cancelled")); break }
+        };
         let step = async {
             let o = item?;
+            tracing::trace!(seg = o.seg, blobs = o.blobs.len(), "segment assembled");
             for b in &o.blobs {
                 packer.add(b).await?;
             }
@@ -463,15 +473,21 @@ async fn backup_volume(
         .await;
         if let Err(e) = step {
             first_err = Some(e);
-            cancel.cancel();
             break;
         }
     }
-    drop(out_rx);
-    for t in threads {
-        let _ = t.join();
+    if first_err.is_some() {
+        cancel.cancel();
     }
-    let _ = reader.join();
+    drop(out_rx);
+    // Join the stage threads off the async workers.
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+        let _ = reader.join();
+    })
+    .await;
     if let Some(e) = first_err {
         return Err(e.context(format!("backing up volume '{}' from {}", spec.name, spec.source.display())));
     }

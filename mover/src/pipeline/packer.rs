@@ -84,6 +84,7 @@ impl Packer {
         if b.is_empty() {
             return Ok(());
         }
+        tracing::debug!(bytes = b.len(), data, "pack sealed, waiting for an upload slot");
         // Back-pressure: wait for an upload slot before taking more data.
         let permit = tokio::select! {
             p = self.sem.clone().acquire_owned() => p.map_err(|_| anyhow!("upload semaphore closed"))?,

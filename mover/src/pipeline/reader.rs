@@ -100,6 +100,7 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name("mover-reader".into())
         .spawn(move || {
+            tracing::debug!(path = %path.display(), "reader thread started");
             let runtime = match choice {
                 IoChoice::Pread => None,
                 IoChoice::IoUring => match tokio_uring::Runtime::new(&tokio_uring::builder()) {
@@ -117,6 +118,7 @@ pub fn spawn(
                     }
                 },
             };
+            tracing::debug!(io_uring = runtime.is_some(), "reader runtime ready");
             let _ = btx.send(Ok(if runtime.is_some() { IoBackend::IoUring } else { IoBackend::Pread }));
             let r = match runtime {
                 Some(rt) => rt.block_on(read_uring(&path, file, jobs, qd, pool, &tx, &cancel)),
@@ -149,11 +151,31 @@ async fn read_uring(
 ) -> Result<()> {
     let file = std::rc::Rc::new(tokio_uring::fs::File::from_std(file));
     let mut inflight: VecDeque<tokio::task::JoinHandle<Result<ReadDone>>> = VecDeque::new();
+    let result = feed(path, &file, jobs, qd, &mut pool, tx, cancel, &mut inflight).await;
+    // Never leave a read in flight: the kernel writes into its buffer until it completes,
+    // so the buffer (and the ring) must outlive it, whatever ended the loop.
+    while let Some(h) = inflight.pop_front() {
+        let _ = h.await;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn feed(
+    path: &Path,
+    file: &std::rc::Rc<tokio_uring::fs::File>,
+    jobs: Vec<ReadJob>,
+    qd: usize,
+    pool: &mut mpsc::Receiver<AlignedBuf>,
+    tx: &mpsc::Sender<Result<ReadDone>>,
+    cancel: &CancellationToken,
+    inflight: &mut VecDeque<tokio::task::JoinHandle<Result<ReadDone>>>,
+) -> Result<()> {
     for job in jobs {
         while inflight.len() >= qd {
             if let Some(h) = inflight.pop_front() {
                 let r = h.await.map_err(|e| anyhow!("read task failed: {e}"))?;
-                if tx.send(r).await.is_err() {
+                if !send(tx, r, cancel).await {
                     return Ok(());
                 }
             }
@@ -184,16 +206,25 @@ async fn read_uring(
             }
             check_len(&p, &job, done)?;
             buf.set_len(job.len);
+            tracing::trace!(seg = job.seg, "read (io_uring)");
             Ok(ReadDone { seg: job.seg, offset: job.offset, buf })
         }));
     }
     while let Some(h) = inflight.pop_front() {
         let r = h.await.map_err(|e| anyhow!("read task failed: {e}"))?;
-        if tx.send(r).await.is_err() {
+        if !send(tx, r, cancel).await {
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// Sends a result downstream; false when the consumers are gone or the job is cancelled.
+async fn send(tx: &mpsc::Sender<Result<ReadDone>>, r: Result<ReadDone>, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        res = tx.send(r) => res.is_ok(),
+        _ = cancel.cancelled() => false,
+    }
 }
 
 fn read_pread(
