@@ -1,7 +1,8 @@
 //! A token bucket for upload bandwidth: one per transfer and one for the node. Waiting is
 //! cancellable.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
