@@ -14,3 +14,10 @@ if [ -n "$bad" ]; then echo "mover-format depends on: $bad" >&2; exit 1; fi
 
 cargo build --release --workspace --all-targets
 cargo test --release --workspace
+
+# Deployment files: Kubernetes manifests against the API schemas (offline), dashboard JSON.
+VENV=${MOVER_VENV:-/var/tmp/mover-venv}
+"$VENV/bin/pip" install -q kubernetes-validate
+"$VENV/bin/kubernetes-validate" --strict deploy/kubernetes/namespace.yaml deploy/kubernetes/configmap.yaml deploy/kubernetes/daemonset.yaml
+python3 -c 'import json; d = json.load(open("deploy/grafana/mover-dashboard.json")); assert d["panels"], "no panels"'
+echo "deploy files: ok"
