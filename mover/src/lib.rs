@@ -19,3 +19,4 @@ pub mod ratelimit;
 pub fn init_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+pub mod maint;

@@ -103,6 +103,22 @@ enum Cmd {
     /// Key files (passwords) of the repository.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Check the repository: structure, and with --read-data every blob.
+    Check {
+        /// Download and verify every pack and blob.
+        #[arg(long)]
+        read_data: bool,
+        /// Download and verify a deterministic N % sample of the packs (e.g. 10%).
+        #[arg(long, value_name = "N%")]
+        read_data_subset: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sizes, dedup and compression ratios, per-snapshot unique size.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the per-node daemon (gRPC API, /metrics, /healthz, /readyz).
     Serve {
         /// TOML configuration; without it: 127.0.0.1, a local repository in the state directory.
@@ -322,6 +338,58 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
             mover::daemon::serve(cfg, stop).await?;
         }
         Cmd::Client(c) => client(c).await?,
+        Cmd::Check { read_data, read_data_subset, json } => {
+            let pct = match (&read_data_subset, read_data) {
+                (Some(s), _) => {
+                    let n: u32 = s.trim_end_matches('%').parse().map_err(|_| anyhow!("--read-data-subset '{s}' is not a percentage like 10%"))?;
+                    if !(1..=100).contains(&n) {
+                        bail!("--read-data-subset '{s}' must be between 1% and 100%");
+                    }
+                    Some(n)
+                }
+                (None, true) => Some(100),
+                (None, false) => None,
+            };
+            let repo = ra.open(&cancel).await?;
+            let r = mover::maint::check(&repo, pct, &cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "checked repository {}: {} snapshots, {} packs, {} index segments ({} entries){}",
+                    repo.location(),
+                    r.snapshots,
+                    r.packs,
+                    r.index_segments,
+                    r.index_entries,
+                    if pct.is_some() { format!("; read {} packs, verified {} blobs ({} bytes)", r.packs_read, r.blobs_verified, r.bytes_verified) } else { String::new() }
+                );
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+            }
+            if !r.problems.is_empty() {
+                bail!("repository {} has {} problem(s)", repo.location(), r.problems.len());
+            }
+        }
+        Cmd::Stats { json } => {
+            let repo = ra.open(&cancel).await?;
+            let s = mover::maint::stats(&repo, &cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("snapshots          {}", s.snapshots);
+                println!("logical size       {} bytes (all volumes of all snapshots)", s.logical_bytes);
+                println!("referenced data    {} bytes (holes excluded)", s.referenced_bytes);
+                println!("unique data        {} bytes in {} chunks", s.unique_bytes, s.chunks);
+                println!("stored             {} bytes in {} packs", s.stored_bytes, s.packs);
+                println!("dedup ratio        {:.2}", s.dedup_ratio);
+                println!("compression ratio  {:.2}", s.compression_ratio);
+                for p in &s.per_snapshot {
+                    println!("  {}  logical {}  unique {}", &p.id.to_hex()[..16], p.logical_bytes, p.unique_bytes);
+                }
+            }
+        }
         Cmd::Init { compression_level, pack_size_mib, json } => {
             if !(1..=256).contains(&pack_size_mib) {
                 bail!("--pack-size-mib {pack_size_mib}: must be between 1 and 256");

@@ -47,6 +47,7 @@ impl Daemon {
     /// Writes a config under `dir` (volumes allowed under `dir/vols`) and starts the daemon.
     fn start(dir: &Path, extra: &str, unix: bool) -> Daemon {
         std::fs::create_dir_all(dir.join("vols")).unwrap();
+        std::fs::create_dir_all(dir.join("kubelet")).unwrap();
         let http = free_port();
         let (listen, grpc) = if unix {
             let p = dir.join("mover.sock");
@@ -59,10 +60,11 @@ impl Daemon {
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"{listen}\"\nhttp_listen = \"127.0.0.1:{http}\"\nstate_dir = \"{s}\"\nallowed_roots = [\"{v}\", \"/dev\"]\nshutdown_grace_seconds = 0\n{extra}\n\
+                "listen = \"{listen}\"\nhttp_listen = \"127.0.0.1:{http}\"\nstate_dir = \"{s}\"\nallowed_roots = [\"{v}\", \"{k}\", \"/dev\"]\nkubelet_root = \"{k}\"\nshutdown_grace_seconds = 0\n{extra}\n\
                  [repositories.main]\nurl = \"{r}\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\ninit_if_missing = true\n",
                 s = dir.join("state").display(),
                 v = dir.join("vols").display(),
+                k = dir.join("kubelet").display(),
                 r = dir.join("repo").display(),
             ),
         )
@@ -427,4 +429,51 @@ fn mtls_rejects_clients_without_a_certificate_or_from_another_ca() {
     let o = Command::new(env!("CARGO_BIN_EXE_mover")).args(["serve", "--listen", "0.0.0.0:0", "--state-dir"]).arg(p.join("st2")).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not loopback"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn pod_volumes_resolve_under_the_kubelet_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let uid = "6f0c2a4e-1111-2222-3333-444455556666";
+    let pod = dir.path().join("kubelet/pods").join(uid);
+    // Filesystem mode: a KubeVirt disk.img inside the CSI mount.
+    let fs_dir = pod.join("volumes/kubernetes.io~csi/rootdisk/mount");
+    std::fs::create_dir_all(&fs_dir).unwrap();
+    make_volume(&fs_dir.join("disk.img"), 12 << 20, 51);
+    // Block mode: the kubelet publishes the device under volumeDevices.
+    let img = dir.path().join("block.img");
+    make_volume(&img, 16 << 20, 52);
+    let lo = Loop::new(&img, 0);
+    let bdir = pod.join("volumeDevices/kubernetes.io~csi");
+    std::fs::create_dir_all(&bdir).unwrap();
+    std::os::unix::fs::symlink(&lo.dev, bdir.join("datadisk")).unwrap();
+    let pv = |name: &str| Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::PodVolume(pb::PodVolume { pod_uid: uid.into(), volume_name: name.into() })) });
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let req = pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![
+                pb::BackupVolume { name: "root".into(), source: pv("rootdisk"), ..Default::default() },
+                pb::BackupVolume { name: "data".into(), source: pv("datadisk"), ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let t = c.start_backup(req).await.unwrap().into_inner();
+        let end = watch_end(&mut c, &t.id).await;
+        assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
+        for (vol, src) in [("root", fs_dir.join("disk.img")), ("data", img.clone())] {
+            let out = dir.path().join(format!("vols/{vol}.out"));
+            let r = pb::StartRestoreRequest { repository: "main".into(), snapshot: end.snapshot_id.clone(), volume: vol.into(), target: path_ref(&out), ..Default::default() };
+            let r = c.start_restore(r).await.unwrap().into_inner();
+            assert_eq!(watch_end(&mut c, &r.id).await.state(), pb::TransferState::Succeeded);
+            assert_eq!(hash(&src), hash(&out), "volume {vol}");
+        }
+        let bad = pb::StartBackupRequest { repository: "main".into(), volumes: vec![pb::BackupVolume { name: "x".into(), source: pv("nosuch"), ..Default::default() }], ..Default::default() };
+        let e = c.start_backup(bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(e.message().contains("'nosuch'") && e.message().contains(uid), "{}", e.message());
+        let bad = pb::StartBackupRequest { repository: "main".into(), volumes: vec![pb::BackupVolume { name: "x".into(), source: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::PodVolume(pb::PodVolume { pod_uid: "../..".into(), volume_name: "v".into() })) }), ..Default::default() }], ..Default::default() };
+        assert_eq!(c.start_backup(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    });
 }
