@@ -12,6 +12,12 @@ pub struct Progress {
     pub bytes_read: AtomicU64,
     pub bytes_uploaded: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Not read: unchanged per the change source.
+    pub bytes_skipped: AtomicU64,
+    /// Read, and equal to the parent's segment: its map was reused.
+    pub bytes_reused: AtomicU64,
+    /// In chunks not stored before.
+    pub bytes_new: AtomicU64,
 }
 
 impl Progress {
@@ -29,6 +35,15 @@ impl Progress {
     }
     pub fn add_written(&self, n: u64) {
         self.bytes_written.fetch_add(n, Relaxed);
+    }
+    pub fn add_skipped(&self, n: u64) {
+        self.bytes_skipped.fetch_add(n, Relaxed);
+    }
+    pub fn add_reused(&self, n: u64) {
+        self.bytes_reused.fetch_add(n, Relaxed);
+    }
+    pub fn add_new(&self, n: u64) {
+        self.bytes_new.fetch_add(n, Relaxed);
     }
     pub fn total(&self) -> u64 {
         self.bytes_total.load(Relaxed)

@@ -105,6 +105,9 @@ pub fn to_proto(j: &Job) -> pb::Transfer {
             bytes_written: p.bytes_written.load(std::sync::atomic::Ordering::Relaxed),
             rate_bytes_per_second: rate,
             eta_seconds: eta,
+            bytes_skipped: p.bytes_skipped.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_reused_parent: p.bytes_reused.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_new: p.bytes_new.load(std::sync::atomic::Ordering::Relaxed),
         }),
         stats: Some(pb::Stats {
             bytes_total: r.stats.bytes_total,

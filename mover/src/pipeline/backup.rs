@@ -382,6 +382,7 @@ async fn backup_volume(
             if same_shape && !overlaps(ext, start, end) {
                 refs[seg as usize] = Some(pr[seg as usize]);
                 st.bytes_skipped += len;
+                progress.add_skipped(len);
                 progress.add_done(len);
                 continue;
             }
@@ -465,6 +466,8 @@ async fn backup_volume(
             }
             let len = o.stats.bytes_read;
             progress.add_read(len);
+            progress.add_reused(o.stats.bytes_reused_parent);
+            progress.add_new(o.stats.bytes_new);
             progress.add_done(len);
             st.add(&o.stats);
             refs[o.seg as usize] = Some(o.r);

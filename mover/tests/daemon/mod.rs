@@ -197,10 +197,24 @@ fn backup_watch_restore_and_metrics_agree() {
         assert_eq!(hash(&src), hash(&out));
         assert_eq!(d.metric("mover_restore_bytes_total{what=\"written\"}"), r.stats.unwrap().bytes_written);
 
+        // An incremental with extents: progress tells what was skipped, reused and new.
+        super::modify(&src, 2, 5);
+        let mut inc = backup_req("disk", &src);
+        inc.parent = "latest".into();
+        let t = c.start_backup(inc).await.unwrap().into_inner();
+        let end2 = watch_end(&mut c, &t.id).await;
+        let p = end2.progress.clone().unwrap();
+        let s2 = end2.stats.clone().unwrap();
+        assert!(p.bytes_reused_parent > 0 && p.bytes_reused_parent == s2.bytes_reused_parent, "{p:?}");
+        assert_eq!(p.bytes_new, s2.bytes_new);
+        assert_eq!(p.bytes_done, 40 << 20);
+
         let mut rc = pb::repository_service_client::RepositoryServiceClient::new(mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap());
         let snaps = rc.list_snapshots(pb::ListSnapshotsRequest { repository: "main".into() }).await.unwrap().into_inner();
-        assert_eq!(snaps.snapshots.len(), 1);
+        assert_eq!(snaps.snapshots.len(), 2);
         assert_eq!(snaps.snapshots[0].id, end.snapshot_id);
+        assert_eq!(snaps.snapshots[1].id, end2.snapshot_id);
+        assert_eq!(snaps.snapshots[1].parent, end.snapshot_id);
     });
     let (code, _) = http_get(d.http, "/healthz").unwrap();
     assert_eq!(code, 200);
