@@ -534,7 +534,8 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 let bytes_written: u64 = out.iter().map(|s| s.bytes_written).sum();
                 let bytes_holes: u64 = out.iter().map(|s| s.bytes_holes).sum();
                 let duration_s: f64 = out.iter().map(|s| s.duration_s).sum();
-                println!("{}", serde_json::json!({"snapshot_id": snap_id, "bytes_written": bytes_written, "bytes_holes": bytes_holes, "duration_s": duration_s, "volumes": out}));
+                let io_backend = out.first().map(|s| s.io_backend.clone()).unwrap_or_default();
+                println!("{}", serde_json::json!({"snapshot_id": snap_id, "bytes_written": bytes_written, "bytes_holes": bytes_holes, "duration_s": duration_s, "io_backend": io_backend, "volumes": out}));
             } else {
                 for s in &out {
                     println!("restored volume '{}' of snapshot {} to {}: {} bytes written, {} bytes of holes, {:.2} s", s.volume, s.snapshot_id, s.target.display(), s.bytes_written, s.bytes_holes, s.duration_s);

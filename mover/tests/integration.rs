@@ -189,6 +189,7 @@ mod roundtrip {
         let r = e.json(&["restore", s["snapshot_id"].as_str().unwrap(), out.to_str().unwrap()]);
         assert_eq!(hash(&src), hash(&out));
         assert_eq!(r["bytes_written"].as_u64().unwrap() + r["bytes_holes"].as_u64().unwrap(), 96 << 20);
+        assert_eq!(r["io_backend"], "io_uring", "restore writes through io_uring on this kernel");
         // Holes stay holes on a new file.
         use std::os::unix::fs::MetadataExt;
         let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;

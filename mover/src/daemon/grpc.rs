@@ -76,10 +76,26 @@ impl Api {
     }
 }
 
+/// The backup counters as the proto's `Stats` (upload/restore fields left zero).
+fn stats_proto(v: &mover_format::manifest::VolumeStats) -> pb::Stats {
+    pb::Stats {
+        bytes_total: v.bytes_total,
+        bytes_read: v.bytes_read,
+        bytes_zero: v.bytes_zero,
+        bytes_skipped: v.bytes_skipped,
+        bytes_reused_parent: v.bytes_reused_parent,
+        bytes_new: v.bytes_new,
+        bytes_stored: v.bytes_stored,
+        chunks_new: v.chunks_new,
+        chunks_dedup: v.chunks_dedup,
+        ..Default::default()
+    }
+}
+
 pub fn to_proto(j: &Job) -> pb::Transfer {
     let r = j.record();
     let p = &j.progress;
-    let total = p.total().max(r.stats.bytes_total);
+    let total = p.total().max(r.stats.backup.bytes_total);
     let done = if r.state == State::Succeeded { total } else { p.done() };
     let rate = match j.elapsed() {
         Some(s) if s > 0.0 && !r.state.is_terminal() => done as f64 / s,
@@ -110,19 +126,11 @@ pub fn to_proto(j: &Job) -> pb::Transfer {
             bytes_new: p.bytes_new.load(std::sync::atomic::Ordering::Relaxed),
         }),
         stats: Some(pb::Stats {
-            bytes_total: r.stats.bytes_total,
-            bytes_read: r.stats.bytes_read,
-            bytes_zero: r.stats.bytes_zero,
-            bytes_skipped: r.stats.bytes_skipped,
-            bytes_reused_parent: r.stats.bytes_reused_parent,
-            bytes_new: r.stats.bytes_new,
-            bytes_stored: r.stats.bytes_stored,
-            chunks_new: r.stats.chunks_new,
-            chunks_dedup: r.stats.chunks_dedup,
             bytes_uploaded: r.stats.bytes_uploaded,
             bytes_written: r.stats.bytes_written,
             bytes_holes: r.stats.bytes_holes,
             io_backend: r.stats.io_backend.clone(),
+            ..stats_proto(&r.stats.backup)
         }),
         ..Default::default()
     };
@@ -150,18 +158,7 @@ fn snapshot_proto(id: &mover_format::SnapshotId, m: &mover_format::manifest::Man
         tags: m.tags.clone().into_iter().collect(),
         volumes: m.volumes.iter().map(|v| pb::SnapshotVolume { name: v.name.clone(), size: v.size, source: v.source.clone(), change_source: v.change_source.clone() }).collect(),
         metadata_names: m.metadata.iter().map(|x| x.name.clone()).collect(),
-        stats: Some(pb::Stats {
-            bytes_total: m.stats.bytes_total,
-            bytes_read: m.stats.bytes_read,
-            bytes_zero: m.stats.bytes_zero,
-            bytes_skipped: m.stats.bytes_skipped,
-            bytes_reused_parent: m.stats.bytes_reused_parent,
-            bytes_new: m.stats.bytes_new,
-            bytes_stored: m.stats.bytes_stored,
-            chunks_new: m.stats.chunks_new,
-            chunks_dedup: m.stats.chunks_dedup,
-            ..Default::default()
-        }),
+        stats: Some(stats_proto(&m.stats)),
     }
 }
 

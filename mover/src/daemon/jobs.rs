@@ -10,7 +10,7 @@ use crate::pipeline::restore::{restore_volume, HoleMode, RestoreOptions};
 use crate::ratelimit::RateLimiter;
 use anyhow::{Context, Result};
 use mover_format::local_index::{self, ChunkIndex};
-use mover_format::manifest::VolumeEntry;
+use mover_format::manifest::{VolumeEntry, VolumeStats};
 use mover_format::{Repository, SnapshotId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -53,17 +53,12 @@ impl State {
     }
 }
 
+/// A transfer's figures: the backup counters of the manifest (flattened, so records keep
+/// one flat JSON shape) plus what uploads and restores add.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Stats {
-    pub bytes_total: u64,
-    pub bytes_read: u64,
-    pub bytes_zero: u64,
-    pub bytes_skipped: u64,
-    pub bytes_reused_parent: u64,
-    pub bytes_new: u64,
-    pub bytes_stored: u64,
-    pub chunks_new: u64,
-    pub chunks_dedup: u64,
+    #[serde(flatten)]
+    pub backup: VolumeStats,
     pub bytes_uploaded: u64,
     pub bytes_written: u64,
     pub bytes_holes: u64,
@@ -361,20 +356,7 @@ impl Jobs {
                 }
                 let r = job.update(|r| {
                     r.snapshot_id = s.snapshot_id.to_string();
-                    r.stats = Stats {
-                        bytes_total: st.bytes_total,
-                        bytes_read: st.bytes_read,
-                        bytes_zero: st.bytes_zero,
-                        bytes_skipped: st.bytes_skipped,
-                        bytes_reused_parent: st.bytes_reused_parent,
-                        bytes_new: st.bytes_new,
-                        bytes_stored: st.bytes_stored,
-                        chunks_new: st.chunks_new,
-                        chunks_dedup: st.chunks_dedup,
-                        bytes_uploaded: s.bytes_uploaded,
-                        io_backend: s.io_backend.clone(),
-                        ..Default::default()
-                    };
+                    r.stats = Stats { backup: *st, bytes_uploaded: s.bytes_uploaded, io_backend: s.io_backend.clone(), ..Default::default() };
                 });
                 self.persist(&r);
             }
@@ -387,7 +369,12 @@ impl Jobs {
                 self.metrics.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);
                 let r = job.update(|r| {
                     r.snapshot_id = snapshot.to_string();
-                    r.stats = Stats { bytes_total: volume.size, bytes_written: s.bytes_written, bytes_holes: s.bytes_holes, ..Default::default() };
+                    r.stats = Stats {
+                        backup: VolumeStats { bytes_total: volume.size, ..Default::default() },
+                        bytes_written: s.bytes_written,
+                        bytes_holes: s.bytes_holes,
+                        ..Default::default()
+                    };
                 });
                 self.persist(&r);
             }

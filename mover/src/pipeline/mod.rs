@@ -3,3 +3,4 @@ pub mod backup;
 pub mod packer;
 pub mod reader;
 pub mod restore;
+pub mod writer;

@@ -53,6 +53,8 @@ pub struct RestoreSummary {
     pub bytes_written: u64,
     pub bytes_holes: u64,
     pub duration_s: f64,
+    /// `io_uring`, or `pwrite` when io_uring was refused.
+    pub io_backend: String,
 }
 
 /// Opens (or creates) the target and checks its size before anything is written.
@@ -105,6 +107,7 @@ fn zero_range(f: &File, kind: Kind, offset: u64, len: u64) -> std::io::Result<()
 
 struct Ctx {
     repo: Repository,
+    writer: Option<super::writer::UringWriter>,
     index: Arc<dyn ChunkIndex>,
     file: Arc<File>,
     kind: Kind,
@@ -195,27 +198,44 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
     }
     // Write: the whole segment at once when holes must be zeroed (the buffer holds their
     // zeros), else only the data runs.
-    let f = cx.file.clone();
-    let zero = cx.zero_holes;
     let hole_bytes: u64 = holes.iter().map(|h| h.1).sum();
-    let written = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-        if zero || holes.is_empty() {
-            f.write_all_at(&buf, seg_offset)?;
-            return Ok(buf.len() as u64);
-        }
-        let mut written = 0;
+    let runs: Vec<(u64, u64)> = if cx.zero_holes || holes.is_empty() {
+        vec![(0, buf.len() as u64)]
+    } else {
+        let mut v = Vec::new();
         let mut pos = 0u64;
         for (hoff, hlen) in holes.iter().copied().chain(std::iter::once((buf.len() as u64, 0))) {
             if hoff > pos {
-                f.write_all_at(&buf[pos as usize..hoff as usize], seg_offset + pos)?;
-                written += hoff - pos;
+                v.push((pos, hoff));
             }
             pos = hoff + hlen;
         }
-        Ok(written)
-    })
-    .await?
-    .with_context(|| format!("writing volume '{}' at offset {seg_offset}", cx.vol))?;
+        v
+    };
+    let written: u64 = runs.iter().map(|(a, b)| b - a).sum();
+    let ctx = || format!("writing volume '{}' at offset {seg_offset}", cx.vol);
+    match &cx.writer {
+        Some(w) => {
+            if runs.len() == 1 && runs[0] == (0, buf.len() as u64) {
+                w.write(seg_offset, buf).await.with_context(ctx)?;
+            } else {
+                for (a, b) in runs {
+                    w.write(seg_offset + a, buf[a as usize..b as usize].to_vec()).await.with_context(ctx)?;
+                }
+            }
+        }
+        None => {
+            let f = cx.file.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                for (a, b) in runs {
+                    f.write_all_at(&buf[a as usize..b as usize], seg_offset + a)?;
+                }
+                Ok(())
+            })
+            .await?
+            .with_context(ctx)?;
+        }
+    }
     cx.progress.add_written(written);
     Ok((written, hole_bytes))
 }
@@ -236,7 +256,11 @@ pub async fn restore_volume(
     let refs = load_refs(repo, &*index, snap, vol, cancel).await?;
     let (file, kind, zero_holes) = open_target(target, vol, snap, opts.holes)?;
     progress.add_total(vol.size);
+    // io_uring writes on a duplicate descriptor; pwrite when io_uring is refused.
+    let writer = file.try_clone().ok().and_then(super::writer::UringWriter::spawn);
+    let io_backend = if writer.is_some() { "io_uring" } else { "pwrite" };
     let cx = Arc::new(Ctx {
+        writer,
         repo: repo.clone(),
         index,
         file: Arc::new(file),
@@ -281,6 +305,11 @@ pub async fn restore_volume(
     if cancel.is_cancelled() {
         bail!("restore of volume '{}' cancelled", vol.name);
     }
+    // Every write is complete before the fsync.
+    let mut cx = cx;
+    if let Some(w) = Arc::get_mut(&mut cx).and_then(|c| c.writer.take()) {
+        w.close().await;
+    }
     let f = cx.file.clone();
     tokio::task::spawn_blocking(move || f.sync_all()).await?.with_context(|| format!("flushing restore target {}", target.display()))?;
     Ok(RestoreSummary {
@@ -290,5 +319,6 @@ pub async fn restore_volume(
         bytes_written: written,
         bytes_holes: holes,
         duration_s: started.elapsed().as_secs_f64(),
+        io_backend: io_backend.into(),
     })
 }
