@@ -20,3 +20,5 @@ pub fn init_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 pub mod maint;
+pub mod forget;
+pub mod timeutil;

@@ -114,6 +114,29 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove snapshots by retention policy (per group of volumes); data is freed by gc.
+    Forget {
+        #[arg(long, default_value_t = 0)]
+        keep_last: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_yearly: usize,
+        /// K=V, repeatable: always keep snapshots with this tag.
+        #[arg(long = "keep-tag", value_name = "K=V")]
+        keep_tags: Vec<String>,
+        /// Show the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Sizes, dedup and compression ratios, per-snapshot unique size.
     Stats {
         #[arg(long)]
@@ -370,6 +393,35 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
             }
             if !r.problems.is_empty() {
                 bail!("repository {} has {} problem(s)", repo.location(), r.problems.len());
+            }
+        }
+        Cmd::Forget { keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, keep_tags, dry_run, json } => {
+            let mut tags = Vec::new();
+            for t in &keep_tags {
+                let (k, v) = split_kv(t, "--keep-tag")?;
+                tags.push((k.to_string(), v.to_string()));
+            }
+            let policy = mover::forget::Policy { last: keep_last, hourly: keep_hourly, daily: keep_daily, weekly: keep_weekly, monthly: keep_monthly, yearly: keep_yearly, tags };
+            let repo = ra.open(&cancel).await?;
+            let snaps = repo.snapshots(&cancel).await?;
+            let groups = mover::forget::plan(&snaps, &policy)?;
+            let removed = if dry_run { 0 } else { mover::forget::execute(&repo, &groups, &cancel).await? };
+            if json {
+                println!("{}", serde_json::json!({"dry_run": dry_run, "removed": removed, "groups": groups}));
+            } else {
+                for g in &groups {
+                    println!("group {}", g.key);
+                    for d in &g.snapshots {
+                        let what = if d.keep { format!("keep   ({})", d.reasons.join(", ")) } else if dry_run { "would remove".into() } else { "removed".into() };
+                        println!("  {} {}  {what}", &d.id.to_hex()[..16], fmt_time(d.time_unix_ms));
+                    }
+                }
+                let n: usize = groups.iter().map(|g| g.snapshots.iter().filter(|d| !d.keep).count()).sum();
+                if dry_run {
+                    println!("dry run: {n} snapshot(s) would be removed; nothing changed");
+                } else {
+                    println!("removed {removed} snapshot(s); run gc to free their data");
+                }
             }
         }
         Cmd::Stats { json } => {
@@ -792,23 +844,7 @@ async fn client(a: ClientArgs) -> Result<()> {
     Ok(())
 }
 
-/// `YYYY-MM-DD HH:MM:SS` (UTC) from Unix milliseconds.
-fn fmt_time(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
-}
+use mover::timeutil::fmt_time;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
