@@ -458,7 +458,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 kdf,
                 ..Default::default()
             };
-            let repo = Repository::init(storage, &pw.0, opts, &cancel).await?;
+            let repo = Repository::init(storage, &pw, opts, &cancel).await?;
             if json {
                 println!("{}", serde_json::json!({"repository": repo.location(), "id": repo.config().id, "key": repo.key_id()}));
             } else {
@@ -684,14 +684,10 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
         }
         Cmd::Key(cmd) => {
             let repo = ra.open(&cancel).await?;
-            let new_pw = |file: &Option<PathBuf>| -> Result<Vec<u8>> {
-                if let Some(f) = file {
-                    let s = std::fs::read(f).with_context(|| format!("reading new password file {}", f.display()))?;
-                    return Ok(String::from_utf8_lossy(&s).trim_end_matches(['\n', '\r']).as_bytes().to_vec());
-                }
-                match std::env::var("MOVER_NEW_PASSWORD") {
-                    Ok(p) if !p.is_empty() => Ok(p.into_bytes()),
-                    _ => bail!("no new password: set MOVER_NEW_PASSWORD or use --new-password-file"),
+            let new_pw = |file: &Option<PathBuf>| -> Result<mover::open::Password> {
+                match file {
+                    Some(f) => mover::open::read_password_file(f, "new password file"),
+                    None => mover::open::env_password("MOVER_NEW_PASSWORD").ok_or_else(|| anyhow!("no new password: set MOVER_NEW_PASSWORD or use --new-password-file")),
                 }
             };
             match cmd {
@@ -708,7 +704,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 }
                 KeyCmd::Add { new_password_file } => {
                     let np = new_pw(&new_password_file)?;
-                    let id = repo.add_key(&ra.password()?.0, &np, KdfParams::default(), &cancel).await?;
+                    let id = repo.add_key(&ra.password()?, &np, KdfParams::default(), &cancel).await?;
                     println!("added key {id}");
                 }
                 KeyCmd::Remove { id } => {
@@ -718,7 +714,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 }
                 KeyCmd::Passwd { new_password_file } => {
                     let np = new_pw(&new_password_file)?;
-                    let new_id = repo.add_key(&ra.password()?.0, &np, KdfParams::default(), &cancel).await?;
+                    let new_id = repo.add_key(&ra.password()?, &np, KdfParams::default(), &cancel).await?;
                     let storage = ra.storage().await?;
                     let reopened = Repository::open(storage, &np, &cancel).await?;
                     reopened.remove_key(&repo.key_id(), &cancel).await?;
@@ -771,7 +767,8 @@ async fn client(a: ClientArgs) -> Result<()> {
             _ => bail!("transfer {} {}: {}", t.id, state_name(t), t.error),
         }
     };
-    match a.cmd {
+    // A started transfer, and whether to follow it to its end.
+    let started: Option<(pb::Transfer, bool)> = match a.cmd {
         ClientCmd::StartBackup { repository, volumes, pod_volumes, parent, request_id, tags, bandwidth_limit, watch: w } => {
             let mut vols = Vec::new();
             for v in &volumes {
@@ -797,9 +794,7 @@ async fn client(a: ClientArgs) -> Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            let t = if w && !is_terminal(&t) { watch(t.id.clone(), tc.clone()).await? } else { t };
-            print(&t);
-            finish(&t)?;
+            Some((t, w))
         }
         ClientCmd::StartRestore { repository, snapshot, volume, target, request_id, watch: w } => {
             let t = tc
@@ -807,17 +802,20 @@ async fn client(a: ClientArgs) -> Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            let t = if w && !is_terminal(&t) { watch(t.id.clone(), tc.clone()).await? } else { t };
-            print(&t);
-            finish(&t)?;
+            Some((t, w))
         }
-        ClientCmd::Get { id } => print(&tc.get_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner()),
+        ClientCmd::Get { id } => {
+            print(&tc.get_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner());
+            None
+        }
         ClientCmd::Watch { id } => {
-            let t = watch(id, tc.clone()).await?;
-            print(&t);
-            finish(&t)?;
+            let t = tc.get_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner();
+            Some((t, true))
         }
-        ClientCmd::Cancel { id } => print(&tc.cancel_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner()),
+        ClientCmd::Cancel { id } => {
+            print(&tc.cancel_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner());
+            None
+        }
         ClientCmd::List => {
             let l = tc.list_transfers(pb::ListTransfersRequest {}).await.map_err(status)?.into_inner();
             if a.json {
@@ -827,6 +825,7 @@ async fn client(a: ClientArgs) -> Result<()> {
                     print(t);
                 }
             }
+            None
         }
         ClientCmd::Snapshots { repository } => {
             let mut rc = pb::repository_service_client::RepositoryServiceClient::new(ch);
@@ -839,7 +838,13 @@ async fn client(a: ClientArgs) -> Result<()> {
                     println!("{} {} {}", s.id, fmt_time(s.time_unix_ms as u64), s.volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>().join(","));
                 }
             }
+            None
         }
+    };
+    if let Some((t, w)) = started {
+        let t = if w && !is_terminal(&t) { watch(t.id.clone(), tc.clone()).await? } else { t };
+        print(&t);
+        finish(&t)?;
     }
     Ok(())
 }

@@ -11,24 +11,23 @@ use mover_format::Repository;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use zeroize_free::Password;
+/// A password; zeroed when dropped, never printed.
+pub type Password = zeroize::Zeroizing<Vec<u8>>;
 
-mod zeroize_free {
-    /// A password that is never printed.
-    pub struct Password(pub Vec<u8>);
-    impl std::fmt::Debug for Password {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("Password(<secret>)")
-        }
+/// Reads a password file as bytes, without its trailing newline. Every reader of password
+/// files (CLI, `key` commands, daemon) goes through here, so they agree on the key.
+pub fn read_password_file(path: &Path, what: &str) -> Result<Password> {
+    let s = Password::new(std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?);
+    let end = s.iter().rposition(|&b| b != b'\n' && b != b'\r').map(|i| i + 1).unwrap_or(0);
+    if end == 0 {
+        bail!("{what} {} is empty", path.display());
     }
-    impl Drop for Password {
-        fn drop(&mut self) {
-            for b in self.0.iter_mut() {
-                // Volatile-free best effort; the format crate zeroizes keys proper.
-                *b = 0;
-            }
-        }
-    }
+    Ok(Password::new(s[..end].to_vec()))
+}
+
+/// A password from the environment variable `var`, if set and non-empty.
+pub fn env_password(var: &str) -> Option<Password> {
+    std::env::var(var).ok().filter(|p| !p.is_empty()).map(|p| Password::new(p.into_bytes()))
 }
 
 #[derive(Debug, Clone, Default)]
@@ -63,14 +62,9 @@ impl RepoArgs {
 
     pub fn password(&self) -> Result<Password> {
         if let Some(p) = &self.password_file {
-            let s = std::fs::read(p).with_context(|| format!("reading password file {}", p.display()))?;
-            let end = s.iter().rposition(|&b| b != b'\n' && b != b'\r').map(|i| i + 1).unwrap_or(0);
-            return Ok(Password(s[..end].to_vec()));
+            return read_password_file(p, "password file");
         }
-        match std::env::var("MOVER_PASSWORD") {
-            Ok(p) if !p.is_empty() => Ok(Password(p.into_bytes())),
-            _ => bail!("no password given: set MOVER_PASSWORD or use --password-file FILE"),
-        }
+        env_password("MOVER_PASSWORD").ok_or_else(|| anyhow::anyhow!("no password given: set MOVER_PASSWORD or use --password-file FILE"))
     }
 
     pub async fn storage(&self) -> Result<Arc<dyn Storage>> {
@@ -80,7 +74,7 @@ impl RepoArgs {
     pub async fn open(&self, cancel: &CancellationToken) -> Result<Repository> {
         let storage = self.storage().await?;
         let pw = self.password()?;
-        Ok(Repository::open(storage, &pw.0, cancel).await?)
+        Ok(Repository::open(storage, &pw, cancel).await?)
     }
 
     pub fn cache_root(&self) -> PathBuf {

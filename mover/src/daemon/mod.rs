@@ -33,7 +33,7 @@ pub struct Daemon {
     ready: AtomicBool,
 }
 
-fn password_for(name: &str, e: &RepoEntry) -> Result<Vec<u8>> {
+fn password_for(name: &str, e: &RepoEntry) -> Result<crate::open::Password> {
     if let Some(f) = &e.password_file {
         if !f.exists() && e.init_if_missing {
             // The embedded default: a random password kept beside the state, mode 0600.
@@ -45,14 +45,10 @@ fn password_for(name: &str, e: &RepoEntry) -> Result<Vec<u8>> {
             let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(f)?;
             std::io::Write::write_all(&mut file, pw.as_bytes())?;
         }
-        let s = std::fs::read(f).with_context(|| format!("reading password file {} of repository '{name}'", f.display()))?;
-        return Ok(String::from_utf8_lossy(&s).trim_end_matches(['\n', '\r']).as_bytes().to_vec());
+        return crate::open::read_password_file(f, &format!("password file of repository '{name}'"));
     }
     let var = e.password_env.clone().unwrap_or_else(|| "MOVER_PASSWORD".into());
-    match std::env::var(&var) {
-        Ok(p) if !p.is_empty() => Ok(p.into_bytes()),
-        _ => Err(anyhow!("repository '{name}': no password (set {var} or password_file)")),
-    }
+    crate::open::env_password(&var).ok_or_else(|| anyhow!("repository '{name}': no password (set {var} or password_file)"))
 }
 
 impl Daemon {

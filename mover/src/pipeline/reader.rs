@@ -76,11 +76,6 @@ pub fn open_direct(path: &Path) -> Result<(File, bool)> {
     }
 }
 
-/// Whether an io_uring instance can be created here.
-pub fn io_uring_available() -> bool {
-    tokio_uring::Runtime::new(&tokio_uring::builder()).is_ok()
-}
-
 /// Runs the reader on its own thread. Results arrive on `tx` in job order; buffers come from
 /// `pool` and must be returned to it by the consumer.
 pub fn spawn(
