@@ -20,13 +20,15 @@ pub struct EncodedBlob {
 pub struct BlobEncoder {
     level: i32,
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Compression output, reused across blobs (grows to the largest chunk once).
+    scratch: Vec<u8>,
 }
 
 impl BlobEncoder {
     /// `level` 0 disables compression.
     pub fn new(level: i32) -> Self {
         let zstd = if level == 0 { None } else { zstd::bulk::Compressor::new(level).ok() };
-        Self { level, zstd }
+        Self { level, zstd, scratch: Vec::new() }
     }
 
     pub fn level(&self) -> i32 {
@@ -35,27 +37,26 @@ impl BlobEncoder {
 
     pub fn encode(&mut self, keys: &Keys, id: ChunkId, kind: u8, plain: &[u8]) -> Result<EncodedBlob, FormatError> {
         let raw_len = u32::try_from(plain.len()).map_err(|_| FormatError::InvalidParameter(format!("blob {id} is larger than 4 GiB")))?;
-        let mut payload = Vec::with_capacity(plain.len() + 1);
-        payload.push(BLOB_RAW);
-        let mut compressed = false;
+        // Worth compressing only when it saves at least 1/32 of the bytes.
+        let limit = (plain.len() - plain.len() / 32).max(1);
+        let mut compressed = None;
         if let Some(z) = self.zstd.as_mut() {
-            // Worth it only when it saves at least 1/32 of the bytes.
-            let limit = plain.len() - plain.len() / 32;
-            payload.push(0);
-            payload.resize(1 + limit.max(1), 0);
-            if let Ok(n) = z.compress_to_buffer(plain, &mut payload[1..]) {
+            if self.scratch.len() < limit {
+                self.scratch.resize(limit, 0);
+            }
+            if let Ok(n) = z.compress_to_buffer(plain, &mut self.scratch[..limit]) {
                 if n < limit {
-                    payload.truncate(1 + n);
-                    payload[0] = BLOB_ZSTD;
-                    compressed = true;
+                    compressed = Some(n);
                 }
             }
         }
-        if !compressed {
-            payload.truncate(1);
-            payload[0] = BLOB_RAW;
-            payload.extend_from_slice(plain);
-        }
+        let body = match compressed {
+            Some(n) => &self.scratch[..n],
+            None => plain,
+        };
+        let mut payload = Vec::with_capacity(1 + body.len());
+        payload.push(if compressed.is_some() { BLOB_ZSTD } else { BLOB_RAW });
+        payload.extend_from_slice(body);
         let sealed = keys.seal(&payload, id.as_bytes())?;
         Ok(EncodedBlob { id, kind, raw_len, sealed })
     }
