@@ -5,7 +5,7 @@
 use crate::timeutil::civil_from_days;
 use anyhow::{bail, Result};
 use mover_format::manifest::Manifest;
-use mover_format::{names, Repository, SnapshotId};
+use mover_format::{Repository, SnapshotId};
 use std::collections::{BTreeMap, HashSet};
 use tokio_util::sync::CancellationToken;
 
@@ -94,14 +94,11 @@ pub fn plan(snaps: &[(SnapshotId, Manifest)], p: &Policy) -> Result<Vec<Group>> 
     Ok(out)
 }
 
-/// Deletes the manifests the plan removes; returns how many.
+/// Removes the manifests the plan removes (parked in a GC record, see [`crate::gc`]);
+/// returns how many.
 pub async fn execute(repo: &Repository, groups: &[Group], cancel: &CancellationToken) -> Result<usize> {
-    let mut n = 0;
-    for d in groups.iter().flat_map(|g| g.snapshots.iter()).filter(|d| !d.keep) {
-        repo.delete_object(&names::snapshot(&d.id), cancel).await?;
-        n += 1;
-    }
-    Ok(n)
+    let ids: Vec<SnapshotId> = groups.iter().flat_map(|g| g.snapshots.iter()).filter(|d| !d.keep).map(|d| d.id).collect();
+    crate::gc::forget_snapshots(repo, &ids, cancel).await
 }
 
 #[cfg(test)]

@@ -21,4 +21,6 @@ pub fn init_tls() {
 }
 pub mod maint;
 pub mod forget;
+pub mod gc;
+pub mod lock;
 pub mod timeutil;

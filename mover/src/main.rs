@@ -137,6 +137,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Free the space of forgotten snapshots: delete unreferenced packs, repack mostly
+    /// unused ones, rewrite the index. Safe while backups run (docs/gc.md).
+    Gc {
+        /// Print the plan (what would be deleted and copied), change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Repack a pack when more than this share of its bytes is unreferenced.
+        #[arg(long, default_value_t = 0.3, value_name = "SHARE")]
+        repack_unused: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the locks held on the repository (backups, gc, forget).
+    Locks {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove locks left by crashed processes (expired, or of a process gone from this host).
+    Unlock {
+        /// Remove every lock, also live ones. Only when you know their holders are gone.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Sizes, dedup and compression ratios, per-snapshot unique size.
     Stats {
         #[arg(long)]
@@ -297,6 +322,9 @@ struct BackupArgs {
     /// Concurrent pack uploads.
     #[arg(long, default_value_t = 3)]
     uploads: usize,
+    /// Upload limit in bytes per second (0: none).
+    #[arg(long, default_value_t = 0, value_name = "BYTES_PER_S")]
+    limit_upload: u64,
     #[arg(long)]
     json: bool,
 }
@@ -424,6 +452,62 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 }
             }
         }
+        Cmd::Gc { dry_run, repack_unused, json } => {
+            let repo = ra.open(&cancel).await?;
+            let r = mover::gc::run(&repo, &mover::gc::GcOptions { dry_run, repack_unused }, &cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                println!("{}gc of repository {}: {} snapshots, {} packs ({:.1} MiB)", if dry_run { "dry run: " } else { "" }, repo.location(), r.snapshots, r.packs_before, mib(r.bytes_before));
+                println!("  unreferenced packs   {}", r.packs_unreferenced);
+                println!("  packs to repack      {} ({:.1} MiB of live blobs {})", r.packs_repacked, mib(r.bytes_copied), if dry_run { "to copy" } else { "copied" });
+                println!("  unindexed packs      {}", r.packs_unindexed);
+                if dry_run {
+                    println!("  would free           {:.1} MiB (if no backup holds it back); nothing changed", mib(r.bytes_freed));
+                } else {
+                    println!("  deleted              {} packs, {:.1} MiB freed", r.packs_deleted, mib(r.bytes_freed));
+                    if r.entries_resurrected > 0 {
+                        println!("  kept                 {} blobs that snapshots written meanwhile use", r.entries_resurrected);
+                    }
+                    if r.bytes_held_back > 0 {
+                        println!("  held back            {:.1} MiB until these finish (run gc again later):", mib(r.bytes_held_back));
+                        for h in &r.held_by {
+                            println!("    {h}");
+                        }
+                    }
+                    if r.stale_locks_removed > 0 {
+                        println!("  stale locks removed  {}", r.stale_locks_removed);
+                    }
+                }
+            }
+        }
+        Cmd::Locks { json } => {
+            let repo = ra.open(&cancel).await?;
+            let l = mover::lock::list(&repo, &cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string(&l)?);
+            } else if l.is_empty() {
+                println!("no locks in repository {}", repo.location());
+            } else {
+                for v in &l {
+                    println!("{}{}", v.describe(), v.stale.as_ref().map(|s| format!(": stale, {s}")).unwrap_or_default());
+                }
+            }
+        }
+        Cmd::Unlock { force, json } => {
+            let repo = ra.open(&cancel).await?;
+            let removed = mover::lock::unlock(&repo, force, &cancel).await?;
+            let left = mover::lock::list(&repo, &cancel).await?;
+            if json {
+                println!("{}", serde_json::json!({"removed": removed, "remaining": left}));
+            } else {
+                for v in &removed {
+                    println!("removed {}{}", v.describe(), v.stale.as_ref().map(|s| format!(" ({s})")).unwrap_or_else(|| " (live; --force)".into()));
+                }
+                println!("removed {} lock(s); {} live lock(s) remain{}", removed.len(), left.len(), if left.is_empty() || force { "" } else { " (use --force only when their holders are gone)" });
+            }
+        }
         Cmd::Stats { json } => {
             let repo = ra.open(&cancel).await?;
             let s = mover::maint::stats(&repo, &cancel).await?;
@@ -508,6 +592,9 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
             if let Some(w) = b.workers {
                 opts.workers = w;
             }
+            if b.limit_upload > 0 {
+                opts.limiters.push(Arc::new(mover::ratelimit::RateLimiter::new(b.limit_upload)));
+            }
             if opts.volumes.is_empty() {
                 bail!("nothing to back up: give a SOURCE or --volume NAME=SOURCE");
             }
@@ -563,7 +650,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 }
                 vols.iter().map(|v| target.join(format!("{}.img", v.name))).collect()
             };
-            let index = local_index(&repo, &ra.cache_root(), &cancel).await?;
+            let index = mover::gc::with_pending(&repo, local_index(&repo, &ra.cache_root(), &cancel).await?, &cancel).await?;
             let progress = Arc::new(Progress::default());
             let bar = progress_bar(progress.clone(), !json, "restore");
             let mut out = Vec::new();

@@ -28,6 +28,9 @@ pub struct CheckReport {
 struct View {
     packs: HashMap<PackId, u64>,
     index: HashMap<ChunkId, BlobLocation>,
+    /// Entries a running or killed `gc` took out of the index and has not swept yet: a
+    /// snapshot may use them until the sweep puts them back.
+    pending: HashMap<ChunkId, BlobLocation>,
     snapshots: Vec<(SnapshotId, Manifest)>,
 }
 
@@ -58,11 +61,15 @@ async fn load_view(repo: &Repository, rep: &mut CheckReport, cancel: &Cancellati
     rep.packs = packs.len();
     rep.index_entries = index.len();
     rep.snapshots = snapshots.len();
-    Ok(View { packs, index, snapshots })
+    let pending = crate::gc::pending_entries(repo, cancel).await.unwrap_or_else(|e| {
+        rep.problems.push(format!("{e:#}"));
+        HashMap::new()
+    });
+    Ok(View { packs, index, pending, snapshots })
 }
 
 async fn tree_blob(repo: &Repository, v: &View, id: &ChunkId, what: &str, cancel: &CancellationToken) -> Result<Vec<u8>, String> {
-    let loc = v.index.get(id).ok_or_else(|| format!("{what}: blob {id} is not in any index segment of repository {}", repo.location()))?;
+    let loc = v.index.get(id).or_else(|| v.pending.get(id)).ok_or_else(|| format!("{what}: blob {id} is not in any index segment of repository {}", repo.location()))?;
     repo.read_blob(id, loc, cancel).await.map_err(|e| format!("{what}: {e:#}"))
 }
 
@@ -91,7 +98,7 @@ pub async fn check(repo: &Repository, read_percent: Option<u32>, cancel: &Cancel
     let mut seen_maps = HashSet::new();
     for (sid, m) in &v.snapshots {
         for md in &m.metadata {
-            if !v.index.contains_key(&md.blob) {
+            if !v.index.contains_key(&md.blob) && !v.pending.contains_key(&md.blob) {
                 rep.problems.push(format!("snapshot {sid}: metadata '{}' blob {} is not indexed", md.name, md.blob));
             }
         }
@@ -120,7 +127,7 @@ pub async fn check(repo: &Repository, read_percent: Option<u32>, cancel: &Cancel
                             let mut pos = off;
                             for e in &sm.entries {
                                 if let MapEntry::Chunk { id, len } = e {
-                                    match v.index.get(id) {
+                                    match v.index.get(id).or_else(|| v.pending.get(id)) {
                                         None => rep.problems.push(format!("{what}: chunk {id} at offset {pos} is not in any index segment")),
                                         Some(l) if l.raw_len != *len => rep.problems.push(format!("{what}: chunk {id} is {} bytes in the index, {len} in the map", l.raw_len)),
                                         _ => {}

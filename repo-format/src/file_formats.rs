@@ -17,6 +17,12 @@ pub const PACK_FOOTER_MAGIC: [u8; 8] = *b"MOVRPKT1";
 pub const INDEX_MAGIC: [u8; 8] = *b"MOVRIDX1";
 /// First bytes of a sealed snapshot manifest.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MOVRSNP1";
+/// First bytes of a lock object (`locks/`); also its AEAD associated data.
+pub const LOCK_MAGIC: [u8; 8] = *b"MOVRLCK1";
+/// First bytes of a GC pending-deletion record (`gc/<id>.entries`); also its AEAD data.
+pub const PENDING_MAGIC: [u8; 8] = *b"MOVRGCP1";
+/// First bytes of a GC record's completion marker (`gc/<id>.ready`); also its AEAD data.
+pub const PENDING_READY_MAGIC: [u8; 8] = *b"MOVRGCR1";
 /// Associated data of a pack trailer's AEAD.
 pub const PACK_TRAILER_AAD: &[u8] = b"mover pack trailer v1";
 /// Associated data of a wrapped master key.

@@ -12,45 +12,97 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+/// A local index holds one active *generation* of entries. Lookups and [`ChunkIndex::ingest`]
+/// use the active one. When `gc` has removed index segments, [`sync`] builds a new
+/// generation from the segments that remain and then activates it, so entries of deleted
+/// segments disappear without a moment in which lookups see an empty index.
 pub trait ChunkIndex: Send + Sync {
     fn lookup(&self, id: &ChunkId) -> Result<Option<BlobLocation>, RepoError>;
-    /// Records entries; when `segment` is given, marks that segment ingested in the same
-    /// atomic write.
-    fn ingest(&self, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError>;
+    /// Records entries in the active generation; when `segment` is given, marks that segment
+    /// ingested in the same atomic write.
+    fn ingest(&self, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
+        self.ingest_into(self.active_generation()?, segment, entries)
+    }
+    /// The segments ingested into the active generation.
     fn ingested_segments(&self) -> Result<HashSet<IndexId>, RepoError>;
     fn entry_count(&self) -> Result<u64, RepoError>;
+    fn active_generation(&self) -> Result<u64, RepoError>;
+    /// A new, empty generation next to the active one.
+    fn begin_generation(&self) -> Result<u64, RepoError>;
+    fn ingest_into(&self, generation: u64, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError>;
+    /// Makes `generation` active and drops every older one. A generation older than the
+    /// active one is dropped instead (two syncs rebuilt at once; the newer wins).
+    fn activate(&self, generation: u64) -> Result<(), RepoError>;
+}
+
+#[derive(Default)]
+struct MemGeneration {
+    entries: HashMap<ChunkId, BlobLocation>,
+    segments: HashSet<IndexId>,
 }
 
 /// An in-memory [`ChunkIndex`].
 #[derive(Default)]
 pub struct MemIndex {
-    entries: Mutex<HashMap<ChunkId, BlobLocation>>,
-    segments: Mutex<HashSet<IndexId>>,
+    inner: Mutex<MemInner>,
+}
+
+#[derive(Default)]
+struct MemInner {
+    active: u64,
+    next: u64,
+    gens: HashMap<u64, MemGeneration>,
 }
 
 fn poisoned() -> RepoError {
     RepoError::Index { path: "memory".into(), message: "lock poisoned".into() }
 }
 
+impl MemIndex {
+    fn with<T>(&self, f: impl FnOnce(&mut MemInner) -> T) -> Result<T, RepoError> {
+        Ok(f(&mut *self.inner.lock().map_err(|_| poisoned())?))
+    }
+}
+
 impl ChunkIndex for MemIndex {
     fn lookup(&self, id: &ChunkId) -> Result<Option<BlobLocation>, RepoError> {
-        Ok(self.entries.lock().map_err(|_| poisoned())?.get(id).copied())
-    }
-    fn ingest(&self, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
-        let mut m = self.entries.lock().map_err(|_| poisoned())?;
-        for e in entries {
-            m.insert(e.id, e.loc);
-        }
-        if let Some(s) = segment {
-            self.segments.lock().map_err(|_| poisoned())?.insert(*s);
-        }
-        Ok(())
+        self.with(|m| m.gens.get(&m.active).and_then(|g| g.entries.get(id).copied()))
     }
     fn ingested_segments(&self) -> Result<HashSet<IndexId>, RepoError> {
-        Ok(self.segments.lock().map_err(|_| poisoned())?.clone())
+        self.with(|m| m.gens.get(&m.active).map(|g| g.segments.clone()).unwrap_or_default())
     }
     fn entry_count(&self) -> Result<u64, RepoError> {
-        Ok(self.entries.lock().map_err(|_| poisoned())?.len() as u64)
+        self.with(|m| m.gens.get(&m.active).map(|g| g.entries.len() as u64).unwrap_or(0))
+    }
+    fn active_generation(&self) -> Result<u64, RepoError> {
+        self.with(|m| m.active)
+    }
+    fn begin_generation(&self) -> Result<u64, RepoError> {
+        self.with(|m| {
+            m.next = m.next.max(m.active) + 1;
+            m.gens.insert(m.next, MemGeneration::default());
+            m.next
+        })
+    }
+    fn ingest_into(&self, generation: u64, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
+        self.with(|m| {
+            let g = m.gens.entry(generation).or_default();
+            for e in entries {
+                g.entries.insert(e.id, e.loc);
+            }
+            if let Some(s) = segment {
+                g.segments.insert(*s);
+            }
+        })
+    }
+    fn activate(&self, generation: u64) -> Result<(), RepoError> {
+        self.with(|m| {
+            if generation >= m.active {
+                m.active = generation;
+            }
+            let active = m.active;
+            m.gens.retain(|&g, _| g >= active);
+        })
     }
 }
 
@@ -59,13 +111,44 @@ pub struct SyncReport {
     pub segments_total: usize,
     pub segments_ingested: usize,
     pub entries_ingested: usize,
+    /// Segments this cache had ingested were gone from the store (a `gc` replaced them),
+    /// so a new generation was built from the segments that remain.
+    pub rebuilt: bool,
 }
 
-/// Ingests every index segment in the store that the cache has not seen.
+/// Ingests every index segment in the store that the cache has not seen. When segments the
+/// cache ingested are gone (a `gc` rewrote the index), rebuilds a new generation from what
+/// remains and activates it: entries of deleted segments must not be deduplicated against.
 pub async fn sync(repo: &Repository, index: &dyn ChunkIndex, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
+    // A segment deleted between listing and reading means a gc replaced it just now: list
+    // again, which shows its replacement.
+    let mut last = None;
+    for _ in 0..5 {
+        match sync_once(repo, index, cancel).await {
+            Err(RepoError::Storage(e)) if e.is_not_found() => last = Some(RepoError::Storage(e)),
+            r => return r,
+        }
+    }
+    Err(last.unwrap_or(RepoError::Cancelled))
+}
+
+async fn sync_once(repo: &Repository, index: &dyn ChunkIndex, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
     let have = index.ingested_segments()?;
     let all = repo.list_index(cancel).await?;
+    let listed: HashSet<IndexId> = all.iter().copied().collect();
     let mut rep = SyncReport { segments_total: all.len(), ..Default::default() };
+    if have.iter().any(|s| !listed.contains(s)) {
+        let g = index.begin_generation()?;
+        for id in &all {
+            let entries = repo.read_index(id, cancel).await?;
+            index.ingest_into(g, Some(id), &entries)?;
+            rep.segments_ingested += 1;
+            rep.entries_ingested += entries.len();
+        }
+        index.activate(g)?;
+        rep.rebuilt = true;
+        return Ok(rep);
+    }
     for id in all.iter().filter(|id| !have.contains(id)) {
         let entries = repo.read_index(id, cancel).await?;
         index.ingest(Some(id), &entries)?;

@@ -1,7 +1,7 @@
 //! The one place that builds object names. Everything else asks here.
 //!
 //! Layout: `config`, `keys/<id>`, `packs/<first 2 hex>/<id>`, `index/<id>`,
-//! `snapshots/<id>`, `locks/<name>`.
+//! `snapshots/<id>`, `locks/<lock id>-<refreshed ms>`, `gc/<record id>.entries|.ready`.
 
 use crate::id::{IndexId, KeyId, PackId, SnapshotId};
 
@@ -11,6 +11,7 @@ pub const PACKS_PREFIX: &str = "packs/";
 pub const INDEX_PREFIX: &str = "index/";
 pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
 pub const LOCKS_PREFIX: &str = "locks/";
+pub const GC_PREFIX: &str = "gc/";
 
 pub fn key(id: &KeyId) -> String {
     format!("{KEYS_PREFIX}{id}")
@@ -27,6 +28,15 @@ pub fn snapshot(id: &SnapshotId) -> String {
 }
 pub fn lock(name: &str) -> String {
     format!("{LOCKS_PREFIX}{name}")
+}
+
+/// A GC pending-deletion record: the index entries it took out of the index.
+pub fn gc_entries(record: &str) -> String {
+    format!("{GC_PREFIX}{record}.entries")
+}
+/// A GC record's completion marker: the locks that were live when it took effect.
+pub fn gc_ready(record: &str) -> String {
+    format!("{GC_PREFIX}{record}.ready")
 }
 
 /// The id part of an object name (`packs/ab/abcd…` → `abcd…`), parsed as `T`.

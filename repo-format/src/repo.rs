@@ -256,6 +256,62 @@ impl Repository {
         index::open(self.keys(), &bytes).map_err(|e| self.err(&name, e))
     }
 
+    // ---- locks and gc records ----
+
+    /// Writes a lock as of its `refreshed_ms` (a new object per refresh).
+    pub async fn write_lock(&self, lock: &crate::lock::LockInfo, cancel: &CancellationToken) -> Result<(), RepoError> {
+        let name = lock.object_name();
+        let bytes = lock.seal(self.keys()).map_err(|e| self.err(&name, e))?;
+        self.put_object(&name, Bytes::from(bytes), cancel).await?;
+        Ok(())
+    }
+
+    pub async fn read_lock(&self, name: &str, cancel: &CancellationToken) -> Result<crate::lock::LockInfo, RepoError> {
+        let bytes = self.get_object(name, cancel).await?;
+        crate::lock::LockInfo::open(self.keys(), &bytes).map_err(|e| self.err(name, e))
+    }
+
+    /// Writes a GC record's entries (`gc/<record>.entries`).
+    pub async fn write_pending(&self, record: &str, p: &crate::pending::PendingDeletion, cancel: &CancellationToken) -> Result<(), RepoError> {
+        let name = names::gc_entries(record);
+        let bytes = p.seal(self.keys()).map_err(|e| self.err(&name, e))?;
+        self.put_object(&name, Bytes::from(bytes), cancel).await?;
+        Ok(())
+    }
+
+    pub async fn read_pending(&self, record: &str, cancel: &CancellationToken) -> Result<crate::pending::PendingDeletion, RepoError> {
+        let name = names::gc_entries(record);
+        let bytes = self.get_object(&name, cancel).await?;
+        crate::pending::PendingDeletion::open(self.keys(), &bytes).map_err(|e| self.err(&name, e))
+    }
+
+    pub async fn write_ready(&self, record: &str, r: &crate::pending::Ready, cancel: &CancellationToken) -> Result<(), RepoError> {
+        let name = names::gc_ready(record);
+        let bytes = r.seal(self.keys()).map_err(|e| self.err(&name, e))?;
+        self.put_object(&name, Bytes::from(bytes), cancel).await?;
+        Ok(())
+    }
+
+    pub async fn read_ready(&self, record: &str, cancel: &CancellationToken) -> Result<crate::pending::Ready, RepoError> {
+        let name = names::gc_ready(record);
+        let bytes = self.get_object(&name, cancel).await?;
+        crate::pending::Ready::open(self.keys(), &bytes).map_err(|e| self.err(&name, e))
+    }
+
+    /// GC records in the store: `(record, has .entries, has .ready)`, in name order.
+    pub async fn list_gc_records(&self, cancel: &CancellationToken) -> Result<Vec<(String, bool, bool)>, RepoError> {
+        let mut out: std::collections::BTreeMap<String, (bool, bool)> = Default::default();
+        for o in self.list_objects(names::GC_PREFIX, cancel).await? {
+            let base = &o.name[names::GC_PREFIX.len()..];
+            if let Some(r) = base.strip_suffix(".entries") {
+                out.entry(r.to_string()).or_default().0 = true;
+            } else if let Some(r) = base.strip_suffix(".ready") {
+                out.entry(r.to_string()).or_default().1 = true;
+            }
+        }
+        Ok(out.into_iter().map(|(r, (e, d))| (r, e, d)).collect())
+    }
+
     // ---- snapshots ----
 
     /// Writes a manifest: the last step of a backup.
@@ -290,7 +346,12 @@ impl Repository {
     pub async fn snapshots(&self, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, Manifest)>, RepoError> {
         let mut out = Vec::new();
         for id in self.list_snapshot_ids(cancel).await? {
-            out.push((id, self.read_snapshot(&id, cancel).await?));
+            match self.read_snapshot(&id, cancel).await {
+                Ok(m) => out.push((id, m)),
+                // Forgotten between listing and reading.
+                Err(RepoError::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by_key(|(id, m)| (m.time_unix_ms, *id));
         Ok(out)

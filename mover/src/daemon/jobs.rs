@@ -364,7 +364,8 @@ impl Jobs {
                 job.set_phase("syncing index");
                 local_index::sync(&h.repo, &*h.index, &job.cancel).await?;
                 job.set_phase("restoring");
-                let s = restore_volume(&h.repo, h.index.clone(), &snapshot, &volume, &target, &RestoreOptions { holes, ..Default::default() }, job.progress.clone(), &job.cancel).await?;
+                let index = crate::gc::with_pending(&h.repo, h.index.clone(), &job.cancel).await?;
+                let s = restore_volume(&h.repo, index, &snapshot, &volume, &target, &RestoreOptions { holes, ..Default::default() }, job.progress.clone(), &job.cancel).await?;
                 self.metrics.restore_bytes.with_label_values(&["written"]).inc_by(s.bytes_written);
                 self.metrics.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);
                 let r = job.update(|r| {

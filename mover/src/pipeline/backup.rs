@@ -7,7 +7,9 @@
 use super::reader::{self, IoBackend, IoChoice, ReadDone, ReadJob};
 use super::packer::Packer;
 use crate::aligned::AlignedBuf;
+use crate::lock::{Lease, RepoLock};
 use crate::metrics::Progress;
+use mover_format::lock::KIND_BACKUP;
 use crate::source;
 use anyhow::{anyhow, bail, Context, Result};
 use mover_format::blob::{BlobEncoder, EncodedBlob};
@@ -241,7 +243,22 @@ async fn resolve_parent(repo: &Repository, opts: &BackupOptions, cancel: &Cancel
 }
 
 /// Runs a backup and writes its manifest. Progress is reported through `progress`.
+///
+/// The backup holds a `backup` lock from before it syncs the local index until its
+/// manifest is written, so `gc` knows what it may still reference (`docs/gc.md`).
 pub async fn backup(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupOptions, progress: Arc<Progress>, cancel: &CancellationToken) -> Result<BackupSummary> {
+    let lock = RepoLock::acquire(repo, KIND_BACKUP, cancel).await?;
+    let r = async {
+        // After the lock: segments a gc replaced before it are seen as gone.
+        mover_format::local_index::sync(repo, &*index, cancel).await.context("syncing the local index")?;
+        backup_locked(repo, index, opts, progress, lock.lease(), cancel).await
+    }
+    .await;
+    lock.release().await;
+    r
+}
+
+async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupOptions, progress: Arc<Progress>, lease: Lease, cancel: &CancellationToken) -> Result<BackupSummary> {
     let started = Instant::now();
     if opts.volumes.is_empty() {
         bail!("nothing to back up: name a source or at least one --volume NAME=SOURCE");
@@ -278,6 +295,7 @@ pub async fn backup(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupO
     let shared = Arc::new(Shared { repo: repo.clone(), index: index.clone(), chunker: repo.chunker(), params, claimed: Mutex::new(HashSet::new()) });
     let mut packer = Packer::new(repo.clone(), index.clone(), opts.upload_concurrency, opts.checkpoint_packs, progress.clone(), job.clone());
     packer.limiters = opts.limiters.clone();
+    packer.lease = Some(lease.clone());
     let mut enc = BlobEncoder::new(repo.config().compression.level);
 
     let result: Result<(Vec<VolumeEntry>, Vec<MetadataEntry>, IoBackend)> = async {
@@ -294,7 +312,9 @@ pub async fn backup(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupO
         for (spec, (file, _kind, size)) in opts.volumes.iter().zip(sources) {
             let pvol = parent.as_ref().and_then(|(id, m)| m.volume(&spec.name).map(|v| (*id, v.clone())));
             let prefs = match &pvol {
-                Some((pid, pv)) if pv.segment_size == params.segment_size => Some(load_refs(repo, &*index, pid, pv, &job).await?),
+                // The parent's tree may use entries a gc has just taken out of the index;
+                // the parent (or its parked manifest) keeps them alive (docs/gc.md).
+                Some((pid, pv)) if pv.segment_size == params.segment_size => Some(load_refs(repo, &*crate::gc::with_pending(repo, index.clone(), &job).await?, pid, pv, &job).await?),
                 _ => None,
             };
             let (entry, b) = backup_volume(&shared, &mut packer, &mut enc, spec, &file, size, pvol.as_ref().map(|p| &p.1), prefs, &opts, &progress, &job).await?;
@@ -331,6 +351,7 @@ pub async fn backup(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupO
         stats,
         duration_ms: started.elapsed().as_millis() as u64,
     };
+    lease.check()?;
     let snapshot_id = repo.write_snapshot(&manifest, cancel).await?;
     Ok(BackupSummary {
         snapshot_id,

@@ -36,6 +36,9 @@ pub struct Packer {
     pub bytes_uploaded: u64,
     pub index_segments: u64,
     pub limiters: Vec<Arc<crate::ratelimit::RateLimiter>>,
+    /// The backup's lock: no index segment is written once its lease may have expired
+    /// (GC may have deleted the packs it names as unindexed).
+    pub lease: Option<crate::lock::Lease>,
 }
 
 impl Packer {
@@ -65,6 +68,7 @@ impl Packer {
             bytes_uploaded: 0,
             index_segments: 0,
             limiters: Vec::new(),
+            lease: None,
         }
     }
 
@@ -135,6 +139,9 @@ impl Packer {
         if self.pending.is_empty() {
             return Ok(());
         }
+        if let Some(l) = &self.lease {
+            l.check()?;
+        }
         let id = self.repo.write_index(&self.pending, &self.cancel).await?;
         self.index.ingest(Some(&id), &self.pending)?;
         self.index_segments += 1;
@@ -164,6 +171,9 @@ impl Packer {
         }
         if self.pending.is_empty() {
             return Ok(());
+        }
+        if let Some(l) = &self.lease {
+            l.check()?;
         }
         let fresh = CancellationToken::new();
         let id = self.repo.write_index(&self.pending, &fresh).await?;

@@ -1,0 +1,104 @@
+//! Lock objects: who is working on a repository, so that `gc` knows which backups may
+//! still reference what it takes out of the index (the protocol is in `docs/gc.md`).
+//!
+//! A lock is a lease. Its object is `locks/<lock id>-<refreshed ms>`: `LOCK_MAGIC ||
+//! sealed(JSON LockInfo)`. The holder refreshes it by writing the same lock under a newer
+//! time and deleting the older object (the store is create-only), so a listing shows each
+//! lock's latest refresh in its name. A lock whose `refreshed_ms + ttl_s` has passed has
+//! expired: its holder has stopped refreshing and must not commit anything.
+
+use crate::crypto::Keys;
+use crate::error::FormatError;
+use crate::file_formats::LOCK_MAGIC;
+use crate::names;
+use serde::{Deserialize, Serialize};
+
+/// What a lock holder does. Backups are what GC waits for; `gc` locks exclude each other.
+pub const KIND_BACKUP: &str = "backup";
+pub const KIND_GC: &str = "gc";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LockInfo {
+    /// 16 hex digits, random; the same across refreshes.
+    pub id: String,
+    pub kind: String,
+    pub hostname: String,
+    pub pid: u32,
+    pub created_ms: u64,
+    pub refreshed_ms: u64,
+    /// The lease: valid until `refreshed_ms + ttl_s * 1000`.
+    pub ttl_s: u64,
+}
+
+impl LockInfo {
+    pub fn new(kind: &str, ttl_s: u64) -> Self {
+        let now = crate::now_unix_ms();
+        Self {
+            id: hex::encode(rand::random::<[u8; 8]>()),
+            kind: kind.to_string(),
+            hostname: crate::hostname(),
+            pid: std::process::id(),
+            created_ms: now,
+            refreshed_ms: now,
+            ttl_s,
+        }
+    }
+
+    /// The object holding this lock as of its last refresh.
+    pub fn object_name(&self) -> String {
+        names::lock(&format!("{}-{}", self.id, self.refreshed_ms))
+    }
+
+    pub fn expires_ms(&self) -> u64 {
+        self.refreshed_ms.saturating_add(self.ttl_s.saturating_mul(1000))
+    }
+
+    pub fn expired(&self, now_ms: u64) -> bool {
+        now_ms > self.expires_ms()
+    }
+
+    pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, FormatError> {
+        let json = serde_json::to_vec(self).map_err(|e| FormatError::Corrupt(format!("encoding lock: {e}")))?;
+        let mut out = LOCK_MAGIC.to_vec();
+        out.extend_from_slice(&keys.seal(&json, &LOCK_MAGIC)?);
+        Ok(out)
+    }
+
+    pub fn open(keys: &Keys, bytes: &[u8]) -> Result<Self, FormatError> {
+        if bytes.len() < 8 || bytes[..8] != LOCK_MAGIC {
+            return Err(FormatError::Corrupt("lock magic missing".into()));
+        }
+        let json = keys.open(&bytes[8..], &LOCK_MAGIC).ok_or_else(|| FormatError::Corrupt("lock fails authentication".into()))?;
+        serde_json::from_slice(&json).map_err(|e| FormatError::Corrupt(format!("lock: {e}")))
+    }
+}
+
+/// `(lock id, refreshed ms)` from an object name `locks/<id>-<ms>`.
+pub fn parse_name(name: &str) -> Option<(String, u64)> {
+    let base = name.strip_prefix(names::LOCKS_PREFIX)?;
+    let (id, ms) = base.rsplit_once('-')?;
+    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((id.to_string(), ms.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+
+    #[test]
+    fn lock_round_trips_and_names_parse() {
+        let keys = Keys::derive(&MasterKey::generate());
+        let l = LockInfo::new(KIND_BACKUP, 60);
+        let b = l.seal(&keys).unwrap();
+        assert_eq!(LockInfo::open(&keys, &b).unwrap(), l);
+        assert_eq!(parse_name(&l.object_name()), Some((l.id.clone(), l.refreshed_ms)));
+        assert!(!l.expired(l.refreshed_ms + 60_000));
+        assert!(l.expired(l.refreshed_ms + 60_001));
+        let other = Keys::derive(&MasterKey::generate());
+        assert!(LockInfo::open(&other, &b).is_err());
+        assert_eq!(parse_name("locks/nothex-12"), None);
+    }
+}
