@@ -5,6 +5,7 @@ pub mod aligned;
 pub mod extents;
 pub mod index_cache;
 pub mod metrics;
+pub mod nbd;
 pub mod open;
 pub mod pipeline;
 pub mod s3;

@@ -304,6 +304,18 @@ struct BackupArgs {
     /// Changed extents: FILE for the single volume, or NAME=FILE per volume.
     #[arg(long = "changed-extents", value_name = "[NAME=]FILE")]
     changed_extents: Vec<String>,
+    /// Read the volume (named by --name) over NBD: nbd+unix:///EXPORT?socket=PATH or
+    /// nbd://HOST[:PORT]/EXPORT.
+    #[arg(long, value_name = "URI")]
+    nbd: Option<String>,
+    /// QEMU dirty bitmap on the NBD export holding the changes since the parent's
+    /// checkpoint (the parent must have been taken with --checkpoint NAME).
+    #[arg(long, value_name = "NAME", requires = "nbd")]
+    nbd_bitmap: Option<String>,
+    /// Record NAME as the change-tracking checkpoint this snapshot was taken at (the bitmap
+    /// or CSI snapshot the next incremental starts from).
+    #[arg(long, value_name = "NAME")]
+    checkpoint: Option<String>,
     /// NAME=FILE, repeatable: opaque metadata stored with the snapshot (e.g. VM YAML).
     #[arg(long = "metadata", value_name = "NAME=FILE")]
     metadata: Vec<String>,
@@ -552,11 +564,25 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
         Cmd::Backup(b) => {
             let mut specs: Vec<VolumeSpec> = Vec::new();
             if let Some(s) = &b.source {
-                specs.push(VolumeSpec { name: b.name.clone(), source: s.clone(), changed: None });
+                specs.push(VolumeSpec { name: b.name.clone(), source: s.clone(), ..Default::default() });
             }
             for v in &b.volumes {
                 let (n, s) = split_kv(v, "--volume")?;
-                specs.push(VolumeSpec { name: n.into(), source: s.into(), changed: None });
+                specs.push(VolumeSpec { name: n.into(), source: s.into(), ..Default::default() });
+            }
+            if let Some(uri) = &b.nbd {
+                mover::nbd::parse_uri(uri)?;
+                specs.push(VolumeSpec {
+                    name: b.name.clone(),
+                    source: uri.into(),
+                    nbd: Some(mover::pipeline::backup::NbdSpec { uri: uri.clone(), bitmap: b.nbd_bitmap.clone() }),
+                    ..Default::default()
+                });
+            }
+            if let Some(c) = &b.checkpoint {
+                for s in specs.iter_mut() {
+                    s.checkpoint = Some(c.clone());
+                }
             }
             for ce in &b.changed_extents {
                 let (name, file) = match ce.split_once('=') {
@@ -596,7 +622,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 opts.limiters.push(Arc::new(mover::ratelimit::RateLimiter::new(b.limit_upload)));
             }
             if opts.volumes.is_empty() {
-                bail!("nothing to back up: give a SOURCE or --volume NAME=SOURCE");
+                bail!("nothing to back up: give a SOURCE, --volume NAME=SOURCE or --nbd URI");
             }
             let repo = ra.open(&cancel).await?;
             let index = local_index(&repo, &ra.cache_root(), &cancel).await?;

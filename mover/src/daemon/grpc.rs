@@ -195,7 +195,7 @@ impl TransferService for Api {
             } else {
                 None
             };
-            specs.push(VolumeSpec { name: v.name.clone(), source: path, changed });
+            specs.push(VolumeSpec { name: v.name.clone(), source: path, changed, ..Default::default() });
         }
         for m in &req.metadata {
             if m.name.is_empty() || m.data.len() > 64 << 20 {

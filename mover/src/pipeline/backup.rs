@@ -30,12 +30,44 @@ use tokio_util::sync::CancellationToken;
 /// Byte ranges `[offset, offset + len)` that may have changed.
 pub type Extents = Vec<(u64, u64)>;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct VolumeSpec {
     pub name: String,
+    /// A file or block device; for an NBD source, its URI (for messages and `--parent latest`).
     pub source: PathBuf,
     /// Changed extents from the caller; `None` reads everything.
     pub changed: Option<Extents>,
+    /// Read over NBD instead of from `source`.
+    pub nbd: Option<NbdSpec>,
+    /// Recorded as the volume's `change_base`: the change-tracking point this snapshot was
+    /// taken at (an NBD bitmap name, a CSI snapshot id), for the next incremental to check.
+    pub checkpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NbdSpec {
+    pub uri: String,
+    /// A QEMU dirty bitmap holding the changes since the parent's checkpoint.
+    pub bitmap: Option<String>,
+}
+
+/// An opened source.
+enum Opened {
+    File(std::fs::File),
+    /// The connection and the export's data ranges (`base:allocation`), `[start, end)`.
+    Nbd(crate::nbd::NbdClient, Vec<(u64, u64)>),
+}
+
+/// What a change-tracking source said about one volume.
+#[derive(Default)]
+struct ChangeInfo {
+    /// `extents`, `nbd`, `csi`.
+    label: Option<&'static str>,
+    changed: Option<Extents>,
+    /// Why the source could not be used and everything was read instead.
+    fallback: Option<String>,
+    /// The source's changed extents, before checking them against the parent.
+    pending: Option<(Extents, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +113,9 @@ impl Default for BackupOptions {
 pub struct VolumeSummary {
     pub name: String,
     pub change_source: String,
+    /// Set when a change source failed and the volume was read in full (parent reuse on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_fallback: Option<String>,
     #[serde(flatten)]
     pub stats: VolumeStats,
 }
@@ -176,6 +211,39 @@ fn process_segment(sh: &Shared, enc: &mut BlobEncoder, data: &[u8], parent: Opti
     Ok((SegmentRef::Map { map: map_id, digest }, blobs, st))
 }
 
+/// Connects to an NBD export: its data ranges and, with a bitmap, its dirty ranges. A
+/// bitmap the server does not offer is recorded as a fallback, not an error.
+fn open_nbd(n: &NbdSpec, ch: &mut ChangeInfo) -> Result<(crate::nbd::NbdClient, Vec<(u64, u64)>, Option<Extents>)> {
+    use crate::nbd::{self, BASE_ALLOCATION};
+    let uri = nbd::parse_uri(&n.uri)?;
+    let base = vec![BASE_ALLOCATION.to_string()];
+    let (mut client, with_bitmap) = match &n.bitmap {
+        Some(b) => match nbd::NbdClient::connect(&uri, &[BASE_ALLOCATION.to_string(), nbd::bitmap_context(b)]) {
+            Ok(c) => (c, true),
+            Err(e) => {
+                ch.fallback = Some(format!("dirty bitmap '{b}' unavailable: {e:#}"));
+                (nbd::NbdClient::connect(&uri, &base)?, false)
+            }
+        },
+        None => (nbd::NbdClient::connect(&uri, &base)?, false),
+    };
+    // As `[start, end)` pairs, like `source::allocated_ranges`.
+    let alloc = client.ranges_where(BASE_ALLOCATION, |f| f & nbd::STATE_ZERO == 0)?.into_iter().map(|(o, l)| (o, o + l)).collect();
+    let dirty = match (&n.bitmap, with_bitmap) {
+        (Some(b), true) => match client.ranges_where(&nbd::bitmap_context(b), |f| f & nbd::STATE_DIRTY != 0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                ch.fallback = Some(format!("reading dirty bitmap '{b}' failed: {e:#}"));
+                // The connection may be unusable after a failed request: open a fresh one.
+                client = nbd::NbdClient::connect(&uri, &base)?;
+                None
+            }
+        },
+        _ => None,
+    };
+    Ok((client, alloc, dirty))
+}
+
 /// Reads a tree blob through the local index.
 pub async fn load_blob(repo: &Repository, index: &dyn ChunkIndex, id: &ChunkId, what: &str, cancel: &CancellationToken) -> Result<Vec<u8>> {
     let loc = index.lookup(id)?.ok_or_else(|| anyhow!("{what}: blob {id} is not in the index of repository {}", repo.location()))?;
@@ -233,7 +301,10 @@ async fn resolve_parent(repo: &Repository, opts: &BackupOptions, cancel: &Cancel
             let first = &opts.volumes[0];
             let src = first.source.display().to_string();
             let snaps = repo.snapshots(cancel).await?;
-            let found = snaps.into_iter().rev().find(|(_, m)| m.volume(&first.name).is_some_and(|v| v.source == src));
+            // An NBD export's URI changes from one backup session to the next: for NBD
+            // sources the latest snapshot of the same volume name read over NBD is the parent.
+            let same = |v: &VolumeEntry| if first.nbd.is_some() { v.source.starts_with("nbd") } else { v.source == src };
+            let found = snaps.into_iter().rev().find(|(_, m)| m.volume(&first.name).is_some_and(same));
             if found.is_none() {
                 tracing::warn!("no earlier snapshot of volume '{}' from {src}: this backup reads everything", first.name);
             }
@@ -274,19 +345,55 @@ async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: Back
     }
     // Open every source before any work: a wrong path fails here, naming it.
     let mut sources = Vec::new();
+    let mut changes = Vec::new();
     for v in &opts.volumes {
-        let f = std::fs::File::open(&v.source).with_context(|| format!("opening source {} of volume '{}'", v.source.display(), v.name))?;
-        let (kind, size) = source::inspect(&v.source, &f)?;
-        if let Some(ext) = &v.changed {
+        let mut ch = ChangeInfo { changed: v.changed.clone(), label: v.changed.as_ref().map(|_| "extents"), ..Default::default() };
+        let (opened, size) = match &v.nbd {
+            None => {
+                let f = std::fs::File::open(&v.source).with_context(|| format!("opening source {} of volume '{}'", v.source.display(), v.name))?;
+                let (_kind, size) = source::inspect(&v.source, &f)?;
+                (Opened::File(f), size)
+            }
+            Some(n) => {
+                let (client, alloc, dirty) = open_nbd(n, &mut ch).with_context(|| format!("volume '{}'", v.name))?;
+                if let (Some(d), Some(b)) = (dirty, &n.bitmap) {
+                    ch.pending = Some((d, b.clone()));
+                }
+                let size = client.size();
+                (Opened::Nbd(client, alloc), size)
+            }
+        };
+        if let Some(ext) = &ch.changed {
             validate_extents(&v.name, ext, size)?;
         }
         progress.add_total(size);
-        sources.push((f, kind, size));
+        sources.push((opened, size));
+        changes.push(ch);
     }
     let parent = resolve_parent(repo, &opts, cancel).await?;
-    for v in &opts.volumes {
+    for (v, ch) in opts.volumes.iter().zip(changes.iter_mut()) {
         if v.changed.is_some() && parent.is_none() {
             bail!("changed extents for volume '{}' need a parent snapshot (--parent)", v.name);
+        }
+        let Some((dirty, base)) = ch.pending.take() else { continue };
+        let pvol = parent.as_ref().and_then(|(id, m)| m.volume(&v.name).map(|pv| (*id, pv.change_base.clone())));
+        match pvol {
+            None => ch.fallback = Some(format!("no parent snapshot of volume '{}' to apply the changes of bitmap '{base}' to", v.name)),
+            Some((pid, Some(b))) if b == base => {
+                ch.changed = Some(dirty);
+                ch.label = Some("nbd");
+                let _ = pid;
+            }
+            Some((pid, other)) => bail!(
+                "volume '{}': the change source tracks changes since '{base}', but parent snapshot {pid} was taken at {}; refusing an incremental that could miss changes (choose the matching parent, or back up without the bitmap)",
+                v.name,
+                other.map(|o| format!("'{o}'")).unwrap_or_else(|| "no recorded checkpoint".into())
+            ),
+        }
+    }
+    for (v, ch) in opts.volumes.iter().zip(&changes) {
+        if let Some(f) = &ch.fallback {
+            tracing::warn!("volume '{}': {f}; reading everything (unchanged segments still reused from the parent)", v.name);
         }
     }
 
@@ -309,7 +416,7 @@ async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: Back
         }
         let mut volumes = Vec::new();
         let mut backend = IoBackend::Pread;
-        for (spec, (file, _kind, size)) in opts.volumes.iter().zip(sources) {
+        for ((spec, (opened, size)), ch) in opts.volumes.iter().zip(sources).zip(changes.iter()) {
             let pvol = parent.as_ref().and_then(|(id, m)| m.volume(&spec.name).map(|v| (*id, v.clone())));
             let prefs = match &pvol {
                 // The parent's tree may use entries a gc has just taken out of the index;
@@ -317,7 +424,7 @@ async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: Back
                 Some((pid, pv)) if pv.segment_size == params.segment_size => Some(load_refs(repo, &*crate::gc::with_pending(repo, index.clone(), &job).await?, pid, pv, &job).await?),
                 _ => None,
             };
-            let (entry, b) = backup_volume(&shared, &mut packer, &mut enc, spec, &file, size, pvol.as_ref().map(|p| &p.1), prefs, &opts, &progress, &job).await?;
+            let (entry, b) = backup_volume(&shared, &mut packer, &mut enc, spec, ch, opened, size, pvol.as_ref().map(|p| &p.1), prefs, &opts, &progress, &job).await?;
             backend = b;
             volumes.push(entry);
         }
@@ -361,7 +468,11 @@ async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: Back
         io_backend: backend.as_str().into(),
         packs_uploaded: packer.packs_uploaded,
         bytes_uploaded: packer.bytes_uploaded,
-        volumes: volumes.iter().map(|v| VolumeSummary { name: v.name.clone(), change_source: v.change_source.clone(), stats: v.stats }).collect(),
+        volumes: volumes
+            .iter()
+            .zip(&changes)
+            .map(|(v, ch)| VolumeSummary { name: v.name.clone(), change_source: v.change_source.clone(), change_fallback: ch.fallback.clone(), stats: v.stats })
+            .collect(),
     })
 }
 
@@ -371,7 +482,8 @@ async fn backup_volume(
     packer: &mut Packer,
     enc: &mut BlobEncoder,
     spec: &VolumeSpec,
-    file: &std::fs::File,
+    ch: &ChangeInfo,
+    opened: Opened,
     size: u64,
     pvol: Option<&VolumeEntry>,
     prefs: Option<Vec<SegmentRef>>,
@@ -383,10 +495,13 @@ async fn backup_volume(
     let nseg = size.div_ceil(seg_size);
     let mut refs: Vec<Option<SegmentRef>> = vec![None; nseg as usize];
     let mut st = VolumeStats { bytes_total: size, ..Default::default() };
-    let allocated = source::allocated_ranges(file, size);
+    let allocated = match &opened {
+        Opened::File(f) => source::allocated_ranges(f, size),
+        Opened::Nbd(_, a) => Some(a.clone()),
+    };
     let parent_size = pvol.map(|p| p.size).unwrap_or(0);
-    let change_source = match (&spec.changed, &prefs) {
-        (Some(_), Some(_)) => "extents",
+    let change_source = match (&ch.changed, &prefs) {
+        (Some(_), Some(_)) => ch.label.unwrap_or("extents"),
         (_, Some(_)) => "parent-digest",
         _ => "full",
     };
@@ -398,7 +513,7 @@ async fn backup_volume(
         let len = end - start;
         // A segment that lies wholly inside the parent's volume and touches no changed
         // extent is taken from the parent as is.
-        if let (Some(ext), Some(pr)) = (&spec.changed, &prefs) {
+        if let (Some(ext), Some(pr)) = (&ch.changed, &prefs) {
             let same_shape = end <= parent_size && (end < parent_size || parent_size == size);
             if same_shape && !overlaps(ext, start, end) {
                 refs[seg as usize] = Some(pr[seg as usize]);
@@ -428,7 +543,10 @@ async fn backup_volume(
     }
     let (read_tx, read_rx) = mpsc::channel::<Result<ReadDone>>(2);
     let (out_tx, mut out_rx) = mpsc::channel::<Result<SegOut>>(workers + 1);
-    let (reader, backend) = reader::spawn(spec.source.clone(), jobs, opts.io, qd, pool_rx, read_tx, cancel.clone())?;
+    let (reader, backend) = match opened {
+        Opened::File(_) => reader::spawn(spec.source.clone(), jobs, opts.io, qd, pool_rx, read_tx, cancel.clone())?,
+        Opened::Nbd(client, _) => reader::spawn_nbd(client, jobs, pool_rx, read_tx, cancel.clone())?,
+    };
 
     let read_rx = Arc::new(Mutex::new(read_rx));
     let prefs = Arc::new(prefs);
@@ -541,7 +659,7 @@ async fn backup_volume(
         groups,
         source: spec.source.display().to_string(),
         change_source: change_source.into(),
-        change_base: None,
+        change_base: spec.checkpoint.clone(),
         stats: st,
     };
     Ok((entry, backend))

@@ -29,6 +29,8 @@ pub enum IoChoice {
 pub enum IoBackend {
     IoUring,
     Pread,
+    /// Read over the NBD protocol (`crate::nbd`).
+    Nbd,
 }
 
 impl IoBackend {
@@ -36,6 +38,7 @@ impl IoBackend {
         match self {
             IoBackend::IoUring => "io_uring",
             IoBackend::Pread => "pread",
+            IoBackend::Nbd => "nbd",
         }
     }
 }
@@ -220,6 +223,36 @@ async fn send(tx: &mpsc::Sender<Result<ReadDone>>, r: Result<ReadDone>, cancel: 
         res = tx.send(r) => res.is_ok(),
         _ = cancel.cancelled() => false,
     }
+}
+
+/// Runs an NBD reader on its own thread, on the connection `client` (already negotiated).
+pub fn spawn_nbd(
+    mut client: crate::nbd::NbdClient,
+    jobs: Vec<ReadJob>,
+    mut pool: mpsc::Receiver<AlignedBuf>,
+    tx: mpsc::Sender<Result<ReadDone>>,
+    cancel: CancellationToken,
+) -> Result<(std::thread::JoinHandle<()>, IoBackend)> {
+    let handle = std::thread::Builder::new()
+        .name("mover-nbd-reader".into())
+        .spawn(move || {
+            for job in jobs {
+                if cancel.is_cancelled() {
+                    break;
+                }
+                let Some(mut buf) = pool.blocking_recv() else { break };
+                let r = client.read(job.offset, &mut buf.as_mut_full()[..job.len]);
+                buf.set_len(job.len);
+                let msg = r.map(|()| ReadDone { seg: job.seg, offset: job.offset, buf });
+                let failed = msg.is_err();
+                if tx.blocking_send(msg).is_err() || failed {
+                    break;
+                }
+            }
+            client.disconnect();
+        })
+        .context("starting the NBD reader thread")?;
+    Ok((handle, IoBackend::Nbd))
 }
 
 fn read_pread(
