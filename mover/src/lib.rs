@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod s3;
 pub mod source;
 pub mod client;
+pub mod csi;
 pub mod daemon;
 pub mod instrumented;
 pub mod ratelimit;

@@ -316,6 +316,27 @@ struct BackupArgs {
     /// or CSI snapshot the next incremental starts from).
     #[arg(long, value_name = "NAME")]
     checkpoint: Option<String>,
+    /// CSI SnapshotMetadata service (HOST:PORT, TLS) to ask for allocated (full) or changed
+    /// (incremental) blocks of the single volume.
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["cbt_ca", "cbt_token", "cbt_snapshot"])]
+    cbt_csi: Option<String>,
+    /// CA certificate (PEM) of the SnapshotMetadata service.
+    #[arg(long, value_name = "FILE")]
+    cbt_ca: Option<PathBuf>,
+    /// File holding the security token (e.g. a projected service-account token).
+    #[arg(long, value_name = "FILE")]
+    cbt_token: Option<PathBuf>,
+    #[arg(long, value_name = "NS", default_value = "default")]
+    cbt_namespace: String,
+    /// The VolumeSnapshot being backed up.
+    #[arg(long, value_name = "NAME")]
+    cbt_snapshot: Option<String>,
+    /// CSI handle of the base snapshot (default: the parent's recorded checkpoint).
+    #[arg(long, value_name = "ID")]
+    cbt_base_id: Option<String>,
+    /// TLS server name of the service, when it differs from the host.
+    #[arg(long, value_name = "NAME")]
+    cbt_server_name: Option<String>,
     /// NAME=FILE, repeatable: opaque metadata stored with the snapshot (e.g. VM YAML).
     #[arg(long = "metadata", value_name = "NAME=FILE")]
     metadata: Vec<String>,
@@ -583,6 +604,20 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 for s in specs.iter_mut() {
                     s.checkpoint = Some(c.clone());
                 }
+            }
+            if let Some(ep) = &b.cbt_csi {
+                if specs.len() != 1 {
+                    bail!("--cbt-csi applies to a single volume; {} were given", specs.len());
+                }
+                specs[0].csi = Some(mover::csi::CsiSpec {
+                    endpoint: ep.clone(),
+                    ca: b.cbt_ca.clone().unwrap_or_default(),
+                    token_file: b.cbt_token.clone().unwrap_or_default(),
+                    server_name: b.cbt_server_name.clone(),
+                    namespace: b.cbt_namespace.clone(),
+                    snapshot: b.cbt_snapshot.clone().unwrap_or_default(),
+                    base_id: b.cbt_base_id.clone(),
+                });
             }
             for ce in &b.changed_extents {
                 let (name, file) = match ce.split_once('=') {

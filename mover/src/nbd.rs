@@ -90,8 +90,8 @@ pub fn parse_uri(s: &str) -> Result<NbdUri> {
     Err(bad())
 }
 
-trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
+trait Stream: Read + Write + Send + Sync {}
+impl<T: Read + Write + Send + Sync> Stream for T {}
 
 pub struct NbdClient {
     s: Box<dyn Stream>,

@@ -7,3 +7,8 @@ pub mod v1 {
     /// Encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mover_v1_descriptor");
 }
+
+/// The Kubernetes SnapshotMetadata service (changed block tracking, KEP-3314).
+pub mod snapshotmetadata {
+    tonic::include_proto!("snapshotmetadata");
+}

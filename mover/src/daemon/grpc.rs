@@ -112,6 +112,7 @@ pub fn to_proto(j: &Job) -> pb::Transfer {
         started_unix_ms: r.started_ms as i64,
         finished_unix_ms: r.finished_ms as i64,
         volumes: r.volumes.clone(),
+        changes: r.changes.iter().map(|(v, c, f)| pb::VolumeChange { volume: v.clone(), change_source: c.clone(), fallback: f.clone() }).collect(),
         progress: Some(pb::Progress {
             phase: j.phase().to_string(),
             bytes_total: total,
@@ -184,9 +185,43 @@ impl TransferService for Api {
                 return Err(Status::invalid_argument(format!("volume name '{}' is given twice", v.name)));
             }
             let what = format!("source of volume '{}'", v.name);
+            if !v.nbd_uri.is_empty() {
+                if v.changed_extents_given || v.csi.is_some() {
+                    return Err(Status::invalid_argument(format!("volume '{}': nbd_uri does not combine with changed_extents or csi", v.name)));
+                }
+                crate::nbd::parse_uri(&v.nbd_uri).map_err(|e| Status::invalid_argument(format!("volume '{}': {e:#}", v.name)))?;
+                specs.push(VolumeSpec {
+                    name: v.name.clone(),
+                    source: v.nbd_uri.clone().into(),
+                    nbd: Some(crate::pipeline::backup::NbdSpec { uri: v.nbd_uri.clone(), bitmap: Some(v.nbd_bitmap.clone()).filter(|b| !b.is_empty()) }),
+                    checkpoint: Some(v.checkpoint.clone()).filter(|c| !c.is_empty()),
+                    ..Default::default()
+                });
+                continue;
+            }
+            if !v.nbd_bitmap.is_empty() {
+                return Err(Status::invalid_argument(format!("volume '{}': nbd_bitmap needs nbd_uri", v.name)));
+            }
             let path = self.resolve_ref(v.source.as_ref(), &what, false)?;
             let f = std::fs::File::open(&path).map_err(|e| Status::failed_precondition(format!("{what} {}: {e}", path.display())))?;
             let (_, size) = source::inspect(&path, &f).map_err(|e| Status::invalid_argument(format!("{what}: {e:#}")))?;
+            let csi = match &v.csi {
+                None => None,
+                Some(c) => {
+                    if c.endpoint.is_empty() || c.ca_file.is_empty() || c.token_file.is_empty() || c.snapshot_name.is_empty() {
+                        return Err(Status::invalid_argument(format!("volume '{}': csi needs endpoint, ca_file, token_file and snapshot_name", v.name)));
+                    }
+                    Some(crate::csi::CsiSpec {
+                        endpoint: c.endpoint.clone(),
+                        ca: c.ca_file.clone().into(),
+                        token_file: c.token_file.clone().into(),
+                        server_name: Some(c.tls_server_name.clone()).filter(|s| !s.is_empty()),
+                        namespace: if c.namespace.is_empty() { "default".into() } else { c.namespace.clone() },
+                        snapshot: c.snapshot_name.clone(),
+                        base_id: Some(c.base_snapshot_id.clone()).filter(|s| !s.is_empty()),
+                    })
+                }
+            };
             let changed = if v.changed_extents_given {
                 let mut ext: Vec<(u64, u64)> = v.changed_extents.iter().map(|e| (e.offset, e.length)).collect();
                 ext.sort();
@@ -195,7 +230,7 @@ impl TransferService for Api {
             } else {
                 None
             };
-            specs.push(VolumeSpec { name: v.name.clone(), source: path, changed, ..Default::default() });
+            specs.push(VolumeSpec { name: v.name.clone(), source: path, changed, csi, checkpoint: Some(v.checkpoint.clone()).filter(|c| !c.is_empty()), ..Default::default() });
         }
         for m in &req.metadata {
             if m.name.is_empty() || m.data.len() > 64 << 20 {

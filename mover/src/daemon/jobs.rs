@@ -79,6 +79,9 @@ pub struct Record {
     pub started_ms: u64,
     pub finished_ms: u64,
     pub volumes: Vec<String>,
+    /// `(volume, change source, fallback reason)` of a finished backup.
+    #[serde(default)]
+    pub changes: Vec<(String, String, String)>,
 }
 
 /// What a job does, validated.
@@ -247,6 +250,7 @@ impl Jobs {
             started_ms: 0,
             finished_ms: 0,
             volumes,
+            changes: Vec::new(),
         };
         self.persist(&rec);
         let (tx, _) = watch::channel(0);
@@ -354,8 +358,15 @@ impl Jobs {
                 if s.io_backend == "pread" {
                     m.io_uring_fallbacks.inc();
                 }
+                for v in &s.volumes {
+                    m.change_sources.with_label_values(&[&v.change_source]).inc();
+                    if v.change_fallback.is_some() {
+                        m.change_fallbacks.inc();
+                    }
+                }
                 let r = job.update(|r| {
                     r.snapshot_id = s.snapshot_id.to_string();
+                    r.changes = s.volumes.iter().map(|v| (v.name.clone(), v.change_source.clone(), v.change_fallback.clone().unwrap_or_default())).collect();
                     r.stats = Stats { backup: *st, bytes_uploaded: s.bytes_uploaded, io_backend: s.io_backend.clone(), ..Default::default() };
                 });
                 self.persist(&r);

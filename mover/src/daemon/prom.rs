@@ -18,6 +18,10 @@ pub struct Metrics {
     /// op = put | get | get_range | head | list | delete, result = ok | err | not_found | cancelled
     pub store_request: HistogramVec,
     pub io_uring_fallbacks: IntCounter,
+    /// Volumes backed up, by change source (full, parent-digest, extents, nbd, csi).
+    pub change_sources: IntCounterVec,
+    /// Volumes whose requested change source failed, so everything was read.
+    pub change_fallbacks: IntCounter,
 }
 
 impl Metrics {
@@ -47,11 +51,15 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(store_request.clone()))?;
         registry.register(Box::new(io_uring_fallbacks.clone()))?;
+        let change_sources = IntCounterVec::new(Opts::new("mover_backup_volumes_total", "Volumes backed up, by change source"), &["change_source"])?;
+        let change_fallbacks = IntCounter::new("mover_change_source_fallbacks_total", "Volumes whose changed-block source failed, so the backup read everything")?;
+        registry.register(Box::new(change_sources.clone()))?;
+        registry.register(Box::new(change_fallbacks.clone()))?;
         for k in ["backup", "restore"] {
             active.with_label_values(&[k]).set(0);
             queued.with_label_values(&[k]).set(0);
         }
-        Ok(Self { registry, backup_bytes, upload_bytes, restore_bytes, transfers, active, queued, duration, store_request, io_uring_fallbacks })
+        Ok(Self { registry, backup_bytes, upload_bytes, restore_bytes, transfers, active, queued, duration, store_request, io_uring_fallbacks, change_sources, change_fallbacks })
     }
 
     pub fn render(&self) -> String {

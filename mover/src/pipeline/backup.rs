@@ -39,6 +39,9 @@ pub struct VolumeSpec {
     pub changed: Option<Extents>,
     /// Read over NBD instead of from `source`.
     pub nbd: Option<NbdSpec>,
+    /// Ask a CSI SnapshotMetadata service which blocks are allocated (full) or changed
+    /// since the parent's CSI snapshot (incremental).
+    pub csi: Option<crate::csi::CsiSpec>,
     /// Recorded as the volume's `change_base`: the change-tracking point this snapshot was
     /// taken at (an NBD bitmap name, a CSI snapshot id), for the next incremental to check.
     pub checkpoint: Option<String>,
@@ -68,6 +71,8 @@ struct ChangeInfo {
     fallback: Option<String>,
     /// The source's changed extents, before checking them against the parent.
     pending: Option<(Extents, String)>,
+    /// Data ranges `[start, end)` from the change source, replacing SEEK_DATA.
+    alloc: Option<Vec<(u64, u64)>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +214,50 @@ fn process_segment(sh: &Shared, enc: &mut BlobEncoder, data: &[u8], parent: Opti
         blobs.push(enc.encode(sh.keys(), map_id, KIND_TREE, &map)?);
     }
     Ok((SegmentRef::Map { map: map_id, digest }, blobs, st))
+}
+
+/// Asks the CSI SnapshotMetadata service about one volume: the allocated blocks for a full
+/// backup, the changed blocks since the parent's CSI snapshot for an incremental. A base that
+/// does not match the parent, or a capacity that does not match the source, is refused; a
+/// service that fails is recorded as a fallback (everything is read).
+async fn csi_changes(v: &VolumeSpec, c: &crate::csi::CsiSpec, size: u64, parent: Option<&(SnapshotId, Manifest)>, ch: &mut ChangeInfo) -> Result<()> {
+    let pvol = parent.and_then(|(id, m)| m.volume(&v.name).map(|pv| (*id, pv.change_base.clone())));
+    let base = match (&pvol, &c.base_id) {
+        (None, _) => None,
+        (Some((pid, Some(recorded))), Some(given)) if recorded != given => bail!(
+            "volume '{}': --cbt-base-id {given} does not match parent snapshot {pid}, which was taken at CSI snapshot {recorded}; refusing an incremental that could miss changes",
+            v.name
+        ),
+        (Some(_), Some(given)) => Some(given.clone()),
+        (Some((_, Some(recorded))), None) => Some(recorded.clone()),
+        (Some((pid, None)), None) => {
+            ch.fallback = Some(format!("parent snapshot {pid} recorded no CSI snapshot id for volume '{}' (take backups with --checkpoint, or give --cbt-base-id)", v.name));
+            return Ok(());
+        }
+    };
+    let r = match &base {
+        None => crate::csi::allocated(c).await,
+        Some(b) => crate::csi::delta(c, b).await,
+    };
+    match r {
+        Ok(md) => {
+            if md.capacity != size {
+                bail!("volume '{}': the SnapshotMetadata service reports {} bytes for snapshot {}/{}, but the source {} has {size}; is it the same volume?", v.name, md.capacity, c.namespace, c.snapshot, v.source.display());
+            }
+            if md.resumed > 0 {
+                tracing::info!("volume '{}': the SnapshotMetadata stream was resumed {} time(s)", v.name, md.resumed);
+            }
+            match base {
+                None => ch.alloc = Some(md.extents.iter().map(|&(o, l)| (o, o + l)).collect()),
+                Some(_) => {
+                    ch.changed = Some(md.extents);
+                    ch.label = Some("csi");
+                }
+            }
+        }
+        Err(e) => ch.fallback = Some(format!("{e:#}")),
+    }
+    Ok(())
 }
 
 /// Connects to an NBD export: its data ranges and, with a bitmap, its dirty ranges. A
@@ -391,6 +440,11 @@ async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: Back
             ),
         }
     }
+    for ((v, ch), (_, size)) in opts.volumes.iter().zip(changes.iter_mut()).zip(&sources) {
+        if let Some(c) = &v.csi {
+            csi_changes(v, c, *size, parent.as_ref(), ch).await?;
+        }
+    }
     for (v, ch) in opts.volumes.iter().zip(&changes) {
         if let Some(f) = &ch.fallback {
             tracing::warn!("volume '{}': {f}; reading everything (unchanged segments still reused from the parent)", v.name);
@@ -495,9 +549,10 @@ async fn backup_volume(
     let nseg = size.div_ceil(seg_size);
     let mut refs: Vec<Option<SegmentRef>> = vec![None; nseg as usize];
     let mut st = VolumeStats { bytes_total: size, ..Default::default() };
-    let allocated = match &opened {
-        Opened::File(f) => source::allocated_ranges(f, size),
-        Opened::Nbd(_, a) => Some(a.clone()),
+    let allocated = match (&opened, &ch.alloc) {
+        (_, Some(a)) => Some(a.clone()),
+        (Opened::File(f), None) => source::allocated_ranges(f, size),
+        (Opened::Nbd(_, a), None) => Some(a.clone()),
     };
     let parent_size = pvol.map(|p| p.size).unwrap_or(0);
     let change_source = match (&ch.changed, &prefs) {

@@ -491,3 +491,50 @@ fn pod_volumes_resolve_under_the_kubelet_root() {
         assert_eq!(c.start_backup(bad).await.unwrap_err().code(), Code::InvalidArgument);
     });
 }
+
+/// StartBackup over gRPC with an NBD source and dirty bitmap (real qemu-nbd), and a
+/// bitmap the export lacks: the transfer reports the fallback and the metric counts it.
+#[test]
+fn nbd_sources_through_the_api_report_change_source_and_fallbacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let img = dir.path().join("vm.qcow2");
+    let run = |args: &[&str]| assert!(Command::new(args[0]).args(&args[1..]).status().unwrap().success(), "{args:?}");
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", img.to_str().unwrap(), "32M"]);
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 12M", img.to_str().unwrap()]);
+    run(&["qemu-img", "bitmap", "--add", img.to_str().unwrap(), "cp1"]);
+    let sock = dir.path().join("nbd.sock");
+    let mut q = Command::new("qemu-nbd").args(["-r", "-t", "-f", "qcow2", "-B", "cp1", "-k", sock.to_str().unwrap(), img.to_str().unwrap()]).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let vol = |bitmap: &str, checkpoint: &str| pb::BackupVolume { name: "vm".into(), nbd_uri: uri.clone(), nbd_bitmap: bitmap.into(), checkpoint: checkpoint.into(), ..Default::default() };
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let req = |v: pb::BackupVolume, parent: &str| pb::StartBackupRequest { repository: "main".into(), volumes: vec![v], parent: parent.into(), ..Default::default() };
+        let t = c.start_backup(req(vol("", "cp1"), "")).await.unwrap().into_inner();
+        let full = watch_end(&mut c, &t.id).await;
+        assert_eq!(full.state(), pb::TransferState::Succeeded, "{}", full.error);
+        assert_eq!(full.changes[0].change_source, "full");
+        let t = c.start_backup(req(vol("cp1", ""), "latest")).await.unwrap().into_inner();
+        let inc = watch_end(&mut c, &t.id).await;
+        assert_eq!(inc.state(), pb::TransferState::Succeeded, "{}", inc.error);
+        assert_eq!((inc.changes[0].change_source.as_str(), inc.changes[0].fallback.as_str()), ("nbd", ""));
+        assert_eq!(inc.stats.unwrap().bytes_read, 0, "nothing written since the checkpoint: nothing read");
+        let t = c.start_backup(req(vol("gone", ""), "latest")).await.unwrap().into_inner();
+        let fb = watch_end(&mut c, &t.id).await;
+        assert_eq!(fb.state(), pb::TransferState::Succeeded, "{}", fb.error);
+        assert!(fb.changes[0].fallback.contains("qemu:dirty-bitmap:gone"), "{:?}", fb.changes);
+        assert_eq!(d.metric("mover_change_source_fallbacks_total"), 1);
+        assert_eq!(d.metric("mover_backup_volumes_total{change_source=\"nbd\"}"), 1);
+        // A bitmap without an NBD source is a malformed request.
+        let bad = pb::BackupVolume { name: "vm".into(), nbd_bitmap: "cp1".into(), source: path_ref(&img), ..Default::default() };
+        let e = c.start_backup(req(bad, "")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    });
+    let _ = q.kill();
+    let _ = q.wait();
+}

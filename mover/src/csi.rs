@@ -1,0 +1,209 @@
+//! Client of the Kubernetes SnapshotMetadata service (KEP-3314 changed block tracking):
+//! `GetMetadataAllocated` for a full backup, `GetMetadataDelta` against the parent's CSI
+//! snapshot for an incremental. TLS with the service's CA; the security token is read from a
+//! file (a projected service-account token in Kubernetes). A stream that breaks is resumed
+//! at the end of the last extent received; extents must be non-empty, strictly increasing
+//! and within `volume_capacity_bytes`, which must be the same in every message.
+
+use anyhow::{anyhow, bail, Context, Result};
+use mover_protocol::snapshotmetadata as sm;
+use sm::snapshot_metadata_client::SnapshotMetadataClient;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::Code;
+
+/// How to reach the service and which snapshots to ask about.
+#[derive(Debug, Clone, Default)]
+pub struct CsiSpec {
+    /// `HOST:PORT` (or `https://HOST:PORT`) of the SnapshotMetadata service.
+    pub endpoint: String,
+    /// PEM CA certificate the service's certificate must chain to.
+    pub ca: PathBuf,
+    /// File holding the security token (re-read on every call).
+    pub token_file: PathBuf,
+    /// TLS server name when it differs from the endpoint's host.
+    pub server_name: Option<String>,
+    pub namespace: String,
+    /// The VolumeSnapshot being backed up.
+    pub snapshot: String,
+    /// The base snapshot's CSI handle; by default the parent's recorded checkpoint.
+    pub base_id: Option<String>,
+}
+
+/// Extents `(offset, length)` of a snapshot and the capacity the service reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    pub capacity: u64,
+    pub extents: Vec<(u64, u64)>,
+    /// Streams that broke and were resumed.
+    pub resumed: u32,
+}
+
+const MAX_RESUMES: u32 = 5;
+
+async fn channel(spec: &CsiSpec) -> Result<Channel> {
+    crate::init_tls();
+    let (host, url) = match spec.endpoint.strip_prefix("https://") {
+        Some(h) => (h.to_string(), spec.endpoint.clone()),
+        None => (spec.endpoint.clone(), format!("https://{}", spec.endpoint)),
+    };
+    let host_only = host.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string()).unwrap_or(host.clone());
+    let ca = std::fs::read(&spec.ca).with_context(|| format!("reading the SnapshotMetadata CA certificate {}", spec.ca.display()))?;
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(spec.server_name.clone().unwrap_or(host_only));
+    let ep = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("SnapshotMetadata endpoint '{}'", spec.endpoint))?
+        .tls_config(tls)
+        .with_context(|| format!("TLS for SnapshotMetadata endpoint {url}"))?
+        .connect_timeout(Duration::from_secs(10));
+    ep.connect().await.with_context(|| format!("connecting to SnapshotMetadata service {url}"))
+}
+
+fn token(spec: &CsiSpec) -> Result<String> {
+    let t = std::fs::read_to_string(&spec.token_file).with_context(|| format!("reading the security token file {}", spec.token_file.display()))?;
+    Ok(t.trim().to_string())
+}
+
+/// Accumulates a stream's messages, checking what the API promises.
+struct Acc {
+    what: String,
+    capacity: Option<u64>,
+    kind: Option<i32>,
+    extents: Vec<(u64, u64)>,
+    next: u64,
+}
+
+impl Acc {
+    fn add(&mut self, kind: i32, capacity: i64, blocks: &[sm::BlockMetadata]) -> Result<()> {
+        let capacity = u64::try_from(capacity).map_err(|_| anyhow!("{}: negative volume_capacity_bytes {capacity}", self.what))?;
+        match self.capacity {
+            None => self.capacity = Some(capacity),
+            Some(c) if c != capacity => bail!("{}: volume_capacity_bytes changed within the stream ({c} then {capacity})", self.what),
+            _ => {}
+        }
+        match self.kind {
+            None => self.kind = Some(kind),
+            Some(k) if k != kind => bail!("{}: block_metadata_type changed within the stream", self.what),
+            _ => {}
+        }
+        for b in blocks {
+            let (o, l) = (b.byte_offset, b.size_bytes);
+            if o < 0 || l <= 0 {
+                bail!("{}: invalid extent at offset {o} of {l} bytes", self.what);
+            }
+            let (o, l) = (o as u64, l as u64);
+            if o < self.next {
+                bail!("{}: extents are not strictly increasing (extent at offset {o} after data up to {})", self.what, self.next);
+            }
+            let end = o.checked_add(l).ok_or_else(|| anyhow!("{}: extent at {o} overflows", self.what))?;
+            if end > capacity {
+                bail!("{}: extent {o}+{l} lies past volume_capacity_bytes {capacity}", self.what);
+            }
+            match self.extents.last_mut() {
+                Some(last) if last.0 + last.1 == o => last.1 += l,
+                _ => self.extents.push((o, l)),
+            }
+            self.next = end;
+        }
+        Ok(())
+    }
+}
+
+/// A stream that broke in a way worth resuming (not a refusal by the server).
+fn resumable(s: &tonic::Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Aborted | Code::Internal | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled)
+}
+
+fn refusal(what: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow!("{what}: {:?} ({}): {}", s.code(), s.code().description(), s.message())
+}
+
+/// The allocated extents of `spec.snapshot`.
+pub async fn allocated(spec: &CsiSpec) -> Result<Metadata> {
+    let mut client = SnapshotMetadataClient::new(channel(spec).await?);
+    let what = format!("GetMetadataAllocated for snapshot {}/{} from {}", spec.namespace, spec.snapshot, spec.endpoint);
+    let mut acc = Acc { what: what.clone(), capacity: None, kind: None, extents: Vec::new(), next: 0 };
+    let mut resumed = 0;
+    loop {
+        let req = sm::GetMetadataAllocatedRequest {
+            security_token: token(spec)?,
+            namespace: spec.namespace.clone(),
+            snapshot_name: spec.snapshot.clone(),
+            starting_offset: acc.next as i64,
+            max_results: 0,
+        };
+        let broke = match client.get_metadata_allocated(req).await {
+            Err(s) if resumable(&s) && resumed < MAX_RESUMES => s,
+            Err(s) => return Err(refusal(&what, s)),
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(m)) => acc.add(m.block_metadata_type, m.volume_capacity_bytes, &m.block_metadata)?,
+                        Ok(None) => return Ok(Metadata { capacity: acc.capacity.unwrap_or(0), extents: acc.extents, resumed }),
+                        Err(s) if resumable(&s) && resumed < MAX_RESUMES => break s,
+                        Err(s) => return Err(refusal(&what, s)),
+                    }
+                }
+            }
+        };
+        resumed += 1;
+        tracing::warn!("{what}: stream broke ({}: {}); resuming at offset {}", broke.code().description(), broke.message(), acc.next);
+        tokio::time::sleep(Duration::from_millis(100 * resumed as u64)).await;
+    }
+}
+
+/// The extents that changed between the snapshot with CSI handle `base_id` and
+/// `spec.snapshot`.
+pub async fn delta(spec: &CsiSpec, base_id: &str) -> Result<Metadata> {
+    let mut client = SnapshotMetadataClient::new(channel(spec).await?);
+    let what = format!("GetMetadataDelta from base {base_id} to snapshot {}/{} from {}", spec.namespace, spec.snapshot, spec.endpoint);
+    let mut acc = Acc { what: what.clone(), capacity: None, kind: None, extents: Vec::new(), next: 0 };
+    let mut resumed = 0;
+    loop {
+        let req = sm::GetMetadataDeltaRequest {
+            security_token: token(spec)?,
+            namespace: spec.namespace.clone(),
+            base_snapshot_id: base_id.to_string(),
+            target_snapshot_name: spec.snapshot.clone(),
+            starting_offset: acc.next as i64,
+            max_results: 0,
+        };
+        let broke = match client.get_metadata_delta(req).await {
+            Err(s) if resumable(&s) && resumed < MAX_RESUMES => s,
+            Err(s) => return Err(refusal(&what, s)),
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(m)) => acc.add(m.block_metadata_type, m.volume_capacity_bytes, &m.block_metadata)?,
+                        Ok(None) => return Ok(Metadata { capacity: acc.capacity.unwrap_or(0), extents: acc.extents, resumed }),
+                        Err(s) if resumable(&s) && resumed < MAX_RESUMES => break s,
+                        Err(s) => return Err(refusal(&what, s)),
+                    }
+                }
+            }
+        };
+        resumed += 1;
+        tracing::warn!("{what}: stream broke ({}: {}); resuming at offset {}", broke.code().description(), broke.message(), acc.next);
+        tokio::time::sleep(Duration::from_millis(100 * resumed as u64)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    fn b(o: i64, l: i64) -> sm::BlockMetadata {
+        sm::BlockMetadata { byte_offset: o, size_bytes: l }
+    }
+    #[test]
+    fn extents_must_increase_and_fit() {
+        let mut a = Acc { what: "t".into(), capacity: None, kind: None, extents: vec![], next: 0 };
+        a.add(1, 1000, &[b(0, 10), b(10, 10), b(50, 10)]).unwrap();
+        assert_eq!(a.extents, vec![(0, 20), (50, 10)]);
+        assert!(a.add(1, 1000, &[b(55, 1)]).unwrap_err().to_string().contains("strictly increasing"));
+        assert!(a.add(1, 999, &[]).unwrap_err().to_string().contains("changed"));
+        assert!(a.add(1, 1000, &[b(990, 20)]).unwrap_err().to_string().contains("past"));
+        assert!(a.add(1, 1000, &[b(100, 0)]).unwrap_err().to_string().contains("invalid"));
+    }
+}
