@@ -193,11 +193,28 @@ mod roundtrip {
         let r = e.json(&["restore", s["snapshot_id"].as_str().unwrap(), out.to_str().unwrap()]);
         assert_eq!(hash(&src), hash(&out));
         assert_eq!(r["bytes_written"].as_u64().unwrap() + r["bytes_holes"].as_u64().unwrap(), 96 << 20);
-        assert_eq!(r["io_backend"], "io_uring", "restore writes through io_uring on this kernel");
+        assert_eq!(r["io_backend"], "io_uring+direct", "restore writes through io_uring with O_DIRECT on this kernel and filesystem");
         // Holes stay holes on a new file.
         use std::os::unix::fs::MetadataExt;
         let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
         assert!(allocated < (96 << 20) - r["bytes_holes"].as_u64().unwrap() + (8 << 20), "restored file is not sparse: {allocated}");
+    }
+
+    #[test]
+    fn odd_sized_volume_restores_exactly_with_direct_writes_and_a_buffered_tail() {
+        let e = Env::new();
+        let src = e.path("odd.img");
+        make_volume(&src, (9 << 20) + 1234, 17);
+        let s = e.json(&["backup", "--volume", &format!("odd={}", src.display())]);
+        let id = s["snapshot_id"].as_str().unwrap();
+        for (name, pre) in [("fresh.img", None), ("dirty.img", Some(0xa5u8))] {
+            let t = e.path(name);
+            if let Some(b) = pre {
+                std::fs::write(&t, vec![b; 12 << 20]).unwrap();
+            }
+            let r = e.json(&["restore", id, t.to_str().unwrap()]);
+            assert_eq!(hash(&t), hash(&src), "{name}: {r}");
+        }
     }
 
     #[test]

@@ -1,15 +1,24 @@
 //! The restore writer: an io_uring runtime on its own thread takes (offset, bytes) writes
 //! from any task and answers each when it is complete. When io_uring is refused the caller
-//! falls back to `pwrite`. Like the reader, it never lets its runtime (and so the buffers)
+//! falls back to `pwrite`. Given an `O_DIRECT` descriptor it writes aligned buffers
+//! straight to the device, bypassing the page cache. Like the reader, it never lets its runtime (and so the buffers)
 //! go while a write is in flight.
 
+use crate::aligned::AlignedBuf;
 use std::fs::File;
 use std::io;
 use tokio::sync::{mpsc, oneshot};
+use tokio_uring::buf::BoundedBuf;
+
+/// What to write: a plain buffer, or a range of an aligned one (for `O_DIRECT`).
+pub enum Data {
+    Vec(Vec<u8>),
+    Aligned(AlignedBuf, usize, usize),
+}
 
 struct Req {
     offset: u64,
-    data: Vec<u8>,
+    data: Data,
     done: oneshot::Sender<io::Result<()>>,
 }
 
@@ -40,7 +49,10 @@ impl UringWriter {
                     while let Some(req) = rx.recv().await {
                         let f = f.clone();
                         tasks.push(tokio_uring::spawn(async move {
-                            let (res, _buf) = f.write_all_at(req.data, req.offset).await;
+                            let res = match req.data {
+                                Data::Vec(v) => f.write_all_at(v, req.offset).await.0,
+                                Data::Aligned(b, from, to) => f.write_all_at(b.slice(from..to), req.offset).await.0,
+                            };
                             let _ = req.done.send(res);
                         }));
                         tasks.retain(|t| !t.is_finished());
@@ -60,7 +72,7 @@ impl UringWriter {
     }
 
     /// Writes all of `data` at `offset`; returns when the kernel has it.
-    pub async fn write(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+    pub async fn write(&self, offset: u64, data: Data) -> io::Result<()> {
         let (done, wait) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("writer closed"))?;
         tx.send(Req { offset, data, done }).await.map_err(|_| io::Error::other("writer stopped"))?;
