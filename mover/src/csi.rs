@@ -118,28 +118,43 @@ fn refusal(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow!("{what}: {:?} ({}): {}", s.code(), s.code().description(), s.message())
 }
 
-/// The allocated extents of `spec.snapshot`.
-pub async fn allocated(spec: &CsiSpec) -> Result<Metadata> {
-    let mut client = SnapshotMetadataClient::new(channel(spec).await?);
-    let what = format!("GetMetadataAllocated for snapshot {}/{} from {}", spec.namespace, spec.snapshot, spec.endpoint);
+/// A response message of either call.
+trait BlockMessage {
+    fn parts(&self) -> (i32, i64, &[sm::BlockMetadata]);
+}
+impl BlockMessage for sm::GetMetadataAllocatedResponse {
+    fn parts(&self) -> (i32, i64, &[sm::BlockMetadata]) {
+        (self.block_metadata_type, self.volume_capacity_bytes, &self.block_metadata)
+    }
+}
+impl BlockMessage for sm::GetMetadataDeltaResponse {
+    fn parts(&self) -> (i32, i64, &[sm::BlockMetadata]) {
+        (self.block_metadata_type, self.volume_capacity_bytes, &self.block_metadata)
+    }
+}
+
+/// Runs a streaming call from offset 0, resuming it after the last extent received when
+/// the stream breaks; `call(starting_offset)` starts the stream.
+async fn collect<T, F, Fut>(what: String, mut call: F) -> Result<Metadata>
+where
+    T: BlockMessage,
+    F: FnMut(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>>>,
+{
     let mut acc = Acc { what: what.clone(), capacity: None, kind: None, extents: Vec::new(), next: 0 };
     let mut resumed = 0;
     loop {
-        let req = sm::GetMetadataAllocatedRequest {
-            security_token: token(spec)?,
-            namespace: spec.namespace.clone(),
-            snapshot_name: spec.snapshot.clone(),
-            starting_offset: acc.next as i64,
-            max_results: 0,
-        };
-        let broke = match client.get_metadata_allocated(req).await {
+        let broke = match call(acc.next as i64).await? {
             Err(s) if resumable(&s) && resumed < MAX_RESUMES => s,
             Err(s) => return Err(refusal(&what, s)),
             Ok(resp) => {
                 let mut stream = resp.into_inner();
                 loop {
                     match stream.message().await {
-                        Ok(Some(m)) => acc.add(m.block_metadata_type, m.volume_capacity_bytes, &m.block_metadata)?,
+                        Ok(Some(m)) => {
+                            let (kind, cap, blocks) = m.parts();
+                            acc.add(kind, cap, blocks)?
+                        }
                         Ok(None) => return Ok(Metadata { capacity: acc.capacity.unwrap_or(0), extents: acc.extents, resumed }),
                         Err(s) if resumable(&s) && resumed < MAX_RESUMES => break s,
                         Err(s) => return Err(refusal(&what, s)),
@@ -153,41 +168,42 @@ pub async fn allocated(spec: &CsiSpec) -> Result<Metadata> {
     }
 }
 
+/// The allocated extents of `spec.snapshot`.
+pub async fn allocated(spec: &CsiSpec) -> Result<Metadata> {
+    let client = SnapshotMetadataClient::new(channel(spec).await?);
+    let what = format!("GetMetadataAllocated for snapshot {}/{} from {}", spec.namespace, spec.snapshot, spec.endpoint);
+    collect(what, |starting_offset| {
+        let mut client = client.clone();
+        let req = token(spec).map(|security_token| sm::GetMetadataAllocatedRequest {
+            security_token,
+            namespace: spec.namespace.clone(),
+            snapshot_name: spec.snapshot.clone(),
+            starting_offset,
+            max_results: 0,
+        });
+        async move { Ok(client.get_metadata_allocated(req?).await) }
+    })
+    .await
+}
+
 /// The extents that changed between the snapshot with CSI handle `base_id` and
 /// `spec.snapshot`.
 pub async fn delta(spec: &CsiSpec, base_id: &str) -> Result<Metadata> {
-    let mut client = SnapshotMetadataClient::new(channel(spec).await?);
+    let client = SnapshotMetadataClient::new(channel(spec).await?);
     let what = format!("GetMetadataDelta from base {base_id} to snapshot {}/{} from {}", spec.namespace, spec.snapshot, spec.endpoint);
-    let mut acc = Acc { what: what.clone(), capacity: None, kind: None, extents: Vec::new(), next: 0 };
-    let mut resumed = 0;
-    loop {
-        let req = sm::GetMetadataDeltaRequest {
-            security_token: token(spec)?,
+    collect(what, |starting_offset| {
+        let mut client = client.clone();
+        let req = token(spec).map(|security_token| sm::GetMetadataDeltaRequest {
+            security_token,
             namespace: spec.namespace.clone(),
             base_snapshot_id: base_id.to_string(),
             target_snapshot_name: spec.snapshot.clone(),
-            starting_offset: acc.next as i64,
+            starting_offset,
             max_results: 0,
-        };
-        let broke = match client.get_metadata_delta(req).await {
-            Err(s) if resumable(&s) && resumed < MAX_RESUMES => s,
-            Err(s) => return Err(refusal(&what, s)),
-            Ok(resp) => {
-                let mut stream = resp.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(m)) => acc.add(m.block_metadata_type, m.volume_capacity_bytes, &m.block_metadata)?,
-                        Ok(None) => return Ok(Metadata { capacity: acc.capacity.unwrap_or(0), extents: acc.extents, resumed }),
-                        Err(s) if resumable(&s) && resumed < MAX_RESUMES => break s,
-                        Err(s) => return Err(refusal(&what, s)),
-                    }
-                }
-            }
-        };
-        resumed += 1;
-        tracing::warn!("{what}: stream broke ({}: {}); resuming at offset {}", broke.code().description(), broke.message(), acc.next);
-        tokio::time::sleep(Duration::from_millis(100 * resumed as u64)).await;
-    }
+        });
+        async move { Ok(client.get_metadata_delta(req?).await) }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -999,12 +999,6 @@ async fn client(a: ClientArgs) -> Result<()> {
 
 use mover::timeutil::fmt_time;
 
-/// mimalloc: the pipeline allocates and frees 128 KiB–16 MiB buffers at a high rate; glibc
-/// serves those with fresh mmaps that the kernel must zero (page faults were ~7 % of a full
-/// backup's CPU in `perf`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     mover::init_tls();

@@ -209,6 +209,21 @@ impl Keys {
         Ok(out)
     }
 
+    /// A sealed object: `magic || seal(plain, aad = magic)` (manifests, locks, GC records).
+    pub fn seal_object(&self, magic: &[u8; 8], plain: &[u8]) -> Result<Vec<u8>, FormatError> {
+        let mut out = magic.to_vec();
+        out.extend_from_slice(&self.seal(plain, magic)?);
+        Ok(out)
+    }
+
+    /// Opens what [`Keys::seal_object`] produced; `what` names the object kind in errors.
+    pub fn open_object(&self, magic: &[u8; 8], bytes: &[u8], what: &str) -> Result<Vec<u8>, FormatError> {
+        if bytes.len() < 8 || bytes[..8] != magic[..] {
+            return Err(FormatError::Corrupt(format!("{what} magic missing")));
+        }
+        self.open(&bytes[8..], magic).ok_or_else(|| FormatError::Corrupt(format!("{what} fails authentication")))
+    }
+
     /// Opens what [`Keys::seal`] produced; `None` when it fails authentication.
     pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
         if sealed.len() < NONCE_LEN + TAG_LEN {

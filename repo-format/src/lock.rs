@@ -59,16 +59,11 @@ impl LockInfo {
 
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, FormatError> {
         let json = serde_json::to_vec(self).map_err(|e| FormatError::Corrupt(format!("encoding lock: {e}")))?;
-        let mut out = LOCK_MAGIC.to_vec();
-        out.extend_from_slice(&keys.seal(&json, &LOCK_MAGIC)?);
-        Ok(out)
+        keys.seal_object(&LOCK_MAGIC, &json)
     }
 
     pub fn open(keys: &Keys, bytes: &[u8]) -> Result<Self, FormatError> {
-        if bytes.len() < 8 || bytes[..8] != LOCK_MAGIC {
-            return Err(FormatError::Corrupt("lock magic missing".into()));
-        }
-        let json = keys.open(&bytes[8..], &LOCK_MAGIC).ok_or_else(|| FormatError::Corrupt("lock fails authentication".into()))?;
+        let json = keys.open_object(&LOCK_MAGIC, bytes, "lock")?;
         serde_json::from_slice(&json).map_err(|e| FormatError::Corrupt(format!("lock: {e}")))
     }
 }

@@ -93,16 +93,11 @@ pub struct Manifest {
 impl Manifest {
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, FormatError> {
         let json = serde_json::to_vec(self).map_err(|e| FormatError::Corrupt(format!("encoding manifest: {e}")))?;
-        let mut out = SNAPSHOT_MAGIC.to_vec();
-        out.extend_from_slice(&keys.seal(&json, &SNAPSHOT_MAGIC)?);
-        Ok(out)
+        keys.seal_object(&SNAPSHOT_MAGIC, &json)
     }
 
     pub fn open(keys: &Keys, bytes: &[u8]) -> Result<Self, FormatError> {
-        if bytes.len() < 8 || bytes[..8] != SNAPSHOT_MAGIC {
-            return Err(FormatError::Corrupt("snapshot magic missing".into()));
-        }
-        let json = keys.open(&bytes[8..], &SNAPSHOT_MAGIC).ok_or_else(|| FormatError::Corrupt("snapshot manifest fails authentication".into()))?;
+        let json = keys.open_object(&SNAPSHOT_MAGIC, bytes, "snapshot manifest")?;
         let m: Manifest = serde_json::from_slice(&json).map_err(|e| FormatError::Corrupt(format!("snapshot manifest: {e}")))?;
         if m.version != MANIFEST_VERSION {
             return Err(FormatError::Unsupported(format!("snapshot manifest version {}", m.version)));

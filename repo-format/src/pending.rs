@@ -52,16 +52,11 @@ impl PendingDeletion {
             plain.extend_from_slice(bytes);
         }
         plain.extend_from_slice(&index::encode_plain(&self.entries));
-        let mut out = PENDING_MAGIC.to_vec();
-        out.extend_from_slice(&keys.seal(&plain, &PENDING_MAGIC)?);
-        Ok(out)
+        keys.seal_object(&PENDING_MAGIC, &plain)
     }
 
     pub fn open(keys: &Keys, bytes: &[u8]) -> Result<Self, FormatError> {
-        if bytes.len() < 8 || bytes[..8] != PENDING_MAGIC {
-            return Err(FormatError::Corrupt("gc record magic missing".into()));
-        }
-        let plain = keys.open(&bytes[8..], &PENDING_MAGIC).ok_or_else(|| FormatError::Corrupt("gc record fails authentication".into()))?;
+        let plain = keys.open_object(&PENDING_MAGIC, bytes, "gc record")?;
         let mut r = Reader::new(&plain, "gc record");
         let v = r.u8()?;
         if v != VERSION {
@@ -96,15 +91,10 @@ pub struct Ready {
 impl Ready {
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, FormatError> {
         let json = serde_json::to_vec(self).map_err(|e| FormatError::Corrupt(format!("encoding gc marker: {e}")))?;
-        let mut out = PENDING_READY_MAGIC.to_vec();
-        out.extend_from_slice(&keys.seal(&json, &PENDING_READY_MAGIC)?);
-        Ok(out)
+        keys.seal_object(&PENDING_READY_MAGIC, &json)
     }
     pub fn open(keys: &Keys, bytes: &[u8]) -> Result<Self, FormatError> {
-        if bytes.len() < 8 || bytes[..8] != PENDING_READY_MAGIC {
-            return Err(FormatError::Corrupt("gc marker magic missing".into()));
-        }
-        let json = keys.open(&bytes[8..], &PENDING_READY_MAGIC).ok_or_else(|| FormatError::Corrupt("gc marker fails authentication".into()))?;
+        let json = keys.open_object(&PENDING_READY_MAGIC, bytes, "gc marker")?;
         serde_json::from_slice(&json).map_err(|e| FormatError::Corrupt(format!("gc marker: {e}")))
     }
 }
