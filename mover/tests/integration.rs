@@ -804,7 +804,7 @@ mod gc {
         make_volume(&b, 192 << 20, 7);
         let hb = hash(&b);
         let vb = format!("other={}", b.display());
-        let mut child = e.cmd(&["backup", "--volume", &vb, "--json", "--limit-upload", "40000000"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let child = e.cmd(&["backup", "--volume", &vb, "--json", "--limit-upload", "40000000"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
         let t0 = Instant::now();
         while local_lock_count(&e) == 0 {
             assert!(t0.elapsed() < Duration::from_secs(20), "backup never took its lock");
@@ -865,7 +865,7 @@ mod gc {
         assert_eq!(u["removed"].as_array().unwrap().len(), 1, "{u}");
         assert_eq!(local_lock_count(&e), 0);
         // A lock not refreshed within its TTL expires; its holder then commits nothing.
-        let mut stopped = e.cmd(&["backup", "--volume", &v]).args(slow).env("MOVER_LOCK_TTL", "2").stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let stopped = e.cmd(&["backup", "--volume", &v]).args(slow).env("MOVER_LOCK_TTL", "2").stderr(std::process::Stdio::piped()).spawn().unwrap();
         wait_lock(&e);
         signal(&stopped, "-STOP");
         std::thread::sleep(Duration::from_millis(2600));
