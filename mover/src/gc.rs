@@ -74,6 +74,17 @@ pub struct GcReport {
     pub index_segments_deleted: usize,
     pub index_segments_written: usize,
     pub stale_locks_removed: usize,
+    /// What the mark decided, pack by pack.
+    pub plan: Vec<PlannedPack>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedPack {
+    pub pack: PackId,
+    /// `delete` (nothing referenced), `repack` (mostly unreferenced), `unindexed`.
+    pub action: &'static str,
+    pub size: u64,
+    pub referenced_bytes: u64,
 }
 
 /// A record as loaded: its entries and, once complete, its `.ready` marker.
@@ -394,6 +405,11 @@ async fn mark(repo: &Repository, v: &mut View, records: &[Record], opts: &GcOpti
     let orphans: Vec<PackId> = v.packs.keys().filter(|p| !by_pack.contains_key(p) && !held_packs.contains(p)).copied().collect();
     let present = v.entries.iter().filter(|e| v.packs.contains_key(&e.loc.pack)).map(|e| (e.id, e.loc.pack)).collect::<HashSet<_>>().len();
     let duplicates = present != home.len();
+    for (list, action) in [(&drop_packs, "delete"), (&repack, "repack"), (&orphans, "unindexed")] {
+        for p in list.iter() {
+            rep.plan.push(PlannedPack { pack: *p, action, size: v.packs[p], referenced_bytes: live_of.get(p).copied().unwrap_or(0) });
+        }
+    }
     rep.packs_unreferenced += drop_packs.len();
     rep.packs_repacked += repack.len();
     rep.packs_unindexed += orphans.len();

@@ -497,6 +497,12 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 println!("  packs to repack      {} ({:.1} MiB of live blobs {})", r.packs_repacked, mib(r.bytes_copied), if dry_run { "to copy" } else { "copied" });
                 println!("  unindexed packs      {}", r.packs_unindexed);
                 if dry_run {
+                    for p in r.plan.iter().take(50) {
+                        println!("  {:9} pack {}  {:8.1} MiB, {:8.1} MiB referenced", p.action, p.pack, mib(p.size), mib(p.referenced_bytes));
+                    }
+                    if r.plan.len() > 50 {
+                        println!("  … and {} more packs (--json lists all)", r.plan.len() - 50);
+                    }
                     println!("  would free           {:.1} MiB (if no backup holds it back); nothing changed", mib(r.bytes_freed));
                 } else {
                     println!("  deleted              {} packs, {:.1} MiB freed", r.packs_deleted, mib(r.bytes_freed));
