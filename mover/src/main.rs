@@ -814,7 +814,12 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                         std::fs::remove_dir_all(&path).with_context(|| format!("deleting local index {}", path.display()))?;
                     }
                     let idx = mover::index_cache::RocksIndex::open(&path)?;
-                    let r = local_index::rebuild_from_packs(&repo, &idx, true, &cancel).await?;
+                    // It writes index segments for packs no segment names, which gc may be
+                    // about to delete as unindexed: the two exclude each other.
+                    let lock = mover::lock::RepoLock::acquire_exclusive(&repo, "rebuild the index", &cancel).await?;
+                    let r = local_index::rebuild_from_packs(&repo, &idx, true, &cancel).await;
+                    lock.release().await;
+                    let r = r?;
                     if json {
                         println!(
                             "{}",
