@@ -222,11 +222,14 @@ async fn load_records_as(repo: &Repository, shared: bool, cancel: &CancellationT
             Err(mover_format::RepoError::Storage(e)) if shared && e.is_not_found() => continue,
             Err(e) => return Err(anyhow!("{e:#}; gc deletes nothing while a gc record is unreadable")),
         };
-        let ready = match repo.read_ready(&id, cancel).await {
-            Ok(r) if has_ready => Some(r),
-            Err(mover_format::RepoError::Storage(e)) if e.is_not_found() && (shared || !has_ready) => None,
-            Err(e) if has_ready => return Err(e.into()),
-            _ => None,
+        let ready = if !has_ready {
+            None
+        } else {
+            match repo.read_ready(&id, cancel).await {
+                Ok(r) => Some(r),
+                Err(mover_format::RepoError::Storage(e)) if shared && e.is_not_found() => None,
+                Err(e) => return Err(e.into()),
+            }
         };
         out.push(Record { id, p, ready });
     }
@@ -262,16 +265,10 @@ async fn run_locked(repo: &Repository, opts: &GcOptions, me: &RepoLock, cancel: 
     v.refresh_snapshots(repo, &pending_locations(&records), cancel).await?;
     rep.snapshots = v.snapshots.len();
 
-    // Locks that expired or whose process is gone protect nothing; tidy them away.
+    // Locks that expired or whose process is gone protect nothing; tidy them away (ours
+    // is live, so it stays).
     if !opts.dry_run {
-        for l in lock::list(repo, cancel).await? {
-            if l.stale.is_some() && l.info.id != me.id() {
-                for o in &l.objects {
-                    repo.delete_object(o, cancel).await?;
-                }
-                rep.stale_locks_removed += 1;
-            }
-        }
+        rep.stale_locks_removed = lock::unlock(repo, false, cancel).await?.len();
     }
 
     sweep(repo, &mut v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
@@ -299,7 +296,7 @@ async fn sweep(repo: &Repository, v: &mut View, records: &mut Vec<Record>, me: &
     // A record whose gc was killed before `.ready`: its gc is gone, so the locks live now
     // are a superset of what it must wait for.
     for r in records.iter_mut().filter(|r| r.ready.is_none()) {
-        let ready = Ready { locks: live.iter().map(|l| l.info.id.clone()).collect(), written_ms: mover_format::now_unix_ms() };
+        let ready = ready_now(&live);
         if !dry_run {
             repo.write_ready(&r.id, &ready, cancel).await?;
         }
@@ -485,14 +482,13 @@ async fn mark(repo: &Repository, v: &mut View, records: &[Record], opts: &GcOpti
         }
     }
     kept.extend(new_entries);
-    lease_ok(me)?;
+    me.lease().check()?;
     let mut new_segments = BTreeSet::new();
     for part in kept.chunks(SEGMENT_ENTRIES) {
         new_segments.insert(repo.write_index(part, cancel).await?);
         rep.index_segments_written += 1;
     }
-    let created_ms = mover_format::now_unix_ms();
-    let record_id = format!("{created_ms:013}-{}", hex::encode(rand::random::<[u8; 4]>()));
+    let (record_id, created_ms) = new_record_id();
     let p = PendingDeletion { created_ms, orphans: orphans.clone(), forgotten: Vec::new(), entries: taken };
     repo.write_pending(&record_id, &p, cancel).await?;
     rep.records_written += 1;
@@ -502,14 +498,21 @@ async fn mark(repo: &Repository, v: &mut View, records: &[Record], opts: &GcOpti
     }
     // Every backup that may have read the old segments holds a lock now listed.
     let live = live_locks(repo, me, cancel).await?;
-    let ready = Ready { locks: live.iter().map(|l| l.info.id.clone()).collect(), written_ms: mover_format::now_unix_ms() };
+    let ready = ready_now(&live);
     repo.write_ready(&record_id, &ready, cancel).await?;
     v.replace_index(new_segments, kept);
     Ok(Some(Record { id: record_id, p, ready: Some(ready) }))
 }
 
-fn lease_ok(me: &RepoLock) -> Result<()> {
-    me.lease().check()
+/// A new record's id (time first, so records list oldest first) and its creation time.
+fn new_record_id() -> (String, u64) {
+    let created_ms = mover_format::now_unix_ms();
+    (format!("{created_ms:013}-{}", hex::encode(rand::random::<[u8; 4]>())), created_ms)
+}
+
+/// A record's `.ready` marker: the locks live now.
+fn ready_now(live: &[lock::LockView]) -> Ready {
+    Ready { locks: live.iter().map(|l| l.info.id.clone()).collect(), written_ms: mover_format::now_unix_ms() }
 }
 
 /// Parks forgotten manifests in a record (under the `gc` lock) and deletes them from
@@ -525,14 +528,13 @@ pub async fn forget_snapshots(repo: &Repository, ids: &[SnapshotId], cancel: &Ca
             let bytes = repo.get_object(&names::snapshot(id), cancel).await.with_context(|| format!("reading snapshot {id} to forget it"))?;
             forgotten.push((*id, bytes.to_vec()));
         }
-        let created_ms = mover_format::now_unix_ms();
-        let record_id = format!("{created_ms:013}-{}", hex::encode(rand::random::<[u8; 4]>()));
+        let (record_id, created_ms) = new_record_id();
         repo.write_pending(&record_id, &PendingDeletion { created_ms, forgotten, ..Default::default() }, cancel).await?;
         for id in ids {
             repo.delete_object(&names::snapshot(id), cancel).await?;
         }
         let live = live_locks(repo, &me, cancel).await?;
-        repo.write_ready(&record_id, &Ready { locks: live.iter().map(|l| l.info.id.clone()).collect(), written_ms: mover_format::now_unix_ms() }, cancel).await?;
+        repo.write_ready(&record_id, &ready_now(&live), cancel).await?;
         Ok::<usize, anyhow::Error>(ids.len())
     }
     .await;
@@ -540,8 +542,9 @@ pub async fn forget_snapshots(repo: &Repository, ids: &[SnapshotId], cancel: &Ca
     r
 }
 
-/// `index` plus the entries of unswept GC records, for reading snapshots: a snapshot whose
-/// backup used an entry GC had just taken out restores before the next sweep puts it back.
+/// Syncs `index` and returns it plus the entries of unswept GC records, for reading
+/// snapshots: a snapshot whose backup used an entry GC had just taken out restores before
+/// the next sweep puts it back.
 pub async fn with_pending(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<Arc<dyn ChunkIndex>> {
     // Records first, then the index: a record swept in between has put its live entries
     // back into an index segment before it was deleted, and the sync sees that segment.

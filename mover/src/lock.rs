@@ -146,10 +146,7 @@ async fn refresh_loop(repo: Repository, info: Arc<Mutex<LockInfo>>, lease: Lease
                     tracing::warn!("removing superseded lock object {}: {e:#}", cur.object_name());
                 }
             }
-            Err(e) if stop.is_cancelled() => {
-                let _ = e;
-                return;
-            }
+            Err(_) if stop.is_cancelled() => return,
             Err(e) => tracing::warn!("refreshing lock {} in repository {}: {e:#}", cur.id, repo.location()),
         }
     }

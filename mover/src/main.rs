@@ -3,7 +3,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mover::metrics::Progress;
-use mover::open::{local_index, RepoArgs};
+use mover::open::{open_local_index, RepoArgs};
 use mover::pipeline::backup::{backup, BackupOptions, ParentSpec, VolumeSpec};
 use mover::pipeline::reader::IoChoice;
 use mover::pipeline::restore::{restore_volume, HoleMode, RestoreOptions};
@@ -666,7 +666,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 bail!("nothing to back up: give a SOURCE, --volume NAME=SOURCE or --nbd URI");
             }
             let repo = ra.open(&cancel).await?;
-            let index = local_index(&repo, &ra.cache_root(), &cancel).await?;
+            let index = open_local_index(&repo, &ra.cache_root());
             let progress = Arc::new(Progress::default());
             let bar = progress_bar(progress.clone(), !b.json, "backup");
             let r = backup(&repo, index, opts, progress, &cancel).await;
@@ -717,7 +717,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 }
                 vols.iter().map(|v| target.join(format!("{}.img", v.name))).collect()
             };
-            let index = mover::gc::with_pending(&repo, local_index(&repo, &ra.cache_root(), &cancel).await?, &cancel).await?;
+            let index = mover::gc::with_pending(&repo, open_local_index(&repo, &ra.cache_root()), &cancel).await?;
             let progress = Arc::new(Progress::default());
             let bar = progress_bar(progress.clone(), !json, "restore");
             let mut out = Vec::new();

@@ -143,10 +143,6 @@ impl NbdClient {
         self.size
     }
 
-    pub fn uri(&self) -> &str {
-        &self.uri
-    }
-
     fn handshake(&mut self, export: &str, meta: &[String]) -> Result<()> {
         let s = &mut *self.s;
         if u64_(s)? != NBDMAGIC {

@@ -4,7 +4,7 @@
 use crate::index_cache::RocksIndex;
 use crate::s3::{S3Options, S3Storage};
 use anyhow::{bail, Context, Result};
-use mover_format::local_index::{self, ChunkIndex, MemIndex};
+use mover_format::local_index::{ChunkIndex, MemIndex};
 use mover_format::storage::local::LocalStorage;
 use mover_format::storage::Storage;
 use mover_format::Repository;
@@ -94,18 +94,16 @@ impl RepoArgs {
     }
 }
 
-/// The local index of `repo`, synced with the store. RocksDB under the cache directory;
-/// when another process holds it, an in-memory index synced from the store instead.
-pub async fn local_index(repo: &Repository, cache_root: &Path, cancel: &CancellationToken) -> Result<Arc<dyn ChunkIndex>> {
+/// The local index of `repo`: RocksDB under the cache directory; when another process
+/// holds it, an in-memory index instead. Not synced here: `backup` and
+/// [`crate::gc::with_pending`] sync it in the order the GC protocol needs.
+pub fn open_local_index(repo: &Repository, cache_root: &Path) -> Arc<dyn ChunkIndex> {
     let path = RocksIndex::path_for(cache_root, &repo.config().id);
-    let index: Arc<dyn ChunkIndex> = match RocksIndex::open(&path) {
+    match RocksIndex::open(&path) {
         Ok(i) => Arc::new(i),
         Err(e) => {
             tracing::warn!("{e:#}; using an in-memory index for this run");
             Arc::new(MemIndex::default())
         }
-    };
-    let rep = local_index::sync(repo, &*index, cancel).await.with_context(|| format!("syncing the local index {}", path.display()))?;
-    tracing::debug!(?rep, "local index synced");
-    Ok(index)
+    }
 }

@@ -9,7 +9,7 @@ use crate::pipeline::backup::{backup, BackupOptions};
 use crate::pipeline::restore::{restore_volume, HoleMode, RestoreOptions};
 use crate::ratelimit::RateLimiter;
 use anyhow::{Context, Result};
-use mover_format::local_index::{self, ChunkIndex};
+use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::{VolumeEntry, VolumeStats};
 use mover_format::{Repository, SnapshotId};
 use serde::{Deserialize, Serialize};
@@ -333,8 +333,6 @@ impl Jobs {
     async fn execute(&self, job: &Arc<Job>, work: Work, h: &RepoHandle, bandwidth: u64) -> Result<()> {
         match work {
             Work::Backup(mut opts) => {
-                job.set_phase("syncing index");
-                local_index::sync(&h.repo, &*h.index, &job.cancel).await?;
                 opts.limiters = self.global_limit.iter().cloned().collect();
                 if bandwidth > 0 {
                     opts.limiters.push(Arc::new(RateLimiter::new(bandwidth)));
@@ -373,9 +371,8 @@ impl Jobs {
             }
             Work::Restore { snapshot, volume, target, holes } => {
                 job.set_phase("syncing index");
-                local_index::sync(&h.repo, &*h.index, &job.cancel).await?;
-                job.set_phase("restoring");
                 let index = crate::gc::with_pending(&h.repo, h.index.clone(), &job.cancel).await?;
+                job.set_phase("restoring");
                 let s = restore_volume(&h.repo, index, &snapshot, &volume, &target, &RestoreOptions { holes, ..Default::default() }, job.progress.clone(), &job.cancel).await?;
                 self.metrics.restore_bytes.with_label_values(&["written"]).inc_by(s.bytes_written);
                 self.metrics.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);

@@ -369,16 +369,19 @@ async fn resolve_parent(repo: &Repository, opts: &BackupOptions, cancel: &Cancel
 pub async fn backup(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupOptions, progress: Arc<Progress>, cancel: &CancellationToken) -> Result<BackupSummary> {
     let lock = RepoLock::acquire(repo, KIND_BACKUP, cancel).await?;
     let r = async {
-        // After the lock: segments a gc replaced before it are seen as gone.
-        mover_format::local_index::sync(repo, &*index, cancel).await.context("syncing the local index")?;
-        backup_locked(repo, index, opts, progress, lock.lease(), cancel).await
+        // After the lock: segments a gc replaced before it are seen as gone. Dedup looks
+        // chunks up in the index only; the parent's tree may also use entries of unswept gc
+        // records, which the parent (or its parked manifest) keeps alive (docs/gc.md).
+        let tree = crate::gc::with_pending(repo, index.clone(), cancel).await.context("syncing the local index")?;
+        backup_locked(repo, index, tree, opts, progress, lock.lease(), cancel).await
     }
     .await;
     lock.release().await;
     r
 }
 
-async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupOptions, progress: Arc<Progress>, lease: Lease, cancel: &CancellationToken) -> Result<BackupSummary> {
+#[allow(clippy::too_many_arguments)]
+async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, tree: Arc<dyn ChunkIndex>, opts: BackupOptions, progress: Arc<Progress>, lease: Lease, cancel: &CancellationToken) -> Result<BackupSummary> {
     let started = Instant::now();
     if opts.volumes.is_empty() {
         bail!("nothing to back up: name a source or at least one --volume NAME=SOURCE");
@@ -428,10 +431,9 @@ async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: Back
         let pvol = parent.as_ref().and_then(|(id, m)| m.volume(&v.name).map(|pv| (*id, pv.change_base.clone())));
         match pvol {
             None => ch.fallback = Some(format!("no parent snapshot of volume '{}' to apply the changes of bitmap '{base}' to", v.name)),
-            Some((pid, Some(b))) if b == base => {
+            Some((_, Some(b))) if b == base => {
                 ch.changed = Some(dirty);
                 ch.label = Some("nbd");
-                let _ = pid;
             }
             Some((pid, other)) => bail!(
                 "volume '{}': the change source tracks changes since '{base}', but parent snapshot {pid} was taken at {}; refusing an incremental that could miss changes (choose the matching parent, or back up without the bitmap)",
@@ -473,9 +475,7 @@ async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: Back
         for ((spec, (opened, size)), ch) in opts.volumes.iter().zip(sources).zip(changes.iter()) {
             let pvol = parent.as_ref().and_then(|(id, m)| m.volume(&spec.name).map(|v| (*id, v.clone())));
             let prefs = match &pvol {
-                // The parent's tree may use entries a gc has just taken out of the index;
-                // the parent (or its parked manifest) keeps them alive (docs/gc.md).
-                Some((pid, pv)) if pv.segment_size == params.segment_size => Some(load_refs(repo, &*crate::gc::with_pending(repo, index.clone(), &job).await?, pid, pv, &job).await?),
+                Some((pid, pv)) if pv.segment_size == params.segment_size => Some(load_refs(repo, &*tree, pid, pv, &job).await?),
                 _ => None,
             };
             let (entry, b) = backup_volume(&shared, &mut packer, &mut enc, spec, ch, opened, size, pvol.as_ref().map(|p| &p.1), prefs, &opts, &progress, &job).await?;

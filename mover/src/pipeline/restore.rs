@@ -15,7 +15,6 @@ use mover_format::tree::{MapEntry, SegmentMap, SegmentRef};
 use mover_format::{Repository, SnapshotId};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use super::writer::Data;
 use crate::aligned::{AlignedBuf, ALIGN};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -228,13 +227,13 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
         // io_uring on the O_DIRECT descriptor (or on the plain one when there is none).
         (Some(w), true) => {
             if runs.len() == 1 && runs[0] == (0, seg_len) {
-                w.write(seg_offset, Data::Aligned(buf, 0, seg_len as usize)).await.with_context(ctx)?;
+                w.write(seg_offset, buf).await.with_context(ctx)?;
             } else {
                 for &(a, b) in &runs {
                     let mut part = AlignedBuf::new((b - a) as usize);
                     part.as_mut_full()[..(b - a) as usize].copy_from_slice(&buf.as_slice()[a as usize..b as usize]);
                     part.set_len((b - a) as usize);
-                    w.write(seg_offset + a, Data::Aligned(part, 0, (b - a) as usize)).await.with_context(ctx)?;
+                    w.write(seg_offset + a, part).await.with_context(ctx)?;
                 }
             }
         }

@@ -8,17 +8,11 @@ use crate::aligned::AlignedBuf;
 use std::fs::File;
 use std::io;
 use tokio::sync::{mpsc, oneshot};
-use tokio_uring::buf::BoundedBuf;
-
-/// What to write: a plain buffer, or a range of an aligned one (for `O_DIRECT`).
-pub enum Data {
-    Vec(Vec<u8>),
-    Aligned(AlignedBuf, usize, usize),
-}
 
 struct Req {
     offset: u64,
-    data: Data,
+    /// Its initialised bytes are written (aligned, so it also suits `O_DIRECT`).
+    data: AlignedBuf,
     done: oneshot::Sender<io::Result<()>>,
 }
 
@@ -49,10 +43,7 @@ impl UringWriter {
                     while let Some(req) = rx.recv().await {
                         let f = f.clone();
                         tasks.push(tokio_uring::spawn(async move {
-                            let res = match req.data {
-                                Data::Vec(v) => f.write_all_at(v, req.offset).await.0,
-                                Data::Aligned(b, from, to) => f.write_all_at(b.slice(from..to), req.offset).await.0,
-                            };
+                            let (res, _buf) = f.write_all_at(req.data, req.offset).await;
                             let _ = req.done.send(res);
                         }));
                         tasks.retain(|t| !t.is_finished());
@@ -71,8 +62,8 @@ impl UringWriter {
         }
     }
 
-    /// Writes all of `data` at `offset`; returns when the kernel has it.
-    pub async fn write(&self, offset: u64, data: Data) -> io::Result<()> {
+    /// Writes `data.as_slice()` at `offset`; returns when the kernel has it.
+    pub async fn write(&self, offset: u64, data: AlignedBuf) -> io::Result<()> {
         let (done, wait) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("writer closed"))?;
         tx.send(Req { offset, data, done }).await.map_err(|_| io::Error::other("writer stopped"))?;
