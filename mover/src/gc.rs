@@ -131,7 +131,10 @@ impl View {
             if self.segments.contains(&id) {
                 continue;
             }
-            let es = repo.read_index(&id, cancel).await.map_err(|e| anyhow!("{e:#}; gc deletes nothing while an index segment is unreadable (run `mover check`, then `mover index rebuild`)"))?;
+            let es = repo
+                .read_index(&id, cancel)
+                .await
+                .map_err(|e| anyhow!("{e:#}; gc deletes nothing while an index segment is unreadable (run `mover check`, then `mover index rebuild`)"))?;
             self.add_entries(&es);
             self.segments.insert(id);
         }
@@ -157,7 +160,14 @@ impl View {
     }
 
     /// Marks every blob `m` references.
-    async fn walk(&mut self, repo: &Repository, sid: &SnapshotId, m: &Manifest, pending: &HashMap<ChunkId, BlobLocation>, cancel: &CancellationToken) -> Result<()> {
+    async fn walk(
+        &mut self,
+        repo: &Repository,
+        sid: &SnapshotId,
+        m: &Manifest,
+        pending: &HashMap<ChunkId, BlobLocation>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
         for md in &m.metadata {
             self.reachable.insert(md.blob);
         }
@@ -186,13 +196,23 @@ impl View {
         Ok(())
     }
 
-    async fn blob(&mut self, repo: &Repository, id: &ChunkId, pending: &HashMap<ChunkId, BlobLocation>, what: &str, cancel: &CancellationToken) -> Result<Vec<u8>> {
+    async fn blob(
+        &mut self,
+        repo: &Repository,
+        id: &ChunkId,
+        pending: &HashMap<ChunkId, BlobLocation>,
+        what: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<u8>> {
         if !self.first.contains_key(id) && !pending.contains_key(id) {
             // A snapshot written after the index was read: its segments are there by now.
             self.refresh_index(repo, cancel).await?;
         }
         let loc = self.first.get(id).or_else(|| pending.get(id)).ok_or_else(|| {
-            anyhow!("{what}: blob is in no index segment of repository {}; gc deletes nothing until `mover index rebuild` has indexed every pack", repo.location())
+            anyhow!(
+                "{what}: blob is in no index segment of repository {}; gc deletes nothing until `mover index rebuild` has indexed every pack",
+                repo.location()
+            )
         })?;
         Ok(repo.read_blob(id, loc, cancel).await.with_context(|| format!("{what}; gc deletes nothing while a referenced blob is unreadable"))?)
     }
@@ -287,7 +307,15 @@ async fn live_locks(repo: &Repository, me: &RepoLock, cancel: &CancellationToken
 }
 
 /// Sweeps every record none of whose locks is live; keeps the others in `records`.
-async fn sweep(repo: &Repository, v: &mut View, records: &mut Vec<Record>, me: &RepoLock, dry_run: bool, rep: &mut GcReport, cancel: &CancellationToken) -> Result<()> {
+async fn sweep(
+    repo: &Repository,
+    v: &mut View,
+    records: &mut Vec<Record>,
+    me: &RepoLock,
+    dry_run: bool,
+    rep: &mut GcReport,
+    cancel: &CancellationToken,
+) -> Result<()> {
     if records.is_empty() {
         return Ok(());
     }
@@ -305,7 +333,8 @@ async fn sweep(repo: &Repository, v: &mut View, records: &mut Vec<Record>, me: &
     let (eligible, held): (Vec<Record>, Vec<Record>) =
         std::mem::take(records).into_iter().partition(|r| r.ready.as_ref().is_some_and(|d| d.locks.iter().all(|l| !live_ids.contains(l.as_str()))));
     *records = held;
-    rep.held_by = live.iter().filter(|l| records.iter().any(|r| r.ready.as_ref().is_some_and(|d| d.locks.contains(&l.info.id)))).map(|l| l.describe()).collect();
+    rep.held_by =
+        live.iter().filter(|l| records.iter().any(|r| r.ready.as_ref().is_some_and(|d| d.locks.contains(&l.info.id)))).map(|l| l.describe()).collect();
     rep.bytes_held_back = records.iter().flat_map(|r| r.p.packs()).collect::<HashSet<_>>().iter().filter_map(|p| v.packs.get(p)).sum();
     // Manifests parked by `forget` in the records still held stay roots: a backup that
     // started from one as its parent may still be running.
@@ -365,7 +394,15 @@ async fn sweep(repo: &Repository, v: &mut View, records: &mut Vec<Record>, me: &
 }
 
 /// Takes garbage out of the index into a new record; `None` when there is nothing to do.
-async fn mark(repo: &Repository, v: &mut View, records: &[Record], opts: &GcOptions, me: &RepoLock, rep: &mut GcReport, cancel: &CancellationToken) -> Result<Option<Record>> {
+async fn mark(
+    repo: &Repository,
+    v: &mut View,
+    records: &[Record],
+    opts: &GcOptions,
+    me: &RepoLock,
+    rep: &mut GcReport,
+    cancel: &CancellationToken,
+) -> Result<Option<Record>> {
     // One location per chunk: the pack with the most referenced bytes wins.
     let mut by_pack: HashMap<PackId, Vec<IndexEntry>> = HashMap::new();
     let mut seen: HashSet<(ChunkId, PackId)> = HashSet::new();
@@ -474,7 +511,8 @@ async fn mark(repo: &Repository, v: &mut View, records: &[Record], opts: &GcOpti
     for e in &v.entries {
         if going.contains(&e.loc.pack) {
             taken.push(*e);
-        } else if v.packs.contains_key(&e.loc.pack) && home.get(&e.id).is_none_or(|h| h == &e.loc.pack || !v.reachable.contains(&e.id)) && emitted.insert(e.id) {
+        } else if v.packs.contains_key(&e.loc.pack) && home.get(&e.id).is_none_or(|h| h == &e.loc.pack || !v.reachable.contains(&e.id)) && emitted.insert(e.id)
+        {
             kept.push(*e);
         } else if !v.packs.contains_key(&e.loc.pack) {
             // An entry for a missing pack stays as it is, for `check` to report.

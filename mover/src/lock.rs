@@ -71,10 +71,15 @@ impl RepoLock {
     /// A `gc` lock, refused while another live `gc` lock exists.
     pub async fn acquire_exclusive(repo: &Repository, what: &str, cancel: &CancellationToken) -> Result<Self> {
         let me = Self::acquire(repo, KIND_GC, cancel).await?;
-        let others: Vec<LockView> = list(repo, cancel).await?.into_iter().filter(|l| l.info.kind == KIND_GC && l.stale.is_none() && l.info.id != me.id()).collect();
+        let others: Vec<LockView> =
+            list(repo, cancel).await?.into_iter().filter(|l| l.info.kind == KIND_GC && l.stale.is_none() && l.info.id != me.id()).collect();
         if let Some(o) = others.first() {
             me.release().await;
-            bail!("cannot {what}: repository {} is locked by {} (another gc or forget is running; `mover unlock` removes a lock left by a crashed process)", repo.location(), o.describe());
+            bail!(
+                "cannot {what}: repository {} is locked by {} (another gc or forget is running; `mover unlock` removes a lock left by a crashed process)",
+                repo.location(),
+                o.describe()
+            );
         }
         Ok(me)
     }
@@ -165,7 +170,10 @@ pub struct LockView {
 
 impl LockView {
     pub fn describe(&self) -> String {
-        format!("{} lock {} of process {} on {} (created {} ms, refreshed {} ms since the epoch)", self.info.kind, self.info.id, self.info.pid, self.info.hostname, self.info.created_ms, self.info.refreshed_ms)
+        format!(
+            "{} lock {} of process {} on {} (created {} ms, refreshed {} ms since the epoch)",
+            self.info.kind, self.info.id, self.info.pid, self.info.hostname, self.info.created_ms, self.info.refreshed_ms
+        )
     }
 }
 
@@ -207,7 +215,15 @@ pub async fn list(repo: &Repository, cancel: &CancellationToken) -> Result<Vec<L
                 Err(e) if e.is_cancelled() => return Err(e.into()),
                 Err(e) => {
                     tracing::warn!("{e:#}");
-                    LockInfo { id: id.clone(), kind: "unknown".into(), hostname: "unknown".into(), pid: 0, created_ms: ms, refreshed_ms: ms, ttl_s: default_ttl().as_secs() }
+                    LockInfo {
+                        id: id.clone(),
+                        kind: "unknown".into(),
+                        hostname: "unknown".into(),
+                        pid: 0,
+                        created_ms: ms,
+                        refreshed_ms: ms,
+                        ttl_s: default_ttl().as_secs(),
+                    }
                 }
             };
             let stale = staleness(&info, now);

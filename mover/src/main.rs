@@ -243,9 +243,15 @@ enum ClientCmd {
         #[arg(long)]
         watch: bool,
     },
-    Get { id: String },
-    Watch { id: String },
-    Cancel { id: String },
+    Get {
+        id: String,
+    },
+    Watch {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
     List,
     Snapshots {
         #[arg(long, default_value = "default")]
@@ -446,7 +452,11 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                     r.packs,
                     r.index_segments,
                     r.index_entries,
-                    if pct.is_some() { format!("; read {} packs, verified {} blobs ({} bytes)", r.packs_read, r.blobs_verified, r.bytes_verified) } else { String::new() }
+                    if pct.is_some() {
+                        format!("; read {} packs, verified {} blobs ({} bytes)", r.packs_read, r.blobs_verified, r.bytes_verified)
+                    } else {
+                        String::new()
+                    }
                 );
                 for p in &r.problems {
                     println!("problem: {p}");
@@ -462,7 +472,15 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 let (k, v) = split_kv(t, "--keep-tag")?;
                 tags.push((k.to_string(), v.to_string()));
             }
-            let policy = mover::forget::Policy { last: keep_last, hourly: keep_hourly, daily: keep_daily, weekly: keep_weekly, monthly: keep_monthly, yearly: keep_yearly, tags };
+            let policy = mover::forget::Policy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+                tags,
+            };
             let repo = ra.open(&cancel).await?;
             let snaps = repo.snapshots(&cancel).await?;
             let groups = mover::forget::plan(&snaps, &policy)?;
@@ -473,7 +491,13 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 for g in &groups {
                     println!("group {}", g.key);
                     for d in &g.snapshots {
-                        let what = if d.keep { format!("keep   ({})", d.reasons.join(", ")) } else if dry_run { "would remove".into() } else { "removed".into() };
+                        let what = if d.keep {
+                            format!("keep   ({})", d.reasons.join(", "))
+                        } else if dry_run {
+                            "would remove".into()
+                        } else {
+                            "removed".into()
+                        };
                         println!("  {} {}  {what}", &d.id.to_hex()[..16], fmt_time(d.time_unix_ms));
                     }
                 }
@@ -492,9 +516,21 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 let mib = |b: u64| b as f64 / (1 << 20) as f64;
-                println!("{}gc of repository {}: {} snapshots, {} packs ({:.1} MiB)", if dry_run { "dry run: " } else { "" }, repo.location(), r.snapshots, r.packs_before, mib(r.bytes_before));
+                println!(
+                    "{}gc of repository {}: {} snapshots, {} packs ({:.1} MiB)",
+                    if dry_run { "dry run: " } else { "" },
+                    repo.location(),
+                    r.snapshots,
+                    r.packs_before,
+                    mib(r.bytes_before)
+                );
                 println!("  unreferenced packs   {}", r.packs_unreferenced);
-                println!("  packs to repack      {} ({:.1} MiB of live blobs {})", r.packs_repacked, mib(r.bytes_copied), if dry_run { "to copy" } else { "copied" });
+                println!(
+                    "  packs to repack      {} ({:.1} MiB of live blobs {})",
+                    r.packs_repacked,
+                    mib(r.bytes_copied),
+                    if dry_run { "to copy" } else { "copied" }
+                );
                 println!("  unindexed packs      {}", r.packs_unindexed);
                 if dry_run {
                     for p in r.plan.iter().take(50) {
@@ -544,7 +580,12 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 for v in &removed {
                     println!("removed {}{}", v.describe(), v.stale.as_ref().map(|s| format!(" ({s})")).unwrap_or_else(|| " (live; --force)".into()));
                 }
-                println!("removed {} lock(s); {} live lock(s) remain{}", removed.len(), left.len(), if left.is_empty() || force { "" } else { " (use --force only when their holders are gone)" });
+                println!(
+                    "removed {} lock(s); {} live lock(s) remain{}",
+                    removed.len(),
+                    left.len(),
+                    if left.is_empty() || force { "" } else { " (use --force only when their holders are gone)" }
+                );
             }
         }
         Cmd::Stats { json } => {
@@ -655,7 +696,16 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 Some("latest") => ParentSpec::Latest,
                 Some(s) => ParentSpec::Id(s.to_string()),
             };
-            let mut opts = BackupOptions { volumes: specs, metadata, parent, tags, io: b.io, queue_depth: b.queue_depth, upload_concurrency: b.uploads, ..Default::default() };
+            let mut opts = BackupOptions {
+                volumes: specs,
+                metadata,
+                parent,
+                tags,
+                io: b.io,
+                queue_depth: b.queue_depth,
+                upload_concurrency: b.uploads,
+                ..Default::default()
+            };
             if let Some(w) = b.workers {
                 opts.workers = w;
             }
@@ -705,7 +755,10 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
             let m = repo.read_snapshot(&snap_id, &cancel).await?;
             let vols: Vec<_> = match &vol_name {
                 Some(v) => vec![m.volume(v).cloned().ok_or_else(|| {
-                    anyhow!("snapshot {snap_id} has no volume named '{v}' (it has: {})", m.volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", "))
+                    anyhow!(
+                        "snapshot {snap_id} has no volume named '{v}' (it has: {})",
+                        m.volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+                    )
                 })?],
                 None => m.volumes.clone(),
             };
@@ -713,7 +766,11 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 vec![target.clone()]
             } else {
                 if !target.is_dir() {
-                    bail!("snapshot {snap_id} has {} volumes: the target {} must be a directory (or name one volume as SNAPSHOT:VOLUME)", vols.len(), target.display());
+                    bail!(
+                        "snapshot {snap_id} has {} volumes: the target {} must be a directory (or name one volume as SNAPSHOT:VOLUME)",
+                        vols.len(),
+                        target.display()
+                    );
                 }
                 vols.iter().map(|v| target.join(format!("{}.img", v.name))).collect()
             };
@@ -741,10 +798,21 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 let bytes_holes: u64 = out.iter().map(|s| s.bytes_holes).sum();
                 let duration_s: f64 = out.iter().map(|s| s.duration_s).sum();
                 let io_backend = out.first().map(|s| s.io_backend.clone()).unwrap_or_default();
-                println!("{}", serde_json::json!({"snapshot_id": snap_id, "bytes_written": bytes_written, "bytes_holes": bytes_holes, "duration_s": duration_s, "io_backend": io_backend, "volumes": out}));
+                println!(
+                    "{}",
+                    serde_json::json!({"snapshot_id": snap_id, "bytes_written": bytes_written, "bytes_holes": bytes_holes, "duration_s": duration_s, "io_backend": io_backend, "volumes": out})
+                );
             } else {
                 for s in &out {
-                    println!("restored volume '{}' of snapshot {} to {}: {} bytes written, {} bytes of holes, {:.2} s", s.volume, s.snapshot_id, s.target.display(), s.bytes_written, s.bytes_holes, s.duration_s);
+                    println!(
+                        "restored volume '{}' of snapshot {} to {}: {} bytes written, {} bytes of holes, {:.2} s",
+                        s.volume,
+                        s.snapshot_id,
+                        s.target.display(),
+                        s.bytes_written,
+                        s.bytes_holes,
+                        s.duration_s
+                    );
                 }
             }
         }
@@ -788,7 +856,10 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                     println!("  tag       {k}={v}");
                 }
                 for v in &m.volumes {
-                    println!("  volume    {} ({} bytes) from {} [{}]: read {}, new {}, stored {}", v.name, v.size, v.source, v.change_source, v.stats.bytes_read, v.stats.bytes_new, v.stats.bytes_stored);
+                    println!(
+                        "  volume    {} ({} bytes) from {} [{}]: read {}, new {}, stored {}",
+                        v.name, v.size, v.source, v.change_source, v.stats.bytes_read, v.stats.bytes_new, v.stats.bytes_stored
+                    );
                 }
                 for md in &m.metadata {
                     println!("  metadata  {} ({} bytes, blob {})", md.name, md.size, md.blob);
@@ -804,9 +875,18 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                     let idx = mover::index_cache::RocksIndex::open(&path)?;
                     let r = local_index::sync(&repo, &idx, &cancel).await?;
                     if json {
-                        println!("{}", serde_json::json!({"segments_total": r.segments_total, "segments_ingested": r.segments_ingested, "entries_ingested": r.entries_ingested}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"segments_total": r.segments_total, "segments_ingested": r.segments_ingested, "entries_ingested": r.entries_ingested})
+                        );
                     } else {
-                        println!("index {}: {} segments in the store, {} new, {} entries added", path.display(), r.segments_total, r.segments_ingested, r.entries_ingested);
+                        println!(
+                            "index {}: {} segments in the store, {} new, {} entries added",
+                            path.display(),
+                            r.segments_total,
+                            r.segments_ingested,
+                            r.entries_ingested
+                        );
                     }
                 }
                 IndexCmd::Rebuild { json } => {
@@ -827,7 +907,14 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                             "packs_from_trailers": r.packs_from_trailers, "packs_unreadable": r.packs_unreadable, "entries": r.entries, "segments_written": r.segments_written})
                         );
                     } else {
-                        println!("rebuilt {}: {} entries from {} index segments and {} of {} packs' trailers", path.display(), r.entries, r.segments_read, r.packs_from_trailers, r.packs_total);
+                        println!(
+                            "rebuilt {}: {} entries from {} index segments and {} of {} packs' trailers",
+                            path.display(),
+                            r.entries,
+                            r.segments_read,
+                            r.packs_from_trailers,
+                            r.packs_total
+                        );
                         for s in &r.segments_unreadable {
                             println!("  unreadable index segment: {s}");
                         }
@@ -846,7 +933,8 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
             let new_pw = |file: &Option<PathBuf>| -> Result<mover::open::Password> {
                 match file {
                     Some(f) => mover::open::read_password_file(f, "new password file"),
-                    None => mover::open::env_password("MOVER_NEW_PASSWORD").ok_or_else(|| anyhow!("no new password: set MOVER_NEW_PASSWORD or use --new-password-file")),
+                    None => mover::open::env_password("MOVER_NEW_PASSWORD")
+                        .ok_or_else(|| anyhow!("no new password: set MOVER_NEW_PASSWORD or use --new-password-file")),
                 }
             };
             match cmd {
@@ -896,7 +984,16 @@ async fn client(a: ClientArgs) -> Result<()> {
             println!("{}", transfer_json(t));
         } else {
             let p = t.progress.clone().unwrap_or_default();
-            println!("{} {} {} {}/{} bytes {}{}", t.id, state_name(t), p.phase, p.bytes_done, p.bytes_total, t.snapshot_id, if t.error.is_empty() { String::new() } else { format!(" error: {}", t.error) });
+            println!(
+                "{} {} {} {}/{} bytes {}{}",
+                t.id,
+                state_name(t),
+                p.phase,
+                p.bytes_done,
+                p.bytes_total,
+                t.snapshot_id,
+                if t.error.is_empty() { String::new() } else { format!(" error: {}", t.error) }
+            );
         }
     };
     let watch = |id: String, mut tc: pb::transfer_service_client::TransferServiceClient<tonic::transport::Channel>| async move {
@@ -904,7 +1001,10 @@ async fn client(a: ClientArgs) -> Result<()> {
         let mut last = None;
         let bar = (!a.json && std::io::stderr().is_terminal()).then(|| {
             let pb = indicatif::ProgressBar::new(0);
-            pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+            pb.set_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
             pb
         });
         while let Some(t) = stream.message().await.map_err(status)? {
@@ -932,7 +1032,11 @@ async fn client(a: ClientArgs) -> Result<()> {
             let mut vols = Vec::new();
             for v in &volumes {
                 let (n, p) = split_kv(v, "--volume")?;
-                vols.push(pb::BackupVolume { name: n.into(), source: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::Path(p.into())) }), ..Default::default() });
+                vols.push(pb::BackupVolume {
+                    name: n.into(),
+                    source: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::Path(p.into())) }),
+                    ..Default::default()
+                });
             }
             for v in &pod_volumes {
                 let (n, p) = split_kv(v, "--pod-volume")?;
@@ -957,7 +1061,14 @@ async fn client(a: ClientArgs) -> Result<()> {
         }
         ClientCmd::StartRestore { repository, snapshot, volume, target, request_id, watch: w } => {
             let t = tc
-                .start_restore(pb::StartRestoreRequest { request_id, repository, snapshot, volume, target: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::Path(target)) }), holes: 0 })
+                .start_restore(pb::StartRestoreRequest {
+                    request_id,
+                    repository,
+                    snapshot,
+                    volume,
+                    target: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::Path(target)) }),
+                    holes: 0,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();

@@ -69,7 +69,11 @@ async fn load_view(repo: &Repository, rep: &mut CheckReport, cancel: &Cancellati
 }
 
 async fn tree_blob(repo: &Repository, v: &View, id: &ChunkId, what: &str, cancel: &CancellationToken) -> Result<Vec<u8>, String> {
-    let loc = v.index.get(id).or_else(|| v.pending.get(id)).ok_or_else(|| format!("{what}: blob {id} is not in any index segment of repository {}", repo.location()))?;
+    let loc = v
+        .index
+        .get(id)
+        .or_else(|| v.pending.get(id))
+        .ok_or_else(|| format!("{what}: blob {id} is not in any index segment of repository {}", repo.location()))?;
     repo.read_blob(id, loc, cancel).await.map_err(|e| format!("{what}: {e:#}"))
 }
 
@@ -88,9 +92,11 @@ pub async fn check(repo: &Repository, read_percent: Option<u32>, cancel: &Cancel
                     rep.problems.push(format!("pack {} in repository {}: missing, but the index lists chunks in it (e.g. {id})", loc.pack, repo.location()));
                 }
             }
-            Some(&size) if loc.offset as u64 + loc.stored_len as u64 > size.saturating_sub(FOOTER_LEN as u64) => {
-                rep.problems.push(format!("chunk {id} in pack {}: index entry ends at {} but the pack holds {size} bytes", loc.pack, loc.offset as u64 + loc.stored_len as u64))
-            }
+            Some(&size) if loc.offset as u64 + loc.stored_len as u64 > size.saturating_sub(FOOTER_LEN as u64) => rep.problems.push(format!(
+                "chunk {id} in pack {}: index entry ends at {} but the pack holds {size} bytes",
+                loc.pack,
+                loc.offset as u64 + loc.stored_len as u64
+            )),
             _ => {}
         }
     }
@@ -129,7 +135,9 @@ pub async fn check(repo: &Repository, read_percent: Option<u32>, cancel: &Cancel
                                 if let MapEntry::Chunk { id, len } = e {
                                     match v.index.get(id).or_else(|| v.pending.get(id)) {
                                         None => rep.problems.push(format!("{what}: chunk {id} at offset {pos} is not in any index segment")),
-                                        Some(l) if l.raw_len != *len => rep.problems.push(format!("{what}: chunk {id} is {} bytes in the index, {len} in the map", l.raw_len)),
+                                        Some(l) if l.raw_len != *len => {
+                                            rep.problems.push(format!("{what}: chunk {id} is {} bytes in the index, {len} in the map", l.raw_len))
+                                        }
                                         _ => {}
                                     }
                                 }

@@ -9,8 +9,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
@@ -84,7 +84,11 @@ pub fn parse_uri(s: &str) -> Result<NbdUri> {
         if host.is_empty() {
             return Err(bad());
         }
-        let hostport = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !host.ends_with(']') { host.to_string() } else { format!("{host}:10809") };
+        let hostport = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !host.ends_with(']') {
+            host.to_string()
+        } else {
+            format!("{host}:10809")
+        };
         return Ok(NbdUri { target: Target::Tcp(hostport), export: export.to_string(), text: s.to_string() });
     }
     Err(bad())
@@ -187,7 +191,10 @@ impl NbdClient {
             }
             for q in meta {
                 if !self.contexts.contains_key(q) {
-                    bail!("the server does not offer meta context '{q}' on export '{export}' (it offered: {})", self.contexts.keys().cloned().collect::<Vec<_>>().join(", "));
+                    bail!(
+                        "the server does not offer meta context '{q}' on export '{export}' (it offered: {})",
+                        self.contexts.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
                 }
             }
         }

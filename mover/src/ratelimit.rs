@@ -2,8 +2,8 @@
 //! cancellable.
 
 use std::time::Duration;
-use tokio::time::Instant;
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug)]
@@ -29,7 +29,11 @@ impl RateLimiter {
             s.0 = (s.0 + refill).min(self.rate);
             s.1 = now;
             s.0 -= n as f64;
-            if s.0 >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-s.0 / self.rate) }
+            if s.0 >= 0.0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(-s.0 / self.rate)
+            }
         };
         if wait.is_zero() {
             return true;

@@ -7,10 +7,10 @@
 //!   every backend alike, so the fault-injecting tests exercise the same path.
 
 use async_trait::async_trait;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Region};
-use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
@@ -69,12 +69,7 @@ impl S3Storage {
         let mut b = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(opts.path_style)
             .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .operation_attempt_timeout(Duration::from_secs(120))
-                    .build(),
-            );
+            .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(5)).operation_attempt_timeout(Duration::from_secs(120)).build());
         if sdk.region().is_none() && opts.region.is_none() {
             b = b.region(Region::new("us-east-1"));
         }
@@ -91,11 +86,19 @@ impl S3Storage {
     }
 
     fn key(&self, name: &str) -> String {
-        if self.opts.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.opts.prefix) }
+        if self.opts.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}/{name}", self.opts.prefix)
+        }
     }
 
     fn strip(&self, key: &str) -> String {
-        if self.opts.prefix.is_empty() { key.to_string() } else { key.strip_prefix(&format!("{}/", self.opts.prefix)).unwrap_or(key).to_string() }
+        if self.opts.prefix.is_empty() {
+            key.to_string()
+        } else {
+            key.strip_prefix(&format!("{}/", self.opts.prefix)).unwrap_or(key).to_string()
+        }
     }
 
     fn classify<E>(&self, op: &'static str, name: &str, e: SdkError<E, HttpResponse>) -> StorageError
@@ -217,7 +220,13 @@ impl Storage for S3Storage {
             if len == 0 {
                 return match self.head(name, cancel).await? {
                     Some(size) if offset <= size => Ok(Bytes::new()),
-                    Some(size) => Err(StorageError::new(ErrorKind::Permanent, "reading", name, &self.location, format!("range {offset}+0 is past the end ({size} bytes)"))),
+                    Some(size) => Err(StorageError::new(
+                        ErrorKind::Permanent,
+                        "reading",
+                        name,
+                        &self.location,
+                        format!("range {offset}+0 is past the end ({size} bytes)"),
+                    )),
                     None => Err(StorageError::new(ErrorKind::NotFound, "reading", name, &self.location, "not found")),
                 };
             }
@@ -225,14 +234,26 @@ impl Storage for S3Storage {
             let r = match self.client.get_object().bucket(&self.opts.bucket).key(&key).range(range).send().await {
                 Ok(r) => r,
                 Err(SdkError::ServiceError(s)) if http_status(s.raw()) == 416 => {
-                    return Err(StorageError::new(ErrorKind::Permanent, "reading", name, &self.location, format!("range {offset}+{len} is past the end of the object")))
+                    return Err(StorageError::new(
+                        ErrorKind::Permanent,
+                        "reading",
+                        name,
+                        &self.location,
+                        format!("range {offset}+{len} is past the end of the object"),
+                    ))
                 }
                 Err(e) => return Err(self.classify("reading", name, e)),
             };
             let body = r.body.collect().await.map_err(|e| StorageError::new(ErrorKind::Transient, "reading", name, &self.location, format!("body: {e}")))?;
             let b = body.into_bytes();
             if b.len() as u64 != len {
-                return Err(StorageError::new(ErrorKind::Permanent, "reading", name, &self.location, format!("range {offset}+{len} is past the end of the object (got {} bytes)", b.len())));
+                return Err(StorageError::new(
+                    ErrorKind::Permanent,
+                    "reading",
+                    name,
+                    &self.location,
+                    format!("range {offset}+{len} is past the end of the object (got {} bytes)", b.len()),
+                ));
             }
             Ok(b)
         })
@@ -262,11 +283,8 @@ impl Storage for S3Storage {
                 .send()
                 .await
                 .map_err(|e| self.classify("listing", prefix, e))?;
-            let objects = r
-                .contents()
-                .iter()
-                .filter_map(|o| o.key().map(|k| ObjectMeta { name: self.strip(k), size: o.size().unwrap_or(0).max(0) as u64 }))
-                .collect();
+            let objects =
+                r.contents().iter().filter_map(|o| o.key().map(|k| ObjectMeta { name: self.strip(k), size: o.size().unwrap_or(0).max(0) as u64 })).collect();
             let next = if r.is_truncated().unwrap_or(false) { r.next_continuation_token().map(String::from) } else { None };
             Ok(ListPage { objects, next })
         })

@@ -41,8 +41,7 @@ pub fn zero_out_device(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
 /// Deallocates `len` bytes at `offset` of a regular file; they read back as zeros.
 pub fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use nix::fcntl::{fallocate, FallocateFlags};
-    fallocate(f, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64)
-        .map_err(std::io::Error::from)
+    fallocate(f, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64).map_err(std::io::Error::from)
 }
 
 /// Allocated ranges of a regular file from SEEK_DATA/SEEK_HOLE, or `None` when the

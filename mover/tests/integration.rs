@@ -104,7 +104,7 @@ fn make_volume(path: &Path, size: u64, seed: u64) {
         match i % 4 {
             0 => f.write_all_at(&noise(seed * 1000 + i, len as usize), off).unwrap(),
             1 => f.write_all_at(&b"the quick brown fox jumps over the lazy dog\n".repeat(len as usize / 44 + 1)[..len as usize], off).unwrap(),
-            2 => {} // hole
+            2 => {}                                                        // hole
             _ => f.write_all_at(&noise(seed, len as usize), off).unwrap(), // repeats: dedup
         }
         off += len;
@@ -553,7 +553,11 @@ mod maint {
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
                 let p = e.path();
-                if p.is_dir() { out.extend(files_under(&p)) } else { out.push(p) }
+                if p.is_dir() {
+                    out.extend(files_under(&p))
+                } else {
+                    out.push(p)
+                }
             }
         }
         out.sort();
@@ -700,7 +704,8 @@ mod forget {
         let plan = e.json(&["forget", "--keep-last", "2", "--keep-tag", "keep=forever", "--dry-run"]);
         assert_eq!(plan["removed"], 0);
         assert_eq!(e.snapshot_count(), 5, "a dry run changes nothing");
-        let kept: Vec<String> = plan["groups"][0]["snapshots"].as_array().unwrap().iter().filter(|d| d["keep"] == true).map(|d| d["id"].as_str().unwrap().to_string()).collect();
+        let kept: Vec<String> =
+            plan["groups"][0]["snapshots"].as_array().unwrap().iter().filter(|d| d["keep"] == true).map(|d| d["id"].as_str().unwrap().to_string()).collect();
         assert_eq!(kept.len(), 3);
         assert!(kept.contains(&ids[4]) && kept.contains(&ids[3]) && kept.contains(&ids[1]));
         let done = e.json(&["forget", "--keep-last", "2", "--keep-tag", "keep=forever"]);
@@ -757,7 +762,9 @@ mod gc {
 
     fn local_lock_count(e: &Env) -> usize {
         // Only objects: the local store's `.tmp-` files are not locks yet.
-        std::fs::read_dir(Path::new(&e.repo).join("locks")).map(|d| d.filter(|f| !f.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp-")).count()).unwrap_or(0)
+        std::fs::read_dir(Path::new(&e.repo).join("locks"))
+            .map(|d| d.filter(|f| !f.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp-")).count())
+            .unwrap_or(0)
     }
 
     #[test]
@@ -1050,7 +1057,11 @@ mod nbd {
 
     fn raw_hash(e: &Env, img: &Path) -> String {
         let raw = e.path("expected.raw");
-        assert!(Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]).status().unwrap().success());
+        assert!(Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success());
         let h = hash(&raw);
         std::fs::remove_file(raw).unwrap();
         h
@@ -1058,10 +1069,16 @@ mod nbd {
 
     /// Dirty extents as `nbdinfo --map` sees them.
     fn nbdinfo_dirty(uri: &str, bitmap: &str) -> Vec<(u64, u64)> {
-        let o = Command::new("nbdinfo").args(["--json", &format!("--map=qemu:dirty-bitmap:{bitmap}"), uri]).output().expect("nbdinfo (apt-get install libnbd-bin)");
+        let o =
+            Command::new("nbdinfo").args(["--json", &format!("--map=qemu:dirty-bitmap:{bitmap}"), uri]).output().expect("nbdinfo (apt-get install libnbd-bin)");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        v.as_array().unwrap().iter().filter(|x| x["type"].as_u64().unwrap() & 1 == 1).map(|x| (x["offset"].as_u64().unwrap(), x["length"].as_u64().unwrap())).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["type"].as_u64().unwrap() & 1 == 1)
+            .map(|x| (x["offset"].as_u64().unwrap(), x["length"].as_u64().unwrap()))
+            .collect()
     }
 
     fn port() -> u16 {
@@ -1194,10 +1211,21 @@ mod csi {
             Ok(())
         }
         fn by_name(&self, ns: &str, name: &str) -> Result<PathBuf, Status> {
-            self.snaps.lock().unwrap().get(&format!("{ns}/{name}")).map(|s| s.0.clone()).ok_or_else(|| Status::not_found(format!("VolumeSnapshot {ns}/{name} not found")))
+            self.snaps
+                .lock()
+                .unwrap()
+                .get(&format!("{ns}/{name}"))
+                .map(|s| s.0.clone())
+                .ok_or_else(|| Status::not_found(format!("VolumeSnapshot {ns}/{name} not found")))
         }
         fn by_handle(&self, id: &str) -> Result<PathBuf, Status> {
-            self.snaps.lock().unwrap().values().find(|s| s.1 == id).map(|s| s.0.clone()).ok_or_else(|| Status::not_found(format!("snapshot handle {id} not found")))
+            self.snaps
+                .lock()
+                .unwrap()
+                .values()
+                .find(|s| s.1 == id)
+                .map(|s| s.0.clone())
+                .ok_or_else(|| Status::not_found(format!("snapshot handle {id} not found")))
         }
         /// Sends `bl` four per message; breaks the stream once if asked to.
         fn stream<T: Send + 'static>(&self, cap: u64, bl: Vec<sm::BlockMetadata>, make: fn(i32, i64, Vec<sm::BlockMetadata>) -> T) -> Stream<T> {
@@ -1263,10 +1291,48 @@ mod csi {
 
     /// Starts the server with TLS (a CA and a certificate for 127.0.0.1 made by openssl).
     fn start(dir: &Path, srv: Arc<Server>) -> (String, tokio::runtime::Runtime) {
-        openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"]);
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test-ca",
+            ],
+        );
         std::fs::write(dir.join("srv.ext"), "subjectAltName=IP:127.0.0.1,DNS:snapshot-metadata.test\n").unwrap();
-        openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=snapshot-metadata"]);
-        openssl(dir, &["x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "srv.ext"]);
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "srv.key",
+                "-out",
+                "srv.csr",
+                "-subj",
+                "/CN=snapshot-metadata",
+            ],
+        );
+        openssl(
+            dir,
+            &["x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "srv.ext"],
+        );
         let identity = tonic::transport::Identity::from_pem(std::fs::read(dir.join("srv.pem")).unwrap(), std::fs::read(dir.join("srv.key")).unwrap());
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
@@ -1285,10 +1351,21 @@ mod csi {
     }
 
     fn cbt_args<'a>(ep: &'a str, dir: &'a Path, snap: &'a str) -> Vec<String> {
-        ["--cbt-csi", ep, "--cbt-ca", dir.join("ca.pem").to_str().unwrap(), "--cbt-token", dir.join("token").to_str().unwrap(), "--cbt-namespace", "vms", "--cbt-snapshot", snap]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "--cbt-csi",
+            ep,
+            "--cbt-ca",
+            dir.join("ca.pem").to_str().unwrap(),
+            "--cbt-token",
+            dir.join("token").to_str().unwrap(),
+            "--cbt-namespace",
+            "vms",
+            "--cbt-snapshot",
+            snap,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     }
 
     fn run_json(e: &Env, args: &[String]) -> serde_json::Value {
@@ -1377,12 +1454,22 @@ mod csi {
         assert_eq!(restore(&e, &r), hash(&s1));
         std::fs::write(dir.join("token"), "right").unwrap();
         // Unknown snapshot: NOT_FOUND, named.
-        let r = run_json(&e, &[base.clone(), cbt_args(&ep, &dir, "no-such-snap"), vec!["--parent".into(), "latest".into(), "--checkpoint".into(), "handle-1".into()]].concat());
+        let r = run_json(
+            &e,
+            &[base.clone(), cbt_args(&ep, &dir, "no-such-snap"), vec!["--parent".into(), "latest".into(), "--checkpoint".into(), "handle-1".into()]].concat(),
+        );
         let fb = r["volumes"][0]["change_fallback"].as_str().unwrap();
         assert!(fb.contains("not found") && fb.contains("handle-1"), "{fb}");
         // A base that is not the parent's: refused, nothing written.
         let n = e.snapshot_count();
-        let err = e.fail(&[base.iter().map(|s| s.as_str()).collect::<Vec<_>>(), cbt_args(&ep, &dir, "snap-1").iter().map(|s| s.as_str()).collect(), vec!["--parent", "latest", "--cbt-base-id", "handle-0"]].concat());
+        let err = e.fail(
+            &[
+                base.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                cbt_args(&ep, &dir, "snap-1").iter().map(|s| s.as_str()).collect(),
+                vec!["--parent", "latest", "--cbt-base-id", "handle-0"],
+            ]
+            .concat(),
+        );
         assert!(err.contains("refusing an incremental") && err.contains("handle-0"), "{err}");
         assert_eq!(e.snapshot_count(), n);
         // A capacity that is not the source's: refused.

@@ -14,9 +14,11 @@ impl<'a> Reader<'a> {
         Self { buf, pos: 0, what }
     }
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            FormatError::Corrupt(format!("{} truncated: wanted {n} bytes at offset {}, have {}", self.what, self.pos, self.buf.len()))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| FormatError::Corrupt(format!("{} truncated: wanted {n} bytes at offset {}, have {}", self.what, self.pos, self.buf.len())))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)

@@ -26,14 +26,7 @@ pub struct ChunkerParams {
 
 impl Default for ChunkerParams {
     fn default() -> Self {
-        Self {
-            min_size: 32 * 1024,
-            avg_size: 128 * 1024,
-            max_size: 512 * 1024,
-            segment_size: 4 * 1024 * 1024,
-            zero_block: 4096,
-            min_hole: 32 * 1024,
-        }
+        Self { min_size: 32 * 1024, avg_size: 128 * 1024, max_size: 512 * 1024, segment_size: 4 * 1024 * 1024, zero_block: 4096, min_hole: 32 * 1024 }
     }
 }
 

@@ -78,12 +78,11 @@ mod hex_bytes {
 }
 
 fn derive_kek(password: &[u8], salt: &[u8], p: &KdfParams) -> Result<Zeroizing<[u8; 32]>, FormatError> {
-    let params = argon2::Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32))
-        .map_err(|e| FormatError::InvalidParameter(format!("argon2 parameters {p:?}: {e}")))?;
+    let params =
+        argon2::Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32)).map_err(|e| FormatError::InvalidParameter(format!("argon2 parameters {p:?}: {e}")))?;
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut out = Zeroizing::new([0u8; 32]);
-    a.hash_password_into(password, salt, &mut *out)
-        .map_err(|e| FormatError::InvalidParameter(format!("argon2: {e}")))?;
+    a.hash_password_into(password, salt, &mut *out).map_err(|e| FormatError::InvalidParameter(format!("argon2: {e}")))?;
     Ok(out)
 }
 

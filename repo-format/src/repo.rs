@@ -189,10 +189,8 @@ impl Repository {
     /// Reads a pack's trailer with two ranged reads.
     pub async fn read_pack_trailer(&self, id: &PackId, cancel: &CancellationToken) -> Result<Vec<PackEntry>, RepoError> {
         let name = names::pack(id);
-        let size = self
-            .head_object(&name, cancel)
-            .await?
-            .ok_or_else(|| RepoError::NotFound { what: format!("pack {id}"), location: self.location().into() })?;
+        let size =
+            self.head_object(&name, cancel).await?.ok_or_else(|| RepoError::NotFound { what: format!("pack {id}"), location: self.location().into() })?;
         if size < (8 + FOOTER_LEN) as u64 {
             return Err(self.err(&name, FormatError::Corrupt(format!("pack is only {size} bytes"))));
         }
@@ -215,7 +213,12 @@ impl Repository {
                 return Err(RepoError::BadChunk { chunk: *id, pack: loc.pack, location: self.location().into(), what: "pack is missing".into() })
             }
             Err(RepoError::Storage(e)) if e.kind == crate::storage::ErrorKind::Permanent => {
-                return Err(RepoError::BadChunk { chunk: *id, pack: loc.pack, location: self.location().into(), what: format!("pack is truncated or unreadable: {}", e.message) })
+                return Err(RepoError::BadChunk {
+                    chunk: *id,
+                    pack: loc.pack,
+                    location: self.location().into(),
+                    what: format!("pack is truncated or unreadable: {}", e.message),
+                })
             }
             Err(e) => return Err(e),
         };
@@ -396,10 +399,8 @@ impl Repository {
         let kname = names::key(&self.inner.key_id);
         let kb = self.get_object(&kname, cancel).await?;
         let kf = KeyFile::from_bytes(&kb).map_err(|e| self.err(&kname, e))?;
-        let master = kf
-            .unwrap_key(current_password)
-            .map_err(|e| self.err(&kname, e))?
-            .ok_or_else(|| RepoError::WrongPassword { location: self.location().into() })?;
+        let master =
+            kf.unwrap_key(current_password).map_err(|e| self.err(&kname, e))?.ok_or_else(|| RepoError::WrongPassword { location: self.location().into() })?;
         let new = KeyFile::wrap(&master, new_password, kdf).map_err(|e| self.err("new key file", e))?;
         let bytes = Zeroizing::new(new.to_bytes().map_err(|e| self.err("new key file", e))?);
         let id = KeyId(content_id(&bytes));

@@ -76,7 +76,11 @@ mod tests {
     async fn retries_transient_until_success() {
         let n = AtomicU32::new(0);
         let r = retry(&RetryPolicy::default(), &CancellationToken::new(), || async {
-            if n.fetch_add(1, Ordering::SeqCst) < 3 { Err(transient()) } else { Ok(7) }
+            if n.fetch_add(1, Ordering::SeqCst) < 3 {
+                Err(transient())
+            } else {
+                Ok(7)
+            }
         })
         .await;
         assert_eq!(r.unwrap(), 7);

@@ -98,7 +98,10 @@ fn check_header(r: &mut Reader<'_>, ty: u8, what: &str) -> Result<(), FormatErro
 pub enum SegmentRef {
     /// The whole segment is zeros.
     Hole,
-    Map { map: ChunkId, digest: SegmentDigest },
+    Map {
+        map: ChunkId,
+        digest: SegmentDigest,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

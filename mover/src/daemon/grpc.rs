@@ -157,7 +157,11 @@ fn snapshot_proto(id: &mover_format::SnapshotId, m: &mover_format::manifest::Man
         hostname: m.hostname.clone(),
         parent: m.parent.map(|p| p.to_string()).unwrap_or_default(),
         tags: m.tags.clone().into_iter().collect(),
-        volumes: m.volumes.iter().map(|v| pb::SnapshotVolume { name: v.name.clone(), size: v.size, source: v.source.clone(), change_source: v.change_source.clone() }).collect(),
+        volumes: m
+            .volumes
+            .iter()
+            .map(|v| pb::SnapshotVolume { name: v.name.clone(), size: v.size, source: v.source.clone(), change_source: v.change_source.clone() })
+            .collect(),
         metadata_names: m.metadata.iter().map(|x| x.name.clone()).collect(),
         stats: Some(stats_proto(&m.stats)),
     }
@@ -230,7 +234,14 @@ impl TransferService for Api {
             } else {
                 None
             };
-            specs.push(VolumeSpec { name: v.name.clone(), source: path, changed, csi, checkpoint: Some(v.checkpoint.clone()).filter(|c| !c.is_empty()), ..Default::default() });
+            specs.push(VolumeSpec {
+                name: v.name.clone(),
+                source: path,
+                changed,
+                csi,
+                checkpoint: Some(v.checkpoint.clone()).filter(|c| !c.is_empty()),
+                ..Default::default()
+            });
         }
         for m in &req.metadata {
             if m.name.is_empty() || m.data.len() > 64 << 20 {

@@ -190,7 +190,14 @@ impl Jobs {
                 jobs.persist(&rec);
             }
             let (tx, _) = watch::channel(0);
-            let job = Arc::new(Job { record: Mutex::new(rec.clone()), progress: Arc::default(), cancel: CancellationToken::new(), changed: tx, phase: Mutex::new("done"), started: Mutex::new(None) });
+            let job = Arc::new(Job {
+                record: Mutex::new(rec.clone()),
+                progress: Arc::default(),
+                cancel: CancellationToken::new(),
+                changed: tx,
+                phase: Mutex::new("done"),
+                started: Mutex::new(None),
+            });
             if let Ok(mut m) = jobs.by_request.lock() {
                 if !rec.request_id.is_empty() {
                     m.insert(rec.request_id.clone(), rec.id.clone());
@@ -235,7 +242,16 @@ impl Jobs {
     }
 
     /// Registers and spawns a validated job; it waits for a slot (Queued) first.
-    pub fn start(self: &Arc<Self>, kind: Kind, request_id: String, repository: String, volumes: Vec<String>, work: Work, handle: RepoHandle, bandwidth: u64) -> Arc<Job> {
+    pub fn start(
+        self: &Arc<Self>,
+        kind: Kind,
+        request_id: String,
+        repository: String,
+        volumes: Vec<String>,
+        work: Work,
+        handle: RepoHandle,
+        bandwidth: u64,
+    ) -> Arc<Job> {
         let id = format!("tr-{}", hex::encode(rand_bytes()));
         let rec = Record {
             id: id.clone(),
@@ -254,7 +270,14 @@ impl Jobs {
         };
         self.persist(&rec);
         let (tx, _) = watch::channel(0);
-        let job = Arc::new(Job { record: Mutex::new(rec), progress: Arc::default(), cancel: self.shutdown.child_token(), changed: tx, phase: Mutex::new("queued"), started: Mutex::new(None) });
+        let job = Arc::new(Job {
+            record: Mutex::new(rec),
+            progress: Arc::default(),
+            cancel: self.shutdown.child_token(),
+            changed: tx,
+            phase: Mutex::new("queued"),
+            started: Mutex::new(None),
+        });
         if let Ok(mut m) = self.map.lock() {
             m.insert(id.clone(), job.clone());
         }
@@ -373,7 +396,17 @@ impl Jobs {
                 job.set_phase("syncing index");
                 let index = crate::gc::with_pending(&h.repo, h.index.clone(), &job.cancel).await?;
                 job.set_phase("restoring");
-                let s = restore_volume(&h.repo, index, &snapshot, &volume, &target, &RestoreOptions { holes, ..Default::default() }, job.progress.clone(), &job.cancel).await?;
+                let s = restore_volume(
+                    &h.repo,
+                    index,
+                    &snapshot,
+                    &volume,
+                    &target,
+                    &RestoreOptions { holes, ..Default::default() },
+                    job.progress.clone(),
+                    &job.cancel,
+                )
+                .await?;
                 self.metrics.restore_bytes.with_label_values(&["written"]).inc_by(s.bytes_written);
                 self.metrics.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);
                 let r = job.update(|r| {

@@ -52,14 +52,28 @@ impl Metrics {
         registry.register(Box::new(store_request.clone()))?;
         registry.register(Box::new(io_uring_fallbacks.clone()))?;
         let change_sources = IntCounterVec::new(Opts::new("mover_backup_volumes_total", "Volumes backed up, by change source"), &["change_source"])?;
-        let change_fallbacks = IntCounter::new("mover_change_source_fallbacks_total", "Volumes whose changed-block source failed, so the backup read everything")?;
+        let change_fallbacks =
+            IntCounter::new("mover_change_source_fallbacks_total", "Volumes whose changed-block source failed, so the backup read everything")?;
         registry.register(Box::new(change_sources.clone()))?;
         registry.register(Box::new(change_fallbacks.clone()))?;
         for k in ["backup", "restore"] {
             active.with_label_values(&[k]).set(0);
             queued.with_label_values(&[k]).set(0);
         }
-        Ok(Self { registry, backup_bytes, upload_bytes, restore_bytes, transfers, active, queued, duration, store_request, io_uring_fallbacks, change_sources, change_fallbacks })
+        Ok(Self {
+            registry,
+            backup_bytes,
+            upload_bytes,
+            restore_bytes,
+            transfers,
+            active,
+            queued,
+            duration,
+            store_request,
+            io_uring_fallbacks,
+            change_sources,
+            change_fallbacks,
+        })
     }
 
     pub fn render(&self) -> String {

@@ -4,12 +4,11 @@
 //! cancel stops every stage; segment results are put back in volume order so the manifest
 //! does not depend on scheduling.
 
-use super::reader::{self, IoBackend, IoChoice, ReadDone, ReadJob};
 use super::packer::Packer;
+use super::reader::{self, IoBackend, IoChoice, ReadDone, ReadJob};
 use crate::aligned::AlignedBuf;
 use crate::lock::{Lease, RepoLock};
 use crate::metrics::Progress;
-use mover_format::lock::KIND_BACKUP;
 use crate::source;
 use anyhow::{anyhow, bail, Context, Result};
 use mover_format::blob::{BlobEncoder, EncodedBlob};
@@ -17,6 +16,7 @@ use mover_format::chunker::{is_zero, split_segment, Chunker, ChunkerParams, Piec
 use mover_format::crypto::Keys;
 use mover_format::file_formats::{KIND_DATA, KIND_METADATA, KIND_TREE};
 use mover_format::local_index::ChunkIndex;
+use mover_format::lock::KIND_BACKUP;
 use mover_format::manifest::{Manifest, MetadataEntry, VolumeEntry, VolumeStats, MANIFEST_VERSION};
 use mover_format::tree::{MapEntry, SegmentGroup, SegmentMap, SegmentRef, GROUP_SEGMENTS};
 use mover_format::{ChunkId, Repository, SnapshotId};
@@ -242,7 +242,14 @@ async fn csi_changes(v: &VolumeSpec, c: &crate::csi::CsiSpec, size: u64, parent:
     match r {
         Ok(md) => {
             if md.capacity != size {
-                bail!("volume '{}': the SnapshotMetadata service reports {} bytes for snapshot {}/{}, but the source {} has {size}; is it the same volume?", v.name, md.capacity, c.namespace, c.snapshot, v.source.display());
+                bail!(
+                    "volume '{}': the SnapshotMetadata service reports {} bytes for snapshot {}/{}, but the source {} has {size}; is it the same volume?",
+                    v.name,
+                    md.capacity,
+                    c.namespace,
+                    c.snapshot,
+                    v.source.display()
+                );
             }
             if md.resumed > 0 {
                 tracing::info!("volume '{}': the SnapshotMetadata stream was resumed {} time(s)", v.name, md.resumed);
@@ -366,7 +373,13 @@ async fn resolve_parent(repo: &Repository, opts: &BackupOptions, cancel: &Cancel
 ///
 /// The backup holds a `backup` lock from before it syncs the local index until its
 /// manifest is written, so `gc` knows what it may still reference (`docs/gc.md`).
-pub async fn backup(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupOptions, progress: Arc<Progress>, cancel: &CancellationToken) -> Result<BackupSummary> {
+pub async fn backup(
+    repo: &Repository,
+    index: Arc<dyn ChunkIndex>,
+    opts: BackupOptions,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<BackupSummary> {
     let lock = RepoLock::acquire(repo, KIND_BACKUP, cancel).await?;
     let r = async {
         // After the lock: segments a gc replaced before it are seen as gone. Dedup looks
@@ -381,7 +394,15 @@ pub async fn backup(repo: &Repository, index: Arc<dyn ChunkIndex>, opts: BackupO
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, tree: Arc<dyn ChunkIndex>, opts: BackupOptions, progress: Arc<Progress>, lease: Lease, cancel: &CancellationToken) -> Result<BackupSummary> {
+async fn backup_locked(
+    repo: &Repository,
+    index: Arc<dyn ChunkIndex>,
+    tree: Arc<dyn ChunkIndex>,
+    opts: BackupOptions,
+    progress: Arc<Progress>,
+    lease: Lease,
+    cancel: &CancellationToken,
+) -> Result<BackupSummary> {
     let started = Instant::now();
     if opts.volumes.is_empty() {
         bail!("nothing to back up: name a source or at least one --volume NAME=SOURCE");
@@ -478,7 +499,8 @@ async fn backup_locked(repo: &Repository, index: Arc<dyn ChunkIndex>, tree: Arc<
                 Some((pid, pv)) if pv.segment_size == params.segment_size => Some(load_refs(repo, &*tree, pid, pv, &job).await?),
                 _ => None,
             };
-            let (entry, b) = backup_volume(&shared, &mut packer, &mut enc, spec, ch, opened, size, pvol.as_ref().map(|p| &p.1), prefs, &opts, &progress, &job).await?;
+            let (entry, b) =
+                backup_volume(&shared, &mut packer, &mut enc, spec, ch, opened, size, pvol.as_ref().map(|p| &p.1), prefs, &opts, &progress, &job).await?;
             backend = b;
             volumes.push(entry);
         }

@@ -116,11 +116,7 @@ impl Packer {
     /// Collects finished uploads; with `all`, waits for every one.
     async fn reap(&mut self, all: bool) -> Result<()> {
         loop {
-            let next = if all {
-                self.uploads.join_next().await
-            } else {
-                self.uploads.try_join_next()
-            };
+            let next = if all { self.uploads.join_next().await } else { self.uploads.try_join_next() };
             let Some(r) = next else { break };
             let (_id, entries, size) = r.map_err(|e| anyhow!("upload task failed: {e}"))??;
             self.packs_uploaded += 1;

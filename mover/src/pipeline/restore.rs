@@ -5,6 +5,7 @@
 //! device, hole punching on a file), unless the caller says the target is already zeroed.
 
 use super::backup::{load_blob, load_refs};
+use crate::aligned::{AlignedBuf, ALIGN};
 use crate::metrics::Progress;
 use crate::source::{self, Kind};
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,7 +16,6 @@ use mover_format::tree::{MapEntry, SegmentMap, SegmentRef};
 use mover_format::{Repository, SnapshotId};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use crate::aligned::{AlignedBuf, ALIGN};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -153,10 +153,23 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
         match *e {
             MapEntry::Chunk { id, len } => {
                 let loc = cx.index.lookup(&id)?.ok_or_else(|| {
-                    anyhow!("restoring volume '{}' of snapshot {} at offset {}: chunk {id} is not in the index of repository {}", cx.vol, cx.snap, seg_offset + pos, cx.repo.location())
+                    anyhow!(
+                        "restoring volume '{}' of snapshot {} at offset {}: chunk {id} is not in the index of repository {}",
+                        cx.vol,
+                        cx.snap,
+                        seg_offset + pos,
+                        cx.repo.location()
+                    )
                 })?;
                 if loc.raw_len != len {
-                    bail!("restoring volume '{}' of snapshot {} at offset {}: chunk {id} in pack {} has {} bytes, the segment map says {len}", cx.vol, cx.snap, seg_offset + pos, loc.pack, loc.raw_len);
+                    bail!(
+                        "restoring volume '{}' of snapshot {} at offset {}: chunk {id} in pack {} has {} bytes, the segment map says {len}",
+                        cx.vol,
+                        cx.snap,
+                        seg_offset + pos,
+                        loc.pack,
+                        loc.raw_len
+                    );
                 }
                 wants.push(Want { off_in_seg: pos, id, loc });
             }
@@ -179,7 +192,13 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
         let start = wants[i].loc.offset as u64;
         let pack = wants[i].loc.pack;
         let bytes = cx.repo.get_object_range(&names::pack(&pack), start, end - start, &cancel).await.map_err(|e| {
-            anyhow!(e).context(format!("restoring volume '{}' of snapshot {} at offset {}: reading chunk {} from pack {pack}", cx.vol, cx.snap, seg_offset + wants[i].off_in_seg, wants[i].id))
+            anyhow!(e).context(format!(
+                "restoring volume '{}' of snapshot {} at offset {}: reading chunk {} from pack {pack}",
+                cx.vol,
+                cx.snap,
+                seg_offset + wants[i].off_in_seg,
+                wants[i].id
+            ))
         })?;
         // Decrypt + verify off the reactor.
         let run: Vec<(u64, mover_format::ChunkId, mover_format::index::BlobLocation)> = wants[i..j].iter().map(|w| (w.off_in_seg, w.id, w.loc)).collect();

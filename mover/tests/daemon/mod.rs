@@ -138,7 +138,11 @@ fn path_ref(p: &Path) -> Option<pb::VolumeRef> {
 }
 
 fn backup_req(name: &str, p: &Path) -> pb::StartBackupRequest {
-    pb::StartBackupRequest { repository: "main".into(), volumes: vec![pb::BackupVolume { name: name.into(), source: path_ref(p), ..Default::default() }], ..Default::default() }
+    pb::StartBackupRequest {
+        repository: "main".into(),
+        volumes: vec![pb::BackupVolume { name: name.into(), source: path_ref(p), ..Default::default() }],
+        ..Default::default()
+    }
 }
 
 async fn watch_end(c: &mut TransferServiceClient<Channel>, id: &str) -> pb::Transfer {
@@ -188,7 +192,12 @@ fn backup_watch_restore_and_metrics_agree() {
 
         let out = dir.path().join("vols/restored.img");
         let r = c
-            .start_restore(pb::StartRestoreRequest { repository: "main".into(), snapshot: end.snapshot_id.clone(), target: path_ref(&out), ..Default::default() })
+            .start_restore(pb::StartRestoreRequest {
+                repository: "main".into(),
+                snapshot: end.snapshot_id.clone(),
+                target: path_ref(&out),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -209,7 +218,9 @@ fn backup_watch_restore_and_metrics_agree() {
         assert_eq!(p.bytes_new, s2.bytes_new);
         assert_eq!(p.bytes_done, 40 << 20);
 
-        let mut rc = pb::repository_service_client::RepositoryServiceClient::new(mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap());
+        let mut rc = pb::repository_service_client::RepositoryServiceClient::new(
+            mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap(),
+        );
         let snaps = rc.list_snapshots(pb::ListSnapshotsRequest { repository: "main".into() }).await.unwrap().into_inner();
         assert_eq!(snaps.snapshots.len(), 2);
         assert_eq!(snaps.snapshots[0].id, end.snapshot_id);
@@ -282,7 +293,13 @@ fn invalid_requests_get_the_right_status_and_name_the_object() {
         let small = Loop::new(&dir.path().join("small.img"), 4 << 20);
         let r = pb::StartRestoreRequest { repository: "main".into(), snapshot: t.snapshot_id.clone(), target: path_ref(&small.dev), ..Default::default() };
         expect(c.start_restore(r).await, Code::FailedPrecondition, "smaller than volume 'other'");
-        let r = pb::StartRestoreRequest { repository: "main".into(), snapshot: t.snapshot_id.clone(), volume: "nope".into(), target: path_ref(&vols.join("x.img")), ..Default::default() };
+        let r = pb::StartRestoreRequest {
+            repository: "main".into(),
+            snapshot: t.snapshot_id.clone(),
+            volume: "nope".into(),
+            target: path_ref(&vols.join("x.img")),
+            ..Default::default()
+        };
         expect(c.start_restore(r).await, Code::NotFound, "no volume named 'nope'");
         let e = c.get_transfer(pb::GetTransferRequest { id: "tr-nothing".into() }).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
@@ -365,7 +382,11 @@ fn restart_marks_interrupted_and_the_rerun_resumes() {
         assert!(st.chunks_dedup >= 100, "the rerun skipped only {} chunks", st.chunks_dedup);
         assert!(st.bytes_new <= 70 << 20, "the rerun stored {} new bytes", st.bytes_new);
         let out = dir.path().join("vols/out.img");
-        let r = c.start_restore(pb::StartRestoreRequest { repository: "main".into(), snapshot: end.snapshot_id, target: path_ref(&out), ..Default::default() }).await.unwrap().into_inner();
+        let r = c
+            .start_restore(pb::StartRestoreRequest { repository: "main".into(), snapshot: end.snapshot_id, target: path_ref(&out), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(watch_end(&mut c, &r.id).await.state(), pb::TransferState::Succeeded);
         assert_eq!(hash(&src), hash(&out));
 
@@ -396,13 +417,67 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA and a certificate signed by it, for `cn` with the given extension line.
 fn make_ca(dir: &Path, name: &str) {
-    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem"), "-days", "2", "-subj", &format!("/CN={name}")]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
 }
 
 fn make_cert(dir: &Path, ca: &str, name: &str, ext: &str) {
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={name}")]);
-    openssl(dir, &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.pem"), "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-out", &format!("{name}.pem"), "-days", "2", "-extfile", &format!("{name}.ext")]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
 }
 
 #[test]
@@ -478,16 +553,34 @@ fn pod_volumes_resolve_under_the_kubelet_root() {
         assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
         for (vol, src) in [("root", fs_dir.join("disk.img")), ("data", img.clone())] {
             let out = dir.path().join(format!("vols/{vol}.out"));
-            let r = pb::StartRestoreRequest { repository: "main".into(), snapshot: end.snapshot_id.clone(), volume: vol.into(), target: path_ref(&out), ..Default::default() };
+            let r = pb::StartRestoreRequest {
+                repository: "main".into(),
+                snapshot: end.snapshot_id.clone(),
+                volume: vol.into(),
+                target: path_ref(&out),
+                ..Default::default()
+            };
             let r = c.start_restore(r).await.unwrap().into_inner();
             assert_eq!(watch_end(&mut c, &r.id).await.state(), pb::TransferState::Succeeded);
             assert_eq!(hash(&src), hash(&out), "volume {vol}");
         }
-        let bad = pb::StartBackupRequest { repository: "main".into(), volumes: vec![pb::BackupVolume { name: "x".into(), source: pv("nosuch"), ..Default::default() }], ..Default::default() };
+        let bad = pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![pb::BackupVolume { name: "x".into(), source: pv("nosuch"), ..Default::default() }],
+            ..Default::default()
+        };
         let e = c.start_backup(bad).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
         assert!(e.message().contains("'nosuch'") && e.message().contains(uid), "{}", e.message());
-        let bad = pb::StartBackupRequest { repository: "main".into(), volumes: vec![pb::BackupVolume { name: "x".into(), source: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::PodVolume(pb::PodVolume { pod_uid: "../..".into(), volume_name: "v".into() })) }), ..Default::default() }], ..Default::default() };
+        let bad = pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![pb::BackupVolume {
+                name: "x".into(),
+                source: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::PodVolume(pb::PodVolume { pod_uid: "../..".into(), volume_name: "v".into() })) }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
         assert_eq!(c.start_backup(bad).await.unwrap_err().code(), Code::InvalidArgument);
     });
 }
@@ -511,10 +604,21 @@ fn nbd_sources_through_the_api_report_change_source_and_fallbacks() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let vol = |bitmap: &str, checkpoint: &str| pb::BackupVolume { name: "vm".into(), nbd_uri: uri.clone(), nbd_bitmap: bitmap.into(), checkpoint: checkpoint.into(), ..Default::default() };
+    let vol = |bitmap: &str, checkpoint: &str| pb::BackupVolume {
+        name: "vm".into(),
+        nbd_uri: uri.clone(),
+        nbd_bitmap: bitmap.into(),
+        checkpoint: checkpoint.into(),
+        ..Default::default()
+    };
     rt().block_on(async {
         let mut c = client(&d).await;
-        let req = |v: pb::BackupVolume, parent: &str| pb::StartBackupRequest { repository: "main".into(), volumes: vec![v], parent: parent.into(), ..Default::default() };
+        let req = |v: pb::BackupVolume, parent: &str| pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![v],
+            parent: parent.into(),
+            ..Default::default()
+        };
         let t = c.start_backup(req(vol("", "cp1"), "")).await.unwrap().into_inner();
         let full = watch_end(&mut c, &t.id).await;
         assert_eq!(full.state(), pb::TransferState::Succeeded, "{}", full.error);

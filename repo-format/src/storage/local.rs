@@ -96,10 +96,7 @@ fn read_range(path: &Path, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     let f = File::open(path)?;
     let size = f.metadata()?.len();
     if offset.checked_add(len).is_none_or(|end| end > size) {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("range {offset}+{len} is past the end of the object ({size} bytes)"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("range {offset}+{len} is past the end of the object ({size} bytes)")));
     }
     let mut buf = vec![0u8; len as usize];
     f.read_exact_at(&mut buf, offset)?;
