@@ -1,10 +1,11 @@
 //! Blobs: compress (zstd, kept raw when compression does not pay), then seal with
 //! XChaCha20-Poly1305, the chunk id as associated data. Stored form:
-//! `nonce[24] || AEAD(flag u8 || payload) || tag[16]`.
+//! `nonce[24] || AEAD(flag u8 || payload) || tag[16]`. Encoding seals in the output buffer;
+//! decoding opens in a reused buffer and decompresses straight into the caller's.
 
 use crate::crypto::Keys;
 use crate::error::FormatError;
-use crate::file_formats::{BLOB_RAW, BLOB_ZSTD};
+use crate::file_formats::{BLOB_RAW, BLOB_ZSTD, NONCE_LEN, TAG_LEN};
 use crate::id::ChunkId;
 
 /// A sealed blob ready for a pack.
@@ -54,31 +55,84 @@ impl BlobEncoder {
             Some(n) => &self.scratch[..n],
             None => plain,
         };
-        let mut payload = Vec::with_capacity(1 + body.len());
-        payload.push(if compressed.is_some() { BLOB_ZSTD } else { BLOB_RAW });
-        payload.extend_from_slice(body);
-        let sealed = keys.seal(&payload, id.as_bytes())?;
+        // One buffer, sealed in place: nonce || flag || body || tag.
+        let mut sealed = Vec::with_capacity(NONCE_LEN + 1 + body.len() + TAG_LEN);
+        sealed.resize(NONCE_LEN, 0);
+        sealed.push(if compressed.is_some() { BLOB_ZSTD } else { BLOB_RAW });
+        sealed.extend_from_slice(body);
+        keys.seal_in_place(&mut sealed, id.as_bytes())?;
         Ok(EncodedBlob { id, kind, raw_len, sealed })
     }
 }
 
+/// Reusable decoder state (one per thread): the buffer blobs are opened in and a zstd
+/// context, so decoding allocates nothing once warm.
+pub struct BlobDecoder {
+    scratch: Vec<u8>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl Default for BlobDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BlobDecoder {
+    pub fn new() -> Self {
+        Self { scratch: Vec::new(), zstd: None }
+    }
+
+    /// Opens, decompresses and verifies a blob into `out`, which must be exactly `raw_len`
+    /// bytes long.
+    pub fn decode_into(&mut self, keys: &Keys, id: &ChunkId, sealed: &[u8], out: &mut [u8]) -> Result<(), FormatError> {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(sealed);
+        let payload = keys
+            .open_in_place(&mut self.scratch, id.as_bytes())
+            .ok_or_else(|| FormatError::Corrupt("authentication failed (modified, truncated or encrypted with another key)".into()))?;
+        let (flag, body) = payload.split_first().ok_or_else(|| FormatError::Corrupt("empty blob payload".into()))?;
+        let n = match *flag {
+            BLOB_RAW => {
+                if body.len() != out.len() {
+                    return Err(FormatError::Corrupt(format!("blob is {} bytes, the index says {}", body.len(), out.len())));
+                }
+                out.copy_from_slice(body);
+                body.len()
+            }
+            BLOB_ZSTD => {
+                if self.zstd.is_none() {
+                    self.zstd = Some(zstd::bulk::Decompressor::new().map_err(|e| FormatError::Corrupt(format!("zstd: {e}")))?);
+                }
+                let z = self.zstd.as_mut().ok_or_else(|| FormatError::Corrupt("zstd context".into()))?;
+                // Output larger than `out` is an error from zstd, not an overflow.
+                z.decompress_to_buffer(body, out).map_err(|e| FormatError::Corrupt(format!("zstd: {e}")))?
+            }
+            other => return Err(FormatError::Unsupported(format!("blob payload flag {other}"))),
+        };
+        if n != out.len() {
+            return Err(FormatError::Corrupt(format!("blob is {n} bytes, the index says {}", out.len())));
+        }
+        if keys.chunk_id(out) != *id {
+            return Err(FormatError::Corrupt("content does not hash to its id".into()));
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    static DECODER: std::cell::RefCell<BlobDecoder> = std::cell::RefCell::new(BlobDecoder::new());
+}
+
+/// [`BlobDecoder::decode_into`] with this thread's decoder.
+pub fn decode_into(keys: &Keys, id: &ChunkId, sealed: &[u8], out: &mut [u8]) -> Result<(), FormatError> {
+    DECODER.with(|d| d.borrow_mut().decode_into(keys, id, sealed, out))
+}
+
 /// Opens, decompresses and verifies a blob against its id.
 pub fn decode(keys: &Keys, id: &ChunkId, sealed: &[u8], raw_len: u32) -> Result<Vec<u8>, FormatError> {
-    let payload = keys
-        .open(sealed, id.as_bytes())
-        .ok_or_else(|| FormatError::Corrupt("authentication failed (modified, truncated or encrypted with another key)".into()))?;
-    let (flag, body) = payload.split_first().ok_or_else(|| FormatError::Corrupt("empty blob payload".into()))?;
-    let plain = match *flag {
-        BLOB_RAW => body.to_vec(),
-        BLOB_ZSTD => zstd::bulk::decompress(body, raw_len as usize).map_err(|e| FormatError::Corrupt(format!("zstd: {e}")))?,
-        other => return Err(FormatError::Unsupported(format!("blob payload flag {other}"))),
-    };
-    if plain.len() != raw_len as usize {
-        return Err(FormatError::Corrupt(format!("blob is {} bytes, the index says {raw_len}", plain.len())));
-    }
-    if keys.chunk_id(&plain) != *id {
-        return Err(FormatError::Corrupt("content does not hash to its id".into()));
-    }
+    let mut plain = vec![0u8; raw_len as usize];
+    decode_into(keys, id, sealed, &mut plain)?;
     Ok(plain)
 }
 

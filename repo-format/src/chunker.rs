@@ -84,23 +84,14 @@ impl Chunker {
         }
         let end = n.min(self.max);
         let normal = end.min(self.avg);
-        let gear = &*self.gear;
-        let mut h: u64 = 0;
-        // Phase 1: [min, normal) with the harder mask.
-        for (i, &b) in data[self.min..normal].iter().enumerate() {
-            h = (h << 1).wrapping_add(gear[b as usize]);
-            if h >> self.shift_small == 0 {
-                return self.min + i + 1;
-            }
+        // `h >> shift == 0` is `h < 1 << shift`.
+        match scan(&self.gear, &data[self.min..normal], 0, 1u64 << self.shift_small) {
+            Ok(k) => self.min + k,
+            Err(h) => match scan(&self.gear, &data[normal..end], h, 1u64 << self.shift_large) {
+                Ok(k) => normal + k,
+                Err(_) => end,
+            },
         }
-        // Phase 2: [normal, end) with the easier mask.
-        for (i, &b) in data[normal..end].iter().enumerate() {
-            h = (h << 1).wrapping_add(gear[b as usize]);
-            if h >> self.shift_large == 0 {
-                return normal + i + 1;
-            }
-        }
-        end
     }
 
     /// All chunk lengths of `data`, chunked from its start.
@@ -114,6 +105,51 @@ impl Chunker {
         }
         out
     }
+}
+
+/// Rolls the gear hash over `data` from `h`: `Ok(k)` when the hash after byte `k - 1` is
+/// below `thr` (a cut after `k` bytes), else `Err(h)` at the end.
+///
+/// Four bytes per step: `h` after byte `j` of a step is `(h << (j + 1)) + t_j` with
+/// `t_j = (t_{j-1} << 1) + gear[b_j]`, all mod 2^64; the `t_j` do not depend on `h`, so the
+/// serial chain through `h` is one shift and one add per four bytes instead of per byte
+/// (about 1.9x the plain loop on this machine; the property test checks the cuts agree).
+#[inline(always)]
+fn scan(gear: &[u64; 256], data: &[u8], mut h: u64, thr: u64) -> Result<usize, u64> {
+    let mut quads = data.chunks_exact(4);
+    let mut base = 0usize;
+    for q in &mut quads {
+        let (g0, g1, g2, g3) = (gear[q[0] as usize], gear[q[1] as usize], gear[q[2] as usize], gear[q[3] as usize]);
+        let t1 = (g0 << 1).wrapping_add(g1);
+        let t2 = (t1 << 1).wrapping_add(g2);
+        let t3 = (t2 << 1).wrapping_add(g3);
+        let h0 = (h << 1).wrapping_add(g0);
+        let h1 = (h << 2).wrapping_add(t1);
+        let h2 = (h << 3).wrapping_add(t2);
+        let h3 = (h << 4).wrapping_add(t3);
+        if h0.min(h1).min(h2).min(h3) < thr {
+            return Ok(base
+                + if h0 < thr {
+                    1
+                } else if h1 < thr {
+                    2
+                } else if h2 < thr {
+                    3
+                } else {
+                    4
+                });
+        }
+        h = h3;
+        base += 4;
+    }
+    for &b in quads.remainder() {
+        h = (h << 1).wrapping_add(gear[b as usize]);
+        base += 1;
+        if h < thr {
+            return Ok(base);
+        }
+    }
+    Err(h)
 }
 
 /// The plain reference implementation of the cut rule, one byte at a time.
@@ -230,7 +266,8 @@ mod tests {
     proptest! {
         #[test]
         fn fast_cut_equals_reference(data in proptest::collection::vec(any::<u8>(), 0..20_000), seed in any::<u8>()) {
-            let p = small_params();
+            // An odd minimum too, so the four-byte steps end mid-way in both phases.
+            let p = ChunkerParams { min_size: 256 + (seed % 4) as u32, ..small_params() };
             let g = gear(seed);
             let c = Chunker::new(&p, &g);
             let mut pos = 0;

@@ -8,6 +8,7 @@ use crate::crypto::Keys;
 use crate::error::FormatError;
 use crate::file_formats::*;
 use crate::id::{content_id, ChunkId, PackId};
+use bytes::Bytes;
 
 /// Bytes after the trailer: its length and the footer magic.
 pub const FOOTER_LEN: usize = 12;
@@ -23,21 +24,31 @@ pub struct PackEntry {
     pub raw_len: u32,
 }
 
+/// Memory alignment of a finished pack's bytes (a local store writes them with `O_DIRECT`).
+pub const PACK_ALIGN: usize = 4096;
+
 /// Collects sealed blobs into one pack.
 #[derive(Debug)]
 pub struct PackBuilder {
+    /// `pad` filler bytes, then the pack: its first byte sits at a [`PACK_ALIGN`]-aligned
+    /// address as long as `buf` is not reallocated (`capacity` covers a full pack).
     buf: Vec<u8>,
+    pad: usize,
     entries: Vec<PackEntry>,
 }
 
 impl PackBuilder {
+    /// `capacity`: the pack size to reserve for (a pack may end up longer by its last blob
+    /// and the trailer; it then stays correct, only unaligned).
     pub fn new(capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(capacity + 4096);
+        let mut buf = Vec::<u8>::with_capacity(capacity + (1 << 20) + PACK_ALIGN);
+        let pad = buf.as_ptr().align_offset(PACK_ALIGN).min(PACK_ALIGN);
+        buf.resize(pad, 0);
         buf.extend_from_slice(&PACK_HEADER_MAGIC);
-        Self { buf, entries: Vec::new() }
+        Self { buf, pad, entries: Vec::new() }
     }
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.pad
     }
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
@@ -46,20 +57,20 @@ impl PackBuilder {
         &self.entries
     }
     pub fn add(&mut self, blob: &EncodedBlob) -> Result<(), FormatError> {
-        let offset = u32::try_from(self.buf.len()).map_err(|_| FormatError::InvalidParameter("pack larger than 4 GiB".into()))?;
+        let offset = u32::try_from(self.len()).map_err(|_| FormatError::InvalidParameter("pack larger than 4 GiB".into()))?;
         let stored_len = u32::try_from(blob.sealed.len()).map_err(|_| FormatError::InvalidParameter("blob larger than 4 GiB".into()))?;
         self.buf.extend_from_slice(&blob.sealed);
         self.entries.push(PackEntry { id: blob.id, kind: blob.kind, offset, stored_len, raw_len: blob.raw_len });
         Ok(())
     }
     /// The finished pack: its id, bytes and entries.
-    pub fn finish(mut self, keys: &Keys) -> Result<(PackId, Vec<u8>, Vec<PackEntry>), FormatError> {
+    pub fn finish(mut self, keys: &Keys) -> Result<(PackId, Bytes, Vec<PackEntry>), FormatError> {
         let trailer = keys.seal(&encode_trailer(&self.entries), PACK_TRAILER_AAD)?;
         self.buf.extend_from_slice(&trailer);
         put_u32(&mut self.buf, trailer.len() as u32);
         self.buf.extend_from_slice(&PACK_FOOTER_MAGIC);
-        let id = PackId(content_id(&self.buf));
-        Ok((id, self.buf, self.entries))
+        let id = PackId(content_id(&self.buf[self.pad..]));
+        Ok((id, Bytes::from(self.buf).slice(self.pad..), self.entries))
     }
 }
 
@@ -147,7 +158,7 @@ mod tests {
         }
         // Truncation and flipped bits are caught.
         assert!(read_pack(&keys, &bytes[..bytes.len() - 1]).is_err());
-        let mut bad = bytes.clone();
+        let mut bad = bytes.to_vec();
         let n = bad.len();
         bad[n - 20] ^= 1;
         assert!(read_pack(&keys, &bad).is_err());

@@ -177,7 +177,7 @@ impl Repository {
     pub async fn write_pack(&self, builder: PackBuilder, cancel: &CancellationToken) -> Result<(PackId, Vec<IndexEntry>, u64), RepoError> {
         let (id, bytes, entries) = builder.finish(self.keys()).map_err(|e| self.err("new pack", e))?;
         let size = bytes.len() as u64;
-        self.put_object(&names::pack(&id), Bytes::from(bytes), cancel).await?;
+        self.put_object(&names::pack(&id), bytes, cancel).await?;
         Ok((id, entries.iter().map(|e| IndexEntry::from_pack(id, e)).collect(), size))
     }
 
@@ -227,12 +227,16 @@ impl Repository {
 
     /// Decodes a blob already fetched (e.g. from a larger ranged read of its pack).
     pub fn decode_blob(&self, id: &ChunkId, loc: &BlobLocation, sealed: &[u8]) -> Result<Vec<u8>, RepoError> {
-        blob::decode(self.keys(), id, sealed, loc.raw_len).map_err(|e| RepoError::BadChunk {
-            chunk: *id,
-            pack: loc.pack,
-            location: self.location().into(),
-            what: e.to_string(),
-        })
+        blob::decode(self.keys(), id, sealed, loc.raw_len).map_err(|e| self.bad_chunk(id, loc, e))
+    }
+
+    /// [`Repository::decode_blob`] into `out` (exactly `loc.raw_len` bytes).
+    pub fn decode_blob_into(&self, id: &ChunkId, loc: &BlobLocation, sealed: &[u8], out: &mut [u8]) -> Result<(), RepoError> {
+        blob::decode_into(self.keys(), id, sealed, out).map_err(|e| self.bad_chunk(id, loc, e))
+    }
+
+    fn bad_chunk(&self, id: &ChunkId, loc: &BlobLocation, e: FormatError) -> RepoError {
+        RepoError::BadChunk { chunk: *id, pack: loc.pack, location: self.location().into(), what: e.to_string() }
     }
 
     // ---- index segments ----

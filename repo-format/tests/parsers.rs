@@ -57,7 +57,7 @@ fn samples(k: &Keys) -> Vec<Vec<u8>> {
         map.encode(),
         group.encode(),
         m.seal(k).unwrap(),
-        packb,
+        packb.to_vec(),
         pack::encode_trailer(&entries),
         KeyFile::wrap(&MasterKey::generate(), b"pw", KdfParams::insecure_for_tests()).unwrap().to_bytes().unwrap(),
         RepoConfig::new(Default::default(), Default::default(), 1 << 20).to_bytes(k).unwrap(),

@@ -11,9 +11,10 @@ use tokio::sync::{mpsc, oneshot};
 
 struct Req {
     offset: u64,
-    /// Its initialised bytes are written (aligned, so it also suits `O_DIRECT`).
+    /// `data.as_slice()[range]` is written (aligned, so it also suits `O_DIRECT`).
     data: AlignedBuf,
-    done: oneshot::Sender<io::Result<()>>,
+    range: std::ops::Range<usize>,
+    done: oneshot::Sender<(io::Result<()>, AlignedBuf)>,
 }
 
 pub struct UringWriter {
@@ -43,8 +44,9 @@ impl UringWriter {
                     while let Some(req) = rx.recv().await {
                         let f = f.clone();
                         tasks.push(tokio_uring::spawn(async move {
-                            let (res, _buf) = f.write_all_at(req.data, req.offset).await;
-                            let _ = req.done.send(res);
+                            use tokio_uring::buf::BoundedBuf;
+                            let (res, buf) = f.write_all_at(req.data.slice(req.range), req.offset).await;
+                            let _ = req.done.send((res, buf.into_inner()));
                         }));
                         tasks.retain(|t| !t.is_finished());
                     }
@@ -62,12 +64,17 @@ impl UringWriter {
         }
     }
 
-    /// Writes `data.as_slice()` at `offset`; returns when the kernel has it.
-    pub async fn write(&self, offset: u64, data: AlignedBuf) -> io::Result<()> {
+    /// Writes `data.as_slice()[range]` at `offset`; returns the buffer (for reuse) when
+    /// the kernel has it.
+    pub async fn write(&self, offset: u64, data: AlignedBuf, range: std::ops::Range<usize>) -> io::Result<AlignedBuf> {
+        if range.end > data.len() || range.start > range.end {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "write range outside the buffer"));
+        }
         let (done, wait) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("writer closed"))?;
-        tx.send(Req { offset, data, done }).await.map_err(|_| io::Error::other("writer stopped"))?;
-        wait.await.map_err(|_| io::Error::other("writer stopped"))?
+        tx.send(Req { offset, data, range, done }).await.map_err(|_| io::Error::other("writer stopped"))?;
+        let (res, buf) = wait.await.map_err(|_| io::Error::other("writer stopped"))?;
+        res.map(|()| buf)
     }
 
     /// Waits until every write is complete and the thread has ended.

@@ -9,7 +9,7 @@ use super::{ErrorKind, ListPage, ObjectMeta, PutOutcome, Storage, StorageError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
@@ -68,6 +68,31 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Writes the longest 4096-multiple prefix of `data` to `path` with `O_DIRECT` when `data`
+/// sits at an aligned address (packs do) and is long enough; returns how many bytes were
+/// written (0 when not eligible or refused: the caller writes the rest buffered). Large
+/// objects then skip the page cache: no copy into it, and the fsync has little to flush.
+fn write_direct_prefix(path: &Path, data: &[u8]) -> usize {
+    use std::os::unix::fs::OpenOptionsExt;
+    let n = data.len() / DIRECT_ALIGN as usize * DIRECT_ALIGN as usize;
+    if (n as u64) < DIRECT_MIN || data.as_ptr() as usize % DIRECT_ALIGN as usize != 0 {
+        return 0;
+    }
+    let Ok(f) = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) else {
+        return 0;
+    };
+    let mut done = 0usize;
+    while done < n {
+        match f.write_at(&data[done..n], done as u64) {
+            Ok(k) if k > 0 && k % DIRECT_ALIGN as usize == 0 => done += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A short unaligned write or an error: the buffered write takes over from here.
+            _ => break,
+        }
+    }
+    done
+}
+
 fn put_file(path: &Path, data: &[u8]) -> io::Result<PutOutcome> {
     if path.exists() {
         return Ok(PutOutcome::Existed);
@@ -76,8 +101,9 @@ fn put_file(path: &Path, data: &[u8]) -> io::Result<PutOutcome> {
     fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(data)?;
+        let f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let done = write_direct_prefix(&tmp, data);
+        f.write_all_at(&data[done..], done as u64)?;
         f.sync_all()?;
         drop(f);
         match fs::hard_link(&tmp, path) {
@@ -92,15 +118,55 @@ fn put_file(path: &Path, data: &[u8]) -> io::Result<PutOutcome> {
     Ok(outcome)
 }
 
-fn read_range(path: &Path, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+/// Ranges at least this long are read with `O_DIRECT` where the filesystem allows it.
+const DIRECT_MIN: u64 = 256 << 10;
+const DIRECT_ALIGN: u64 = 4096;
+
+fn read_range(path: &Path, offset: u64, len: u64) -> io::Result<Bytes> {
     let f = File::open(path)?;
     let size = f.metadata()?.len();
     if offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("range {offset}+{len} is past the end of the object ({size} bytes)")));
     }
+    if len >= DIRECT_MIN {
+        if let Some(b) = read_range_direct(path, offset, len, size) {
+            return Ok(b);
+        }
+    }
     let mut buf = vec![0u8; len as usize];
     f.read_exact_at(&mut buf, offset)?;
-    Ok(buf)
+    Ok(Bytes::from(buf))
+}
+
+/// Reads a long range with `O_DIRECT`: one large I/O straight into our buffer instead of
+/// small readahead requests through the page cache and a copy out of it (cold pack reads
+/// in a restore ran at a fraction of the disk's speed). `None` when the filesystem refuses
+/// `O_DIRECT` or the read fails; the caller then reads buffered.
+fn read_range_direct(path: &Path, offset: u64, len: u64, size: u64) -> Option<Bytes> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok()?;
+    let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
+    let end = (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let span = (end - start) as usize;
+    // An aligned window inside a plain Vec: no unsafe allocation needed.
+    let mut v = vec![0u8; span + DIRECT_ALIGN as usize];
+    let pad = v.as_ptr().align_offset(DIRECT_ALIGN as usize);
+    let mut done = 0usize;
+    let want = (offset + len - start) as usize;
+    while done < want {
+        // Lengths stay multiples of the alignment; the file's end makes the last read short.
+        match f.read_at(&mut v[pad + done..pad + span], start + done as u64) {
+            Ok(0) => return None,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+        if done < want && done % DIRECT_ALIGN as usize != 0 && start + (done as u64) < size {
+            return None;
+        }
+    }
+    let from = pad + (offset - start) as usize;
+    Some(Bytes::from(v).slice(from..from + len as usize))
 }
 
 fn walk(dir: &Path, rel: &str, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
@@ -144,7 +210,7 @@ impl Storage for LocalStorage {
 
     async fn get_range(&self, name: &str, offset: u64, len: u64, cancel: &CancellationToken) -> Result<Bytes, StorageError> {
         let path = self.path(name);
-        self.blocking("reading", name, cancel, move || read_range(&path, offset, len).map(Bytes::from)).await
+        self.blocking("reading", name, cancel, move || read_range(&path, offset, len)).await
     }
 
     async fn head(&self, name: &str, cancel: &CancellationToken) -> Result<Option<u64>, StorageError> {
