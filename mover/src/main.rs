@@ -358,8 +358,8 @@ struct BackupArgs {
     /// Chunking/compression threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
-    /// Concurrent pack uploads.
-    #[arg(long, default_value_t = 3)]
+    /// Concurrent pack uploads (default: 2 to a local directory, 3 to S3).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
     uploads: usize,
     /// Upload limit in bytes per second (0: none).
     #[arg(long, default_value_t = 0, value_name = "BYTES_PER_S")]

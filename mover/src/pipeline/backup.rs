@@ -91,10 +91,22 @@ pub struct BackupOptions {
     pub io: IoChoice,
     pub queue_depth: usize,
     pub workers: usize,
+    /// Pack uploads in flight; 0 picks by store (see `upload_slots`).
     pub upload_concurrency: usize,
     pub checkpoint_packs: usize,
     /// Upload bandwidth limits (node-wide and per transfer); every pack takes from each.
     pub limiters: Vec<Arc<crate::ratelimit::RateLimiter>>,
+}
+
+/// Pack uploads in flight: `requested`, or for 0 two to a local directory (its `O_DIRECT`
+/// writes run at device speed; a third only holds another 16 MiB) and three to S3 (where
+/// latency, not the disk, limits one upload).
+fn upload_slots(repo: &Repository, requested: usize) -> usize {
+    match requested {
+        0 if repo.location().starts_with("s3://") => 3,
+        0 => 2,
+        n => n,
+    }
 }
 
 impl Default for BackupOptions {
@@ -107,7 +119,7 @@ impl Default for BackupOptions {
             io: IoChoice::Auto,
             queue_depth: 4,
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-            upload_concurrency: 3,
+            upload_concurrency: 0,
             checkpoint_packs: 4,
             limiters: Vec::new(),
         }
@@ -477,7 +489,8 @@ async fn backup_locked(
     let job = cancel.child_token();
     let params = repo.config().chunker;
     let shared = Arc::new(Shared { repo: repo.clone(), index: index.clone(), chunker: repo.chunker(), params, claimed: Mutex::new(HashSet::new()) });
-    let mut packer = Packer::new(repo.clone(), index.clone(), opts.upload_concurrency, opts.checkpoint_packs, progress.clone(), job.clone());
+    let mut packer =
+        Packer::new(repo.clone(), index.clone(), upload_slots(repo, opts.upload_concurrency), opts.checkpoint_packs, progress.clone(), job.clone());
     packer.limiters = opts.limiters.clone();
     packer.lease = Some(lease.clone());
     let mut enc = BlobEncoder::new(repo.config().compression.level);
