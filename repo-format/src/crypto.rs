@@ -96,11 +96,12 @@ impl KeyFile {
     pub fn wrap(master: &MasterKey, password: &[u8], params: KdfParams) -> Result<Self, FormatError> {
         let salt: [u8; 32] = rand::random();
         let kek = derive_kek(password, &salt, &params)?;
-        let mut sealed = vec![0u8; NONCE_LEN];
+        // Holds the master key until sealed in place; zeroized on every path out.
+        let mut sealed = Zeroizing::new(Vec::with_capacity(NONCE_LEN + 32 + TAG_LEN));
+        sealed.resize(NONCE_LEN, 0);
         sealed.extend_from_slice(&master.0);
         xseal_in_place(&kek, &mut sealed, KEY_WRAP_AAD)?;
         let (nonce, wrapped) = (sealed[..NONCE_LEN].to_vec(), sealed[NONCE_LEN..].to_vec());
-        sealed.zeroize();
         Ok(Self {
             version: 1,
             kdf: "argon2id".into(),
