@@ -12,6 +12,9 @@ trap 'scripts/s3-server.sh stop' EXIT
 bad=$(cargo tree -q -p mover-format -e normal --prefix none | awk '{print $1}' | sort -u | grep -xE 'tonic|tokio-uring|prometheus|prost|rocksdb|librocksdb-sys' || true)
 if [ -n "$bad" ]; then echo "mover-format depends on: $bad" >&2; exit 1; fi
 
+# One layout (rustfmt.toml); skipped with a note where rustfmt is not installed.
+if cargo fmt --version >/dev/null 2>&1; then cargo fmt --all --check; else echo "rustfmt not installed: format check skipped" >&2; fi
+
 cargo build --release --workspace --all-targets
 cargo test --release --workspace
 
