@@ -221,6 +221,18 @@ impl Keys {
         Ok(out)
     }
 
+    /// [`Keys::seal_object`] of `value` as JSON; `what` names the object kind in errors.
+    pub fn seal_json<T: Serialize>(&self, magic: &[u8; 8], value: &T, what: &str) -> Result<Vec<u8>, FormatError> {
+        let json = serde_json::to_vec(value).map_err(|e| FormatError::Corrupt(format!("encoding {what}: {e}")))?;
+        self.seal_object(magic, &json)
+    }
+
+    /// Opens what [`Keys::seal_json`] produced.
+    pub fn open_json<T: serde::de::DeserializeOwned>(&self, magic: &[u8; 8], bytes: &[u8], what: &str) -> Result<T, FormatError> {
+        let json = self.open_object(magic, bytes, what)?;
+        serde_json::from_slice(&json).map_err(|e| FormatError::Corrupt(format!("{what}: {e}")))
+    }
+
     /// Opens what [`Keys::seal_object`] produced; `what` names the object kind in errors.
     pub fn open_object(&self, magic: &[u8; 8], bytes: &[u8], what: &str) -> Result<Vec<u8>, FormatError> {
         if bytes.len() < 8 || bytes[..8] != magic[..] {

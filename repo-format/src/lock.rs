@@ -58,13 +58,11 @@ impl LockInfo {
     }
 
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, FormatError> {
-        let json = serde_json::to_vec(self).map_err(|e| FormatError::Corrupt(format!("encoding lock: {e}")))?;
-        keys.seal_object(&LOCK_MAGIC, &json)
+        keys.seal_json(&LOCK_MAGIC, self, "lock")
     }
 
     pub fn open(keys: &Keys, bytes: &[u8]) -> Result<Self, FormatError> {
-        let json = keys.open_object(&LOCK_MAGIC, bytes, "lock")?;
-        serde_json::from_slice(&json).map_err(|e| FormatError::Corrupt(format!("lock: {e}")))
+        keys.open_json(&LOCK_MAGIC, bytes, "lock")
     }
 }
 

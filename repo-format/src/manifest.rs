@@ -92,13 +92,11 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, FormatError> {
-        let json = serde_json::to_vec(self).map_err(|e| FormatError::Corrupt(format!("encoding manifest: {e}")))?;
-        keys.seal_object(&SNAPSHOT_MAGIC, &json)
+        keys.seal_json(&SNAPSHOT_MAGIC, self, "snapshot manifest")
     }
 
     pub fn open(keys: &Keys, bytes: &[u8]) -> Result<Self, FormatError> {
-        let json = keys.open_object(&SNAPSHOT_MAGIC, bytes, "snapshot manifest")?;
-        let m: Manifest = serde_json::from_slice(&json).map_err(|e| FormatError::Corrupt(format!("snapshot manifest: {e}")))?;
+        let m: Manifest = keys.open_json(&SNAPSHOT_MAGIC, bytes, "snapshot manifest")?;
         if m.version != MANIFEST_VERSION {
             return Err(FormatError::Unsupported(format!("snapshot manifest version {}", m.version)));
         }

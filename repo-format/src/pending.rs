@@ -90,12 +90,10 @@ pub struct Ready {
 
 impl Ready {
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, FormatError> {
-        let json = serde_json::to_vec(self).map_err(|e| FormatError::Corrupt(format!("encoding gc marker: {e}")))?;
-        keys.seal_object(&PENDING_READY_MAGIC, &json)
+        keys.seal_json(&PENDING_READY_MAGIC, self, "gc marker")
     }
     pub fn open(keys: &Keys, bytes: &[u8]) -> Result<Self, FormatError> {
-        let json = keys.open_object(&PENDING_READY_MAGIC, bytes, "gc marker")?;
-        serde_json::from_slice(&json).map_err(|e| FormatError::Corrupt(format!("gc marker: {e}")))
+        keys.open_json(&PENDING_READY_MAGIC, bytes, "gc marker")
     }
 }
 

@@ -266,43 +266,42 @@ impl Repository {
     // ---- locks and gc records ----
 
     /// Writes a lock as of its `refreshed_ms` (a new object per refresh).
-    pub async fn write_lock(&self, lock: &crate::lock::LockInfo, cancel: &CancellationToken) -> Result<(), RepoError> {
-        let name = lock.object_name();
-        let bytes = lock.seal(self.keys()).map_err(|e| self.err(&name, e))?;
-        self.put_object(&name, Bytes::from(bytes), cancel).await?;
+    /// Stores a sealed object under `name` (a sealing error is named after the object).
+    async fn put_sealed(&self, name: &str, sealed: Result<Vec<u8>, FormatError>, cancel: &CancellationToken) -> Result<(), RepoError> {
+        let bytes = sealed.map_err(|e| self.err(name, e))?;
+        self.put_object(name, Bytes::from(bytes), cancel).await?;
         Ok(())
     }
 
-    pub async fn read_lock(&self, name: &str, cancel: &CancellationToken) -> Result<crate::lock::LockInfo, RepoError> {
+    /// Reads the object `name` and opens it with `open`.
+    async fn get_opened<T>(&self, name: &str, open: fn(&Keys, &[u8]) -> Result<T, FormatError>, cancel: &CancellationToken) -> Result<T, RepoError> {
         let bytes = self.get_object(name, cancel).await?;
-        crate::lock::LockInfo::open(self.keys(), &bytes).map_err(|e| self.err(name, e))
+        open(self.keys(), &bytes).map_err(|e| self.err(name, e))
+    }
+
+    pub async fn write_lock(&self, lock: &crate::lock::LockInfo, cancel: &CancellationToken) -> Result<(), RepoError> {
+        self.put_sealed(&lock.object_name(), lock.seal(self.keys()), cancel).await
+    }
+
+    pub async fn read_lock(&self, name: &str, cancel: &CancellationToken) -> Result<crate::lock::LockInfo, RepoError> {
+        self.get_opened(name, crate::lock::LockInfo::open, cancel).await
     }
 
     /// Writes a GC record's entries (`gc/<record>.entries`).
     pub async fn write_pending(&self, record: &str, p: &crate::pending::PendingDeletion, cancel: &CancellationToken) -> Result<(), RepoError> {
-        let name = names::gc_entries(record);
-        let bytes = p.seal(self.keys()).map_err(|e| self.err(&name, e))?;
-        self.put_object(&name, Bytes::from(bytes), cancel).await?;
-        Ok(())
+        self.put_sealed(&names::gc_entries(record), p.seal(self.keys()), cancel).await
     }
 
     pub async fn read_pending(&self, record: &str, cancel: &CancellationToken) -> Result<crate::pending::PendingDeletion, RepoError> {
-        let name = names::gc_entries(record);
-        let bytes = self.get_object(&name, cancel).await?;
-        crate::pending::PendingDeletion::open(self.keys(), &bytes).map_err(|e| self.err(&name, e))
+        self.get_opened(&names::gc_entries(record), crate::pending::PendingDeletion::open, cancel).await
     }
 
     pub async fn write_ready(&self, record: &str, r: &crate::pending::Ready, cancel: &CancellationToken) -> Result<(), RepoError> {
-        let name = names::gc_ready(record);
-        let bytes = r.seal(self.keys()).map_err(|e| self.err(&name, e))?;
-        self.put_object(&name, Bytes::from(bytes), cancel).await?;
-        Ok(())
+        self.put_sealed(&names::gc_ready(record), r.seal(self.keys()), cancel).await
     }
 
     pub async fn read_ready(&self, record: &str, cancel: &CancellationToken) -> Result<crate::pending::Ready, RepoError> {
-        let name = names::gc_ready(record);
-        let bytes = self.get_object(&name, cancel).await?;
-        crate::pending::Ready::open(self.keys(), &bytes).map_err(|e| self.err(&name, e))
+        self.get_opened(&names::gc_ready(record), crate::pending::Ready::open, cancel).await
     }
 
     /// GC records in the store: `(record, has .entries, has .ready)`, in name order.
