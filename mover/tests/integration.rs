@@ -1284,55 +1284,10 @@ mod csi {
         }
     }
 
-    fn openssl(dir: &Path, args: &[&str]) {
-        let o = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
-        assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    }
-
     /// Starts the server with TLS (a CA and a certificate for 127.0.0.1 made by openssl).
     fn start(dir: &Path, srv: Arc<Server>) -> (String, tokio::runtime::Runtime) {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=test-ca",
-            ],
-        );
-        std::fs::write(dir.join("srv.ext"), "subjectAltName=IP:127.0.0.1,DNS:snapshot-metadata.test\n").unwrap();
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "srv.key",
-                "-out",
-                "srv.csr",
-                "-subj",
-                "/CN=snapshot-metadata",
-            ],
-        );
-        openssl(
-            dir,
-            &["x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "srv.ext"],
-        );
+        super::daemon::make_ca(dir, "ca");
+        super::daemon::make_cert(dir, "ca", "srv", "subjectAltName=IP:127.0.0.1,DNS:snapshot-metadata.test\n");
         let identity = tonic::transport::Identity::from_pem(std::fs::read(dir.join("srv.pem")).unwrap(), std::fs::read(dir.join("srv.key")).unwrap());
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();

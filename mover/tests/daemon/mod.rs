@@ -411,12 +411,12 @@ fn restart_marks_interrupted_and_the_rerun_resumes() {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl is needed for the mTLS test");
+    let o = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl is needed for the TLS tests");
     assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// A CA and a certificate signed by it, for `cn` with the given extension line.
-fn make_ca(dir: &Path, name: &str) {
+/// A self-signed CA: `<name>.key`, `<name>.pem` (also used by the CSI tests).
+pub(crate) fn make_ca(dir: &Path, name: &str) {
     openssl(
         dir,
         &[
@@ -439,7 +439,8 @@ fn make_ca(dir: &Path, name: &str) {
     );
 }
 
-fn make_cert(dir: &Path, ca: &str, name: &str, ext: &str) {
+/// `<name>.key` and `<name>.pem` signed by the CA `ca`, with the extension line `ext`.
+pub(crate) fn make_cert(dir: &Path, ca: &str, name: &str, ext: &str) {
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
     openssl(
         dir,
