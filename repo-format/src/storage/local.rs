@@ -123,46 +123,49 @@ const DIRECT_MIN: u64 = 256 << 10;
 const DIRECT_ALIGN: u64 = 4096;
 
 fn read_range(path: &Path, offset: u64, len: u64) -> io::Result<Bytes> {
-    let f = File::open(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Long ranges: one descriptor with O_DIRECT when the filesystem allows it.
+    let direct = if len >= DIRECT_MIN { fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok() } else { None };
+    let is_direct = direct.is_some();
+    let f = match direct {
+        Some(d) => d,
+        None => File::open(path)?,
+    };
     let size = f.metadata()?.len();
     if offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("range {offset}+{len} is past the end of the object ({size} bytes)")));
     }
-    if len >= DIRECT_MIN {
-        if let Some(b) = read_range_direct(path, offset, len, size) {
+    if is_direct {
+        if let Some(b) = read_range_direct(&f, offset, len) {
             return Ok(b);
         }
     }
+    let f = if is_direct { File::open(path)? } else { f };
     let mut buf = vec![0u8; len as usize];
     f.read_exact_at(&mut buf, offset)?;
     Ok(Bytes::from(buf))
 }
 
-/// Reads a long range with `O_DIRECT`: one large I/O straight into our buffer instead of
-/// small readahead requests through the page cache and a copy out of it (cold pack reads
-/// in a restore ran at a fraction of the disk's speed). `None` when the filesystem refuses
-/// `O_DIRECT` or the read fails; the caller then reads buffered.
-fn read_range_direct(path: &Path, offset: u64, len: u64, size: u64) -> Option<Bytes> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok()?;
+/// Reads a long range through an `O_DIRECT` descriptor: one large I/O straight into our
+/// buffer instead of small readahead requests through the page cache and a copy out of it
+/// (cold pack reads in a restore ran at a fraction of the disk's speed). `None` when the
+/// read fails (e.g. the filesystem refuses unaligned I/O); the caller then reads buffered.
+fn read_range_direct(f: &File, offset: u64, len: u64) -> Option<Bytes> {
     let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
     let end = (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
     let span = (end - start) as usize;
     // An aligned window inside a plain Vec: no unsafe allocation needed.
     let mut v = vec![0u8; span + DIRECT_ALIGN as usize];
     let pad = v.as_ptr().align_offset(DIRECT_ALIGN as usize);
-    let mut done = 0usize;
     let want = (offset + len - start) as usize;
+    let mut done = 0usize;
+    // Reads stay aligned; only the object's end makes one short (then `done >= want`).
     while done < want {
-        // Lengths stay multiples of the alignment; the file's end makes the last read short.
         match f.read_at(&mut v[pad + done..pad + span], start + done as u64) {
             Ok(0) => return None,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return None,
-        }
-        if done < want && done % DIRECT_ALIGN as usize != 0 && start + (done as u64) < size {
-            return None;
         }
     }
     let from = pad + (offset - start) as usize;
