@@ -4,7 +4,7 @@
 //! cancel stops every stage; segment results are put back in volume order so the manifest
 //! does not depend on scheduling.
 
-use super::packer::Packer;
+use super::packer::{Claims, Packer};
 use super::reader::{self, IoBackend, IoChoice, ReadDone, ReadJob};
 use crate::aligned::AlignedBuf;
 use crate::lock::{Lease, RepoLock};
@@ -156,8 +156,7 @@ struct Shared {
     index: Arc<dyn ChunkIndex>,
     chunker: Chunker,
     params: ChunkerParams,
-    /// Chunks this backup has already handled (new or found in the index).
-    claimed: Mutex<HashSet<ChunkId>>,
+    claims: Arc<Claims>,
 }
 
 impl Shared {
@@ -166,11 +165,7 @@ impl Shared {
     }
     /// True when the chunk is already stored or claimed by this backup.
     fn known(&self, id: &ChunkId) -> Result<bool> {
-        let first = self.claimed.lock().map_err(|_| anyhow!("claimed set poisoned"))?.insert(*id);
-        if !first {
-            return Ok(true);
-        }
-        Ok(self.index.lookup(id)?.is_some())
+        self.claims.known(&*self.index, id)
     }
 }
 
@@ -488,9 +483,16 @@ async fn backup_locked(
 
     let job = cancel.child_token();
     let params = repo.config().chunker;
-    let shared = Arc::new(Shared { repo: repo.clone(), index: index.clone(), chunker: repo.chunker(), params, claimed: Mutex::new(HashSet::new()) });
-    let mut packer =
-        Packer::new(repo.clone(), index.clone(), upload_slots(repo, opts.upload_concurrency), opts.checkpoint_packs, progress.clone(), job.clone());
+    let shared = Arc::new(Shared { repo: repo.clone(), index: index.clone(), chunker: repo.chunker(), params, claims: Arc::new(Claims::default()) });
+    let mut packer = Packer::new(
+        repo.clone(),
+        index.clone(),
+        shared.claims.clone(),
+        upload_slots(repo, opts.upload_concurrency),
+        opts.checkpoint_packs,
+        progress.clone(),
+        job.clone(),
+    );
     packer.limiters = opts.limiters.clone();
     packer.lease = Some(lease.clone());
     let mut enc = BlobEncoder::new(repo.config().compression.level);
