@@ -6,6 +6,26 @@ use std::ptr::NonNull;
 
 pub const ALIGN: usize = 4096;
 
+/// An empty Vec with room for at least `cap` bytes, its whole pages advised to be backed by
+/// transparent huge pages (Debian's default THP mode applies them on advice). For pack
+/// buffers: filling, hashing and `O_DIRECT`-writing 16 MiB on 2 MiB pages instead of 4 KiB
+/// pages made full backups ~12 % faster here. The capacity is at least 33 MiB so that glibc
+/// serves it with a fresh mmap (its dynamic mmap threshold stays at or below 32 MiB,
+/// mallopt(3)), which is memory the advice applies to; pages never written are never
+/// backed, so only the part in use counts in RSS.
+pub fn huge_vec(cap: usize) -> Vec<u8> {
+    let v = Vec::<u8>::with_capacity(cap.max(33 << 20));
+    let cap = v.capacity();
+    // madvise wants a page-aligned start: advise the whole pages inside the allocation.
+    let start = v.as_ptr().align_offset(ALIGN);
+    if cap > start + ALIGN {
+        let len = (cap - start) / ALIGN * ALIGN;
+        // SAFETY: advice only, on whole pages inside memory this Vec owns; contents unchanged.
+        unsafe { libc::madvise(v.as_ptr().add(start) as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+    }
+    v
+}
+
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     cap: usize,

@@ -27,25 +27,57 @@ pub struct PackEntry {
 /// Memory alignment of a finished pack's bytes (a local store writes them with `O_DIRECT`).
 pub const PACK_ALIGN: usize = 4096;
 
+/// Takes a finished pack's buffer back once the last reference to its bytes is gone (the
+/// upload is over), so that a later pack can be built in it.
+pub type Recycle = std::sync::Arc<dyn Fn(Vec<u8>) + Send + Sync>;
+
 /// Collects sealed blobs into one pack.
-#[derive(Debug)]
 pub struct PackBuilder {
     /// `pad` filler bytes, then the pack: its first byte sits at a [`PACK_ALIGN`]-aligned
     /// address as long as `buf` is not reallocated (`capacity` covers a full pack).
     buf: Vec<u8>,
     pad: usize,
     entries: Vec<PackEntry>,
+    recycle: Option<Recycle>,
+}
+
+/// A finished pack's buffer, handed to its [`Recycle`] when dropped.
+struct Recycled {
+    buf: Vec<u8>,
+    recycle: Recycle,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        (self.recycle)(std::mem::take(&mut self.buf));
+    }
 }
 
 impl PackBuilder {
     /// `capacity`: the pack size to reserve for (a pack may end up longer by its last blob
     /// and the trailer; it then stays correct, only unaligned).
     pub fn new(capacity: usize) -> Self {
-        let mut buf = Vec::<u8>::with_capacity(capacity + (1 << 20) + PACK_ALIGN);
+        Self::in_buffer(Vec::with_capacity(Self::buffer_size(capacity)), None)
+    }
+    /// The buffer capacity [`PackBuilder::new`] reserves for a pack of `capacity` bytes.
+    pub fn buffer_size(capacity: usize) -> usize {
+        capacity + (1 << 20) + PACK_ALIGN
+    }
+    /// Builds the pack in `buf` (cleared first; its capacity should be
+    /// [`PackBuilder::buffer_size`]): the caller chooses how the memory is backed, and with
+    /// `recycle` gets the buffer back after the finished pack's bytes are dropped.
+    pub fn in_buffer(mut buf: Vec<u8>, recycle: Option<Recycle>) -> Self {
+        buf.clear();
         let pad = buf.as_ptr().align_offset(PACK_ALIGN).min(PACK_ALIGN);
         buf.resize(pad, 0);
         buf.extend_from_slice(&PACK_HEADER_MAGIC);
-        Self { buf, pad, entries: Vec::new() }
+        Self { buf, pad, entries: Vec::new(), recycle }
     }
     pub fn len(&self) -> usize {
         self.buf.len() - self.pad
@@ -70,7 +102,11 @@ impl PackBuilder {
         put_u32(&mut self.buf, trailer.len() as u32);
         self.buf.extend_from_slice(&PACK_FOOTER_MAGIC);
         let id = PackId(content_id(&self.buf[self.pad..]));
-        Ok((id, Bytes::from(self.buf).slice(self.pad..), self.entries))
+        let bytes = match self.recycle {
+            Some(recycle) => Bytes::from_owner(Recycled { buf: self.buf, recycle }),
+            None => Bytes::from(self.buf),
+        };
+        Ok((id, bytes.slice(self.pad..), self.entries))
     }
 }
 
@@ -162,6 +198,42 @@ mod tests {
         let n = bad.len();
         bad[n - 20] ^= 1;
         assert!(read_pack(&keys, &bad).is_err());
+    }
+
+    /// A pack built in a recycled buffer reads back exactly; the buffer comes back only
+    /// once every reference to the pack's bytes is gone, and a pack built in it again (over
+    /// the old contents) reads back exactly too.
+    #[test]
+    fn recycled_buffers_give_exact_packs() {
+        let keys = Keys::derive(&MasterKey::generate());
+        let mut enc = BlobEncoder::new(1);
+        let returned = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+        let r = returned.clone();
+        let recycle: Recycle = std::sync::Arc::new(move |v| r.lock().unwrap().push(v));
+        let plain = |n: u8| -> Vec<Vec<u8>> { (0..n).map(|i| vec![i ^ n; 3000 + i as usize * 7]).collect() };
+        let mut check = |b: PackBuilder, n: u8| -> Bytes {
+            let mut b = b;
+            for p in plain(n) {
+                b.add(&enc.encode(&keys, keys.chunk_id(&p), KIND_DATA, &p).unwrap()).unwrap();
+            }
+            let (id, bytes, entries) = b.finish(&keys).unwrap();
+            assert_eq!(id, PackId(content_id(&bytes)));
+            assert_eq!(read_pack(&keys, &bytes).unwrap(), entries);
+            for (e, p) in entries.iter().zip(plain(n)) {
+                let s = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+                assert_eq!(crate::blob::decode(&keys, &e.id, s, e.raw_len).unwrap(), p);
+            }
+            bytes
+        };
+        let bytes = check(PackBuilder::in_buffer(Vec::with_capacity(PackBuilder::buffer_size(1 << 16)), Some(recycle.clone())), 9);
+        let slice = bytes.slice(8..);
+        drop(bytes);
+        assert!(returned.lock().unwrap().is_empty(), "still referenced by a slice");
+        drop(slice);
+        let buf = returned.lock().unwrap().pop().expect("buffer handed back");
+        let again = check(PackBuilder::in_buffer(buf, Some(recycle)), 5);
+        drop(again);
+        assert_eq!(returned.lock().unwrap().len(), 1);
     }
 
     #[test]
