@@ -121,12 +121,18 @@ pub struct SyncReport {
 /// remains and activates it: entries of deleted segments must not be deduplicated against.
 pub async fn sync(repo: &Repository, index: &dyn ChunkIndex, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
     // A segment deleted between listing and reading means a gc replaced it just now: list
-    // again, which shows its replacement.
+    // again, which shows its replacement. Back off between attempts so that gc runs in
+    // quick succession (each rewrites the index) cannot starve the sync.
     let mut last = None;
-    for _ in 0..5 {
+    for attempt in 0..8u32 {
         match sync_once(repo, index, cancel).await {
             Err(RepoError::Storage(e)) if e.is_not_found() => last = Some(RepoError::Storage(e)),
             r => return r,
+        }
+        let pause = std::time::Duration::from_millis((20u64 << attempt).min(500) + rand::random::<u64>() % 20);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = cancel.cancelled() => return Err(RepoError::Cancelled),
         }
     }
     Err(last.unwrap_or(RepoError::Cancelled))

@@ -189,7 +189,13 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
         if ft.is_dir() {
             walk(&entry.path(), &child, out)?;
         } else if ft.is_file() {
-            out.push(ObjectMeta { name: child, size: entry.metadata()?.len() });
+            match entry.metadata() {
+                Ok(m) => out.push(ObjectMeta { name: child, size: m.len() }),
+                // Deleted since the directory was read (a concurrent forget or gc): it is
+                // not part of the listing.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
