@@ -1,10 +1,17 @@
 //! A heap buffer aligned for `O_DIRECT` (4096 bytes), usable by tokio-uring. tokio-uring's
 //! `Vec<u8>` buffers are not aligned, so this type implements its buffer traits.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
 pub const ALIGN: usize = 4096;
+/// Buffers of at least this size (segment buffers) are aligned to it and advised onto
+/// transparent huge pages.
+const HUGE: usize = 2 << 20;
+
+fn layout(cap: usize) -> Layout {
+    Layout::from_size_align(cap, if cap >= HUGE { HUGE } else { ALIGN }).unwrap_or_else(|_| std::process::abort())
+}
 
 /// An empty Vec with room for at least `cap` bytes, its whole pages advised to be backed by
 /// transparent huge pages (Debian's default THP mode applies them on advice). For pack
@@ -42,9 +49,23 @@ impl AlignedBuf {
     /// A zeroed buffer of `cap` bytes (rounded up to [`ALIGN`]); `len` starts at 0.
     pub fn new(cap: usize) -> Self {
         let cap = cap.max(ALIGN).div_ceil(ALIGN) * ALIGN;
-        let layout = Layout::from_size_align(cap, ALIGN).unwrap_or_else(|_| std::process::abort());
-        // SAFETY: layout has a non-zero size.
-        let raw = unsafe { alloc_zeroed(layout) };
+        let layout = layout(cap);
+        let raw = if cap >= HUGE {
+            // SAFETY: layout has a non-zero size.
+            let raw = unsafe { alloc(layout) };
+            if !raw.is_null() {
+                // SAFETY: advice on memory we own, given before any page is touched; then
+                // every byte is initialised.
+                unsafe {
+                    libc::madvise(raw.cast(), cap, libc::MADV_HUGEPAGE);
+                    std::ptr::write_bytes(raw, 0, cap);
+                }
+            }
+            raw
+        } else {
+            // SAFETY: layout has a non-zero size.
+            unsafe { alloc_zeroed(layout) }
+        };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         Self { ptr, cap, len: 0 }
     }
@@ -76,7 +97,7 @@ impl AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with exactly this layout.
-        unsafe { dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.cap, ALIGN)) }
+        unsafe { dealloc(self.ptr.as_ptr(), layout(self.cap)) }
     }
 }
 
