@@ -3,6 +3,7 @@
 
 use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 
 pub const ALIGN: usize = 4096;
 /// Buffers of at least this size (segment buffers) are aligned to it and advised onto
@@ -31,6 +32,33 @@ pub fn huge_vec(cap: usize) -> Vec<u8> {
         unsafe { libc::madvise(v.as_ptr().add(start) as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
     }
     v
+}
+
+/// Buffers kept for reuse (restore segment buffers, pack buffers): a fresh large buffer
+/// costs page faults and zeroing each time. Holds only what was handed back, so it never
+/// exceeds the most buffers in use at once.
+pub struct Reuse<T>(Arc<Mutex<Vec<T>>>);
+
+impl<T> Clone for Reuse<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> Default for Reuse<T> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl<T> Reuse<T> {
+    /// A kept buffer if the last one handed back `fits`, else `make()`.
+    pub fn take(&self, fits: impl FnOnce(&T) -> bool, make: impl FnOnce() -> T) -> T {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().filter(fits).unwrap_or_else(make)
+    }
+    pub fn put(&self, b: T) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(b);
+    }
 }
 
 pub struct AlignedBuf {

@@ -7,7 +7,7 @@
 //! device, hole punching on a file), unless the caller says the target is already zeroed.
 
 use super::backup::{load_blob, load_refs};
-use crate::aligned::{AlignedBuf, ALIGN};
+use crate::aligned::{AlignedBuf, Reuse, ALIGN};
 use crate::metrics::Progress;
 use crate::source::{self, Kind};
 use anyhow::{anyhow, bail, Context, Result};
@@ -121,26 +121,9 @@ struct Ctx {
     snap: SnapshotId,
     vol: String,
     progress: Arc<Progress>,
-    /// Segment buffers for reuse: at most one per segment in flight.
-    buffers: BufferPool,
-}
-
-/// Reused aligned buffers: fresh 4 MiB allocations cost page faults and page zeroing on
-/// every segment (a tenth of a restore's CPU time before the pool).
-#[derive(Default)]
-struct BufferPool(std::sync::Mutex<Vec<AlignedBuf>>);
-
-impl BufferPool {
-    /// A buffer of `len` initialised bytes (contents unspecified).
-    fn take(&self, len: usize) -> AlignedBuf {
-        let reuse = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().filter(|b| b.capacity() >= len);
-        let mut b = reuse.unwrap_or_else(|| AlignedBuf::new(len));
-        b.set_len(len);
-        b
-    }
-    fn put(&self, b: AlignedBuf) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(b);
-    }
+    /// Segment buffers for reuse (fresh 4 MiB buffers cost page faults and zeroing on every
+    /// segment, a tenth of a restore's CPU before): at most one per segment in flight.
+    buffers: Reuse<AlignedBuf>,
 }
 
 /// Restores one segment; returns (bytes written, bytes of holes).
@@ -201,7 +184,9 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
     }
     wants.sort_by_key(|w| (w.loc.pack, w.loc.offset));
     // 4096-aligned, so O_DIRECT can write it as is; from the pool, so holes are zeroed here.
-    let mut buf = cx.buffers.take(seg_len as usize);
+    let len = seg_len as usize;
+    let mut buf = cx.buffers.take(|b| b.capacity() >= len, || AlignedBuf::new(len));
+    buf.set_len(len);
     for &(off, len) in &holes {
         buf.as_mut_full()[off as usize..(off + len) as usize].fill(0);
     }
@@ -331,7 +316,7 @@ pub async fn restore_volume(
         snap: *snap,
         vol: vol.name.clone(),
         progress: progress.clone(),
-        buffers: BufferPool::default(),
+        buffers: Reuse::default(),
     });
     let job = cancel.child_token();
     let seg_size = vol.segment_size as u64;
