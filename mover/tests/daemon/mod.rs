@@ -415,50 +415,24 @@ fn openssl(dir: &Path, args: &[&str]) {
     assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// `openssl req` making a new P-256 key `<name>.key` for the subject `CN=<name>`, plus `out`
+/// (the rest of the request: what to write).
+fn new_key(dir: &Path, name: &str, out: &[&str]) {
+    let (key, subj) = (format!("{name}.key"), format!("/CN={name}"));
+    let mut args = vec!["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &key, "-subj", &subj];
+    args.extend_from_slice(out);
+    openssl(dir, &args);
+}
+
 /// A self-signed CA: `<name>.key`, `<name>.pem` (also used by the CSI tests).
 pub(crate) fn make_ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
+    new_key(dir, name, &["-x509", "-out", &format!("{name}.pem"), "-days", "2"]);
 }
 
 /// `<name>.key` and `<name>.pem` signed by the CA `ca`, with the extension line `ext`.
 pub(crate) fn make_cert(dir: &Path, ca: &str, name: &str, ext: &str) {
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
+    new_key(dir, name, &["-out", &format!("{name}.csr")]);
     openssl(
         dir,
         &[
