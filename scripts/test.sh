@@ -8,9 +8,13 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mover-target}
 eval "$(scripts/s3-server.sh start | tail -n 1)"
 trap 'scripts/s3-server.sh stop' EXIT
 
-# The format crate stays free of gRPC, io_uring, metrics and RocksDB.
-bad=$(cargo tree -q -p mover-format -e normal --prefix none | awk '{print $1}' | sort -u | grep -xE 'tonic|tokio-uring|prometheus|prost|rocksdb|librocksdb-sys' || true)
+# Layering (docs/design.md): the format crate stays free of gRPC, io_uring, metrics and
+# RocksDB; the engine of gRPC, metrics exporters, HTTP servers and the API crate.
+deps_of() { cargo tree -q -p "$1" -e normal --prefix none | awk '{print $1}' | sort -u; }
+bad=$(deps_of mover-format | grep -xE 'tonic|tokio-uring|prometheus|prost|rocksdb|librocksdb-sys|aws-sdk-s3' || true)
 if [ -n "$bad" ]; then echo "mover-format depends on: $bad" >&2; exit 1; fi
+bad=$(deps_of mover-engine | grep -xE 'tonic|prost|prometheus|axum|hyper|mover-protocol|clap|aws-sdk-s3' || true)
+if [ -n "$bad" ]; then echo "mover-engine depends on: $bad" >&2; exit 1; fi
 
 # One layout (rustfmt.toml); skipped with a note where rustfmt is not installed.
 if cargo fmt --version >/dev/null 2>&1; then cargo fmt --all --check; else echo "rustfmt not installed: format check skipped" >&2; fi

@@ -4,9 +4,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mover_format::blob::BlobEncoder;
+use mover_format::blob::BlobKind;
 use mover_format::chunker::{split_segment, Chunker, ChunkerParams};
 use mover_format::crypto::{Keys, MasterKey};
-use mover_format::file_formats::KIND_DATA;
 use mover_format::pack::PackBuilder;
 use std::hint::black_box;
 
@@ -63,13 +63,13 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut n = 0;
             for (c, id) in chunks.iter().zip(&ids) {
-                n += enc.encode(&keys, *id, KIND_DATA, c).map(|b| b.sealed.len()).unwrap_or(0);
+                n += enc.encode(&keys, *id, BlobKind::Data, c).map(|b| b.sealed.len()).unwrap_or(0);
             }
             black_box(n)
         })
     });
     let mut enc = BlobEncoder::new(1);
-    let blobs: Vec<_> = chunks.iter().zip(&ids).filter_map(|(c, id)| enc.encode(&keys, *id, KIND_DATA, c).ok()).collect();
+    let blobs: Vec<_> = chunks.iter().zip(&ids).filter_map(|(c, id)| enc.encode(&keys, *id, BlobKind::Data, c).ok()).collect();
     g.bench_function("pack (add + seal trailer + pack id)", |b| {
         b.iter(|| {
             let mut p = PackBuilder::new(16 << 20);

@@ -1,7 +1,7 @@
 //! `mover client`: a gRPC client for people and tests, with TLS flags.
 
-use anyhow::{bail, Context, Result};
 use hyper_util::rt::TokioIo;
+use mover_engine::{Error, ErrorKind, Result, ResultExt};
 use mover_protocol::v1 as pb;
 use std::path::PathBuf;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
@@ -19,16 +19,17 @@ pub async fn connect(c: &Conn) -> Result<Channel> {
     crate::init_tls();
     if let Some(path) = c.server.strip_prefix("unix:") {
         let path = PathBuf::from(path);
-        let ch = Endpoint::try_from("http://[::]:50051")?
+        let ch = Endpoint::from_static("http://[::]:50051")
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let p = path.clone();
                 async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
             }))
             .await
-            .with_context(|| format!("connecting to {}", c.server))?;
+            .map_err(|e| Error::with_source(ErrorKind::Transient, format!("connecting to {}", c.server), e))?;
         return Ok(ch);
     }
-    let mut ep = Endpoint::from_shared(c.server.clone()).with_context(|| format!("server address '{}'", c.server))?;
+    let mut ep =
+        Endpoint::from_shared(c.server.clone()).map_err(|e| Error::with_source(ErrorKind::InvalidRequest, format!("server address '{}'", c.server), e))?;
     if c.server.starts_with("https://") {
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = &c.ca {
@@ -42,11 +43,11 @@ pub async fn connect(c: &Conn) -> Result<Channel> {
                 ))
             }
             (None, None) => {}
-            _ => bail!("--cert and --key go together"),
+            _ => return Err(Error::invalid("--cert and --key go together")),
         }
-        ep = ep.tls_config(tls)?;
+        ep = ep.tls_config(tls).map_err(|e| Error::with_source(ErrorKind::InvalidRequest, "TLS configuration", e))?;
     }
-    ep.connect().await.with_context(|| format!("connecting to {}", c.server))
+    ep.connect().await.map_err(|e| Error::with_source(ErrorKind::Transient, format!("connecting to {}", c.server), e))
 }
 
 pub fn state_name(t: &pb::Transfer) -> &'static str {
@@ -79,5 +80,7 @@ pub fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
                   "bytes_reused_parent": s.bytes_reused_parent, "bytes_new": s.bytes_new, "bytes_stored": s.bytes_stored, "chunks_new": s.chunks_new,
                   "chunks_dedup": s.chunks_dedup, "bytes_uploaded": s.bytes_uploaded, "bytes_written": s.bytes_written, "bytes_holes": s.bytes_holes, "io_backend": s.io_backend},
         "created_unix_ms": t.created_unix_ms, "started_unix_ms": t.started_unix_ms, "finished_unix_ms": t.finished_unix_ms,
+        "error_kind": t.error_kind, "retryable": t.retryable, "group": t.group, "caller": t.caller,
+        "changes": t.changes.iter().map(|c| serde_json::json!({"volume": c.volume, "change_source": c.change_source, "fallback": c.fallback})).collect::<Vec<_>>(),
     })
 }

@@ -1,28 +1,26 @@
-//! Mover: the data-mover daemon and CLI for block-level volume backup and restore.
-//! See `docs/design.md` for how the parts fit.
+//! Mover's front end: what turns a request — a command line or a gRPC call — into work for
+//! the engine (`mover-engine`), and renders the result.
+//!
+//! - [`plan`] — one validated plan per request, shared by the CLI and the daemon;
+//! - [`sources`] — where a backup's bytes and changes come from (files and devices, NBD,
+//!   CSI SnapshotMetadata), side by side; [`nbd`] is the protocol client;
+//! - [`daemon`] — `mover serve`: config → wiring → gRPC adapter → jobs → engine;
+//! - [`client`] — the daemon's gRPC client, for `mover client` and tests;
+//! - [`repo`], [`secrets`] — opening repositories and reading credentials.
+//!
+//! The CLI itself (one file per command) is in the binary, `src/cli/`.
+#![forbid(unsafe_code)]
 
-pub mod aligned;
 pub mod client;
-pub mod csi;
 pub mod daemon;
-pub mod extents;
-pub mod index_cache;
-pub mod instrumented;
-pub mod metrics;
 pub mod nbd;
-pub mod open;
-pub mod pipeline;
-pub mod ratelimit;
-pub mod s3;
-pub mod source;
+pub mod plan;
+pub mod repo;
+pub mod secrets;
+pub mod sources;
 
 /// Selects rustls's crypto provider (ring) for the process. The AWS SDK and tonic enable
 /// different providers, so rustls cannot choose one by itself. Idempotent.
 pub fn init_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
-pub mod forget;
-pub mod gc;
-pub mod lock;
-pub mod maint;
-pub mod timeutil;

@@ -5,14 +5,44 @@
 
 use crate::crypto::Keys;
 use crate::error::FormatError;
-use crate::file_formats::{BLOB_RAW, BLOB_ZSTD, NONCE_LEN, TAG_LEN};
+use crate::file_formats::{BLOB_RAW, BLOB_ZSTD, KIND_DATA, KIND_METADATA, KIND_TREE, NONCE_LEN, TAG_LEN};
 use crate::id::ChunkId;
+
+/// What a blob holds, as recorded (one byte) in pack trailers and index segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlobKind {
+    /// A chunk of volume data.
+    Data,
+    /// A segment map or segment group.
+    Tree,
+    /// An opaque metadata blob of a snapshot (e.g. the VM's YAML).
+    Metadata,
+}
+
+impl BlobKind {
+    pub fn as_u8(self) -> u8 {
+        match self {
+            BlobKind::Data => KIND_DATA,
+            BlobKind::Tree => KIND_TREE,
+            BlobKind::Metadata => KIND_METADATA,
+        }
+    }
+
+    pub fn from_u8(b: u8) -> Result<Self, FormatError> {
+        match b {
+            KIND_DATA => Ok(BlobKind::Data),
+            KIND_TREE => Ok(BlobKind::Tree),
+            KIND_METADATA => Ok(BlobKind::Metadata),
+            k => Err(FormatError::Corrupt(format!("unknown blob kind {k}"))),
+        }
+    }
+}
 
 /// A sealed blob ready for a pack.
 #[derive(Debug, Clone)]
 pub struct EncodedBlob {
     pub id: ChunkId,
-    pub kind: u8,
+    pub kind: BlobKind,
     pub raw_len: u32,
     pub sealed: Vec<u8>,
 }
@@ -36,7 +66,7 @@ impl BlobEncoder {
         self.level
     }
 
-    pub fn encode(&mut self, keys: &Keys, id: ChunkId, kind: u8, plain: &[u8]) -> Result<EncodedBlob, FormatError> {
+    pub fn encode(&mut self, keys: &Keys, id: ChunkId, kind: BlobKind, plain: &[u8]) -> Result<EncodedBlob, FormatError> {
         let raw_len = u32::try_from(plain.len()).map_err(|_| FormatError::InvalidParameter(format!("blob {id} is larger than 4 GiB")))?;
         // Worth compressing only when it saves at least 1/32 of the bytes.
         let limit = (plain.len() - plain.len() / 32).max(1);
@@ -150,13 +180,13 @@ mod tests {
         blake3::Hasher::new().finalize_xof().fill(&mut random);
         for plain in [&text[..], &random[..], &[][..], b"x"] {
             let id = keys.chunk_id(plain);
-            let b = enc.encode(&keys, id, 0, plain).unwrap();
+            let b = enc.encode(&keys, id, BlobKind::Data, plain).unwrap();
             assert_eq!(decode(&keys, &id, &b.sealed, b.raw_len).unwrap(), plain);
         }
         let id = keys.chunk_id(&text);
-        assert!(enc.encode(&keys, id, 0, &text).unwrap().sealed.len() < text.len() / 10);
+        assert!(enc.encode(&keys, id, BlobKind::Data, &text).unwrap().sealed.len() < text.len() / 10);
         let id = keys.chunk_id(&random);
-        let b = enc.encode(&keys, id, 0, &random).unwrap();
+        let b = enc.encode(&keys, id, BlobKind::Data, &random).unwrap();
         assert_eq!(b.sealed.len(), random.len() + 1 + 24 + 16);
         let other = keys.chunk_id(b"other");
         assert!(decode(&keys, &other, &b.sealed, b.raw_len).is_err());

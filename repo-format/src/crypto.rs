@@ -49,6 +49,29 @@ impl Default for KdfParams {
 }
 
 impl KdfParams {
+    /// The most memory (4 GiB), passes (64) and lanes (16) a key file may ask for: key
+    /// files are read before anything is authenticated, so a store must not make opening
+    /// a repository exhaust the node.
+    pub const MAX_M_COST_KIB: u32 = 4 << 20;
+    pub const MAX_T_COST: u32 = 64;
+    pub const MAX_P_COST: u32 = 16;
+
+    /// Refuses parameters beyond the bounds (and ones argon2 rejects).
+    pub fn check(&self) -> Result<(), FormatError> {
+        if self.m_cost_kib > Self::MAX_M_COST_KIB || self.t_cost > Self::MAX_T_COST || self.p_cost > Self::MAX_P_COST || self.t_cost == 0 || self.p_cost == 0 {
+            return Err(FormatError::InvalidParameter(format!(
+                "key derivation parameters {} KiB, {} passes, {} lanes are outside the bounds Mover accepts ({} KiB, {} passes, {} lanes)",
+                self.m_cost_kib,
+                self.t_cost,
+                self.p_cost,
+                Self::MAX_M_COST_KIB,
+                Self::MAX_T_COST,
+                Self::MAX_P_COST
+            )));
+        }
+        Ok(())
+    }
+
     /// Cheap parameters for tests only; never for a real repository.
     pub fn insecure_for_tests() -> Self {
         Self { m_cost_kib: 64, t_cost: 1, p_cost: 1 }
@@ -94,6 +117,7 @@ fn derive_kek(password: &[u8], salt: &[u8], p: &KdfParams) -> Result<Zeroizing<[
 impl KeyFile {
     /// Wraps `master` under `password`.
     pub fn wrap(master: &MasterKey, password: &[u8], params: KdfParams) -> Result<Self, FormatError> {
+        params.check()?;
         let salt: [u8; 32] = rand::random();
         let kek = derive_kek(password, &salt, &params)?;
         // Holds the master key until sealed in place; zeroized on every path out.
@@ -118,6 +142,10 @@ impl KeyFile {
     pub fn unwrap_key(&self, password: &[u8]) -> Result<Option<MasterKey>, FormatError> {
         if self.version != 1 || self.kdf != "argon2id" || self.nonce.len() != NONCE_LEN {
             return Err(FormatError::Unsupported(format!("key file version {} kdf {}", self.version, self.kdf)));
+        }
+        self.params.check()?;
+        if self.salt.len() < 8 || self.salt.len() > 64 || self.wrapped.len() != 32 + TAG_LEN {
+            return Err(FormatError::Corrupt(format!("key file salt of {} bytes, wrapped key of {} bytes", self.salt.len(), self.wrapped.len())));
         }
         let kek = derive_kek(password, &self.salt, &self.params)?;
         let mut buf = Zeroizing::new([&self.nonce[..], &self.wrapped[..]].concat());

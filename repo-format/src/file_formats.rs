@@ -34,6 +34,9 @@ pub const PACK_TRAILER_VERSION: u8 = 1;
 pub const INDEX_VERSION: u8 = 1;
 /// Version byte at the start of a tree blob (segment map, segment group).
 pub const TREE_VERSION: u8 = 1;
+/// Version byte of a segment map that holds slices (entry tag 2); maps without slices keep
+/// version 1.
+pub const TREE_VERSION_SLICES: u8 = 2;
 /// Tree blob type: the chunk list of one segment.
 pub const TREE_SEGMENT_MAP: u8 = 1;
 /// Tree blob type: a group of consecutive segments of one volume.

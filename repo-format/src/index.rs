@@ -2,6 +2,7 @@
 //! one record per blob: chunk id, pack id, kind, offset, stored length, raw length.
 //! Sorted by chunk id. Immutable; written only after the packs they name are durable.
 
+use crate::blob::BlobKind;
 use crate::bytes_io::{put_u32, Reader};
 use crate::crypto::Keys;
 use crate::error::FormatError;
@@ -17,7 +18,7 @@ pub const LOCATION_LEN: usize = 32 + 1 + 4 + 4 + 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlobLocation {
     pub pack: PackId,
-    pub kind: u8,
+    pub kind: BlobKind,
     pub offset: u32,
     pub stored_len: u32,
     pub raw_len: u32,
@@ -27,7 +28,7 @@ impl BlobLocation {
     pub fn to_bytes(&self) -> [u8; LOCATION_LEN] {
         let mut out = [0u8; LOCATION_LEN];
         out[..32].copy_from_slice(self.pack.as_bytes());
-        out[32] = self.kind;
+        out[32] = self.kind.as_u8();
         out[33..37].copy_from_slice(&self.offset.to_le_bytes());
         out[37..41].copy_from_slice(&self.stored_len.to_le_bytes());
         out[41..45].copy_from_slice(&self.raw_len.to_le_bytes());
@@ -35,7 +36,7 @@ impl BlobLocation {
     }
     pub fn from_bytes(b: &[u8]) -> Result<Self, FormatError> {
         let mut r = Reader::new(b, "blob location");
-        let l = Self { pack: PackId(r.id()?), kind: r.u8()?, offset: r.u32()?, stored_len: r.u32()?, raw_len: r.u32()? };
+        let l = Self { pack: PackId(r.id()?), kind: BlobKind::from_u8(r.u8()?)?, offset: r.u32()?, stored_len: r.u32()?, raw_len: r.u32()? };
         r.finish()?;
         Ok(l)
     }
@@ -108,7 +109,7 @@ mod tests {
         #[test]
         fn roundtrip(raw in proptest::collection::vec((any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u8>(), any::<u32>(), any::<u32>(), any::<u32>()), 0..50)) {
             let entries: Vec<IndexEntry> = raw.iter().map(|(c, p, k, o, s, r)| IndexEntry {
-                id: ChunkId(*c), loc: BlobLocation { pack: PackId(*p), kind: *k, offset: *o, stored_len: *s, raw_len: *r } }).collect();
+                id: ChunkId(*c), loc: BlobLocation { pack: PackId(*p), kind: [BlobKind::Data, BlobKind::Tree, BlobKind::Metadata][*k as usize % 3], offset: *o, stored_len: *s, raw_len: *r } }).collect();
             let mut sorted = entries.clone();
             sorted.sort_by(|a, b| a.id.cmp(&b.id));
             prop_assert_eq!(decode_plain(&encode_plain(&entries)).unwrap(), sorted);
@@ -118,7 +119,7 @@ mod tests {
     #[test]
     fn sealed_flip_detected() {
         let keys = Keys::derive(&MasterKey::generate());
-        let e = IndexEntry { id: ChunkId([1; 32]), loc: BlobLocation { pack: PackId([2; 32]), kind: 0, offset: 8, stored_len: 5, raw_len: 5 } };
+        let e = IndexEntry { id: ChunkId([1; 32]), loc: BlobLocation { pack: PackId([2; 32]), kind: BlobKind::Data, offset: 8, stored_len: 5, raw_len: 5 } };
         let s = seal(&keys, &[e]).unwrap();
         assert_eq!(open(&keys, &s).unwrap(), vec![e]);
         let mut bad = s.clone();

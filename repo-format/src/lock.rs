@@ -14,14 +14,52 @@ use crate::names;
 use serde::{Deserialize, Serialize};
 
 /// What a lock holder does. Backups are what GC waits for; `gc` locks exclude each other.
-pub const KIND_BACKUP: &str = "backup";
-pub const KIND_GC: &str = "gc";
+/// Stored as a string (`backup`, `gc`); a kind written by a newer Mover is kept as `Other`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum LockKind {
+    Backup,
+    Gc,
+    Other(String),
+}
+
+impl LockKind {
+    pub fn as_str(&self) -> &str {
+        match self {
+            LockKind::Backup => "backup",
+            LockKind::Gc => "gc",
+            LockKind::Other(s) => s,
+        }
+    }
+}
+
+impl From<String> for LockKind {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "backup" => LockKind::Backup,
+            "gc" => LockKind::Gc,
+            _ => LockKind::Other(s),
+        }
+    }
+}
+
+impl From<LockKind> for String {
+    fn from(k: LockKind) -> Self {
+        k.as_str().to_string()
+    }
+}
+
+impl std::fmt::Display for LockKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LockInfo {
     /// 16 hex digits, random; the same across refreshes.
     pub id: String,
-    pub kind: String,
+    pub kind: LockKind,
     pub hostname: String,
     pub pid: u32,
     pub created_ms: u64,
@@ -31,11 +69,11 @@ pub struct LockInfo {
 }
 
 impl LockInfo {
-    pub fn new(kind: &str, ttl_s: u64) -> Self {
+    pub fn new(kind: LockKind, ttl_s: u64) -> Self {
         let now = crate::now_unix_ms();
         Self {
             id: hex::encode(rand::random::<[u8; 8]>()),
-            kind: kind.to_string(),
+            kind,
             hostname: crate::hostname(),
             pid: std::process::id(),
             created_ms: now,
@@ -84,7 +122,7 @@ mod tests {
     #[test]
     fn lock_round_trips_and_names_parse() {
         let keys = Keys::derive(&MasterKey::generate());
-        let l = LockInfo::new(KIND_BACKUP, 60);
+        let l = LockInfo::new(LockKind::Backup, 60);
         let b = l.seal(&keys).unwrap();
         assert_eq!(LockInfo::open(&keys, &b).unwrap(), l);
         assert_eq!(parse_name(&l.object_name()), Some((l.id.clone(), l.refreshed_ms)));

@@ -50,6 +50,70 @@ impl VolumeStats {
     }
 }
 
+/// How a backup learned which parts of a volume changed. Stored as a string; a value
+/// written by a newer Mover is kept as `Other`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum ChangeSource {
+    /// No parent: everything allocated was read.
+    Full,
+    /// Everything was read; segments equal to the parent's (by digest) reused its maps.
+    ParentDigest,
+    /// Extents given by the caller.
+    Extents,
+    /// A QEMU dirty bitmap over NBD.
+    Nbd,
+    /// CSI SnapshotMetadata (KEP-3314).
+    Csi,
+    /// KubeVirt's backup API (pull mode: map endpoint).
+    Kubevirt,
+    /// A KubeVirt push-mode incremental qcow2: the clusters it holds.
+    Qcow2,
+    Other(String),
+}
+
+impl ChangeSource {
+    pub fn as_str(&self) -> &str {
+        match self {
+            ChangeSource::Full => "full",
+            ChangeSource::ParentDigest => "parent-digest",
+            ChangeSource::Extents => "extents",
+            ChangeSource::Nbd => "nbd",
+            ChangeSource::Csi => "csi",
+            ChangeSource::Kubevirt => "kubevirt",
+            ChangeSource::Qcow2 => "qcow2",
+            ChangeSource::Other(s) => s,
+        }
+    }
+}
+
+impl From<String> for ChangeSource {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "full" => ChangeSource::Full,
+            "parent-digest" => ChangeSource::ParentDigest,
+            "extents" => ChangeSource::Extents,
+            "nbd" => ChangeSource::Nbd,
+            "csi" => ChangeSource::Csi,
+            "kubevirt" => ChangeSource::Kubevirt,
+            "qcow2" => ChangeSource::Qcow2,
+            _ => ChangeSource::Other(s),
+        }
+    }
+}
+
+impl From<ChangeSource> for String {
+    fn from(c: ChangeSource) -> Self {
+        c.as_str().to_string()
+    }
+}
+
+impl std::fmt::Display for ChangeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeEntry {
     pub name: String,
@@ -59,8 +123,8 @@ pub struct VolumeEntry {
     pub groups: Vec<ChunkId>,
     /// What the volume was read from (a path, an NBD URI), for people.
     pub source: String,
-    /// How changes were found: `full`, `parent-digest`, `extents`, `csi`, `nbd`.
-    pub change_source: String,
+    /// How changes were found.
+    pub change_source: ChangeSource,
     /// The change source's own base (e.g. a CSI snapshot id), for the next incremental.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_base: Option<String>,
@@ -77,6 +141,11 @@ pub struct MetadataEntry {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Manifest {
     pub version: u32,
+    /// What is protected: the identity `latest`, parents, retention and listing go by
+    /// (e.g. `vms/web-1` on Kubernetes). Absent in manifests written before groups existed:
+    /// [`Manifest::group`] derives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub time_unix_ms: u64,
     pub hostname: String,
     #[serde(default)]
@@ -106,4 +175,33 @@ impl Manifest {
     pub fn volume(&self, name: &str) -> Option<&VolumeEntry> {
         self.volumes.iter().find(|v| v.name == name)
     }
+
+    /// The snapshot's group: as recorded, or for a manifest written before groups existed,
+    /// [`default_group`] of its host and volume names.
+    pub fn group(&self) -> String {
+        match &self.group {
+            Some(g) => g.clone(),
+            None => default_group(&self.hostname, self.volumes.iter().map(|v| v.name.as_str())),
+        }
+    }
+}
+
+/// The group of a backup whose caller named none: `host/<hostname>/<volume names, sorted,
+/// comma-separated>` — the disks of one machine, taken together.
+pub fn default_group<'a>(hostname: &str, volumes: impl IntoIterator<Item = &'a str>) -> String {
+    let mut v: Vec<&str> = volumes.into_iter().collect();
+    v.sort_unstable();
+    format!("host/{hostname}/{}", v.join(","))
+}
+
+/// Checks a caller-chosen group name: 1 to 253 bytes of printable ASCII without spaces
+/// (Kubernetes `namespace/name` fits).
+pub fn validate_group(g: &str) -> Result<(), String> {
+    if g.is_empty() || g.len() > 253 {
+        return Err(format!("group '{g}' must be 1 to 253 characters"));
+    }
+    if !g.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("group '{g}' may hold only printable ASCII without spaces"));
+    }
+    Ok(())
 }

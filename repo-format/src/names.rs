@@ -39,6 +39,26 @@ pub fn gc_ready(record: &str) -> String {
     format!("{GC_PREFIX}{record}.ready")
 }
 
+/// The largest object of each kind a reader accepts: a store that serves more is refused
+/// before memory is sized by it. Packs are bounded by the largest pack size `init` allows
+/// (256 MiB) plus a full chunk beyond it and the trailer; gc records carry every entry gc
+/// took out (77 bytes each) and the manifests forget parked.
+pub fn max_len(name: &str) -> u64 {
+    if name == CONFIG || name.starts_with(KEYS_PREFIX) || name.starts_with(LOCKS_PREFIX) {
+        1 << 20
+    } else if name.starts_with(SNAPSHOTS_PREFIX) {
+        64 << 20
+    } else if name.starts_with(INDEX_PREFIX) {
+        256 << 20
+    } else if name.starts_with(PACKS_PREFIX) {
+        320 << 20
+    } else if name.starts_with(GC_PREFIX) {
+        2 << 30
+    } else {
+        64 << 20
+    }
+}
+
 /// The id part of an object name (`packs/ab/abcd…` → `abcd…`), parsed as `T`.
 pub fn parse_id<T: std::str::FromStr>(name: &str) -> Option<T> {
     name.rsplit('/').next()?.parse().ok()

@@ -2,7 +2,7 @@
 //! The trailer lists every blob so the index can be rebuilt from packs alone. A pack's id
 //! is the BLAKE3 of all its bytes.
 
-use crate::blob::EncodedBlob;
+use crate::blob::{BlobKind, EncodedBlob};
 use crate::bytes_io::{put_u32, Reader};
 use crate::crypto::Keys;
 use crate::error::FormatError;
@@ -18,7 +18,7 @@ pub const TRAILER_RECORD: usize = 32 + 1 + 4 + 4 + 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PackEntry {
     pub id: ChunkId,
-    pub kind: u8,
+    pub kind: BlobKind,
     pub offset: u32,
     pub stored_len: u32,
     pub raw_len: u32,
@@ -116,7 +116,7 @@ pub fn encode_trailer(entries: &[PackEntry]) -> Vec<u8> {
     put_u32(&mut out, entries.len() as u32);
     for e in entries {
         out.extend_from_slice(e.id.as_bytes());
-        out.push(e.kind);
+        out.push(e.kind.as_u8());
         put_u32(&mut out, e.offset);
         put_u32(&mut out, e.stored_len);
         put_u32(&mut out, e.raw_len);
@@ -134,7 +134,7 @@ pub fn decode_trailer(plain: &[u8], blobs_end: u64) -> Result<Vec<PackEntry>, Fo
     let n = r.count(TRAILER_RECORD)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let e = PackEntry { id: ChunkId(r.id()?), kind: r.u8()?, offset: r.u32()?, stored_len: r.u32()?, raw_len: r.u32()? };
+        let e = PackEntry { id: ChunkId(r.id()?), kind: BlobKind::from_u8(r.u8()?)?, offset: r.u32()?, stored_len: r.u32()?, raw_len: r.u32()? };
         if (e.offset as u64) < PACK_HEADER_MAGIC.len() as u64 || e.offset as u64 + e.stored_len as u64 > blobs_end {
             return Err(FormatError::Corrupt(format!("trailer entry for chunk {} points outside the pack", e.id)));
         }
@@ -183,7 +183,7 @@ mod tests {
         let mut b = PackBuilder::new(1 << 20);
         let blobs: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1000 + i as usize * 100]).collect();
         for p in &blobs {
-            b.add(&enc.encode(&keys, keys.chunk_id(p), KIND_DATA, p).unwrap()).unwrap();
+            b.add(&enc.encode(&keys, keys.chunk_id(p), BlobKind::Data, p).unwrap()).unwrap();
         }
         let (id, bytes, entries) = b.finish(&keys).unwrap();
         assert_eq!(id, PackId(content_id(&bytes)));
@@ -214,7 +214,7 @@ mod tests {
         let mut check = |b: PackBuilder, n: u8| -> Bytes {
             let mut b = b;
             for p in plain(n) {
-                b.add(&enc.encode(&keys, keys.chunk_id(&p), KIND_DATA, &p).unwrap()).unwrap();
+                b.add(&enc.encode(&keys, keys.chunk_id(&p), BlobKind::Data, &p).unwrap()).unwrap();
             }
             let (id, bytes, entries) = b.finish(&keys).unwrap();
             assert_eq!(id, PackId(content_id(&bytes)));
@@ -238,7 +238,7 @@ mod tests {
 
     #[test]
     fn trailer_roundtrip_and_bounds() {
-        let e = PackEntry { id: ChunkId([7; 32]), kind: 1, offset: 8, stored_len: 10, raw_len: 3 };
+        let e = PackEntry { id: ChunkId([7; 32]), kind: BlobKind::Tree, offset: 8, stored_len: 10, raw_len: 3 };
         let t = encode_trailer(&[e]);
         assert_eq!(decode_trailer(&t, 18).unwrap(), vec![e]);
         assert!(decode_trailer(&t, 17).is_err());

@@ -107,7 +107,10 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let keys = Keys::derive(&MasterKey::generate());
-        let e = IndexEntry { id: ChunkId([7; 32]), loc: BlobLocation { pack: PackId([1; 32]), kind: 0, offset: 8, stored_len: 100, raw_len: 90 } };
+        let e = IndexEntry {
+            id: ChunkId([7; 32]),
+            loc: BlobLocation { pack: PackId([1; 32]), kind: crate::blob::BlobKind::Data, offset: 8, stored_len: 100, raw_len: 90 },
+        };
         let r =
             PendingDeletion { created_ms: 42, orphans: vec![PackId([2; 32])], forgotten: vec![(SnapshotId([3; 32]), b"manifest".to_vec())], entries: vec![e] };
         let back = PendingDeletion::open(&keys, &r.seal(&keys).unwrap()).unwrap();

@@ -53,8 +53,9 @@ impl std::fmt::Debug for Repository {
     }
 }
 
+/// Reads a whole object, bounded by the largest object of its kind ([`names::max_len`]).
 async fn get_retry(s: &dyn Storage, policy: &RetryPolicy, name: &str, cancel: &CancellationToken) -> Result<Bytes, RepoError> {
-    Ok(retry(policy, cancel, || s.get(name, cancel)).await?)
+    Ok(retry(policy, cancel, || s.get(name, names::max_len(name), cancel)).await?)
 }
 
 impl Repository {
@@ -81,8 +82,14 @@ impl Repository {
         let cbytes = config.to_bytes(&keys).map_err(|e| fmt_err(&loc, names::CONFIG, e))?;
         let out = retry(&policy, cancel, || storage.put(names::CONFIG, Bytes::from(cbytes.clone()), cancel)).await?;
         if out == PutOutcome::Existed {
-            let _ = storage.delete(&kname, cancel).await;
-            return Err(RepoError::AlreadyInitialised { location: loc });
+            // Our own write may have landed before a retry found it: the same bytes are ours.
+            let stored = get_retry(&*storage, &policy, names::CONFIG, cancel).await?;
+            if stored[..] != cbytes[..] {
+                // Another init won. Our key file wraps a master key that config was not made
+                // with, so it cannot open this repository: removing it loses nothing.
+                let _ = storage.delete(&kname, cancel).await;
+                return Err(RepoError::AlreadyInitialised { location: loc });
+            }
         }
         Ok(Self { inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy }) })
     }
@@ -91,7 +98,7 @@ impl Repository {
     pub async fn open(storage: Arc<dyn Storage>, password: &[u8], cancel: &CancellationToken) -> Result<Self, RepoError> {
         let policy = RetryPolicy::default();
         let loc = storage.location().to_string();
-        let cbytes = match retry(&policy, cancel, || storage.get(names::CONFIG, cancel)).await {
+        let cbytes = match retry(&policy, cancel, || storage.get(names::CONFIG, names::max_len(names::CONFIG), cancel)).await {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Err(RepoError::NotInitialised { location: loc }),
             Err(e) => return Err(e.into()),
@@ -105,16 +112,30 @@ impl Repository {
         };
         let key_objects = retry(&policy, cancel, || list_all(&*storage, names::KEYS_PREFIX, cancel)).await?;
         let mut opened = None;
+        // A key file that cannot be used (damaged, or asking for absurd key-derivation
+        // costs) is skipped; it is reported when no other key opens the repository.
+        let mut unusable = None;
         for obj in &key_objects {
             let kb = get_retry(&*storage, &policy, &obj.name, cancel).await?;
-            let kf = KeyFile::from_bytes(&kb).map_err(|e| fmt_err(&loc, &obj.name, e))?;
-            if let Some(master) = kf.unwrap_key(password).map_err(|e| fmt_err(&loc, &obj.name, e))? {
-                let id = names::parse_id::<KeyId>(&obj.name).unwrap_or(KeyId(content_id(&kb)));
-                opened = Some((master, id));
-                break;
+            let unwrapped = KeyFile::from_bytes(&kb).and_then(|kf| kf.unwrap_key(password));
+            match unwrapped {
+                Ok(Some(master)) => {
+                    let id = names::parse_id::<KeyId>(&obj.name).unwrap_or(KeyId(content_id(&kb)));
+                    opened = Some((master, id));
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("key file {} in repository {loc}: {e}", obj.name);
+                    unusable.get_or_insert(fmt_err(&loc, &obj.name, e));
+                }
             }
         }
-        let (master, key_id) = opened.ok_or(RepoError::WrongPassword { location: loc.clone() })?;
+        let (master, key_id) = match (opened, unusable) {
+            (Some(o), _) => o,
+            (None, Some(e)) => return Err(e),
+            (None, None) => return Err(RepoError::WrongPassword { location: loc.clone() }),
+        };
         let keys = Keys::derive(&master);
         if keys.config_mac(&cbytes[..mac_at]) != mac {
             return Err(RepoError::ConfigMismatch { location: loc });

@@ -1,6 +1,8 @@
 //! Tree blobs, stored in packs like data (kind `KIND_TREE`) and named by content:
 //!
-//! - a **segment map** lists one segment's pieces: chunks (id, length) and holes (length);
+//! - a **segment map** lists one segment's pieces: chunks (id, length), holes (length), and
+//!   slices (a byte range of a stored chunk: id, offset, length) — what an incremental
+//!   that read only the changed bytes keeps of the parent's chunks around them;
 //! - a **segment group** lists up to [`GROUP_SEGMENTS`] consecutive segments of a volume,
 //!   each a hole or (segment map id, segment digest).
 //!
@@ -17,18 +19,36 @@ pub const GROUP_SEGMENTS: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MapEntry {
-    Chunk { id: ChunkId, len: u32 },
-    Hole { len: u32 },
+    Chunk {
+        id: ChunkId,
+        len: u32,
+    },
+    Hole {
+        len: u32,
+    },
+    /// `len` bytes at `offset` of the chunk `id`.
+    Slice {
+        id: ChunkId,
+        offset: u32,
+        len: u32,
+    },
 }
 
 impl MapEntry {
     pub fn len(&self) -> u32 {
         match *self {
-            MapEntry::Chunk { len, .. } | MapEntry::Hole { len } => len,
+            MapEntry::Chunk { len, .. } | MapEntry::Hole { len } | MapEntry::Slice { len, .. } => len,
         }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// The stored chunk this entry reads from, if any.
+    pub fn chunk(&self) -> Option<ChunkId> {
+        match *self {
+            MapEntry::Chunk { id, .. } | MapEntry::Slice { id, .. } => Some(id),
+            MapEntry::Hole { .. } => None,
+        }
     }
 }
 
@@ -42,9 +62,12 @@ impl SegmentMap {
         self.entries.iter().map(|e| e.len() as u64).sum()
     }
 
+    /// Encodes the map: version 1 when it holds no slices (the bytes maps always had, so
+    /// they still deduplicate), version 2 when it does.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(6 + self.entries.len() * 37);
-        out.push(TREE_VERSION);
+        let slices = self.entries.iter().any(|e| matches!(e, MapEntry::Slice { .. }));
+        let mut out = Vec::with_capacity(6 + self.entries.len() * 41);
+        out.push(if slices { TREE_VERSION_SLICES } else { TREE_VERSION });
         out.push(TREE_SEGMENT_MAP);
         put_u32(&mut out, self.entries.len() as u32);
         for e in &self.entries {
@@ -58,6 +81,12 @@ impl SegmentMap {
                     out.push(1);
                     put_u32(&mut out, *len);
                 }
+                MapEntry::Slice { id, offset, len } => {
+                    out.push(2);
+                    put_u32(&mut out, *len);
+                    out.extend_from_slice(id.as_bytes());
+                    put_u32(&mut out, *offset);
+                }
             }
         }
         out
@@ -65,7 +94,7 @@ impl SegmentMap {
 
     pub fn decode(b: &[u8]) -> Result<Self, FormatError> {
         let mut r = Reader::new(b, "segment map");
-        check_header(&mut r, TREE_SEGMENT_MAP, "segment map")?;
+        let version = check_header_versions(&mut r, TREE_SEGMENT_MAP, "segment map", &[TREE_VERSION, TREE_VERSION_SLICES])?;
         let n = r.count(5)?;
         let mut entries = Vec::with_capacity(n);
         for _ in 0..n {
@@ -74,6 +103,14 @@ impl SegmentMap {
             entries.push(match tag {
                 0 => MapEntry::Chunk { id: ChunkId(r.id()?), len },
                 1 => MapEntry::Hole { len },
+                2 if version == TREE_VERSION_SLICES => {
+                    let id = ChunkId(r.id()?);
+                    let offset = r.u32()?;
+                    if len == 0 || offset.checked_add(len).is_none() {
+                        return Err(FormatError::Corrupt(format!("segment map slice of chunk {id} at {offset}+{len}")));
+                    }
+                    MapEntry::Slice { id, offset, len }
+                }
                 t => return Err(FormatError::Corrupt(format!("segment map entry tag {t}"))),
             });
         }
@@ -83,15 +120,19 @@ impl SegmentMap {
 }
 
 fn check_header(r: &mut Reader<'_>, ty: u8, what: &str) -> Result<(), FormatError> {
+    check_header_versions(r, ty, what, &[TREE_VERSION]).map(|_| ())
+}
+
+fn check_header_versions(r: &mut Reader<'_>, ty: u8, what: &str, versions: &[u8]) -> Result<u8, FormatError> {
     let v = r.u8()?;
-    if v != TREE_VERSION {
+    if !versions.contains(&v) {
         return Err(FormatError::Unsupported(format!("{what} version {v}")));
     }
     let t = r.u8()?;
     if t != ty {
         return Err(FormatError::Corrupt(format!("expected a {what}, found tree type {t}")));
     }
-    Ok(())
+    Ok(v)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,9 +196,17 @@ mod tests {
 
     proptest! {
         #[test]
-        fn map_roundtrip(raw in proptest::collection::vec((any::<bool>(), any::<[u8; 32]>(), any::<u32>()), 0..40)) {
-            let m = SegmentMap { entries: raw.iter().map(|(h, id, len)| if *h { MapEntry::Hole { len: *len } } else { MapEntry::Chunk { id: ChunkId(*id), len: *len } }).collect() };
-            prop_assert_eq!(SegmentMap::decode(&m.encode()).unwrap(), m);
+        fn map_roundtrip(raw in proptest::collection::vec((0u8..3, any::<[u8; 32]>(), 1u32..1 << 20, 0u32..1 << 20), 0..40)) {
+            let m = SegmentMap { entries: raw.iter().map(|(t, id, len, off)| match t {
+                0 => MapEntry::Hole { len: *len },
+                1 => MapEntry::Chunk { id: ChunkId(*id), len: *len },
+                _ => MapEntry::Slice { id: ChunkId(*id), offset: *off, len: *len },
+            }).collect() };
+            let bytes = m.encode();
+            // Maps without slices keep the version-1 bytes they always had.
+            let has_slices = m.entries.iter().any(|e| matches!(e, MapEntry::Slice { .. }));
+            prop_assert_eq!(bytes[0], if has_slices { TREE_VERSION_SLICES } else { TREE_VERSION });
+            prop_assert_eq!(SegmentMap::decode(&bytes).unwrap(), m);
         }
 
         #[test]
@@ -173,5 +222,9 @@ mod tests {
         assert!(SegmentMap::decode(&g).is_err());
         let m = SegmentMap { entries: vec![MapEntry::Hole { len: 5 }] }.encode();
         assert!(SegmentMap::decode(&m[..m.len() - 1]).is_err());
+        // A slice tag in a version-1 map is corruption, not a slice.
+        let mut v1 = SegmentMap { entries: vec![MapEntry::Slice { id: ChunkId([1; 32]), offset: 0, len: 9 }] }.encode();
+        v1[0] = TREE_VERSION;
+        assert!(SegmentMap::decode(&v1).is_err());
     }
 }

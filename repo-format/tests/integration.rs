@@ -1,16 +1,15 @@
-//! Integration tests of the format library against a real local directory.
+//! Integration tests of the format library against a real local directory (the backend
+//! itself is tested in `mover-backends`).
 
-use bytes::Bytes;
+use mover_backends::LocalStorage;
 use mover_format::blob::BlobEncoder;
+use mover_format::blob::BlobKind;
 use mover_format::crypto::KdfParams;
-use mover_format::file_formats::{KIND_DATA, KIND_TREE};
 use mover_format::local_index::{self, ChunkIndex, MemIndex};
 use mover_format::manifest::{Manifest, VolumeEntry, VolumeStats, MANIFEST_VERSION};
 use mover_format::names;
 use mover_format::pack::PackBuilder;
-use mover_format::storage::fault::FaultyStorage;
-use mover_format::storage::local::LocalStorage;
-use mover_format::storage::{conformance, Storage};
+use mover_format::storage::Storage;
 use mover_format::{ChunkId, InitOptions, RepoError, Repository};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -23,72 +22,6 @@ fn local(dir: &tempfile::TempDir) -> Arc<dyn Storage> {
     Arc::new(LocalStorage::new(dir.path().join("repo")))
 }
 
-mod storage {
-    use super::*;
-
-    #[tokio::test]
-    async fn local_directory_conformance() {
-        let d = tempfile::tempdir().unwrap();
-        conformance::run_all(local(&d), "c/").await.unwrap();
-    }
-
-    /// Long objects and ranges go through O_DIRECT where the data and filesystem allow it
-    /// (aligned buffers, as packs have), buffered otherwise; both read back exactly, at
-    /// unaligned offsets and up to the object's unaligned end.
-    #[tokio::test]
-    async fn long_objects_and_ranges_read_back_exactly() {
-        let d = tempfile::tempdir().unwrap();
-        let s = local(&d);
-        let c = CancellationToken::new();
-        let len = (1 << 20) + 4095;
-        let mut backing = vec![0u8; len + 8192];
-        blake3::Hasher::new().finalize_xof().fill(&mut backing);
-        let pad = backing.as_ptr().align_offset(4096);
-        let all = Bytes::from(backing);
-        let aligned = all.slice(pad..pad + len);
-        let unaligned = all.slice(pad + 1..pad + 1 + len);
-        assert_eq!(aligned.as_ptr() as usize % 4096, 0);
-        for (name, data) in [("x/aligned", aligned), ("x/unaligned", unaligned)] {
-            s.put(name, data.clone(), &c).await.unwrap();
-            assert_eq!(s.get(name, &c).await.unwrap(), data, "{name}");
-            for (off, n) in [(0, len), (1, 300_000), (4095, len - 4095), (len - (256 << 10) - 1, (256 << 10) + 1), (8192, 256 << 10), (3, 10)] {
-                let got = s.get_range(name, off as u64, n as u64, &c).await.unwrap();
-                assert_eq!(got, data.slice(off..off + n), "{name} {off}+{n}");
-            }
-            assert!(s.get_range(name, 4096, len as u64, &c).await.is_err(), "{name}: range past the end");
-        }
-    }
-
-    #[tokio::test]
-    async fn fault_injection_is_absorbed_by_retries() {
-        // The wrapper fails the first 3 calls and 20 % of the rest; the repository layer
-        // retries transient errors, so init/write/read succeed and faults were injected.
-        let d = tempfile::tempdir().unwrap();
-        let faulty = Arc::new(FaultyStorage::new(local(&d), 3, 0.2, 7));
-        let s: Arc<dyn Storage> = faulty.clone();
-        let c = CancellationToken::new();
-        let repo = Repository::init(s.clone(), b"pw", opts(), &c).await.unwrap();
-        let (ids, index) = store_chunks(&repo, 30).await;
-        let repo2 = Repository::open(s, b"pw", &c).await.unwrap();
-        for (id, data) in &ids {
-            let loc = index.lookup(id).unwrap().unwrap();
-            assert_eq!(&repo2.read_blob(id, &loc, &c).await.unwrap(), data);
-        }
-        assert!(faulty.injected() >= 3, "no faults were injected");
-    }
-
-    #[tokio::test]
-    async fn fault_wrapper_fails_calls_without_retry() {
-        let d = tempfile::tempdir().unwrap();
-        let s = FaultyStorage::new(local(&d), 2, 0.0, 1);
-        let c = CancellationToken::new();
-        assert!(s.put("a/b", Bytes::from_static(b"x"), &c).await.unwrap_err().is_transient());
-        assert!(s.get("a/b", &c).await.unwrap_err().is_transient());
-        s.put("a/b", Bytes::from_static(b"x"), &c).await.unwrap();
-        assert_eq!(&s.get("a/b", &c).await.unwrap()[..], b"x");
-    }
-}
-
 /// Stores `n` chunks in one pack plus an index segment; returns them and a synced index.
 async fn store_chunks(repo: &Repository, n: usize) -> (Vec<(ChunkId, Vec<u8>)>, MemIndex) {
     let c = CancellationToken::new();
@@ -98,7 +31,7 @@ async fn store_chunks(repo: &Repository, n: usize) -> (Vec<(ChunkId, Vec<u8>)>, 
     for i in 0..n {
         let data: Vec<u8> = (0..5000 + i * 13).map(|j| ((i * 31 + j * 7) % 251) as u8).collect();
         let id = repo.keys().chunk_id(&data);
-        b.add(&enc.encode(repo.keys(), id, KIND_DATA, &data).unwrap()).unwrap();
+        b.add(&enc.encode(repo.keys(), id, BlobKind::Data, &data).unwrap()).unwrap();
         out.push((id, data));
     }
     let (_pack, entries, _) = repo.write_pack(b, &c).await.unwrap();
@@ -111,6 +44,7 @@ async fn store_chunks(repo: &Repository, n: usize) -> (Vec<(ChunkId, Vec<u8>)>, 
 fn manifest(groups: Vec<ChunkId>) -> Manifest {
     Manifest {
         version: MANIFEST_VERSION,
+        group: None,
         time_unix_ms: mover_format::now_unix_ms(),
         hostname: "test".into(),
         tags: [("vm".to_string(), "web-1".to_string())].into(),
@@ -121,7 +55,7 @@ fn manifest(groups: Vec<ChunkId>) -> Manifest {
             segment_size: 4 << 20,
             groups,
             source: "/dev/null".into(),
-            change_source: "full".into(),
+            change_source: mover_format::manifest::ChangeSource::Full,
             change_base: None,
             stats: VolumeStats::default(),
         }],
@@ -355,9 +289,9 @@ mod corruption {
         let mut b = PackBuilder::new(1 << 16);
         let t = mover_format::tree::SegmentMap { entries: vec![mover_format::tree::MapEntry::Hole { len: 4096 }] }.encode();
         let id = repo.keys().chunk_id(&t);
-        b.add(&enc.encode(repo.keys(), id, KIND_TREE, &t).unwrap()).unwrap();
+        b.add(&enc.encode(repo.keys(), id, BlobKind::Tree, &t).unwrap()).unwrap();
         let (_p, entries, _) = repo.write_pack(b, &c).await.unwrap();
-        assert_eq!(entries[0].loc.kind, KIND_TREE);
+        assert_eq!(entries[0].loc.kind, BlobKind::Tree);
         assert_eq!(repo.read_blob(&id, &entries[0].loc, &c).await.unwrap(), t);
     }
 }

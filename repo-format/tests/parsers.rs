@@ -33,11 +33,15 @@ fn all_parsers(k: &Keys, b: &[u8]) {
 
 /// Valid encodings of every object kind, in plaintext and sealed forms.
 fn samples(k: &Keys) -> Vec<Vec<u8>> {
-    let e = IndexEntry { id: ChunkId([1; 32]), loc: BlobLocation { pack: PackId([2; 32]), kind: 0, offset: 8, stored_len: 50, raw_len: 9 } };
+    let e = IndexEntry {
+        id: ChunkId([1; 32]),
+        loc: BlobLocation { pack: PackId([2; 32]), kind: mover_format::blob::BlobKind::Data, offset: 8, stored_len: 50, raw_len: 9 },
+    };
     let map = SegmentMap { entries: vec![MapEntry::Chunk { id: ChunkId([3; 32]), len: 100 }, MapEntry::Hole { len: 4096 }] };
     let group = SegmentGroup { first_segment: 5, segments: vec![SegmentRef::Hole, SegmentRef::Map { map: ChunkId([4; 32]), digest: SegmentDigest([5; 32]) }] };
     let m = Manifest {
         version: MANIFEST_VERSION,
+        group: Some("ns/vm".into()),
         time_unix_ms: 1,
         hostname: "h".into(),
         tags: Default::default(),
@@ -49,7 +53,7 @@ fn samples(k: &Keys) -> Vec<Vec<u8>> {
     };
     let mut pb = PackBuilder::new(1024);
     let mut enc = mover_format::blob::BlobEncoder::new(1);
-    pb.add(&enc.encode(k, k.chunk_id(b"abc"), 0, b"abc").unwrap()).unwrap();
+    pb.add(&enc.encode(k, k.chunk_id(b"abc"), mover_format::blob::BlobKind::Data, b"abc").unwrap()).unwrap();
     let (_, packb, entries) = pb.finish(k).unwrap();
     vec![
         index::encode_plain(&[e]),

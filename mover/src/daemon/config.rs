@@ -1,11 +1,12 @@
 //! The daemon's configuration (TOML), validated once into typed values. Every setting and
 //! its default is documented in docs/configuration.md.
 
-use anyhow::{bail, Context, Result};
+use mover_engine::{Error, Result, ResultExt};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +33,36 @@ pub struct TlsFiles {
     pub client_ca: PathBuf,
 }
 
+/// The CSI SnapshotMetadata service of this cluster (KEP-3314). Requests name snapshots;
+/// where to ask, and with which credentials, comes only from here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsiConfig {
+    /// `HOST:PORT` of the service (TLS).
+    pub endpoint: String,
+    /// The service's CA certificate (PEM): the SnapshotMetadataService's `spec.caCert`.
+    pub ca_file: PathBuf,
+    /// A projected service-account token with the service's audience.
+    pub token_file: PathBuf,
+    pub tls_server_name: Option<String>,
+    /// Bound on connecting and on each streamed message (default 30).
+    pub timeout_seconds: Option<u64>,
+}
+
+/// Who may call which RPCs. Without a section every caller that passes the transport's
+/// checks may call everything (the unix socket's permissions and peer check, or mTLS).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Client certificate identities (a URI or DNS SAN, or the subject CN) per RPC group.
+    #[serde(default)]
+    pub backup: Vec<String>,
+    #[serde(default)]
+    pub restore: Vec<String>,
+    #[serde(default)]
+    pub read: Vec<String>,
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -40,10 +71,22 @@ struct Raw {
     tls: Option<TlsFiles>,
     #[serde(default)]
     insecure_plaintext: bool,
+    socket_mode: Option<String>,
+    socket_group: Option<u32>,
+    #[serde(default)]
+    socket_allowed_uids: Vec<u32>,
+    authorization: Option<AuthConfig>,
     #[serde(default)]
     repositories: BTreeMap<String, RepoEntry>,
     allowed_roots: Option<Vec<PathBuf>>,
     kubelet_root: Option<PathBuf>,
+    #[serde(default)]
+    nbd_tcp_endpoints: Vec<String>,
+    #[serde(default)]
+    kubevirt_export_hosts: Vec<String>,
+    nbd_connect_timeout_seconds: Option<u64>,
+    nbd_io_timeout_seconds: Option<u64>,
+    csi: Option<CsiConfig>,
     max_concurrent_transfers: Option<usize>,
     bandwidth_limit: Option<u64>,
     state_dir: Option<PathBuf>,
@@ -57,14 +100,37 @@ pub enum Listen {
     Unix(PathBuf),
 }
 
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub listen: Listen,
     pub http_listen: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// Permission bits of the unix socket (default 0600: the daemon's user only).
+    pub socket_mode: u32,
+    /// Group owning the unix socket (with a mode like 0660, its members may connect).
+    pub socket_group: Option<u32>,
+    /// Peers (by uid, checked with SO_PEERCRED) the unix socket accepts besides the
+    /// daemon's own uid and root.
+    pub socket_allowed_uids: Vec<u32>,
+    pub authorization: Option<AuthConfig>,
     pub repositories: BTreeMap<String, RepoEntry>,
     pub allowed_roots: Vec<PathBuf>,
     pub kubelet_root: PathBuf,
+    pub nbd_tcp_endpoints: Vec<String>,
+    /// `host:port` of the KubeVirt export servers (virt-exportproxy) requests may name.
+    pub kubevirt_export_hosts: Vec<String>,
+    pub nbd_connect_timeout: Duration,
+    pub nbd_io_timeout: Duration,
+    pub csi: Option<CsiConfig>,
     pub max_concurrent_transfers: usize,
     pub bandwidth_limit: u64,
     pub state_dir: PathBuf,
@@ -76,7 +142,7 @@ pub fn parse_listen(s: &str) -> Result<Listen> {
     if let Some(p) = s.strip_prefix("unix:") {
         return Ok(Listen::Unix(PathBuf::from(p)));
     }
-    Ok(Listen::Tcp(s.parse().with_context(|| format!("listen address '{s}' is not HOST:PORT or unix:PATH"))?))
+    Ok(Listen::Tcp(s.parse().map_err(|_| Error::invalid(format!("listen address '{s}' is not HOST:PORT or unix:PATH")))?))
 }
 
 impl DaemonConfig {
@@ -84,57 +150,142 @@ impl DaemonConfig {
         let raw: Raw = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("config {}", p.display()))?
+                toml::from_str(&text).map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))?
             }
             None => Raw::default(),
         };
         Self::from_raw(raw)
     }
 
+    /// The embedded default repository in `state_dir` (created on first start).
+    fn default_repository(state_dir: &Path) -> RepoEntry {
+        RepoEntry {
+            url: state_dir.join("repository").display().to_string(),
+            password_file: Some(state_dir.join("default-repository.password")),
+            password_env: None,
+            s3_endpoint: None,
+            s3_region: None,
+            init_if_missing: true,
+        }
+    }
+
     fn from_raw(raw: Raw) -> Result<Self> {
         let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/mover"));
-        let listen = parse_listen(raw.listen.as_deref().unwrap_or("127.0.0.1:7600"))?;
-        let http_listen: SocketAddr = raw.http_listen.as_deref().unwrap_or("127.0.0.1:7601").parse().context("http_listen is not HOST:PORT")?;
-        if let Listen::Tcp(a) = &listen {
-            if !a.ip().is_loopback() && raw.tls.is_none() && !raw.insecure_plaintext {
-                bail!("listen address {a} is not loopback: configure [tls] (mTLS) or set insecure_plaintext = true");
-            }
-        }
+        // Without configuration: a unix socket only the daemon's user can reach, never TCP.
+        let listen = match raw.listen.as_deref() {
+            Some(l) => parse_listen(l)?,
+            None => Listen::Unix(state_dir.join("mover.sock")),
+        };
+        let http_listen: SocketAddr =
+            raw.http_listen.as_deref().unwrap_or("127.0.0.1:7601").parse().map_err(|_| Error::invalid("http_listen is not HOST:PORT"))?;
         let mut repositories = raw.repositories;
         if repositories.is_empty() {
-            repositories.insert(
-                "default".into(),
-                RepoEntry {
-                    url: state_dir.join("repository").display().to_string(),
-                    password_file: Some(state_dir.join("default-repository.password")),
-                    password_env: None,
-                    s3_endpoint: None,
-                    s3_region: None,
-                    init_if_missing: true,
-                },
-            );
+            repositories.insert("default".into(), Self::default_repository(&state_dir));
         }
         for (name, r) in &repositories {
             if name.is_empty() || r.url.is_empty() {
-                bail!("repository '{name}' needs a name and a url");
+                return Err(Error::invalid(format!("repository '{name}' needs a name and a url")));
             }
         }
         let max = raw.max_concurrent_transfers.unwrap_or(2);
         if max == 0 {
-            bail!("max_concurrent_transfers must be at least 1");
+            return Err(Error::invalid(format!("max_concurrent_transfers must be at least 1")));
         }
-        Ok(Self {
+        let socket_mode = match raw.socket_mode.as_deref() {
+            None => 0o600,
+            Some(m) => {
+                u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| Error::invalid(format!("socket_mode '{m}' is not octal (e.g. \"0660\")")))?
+            }
+        };
+        if socket_mode & 0o007 != 0 {
+            return Err(Error::invalid(format!("socket_mode {socket_mode:o} lets every local user connect; use 0600 or 0660 with socket_group")));
+        }
+        // Roots are compared with request paths as they are given: keep them canonical.
+        let canon = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+        let kubelet_root = canon(raw.kubelet_root.unwrap_or_else(|| PathBuf::from("/var/lib/kubelet")));
+        let allowed_roots: Vec<PathBuf> =
+            raw.allowed_roots.unwrap_or_else(|| vec![kubelet_root.clone(), PathBuf::from("/dev")]).into_iter().map(canon).collect();
+        for r in &allowed_roots {
+            if !r.is_absolute() || r == Path::new("/") {
+                return Err(Error::invalid(format!("allowed root {} must be an absolute directory other than /", r.display())));
+            }
+        }
+        let cfg = Self {
             listen,
             http_listen,
             tls: raw.tls,
+            socket_mode,
+            socket_group: raw.socket_group,
+            socket_allowed_uids: raw.socket_allowed_uids,
+            authorization: raw.authorization,
             repositories,
-            allowed_roots: raw.allowed_roots.unwrap_or_else(|| vec![PathBuf::from("/var/lib/kubelet"), PathBuf::from("/dev")]),
-            kubelet_root: raw.kubelet_root.unwrap_or_else(|| PathBuf::from("/var/lib/kubelet")),
+            allowed_roots,
+            kubelet_root,
+            nbd_tcp_endpoints: raw.nbd_tcp_endpoints,
+            kubevirt_export_hosts: raw.kubevirt_export_hosts,
+            nbd_connect_timeout: Duration::from_secs(raw.nbd_connect_timeout_seconds.unwrap_or(10).max(1)),
+            nbd_io_timeout: Duration::from_secs(raw.nbd_io_timeout_seconds.unwrap_or(60).max(1)),
+            csi: raw.csi,
             max_concurrent_transfers: max,
             bandwidth_limit: raw.bandwidth_limit.unwrap_or(0),
             cache_dir: raw.cache_dir.unwrap_or_else(|| state_dir.join("cache")),
             state_dir,
             shutdown_grace_seconds: raw.shutdown_grace_seconds.unwrap_or(30),
-        })
+        };
+        cfg.check_transport(raw.insecure_plaintext)?;
+        Ok(cfg)
+    }
+
+    /// The one transport rule: a TCP listener on anything but loopback needs mTLS (or an
+    /// explicit `insecure_plaintext`).
+    fn check_transport(&self, insecure_plaintext: bool) -> Result<()> {
+        if let Listen::Tcp(a) = &self.listen {
+            if !a.ip().is_loopback() && self.tls.is_none() && !insecure_plaintext {
+                return Err(Error::invalid(format!("listen address {a} is not loopback: configure [tls] (mTLS) or set insecure_plaintext = true")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the command line's overrides, then checks the transport rule again.
+    pub fn override_with(&mut self, listen: Option<&str>, http_listen: Option<&str>, state_dir: Option<&Path>, from_file: bool) -> Result<()> {
+        if let Some(s) = state_dir {
+            if !from_file {
+                // Keep the embedded defaults inside the given state directory.
+                for r in self.repositories.values_mut() {
+                    if r.init_if_missing {
+                        *r = Self::default_repository(s);
+                    }
+                }
+                self.cache_dir = s.join("cache");
+                if listen.is_none() {
+                    self.listen = Listen::Unix(s.join("mover.sock"));
+                }
+            }
+            self.state_dir = s.to_path_buf();
+        }
+        if let Some(l) = listen {
+            self.listen = parse_listen(l)?;
+        }
+        if let Some(h) = http_listen {
+            self.http_listen = h.parse().map_err(|_| Error::invalid(format!("--http-listen '{h}' is not HOST:PORT")))?;
+        }
+        self.check_transport(std::env::var("MOVER_INSECURE_PLAINTEXT").as_deref() == Ok("1"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_listen_on_a_private_socket_and_tcp_off_loopback_needs_tls() {
+        let c = DaemonConfig::from_raw(Raw { state_dir: Some("/tmp/st".into()), ..Default::default() }).unwrap();
+        assert_eq!(c.listen, Listen::Unix("/tmp/st/mover.sock".into()));
+        assert_eq!(c.socket_mode, 0o600);
+        let e = DaemonConfig::from_raw(Raw { listen: Some("0.0.0.0:7600".into()), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("not loopback"), "{e}");
+        let e = DaemonConfig::from_raw(Raw { socket_mode: Some("0666".into()), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("every local user"), "{e}");
     }
 }

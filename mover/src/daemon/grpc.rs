@@ -1,12 +1,16 @@
-//! The gRPC services. The only module that touches generated proto types; requests are
-//! validated here, before any work starts, and every error names the object it concerns.
+//! The gRPC services: the only module that touches generated proto types. Each RPC
+//! authorizes its caller, converts the request into a plan request (`TryFrom`), lets
+//! [`crate::plan`] validate it — the same rules the CLI goes through — and maps engine
+//! error kinds to status codes. Every error names the object it concerns.
 
+use super::auth::{self, Group};
 use super::jobs::{Job, Kind, State, Work};
-use super::resolve::{self, ResolveError};
 use super::Daemon;
-use crate::pipeline::backup::{validate_extents, BackupOptions, ParentSpec, VolumeSpec};
-use crate::pipeline::restore::HoleMode;
-use crate::source::{self, Kind as SrcKind};
+use crate::plan::backup::{BackupRequest, SourceRef, VolumeRequest};
+use crate::plan::restore::{RestoreRequest, TargetRef};
+use crate::sources::csi::CsiQuery;
+use mover_engine::pipeline::restore::HoleMode;
+use mover_engine::{Error, ErrorKind};
 use mover_protocol::v1 as pb;
 use pb::repository_service_server::RepositoryService;
 use pb::transfer_service_server::TransferService;
@@ -14,65 +18,148 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+#[derive(Clone)]
 pub struct Api {
     pub d: Arc<Daemon>,
 }
 
-fn resolve_err(e: ResolveError) -> Status {
-    match e {
-        ResolveError::Invalid(m) => Status::invalid_argument(m),
-        ResolveError::NotFound(m) => Status::not_found(m),
-    }
-}
-
-pub fn repo_status(e: &mover_format::RepoError) -> Status {
-    use mover_format::RepoError as E;
+/// The status code for an engine error kind; the message is the whole chain.
+pub fn status(e: Error) -> Status {
     let msg = format!("{e:#}");
-    match e {
-        E::NotFound { .. } => Status::not_found(msg),
-        E::Ambiguous { .. } | E::Invalid(_) => Status::invalid_argument(msg),
-        E::WrongPassword { .. } | E::NotInitialised { .. } | E::UnsupportedVersion { .. } | E::ConfigMismatch { .. } => Status::failed_precondition(msg),
-        E::Cancelled => Status::cancelled(msg),
-        e if e.is_transient() => Status::unavailable(msg),
-        _ => Status::internal(msg),
+    match e.kind() {
+        ErrorKind::InvalidRequest => Status::invalid_argument(msg),
+        ErrorKind::NotFound => Status::not_found(msg),
+        ErrorKind::Precondition => Status::failed_precondition(msg),
+        ErrorKind::Conflict => Status::aborted(msg),
+        ErrorKind::Transient => Status::unavailable(msg),
+        ErrorKind::Permanent => Status::internal(msg),
+        ErrorKind::Corrupt => Status::data_loss(msg),
+        ErrorKind::Cancelled => Status::cancelled(msg),
     }
 }
 
-pub fn anyhow_status(e: anyhow::Error) -> Status {
-    match e.downcast_ref::<mover_format::RepoError>() {
-        Some(r) => repo_status(r),
-        None => Status::internal(format!("{e:#}")),
+fn empty(s: String) -> Option<String> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+fn volume_ref(r: Option<pb::VolumeRef>, what: &str) -> Result<SourceRefOrTarget, Error> {
+    match r.and_then(|r| r.r#ref) {
+        Some(pb::volume_ref::Ref::Path(p)) if p.is_empty() => Err(Error::invalid(format!("{what}: empty path"))),
+        Some(pb::volume_ref::Ref::Path(p)) => Ok(SourceRefOrTarget::Path(PathBuf::from(p))),
+        Some(pb::volume_ref::Ref::PodVolume(pv)) => Ok(SourceRefOrTarget::Pod(pv.pod_uid, pv.volume_name)),
+        None => Err(Error::invalid(format!("{what}: no path or pod volume given"))),
     }
 }
 
-impl Api {
-    fn resolve_ref(&self, r: Option<&pb::VolumeRef>, what: &str, for_target: bool) -> Result<PathBuf, Status> {
-        let cfg = &self.d.cfg;
-        match r.and_then(|r| r.r#ref.as_ref()) {
-            Some(pb::volume_ref::Ref::Path(p)) => {
-                if for_target { resolve::target_path(cfg, p, what) } else { resolve::existing_path(cfg, p, what) }.map_err(resolve_err)
+enum SourceRefOrTarget {
+    Path(PathBuf),
+    Pod(String, String),
+}
+
+impl TryFrom<pb::BackupVolume> for VolumeRequest {
+    type Error = Error;
+    fn try_from(v: pb::BackupVolume) -> Result<Self, Error> {
+        let what = format!("source of volume '{}'", v.name);
+        if !v.nbd_bitmap.is_empty() && v.nbd_uri.is_empty() {
+            return Err(Error::invalid(format!("volume '{}': nbd_bitmap needs nbd_uri", v.name)));
+        }
+        let given = [!v.nbd_uri.is_empty(), v.kubevirt.is_some(), v.qcow2.is_some()].iter().filter(|x| **x).count();
+        if given > 1 {
+            return Err(Error::invalid(format!("volume '{}': give one of nbd_uri, kubevirt and qcow2", v.name)));
+        }
+        let plain = |r: Option<pb::VolumeRef>, what: &str| -> Result<SourceRef, Error> {
+            Ok(match volume_ref(r, what)? {
+                SourceRefOrTarget::Path(p) => SourceRef::Path(p),
+                SourceRefOrTarget::Pod(uid, volume) => SourceRef::PodVolume { uid, volume },
+            })
+        };
+        let source = if !v.nbd_uri.is_empty() {
+            SourceRef::Nbd { uri: v.nbd_uri, bitmap: empty(v.nbd_bitmap) }
+        } else if let Some(k) = v.kubevirt {
+            let export = crate::sources::kubevirt::Export {
+                base: crate::sources::kubevirt::Export::base_of(&k.endpoint)?,
+                token: zeroize::Zeroizing::new(k.token),
+                ca_pem: k.endpoint_cert.into_bytes(),
+                kind: match empty(k.base_checkpoint) {
+                    Some(since) => crate::sources::kubevirt::BackupType::Incremental { since },
+                    None => crate::sources::kubevirt::BackupType::Full,
+                },
+                timeout: Duration::from_secs(60),
+            };
+            let pvc = match v.source {
+                Some(r) => Some(Box::new(plain(Some(r), &what)?)),
+                None => None,
+            };
+            SourceRef::Kubevirt { export: Box::new(export), pvc }
+        } else if let Some(q) = v.qcow2 {
+            match plain(q.image, &format!("qcow2 image of volume '{}'", v.name))? {
+                SourceRef::Path(path) => SourceRef::Qcow2 { path, since: empty(q.base_checkpoint) },
+                _ => return Err(Error::invalid(format!("volume '{}': the qcow2 image must be a path", v.name))),
             }
-            Some(pb::volume_ref::Ref::PodVolume(pv)) => resolve::pod_volume(cfg, &pv.pod_uid, &pv.volume_name, what).map_err(resolve_err),
-            None => Err(Status::invalid_argument(format!("{what}: no path or pod volume given"))),
-        }
+        } else {
+            plain(v.source, &what)?
+        };
+        let csi = match v.csi {
+            None => None,
+            Some(c) => {
+                if !(c.endpoint.is_empty() && c.ca_file.is_empty() && c.token_file.is_empty() && c.tls_server_name.is_empty()) {
+                    return Err(Error::invalid(format!(
+                        "volume '{}': csi endpoint, ca_file, token_file and tls_server_name come from the daemon's configuration ([csi]), never from a request",
+                        v.name
+                    )));
+                }
+                Some(CsiQuery {
+                    namespace: if c.namespace.is_empty() { "default".into() } else { c.namespace },
+                    snapshot: c.snapshot_name,
+                    base_id: empty(c.base_snapshot_id),
+                })
+            }
+        };
+        let changed_extents = v.changed_extents_given.then(|| {
+            let mut ext: Vec<(u64, u64)> = v.changed_extents.iter().map(|e| (e.offset, e.length)).collect();
+            ext.sort();
+            ext
+        });
+        Ok(VolumeRequest { name: v.name, source, changed_extents, csi, checkpoint: empty(v.checkpoint) })
     }
+}
 
-    fn check_repo_name(&self, name: &str) -> Result<(), Status> {
-        if name.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "repository: empty; name one configured on this node ({})",
-                self.d.cfg.repositories.keys().cloned().collect::<Vec<_>>().join(", ")
-            )));
+impl TryFrom<pb::StartBackupRequest> for BackupRequest {
+    type Error = Error;
+    fn try_from(r: pb::StartBackupRequest) -> Result<Self, Error> {
+        if r.volumes.is_empty() {
+            return Err(Error::invalid("a backup needs at least one volume"));
         }
-        if !self.d.cfg.repositories.contains_key(name) {
-            return Err(Status::not_found(format!(
-                "repository '{name}' is not configured on this node (configured: {})",
-                self.d.cfg.repositories.keys().cloned().collect::<Vec<_>>().join(", ")
-            )));
+        Ok(BackupRequest {
+            group: empty(r.group),
+            volumes: r.volumes.into_iter().map(VolumeRequest::try_from).collect::<Result<_, _>>()?,
+            parent: empty(r.parent),
+            metadata: r.metadata.into_iter().map(|m| (m.name, m.data)).collect(),
+            tags: r.tags.into_iter().collect(),
+            tuning: Default::default(),
+        })
+    }
+}
+
+impl TryFrom<pb::StartRestoreRequest> for RestoreRequest {
+    type Error = Error;
+    fn try_from(r: pb::StartRestoreRequest) -> Result<Self, Error> {
+        if r.snapshot.is_empty() {
+            return Err(Error::invalid("snapshot: empty; give an id, a unique prefix or 'latest'"));
         }
-        Ok(())
+        let target = match volume_ref(r.target, "restore target")? {
+            SourceRefOrTarget::Path(p) => TargetRef::Path(p),
+            SourceRefOrTarget::Pod(uid, volume) => TargetRef::PodVolume { uid, volume },
+        };
+        let holes = match pb::HoleHandling::try_from(r.holes).map_err(|_| Error::invalid(format!("holes: unknown value {}", r.holes)))? {
+            pb::HoleHandling::Auto => HoleMode::Auto,
+            pb::HoleHandling::Zero => HoleMode::Zero,
+            pb::HoleHandling::Skip => HoleMode::Skip,
+        };
+        Ok(RestoreRequest { snapshot: r.snapshot, group: empty(r.group), volume: empty(r.volume), target, into_directory: false, holes })
     }
 }
 
@@ -93,6 +180,7 @@ fn stats_proto(v: &mover_format::manifest::VolumeStats) -> pb::Stats {
 }
 
 pub fn to_proto(j: &Job) -> pb::Transfer {
+    use std::sync::atomic::Ordering::Relaxed;
     let r = j.record();
     let p = &j.progress;
     let total = p.total().max(r.stats.backup.bytes_total);
@@ -114,17 +202,17 @@ pub fn to_proto(j: &Job) -> pb::Transfer {
         volumes: r.volumes.clone(),
         changes: r.changes.iter().map(|(v, c, f)| pb::VolumeChange { volume: v.clone(), change_source: c.clone(), fallback: f.clone() }).collect(),
         progress: Some(pb::Progress {
-            phase: j.phase().to_string(),
+            phase: j.phase().as_str().to_string(),
             bytes_total: total,
             bytes_done: done,
-            bytes_read: p.bytes_read.load(std::sync::atomic::Ordering::Relaxed),
-            bytes_uploaded: p.bytes_uploaded.load(std::sync::atomic::Ordering::Relaxed),
-            bytes_written: p.bytes_written.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_read: p.bytes_read.load(Relaxed),
+            bytes_uploaded: p.bytes_uploaded.load(Relaxed),
+            bytes_written: p.bytes_written.load(Relaxed),
             rate_bytes_per_second: rate,
             eta_seconds: eta,
-            bytes_skipped: p.bytes_skipped.load(std::sync::atomic::Ordering::Relaxed),
-            bytes_reused_parent: p.bytes_reused.load(std::sync::atomic::Ordering::Relaxed),
-            bytes_new: p.bytes_new.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_skipped: p.bytes_skipped.load(Relaxed),
+            bytes_reused_parent: p.bytes_reused.load(Relaxed),
+            bytes_new: p.bytes_new.load(Relaxed),
         }),
         stats: Some(pb::Stats {
             bytes_uploaded: r.stats.bytes_uploaded,
@@ -133,6 +221,10 @@ pub fn to_proto(j: &Job) -> pb::Transfer {
             io_backend: r.stats.io_backend.clone(),
             ..stats_proto(&r.stats.backup)
         }),
+        error_kind: r.error_kind.map(|k| k.as_str().to_string()).unwrap_or_default(),
+        retryable: r.retryable(),
+        group: r.group.clone(),
+        caller: r.caller.clone(),
         ..Default::default()
     };
     t.set_kind(match r.kind {
@@ -160,188 +252,69 @@ fn snapshot_proto(id: &mover_format::SnapshotId, m: &mover_format::manifest::Man
         volumes: m
             .volumes
             .iter()
-            .map(|v| pb::SnapshotVolume { name: v.name.clone(), size: v.size, source: v.source.clone(), change_source: v.change_source.clone() })
+            .map(|v| pb::SnapshotVolume {
+                name: v.name.clone(),
+                size: v.size,
+                source: v.source.clone(),
+                change_source: v.change_source.to_string(),
+                change_base: v.change_base.clone().unwrap_or_default(),
+            })
             .collect(),
         metadata_names: m.metadata.iter().map(|x| x.name.clone()).collect(),
         stats: Some(stats_proto(&m.stats)),
+        group: m.group(),
+    }
+}
+
+impl Api {
+    fn job(&self, id: &str) -> Result<Arc<Job>, Status> {
+        self.d.jobs.get(id).ok_or_else(|| Status::not_found(format!("transfer '{id}' is not known to this node")))
     }
 }
 
 #[tonic::async_trait]
 impl TransferService for Api {
     async fn start_backup(&self, request: Request<pb::StartBackupRequest>) -> Result<Response<pb::Transfer>, Status> {
+        let caller = auth::authorize(&self.d, &request, Group::Backup)?;
         let req = request.into_inner();
         let _g = self.d.jobs.start_lock.lock().await;
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
-        self.check_repo_name(&req.repository)?;
-        if req.volumes.is_empty() {
-            return Err(Status::invalid_argument("a backup needs at least one volume"));
-        }
-        let mut specs = Vec::new();
-        let mut names = std::collections::HashSet::new();
-        for v in &req.volumes {
-            if v.name.is_empty() || v.name.contains('/') || v.name.contains(':') {
-                return Err(Status::invalid_argument(format!("volume name '{}' is not valid (non-empty, without '/' or ':')", v.name)));
-            }
-            if !names.insert(v.name.clone()) {
-                return Err(Status::invalid_argument(format!("volume name '{}' is given twice", v.name)));
-            }
-            let what = format!("source of volume '{}'", v.name);
-            if !v.nbd_uri.is_empty() {
-                if v.changed_extents_given || v.csi.is_some() {
-                    return Err(Status::invalid_argument(format!("volume '{}': nbd_uri does not combine with changed_extents or csi", v.name)));
-                }
-                crate::nbd::parse_uri(&v.nbd_uri).map_err(|e| Status::invalid_argument(format!("volume '{}': {e:#}", v.name)))?;
-                specs.push(VolumeSpec {
-                    name: v.name.clone(),
-                    source: v.nbd_uri.clone().into(),
-                    nbd: Some(crate::pipeline::backup::NbdSpec { uri: v.nbd_uri.clone(), bitmap: Some(v.nbd_bitmap.clone()).filter(|b| !b.is_empty()) }),
-                    checkpoint: Some(v.checkpoint.clone()).filter(|c| !c.is_empty()),
-                    ..Default::default()
-                });
-                continue;
-            }
-            if !v.nbd_bitmap.is_empty() {
-                return Err(Status::invalid_argument(format!("volume '{}': nbd_bitmap needs nbd_uri", v.name)));
-            }
-            let path = self.resolve_ref(v.source.as_ref(), &what, false)?;
-            let f = std::fs::File::open(&path).map_err(|e| Status::failed_precondition(format!("{what} {}: {e}", path.display())))?;
-            let (_, size) = source::inspect(&path, &f).map_err(|e| Status::invalid_argument(format!("{what}: {e:#}")))?;
-            let csi = match &v.csi {
-                None => None,
-                Some(c) => {
-                    if c.endpoint.is_empty() || c.ca_file.is_empty() || c.token_file.is_empty() || c.snapshot_name.is_empty() {
-                        return Err(Status::invalid_argument(format!("volume '{}': csi needs endpoint, ca_file, token_file and snapshot_name", v.name)));
-                    }
-                    Some(crate::csi::CsiSpec {
-                        endpoint: c.endpoint.clone(),
-                        ca: c.ca_file.clone().into(),
-                        token_file: c.token_file.clone().into(),
-                        server_name: Some(c.tls_server_name.clone()).filter(|s| !s.is_empty()),
-                        namespace: if c.namespace.is_empty() { "default".into() } else { c.namespace.clone() },
-                        snapshot: c.snapshot_name.clone(),
-                        base_id: Some(c.base_snapshot_id.clone()).filter(|s| !s.is_empty()),
-                    })
-                }
-            };
-            let changed = if v.changed_extents_given {
-                let mut ext: Vec<(u64, u64)> = v.changed_extents.iter().map(|e| (e.offset, e.length)).collect();
-                ext.sort();
-                validate_extents(&v.name, &ext, size).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-                Some(ext)
-            } else {
-                None
-            };
-            specs.push(VolumeSpec {
-                name: v.name.clone(),
-                source: path,
-                changed,
-                csi,
-                checkpoint: Some(v.checkpoint.clone()).filter(|c| !c.is_empty()),
-                ..Default::default()
-            });
-        }
-        for m in &req.metadata {
-            if m.name.is_empty() || m.data.len() > 64 << 20 {
-                return Err(Status::invalid_argument(format!("metadata blob '{}': needs a name and at most 64 MiB", m.name)));
-            }
-        }
-        let h = self.d.repo(&req.repository).await?;
-        let parent = match req.parent.as_str() {
-            "" => ParentSpec::None,
-            "latest" => ParentSpec::Latest,
-            p => {
-                let c = tokio_util::sync::CancellationToken::new();
-                let id = h.repo.resolve_snapshot(p, &c).await.map_err(|e| repo_status(&e))?;
-                let m = h.repo.read_snapshot(&id, &c).await.map_err(|e| repo_status(&e))?;
-                for s in &specs {
-                    if m.volume(&s.name).is_none() {
-                        return Err(Status::failed_precondition(format!("parent snapshot {id} has no volume named '{}'", s.name)));
-                    }
-                }
-                ParentSpec::Id(id.to_string())
-            }
-        };
-        if parent == ParentSpec::None {
-            if let Some(s) = specs.iter().find(|s| s.changed.is_some()) {
-                return Err(Status::failed_precondition(format!("changed extents for volume '{}' need a parent snapshot", s.name)));
-            }
-        }
-        let volumes = specs.iter().map(|s| s.name.clone()).collect();
-        let opts = BackupOptions {
-            volumes: specs,
-            metadata: req.metadata.into_iter().map(|m| (m.name, m.data)).collect(),
-            parent,
-            tags: req.tags.into_iter().collect(),
-            ..Default::default()
-        };
-        let job = self.d.jobs.start(Kind::Backup, req.request_id, req.repository, volumes, Work::Backup(opts), h, req.bandwidth_limit);
+        let (request_id, repository, bandwidth) = (req.request_id.clone(), req.repository.clone(), req.bandwidth_limit);
+        let h = self.d.repo(&repository).await.map_err(status)?;
+        let plan_req = BackupRequest::try_from(req).map_err(status)?;
+        let plan = crate::plan::backup::prepare(plan_req, &self.d.env, &h.repo, &CancellationToken::new()).await.map_err(status)?;
+        let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Backup(plan), h, bandwidth);
         Ok(Response::new(to_proto(&job)))
     }
 
     async fn start_restore(&self, request: Request<pb::StartRestoreRequest>) -> Result<Response<pb::Transfer>, Status> {
+        let caller = auth::authorize(&self.d, &request, Group::Restore)?;
         let req = request.into_inner();
         let _g = self.d.jobs.start_lock.lock().await;
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
-        self.check_repo_name(&req.repository)?;
-        if req.snapshot.is_empty() {
-            return Err(Status::invalid_argument("snapshot: empty; give an id, a unique prefix or 'latest'"));
-        }
-        let target = self.resolve_ref(req.target.as_ref(), "restore target", true)?;
-        let h = self.d.repo(&req.repository).await?;
-        let c = tokio_util::sync::CancellationToken::new();
-        let id = if req.snapshot == "latest" {
-            let snaps = h.repo.snapshots(&c).await.map_err(|e| repo_status(&e))?;
-            snaps.last().map(|(id, _)| *id).ok_or_else(|| Status::not_found(format!("repository '{}' has no snapshots", req.repository)))?
-        } else {
-            h.repo.resolve_snapshot(&req.snapshot, &c).await.map_err(|e| repo_status(&e))?
-        };
-        let m = h.repo.read_snapshot(&id, &c).await.map_err(|e| repo_status(&e))?;
-        let vol = if req.volume.is_empty() {
-            if m.volumes.len() != 1 {
-                return Err(Status::invalid_argument(format!("snapshot {id} has {} volumes: name one", m.volumes.len())));
-            }
-            m.volumes[0].clone()
-        } else {
-            m.volume(&req.volume).cloned().ok_or_else(|| Status::not_found(format!("snapshot {id} has no volume named '{}'", req.volume)))?
-        };
-        if target.exists() {
-            let f = std::fs::File::open(&target).map_err(|e| Status::failed_precondition(format!("restore target {}: {e}", target.display())))?;
-            let (kind, size) = source::inspect(&target, &f).map_err(|e| Status::invalid_argument(format!("restore target: {e:#}")))?;
-            if kind == SrcKind::BlockDevice && size < vol.size {
-                return Err(Status::failed_precondition(format!(
-                    "restore target {} is {size} bytes, smaller than volume '{}' of snapshot {id} ({} bytes)",
-                    target.display(),
-                    vol.name,
-                    vol.size
-                )));
-            }
-        }
-        let holes = match pb::HoleHandling::try_from(req.holes).unwrap_or(pb::HoleHandling::Auto) {
-            pb::HoleHandling::Auto => HoleMode::Auto,
-            pb::HoleHandling::Zero => HoleMode::Zero,
-            pb::HoleHandling::Skip => HoleMode::Skip,
-        };
-        let volumes = vec![vol.name.clone()];
-        let job = self.d.jobs.start(Kind::Restore, req.request_id, req.repository, volumes, Work::Restore { snapshot: id, volume: vol, target, holes }, h, 0);
+        let (request_id, repository) = (req.request_id.clone(), req.repository.clone());
+        let h = self.d.repo(&repository).await.map_err(status)?;
+        let plan_req = RestoreRequest::try_from(req).map_err(status)?;
+        let plan = crate::plan::restore::prepare(plan_req, &self.d.env, &h.repo, &CancellationToken::new()).await.map_err(status)?;
+        let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Restore(plan), h, 0);
         Ok(Response::new(to_proto(&job)))
     }
 
     async fn get_transfer(&self, request: Request<pb::GetTransferRequest>) -> Result<Response<pb::Transfer>, Status> {
-        let id = request.into_inner().id;
-        let j = self.d.jobs.get(&id).ok_or_else(|| Status::not_found(format!("transfer '{id}' is not known to this node")))?;
+        auth::authorize(&self.d, &request, Group::Read)?;
+        let j = self.job(&request.into_inner().id)?;
         Ok(Response::new(to_proto(&j)))
     }
 
     type WatchTransferStream = ReceiverStream<Result<pb::Transfer, Status>>;
 
     async fn watch_transfer(&self, request: Request<pb::GetTransferRequest>) -> Result<Response<Self::WatchTransferStream>, Status> {
-        let id = request.into_inner().id;
-        let j = self.d.jobs.get(&id).ok_or_else(|| Status::not_found(format!("transfer '{id}' is not known to this node")))?;
+        auth::authorize(&self.d, &request, Group::Read)?;
+        let j = self.job(&request.into_inner().id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut changes = j.subscribe();
@@ -361,12 +334,19 @@ impl TransferService for Api {
     }
 
     async fn cancel_transfer(&self, request: Request<pb::GetTransferRequest>) -> Result<Response<pb::Transfer>, Status> {
-        let id = request.into_inner().id;
-        let j = self.d.jobs.cancel(&id).ok_or_else(|| Status::not_found(format!("transfer '{id}' is not known to this node")))?;
+        let caller = auth::authorize(&self.d, &request, Group::Read)?;
+        let j = self.job(&request.into_inner().id)?;
+        let r = j.record();
+        let group = if r.kind == Kind::Backup { Group::Backup } else { Group::Restore };
+        if r.caller != caller.name() && !auth::allowed(&self.d, &caller, group) {
+            return Err(Status::permission_denied(format!("caller {} may not cancel transfer {} (started by {})", caller.name(), r.id, r.caller)));
+        }
+        j.cancel.cancel();
         Ok(Response::new(to_proto(&j)))
     }
 
-    async fn list_transfers(&self, _r: Request<pb::ListTransfersRequest>) -> Result<Response<pb::ListTransfersResponse>, Status> {
+    async fn list_transfers(&self, request: Request<pb::ListTransfersRequest>) -> Result<Response<pb::ListTransfersResponse>, Status> {
+        auth::authorize(&self.d, &request, Group::Read)?;
         Ok(Response::new(pb::ListTransfersResponse { transfers: self.d.jobs.list().iter().map(|j| to_proto(j)).collect() }))
     }
 }
@@ -374,23 +354,22 @@ impl TransferService for Api {
 #[tonic::async_trait]
 impl RepositoryService for Api {
     async fn list_snapshots(&self, request: Request<pb::ListSnapshotsRequest>) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        auth::authorize(&self.d, &request, Group::Read)?;
         let req = request.into_inner();
-        self.check_repo_name(&req.repository)?;
-        let h = self.d.repo(&req.repository).await?;
-        let snaps = h.repo.snapshots(&tokio_util::sync::CancellationToken::new()).await.map_err(|e| repo_status(&e))?;
+        let h = self.d.repo(&req.repository).await.map_err(status)?;
+        let c = CancellationToken::new();
+        let snaps = match empty(req.group) {
+            Some(g) => mover_engine::snapshots::in_group(&h.repo, &g, &c).await.map_err(status)?,
+            None => h.repo.snapshots(&c).await.map_err(|e| status(e.into()))?,
+        };
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots: snaps.iter().map(|(id, m)| snapshot_proto(id, m)).collect() }))
     }
 
     async fn get_snapshot(&self, request: Request<pb::GetSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
+        auth::authorize(&self.d, &request, Group::Read)?;
         let req = request.into_inner();
-        self.check_repo_name(&req.repository)?;
-        if req.snapshot.is_empty() {
-            return Err(Status::invalid_argument("snapshot: empty"));
-        }
-        let h = self.d.repo(&req.repository).await?;
-        let c = tokio_util::sync::CancellationToken::new();
-        let id = h.repo.resolve_snapshot(&req.snapshot, &c).await.map_err(|e| repo_status(&e))?;
-        let m = h.repo.read_snapshot(&id, &c).await.map_err(|e| repo_status(&e))?;
+        let h = self.d.repo(&req.repository).await.map_err(status)?;
+        let (id, m) = mover_engine::snapshots::resolve(&h.repo, &req.snapshot, None, &CancellationToken::new()).await.map_err(status)?;
         Ok(Response::new(snapshot_proto(&id, &m)))
     }
 }

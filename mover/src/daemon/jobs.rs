@@ -3,15 +3,17 @@
 //! cancellation, and records persisted in the state directory so a restarted daemon still
 //! reports finished transfers and marks in-flight ones Interrupted.
 
-use super::prom::Metrics;
-use crate::metrics::Progress;
-use crate::pipeline::backup::{backup, BackupOptions};
-use crate::pipeline::restore::{restore_volume, HoleMode, RestoreOptions};
-use crate::ratelimit::RateLimiter;
-use anyhow::{Context, Result};
+use super::metrics::Metrics;
+use crate::plan::backup::BackupPlan;
+use crate::plan::restore::RestorePlan;
+use mover_engine::pipeline::backup::backup;
+use mover_engine::pipeline::restore::{restore_volume, RestoreOptions};
+use mover_engine::progress::Progress;
+use mover_engine::ratelimit::RateLimiter;
+use mover_engine::{ErrorKind, Result, ResultExt};
 use mover_format::local_index::ChunkIndex;
-use mover_format::manifest::{VolumeEntry, VolumeStats};
-use mover_format::{Repository, SnapshotId};
+use mover_format::manifest::VolumeStats;
+use mover_format::Repository;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -32,6 +34,29 @@ impl Kind {
         match self {
             Kind::Backup => "backup",
             Kind::Restore => "restore",
+        }
+    }
+}
+
+/// What a running transfer is doing now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Queued,
+    BackingUp,
+    SyncingIndex,
+    Restoring,
+    Done,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::BackingUp => "backing up",
+            Phase::SyncingIndex => "syncing index",
+            Phase::Restoring => "restoring",
+            Phase::Done => "done",
         }
     }
 }
@@ -82,12 +107,32 @@ pub struct Record {
     /// `(volume, change source, fallback reason)` of a finished backup.
     #[serde(default)]
     pub changes: Vec<(String, String, String)>,
+    /// The snapshot group the transfer concerns.
+    #[serde(default)]
+    pub group: String,
+    /// What kind of failure (see `mover_engine::ErrorKind`), when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
+    /// Who started it.
+    #[serde(default)]
+    pub caller: String,
 }
 
-/// What a job does, validated.
+impl Record {
+    /// Whether starting the same transfer again may succeed as it is.
+    pub fn retryable(&self) -> bool {
+        match self.state {
+            State::Interrupted | State::Cancelled => true,
+            State::Failed => self.error_kind.is_some_and(|k| k.retryable()),
+            _ => false,
+        }
+    }
+}
+
+/// What a job does: a validated plan.
 pub enum Work {
-    Backup(BackupOptions),
-    Restore { snapshot: SnapshotId, volume: VolumeEntry, target: PathBuf, holes: HoleMode },
+    Backup(BackupPlan),
+    Restore(RestorePlan),
 }
 
 /// An open repository and its local index.
@@ -102,7 +147,7 @@ pub struct Job {
     pub progress: Arc<Progress>,
     pub cancel: CancellationToken,
     changed: watch::Sender<u64>,
-    phase: Mutex<&'static str>,
+    phase: Mutex<Phase>,
     started: Mutex<Option<Instant>>,
 }
 
@@ -110,8 +155,8 @@ impl Job {
     pub fn record(&self) -> Record {
         self.record.lock().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
-    pub fn phase(&self) -> &'static str {
-        self.phase.lock().map(|p| *p).unwrap_or("unknown")
+    pub fn phase(&self) -> Phase {
+        self.phase.lock().map(|p| *p).unwrap_or(Phase::Done)
     }
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -129,7 +174,7 @@ impl Job {
         self.changed.send_modify(|v| *v += 1);
         r
     }
-    fn set_phase(&self, p: &'static str) {
+    fn set_phase(&self, p: Phase) {
         if let Ok(mut g) = self.phase.lock() {
             *g = p;
         }
@@ -159,6 +204,7 @@ impl Jobs {
     pub fn load(state_dir: &std::path::Path, max: usize, metrics: Arc<Metrics>, shutdown: CancellationToken, global_limit: u64) -> Result<Self> {
         let dir = state_dir.join("transfers");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        super::private_dir(&dir)?;
         let jobs = Self {
             map: Mutex::new(HashMap::new()),
             by_request: Mutex::new(HashMap::new()),
@@ -170,7 +216,7 @@ impl Jobs {
             global_limit: (global_limit > 0).then(|| Arc::new(RateLimiter::new(global_limit))),
             tasks: Mutex::new(Vec::new()),
         };
-        for e in std::fs::read_dir(&jobs.dir)?.flatten() {
+        for e in std::fs::read_dir(&jobs.dir).with_context(|| format!("listing {}", jobs.dir.display()))?.flatten() {
             let p = e.path();
             if p.extension().is_none_or(|x| x != "json") {
                 continue;
@@ -186,6 +232,7 @@ impl Jobs {
             if !rec.state.is_terminal() {
                 rec.state = State::Interrupted;
                 rec.error = "the daemon stopped while this transfer ran; start it again to resume".into();
+                rec.error_kind = Some(ErrorKind::Transient);
                 rec.finished_ms = now_ms();
                 jobs.persist(&rec);
             }
@@ -195,7 +242,7 @@ impl Jobs {
                 progress: Arc::default(),
                 cancel: CancellationToken::new(),
                 changed: tx,
-                phase: Mutex::new("done"),
+                phase: Mutex::new(Phase::Done),
                 started: Mutex::new(None),
             });
             if let Ok(mut m) = jobs.by_request.lock() {
@@ -242,16 +289,11 @@ impl Jobs {
     }
 
     /// Registers and spawns a validated job; it waits for a slot (Queued) first.
-    pub fn start(
-        self: &Arc<Self>,
-        kind: Kind,
-        request_id: String,
-        repository: String,
-        volumes: Vec<String>,
-        work: Work,
-        handle: RepoHandle,
-        bandwidth: u64,
-    ) -> Arc<Job> {
+    pub fn start(self: &Arc<Self>, request_id: String, repository: String, caller: String, work: Work, handle: RepoHandle, bandwidth: u64) -> Arc<Job> {
+        let (kind, volumes, group) = match &work {
+            Work::Backup(p) => (Kind::Backup, p.volume_names.clone(), p.group.clone()),
+            Work::Restore(p) => (Kind::Restore, p.volumes.iter().map(|(v, _)| v.name.clone()).collect(), p.manifest.group()),
+        };
         let id = format!("tr-{}", hex::encode(rand_bytes()));
         let rec = Record {
             id: id.clone(),
@@ -267,6 +309,9 @@ impl Jobs {
             finished_ms: 0,
             volumes,
             changes: Vec::new(),
+            group,
+            error_kind: None,
+            caller,
         };
         self.persist(&rec);
         let (tx, _) = watch::channel(0);
@@ -275,7 +320,7 @@ impl Jobs {
             progress: Arc::default(),
             cancel: self.shutdown.child_token(),
             changed: tx,
-            phase: Mutex::new("queued"),
+            phase: Mutex::new(Phase::Queued),
             started: Mutex::new(None),
         });
         if let Ok(mut m) = self.map.lock() {
@@ -312,7 +357,7 @@ impl Jobs {
                 r.state = state;
                 r.finished_ms = now_ms();
             });
-            job.set_phase("done");
+            job.set_phase(Phase::Done);
             self.persist(&r);
             return;
         };
@@ -347,21 +392,25 @@ impl Jobs {
                     State::Interrupted => format!("interrupted by daemon shutdown; start it again to resume: {e:#}"),
                     _ => format!("{e:#}"),
                 };
+                r.error_kind = Some(match state {
+                    State::Cancelled | State::Interrupted => ErrorKind::Cancelled,
+                    _ => e.kind(),
+                });
             }
         });
-        job.set_phase("done");
+        job.set_phase(Phase::Done);
         self.persist(&r);
     }
 
     async fn execute(&self, job: &Arc<Job>, work: Work, h: &RepoHandle, bandwidth: u64) -> Result<()> {
         match work {
-            Work::Backup(mut opts) => {
-                opts.limiters = self.global_limit.iter().cloned().collect();
+            Work::Backup(mut plan) => {
+                plan.job.tuning.limiters = self.global_limit.iter().cloned().collect();
                 if bandwidth > 0 {
-                    opts.limiters.push(Arc::new(RateLimiter::new(bandwidth)));
+                    plan.job.tuning.limiters.push(Arc::new(RateLimiter::new(bandwidth)));
                 }
-                job.set_phase("backing up");
-                let s = backup(&h.repo, h.index.clone(), opts, job.progress.clone(), &job.cancel).await?;
+                job.set_phase(Phase::BackingUp);
+                let s = backup(&h.repo, h.index.clone(), plan.job, job.progress.clone(), &job.cancel).await?;
                 let m = &self.metrics;
                 let st = &s.stats;
                 for (what, v) in [
@@ -380,41 +429,37 @@ impl Jobs {
                     m.io_uring_fallbacks.inc();
                 }
                 for v in &s.volumes {
-                    m.change_sources.with_label_values(&[&v.change_source]).inc();
+                    m.change_sources.with_label_values(&[v.change_source.as_str()]).inc();
                     if v.change_fallback.is_some() {
                         m.change_fallbacks.inc();
                     }
                 }
                 let r = job.update(|r| {
                     r.snapshot_id = s.snapshot_id.to_string();
-                    r.changes = s.volumes.iter().map(|v| (v.name.clone(), v.change_source.clone(), v.change_fallback.clone().unwrap_or_default())).collect();
+                    r.changes =
+                        s.volumes.iter().map(|v| (v.name.clone(), v.change_source.to_string(), v.change_fallback.clone().unwrap_or_default())).collect();
                     r.stats = Stats { backup: *st, bytes_uploaded: s.bytes_uploaded, io_backend: s.io_backend.clone(), ..Default::default() };
                 });
                 self.persist(&r);
             }
-            Work::Restore { snapshot, volume, target, holes } => {
-                job.set_phase("syncing index");
-                let index = crate::gc::with_pending(&h.repo, h.index.clone(), &job.cancel).await?;
-                job.set_phase("restoring");
-                let s = restore_volume(
-                    &h.repo,
-                    index,
-                    &snapshot,
-                    &volume,
-                    &target,
-                    &RestoreOptions { holes, ..Default::default() },
-                    job.progress.clone(),
-                    &job.cancel,
-                )
-                .await?;
-                self.metrics.restore_bytes.with_label_values(&["written"]).inc_by(s.bytes_written);
-                self.metrics.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);
+            Work::Restore(plan) => {
+                job.set_phase(Phase::SyncingIndex);
+                let index = mover_engine::index::with_pending(&h.repo, h.index.clone(), &job.cancel).await?;
+                job.set_phase(Phase::Restoring);
+                let mut written = (0, 0, 0);
+                for (volume, target) in plan.volumes {
+                    let opts = RestoreOptions { holes: plan.holes, ..Default::default() };
+                    let s = restore_volume(&h.repo, index.clone(), &plan.snapshot, &volume, target, &opts, job.progress.clone(), &job.cancel).await?;
+                    self.metrics.restore_bytes.with_label_values(&["written"]).inc_by(s.bytes_written);
+                    self.metrics.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);
+                    written = (written.0 + volume.size, written.1 + s.bytes_written, written.2 + s.bytes_holes);
+                }
                 let r = job.update(|r| {
-                    r.snapshot_id = snapshot.to_string();
+                    r.snapshot_id = plan.snapshot.to_string();
                     r.stats = Stats {
-                        backup: VolumeStats { bytes_total: volume.size, ..Default::default() },
-                        bytes_written: s.bytes_written,
-                        bytes_holes: s.bytes_holes,
+                        backup: VolumeStats { bytes_total: written.0, ..Default::default() },
+                        bytes_written: written.1,
+                        bytes_holes: written.2,
                         ..Default::default()
                     };
                 });
@@ -422,12 +467,6 @@ impl Jobs {
             }
         }
         Ok(())
-    }
-
-    pub fn cancel(&self, id: &str) -> Option<Arc<Job>> {
-        let j = self.get(id)?;
-        j.cancel.cancel();
-        Some(j)
     }
 
     /// Stops the jobs at shutdown: lets running ones finish within `grace`, then cancels

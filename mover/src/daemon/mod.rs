@@ -1,75 +1,114 @@
-//! `mover serve`: config → app wiring → gRPC (+ health, reflection) and HTTP (`/metrics`,
-//! `/healthz`, `/readyz`) → jobs → pipeline. Shutdown is ordered: stop accepting, give
-//! running transfers a grace period, cancel the rest (they keep what they uploaded and end
-//! Interrupted), then exit.
+//! `mover serve`: [`config`] (validated once) → wiring (here) → [`grpc`] (the only module
+//! that touches generated proto types; it builds plans and maps errors to status codes) →
+//! [`jobs`] (state machine, per-job cancellation) → the engine. [`metrics`] and [`http`]
+//! serve Prometheus and the probes; [`auth`] decides who may call what. Shutdown is
+//! ordered: stop accepting, give running transfers a grace period, cancel the rest (they
+//! keep what they uploaded and end Interrupted), then exit.
 
+pub mod auth;
 pub mod config;
 pub mod grpc;
+pub mod http;
 pub mod jobs;
-pub mod prom;
-pub mod resolve;
+pub mod metrics;
 
-use crate::index_cache::RocksIndex;
-use crate::instrumented::Instrumented;
-use anyhow::{anyhow, Context, Result};
+use crate::nbd::NbdOptions;
+use crate::plan::{Env, NbdPolicy};
+use crate::sources::csi::CsiService;
+use crate::sources::file::{Confinement, PathPolicy};
 use config::{DaemonConfig, Listen, RepoEntry};
 use jobs::{Jobs, RepoHandle};
-use mover_format::local_index::{ChunkIndex, MemIndex};
+use metrics::Metrics;
+use mover_backends::instrumented::Instrumented;
+use mover_engine::{Error, ErrorKind, Result, ResultExt};
 use mover_format::{InitOptions, RepoError, Repository};
 use mover_protocol::v1 as pb;
-use prom::Metrics;
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 pub struct Daemon {
     pub cfg: DaemonConfig,
     pub jobs: Arc<Jobs>,
     pub metrics: Arc<Metrics>,
+    /// What plans may use on this node.
+    pub env: Env,
     repos: tokio::sync::Mutex<HashMap<String, RepoHandle>>,
     ready: AtomicBool,
 }
 
-fn password_for(name: &str, e: &RepoEntry) -> Result<crate::open::Password> {
+/// Makes a directory the daemon keeps state in private (0700).
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("restricting {}", dir.display()))
+}
+
+fn password_for(name: &str, e: &RepoEntry) -> Result<crate::secrets::Password> {
     if let Some(f) = &e.password_file {
-        if !f.exists() && e.init_if_missing {
+        if e.init_if_missing {
             // The embedded default: a random password kept beside the state, mode 0600.
-            use std::os::unix::fs::OpenOptionsExt;
-            let pw = hex::encode(rand::random::<[u8; 24]>());
-            if let Some(d) = f.parent() {
-                std::fs::create_dir_all(d)?;
-            }
-            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(f)?;
-            std::io::Write::write_all(&mut file, pw.as_bytes())?;
+            crate::secrets::ensure_password_file(f)?;
         }
-        return crate::open::read_password_file(f, &format!("password file of repository '{name}'"));
+        return crate::secrets::read_password_file(f, &format!("password file of repository '{name}'"));
     }
     let var = e.password_env.clone().unwrap_or_else(|| "MOVER_PASSWORD".into());
-    crate::open::env_password(&var).ok_or_else(|| anyhow!("repository '{name}': no password (set {var} or password_file)"))
+    crate::secrets::env_password(&var).ok_or_else(|| Error::precondition(format!("repository '{name}': no password (set {var} or password_file)")))
+}
+
+/// What plans may use, from the configuration.
+fn env_from(cfg: &DaemonConfig) -> Env {
+    Env {
+        paths: PathPolicy::Confined(Confinement { roots: cfg.allowed_roots.clone(), kubelet_root: cfg.kubelet_root.clone() }),
+        nbd: NbdPolicy::Confined { tcp: cfg.nbd_tcp_endpoints.clone() },
+        nbd_options: NbdOptions { connect_timeout: cfg.nbd_connect_timeout, io_timeout: cfg.nbd_io_timeout, ..Default::default() },
+        csi: cfg.csi.as_ref().map(|c| CsiService {
+            endpoint: c.endpoint.clone(),
+            ca: c.ca_file.clone(),
+            token_file: c.token_file.clone(),
+            server_name: c.tls_server_name.clone(),
+            timeout: Duration::from_secs(c.timeout_seconds.unwrap_or(30).max(1)),
+        }),
+        kubevirt_hosts: Some(cfg.kubevirt_export_hosts.clone()),
+    }
 }
 
 impl Daemon {
+    /// Listening, with every repository that must exist open.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The repository names configured here, for messages.
+    pub fn repository_names(&self) -> String {
+        self.cfg.repositories.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
     /// The open repository `name`, opened (and for the embedded default, created) on first use.
-    pub async fn repo(&self, name: &str) -> Result<RepoHandle, Status> {
+    pub async fn repo(&self, name: &str) -> Result<RepoHandle> {
+        if name.is_empty() {
+            return Err(Error::invalid(format!("repository: empty; name one configured on this node ({})", self.repository_names())));
+        }
         let mut g = self.repos.lock().await;
         if let Some(h) = g.get(name) {
             return Ok(h.clone());
         }
-        let e = self.cfg.repositories.get(name).ok_or_else(|| Status::not_found(format!("repository '{name}' is not configured on this node")))?;
-        let h = self.open_repo(name, e).await.map_err(|err| match err.downcast_ref::<RepoError>() {
-            Some(r) => grpc::repo_status(r),
-            None => Status::unavailable(format!("repository '{name}': {err:#}")),
-        })?;
+        let e = self
+            .cfg
+            .repositories
+            .get(name)
+            .ok_or_else(|| Error::not_found(format!("repository '{name}' is not configured on this node (configured: {})", self.repository_names())))?;
+        let h = self.open_repo(name, e).await.map_err(|err| err.context(format!("repository '{name}'")))?;
         g.insert(name.to_string(), h.clone());
         Ok(h)
     }
 
     async fn open_repo(&self, name: &str, e: &RepoEntry) -> Result<RepoHandle> {
-        let inner = crate::open::storage_for(&e.url, e.s3_endpoint.clone(), e.s3_region.clone()).await?;
-        let storage: Arc<dyn mover_format::storage::Storage> = Arc::new(Instrumented::new(inner, self.metrics.store_request.clone()));
+        let s3 = mover_backends::S3Endpoint { endpoint: e.s3_endpoint.clone(), region: e.s3_region.clone() };
+        let inner = mover_backends::open(&e.url, &s3).await.map_err(|err| Error::invalid(err.to_string()))?;
+        let storage: Arc<dyn mover_format::storage::Storage> = Arc::new(Instrumented::new(inner, self.metrics.store_observer()));
         let pw = password_for(name, e)?;
         let c = CancellationToken::new();
         let repo = match Repository::open(storage.clone(), &pw, &c).await {
@@ -80,98 +119,115 @@ impl Daemon {
             }
             Err(err) => return Err(err.into()),
         };
-        let path = RocksIndex::path_for(&self.cfg.cache_dir, &repo.config().id);
-        let index: Arc<dyn ChunkIndex> = match RocksIndex::open(&path) {
-            Ok(i) => Arc::new(i),
-            Err(err) => {
-                tracing::warn!("{err:#}; using an in-memory index for repository '{name}'");
-                Arc::new(MemIndex::default())
-            }
-        };
+        let index = mover_engine::index::open_local(&repo, &self.cfg.cache_dir);
         Ok(RepoHandle { repo, index })
     }
 }
 
-async fn http_server(d: Arc<Daemon>, listener: tokio::net::TcpListener, stop: CancellationToken) -> Result<()> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let m = d.clone();
-    let r = d.clone();
-    let app = axum::Router::new()
-        .route("/metrics", get(move || async move { ([("content-type", "text/plain; version=0.0.4")], m.metrics.render()) }))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || async move {
-                if r.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
-                }
-            }),
-        );
-    axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await.context("HTTP server")
+/// Binds the gRPC unix socket: a stale socket file is replaced; the socket gets the
+/// configured mode (0600 by default) and group before anyone can connect.
+fn bind_unix(cfg: &DaemonConfig, path: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(Error::precondition(format!("{} exists and is not a socket; refusing to replace it", path.display())));
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Created under a restrictive umask, then given the configured mode.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let l = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let l = l.with_context(|| format!("binding gRPC socket {}", path.display()))?;
+    if let Some(g) = cfg.socket_group {
+        std::os::unix::fs::chown(path, None, Some(g)).with_context(|| format!("giving socket {} to group {g}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.socket_mode))
+        .with_context(|| format!("setting the mode of socket {}", path.display()))?;
+    Ok(l)
 }
 
 /// Runs the daemon until `stop` fires.
 pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     crate::init_tls();
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
+    private_dir(&cfg.state_dir)?;
     std::fs::create_dir_all(&cfg.cache_dir).with_context(|| format!("creating cache directory {}", cfg.cache_dir.display()))?;
-    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let metrics = Arc::new(Metrics::new().map_err(|e| Error::with_source(ErrorKind::Permanent, "registering metrics", e))?);
     let jobs_stop = CancellationToken::new();
     let jobs = Arc::new(Jobs::load(&cfg.state_dir, cfg.max_concurrent_transfers, metrics.clone(), jobs_stop.clone(), cfg.bandwidth_limit)?);
-    let d = Arc::new(Daemon { cfg: cfg.clone(), jobs: jobs.clone(), metrics, repos: tokio::sync::Mutex::new(HashMap::new()), ready: AtomicBool::new(false) });
+    let env = env_from(&cfg);
+    let d =
+        Arc::new(Daemon { cfg: cfg.clone(), jobs: jobs.clone(), metrics, env, repos: tokio::sync::Mutex::new(HashMap::new()), ready: AtomicBool::new(false) });
 
     // Repositories that must exist are opened (or created) before we accept requests.
     for (name, e) in &cfg.repositories {
         if e.init_if_missing {
-            d.repo(name).await.map_err(|s| anyhow!("repository '{name}': {}", s.message()))?;
+            d.repo(name).await?;
         }
     }
 
     let http = tokio::net::TcpListener::bind(cfg.http_listen).await.with_context(|| format!("binding HTTP listener {}", cfg.http_listen))?;
-    let http_task = tokio::spawn(http_server(d.clone(), http, stop.clone()));
+    let http_task = tokio::spawn(http::serve(d.clone(), http, stop.clone()));
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<pb::transfer_service_server::TransferServiceServer<grpc::Api>>().await;
     health.set_serving::<pb::repository_service_server::RepositoryServiceServer<grpc::Api>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
+    // Both reflection versions: grpcurl speaks v1; the Python client, Evans and older
+    // grpcurl only v1alpha.
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .context("building the reflection service")?;
+        .map_err(|e| Error::with_source(ErrorKind::Permanent, "building the reflection service", e))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::with_source(ErrorKind::Permanent, "building the reflection service (v1alpha)", e))?;
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = &cfg.tls {
-        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading TLS file {}", p.display()));
+        let read = |p: &Path, what: &str| crate::secrets::read_small_file(p, what);
         let tls = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(read(&t.cert)?, read(&t.key)?))
-            .client_ca_root(tonic::transport::Certificate::from_pem(read(&t.client_ca)?));
-        builder = builder.tls_config(tls).context("TLS configuration")?;
+            .identity(tonic::transport::Identity::from_pem(read(&t.cert, "TLS certificate")?, read(&t.key, "TLS key")?))
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(&t.client_ca, "client CA")?));
+        builder = builder.tls_config(tls).map_err(|e| Error::with_source(ErrorKind::InvalidRequest, "TLS configuration", e))?;
     }
+    let api = grpc::Api { d: d.clone() };
     let router = builder
         .add_service(health_svc)
-        .add_service(reflection)
-        .add_service(pb::transfer_service_server::TransferServiceServer::new(grpc::Api { d: d.clone() }))
-        .add_service(pb::repository_service_server::RepositoryServiceServer::new(grpc::Api { d: d.clone() }));
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::transfer_service_server::TransferServiceServer::new(api.clone()))
+        .add_service(pb::repository_service_server::RepositoryServiceServer::new(api));
     let shutdown = {
         let s = stop.clone();
         async move { s.cancelled().await }
+    };
+    let io = mover_engine::pipeline::reader::probe_io_uring();
+    let started = |where_: &str| {
+        tracing::info!(
+            "mover {} serving gRPC on {where_}, HTTP on {}; repositories: {}; I/O: {io}; state in {}",
+            env!("CARGO_PKG_VERSION"),
+            cfg.http_listen,
+            cfg.repositories.iter().map(|(n, r)| format!("{n}={}", r.url)).collect::<Vec<_>>().join(", "),
+            cfg.state_dir.display()
+        )
     };
     let grpc_result = match &cfg.listen {
         Listen::Tcp(addr) => {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding gRPC listener {addr}"))?;
             d.ready.store(true, Ordering::Relaxed);
-            tracing::info!("serving gRPC on {addr}, HTTP on {}", cfg.http_listen);
+            started(&addr.to_string());
             router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(l), shutdown).await
         }
         Listen::Unix(path) => {
-            if path.exists() {
-                std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
-            }
-            let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding gRPC socket {}", path.display()))?;
+            let l = bind_unix(&cfg, path)?;
             d.ready.store(true, Ordering::Relaxed);
-            tracing::info!("serving gRPC on unix:{}, HTTP on {}", path.display(), cfg.http_listen);
+            started(&format!("unix:{}", path.display()));
             router.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), shutdown).await
         }
     };
@@ -179,6 +235,6 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     tracing::info!("stopping: waiting up to {} s for running transfers", cfg.shutdown_grace_seconds);
     jobs.shutdown(Duration::from_secs(cfg.shutdown_grace_seconds)).await;
     let _ = http_task.await;
-    grpc_result.context("gRPC server")?;
+    grpc_result.map_err(|e| Error::with_source(ErrorKind::Permanent, "gRPC server", e))?;
     Ok(())
 }

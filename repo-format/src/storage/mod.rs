@@ -17,10 +17,9 @@
 //!   already under way finish first.
 //! - **Errors** are classified by [`ErrorKind`] so that one retry helper
 //!   ([`crate::retry`]) serves every caller: only `Transient` is retried.
-
-pub mod conformance;
-pub mod fault;
-pub mod local;
+//!
+//! The implementations (local directory, S3, the fault injector) and the conformance suite
+//! every one of them passes live side by side in the `mover-backends` crate.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -101,8 +100,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Create-only write; see the module docs for durability.
     async fn put(&self, name: &str, data: Bytes, cancel: &CancellationToken) -> Result<PutOutcome, StorageError>;
 
-    /// The whole object.
-    async fn get(&self, name: &str, cancel: &CancellationToken) -> Result<Bytes, StorageError>;
+    /// The whole object. An object larger than `max_len` bytes is refused (kind
+    /// `Permanent`, naming the object) without reading it all: sizes come from whoever
+    /// writes the store and are bounded before memory is sized by them.
+    async fn get(&self, name: &str, max_len: u64, cancel: &CancellationToken) -> Result<Bytes, StorageError>;
 
     /// `len` bytes at `offset`. Asking past the end is an error of kind `Permanent`.
     async fn get_range(&self, name: &str, offset: u64, len: u64, cancel: &CancellationToken) -> Result<Bytes, StorageError>;
@@ -117,14 +118,41 @@ pub trait Storage: Send + Sync + fmt::Debug {
     async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError>;
 }
 
-/// Every object under `prefix`, following continuation tokens.
+/// The most objects one listing returns before it is refused (a store that never ends a
+/// listing must not exhaust memory).
+pub const MAX_LISTING: usize = 50_000_000;
+
+/// The error of an object larger than the caller allows.
+pub fn too_large(op: &'static str, name: &str, location: &str, len: u64, max_len: u64) -> StorageError {
+    StorageError::new(ErrorKind::Permanent, op, name, location, format!("object is {len} bytes, more than the {max_len} allowed for it"))
+}
+
+/// Every object under `prefix`, following continuation tokens. A token the store hands
+/// out twice (a listing that would loop forever) or a listing longer than
+/// [`MAX_LISTING`] is an error.
 pub async fn list_all(storage: &dyn Storage, prefix: &str, cancel: &CancellationToken) -> Result<Vec<ObjectMeta>, StorageError> {
     let mut out = Vec::new();
-    let mut token = None;
+    let mut token: Option<String> = None;
+    let mut seen = std::collections::HashSet::new();
     loop {
         let page = storage.list_page(prefix, token, cancel).await?;
         out.extend(page.objects);
+        if out.len() > MAX_LISTING {
+            return Err(StorageError::new(ErrorKind::Permanent, "listing", prefix, storage.location(), format!("more than {MAX_LISTING} objects")));
+        }
         match page.next {
+            Some(t) if !seen.insert(t.clone()) => {
+                return Err(StorageError::new(
+                    ErrorKind::Permanent,
+                    "listing",
+                    prefix,
+                    storage.location(),
+                    "the store repeated a continuation token (the listing would never end)",
+                ))
+            }
+            Some(t) if t.len() > 4096 => {
+                return Err(StorageError::new(ErrorKind::Permanent, "listing", prefix, storage.location(), "continuation token longer than 4096 bytes"))
+            }
             Some(t) => token = Some(t),
             None => return Ok(out),
         }

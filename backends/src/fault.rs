@@ -1,0 +1,81 @@
+//! A fault-injecting wrapper for tests: fails the first N calls, and/or a fraction of
+//! calls, with transient errors, deterministically from a seed. It is a test double for
+//! an unreliable network, named as such; the stores it wraps are real.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use mover_format::storage::{ErrorKind, ListPage, PutOutcome, Storage, StorageError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug)]
+pub struct FaultyStorage {
+    inner: Arc<dyn Storage>,
+    fail_first: AtomicU64,
+    /// Fails a call when a hash of (seed, call number) falls below this share of u64::MAX.
+    fail_per_million: u64,
+    seed: u64,
+    calls: AtomicU64,
+    injected: AtomicU64,
+}
+
+impl FaultyStorage {
+    pub fn new(inner: Arc<dyn Storage>, fail_first: u64, fail_fraction: f64, seed: u64) -> Self {
+        Self {
+            inner,
+            fail_first: AtomicU64::new(fail_first),
+            fail_per_million: (fail_fraction.clamp(0.0, 1.0) * 1e6) as u64,
+            seed,
+            calls: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+        }
+    }
+
+    /// How many failures were injected so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::Relaxed)
+    }
+
+    fn maybe_fail(&self, op: &'static str, name: &str) -> Result<(), StorageError> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        let first = self.fail_first.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1)).is_ok();
+        let h = u64::from_le_bytes(blake3::hash(&[self.seed.to_le_bytes(), n.to_le_bytes()].concat()).as_bytes()[..8].try_into().unwrap_or([0; 8]));
+        if first || h % 1_000_000 < self.fail_per_million {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(StorageError::new(ErrorKind::Transient, op, name, self.inner.location(), "injected fault (test)"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Storage for FaultyStorage {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    async fn put(&self, name: &str, data: Bytes, cancel: &CancellationToken) -> Result<PutOutcome, StorageError> {
+        self.maybe_fail("writing", name)?;
+        self.inner.put(name, data, cancel).await
+    }
+    async fn get(&self, name: &str, max_len: u64, cancel: &CancellationToken) -> Result<Bytes, StorageError> {
+        self.maybe_fail("reading", name)?;
+        self.inner.get(name, max_len, cancel).await
+    }
+    async fn get_range(&self, name: &str, offset: u64, len: u64, cancel: &CancellationToken) -> Result<Bytes, StorageError> {
+        self.maybe_fail("reading", name)?;
+        self.inner.get_range(name, offset, len, cancel).await
+    }
+    async fn head(&self, name: &str, cancel: &CancellationToken) -> Result<Option<u64>, StorageError> {
+        self.maybe_fail("inspecting", name)?;
+        self.inner.head(name, cancel).await
+    }
+    async fn list_page(&self, prefix: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
+        self.maybe_fail("listing", prefix)?;
+        self.inner.list_page(prefix, token, cancel).await
+    }
+    async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
+        self.maybe_fail("deleting", name)?;
+        self.inner.delete(name, cancel).await
+    }
+}

@@ -1,0 +1,29 @@
+//! The node's local index: a cache of every index segment, so dedup lookups never touch the
+//! store. [`rocks`] keeps it in RocksDB; [`pending`] adds, for reading snapshots, the
+//! entries gc has taken out of the index but not swept yet.
+
+pub mod pending;
+pub mod rocks;
+
+use mover_format::local_index::{ChunkIndex, MemIndex};
+use mover_format::Repository;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use pending::with_pending;
+pub use rocks::RocksIndex;
+
+/// The local index of `repo` under `cache_root`: RocksDB, or — when another process holds
+/// the database — an in-memory index for this run (it is a cache: correct, only slower to
+/// fill). Not synced here: backups and [`with_pending`] sync it in the order the gc
+/// protocol needs.
+pub fn open_local(repo: &Repository, cache_root: &Path) -> Arc<dyn ChunkIndex> {
+    let path = RocksIndex::path_for(cache_root, &repo.config().id);
+    match RocksIndex::open(&path) {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            tracing::warn!("{e:#}; using an in-memory index for repository {} in this run", repo.location());
+            Arc::new(MemIndex::default())
+        }
+    }
+}

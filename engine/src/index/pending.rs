@@ -1,0 +1,122 @@
+//! Entries gc has taken out of the index but not swept yet (`gc/<record>.entries`), and the
+//! read view that still finds them. A snapshot whose backup deduplicated against an entry
+//! gc had just taken out restores at once through this view, not only after the next sweep
+//! puts the entry back (`docs/gc.md`).
+
+use crate::error::{Error, Result};
+use mover_format::index::{BlobLocation, IndexEntry};
+use mover_format::local_index::{ChunkIndex, MemIndex};
+use mover_format::pending::{PendingDeletion, Ready};
+use mover_format::{ChunkId, IndexId, RepoError, Repository};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// A gc record as loaded: its entries and, once complete, its `.ready` marker.
+pub struct Record {
+    pub id: String,
+    pub p: PendingDeletion,
+    pub ready: Option<Ready>,
+}
+
+/// The first location of every entry in `records`.
+pub fn locations(records: &[Record]) -> HashMap<ChunkId, BlobLocation> {
+    let mut m = HashMap::new();
+    for r in records {
+        for e in &r.p.entries {
+            m.entry(e.id).or_insert(e.loc);
+        }
+    }
+    m
+}
+
+/// Who reads the records: gc and forget hold the exclusive `gc` lock, so nothing removes a
+/// record while they read; readers may see one swept between listing and reading, and
+/// skip it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    Gc,
+    Shared,
+}
+
+/// The records in the store, oldest first.
+pub async fn load(repo: &Repository, who: Reader, cancel: &CancellationToken) -> Result<Vec<Record>> {
+    let shared = who == Reader::Shared;
+    let mut out = Vec::new();
+    for (id, has_entries, has_ready) in repo.list_gc_records(cancel).await? {
+        if !has_entries {
+            continue; // a sweep was killed between deleting `.entries` and `.ready`
+        }
+        let p = match repo.read_pending(&id, cancel).await {
+            Ok(p) => p,
+            Err(RepoError::Storage(e)) if shared && e.is_not_found() => continue,
+            Err(e) => return Err(Error::from(e).context("gc deletes nothing while a gc record is unreadable")),
+        };
+        let ready = if !has_ready {
+            None
+        } else {
+            match repo.read_ready(&id, cancel).await {
+                Ok(r) => Some(r),
+                Err(RepoError::Storage(e)) if shared && e.is_not_found() => None,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        out.push(Record { id, p, ready });
+    }
+    Ok(out)
+}
+
+/// Syncs `index` and returns it plus the entries of unswept gc records, for reading
+/// snapshots (restore, export, a backup's parent tree).
+pub async fn with_pending(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<Arc<dyn ChunkIndex>> {
+    // Records first, then the index: a record swept in between has put its live entries
+    // back into an index segment before it was deleted, and the sync sees that segment.
+    let records = load(repo, Reader::Shared, cancel).await?;
+    mover_format::local_index::sync(repo, &*index, cancel).await?;
+    if records.iter().all(|r| r.p.entries.is_empty()) {
+        return Ok(index);
+    }
+    let extra = MemIndex::default();
+    for r in &records {
+        extra.ingest(None, &r.p.entries)?;
+    }
+    Ok(Arc::new(Fallback { primary: index, extra }))
+}
+
+/// Entry locations of unswept records, for `check`.
+pub async fn entries(repo: &Repository, cancel: &CancellationToken) -> Result<HashMap<ChunkId, BlobLocation>> {
+    Ok(locations(&load(repo, Reader::Shared, cancel).await?))
+}
+
+/// The local index, then the records' entries.
+struct Fallback {
+    primary: Arc<dyn ChunkIndex>,
+    extra: MemIndex,
+}
+
+impl ChunkIndex for Fallback {
+    fn lookup(&self, id: &ChunkId) -> Result<Option<BlobLocation>, RepoError> {
+        match self.primary.lookup(id)? {
+            Some(l) => Ok(Some(l)),
+            None => self.extra.lookup(id),
+        }
+    }
+    fn ingested_segments(&self) -> Result<HashSet<IndexId>, RepoError> {
+        self.primary.ingested_segments()
+    }
+    fn entry_count(&self) -> Result<u64, RepoError> {
+        self.primary.entry_count()
+    }
+    fn active_generation(&self) -> Result<u64, RepoError> {
+        self.primary.active_generation()
+    }
+    fn begin_generation(&self) -> Result<u64, RepoError> {
+        self.primary.begin_generation()
+    }
+    fn ingest_into(&self, generation: u64, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
+        self.primary.ingest_into(generation, segment, entries)
+    }
+    fn activate(&self, generation: u64) -> Result<(), RepoError> {
+        self.primary.activate(generation)
+    }
+}

@@ -1,0 +1,251 @@
+//! Leases on a repository (protocol and argument: `docs/gc.md`).
+//!
+//! A backup holds a `backup` lock from before it syncs its index until after its manifest
+//! is written; `gc` and `forget` hold a `gc` lock, and two `gc` locks exclude each other.
+//! A holder refreshes its lock every fifth of its TTL; a holder that could not refresh for
+//! three quarters of its TTL no longer trusts its lease and commits nothing.
+
+use crate::error::{Error, Result, ResultExt};
+use mover_format::lock::{self, LockInfo, LockKind};
+use mover_format::{names, Repository};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The lease TTL: `MOVER_LOCK_TTL` seconds, 600 by default. It is also GC's grace window
+/// for a holder that died without removing its lock on another node.
+pub fn default_ttl() -> Duration {
+    let s = std::env::var("MOVER_LOCK_TTL").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(600);
+    Duration::from_secs(s.max(2))
+}
+
+/// A cheap handle on a held lock's lease, for stages that commit (index segments, manifest).
+#[derive(Clone)]
+pub struct Lease {
+    last_ok: Arc<Mutex<Instant>>,
+    /// Set once a refresh came too late: an expired lease is never revived, since GC may
+    /// already have acted on its expiry.
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    ttl: Duration,
+    id: String,
+}
+
+impl Lease {
+    /// Fails when the lock may have expired in the eyes of another node.
+    pub fn check(&self) -> Result<()> {
+        let age = self.last_ok.lock().map(|t| t.elapsed()).unwrap_or(Duration::MAX);
+        if age > self.ttl * 3 / 4 || self.lost.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::transient(format!(
+                "lock {} was last refreshed {:.0} s ago (TTL {} s): the lease may have expired, so nothing more is committed; run the backup again to resume",
+                self.id,
+                age.as_secs_f64(),
+                self.ttl.as_secs()
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub struct RepoLock {
+    repo: Repository,
+    info: Arc<Mutex<LockInfo>>,
+    lease: Lease,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RepoLock {
+    /// Writes a lock of `kind` and starts refreshing it.
+    pub async fn acquire(repo: &Repository, kind: LockKind, cancel: &CancellationToken) -> Result<Self> {
+        let ttl = default_ttl();
+        let what = format!("creating {kind} lock in repository {}", repo.location());
+        let info = LockInfo::new(kind, ttl.as_secs());
+        repo.write_lock(&info, cancel).await.context(what)?;
+        let lease = Lease { last_ok: Arc::new(Mutex::new(Instant::now())), lost: Default::default(), ttl, id: info.id.clone() };
+        let info = Arc::new(Mutex::new(info));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(refresh_loop(repo.clone(), info.clone(), lease.clone(), stop.clone()));
+        Ok(Self { repo: repo.clone(), info, lease, stop, task: Some(task) })
+    }
+
+    /// A `gc` lock, refused while another live `gc` lock exists.
+    pub async fn acquire_exclusive(repo: &Repository, what: &str, cancel: &CancellationToken) -> Result<Self> {
+        let me = Self::acquire(repo, LockKind::Gc, cancel).await?;
+        let others: Vec<LockView> =
+            list(repo, cancel).await?.into_iter().filter(|l| l.info.kind == LockKind::Gc && l.stale.is_none() && l.info.id != me.id()).collect();
+        if let Some(o) = others.first() {
+            me.release().await;
+            return Err(Error::conflict(format!(
+                "cannot {what}: repository {} is locked by {} (another gc or forget is running; `mover unlock` removes a lock left by a crashed process)",
+                repo.location(),
+                o.describe()
+            )));
+        }
+        Ok(me)
+    }
+
+    pub fn id(&self) -> String {
+        self.lease.id.clone()
+    }
+
+    pub fn lease(&self) -> Lease {
+        self.lease.clone()
+    }
+
+    /// Stops refreshing and removes the lock.
+    pub async fn release(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        let name = self.info.lock().map(|i| i.object_name()).ok();
+        if let Some(name) = name {
+            if let Err(e) = self.repo.delete_object(&name, &CancellationToken::new()).await {
+                tracing::warn!("removing lock {name}: {e:#}");
+            }
+        }
+    }
+}
+
+impl Drop for RepoLock {
+    fn drop(&mut self) {
+        // Dropped without release (an early return): stop refreshing and remove it in the
+        // background so other nodes need not wait for the TTL.
+        if self.task.is_some() {
+            self.stop.cancel();
+            if let (Ok(info), Ok(rt)) = (self.info.lock().map(|i| i.clone()), tokio::runtime::Handle::try_current()) {
+                let repo = self.repo.clone();
+                rt.spawn(async move {
+                    let _ = repo.delete_object(&info.object_name(), &CancellationToken::new()).await;
+                });
+            }
+        }
+    }
+}
+
+async fn refresh_loop(repo: Repository, info: Arc<Mutex<LockInfo>>, lease: Lease, stop: CancellationToken) {
+    let every = (lease.ttl / 5).max(Duration::from_millis(400));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Ok(cur) = info.lock().map(|i| i.clone()) else { return };
+        if lease.check().is_err() {
+            // Too late (the process was stopped, or the store unreachable): give the lease up.
+            lease.lost.store(true, std::sync::atomic::Ordering::Release);
+            tracing::warn!("lock {} in repository {} was not refreshed in time; its holder commits nothing more", cur.id, repo.location());
+            return;
+        }
+        let mut next = cur.clone();
+        next.refreshed_ms = mover_format::now_unix_ms().max(cur.refreshed_ms + 1);
+        match repo.write_lock(&next, &stop).await {
+            Ok(()) => {
+                if let Ok(mut i) = info.lock() {
+                    *i = next;
+                }
+                if let Ok(mut t) = lease.last_ok.lock() {
+                    *t = Instant::now();
+                }
+                if let Err(e) = repo.delete_object(&cur.object_name(), &stop).await {
+                    tracing::warn!("removing superseded lock object {}: {e:#}", cur.object_name());
+                }
+            }
+            Err(_) if stop.is_cancelled() => return,
+            Err(e) => tracing::warn!("refreshing lock {} in repository {}: {e:#}", cur.id, repo.location()),
+        }
+    }
+}
+
+/// A lock as listed: its latest refresh, the objects that hold it, and why it is stale.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LockView {
+    #[serde(flatten)]
+    pub info: LockInfo,
+    /// Every object of this lock (older refreshes a crash left behind included).
+    pub objects: Vec<String>,
+    /// `None` while the lock is live; otherwise why it is not.
+    pub stale: Option<String>,
+}
+
+impl LockView {
+    pub fn describe(&self) -> String {
+        format!(
+            "{} lock {} of process {} on {} (created {} ms, refreshed {} ms since the epoch)",
+            self.info.kind, self.info.id, self.info.pid, self.info.hostname, self.info.created_ms, self.info.refreshed_ms
+        )
+    }
+}
+
+fn pid_gone(pid: u32) -> bool {
+    matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None), Err(nix::errno::Errno::ESRCH))
+}
+
+/// Why a lock no longer protects anything, or `None` while it does: its lease has expired,
+/// or it belongs to a process on this host that no longer exists.
+pub fn staleness(info: &LockInfo, now_ms: u64) -> Option<String> {
+    if info.expired(now_ms) {
+        return Some(format!("expired {} s ago", (now_ms - info.expires_ms()) / 1000));
+    }
+    if info.hostname == mover_format::hostname() && info.pid != std::process::id() && pid_gone(info.pid) {
+        return Some(format!("process {} on this host is gone", info.pid));
+    }
+    None
+}
+
+/// Every lock in the repository. A lock whose object cannot be opened (damaged, or written
+/// with another key) is reported live until its name's refresh time plus the default TTL.
+pub async fn list(repo: &Repository, cancel: &CancellationToken) -> Result<Vec<LockView>> {
+    'again: for _attempt in 0..5 {
+        let mut by_id: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+        for o in repo.list_objects(names::LOCKS_PREFIX, cancel).await? {
+            if let Some((id, ms)) = lock::parse_name(&o.name) {
+                by_id.entry(id).or_default().push((ms, o.name));
+            }
+        }
+        let now = mover_format::now_unix_ms();
+        let mut out = Vec::new();
+        for (id, mut objs) in by_id {
+            objs.sort();
+            let (ms, latest) = objs.last().cloned().unwrap_or_default();
+            let info = match repo.read_lock(&latest, cancel).await {
+                Ok(i) => i,
+                // Refreshed between listing and reading: list again.
+                Err(mover_format::RepoError::Storage(e)) if e.is_not_found() => continue 'again,
+                Err(e) if e.is_cancelled() => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!("{e:#}");
+                    LockInfo {
+                        id: id.clone(),
+                        kind: LockKind::Other("unknown".into()),
+                        hostname: "unknown".into(),
+                        pid: 0,
+                        created_ms: ms,
+                        refreshed_ms: ms,
+                        ttl_s: default_ttl().as_secs(),
+                    }
+                }
+            };
+            let stale = staleness(&info, now);
+            out.push(LockView { info, objects: objs.into_iter().map(|(_, n)| n).collect(), stale });
+        }
+        out.sort_by(|a, b| (a.info.created_ms, &a.info.id).cmp(&(b.info.created_ms, &b.info.id)));
+        return Ok(out);
+    }
+    Err(Error::transient(format!("locks in repository {} kept changing while being listed", repo.location())))
+}
+
+/// Removes stale locks (all locks with `force`); returns what was removed.
+pub async fn unlock(repo: &Repository, force: bool, cancel: &CancellationToken) -> Result<Vec<LockView>> {
+    let mut removed = Vec::new();
+    for l in list(repo, cancel).await? {
+        if l.stale.is_some() || force {
+            for o in &l.objects {
+                repo.delete_object(o, cancel).await?;
+            }
+            removed.push(l);
+        }
+    }
+    Ok(removed)
+}

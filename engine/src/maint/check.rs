@@ -1,0 +1,241 @@
+//! `check`: structure (every manifest's groups, segment maps and chunks are indexed, every
+//! indexed pack exists, no entry points past its pack's end) and, with a share of packs to
+//! read, every blob in them downloaded, decrypted and verified. It reads the store itself —
+//! index segments, not the local cache — so it judges what is really there. Every problem
+//! names its object; the report lists them all.
+
+use crate::error::Result;
+use crate::walk::{self, Trees, Visitor};
+use mover_format::index::BlobLocation;
+use mover_format::manifest::Manifest;
+use mover_format::pack::FOOTER_LEN;
+use mover_format::tree::MapEntry;
+use mover_format::{names, ChunkId, PackId, Repository, SnapshotId};
+use std::collections::{HashMap, HashSet};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct CheckReport {
+    pub snapshots: usize,
+    pub packs: usize,
+    pub index_segments: usize,
+    pub index_entries: usize,
+    pub packs_read: usize,
+    pub blobs_verified: u64,
+    pub bytes_verified: u64,
+    /// Every problem found, each naming its object.
+    pub problems: Vec<String>,
+}
+
+/// What the store holds, read from its index segments and pack listing.
+pub(super) struct StoreView {
+    pub packs: HashMap<PackId, u64>,
+    pub index: HashMap<ChunkId, BlobLocation>,
+    /// Entries a running or killed `gc` took out of the index and has not swept yet: a
+    /// snapshot may use them until the sweep puts them back.
+    pub pending: HashMap<ChunkId, BlobLocation>,
+    pub snapshots: Vec<(SnapshotId, Manifest)>,
+}
+
+impl StoreView {
+    pub fn locate(&self, id: &ChunkId) -> Option<&BlobLocation> {
+        self.index.get(id).or_else(|| self.pending.get(id))
+    }
+}
+
+/// Reads the store's packs, index segments, gc records and snapshots; what cannot be read
+/// goes into `problems`.
+pub(super) async fn load_view(repo: &Repository, rep: &mut CheckReport, cancel: &CancellationToken) -> Result<StoreView> {
+    let packs: HashMap<PackId, u64> = repo.list_packs(cancel).await?.into_iter().collect();
+    let mut index = HashMap::new();
+    let segs = repo.list_index(cancel).await?;
+    rep.index_segments = segs.len();
+    for id in segs {
+        match repo.read_index(&id, cancel).await {
+            Ok(entries) => {
+                for e in entries {
+                    index.insert(e.id, e.loc);
+                }
+            }
+            Err(e) if e.is_cancelled() => return Err(e.into()),
+            Err(e) => rep.problems.push(format!("{e:#}")),
+        }
+    }
+    let mut snapshots = Vec::new();
+    for id in repo.list_snapshot_ids(cancel).await? {
+        match repo.read_snapshot(&id, cancel).await {
+            Ok(m) => snapshots.push((id, m)),
+            Err(e) if e.is_cancelled() => return Err(e.into()),
+            Err(e) => rep.problems.push(format!("{e:#}")),
+        }
+    }
+    rep.packs = packs.len();
+    rep.index_entries = index.len();
+    rep.snapshots = snapshots.len();
+    let pending = crate::index::pending::entries(repo, cancel).await.unwrap_or_else(|e| {
+        rep.problems.push(format!("{e:#}"));
+        HashMap::new()
+    });
+    Ok(StoreView { packs, index, pending, snapshots })
+}
+
+/// Tree blobs located through a [`StoreView`]; an unreadable one is a problem, not a stop.
+pub(super) struct ViewTrees<'a> {
+    pub repo: &'a Repository,
+    pub view: &'a StoreView,
+    pub cancel: &'a CancellationToken,
+    /// Where problems go; `None` makes every problem an error (stats).
+    pub problems: Option<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Trees for ViewTrees<'_> {
+    async fn blob(&mut self, id: &ChunkId, what: &str) -> Result<Option<Vec<u8>>> {
+        let r = match self.view.locate(id) {
+            None => Err(crate::error::Error::corrupt(format!("{what}: blob {id} is not in any index segment of repository {}", self.repo.location()))),
+            Some(loc) => self.repo.read_blob(id, loc, self.cancel).await.map_err(|e| crate::error::Error::from(e).context(what)),
+        };
+        match (r, &mut self.problems) {
+            (Ok(b), _) => Ok(Some(b)),
+            (Err(e), Some(p)) if !e.is_cancelled() => {
+                p.push(format!("{e:#}"));
+                Ok(None)
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+    fn undecodable(&mut self, err: crate::error::Error) -> Result<()> {
+        match &mut self.problems {
+            Some(p) => {
+                p.push(format!("{err:#}"));
+                Ok(())
+            }
+            None => Err(err),
+        }
+    }
+}
+
+/// Checks each chunk against the index, each segment map once.
+struct Structure<'a> {
+    view: &'a StoreView,
+    sid: SnapshotId,
+    volume: String,
+    seen_maps: HashSet<ChunkId>,
+    problems: Vec<String>,
+}
+
+impl Visitor for Structure<'_> {
+    fn metadata(&mut self, name: &str, blob: &ChunkId) {
+        if self.view.locate(blob).is_none() {
+            self.problems.push(format!("snapshot {}: metadata '{name}' blob {blob} is not indexed", self.sid));
+        }
+    }
+    fn map(&mut self, id: &ChunkId, _offset: u64) -> bool {
+        self.seen_maps.insert(*id)
+    }
+    fn chunk(&mut self, e: &MapEntry, offset: u64, segment_offset: u64) {
+        let what = || format!("snapshot {} volume '{}' segment at offset {segment_offset}", self.sid, self.volume);
+        let Some(id) = e.chunk() else { return };
+        match (self.view.locate(&id), *e) {
+            (None, _) => self.problems.push(format!("{}: chunk {id} at offset {offset} is not in any index segment", what())),
+            (Some(l), MapEntry::Chunk { len, .. }) if l.raw_len != len => {
+                self.problems.push(format!("{}: chunk {id} is {} bytes in the index, {len} in the map", what(), l.raw_len))
+            }
+            (Some(l), MapEntry::Slice { offset: so, len, .. }) if so as u64 + len as u64 > l.raw_len as u64 => {
+                self.problems.push(format!("{}: a slice {so}+{len} of chunk {id} lies past its {} bytes", what(), l.raw_len))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Checks structure; with `read_percent` (1..=100), also downloads that share of the packs
+/// and verifies every blob in them.
+pub async fn check(repo: &Repository, read_percent: Option<u32>, cancel: &CancellationToken) -> Result<CheckReport> {
+    let mut rep = CheckReport::default();
+    let v = load_view(repo, &mut rep, cancel).await?;
+    // Index entries against packs.
+    let mut reported_missing = HashSet::new();
+    for (id, loc) in &v.index {
+        match v.packs.get(&loc.pack) {
+            None => {
+                if reported_missing.insert(loc.pack) {
+                    rep.problems.push(format!("pack {} in repository {}: missing, but the index lists chunks in it (e.g. {id})", loc.pack, repo.location()));
+                }
+            }
+            Some(&size) if loc.offset as u64 + loc.stored_len as u64 > size.saturating_sub(FOOTER_LEN as u64) => rep.problems.push(format!(
+                "chunk {id} in pack {}: index entry ends at {} but the pack holds {size} bytes",
+                loc.pack,
+                loc.offset as u64 + loc.stored_len as u64
+            )),
+            _ => {}
+        }
+    }
+    // Manifests → groups → segment maps → chunks.
+    let mut trees = ViewTrees { repo, view: &v, cancel, problems: Some(Vec::new()) };
+    let mut s = Structure { view: &v, sid: SnapshotId([0; 32]), volume: String::new(), seen_maps: HashSet::new(), problems: Vec::new() };
+    for (sid, m) in &v.snapshots {
+        s.sid = *sid;
+        for md in &m.metadata {
+            s.metadata(&md.name, &md.blob);
+        }
+        for vol in &m.volumes {
+            s.volume = vol.name.clone();
+            let shape = walk::volume(&mut trees, &mut s, sid, vol).await?;
+            if let Some(want) = shape.mismatch(vol) {
+                s.problems.push(format!("snapshot {sid} volume '{}': {} segments recorded for {} bytes (needs {want})", vol.name, shape.segments, vol.size));
+            }
+        }
+    }
+    rep.problems.extend(trees.problems.take().unwrap_or_default());
+    rep.problems.extend(s.problems);
+    if let Some(pct) = read_percent {
+        read_data(repo, &v, pct.clamp(1, 100), &mut rep, cancel).await?;
+    }
+    Ok(rep)
+}
+
+async fn read_data(repo: &Repository, v: &StoreView, pct: u32, rep: &mut CheckReport, cancel: &CancellationToken) -> Result<()> {
+    let mut by_pack: HashMap<PackId, Vec<(ChunkId, BlobLocation)>> = HashMap::new();
+    for (id, loc) in &v.index {
+        by_pack.entry(loc.pack).or_default().push((*id, *loc));
+    }
+    let mut packs: Vec<&PackId> = v.packs.keys().collect();
+    packs.sort();
+    for pack in packs {
+        // A deterministic sample: a pack is in the N % subset when its id says so.
+        if pct < 100 && (u16::from_le_bytes([pack.0[0], pack.0[1]]) as u32 % 100) >= pct {
+            continue;
+        }
+        let name = names::pack(pack);
+        let bytes = match repo.get_object(&name, cancel).await {
+            Ok(b) => b,
+            Err(e) if e.is_cancelled() => return Err(e.into()),
+            Err(e) => {
+                rep.problems.push(format!("{e:#}"));
+                continue;
+            }
+        };
+        rep.packs_read += 1;
+        if PackId(mover_format::id::content_id(&bytes)) != *pack {
+            rep.problems.push(format!("pack {pack} in repository {}: content does not hash to its name (corrupt or truncated)", repo.location()));
+        }
+        if let Err(e) = mover_format::pack::read_pack(repo.keys(), &bytes) {
+            rep.problems.push(format!("pack {pack} in repository {}: trailer: {e}", repo.location()));
+        }
+        for (id, loc) in by_pack.get(pack).map(|v| v.as_slice()).unwrap_or(&[]) {
+            let (s, e) = (loc.offset as usize, loc.offset as usize + loc.stored_len as usize);
+            if e > bytes.len() {
+                continue; // reported by the structure check
+            }
+            match repo.decode_blob(id, loc, &bytes[s..e]) {
+                Ok(p) => {
+                    rep.blobs_verified += 1;
+                    rep.bytes_verified += p.len() as u64;
+                }
+                Err(err) => rep.problems.push(format!("{err:#}")),
+            }
+        }
+    }
+    Ok(())
+}

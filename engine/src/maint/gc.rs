@@ -1,0 +1,546 @@
+//! Garbage collection that is safe while backups keep writing. The protocol and why it is
+//! safe are in `docs/gc.md`; in short:
+//!
+//! 1. **Mark.** Under an exclusive `gc` lock: list packs, read every index segment, read
+//!    every snapshot (and the manifests `forget` parked in unswept records) and walk what
+//!    they reference. Packs with nothing referenced, packs whose unused share exceeds the
+//!    threshold (their live blobs are copied into new packs first) and packs no index names
+//!    leave the index: the new index is written, then a *record* (`gc/<id>.entries`) with
+//!    every entry taken out, then the old segments are deleted, then the locks live at that
+//!    moment are written as the record's `.ready` marker.
+//! 2. **Sweep.** A record whose `.ready` locks are all gone (released, or stale) is swept:
+//!    index segments and snapshots written meanwhile are read, every entry a snapshot now
+//!    references is put back into the index ("resurrected"), and the remaining packs are
+//!    deleted. On an idle repository the sweep follows the mark at once.
+//!
+//! Until a record is swept, restores and checks still find its entries
+//! ([`crate::index::with_pending`]). Every step is idempotent, so a killed `gc` is finished by the next.
+
+use crate::error::{Error, Result, ResultExt};
+use crate::index::pending::{self, Record};
+use crate::lock::{self, RepoLock};
+use crate::walk::{self, Trees, Visitor};
+use mover_format::blob::EncodedBlob;
+use mover_format::index::{BlobLocation, IndexEntry};
+use mover_format::manifest::Manifest;
+use mover_format::pack::PackBuilder;
+use mover_format::pending::{PendingDeletion, Ready};
+use mover_format::tree::MapEntry;
+use mover_format::{names, ChunkId, IndexId, PackId, Repository, SnapshotId};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use tokio_util::sync::CancellationToken;
+
+/// Entries per index segment GC writes (about 5 MiB each).
+const SEGMENT_ENTRIES: usize = 65_536;
+
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    pub dry_run: bool,
+    /// Repack a pack when more than this share of its bytes is unreferenced (0.0–1.0).
+    pub repack_unused: f64,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        Self { dry_run: false, repack_unused: 0.3 }
+    }
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub snapshots: usize,
+    pub packs_before: usize,
+    pub bytes_before: u64,
+    /// Packs no snapshot references any more.
+    pub packs_unreferenced: usize,
+    /// Packs whose unused share exceeded the threshold; their live blobs were copied.
+    pub packs_repacked: usize,
+    pub bytes_copied: u64,
+    /// Packs no index segment names (left by killed backups, or still being written).
+    pub packs_unindexed: usize,
+    pub packs_deleted: usize,
+    pub bytes_freed: u64,
+    /// Bytes taken out of the index but held back because backups that may still use
+    /// them are running; a later `gc` frees them.
+    pub bytes_held_back: u64,
+    /// The locks holding them back.
+    pub held_by: Vec<String>,
+    pub records_written: usize,
+    pub records_swept: usize,
+    pub records_held: usize,
+    /// Entries put back because a snapshot written meanwhile references them.
+    pub entries_resurrected: usize,
+    pub index_segments_deleted: usize,
+    pub index_segments_written: usize,
+    pub stale_locks_removed: usize,
+    /// What the mark decided, pack by pack.
+    pub plan: Vec<PlannedPack>,
+}
+
+/// What the mark decided for a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PackAction {
+    /// Nothing in it is referenced.
+    Delete,
+    /// Mostly unreferenced: its live blobs are copied, then it goes.
+    Repack,
+    /// No index segment names it (left by a killed backup, or still being written).
+    Unindexed,
+}
+
+impl PackAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackAction::Delete => "delete",
+            PackAction::Repack => "repack",
+            PackAction::Unindexed => "unindexed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedPack {
+    pub pack: PackId,
+    pub action: PackAction,
+    pub size: u64,
+    pub referenced_bytes: u64,
+}
+
+/// What GC knows about the repository; only grows while it runs.
+#[derive(Default)]
+struct View {
+    packs: HashMap<PackId, u64>,
+    segments: BTreeSet<IndexId>,
+    entries: Vec<IndexEntry>,
+    first: HashMap<ChunkId, BlobLocation>,
+    snapshots: HashSet<SnapshotId>,
+    reachable: HashSet<ChunkId>,
+}
+
+impl View {
+    fn add_entries(&mut self, es: &[IndexEntry]) {
+        for e in es {
+            self.first.entry(e.id).or_insert(e.loc);
+        }
+        self.entries.extend_from_slice(es);
+    }
+
+    fn replace_index(&mut self, segments: BTreeSet<IndexId>, entries: Vec<IndexEntry>) {
+        self.segments = segments;
+        self.entries.clear();
+        self.first.clear();
+        self.add_entries(&entries);
+    }
+
+    fn indexed_packs(&self) -> HashSet<PackId> {
+        self.entries.iter().map(|e| e.loc.pack).collect()
+    }
+
+    /// Reads index segments not seen yet. An unreadable segment stops GC: its packs would
+    /// look unindexed.
+    async fn refresh_index(&mut self, repo: &Repository, cancel: &CancellationToken) -> Result<()> {
+        refresh_index(repo, &mut self.segments, &mut self.entries, &mut self.first, cancel).await
+    }
+
+    /// Reads snapshots not seen yet and marks what they reference.
+    async fn refresh_snapshots(&mut self, repo: &Repository, pending: &HashMap<ChunkId, BlobLocation>, cancel: &CancellationToken) -> Result<()> {
+        for id in repo.list_snapshot_ids(cancel).await? {
+            if self.snapshots.contains(&id) {
+                continue;
+            }
+            let m = match repo.read_snapshot(&id, cancel).await {
+                Ok(m) => m,
+                // Forgotten between listing and reading: its record (read later) keeps it.
+                Err(mover_format::RepoError::NotFound { .. }) => continue,
+                Err(e) => return Err(Error::from(e).context("gc deletes nothing while a snapshot is unreadable")),
+            };
+            self.walk(repo, &id, &m, pending, cancel).await?;
+            self.snapshots.insert(id);
+        }
+        Ok(())
+    }
+
+    /// Marks every blob `m` references.
+    async fn walk(
+        &mut self,
+        repo: &Repository,
+        sid: &SnapshotId,
+        m: &Manifest,
+        pending: &HashMap<ChunkId, BlobLocation>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let View { packs: _, segments, entries, first, snapshots: _, reachable } = self;
+        let mut trees = GcTrees { repo, segments, entries, first, pending, cancel };
+        walk::snapshot(&mut trees, &mut Mark(reachable), sid, m).await?;
+        Ok(())
+    }
+}
+
+/// Marks reachable blobs; a group or map already marked is not walked again.
+struct Mark<'a>(&'a mut HashSet<ChunkId>);
+
+impl Visitor for Mark<'_> {
+    fn metadata(&mut self, _name: &str, blob: &ChunkId) {
+        self.0.insert(*blob);
+    }
+    fn group(&mut self, id: &ChunkId) -> bool {
+        self.0.insert(*id)
+    }
+    fn map(&mut self, id: &ChunkId, _offset: u64) -> bool {
+        self.0.insert(*id)
+    }
+    fn chunk(&mut self, e: &MapEntry, _offset: u64, _segment: u64) {
+        if let Some(id) = e.chunk() {
+            self.0.insert(id);
+        }
+    }
+}
+
+/// Tree blobs for gc's walk: located in the index it read (re-read when a snapshot written
+/// after it names a blob it does not know) or in unswept records; any failure stops gc.
+struct GcTrees<'a> {
+    repo: &'a Repository,
+    segments: &'a mut BTreeSet<IndexId>,
+    entries: &'a mut Vec<IndexEntry>,
+    first: &'a mut HashMap<ChunkId, BlobLocation>,
+    pending: &'a HashMap<ChunkId, BlobLocation>,
+    cancel: &'a CancellationToken,
+}
+
+#[async_trait::async_trait]
+impl Trees for GcTrees<'_> {
+    async fn blob(&mut self, id: &ChunkId, what: &str) -> Result<Option<Vec<u8>>> {
+        if !self.first.contains_key(id) && !self.pending.contains_key(id) {
+            // A snapshot written after the index was read: its segments are there by now.
+            refresh_index(self.repo, self.segments, self.entries, self.first, self.cancel).await?;
+        }
+        let loc = self.first.get(id).or_else(|| self.pending.get(id)).ok_or_else(|| {
+            Error::corrupt(format!(
+                "{what}: blob is in no index segment of repository {}; gc deletes nothing until `mover index rebuild` has indexed every pack",
+                self.repo.location()
+            ))
+        })?;
+        let b = self.repo.read_blob(id, loc, self.cancel).await.with_context(|| format!("{what}; gc deletes nothing while a referenced blob is unreadable"))?;
+        Ok(Some(b))
+    }
+}
+
+/// Reads index segments not in `segments` yet into `entries`/`first`.
+async fn refresh_index(
+    repo: &Repository,
+    segments: &mut BTreeSet<IndexId>,
+    entries: &mut Vec<IndexEntry>,
+    first: &mut HashMap<ChunkId, BlobLocation>,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    for id in repo.list_index(cancel).await? {
+        if segments.contains(&id) {
+            continue;
+        }
+        let es = repo
+            .read_index(&id, cancel)
+            .await
+            .context("gc deletes nothing while an index segment is unreadable (run `mover check`, then `mover index rebuild`)")?;
+        for e in &es {
+            first.entry(e.id).or_insert(e.loc);
+        }
+        entries.extend_from_slice(&es);
+        segments.insert(id);
+    }
+    Ok(())
+}
+
+/// Runs GC: sweep what earlier runs left, mark, sweep again. Holds the `gc` lock throughout.
+pub async fn run(repo: &Repository, opts: &GcOptions, cancel: &CancellationToken) -> Result<GcReport> {
+    if !(0.0..=1.0).contains(&opts.repack_unused) {
+        return Err(Error::invalid(format!("--repack-unused must be between 0 and 1 (a share of a pack's bytes), not {}", opts.repack_unused)));
+    }
+    let lock = RepoLock::acquire_exclusive(repo, "run gc", cancel).await?;
+    let r = run_locked(repo, opts, &lock, cancel).await;
+    lock.release().await;
+    r
+}
+
+async fn run_locked(repo: &Repository, opts: &GcOptions, me: &RepoLock, cancel: &CancellationToken) -> Result<GcReport> {
+    let mut rep = GcReport { dry_run: opts.dry_run, ..Default::default() };
+    let lease = me.lease();
+    let mut v = View::default();
+    // Order matters (docs/gc.md): packs, then index, then records and snapshots; locks last.
+    // Manifests parked by `forget` become roots in `sweep`, unless their record is swept.
+    v.packs = repo.list_packs(cancel).await?.into_iter().collect();
+    rep.packs_before = v.packs.len();
+    rep.bytes_before = v.packs.values().sum();
+    v.refresh_index(repo, cancel).await?;
+    let mut records = pending::load(repo, pending::Reader::Gc, cancel).await?;
+    v.refresh_snapshots(repo, &pending::locations(&records), cancel).await?;
+    rep.snapshots = v.snapshots.len();
+
+    // Locks that expired or whose process is gone protect nothing; tidy them away (ours
+    // is live, so it stays).
+    if !opts.dry_run {
+        rep.stale_locks_removed = lock::unlock(repo, false, cancel).await?.len();
+    }
+
+    sweep(repo, &mut v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
+    lease.check()?;
+    if let Some(record) = mark(repo, &mut v, &records, opts, me, &mut rep, cancel).await? {
+        records.push(record);
+        sweep(repo, &mut v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
+    }
+    rep.records_held = records.len();
+    Ok(rep)
+}
+
+/// Live lock ids other than `me`.
+pub(super) async fn live_locks(repo: &Repository, me: &RepoLock, cancel: &CancellationToken) -> Result<Vec<lock::LockView>> {
+    Ok(lock::list(repo, cancel).await?.into_iter().filter(|l| l.stale.is_none() && l.info.id != me.id()).collect())
+}
+
+/// Sweeps every record none of whose locks is live; keeps the others in `records`.
+async fn sweep(
+    repo: &Repository,
+    v: &mut View,
+    records: &mut Vec<Record>,
+    me: &RepoLock,
+    dry_run: bool,
+    rep: &mut GcReport,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let live = live_locks(repo, me, cancel).await?;
+    let live_ids: HashSet<&str> = live.iter().map(|l| l.info.id.as_str()).collect();
+    // A record whose gc was killed before `.ready`: its gc is gone, so the locks live now
+    // are a superset of what it must wait for.
+    for r in records.iter_mut().filter(|r| r.ready.is_none()) {
+        let ready = ready_now(&live);
+        if !dry_run {
+            repo.write_ready(&r.id, &ready, cancel).await?;
+        }
+        r.ready = Some(ready);
+    }
+    let (eligible, held): (Vec<Record>, Vec<Record>) =
+        std::mem::take(records).into_iter().partition(|r| r.ready.as_ref().is_some_and(|d| d.locks.iter().all(|l| !live_ids.contains(l.as_str()))));
+    *records = held;
+    rep.held_by =
+        live.iter().filter(|l| records.iter().any(|r| r.ready.as_ref().is_some_and(|d| d.locks.contains(&l.info.id)))).map(|l| l.describe()).collect();
+    rep.bytes_held_back = records.iter().flat_map(|r| r.p.packs()).collect::<HashSet<_>>().iter().filter_map(|p| v.packs.get(p)).sum();
+    // Manifests parked by `forget` in the records still held stay roots: a backup that
+    // started from one as its parent may still be running.
+    let pending = pending::locations(records);
+    let pending_all: HashMap<ChunkId, BlobLocation> = pending.into_iter().chain(pending::locations(&eligible)).collect();
+    for r in records.iter() {
+        for (sid, bytes) in &r.p.forgotten {
+            let m = Manifest::open(repo.keys(), bytes).with_context(|| format!("forgotten snapshot {sid} in gc record {}", r.id))?;
+            v.walk(repo, sid, &m, &pending_all, cancel).await?;
+        }
+    }
+    if eligible.is_empty() {
+        return Ok(());
+    }
+    // Every backup that could have used these entries has finished or died: whatever it
+    // wrote is visible now.
+    v.refresh_index(repo, cancel).await?;
+    v.refresh_snapshots(repo, &pending_all, cancel).await?;
+    let mut resurrect: HashMap<ChunkId, IndexEntry> = HashMap::new();
+    for r in &eligible {
+        for e in &r.p.entries {
+            if v.reachable.contains(&e.id) && !v.first.contains_key(&e.id) && v.packs.contains_key(&e.loc.pack) {
+                resurrect.entry(e.id).or_insert(*e);
+            }
+        }
+    }
+    if !resurrect.is_empty() {
+        let es: Vec<IndexEntry> = resurrect.into_values().collect();
+        rep.entries_resurrected += es.len();
+        if !dry_run {
+            let id = repo.write_index(&es, cancel).await?;
+            v.segments.insert(id);
+            rep.index_segments_written += 1;
+        }
+        v.add_entries(&es);
+    }
+    let keep: HashSet<PackId> = v.indexed_packs().into_iter().chain(records.iter().flat_map(|r| r.p.packs())).collect();
+    for r in &eligible {
+        for p in r.p.packs() {
+            if keep.contains(&p) {
+                continue;
+            }
+            let Some(size) = v.packs.remove(&p) else { continue };
+            if !dry_run {
+                repo.delete_object(&names::pack(&p), cancel).await?;
+            }
+            rep.packs_deleted += 1;
+            rep.bytes_freed += size;
+        }
+        if !dry_run {
+            repo.delete_object(&names::gc_entries(&r.id), cancel).await?;
+            repo.delete_object(&names::gc_ready(&r.id), cancel).await?;
+        }
+        rep.records_swept += 1;
+    }
+    Ok(())
+}
+
+/// Takes garbage out of the index into a new record; `None` when there is nothing to do.
+async fn mark(
+    repo: &Repository,
+    v: &mut View,
+    records: &[Record],
+    opts: &GcOptions,
+    me: &RepoLock,
+    rep: &mut GcReport,
+    cancel: &CancellationToken,
+) -> Result<Option<Record>> {
+    // One location per chunk: the pack with the most referenced bytes wins.
+    let mut by_pack: HashMap<PackId, Vec<IndexEntry>> = HashMap::new();
+    let mut seen: HashSet<(ChunkId, PackId)> = HashSet::new();
+    for e in &v.entries {
+        if seen.insert((e.id, e.loc.pack)) {
+            by_pack.entry(e.loc.pack).or_default().push(*e);
+        }
+    }
+    let naive: HashMap<PackId, u64> =
+        by_pack.iter().map(|(p, es)| (*p, es.iter().filter(|e| v.reachable.contains(&e.id)).map(|e| e.loc.stored_len as u64).sum())).collect();
+    let mut home: HashMap<ChunkId, PackId> = HashMap::new();
+    for e in &v.entries {
+        let better = match home.get(&e.id) {
+            None => true,
+            Some(cur) => naive.get(&e.loc.pack) > naive.get(cur) || (naive.get(&e.loc.pack) == naive.get(cur) && e.loc.pack < *cur),
+        };
+        if better && v.packs.contains_key(&e.loc.pack) {
+            home.insert(e.id, e.loc.pack);
+        }
+    }
+    let held_packs: HashSet<PackId> = records.iter().flat_map(|r| r.p.packs()).collect();
+    let (mut drop_packs, mut repack): (Vec<PackId>, Vec<PackId>) = (Vec::new(), Vec::new());
+    let mut live_of: HashMap<PackId, u64> = HashMap::new();
+    for (p, es) in &by_pack {
+        let Some(&size) = v.packs.get(p) else { continue }; // missing pack: `check` reports it
+        let live: u64 = es.iter().filter(|e| v.reachable.contains(&e.id) && home.get(&e.id) == Some(p)).map(|e| e.loc.stored_len as u64).sum();
+        live_of.insert(*p, live);
+        if live == 0 {
+            drop_packs.push(*p);
+        } else if size > 0 && (size - live.min(size)) as f64 / size as f64 > opts.repack_unused {
+            repack.push(*p);
+        }
+    }
+    let orphans: Vec<PackId> = v.packs.keys().filter(|p| !by_pack.contains_key(p) && !held_packs.contains(p)).copied().collect();
+    let present = v.entries.iter().filter(|e| v.packs.contains_key(&e.loc.pack)).map(|e| (e.id, e.loc.pack)).collect::<HashSet<_>>().len();
+    let duplicates = present != home.len();
+    for (list, action) in [(&drop_packs, PackAction::Delete), (&repack, PackAction::Repack), (&orphans, PackAction::Unindexed)] {
+        for p in list.iter() {
+            rep.plan.push(PlannedPack { pack: *p, action, size: v.packs[p], referenced_bytes: live_of.get(p).copied().unwrap_or(0) });
+        }
+    }
+    rep.packs_unreferenced += drop_packs.len();
+    rep.packs_repacked += repack.len();
+    rep.packs_unindexed += orphans.len();
+    if drop_packs.is_empty() && repack.is_empty() && orphans.is_empty() && !duplicates {
+        return Ok(None);
+    }
+    if opts.dry_run {
+        rep.bytes_copied += repack.iter().map(|p| live_of[p]).sum::<u64>();
+        rep.bytes_freed += drop_packs.iter().chain(&repack).chain(&orphans).map(|p| v.packs[p]).sum::<u64>();
+        rep.bytes_freed -= rep.bytes_copied.min(rep.bytes_freed);
+        return Ok(None);
+    }
+
+    // Copy the live blobs of the packs to repack (still sealed: a blob's AEAD binds its
+    // chunk id, not its place), verifying each first so damage is not copied.
+    let mut new_entries: Vec<IndexEntry> = Vec::new();
+    let pack_size = repo.config().pack_size as usize;
+    let mut builder = PackBuilder::new(pack_size);
+    let mut failed_repack: HashSet<PackId> = HashSet::new();
+    for p in &repack {
+        let bytes = repo.get_object(&names::pack(p), cancel).await?;
+        let mut blobs = Vec::new();
+        for e in by_pack[p].iter().filter(|e| v.reachable.contains(&e.id) && home.get(&e.id) == Some(p)) {
+            let (a, b) = (e.loc.offset as usize, e.loc.offset as usize + e.loc.stored_len as usize);
+            let ok = bytes.get(a..b).map(|s| repo.decode_blob(&e.id, &e.loc, s));
+            match ok {
+                Some(Ok(_)) => blobs.push(EncodedBlob { id: e.id, kind: e.loc.kind, raw_len: e.loc.raw_len, sealed: bytes[a..b].to_vec() }),
+                Some(Err(err)) => {
+                    tracing::warn!("not repacking pack {p}: {err:#}");
+                    failed_repack.insert(*p);
+                    break;
+                }
+                None => {
+                    tracing::warn!("not repacking pack {p}: chunk {} lies past its end", e.id);
+                    failed_repack.insert(*p);
+                    break;
+                }
+            }
+        }
+        if failed_repack.contains(p) {
+            continue;
+        }
+        for b in &blobs {
+            if builder.len() + b.sealed.len() > pack_size && !builder.is_empty() {
+                let full = std::mem::replace(&mut builder, PackBuilder::new(pack_size));
+                let (_, es, _) = repo.write_pack(full, cancel).await?;
+                new_entries.extend(es);
+            }
+            builder.add(b)?;
+            rep.bytes_copied += b.sealed.len() as u64;
+        }
+    }
+    if !builder.is_empty() {
+        let (_, es, _) = repo.write_pack(builder, cancel).await?;
+        new_entries.extend(es);
+    }
+    let repacked: HashSet<PackId> = repack.iter().filter(|p| !failed_repack.contains(p)).copied().collect();
+    rep.packs_repacked -= failed_repack.len();
+    let going: HashSet<PackId> = drop_packs.iter().copied().chain(repacked.iter().copied()).collect();
+
+    // The new index: every entry of the packs that stay (one per chunk), and the copies.
+    let mut kept: Vec<IndexEntry> = Vec::new();
+    let mut emitted: HashSet<ChunkId> = new_entries.iter().map(|e| e.id).collect();
+    let mut taken: Vec<IndexEntry> = Vec::new();
+    for e in &v.entries {
+        if going.contains(&e.loc.pack) {
+            taken.push(*e);
+        } else if v.packs.contains_key(&e.loc.pack) && home.get(&e.id).is_none_or(|h| h == &e.loc.pack || !v.reachable.contains(&e.id)) && emitted.insert(e.id)
+        {
+            kept.push(*e);
+        } else if !v.packs.contains_key(&e.loc.pack) {
+            // An entry for a missing pack stays as it is, for `check` to report.
+            kept.push(*e);
+        }
+    }
+    kept.extend(new_entries);
+    me.lease().check()?;
+    let mut new_segments = BTreeSet::new();
+    for part in kept.chunks(SEGMENT_ENTRIES) {
+        new_segments.insert(repo.write_index(part, cancel).await?);
+        rep.index_segments_written += 1;
+    }
+    let (record_id, created_ms) = new_record_id();
+    let p = PendingDeletion { created_ms, orphans: orphans.clone(), forgotten: Vec::new(), entries: taken };
+    repo.write_pending(&record_id, &p, cancel).await?;
+    rep.records_written += 1;
+    for s in v.segments.iter().filter(|s| !new_segments.contains(s)) {
+        repo.delete_object(&names::index(s), cancel).await?;
+        rep.index_segments_deleted += 1;
+    }
+    // Every backup that may have read the old segments holds a lock now listed.
+    let live = live_locks(repo, me, cancel).await?;
+    let ready = ready_now(&live);
+    repo.write_ready(&record_id, &ready, cancel).await?;
+    v.replace_index(new_segments, kept);
+    Ok(Some(Record { id: record_id, p, ready: Some(ready) }))
+}
+
+/// A new record's id (time first, so records list oldest first) and its creation time.
+pub(super) fn new_record_id() -> (String, u64) {
+    let created_ms = mover_format::now_unix_ms();
+    (format!("{created_ms:013}-{}", hex::encode(rand::random::<[u8; 4]>())), created_ms)
+}
+
+/// A record's `.ready` marker: the locks live now.
+pub(super) fn ready_now(live: &[lock::LockView]) -> Ready {
+    Ready { locks: live.iter().map(|l| l.info.id.clone()).collect(), written_ms: mover_format::now_unix_ms() }
+}

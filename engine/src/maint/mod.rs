@@ -1,0 +1,10 @@
+//! Repository maintenance, side by side: [`check`] and [`stats`] read; [`forget`] and [`gc`]
+//! remove (gc is the one operation that deletes data; see `docs/gc.md`); [`index`] syncs
+//! or rebuilds the node's local index; [`keys`] manages passwords.
+
+pub mod check;
+pub mod forget;
+pub mod gc;
+pub mod index;
+pub mod keys;
+pub mod stats;

@@ -1,0 +1,532 @@
+//! Backup: reader → chunk + hash + dedup (worker threads, one per core) → compress +
+//! encrypt (new chunks only, same workers) → pack → upload → commit (index segment, then
+//! manifest). Bounded channels and a fixed buffer pool bound memory; the first error or a
+//! cancel stops every stage; segment results are put back in volume order so the manifest
+//! does not depend on scheduling.
+//!
+//! Order (`docs/gc.md`): write the backup lease, sync the local index, resolve the parent,
+//! open each source (which asks its change source, relative to the parent), run, write the
+//! manifest, release the lease.
+
+use super::chunk::{spawn_workers, SegOut, Shared};
+use super::packer::Packer;
+use super::reader::{self, IoBackend, IoChoice, ReadDone, ReadJob};
+use super::splice::ParentMaps;
+use crate::aligned::{AlignedBuf, ALIGN};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::lock::{Lease, RepoLock};
+use crate::progress::Progress;
+use crate::source::{self, Opened, ParentVolume, Reader, VolumeSource};
+use mover_format::blob::{BlobEncoder, BlobKind};
+use mover_format::local_index::ChunkIndex;
+use mover_format::lock::LockKind;
+use mover_format::manifest::{ChangeSource, Manifest, MetadataEntry, VolumeEntry, VolumeStats, MANIFEST_VERSION};
+use mover_format::tree::{SegmentGroup, SegmentRef, GROUP_SEGMENTS};
+use mover_format::{Repository, SnapshotId};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The largest volume Mover backs up (64 TiB): a size a source reports beyond it is
+/// refused before anything is allocated for it (16 Mi segments of 4 MiB).
+pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
+
+/// Which snapshot the backup is incremental to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParentChoice {
+    None,
+    /// The newest snapshot of the backup's group, found once the lease is held.
+    Latest,
+    /// A snapshot the caller named (checked to hold every volume when the request was
+    /// validated).
+    Id(SnapshotId),
+}
+
+/// A volume to back up: its name in the snapshot, where it is read from, and the
+/// checkpoint to record for the next incremental.
+pub struct VolumeInput {
+    pub name: String,
+    pub source: Box<dyn VolumeSource>,
+    /// Recorded as the volume's `change_base`: the change-tracking point this snapshot was
+    /// taken at (a bitmap, a CSI snapshot handle, a KubeVirt checkpoint).
+    pub checkpoint: Option<String>,
+}
+
+/// How hard the pipeline works; defaults fit a node that also runs VMs.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub io: IoChoice,
+    /// Segment reads in flight.
+    pub queue_depth: usize,
+    /// Chunking and compression threads.
+    pub workers: usize,
+    /// Pack uploads in flight; 0 picks by store (see [`upload_slots`]).
+    pub upload_concurrency: usize,
+    /// Uploaded packs per index segment (checkpoint).
+    pub checkpoint_packs: usize,
+    /// Upload bandwidth limits (node-wide and per transfer); every pack takes from each.
+    pub limiters: Vec<Arc<crate::ratelimit::RateLimiter>>,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            io: IoChoice::Auto,
+            queue_depth: 4,
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            upload_concurrency: 0,
+            checkpoint_packs: 4,
+            limiters: Vec::new(),
+        }
+    }
+}
+
+/// A validated backup, ready to run.
+pub struct BackupJob {
+    /// What is protected: recorded in the manifest; `latest` is looked up within it.
+    pub group: String,
+    pub volumes: Vec<VolumeInput>,
+    pub parent: ParentChoice,
+    pub metadata: Vec<(String, Vec<u8>)>,
+    pub tags: BTreeMap<String, String>,
+    pub tuning: Tuning,
+}
+
+/// Pack uploads in flight: `requested`, or for 0 two to a local directory (its `O_DIRECT`
+/// writes run at device speed; a third only holds another 16 MiB) and three to S3 (where
+/// latency, not the disk, limits one upload).
+fn upload_slots(repo: &Repository, requested: usize) -> usize {
+    match requested {
+        0 if repo.location().starts_with("s3://") => 3,
+        0 => 2,
+        n => n,
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeSummary {
+    pub name: String,
+    pub change_source: ChangeSource,
+    /// Set when a change source failed and the volume was read in full (parent reuse on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_fallback: Option<String>,
+    #[serde(flatten)]
+    pub stats: VolumeStats,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupSummary {
+    pub snapshot_id: SnapshotId,
+    pub group: String,
+    pub parent: Option<SnapshotId>,
+    #[serde(flatten)]
+    pub stats: VolumeStats,
+    pub duration_s: f64,
+    pub io_backend: String,
+    pub packs_uploaded: u64,
+    pub bytes_uploaded: u64,
+    pub volumes: Vec<VolumeSummary>,
+}
+
+/// Runs a backup and writes its manifest. Progress is reported through `progress`.
+///
+/// The backup holds a `backup` lock from before it syncs the local index until its
+/// manifest is written, so `gc` knows what it may still reference (`docs/gc.md`).
+pub async fn backup(
+    repo: &Repository,
+    index: Arc<dyn ChunkIndex>,
+    job: BackupJob,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<BackupSummary> {
+    if job.volumes.is_empty() {
+        return Err(Error::invalid("nothing to back up: no volume given"));
+    }
+    let lock = RepoLock::acquire(repo, LockKind::Backup, cancel).await?;
+    let r = async {
+        // After the lock: segments a gc replaced before it are seen as gone. Dedup looks
+        // chunks up in the index only; the parent's tree may also use entries of unswept gc
+        // records, which the parent (or its parked manifest) keeps alive (docs/gc.md).
+        let tree = crate::index::with_pending(repo, index.clone(), cancel).await.context("syncing the local index")?;
+        let parent = resolve_parent(repo, &job, cancel).await?;
+        run(repo, index, tree, job, parent, progress, lock.lease(), cancel).await
+    }
+    .await;
+    lock.release().await;
+    r
+}
+
+/// The parent, read after the lease is held (a parent forgotten before that is not used:
+/// its chunks may be gone).
+async fn resolve_parent(repo: &Repository, job: &BackupJob, cancel: &CancellationToken) -> Result<Option<(SnapshotId, Manifest, bool)>> {
+    match &job.parent {
+        ParentChoice::None => Ok(None),
+        ParentChoice::Id(id) => match repo.read_snapshot(id, cancel).await {
+            Ok(m) => Ok(Some((*id, m, true))),
+            Err(mover_format::RepoError::NotFound { .. }) => Err(Error::not_found(format!("parent snapshot {id} was forgotten before this backup started"))),
+            Err(e) => Err(e.into()),
+        },
+        ParentChoice::Latest => {
+            let found = crate::snapshots::latest(repo, &job.group, cancel).await?;
+            if found.is_none() {
+                tracing::info!("group '{}' has no snapshot yet: this backup reads everything", job.group);
+            }
+            Ok(found.map(|(id, m)| (id, m, false)))
+        }
+    }
+}
+
+/// A volume opened for the pipeline.
+struct OpenVolume {
+    name: String,
+    source: String,
+    checkpoint: Option<String>,
+    opened: Opened,
+    parent: Option<(SnapshotId, VolumeEntry)>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    repo: &Repository,
+    index: Arc<dyn ChunkIndex>,
+    tree: Arc<dyn ChunkIndex>,
+    job: BackupJob,
+    parent: Option<(SnapshotId, Manifest, bool)>,
+    progress: Arc<Progress>,
+    lease: Lease,
+    cancel: &CancellationToken,
+) -> Result<BackupSummary> {
+    let started = Instant::now();
+    let segment_size = repo.config().chunker.segment_size;
+    // Open every source before reading any: a wrong path or an unreachable server fails
+    // here, naming it, before anything is uploaded.
+    let mut vols = Vec::new();
+    for v in job.volumes {
+        let source = v.source.describe();
+        let pvol =
+            parent.as_ref().and_then(|(id, m, named)| m.volume(&v.name).map(|pv| (ParentVolume { snapshot: *id, volume: pv, named: *named }, pv.clone())));
+        let mut opened = v.source.open(pvol.as_ref().map(|p| p.0), cancel).await.with_context(|| format!("volume '{}'", v.name))?;
+        if opened.size > MAX_VOLUME_SIZE {
+            return Err(Error::invalid(format!(
+                "volume '{}': {source} has {} bytes, more than the largest volume Mover backs up ({MAX_VOLUME_SIZE})",
+                v.name, opened.size
+            )));
+        }
+        if let Some(ext) = &opened.changes.changed {
+            source::validate_extents(&v.name, ext, opened.size)?;
+        }
+        source::trust_changes(&mut opened.changes, &v.name, &source, pvol.as_ref().map(|p| p.0), segment_size);
+        source::check_sparse(&opened.changes, &v.name, &source)?;
+        if let Some(f) = &opened.changes.fallback {
+            tracing::warn!("volume '{}': {f}; reading everything (unchanged segments still reused from the parent)", v.name);
+        }
+        progress.add_total(opened.size);
+        let parent = pvol.map(|(p, pv)| (p.snapshot, pv));
+        vols.push(OpenVolume { name: v.name, source, checkpoint: v.checkpoint, opened, parent });
+    }
+
+    let stop = cancel.child_token();
+    let shared = Arc::new(Shared::new(repo, index.clone()));
+    let mut packer = Packer::new(
+        repo.clone(),
+        index.clone(),
+        shared.claims.clone(),
+        upload_slots(repo, job.tuning.upload_concurrency),
+        job.tuning.checkpoint_packs,
+        progress.clone(),
+        stop.clone(),
+    );
+    packer.limiters = job.tuning.limiters.clone();
+    packer.lease = Some(lease.clone());
+    let mut enc = BlobEncoder::new(repo.config().compression.level);
+
+    let mut changes = Vec::new();
+    let result: Result<(Vec<VolumeEntry>, Vec<MetadataEntry>, IoBackend)> = async {
+        let mut metadata = Vec::new();
+        for (name, bytes) in &job.metadata {
+            let id = shared.keys().chunk_id(bytes);
+            if !shared.known(&id)? {
+                packer.add(&enc.encode(shared.keys(), id, BlobKind::Metadata, bytes)?).await?;
+            }
+            metadata.push(MetadataEntry { name: name.clone(), blob: id, size: bytes.len() as u64 });
+        }
+        let mut volumes = Vec::new();
+        let mut backend = IoBackend::Pread;
+        for v in vols {
+            let prefs = match &v.parent {
+                Some((pid, pv)) if pv.segment_size == segment_size => Some(crate::snapshots::load_refs(repo, &*tree, pid, pv, &stop).await?),
+                _ => None,
+            };
+            changes.push(v.opened.changes.clone());
+            let (entry, b) = backup_volume(&shared, &tree, &mut packer, &mut enc, v, prefs, &job.tuning, &progress, &stop).await?;
+            backend = b;
+            volumes.push(entry);
+        }
+        packer.finish().await?;
+        Ok((volumes, metadata, backend))
+    }
+    .await;
+    let (volumes, metadata, backend) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            stop.cancel();
+            // Keep what was uploaded: wait for uploads under way and index them, so a rerun
+            // skips them. Failures here are secondary to the first error.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), packer.finish_after_error()).await;
+            return Err(e);
+        }
+    };
+
+    let mut stats = VolumeStats::default();
+    for v in &volumes {
+        stats.add(&v.stats);
+    }
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        group: Some(job.group.clone()),
+        time_unix_ms: mover_format::now_unix_ms(),
+        hostname: mover_format::hostname(),
+        tags: job.tags.clone(),
+        parent: parent.as_ref().map(|(id, _, _)| *id),
+        volumes: volumes.clone(),
+        metadata,
+        stats,
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    lease.check()?;
+    let snapshot_id = repo.write_snapshot(&manifest, cancel).await?;
+    Ok(BackupSummary {
+        snapshot_id,
+        group: job.group,
+        parent: manifest.parent,
+        stats,
+        duration_s: started.elapsed().as_secs_f64(),
+        io_backend: backend.as_str().into(),
+        packs_uploaded: packer.packs_uploaded,
+        bytes_uploaded: packer.bytes_uploaded,
+        volumes: volumes
+            .iter()
+            .zip(&changes)
+            .map(|(v, ch)| VolumeSummary { name: v.name.clone(), change_source: v.change_source.clone(), change_fallback: ch.fallback.clone(), stats: v.stats })
+            .collect(),
+    })
+}
+
+/// The changed ranges of segment `[start, end)` as in-segment `[a, b)` ranges, merged; for
+/// a descriptor read with `O_DIRECT`, widened to 4096-byte boundaries (the volume's end
+/// excepted).
+fn segment_ranges(ext: &[(u64, u64)], start: u64, end: u64, align: bool) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &(o, l) in ext {
+        let (a, b) = (o.max(start), o.saturating_add(l).min(end));
+        if a >= b {
+            continue;
+        }
+        let (mut a, mut b) = ((a - start) as usize, (b - start) as usize);
+        if align {
+            a = a / ALIGN * ALIGN;
+            b = (b.div_ceil(ALIGN) * ALIGN).min((end - start) as usize);
+        }
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// Which segments to read, and how: unchanged ones (per the change source) and
+/// unallocated ones are taken as they are, filling `refs` and the counters; a segment with
+/// a few small changes is spliced (only its changed bytes read, see [`super::splice`]); the
+/// rest is read whole. Returns the reads and the parent refs of the spliced segments.
+#[allow(clippy::too_many_arguments)]
+fn plan_reads(
+    v: &OpenVolume,
+    allocated: Option<&[(u64, u64)]>,
+    prefs: Option<&[SegmentRef]>,
+    seg_size: u64,
+    refs: &mut [Option<SegmentRef>],
+    st: &mut VolumeStats,
+    progress: &Progress,
+) -> Result<(Vec<ReadJob>, Vec<(u64, SegmentRef)>)> {
+    let size = v.opened.size;
+    let parent_size = v.parent.as_ref().map(|p| p.1.size).unwrap_or(0);
+    let sparse = v.opened.changes.sparse;
+    if sparse && parent_size != size {
+        return Err(Error::precondition(format!(
+            "volume '{}': {} holds only the changes since a checkpoint, but the disk is {size} bytes and its parent {parent_size}; a resized disk needs a full backup",
+            v.name, v.source
+        )));
+    }
+    let align = matches!(v.opened.reader, Reader::File(_));
+    let mut jobs = Vec::new();
+    let mut spliced = Vec::new();
+    for seg in 0..refs.len() as u64 {
+        let start = seg * seg_size;
+        let end = (start + seg_size).min(size);
+        let len = end - start;
+        if let (Some(ext), Some(pr)) = (&v.opened.changes.changed, prefs) {
+            // Only a segment wholly inside the parent's volume has a parent copy to keep.
+            let same_shape = end <= parent_size && (end < parent_size || parent_size == size);
+            if same_shape {
+                let ranges = segment_ranges(ext, start, end, align);
+                if ranges.is_empty() {
+                    // Untouched: the parent's copy as is.
+                    refs[seg as usize] = Some(pr[seg as usize]);
+                    st.bytes_skipped += len;
+                    progress.add_skipped(len);
+                    progress.add_done(len);
+                    continue;
+                }
+                let changed: u64 = ranges.iter().map(|(a, b)| (b - a) as u64).sum();
+                if sparse || changed * 4 <= len {
+                    spliced.push((seg, pr[seg as usize]));
+                    jobs.push(ReadJob { seg, offset: start, len: len as usize, ranges: Some(ranges) });
+                    continue;
+                }
+            }
+        }
+        if let Some(al) = allocated {
+            if !al.iter().any(|&(a, b)| a < end && b > start) {
+                refs[seg as usize] = Some(SegmentRef::Hole);
+                st.bytes_zero += len;
+                progress.add_done(len);
+                continue;
+            }
+        }
+        jobs.push(ReadJob { seg, offset: start, len: len as usize, ranges: None });
+    }
+    Ok((jobs, spliced))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn backup_volume(
+    sh: &Arc<Shared>,
+    tree: &Arc<dyn ChunkIndex>,
+    packer: &mut Packer,
+    enc: &mut BlobEncoder,
+    v: OpenVolume,
+    prefs: Option<Vec<SegmentRef>>,
+    tuning: &Tuning,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<(VolumeEntry, IoBackend)> {
+    let seg_size = sh.params.segment_size as u64;
+    let size = v.opened.size;
+    let nseg = size.div_ceil(seg_size);
+    let mut refs: Vec<Option<SegmentRef>> = vec![None; nseg as usize];
+    let mut st = VolumeStats { bytes_total: size, ..Default::default() };
+    let allocated = match (&v.opened.allocated, &v.opened.reader) {
+        (Some(a), _) => Some(a.clone()),
+        (None, Reader::File(f)) => crate::device::allocated_ranges(f, size),
+        (None, Reader::Blocks(_)) => None,
+    };
+    let change_source = match (&v.opened.changes.changed, &prefs) {
+        (Some(_), Some(_)) => v.opened.changes.source.clone().unwrap_or(ChangeSource::Extents),
+        (_, Some(_)) => ChangeSource::ParentDigest,
+        _ => ChangeSource::Full,
+    };
+    let (jobs, spliced) = plan_reads(&v, allocated.as_deref(), prefs.as_deref(), seg_size, &mut refs, &mut st, progress)?;
+    let parent_maps = ParentMaps::spawn(sh.repo.clone(), tree.clone(), spliced, 256, cancel.clone());
+
+    let workers = tuning.workers.max(1);
+    let qd = tuning.queue_depth.max(1);
+    let pool_size = qd + workers + 2;
+    let (pool_tx, pool_rx) = mpsc::channel::<AlignedBuf>(pool_size);
+    for _ in 0..pool_size.min(jobs.len().max(1)) {
+        pool_tx.try_send(AlignedBuf::new(seg_size as usize)).map_err(|_| Error::permanent("buffer pool full"))?;
+    }
+    let (read_tx, read_rx) = mpsc::channel::<Result<ReadDone>>(2);
+    let (out_tx, mut out_rx) = mpsc::channel::<Result<SegOut>>(workers + 1);
+    let (reader, backend) = match v.opened.reader {
+        Reader::File(f) => reader::spawn(f, v.source.clone(), jobs, tuning.io, qd, pool_rx, read_tx, cancel.clone())?,
+        Reader::Blocks(b) => reader::spawn_blocks(b, jobs, qd, pool_rx, read_tx, cancel.clone())?,
+    };
+    let threads = spawn_workers(workers, sh, enc.level(), Arc::new(prefs), parent_maps, read_rx, &pool_tx, &out_tx, cancel)?;
+    drop(out_tx);
+    drop(pool_tx);
+
+    let mut first_err: Option<Error> = None;
+    loop {
+        let item = tokio::select! {
+            i = out_rx.recv() => match i { Some(i) => i, None => break },
+            _ = cancel.cancelled() => { first_err = Some(Error::cancelled(format!("backup of volume '{}'", v.name))); break }
+        };
+        let step = async {
+            let o = item?;
+            tracing::trace!(seg = o.seg, blobs = o.blobs.len(), "segment assembled");
+            for b in &o.blobs {
+                packer.add(b).await?;
+            }
+            progress.add_read(o.stats.bytes_read);
+            progress.add_skipped(o.stats.bytes_skipped);
+            progress.add_reused(o.stats.bytes_reused_parent);
+            progress.add_new(o.stats.bytes_new);
+            progress.add_done(o.stats.bytes_read + o.stats.bytes_skipped);
+            st.add(&o.stats);
+            refs[o.seg as usize] = Some(o.r);
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(e) = step {
+            first_err = Some(e);
+            break;
+        }
+    }
+    if first_err.is_some() {
+        cancel.cancel();
+    }
+    drop(out_rx);
+    // Join the stage threads off the async workers.
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+        let _ = reader.join();
+    })
+    .await;
+    if let Some(e) = first_err {
+        return Err(e.context(format!("backing up volume '{}' from {}", v.name, v.source)));
+    }
+    if cancel.is_cancelled() {
+        return Err(Error::cancelled(format!("backup of volume '{}'", v.name)));
+    }
+
+    // Segment groups, in order.
+    let mut groups = Vec::new();
+    let all: Vec<SegmentRef> = refs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.ok_or_else(|| Error::new(ErrorKind::Permanent, format!("volume '{}': segment {i} was never processed", v.name))))
+        .collect::<Result<_>>()?;
+    for (gi, chunk) in all.chunks(GROUP_SEGMENTS).enumerate() {
+        let g = SegmentGroup { first_segment: (gi * GROUP_SEGMENTS) as u64, segments: chunk.to_vec() }.encode();
+        let id = sh.keys().chunk_id(&g);
+        if !sh.known(&id)? {
+            packer.add(&enc.encode(sh.keys(), id, BlobKind::Tree, &g)?).await?;
+        }
+        groups.push(id);
+    }
+    let entry = VolumeEntry {
+        name: v.name.clone(),
+        size,
+        segment_size: sh.params.segment_size,
+        groups,
+        source: v.source,
+        change_source,
+        change_base: v.checkpoint,
+        stats: st,
+    };
+    Ok((entry, backend))
+}
+
+/// Rejects a volume name that cannot be one (empty, or holding `/` or `:`, which name
+/// volumes in `SNAPSHOT:VOLUME` and restore file names).
+pub fn validate_volume_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('/') || name.contains(':') || name.len() > 253 {
+        return Err(Error::invalid(format!("volume name '{name}' is not valid (1 to 253 characters, without '/' or ':')")));
+    }
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! Restore: the reverse pipeline. Segments are restored concurrently; each fetches its
+//! chunks with as few ranged reads as possible (adjacent blobs of one pack in one read),
+//! decrypts and decompresses every chunk straight into its segment's (reused, aligned)
+//! buffer, verifies it against its id, and writes with one io_uring write (or `pwrite`)
+//! per run of data.
+//! Holes stay unwritten on a new or empty file; elsewhere they are zeroed (BLKZEROOUT on a
+//! device, hole punching on a file), unless the caller says the target is already zeroed.
+
+use crate::aligned::{AlignedBuf, Reuse, ALIGN};
+use crate::device::{self, Kind};
+use crate::error::{Error, Result, ResultExt};
+use crate::progress::Progress;
+use crate::snapshots::{load_blob, load_refs};
+use mover_format::local_index::ChunkIndex;
+use mover_format::manifest::VolumeEntry;
+use mover_format::names;
+use mover_format::tree::{MapEntry, SegmentMap, SegmentRef};
+use mover_format::{Repository, SnapshotId};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoleMode {
+    /// Leave holes unwritten on a new or empty file, zero them everywhere else.
+    #[default]
+    Auto,
+    /// Always zero holes.
+    Zero,
+    /// Never write holes: the caller guarantees the target reads as zeros.
+    Skip,
+}
+
+impl HoleMode {
+    /// Whether holes must be written as zeros on a target that is `fresh` (a new or empty
+    /// file reads as zeros where nothing is written).
+    pub fn zero_holes(self, fresh: bool) -> bool {
+        match self {
+            HoleMode::Auto => !fresh,
+            HoleMode::Zero => true,
+            HoleMode::Skip => false,
+        }
+    }
+}
+
+impl std::str::FromStr for HoleMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(HoleMode::Auto),
+            "zero" => Ok(HoleMode::Zero),
+            "skip" => Ok(HoleMode::Skip),
+            _ => Err(Error::invalid(format!("hole handling '{s}': use auto, zero or skip"))),
+        }
+    }
+}
+
+/// A restore target, opened and checked by the caller (exclusively, for a block device;
+/// large enough; not mounted): it is written through this descriptor and never reopened by
+/// path.
+pub struct Target {
+    pub file: File,
+    /// Names it in messages (its path).
+    pub label: String,
+    pub kind: Kind,
+    /// A new or empty regular file.
+    pub fresh: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub holes: HoleMode,
+    pub concurrency: usize,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        Self { holes: HoleMode::Auto, concurrency: 8 }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreSummary {
+    pub snapshot_id: SnapshotId,
+    pub volume: String,
+    pub target: String,
+    pub bytes_written: u64,
+    pub bytes_holes: u64,
+    pub duration_s: f64,
+    /// `io_uring`, or `pwrite` when io_uring was refused.
+    pub io_backend: String,
+}
+
+/// Refuses a block device smaller than the volume (a file target is sized to it).
+pub fn check_target_size(label: &str, file: &File, vol: &VolumeEntry, snap: &SnapshotId) -> Result<()> {
+    let (kind, size) = device::inspect(label, file)?;
+    if kind == Kind::BlockDevice && size < vol.size {
+        return Err(Error::precondition(format!(
+            "restore target {label} is {size} bytes, smaller than volume '{}' of snapshot {snap} ({} bytes); nothing was written",
+            vol.name, vol.size
+        )));
+    }
+    Ok(())
+}
+
+fn zero_range(f: &File, kind: Kind, offset: u64, len: u64) -> std::io::Result<()> {
+    let r = match kind {
+        Kind::BlockDevice => device::zero_out_device(f, offset, len),
+        Kind::File => device::punch_hole(f, offset, len),
+    };
+    if r.is_ok() {
+        return Ok(());
+    }
+    // Fall back to writing zeros.
+    let zeros = vec![0u8; (1usize << 20).min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+struct Ctx {
+    repo: Repository,
+    writer: Option<super::writer::UringWriter>,
+    /// The target opened with `O_DIRECT` (the writer uses it when there is one): aligned
+    /// writes skip the page cache, so nothing is copied there and the final fsync is short.
+    direct: Option<Arc<File>>,
+    index: Arc<dyn ChunkIndex>,
+    file: Arc<File>,
+    kind: Kind,
+    zero_holes: bool,
+    snap: SnapshotId,
+    vol: String,
+    progress: Arc<Progress>,
+    /// Segment buffers for reuse (fresh 4 MiB buffers cost page faults and zeroing on every
+    /// segment, a tenth of a restore's CPU before): at most one per segment in flight.
+    buffers: Reuse<AlignedBuf>,
+}
+
+/// Restores one segment; returns (bytes written, bytes of holes).
+async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: SegmentRef, cancel: CancellationToken) -> Result<(u64, u64)> {
+    let map = match r {
+        SegmentRef::Hole => {
+            if cx.zero_holes {
+                let f = cx.file.clone();
+                let kind = cx.kind;
+                tokio::task::spawn_blocking(move || zero_range(&f, kind, seg_offset, seg_len)).await??;
+            }
+            return Ok((0, seg_len));
+        }
+        SegmentRef::Map { map, .. } => map,
+    };
+    let what = format!("segment map at offset {seg_offset} of volume '{}' in snapshot {}", cx.vol, cx.snap);
+    let mb = load_blob(&cx.repo, &*cx.index, &map, &what, &cancel).await?;
+    let map = SegmentMap::decode(&mb).with_context(|| format!("{what}: blob {map}"))?;
+    if map.total_len() != seg_len {
+        return Err(Error::corrupt(format!("{what}: covers {} bytes, the segment has {seg_len}", map.total_len())));
+    }
+    // Locate every chunk, then fetch runs of adjacent blobs in one ranged read each.
+    struct Want {
+        off_in_seg: u64,
+        id: mover_format::ChunkId,
+        loc: mover_format::index::BlobLocation,
+        /// Only these bytes of the chunk (a slice): `(offset, len)`.
+        slice: Option<(u32, u32)>,
+    }
+    let mut wants = Vec::new();
+    let mut holes = Vec::new();
+    let mut pos = 0u64;
+    for e in &map.entries {
+        match *e {
+            MapEntry::Chunk { id, .. } | MapEntry::Slice { id, .. } => {
+                let loc = cx.index.lookup(&id)?.ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "restoring volume '{}' of snapshot {} at offset {}: chunk {id} is not in the index of repository {}",
+                        cx.vol,
+                        cx.snap,
+                        seg_offset + pos,
+                        cx.repo.location()
+                    ))
+                })?;
+                let (fits, slice) = match *e {
+                    MapEntry::Slice { offset, len, .. } => (offset as u64 + len as u64 <= loc.raw_len as u64, Some((offset, len))),
+                    _ => (loc.raw_len == e.len(), None),
+                };
+                if !fits {
+                    return Err(Error::corrupt(format!(
+                        "restoring volume '{}' of snapshot {} at offset {}: chunk {id} in pack {} has {} bytes, the segment map takes {} of them{}",
+                        cx.vol,
+                        cx.snap,
+                        seg_offset + pos,
+                        loc.pack,
+                        loc.raw_len,
+                        e.len(),
+                        slice.map(|(o, _)| format!(" at {o}")).unwrap_or_default()
+                    )));
+                }
+                wants.push(Want { off_in_seg: pos, id, loc, slice });
+            }
+            MapEntry::Hole { len } => holes.push((pos, len as u64)),
+        }
+        pos += e.len() as u64;
+    }
+    wants.sort_by_key(|w| (w.loc.pack, w.loc.offset));
+    // 4096-aligned, so O_DIRECT can write it as is; from the pool, so holes are zeroed here.
+    let len = seg_len as usize;
+    let mut buf = cx.buffers.take(|b| b.capacity() >= len, || AlignedBuf::new(len));
+    buf.set_len(len);
+    for &(off, len) in &holes {
+        buf.as_mut_full()[off as usize..(off + len) as usize].fill(0);
+    }
+    let mut i = 0;
+    while i < wants.len() {
+        let mut j = i + 1;
+        let mut end = wants[i].loc.offset as u64 + wants[i].loc.stored_len as u64;
+        while j < wants.len() && wants[j].loc.pack == wants[i].loc.pack && wants[j].loc.offset as u64 == end && (end - wants[i].loc.offset as u64) < (8 << 20) {
+            end += wants[j].loc.stored_len as u64;
+            j += 1;
+        }
+        let start = wants[i].loc.offset as u64;
+        let pack = wants[i].loc.pack;
+        let bytes = cx.repo.get_object_range(&names::pack(&pack), start, end - start, &cancel).await.map_err(|e| {
+            Error::from(e).context(format!(
+                "restoring volume '{}' of snapshot {} at offset {}: reading chunk {} from pack {pack}",
+                cx.vol,
+                cx.snap,
+                seg_offset + wants[i].off_in_seg,
+                wants[i].id
+            ))
+        })?;
+        // Decrypt, decompress straight into the segment buffer and verify, off the reactor.
+        type Run = Vec<(u64, mover_format::ChunkId, mover_format::index::BlobLocation, Option<(u32, u32)>)>;
+        let run: Run = wants[i..j].iter().map(|w| (w.off_in_seg, w.id, w.loc, w.slice)).collect();
+        let repo = cx.repo.clone();
+        let (vol, snap) = (cx.vol.clone(), cx.snap);
+        let mut seg = buf;
+        buf = tokio::task::spawn_blocking(move || -> Result<AlignedBuf> {
+            let dst = seg.as_mut_full();
+            let mut scratch = Vec::new();
+            for (off, id, loc, slice) in run {
+                let s = (loc.offset as u64 - start) as usize;
+                let sealed = &bytes[s..s + loc.stored_len as usize];
+                let at = || format!("restoring volume '{vol}' of snapshot {snap} at offset {}", seg_offset + off);
+                match slice {
+                    // A whole chunk: straight into the segment buffer.
+                    None => repo.decode_blob_into(&id, &loc, sealed, &mut dst[off as usize..off as usize + loc.raw_len as usize]).with_context(at)?,
+                    // A slice: the whole chunk is verified, then its bytes copied.
+                    Some((so, sl)) => {
+                        scratch.resize(loc.raw_len as usize, 0);
+                        repo.decode_blob_into(&id, &loc, sealed, &mut scratch).with_context(at)?;
+                        dst[off as usize..(off + sl as u64) as usize].copy_from_slice(&scratch[so as usize..(so + sl) as usize]);
+                    }
+                }
+            }
+            Ok(seg)
+        })
+        .await??;
+        i = j;
+    }
+    // Write: the whole segment at once when holes must be zeroed (the buffer holds their
+    // zeros), else only the data runs.
+    let hole_bytes: u64 = holes.iter().map(|h| h.1).sum();
+    let runs: Vec<(u64, u64)> = if cx.zero_holes || holes.is_empty() {
+        vec![(0, buf.len() as u64)]
+    } else {
+        let mut v = Vec::new();
+        let mut pos = 0u64;
+        for (hoff, hlen) in holes.iter().copied().chain(std::iter::once((buf.len() as u64, 0))) {
+            if hoff > pos {
+                v.push((pos, hoff));
+            }
+            pos = hoff + hlen;
+        }
+        v
+    };
+    let written: u64 = runs.iter().map(|(a, b)| b - a).sum();
+    let ctx = || format!("writing volume '{}' at offset {seg_offset}", cx.vol);
+    let aligned = |a: u64, b: u64| (seg_offset + a) % ALIGN as u64 == 0 && (b - a) % ALIGN as u64 == 0;
+    let direct_ok = cx.direct.is_some() && runs.iter().all(|&(a, b)| aligned(a, b));
+    match (&cx.writer, direct_ok || cx.direct.is_none()) {
+        // io_uring on the O_DIRECT descriptor (or on the plain one when there is none).
+        (Some(w), true) => {
+            for &(a, b) in &runs {
+                buf = w.write(seg_offset + a, buf, a as usize..b as usize).await.with_context(ctx)?;
+            }
+            cx.buffers.put(buf);
+        }
+        // pwrite: on the O_DIRECT descriptor when every run is aligned (the buffer is), else
+        // buffered (the volume's unaligned tail).
+        _ => {
+            let f = if direct_ok { cx.direct.clone().unwrap_or_else(|| cx.file.clone()) } else { cx.file.clone() };
+            let buf = tokio::task::spawn_blocking(move || -> std::io::Result<AlignedBuf> {
+                for (a, b) in runs {
+                    f.write_all_at(&buf.as_slice()[a as usize..b as usize], seg_offset + a)?;
+                }
+                Ok(buf)
+            })
+            .await?
+            .with_context(ctx)?;
+            cx.buffers.put(buf);
+        }
+    }
+    cx.progress.add_written(written);
+    Ok((written, hole_bytes))
+}
+
+/// Restores one volume of a snapshot onto `target` (a block device or a file).
+#[allow(clippy::too_many_arguments)]
+pub async fn restore_volume(
+    repo: &Repository,
+    index: Arc<dyn ChunkIndex>,
+    snap: &SnapshotId,
+    vol: &VolumeEntry,
+    target: Target,
+    opts: &RestoreOptions,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<RestoreSummary> {
+    let started = Instant::now();
+    let refs = load_refs(repo, &*index, snap, vol, cancel).await?;
+    let Target { file, label, kind, fresh } = target;
+    check_target_size(&label, &file, vol, snap)?;
+    if kind == Kind::File {
+        file.set_len(vol.size).with_context(|| format!("sizing restore target {label} to {} bytes", vol.size))?;
+    }
+    let zero_holes = opts.holes.zero_holes(fresh);
+    progress.add_total(vol.size);
+    // O_DIRECT when the target allows it (a second descriptor on the same open target,
+    // through /proc/self/fd: no path is resolved again); io_uring writes on it (or on a
+    // duplicate of the plain descriptor); pwrite when io_uring is refused.
+    let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok().map(Arc::new);
+    let writer = match &direct {
+        Some(d) => d.try_clone().ok(),
+        None => file.try_clone().ok(),
+    }
+    .and_then(super::writer::UringWriter::spawn);
+    let io_backend = match (writer.is_some(), direct.is_some()) {
+        (true, true) => "io_uring+direct",
+        (true, false) => "io_uring",
+        (false, true) => "pwrite+direct",
+        (false, false) => "pwrite",
+    };
+    let cx = Arc::new(Ctx {
+        writer,
+        direct,
+        repo: repo.clone(),
+        index,
+        file: Arc::new(file),
+        kind,
+        zero_holes,
+        snap: *snap,
+        vol: vol.name.clone(),
+        progress: progress.clone(),
+        buffers: Reuse::default(),
+    });
+    let job = cancel.child_token();
+    let seg_size = vol.segment_size as u64;
+    let mut set: JoinSet<Result<(u64, u64, u64)>> = JoinSet::new();
+    let (mut written, mut holes) = (0u64, 0u64);
+    let mut first_err = None;
+    let mut next = 0usize;
+    loop {
+        while next < refs.len() && set.len() < opts.concurrency.max(1) && first_err.is_none() {
+            let off = next as u64 * seg_size;
+            let len = seg_size.min(vol.size - off);
+            let (cx, r, c) = (cx.clone(), refs[next], job.clone());
+            set.spawn(async move { restore_segment(cx, off, len, r, c).await.map(|(w, h)| (w, h, len)) });
+            next += 1;
+        }
+        let Some(r) = set.join_next().await else {
+            break;
+        };
+        match r.map_err(Error::from).and_then(|x| x) {
+            Ok((w, h, len)) => {
+                written += w;
+                holes += h;
+                progress.add_done(len);
+            }
+            Err(e) => {
+                if first_err.is_none() {
+                    first_err = Some(e);
+                    job.cancel();
+                }
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    if cancel.is_cancelled() {
+        return Err(Error::cancelled(format!("restore of volume '{}'", vol.name)));
+    }
+    // Every write is complete before the fsync.
+    let mut cx = cx;
+    if let Some(w) = Arc::get_mut(&mut cx).and_then(|c| c.writer.take()) {
+        w.close().await;
+    }
+    let f = cx.file.clone();
+    tokio::task::spawn_blocking(move || f.sync_all()).await?.with_context(|| format!("flushing restore target {label}"))?;
+    Ok(RestoreSummary {
+        snapshot_id: *snap,
+        volume: vol.name.clone(),
+        target: label,
+        bytes_written: written,
+        bytes_holes: holes,
+        duration_s: started.elapsed().as_secs_f64(),
+        io_backend: io_backend.into(),
+    })
+}

@@ -1,0 +1,88 @@
+//! Snapshots as callers name them: by id, unique prefix, or `latest` of a group — the one
+//! definition of `latest` that backups (`--parent latest`), restores, exports and listings
+//! share — and reading a stored volume's segment refs.
+
+use crate::error::{Error, Result, ResultExt};
+use mover_format::local_index::ChunkIndex;
+use mover_format::manifest::{Manifest, VolumeEntry};
+use mover_format::tree::{SegmentGroup, SegmentRef};
+use mover_format::{ChunkId, Repository, SnapshotId};
+use std::collections::BTreeMap;
+use tokio_util::sync::CancellationToken;
+
+/// Every snapshot of `group`, oldest first.
+pub async fn in_group(repo: &Repository, group: &str, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, Manifest)>> {
+    Ok(repo.snapshots(cancel).await?.into_iter().filter(|(_, m)| m.group() == group).collect())
+}
+
+/// The newest snapshot of `group`, if it has any. `latest` never crosses groups.
+pub async fn latest(repo: &Repository, group: &str, cancel: &CancellationToken) -> Result<Option<(SnapshotId, Manifest)>> {
+    Ok(in_group(repo, group, cancel).await?.pop())
+}
+
+/// Snapshots by group, each group oldest first.
+pub fn by_group(snaps: Vec<(SnapshotId, Manifest)>) -> BTreeMap<String, Vec<(SnapshotId, Manifest)>> {
+    let mut out: BTreeMap<String, Vec<(SnapshotId, Manifest)>> = BTreeMap::new();
+    for (id, m) in snaps {
+        out.entry(m.group()).or_default().push((id, m));
+    }
+    out
+}
+
+/// A snapshot named by a caller: an id, a unique prefix of at least 4 hex digits, or
+/// `latest` — of `group` when one is given, else of the repository's only group.
+pub async fn resolve(repo: &Repository, spec: &str, group: Option<&str>, cancel: &CancellationToken) -> Result<(SnapshotId, Manifest)> {
+    if spec.is_empty() {
+        return Err(Error::invalid("snapshot: empty; give an id, a unique prefix or 'latest'"));
+    }
+    if spec != "latest" {
+        let id = repo.resolve_snapshot(spec, cancel).await?;
+        let m = repo.read_snapshot(&id, cancel).await?;
+        if let Some(g) = group {
+            if m.group() != g {
+                return Err(Error::invalid(format!("snapshot {id} belongs to group '{}', not '{g}'", m.group())));
+            }
+        }
+        return Ok((id, m));
+    }
+    match group {
+        Some(g) => latest(repo, g, cancel).await?.ok_or_else(|| Error::not_found(format!("group '{g}' has no snapshots in repository {}", repo.location()))),
+        None => {
+            let mut groups = by_group(repo.snapshots(cancel).await?);
+            match groups.len() {
+                0 => Err(Error::not_found(format!("repository {} has no snapshots", repo.location()))),
+                1 => groups.pop_first().and_then(|(_, mut s)| s.pop()).ok_or_else(|| Error::not_found("no snapshots")),
+                n => Err(Error::invalid(format!(
+                    "'latest' is ambiguous: repository {} holds {n} groups ({}); name one (--group)",
+                    repo.location(),
+                    groups.keys().take(5).cloned().collect::<Vec<_>>().join(", ")
+                ))),
+            }
+        }
+    }
+}
+
+/// Reads a tree blob through the local index.
+pub async fn load_blob(repo: &Repository, index: &dyn ChunkIndex, id: &ChunkId, what: &str, cancel: &CancellationToken) -> Result<Vec<u8>> {
+    let loc = index.lookup(id)?.ok_or_else(|| Error::corrupt(format!("{what}: blob {id} is not in the index of repository {}", repo.location())))?;
+    repo.read_blob(id, &loc, cancel).await.context(what)
+}
+
+/// The segment refs of a stored volume, in order.
+pub async fn load_refs(repo: &Repository, index: &dyn ChunkIndex, snap: &SnapshotId, vol: &VolumeEntry, cancel: &CancellationToken) -> Result<Vec<SegmentRef>> {
+    let mut refs = Vec::new();
+    for g in &vol.groups {
+        let what = format!("segment group of volume '{}' in snapshot {snap}", vol.name);
+        let b = load_blob(repo, index, g, &what, cancel).await?;
+        let group = SegmentGroup::decode(&b).with_context(|| format!("{what}: blob {g}"))?;
+        if group.first_segment != refs.len() as u64 {
+            return Err(Error::corrupt(format!("{what}: blob {g} starts at segment {}, expected {}", group.first_segment, refs.len())));
+        }
+        refs.extend(group.segments);
+    }
+    let nseg = vol.size.div_ceil(vol.segment_size as u64);
+    if refs.len() as u64 != nseg {
+        return Err(Error::corrupt(format!("volume '{}' in snapshot {snap}: {} segments recorded, size {} needs {nseg}", vol.name, refs.len(), vol.size)));
+    }
+    Ok(refs)
+}

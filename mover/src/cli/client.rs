@@ -1,0 +1,220 @@
+//! `mover client …`: talk to a daemon over gRPC.
+
+use super::bar;
+use mover::client::{connect, is_terminal, state_name, transfer_json, Conn};
+use mover_engine::timeutil::fmt_time;
+use mover_protocol::v1 as pb;
+use pb::transfer_service_client::TransferServiceClient;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use tonic::transport::Channel;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// unix:PATH, http://HOST:PORT or https://HOST:PORT.
+    #[arg(long, env = "MOVER_SERVER", default_value = "unix:/var/lib/mover/mover.sock")]
+    server: String,
+    /// CA certificate of the server (https).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client certificate and key (mTLS).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    StartBackup {
+        #[arg(long, default_value = "default")]
+        repository: String,
+        /// What is protected (e.g. vms/web-1).
+        #[arg(long, default_value = "")]
+        group: String,
+        /// NAME=PATH, repeatable.
+        #[arg(long = "volume", value_name = "NAME=PATH")]
+        volumes: Vec<String>,
+        /// NAME=PODUID/VOLUME, repeatable: a pod's volume under the kubelet root.
+        #[arg(long = "pod-volume", value_name = "NAME=PODUID/VOLUME")]
+        pod_volumes: Vec<String>,
+        #[arg(long, default_value = "")]
+        parent: String,
+        #[arg(long, default_value = "")]
+        request_id: String,
+        #[arg(long = "tag", value_name = "K=V")]
+        tags: Vec<String>,
+        /// Upload limit for this transfer, bytes per second.
+        #[arg(long, default_value_t = 0)]
+        bandwidth_limit: u64,
+        /// Follow progress until the transfer ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    StartRestore {
+        #[arg(long, default_value = "default")]
+        repository: String,
+        #[arg(long)]
+        snapshot: String,
+        /// The group `latest` is looked up in.
+        #[arg(long, default_value = "")]
+        group: String,
+        #[arg(long, default_value = "")]
+        volume: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value = "")]
+        request_id: String,
+        #[arg(long)]
+        watch: bool,
+    },
+    Get {
+        id: String,
+    },
+    Watch {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
+    List,
+    Snapshots {
+        #[arg(long, default_value = "default")]
+        repository: String,
+        #[arg(long, default_value = "")]
+        group: String,
+    },
+}
+
+fn print(t: &pb::Transfer, json: bool) {
+    if json {
+        println!("{}", transfer_json(t));
+    } else {
+        let p = t.progress.clone().unwrap_or_default();
+        println!(
+            "{} {} {} {}/{} bytes {}{}",
+            t.id,
+            state_name(t),
+            p.phase,
+            p.bytes_done,
+            p.bytes_total,
+            t.snapshot_id,
+            if t.error.is_empty() { String::new() } else { format!(" error: {}{}", t.error, if t.retryable { " (retryable)" } else { "" }) }
+        );
+    }
+}
+
+/// Follows a transfer to its end, with a progress bar on a terminal.
+async fn watch(server: &str, id: String, mut tc: TransferServiceClient<Channel>, json: bool) -> anyhow::Result<pb::Transfer> {
+    let status = |e: tonic::Status| anyhow::anyhow!("{server}: {}", e.message());
+    let mut stream = tc.watch_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner();
+    let mut last = None;
+    let pb = (!json && std::io::stderr().is_terminal()).then(|| bar(""));
+    while let Some(t) = stream.message().await.map_err(status)? {
+        if let (Some(b), Some(p)) = (&pb, &t.progress) {
+            b.set_length(p.bytes_total);
+            b.set_position(p.bytes_done);
+            b.set_message(p.phase.clone());
+        }
+        last = Some(t);
+    }
+    if let Some(b) = pb {
+        b.finish_and_clear();
+    }
+    last.ok_or_else(|| anyhow::anyhow!("the watch stream ended without a transfer"))
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let ch = connect(&Conn { server: a.server.clone(), ca: a.ca.clone(), cert: a.cert.clone(), key: a.key.clone() }).await?;
+    let mut tc = TransferServiceClient::new(ch.clone());
+    let server = a.server.clone();
+    let status = |e: tonic::Status| anyhow::anyhow!("{server}: {}", e.message());
+    // A started transfer, and whether to follow it to its end.
+    let started: Option<(pb::Transfer, bool)> = match a.cmd {
+        Cmd::StartBackup { repository, group, volumes, pod_volumes, parent, request_id, tags, bandwidth_limit, watch: w } => {
+            let mut vols = Vec::new();
+            for (n, p) in super::key_values(&volumes, "--volume")? {
+                vols.push(pb::BackupVolume { name: n, source: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::Path(p)) }), ..Default::default() });
+            }
+            for (n, p) in super::key_values(&pod_volumes, "--pod-volume")? {
+                let (uid, vol) = p.split_once('/').ok_or_else(|| anyhow::anyhow!("--pod-volume '{n}={p}' is not NAME=PODUID/VOLUME"))?;
+                let r = pb::volume_ref::Ref::PodVolume(pb::PodVolume { pod_uid: uid.into(), volume_name: vol.into() });
+                vols.push(pb::BackupVolume { name: n, source: Some(pb::VolumeRef { r#ref: Some(r) }), ..Default::default() });
+            }
+            let tags = super::key_values(&tags, "--tag")?.into_iter().collect();
+            let req = pb::StartBackupRequest { request_id, repository, volumes: vols, parent, metadata: vec![], tags, bandwidth_limit, group };
+            Some((tc.start_backup(req).await.map_err(status)?.into_inner(), w))
+        }
+        Cmd::StartRestore { repository, snapshot, group, volume, target, request_id, watch: w } => {
+            let req = pb::StartRestoreRequest {
+                request_id,
+                repository,
+                snapshot,
+                volume,
+                target: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::Path(target)) }),
+                holes: 0,
+                group,
+            };
+            Some((tc.start_restore(req).await.map_err(status)?.into_inner(), w))
+        }
+        Cmd::Get { id } => {
+            print(&tc.get_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner(), a.json);
+            None
+        }
+        Cmd::Watch { id } => Some((tc.get_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner(), true)),
+        Cmd::Cancel { id } => {
+            print(&tc.cancel_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner(), a.json);
+            None
+        }
+        Cmd::List => {
+            let l = tc.list_transfers(pb::ListTransfersRequest {}).await.map_err(status)?.into_inner();
+            if a.json {
+                println!("{}", serde_json::Value::Array(l.transfers.iter().map(transfer_json).collect()));
+            } else {
+                for t in &l.transfers {
+                    print(t, false);
+                }
+            }
+            None
+        }
+        Cmd::Snapshots { repository, group } => {
+            let mut rc = pb::repository_service_client::RepositoryServiceClient::new(ch);
+            let l = rc.list_snapshots(pb::ListSnapshotsRequest { repository, group }).await.map_err(status)?.into_inner();
+            if a.json {
+                let v: Vec<_> = l
+                    .snapshots
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({"id": s.id, "group": s.group, "time_unix_ms": s.time_unix_ms, "hostname": s.hostname, "parent": s.parent,
+                            "volumes": s.volumes.iter().map(|v| serde_json::json!({"name": v.name, "size": v.size})).collect::<Vec<_>>()})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for s in &l.snapshots {
+                    println!(
+                        "{} {} {} {}",
+                        s.id,
+                        fmt_time(s.time_unix_ms as u64),
+                        s.group,
+                        s.volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>().join(",")
+                    );
+                }
+            }
+            None
+        }
+    };
+    if let Some((t, w)) = started {
+        let t = if w && !is_terminal(&t) { watch(&a.server, t.id.clone(), tc.clone(), a.json).await? } else { t };
+        print(&t, a.json);
+        match t.state() {
+            pb::TransferState::Succeeded | pb::TransferState::Queued | pb::TransferState::Running => {}
+            _ => anyhow::bail!("transfer {} {}: {}", t.id, state_name(&t), t.error),
+        }
+    }
+    Ok(())
+}

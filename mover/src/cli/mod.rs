@@ -1,0 +1,171 @@
+//! The command line: one file per command. Each builds a request (or calls a maintenance
+//! function of the engine) and renders the result, as text or with `--json`.
+
+mod backup;
+mod check;
+mod client;
+mod forget;
+mod gc;
+mod index;
+mod init;
+mod key;
+mod locks;
+mod restore;
+mod serve;
+mod snapshots;
+mod stats;
+
+use clap::{Args, Parser, Subcommand};
+use mover::repo::RepoArgs;
+use mover_engine::progress::Progress;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The version line: version, commit and enabled features.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("MOVER_COMMIT"), "; features: io_uring, s3, nbd, csi, rocksdb)");
+
+#[derive(Parser, Debug)]
+#[command(name = "mover", version = VERSION, about = "Block-level volume backup and restore into a deduplicated, encrypted repository")]
+pub struct Cli {
+    #[command(flatten)]
+    repo: RepoOpts,
+    /// Log filter (e.g. info, debug); also MOVER_LOG.
+    #[arg(long, global = true, env = "MOVER_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+impl Cli {
+    /// The log filter: as given; by default `warn`, and `info` for the daemon (its startup
+    /// line says where it listens).
+    pub fn log_filter(&self) -> String {
+        match (&self.log, &self.cmd) {
+            (Some(l), _) => l.clone(),
+            (None, Cmd::Serve(_)) => "info".into(),
+            (None, _) => "warn".into(),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+struct RepoOpts {
+    /// Repository: a directory, or s3://bucket/prefix.
+    #[arg(long, short = 'r', global = true, env = "MOVER_REPOSITORY")]
+    repo: Option<String>,
+    /// File holding the password (else MOVER_PASSWORD).
+    #[arg(long, global = true, env = "MOVER_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// S3 endpoint URL (else AWS_ENDPOINT_URL).
+    #[arg(long, global = true)]
+    s3_endpoint: Option<String>,
+    /// S3 region (else AWS_REGION, else us-east-1).
+    #[arg(long, global = true)]
+    s3_region: Option<String>,
+    /// Directory of the local index cache (else MOVER_CACHE_DIR, else ~/.cache/mover).
+    #[arg(long, global = true)]
+    cache_dir: Option<PathBuf>,
+}
+
+impl From<RepoOpts> for RepoArgs {
+    fn from(o: RepoOpts) -> Self {
+        RepoArgs { repo: o.repo, password_file: o.password_file, s3_endpoint: o.s3_endpoint, s3_region: o.s3_region, cache_dir: o.cache_dir }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a repository.
+    Init(init::Args),
+    /// Back up block devices or disk-image files into one snapshot.
+    Backup(backup::Args),
+    /// Restore a snapshot's volume(s) onto a block device or file.
+    Restore(restore::Args),
+    /// List snapshots.
+    Snapshots(snapshots::ListArgs),
+    /// Show one snapshot.
+    Show(snapshots::ShowArgs),
+    /// The local index cache.
+    #[command(subcommand)]
+    Index(index::Cmd),
+    /// Key files (passwords) of the repository.
+    #[command(subcommand)]
+    Key(key::Cmd),
+    /// Check the repository: structure, and with --read-data every blob.
+    Check(check::Args),
+    /// Remove snapshots by retention policy (per group); data is freed by gc.
+    Forget(forget::Args),
+    /// Free the space of forgotten snapshots: delete unreferenced packs, repack mostly
+    /// unused ones, rewrite the index. Safe while backups run (docs/gc.md).
+    Gc(gc::Args),
+    /// List the locks held on the repository (backups, gc, forget).
+    Locks(locks::ListArgs),
+    /// Remove locks left by crashed processes (expired, or of a process gone from this host).
+    Unlock(locks::UnlockArgs),
+    /// Sizes, dedup and compression ratios, per-snapshot unique size.
+    Stats(stats::Args),
+    /// Run the per-node daemon (gRPC API, /metrics, /healthz, /readyz).
+    Serve(serve::Args),
+    /// Talk to a daemon.
+    Client(client::Args),
+}
+
+pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
+    let ra: RepoArgs = cli.repo.into();
+    match cli.cmd {
+        Cmd::Init(a) => init::run(&ra, a, &cancel).await,
+        Cmd::Backup(a) => backup::run(&ra, a, &cancel).await,
+        Cmd::Restore(a) => restore::run(&ra, a, &cancel).await,
+        Cmd::Snapshots(a) => snapshots::list(&ra, a, &cancel).await,
+        Cmd::Show(a) => snapshots::show(&ra, a, &cancel).await,
+        Cmd::Index(c) => index::run(&ra, c, &cancel).await,
+        Cmd::Key(c) => key::run(&ra, c, &cancel).await,
+        Cmd::Check(a) => check::run(&ra, a, &cancel).await,
+        Cmd::Forget(a) => forget::run(&ra, a, &cancel).await,
+        Cmd::Gc(a) => gc::run(&ra, a, &cancel).await,
+        Cmd::Locks(a) => locks::list(&ra, a, &cancel).await,
+        Cmd::Unlock(a) => locks::unlock(&ra, a, &cancel).await,
+        Cmd::Stats(a) => stats::run(&ra, a, &cancel).await,
+        Cmd::Serve(a) => serve::run(a, &cancel).await,
+        Cmd::Client(a) => client::run(a).await,
+    }
+}
+
+/// A progress bar on stderr while `progress` advances, when stderr is a terminal.
+pub fn progress_bar(progress: Arc<Progress>, enabled: bool, label: &'static str) -> Option<tokio::task::JoinHandle<()>> {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = bar(label);
+    Some(tokio::spawn(async move {
+        loop {
+            pb.set_length(progress.total());
+            pb.set_position(progress.done());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }))
+}
+
+/// The progress bar style every command uses.
+pub fn bar(label: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(label.to_string());
+    pb
+}
+
+/// `K=V` values of a repeatable flag.
+pub fn key_values(items: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> {
+    items.iter().map(|t| mover::plan::split_kv(t, what).map(|(k, v)| (k.to_string(), v.to_string())).map_err(Into::into)).collect()
+}
+
+pub fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}

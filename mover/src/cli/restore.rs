@@ -1,0 +1,81 @@
+//! `mover restore`: one volume onto a device or file, or every volume into a directory.
+
+use super::progress_bar;
+use mover::nbd::NbdOptions;
+use mover::plan::restore::{RestoreRequest, TargetRef};
+use mover::plan::{Env, NbdPolicy};
+use mover::repo::RepoArgs;
+use mover::sources::file::PathPolicy;
+use mover_engine::pipeline::restore::{restore_volume, RestoreOptions};
+use mover_engine::progress::Progress;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// SNAPSHOT or SNAPSHOT:VOLUME (id, unique prefix, or `latest`).
+    snapshot: String,
+    /// Target device or file; a directory when restoring several volumes.
+    target: PathBuf,
+    /// The group `latest` is looked up in (needed when the repository holds several).
+    #[arg(long)]
+    group: Option<String>,
+    /// How to treat holes (zero runs) on the target: auto, zero, skip.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "zero", "skip"])]
+    holes: String,
+    /// Segments restored concurrently.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
+    let (snapshot, volume) = match a.snapshot.split_once(':') {
+        Some((s, v)) => (s.to_string(), Some(v.to_string())),
+        None => (a.snapshot.clone(), None),
+    };
+    let req =
+        RestoreRequest { snapshot, group: a.group.clone(), volume, target: TargetRef::Path(a.target.clone()), into_directory: true, holes: a.holes.parse()? };
+    let env = Env { paths: PathPolicy::Operator, nbd: NbdPolicy::Any, nbd_options: NbdOptions::default(), csi: None, kubevirt_hosts: None };
+    let repo = ra.open(cancel).await?;
+    let plan = mover::plan::restore::prepare(req, &env, &repo, cancel).await?;
+    let index = mover_engine::index::with_pending(&repo, mover_engine::index::open_local(&repo, &ra.cache_root()), cancel).await?;
+    let progress = Arc::new(Progress::default());
+    let bar = progress_bar(progress.clone(), !a.json, "restore");
+    let mut out = Vec::new();
+    let opts = RestoreOptions { holes: plan.holes, concurrency: a.concurrency };
+    for (v, t) in plan.volumes {
+        match restore_volume(&repo, index.clone(), &plan.snapshot, &v, t, &opts, progress.clone(), cancel).await {
+            Ok(s) => out.push(s),
+            Err(e) => {
+                if let Some(h) = &bar {
+                    h.abort();
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    if let Some(h) = bar {
+        h.abort();
+    }
+    if a.json {
+        let bytes_written: u64 = out.iter().map(|s| s.bytes_written).sum();
+        let bytes_holes: u64 = out.iter().map(|s| s.bytes_holes).sum();
+        let duration_s: f64 = out.iter().map(|s| s.duration_s).sum();
+        let io_backend = out.first().map(|s| s.io_backend.clone()).unwrap_or_default();
+        println!(
+            "{}",
+            serde_json::json!({"snapshot_id": plan.snapshot, "bytes_written": bytes_written, "bytes_holes": bytes_holes, "duration_s": duration_s, "io_backend": io_backend, "volumes": out})
+        );
+    } else {
+        for s in &out {
+            println!(
+                "restored volume '{}' of snapshot {} to {}: {} bytes written, {} bytes of holes, {:.2} s",
+                s.volume, s.snapshot_id, s.target, s.bytes_written, s.bytes_holes, s.duration_s
+            );
+        }
+    }
+    Ok(())
+}

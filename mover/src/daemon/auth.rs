@@ -1,0 +1,119 @@
+//! Who may call what (`docs/security.md`). A caller is identified by its transport:
+//!
+//! - over the unix socket, by its uid (the kernel's `SO_PEERCRED`): the daemon's own uid,
+//!   root, `socket_allowed_uids` and members of `socket_group` (as primary group) may
+//!   connect at all; the socket file is 0600 (or 0660 with that group) besides;
+//! - over mTLS, by its certificate: every URI and DNS subject alternative name, and the
+//!   subject's common name;
+//! - over plaintext TCP (loopback only, unless `insecure_plaintext`), as `anonymous`.
+//!
+//! With an `[authorization]` section, each RPC group (backup, restore, read) admits only
+//! the identities it lists (`uid:1000`, `spiffe://cluster/ns/backup/sa/scheduler`,
+//! `scheduler.backup.svc`, `anonymous`). Without one, every caller the transport admits may
+//! call everything. Cancelling a transfer needs the group of its kind, or being the caller
+//! that started it.
+
+use super::Daemon;
+use tonic::{Request, Status};
+
+/// The RPCs a permission covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// StartBackup (and cancelling backups).
+    Backup,
+    /// StartRestore (and cancelling restores).
+    Restore,
+    /// Get, Watch, List transfers; list and get snapshots.
+    Read,
+}
+
+impl Group {
+    fn as_str(self) -> &'static str {
+        match self {
+            Group::Backup => "backup",
+            Group::Restore => "restore",
+            Group::Read => "read",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Every identity the caller proved; the first names it in records and logs.
+    pub identities: Vec<String>,
+}
+
+impl Caller {
+    pub fn name(&self) -> String {
+        self.identities.first().cloned().unwrap_or_else(|| "anonymous".into())
+    }
+}
+
+/// The identities in a DER certificate: URI and DNS subject alternative names, then the
+/// subject's common name.
+fn cert_identities(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let Ok((_, cert)) = X509Certificate::from_der(der) else { return Vec::new() };
+    let mut out = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::URI(u) => out.push(u.to_string()),
+                GeneralName::DNSName(d) => out.push(d.to_string()),
+                _ => {}
+            }
+        }
+    }
+    for cn in cert.subject().iter_common_name() {
+        if let Ok(s) = cn.as_str() {
+            out.push(s.to_string());
+        }
+    }
+    out
+}
+
+/// Identifies the caller of `req` and checks it may call RPCs of `group`.
+pub fn authorize<T>(d: &Daemon, req: &Request<T>, group: Group) -> Result<Caller, Status> {
+    let caller = identify(d, req)?;
+    if allowed(d, &caller, group) {
+        Ok(caller)
+    } else {
+        Err(Status::permission_denied(format!("caller {} may not call {} RPCs on this node", caller.identities.join(" / "), group.as_str())))
+    }
+}
+
+/// Whether `caller` may call RPCs of `group` (always, without an `[authorization]` section).
+pub fn allowed(d: &Daemon, caller: &Caller, group: Group) -> bool {
+    let Some(a) = &d.cfg.authorization else { return true };
+    let list = match group {
+        Group::Backup => &a.backup,
+        Group::Restore => &a.restore,
+        Group::Read => &a.read,
+    };
+    caller.identities.iter().any(|i| list.contains(i))
+}
+
+fn identify<T>(d: &Daemon, req: &Request<T>) -> Result<Caller, Status> {
+    if let Some(info) = req.extensions().get::<tonic::transport::server::UdsConnectInfo>() {
+        let Some(cred) = info.peer_cred else {
+            return Err(Status::permission_denied("the peer's credentials on the unix socket are unknown"));
+        };
+        let (uid, gid) = (cred.uid(), cred.gid());
+        let me = nix::unistd::geteuid().as_raw();
+        let ok = uid == me || uid == 0 || d.cfg.socket_allowed_uids.contains(&uid) || d.cfg.socket_group == Some(gid);
+        if !ok {
+            tracing::warn!("refused a call on the unix socket from uid {uid} gid {gid}");
+            return Err(Status::permission_denied(format!("uid {uid} may not use this daemon's socket (socket_allowed_uids, socket_group)")));
+        }
+        return Ok(Caller { identities: vec![format!("uid:{uid}")] });
+    }
+    if let Some(certs) = req.peer_certs() {
+        let ids = certs.first().map(|c| cert_identities(c.as_ref())).unwrap_or_default();
+        if ids.is_empty() {
+            return Err(Status::permission_denied("the client certificate names no identity (no SAN, no CN)"));
+        }
+        return Ok(Caller { identities: ids });
+    }
+    Ok(Caller { identities: vec!["anonymous".into()] })
+}

@@ -1,0 +1,47 @@
+//! One plan per request. A backup or restore request — from the CLI or from gRPC — is
+//! turned here, once, into a validated plan: names checked, sources and targets resolved
+//! and opened (the plan carries the descriptors the checks were made on), sizes known,
+//! parent and snapshot resolved. The CLI and the daemon's gRPC adapter only build requests
+//! and render results; every rule lives in this module (or in the engine it calls).
+
+pub mod backup;
+pub mod restore;
+
+use crate::nbd::NbdOptions;
+use crate::sources::csi::CsiService;
+use crate::sources::file::PathPolicy;
+
+/// What a plan may use on this node: how paths resolve, which NBD endpoints a request may
+/// name, and the CSI SnapshotMetadata service. The CLI trusts its operator; the daemon
+/// confines requests (`docs/security.md`).
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub paths: PathPolicy,
+    pub nbd: NbdPolicy,
+    pub nbd_options: NbdOptions,
+    /// `None`: CSI changed-block tracking is not configured here.
+    pub csi: Option<CsiService>,
+    /// `host:port` of the KubeVirt export servers a request may name; `None`: any (the CLI).
+    pub kubevirt_hosts: Option<Vec<String>>,
+}
+
+/// Which NBD endpoints a request may name.
+#[derive(Debug, Clone)]
+pub enum NbdPolicy {
+    /// Any (the CLI).
+    Any,
+    /// Unix sockets resolved beneath the allowed roots like any other path (no symlinks),
+    /// and TCP endpoints listed exactly (`host:port`).
+    Confined { tcp: Vec<String> },
+}
+
+/// The largest metadata blob a snapshot may carry (the VM's objects as YAML fit easily).
+pub const MAX_METADATA_BYTES: usize = 64 << 20;
+
+/// `K=V` → `(K, V)`, both non-empty; `what` names the flag or field.
+pub fn split_kv<'a>(s: &'a str, what: &str) -> mover_engine::Result<(&'a str, &'a str)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k, v)),
+        _ => Err(mover_engine::Error::invalid(format!("{what} '{s}' is not of the form NAME=VALUE"))),
+    }
+}

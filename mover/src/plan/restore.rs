@@ -1,0 +1,93 @@
+//! A restore request → a validated [`RestorePlan`]: the snapshot resolved (`latest` within
+//! a group), the volumes chosen, every target opened — a block device exclusively (never
+//! a mounted or held one), a file no other process has open — and checked to be large
+//! enough. Nothing is written until every target passed.
+
+use super::Env;
+use mover_engine::pipeline::restore::{check_target_size, HoleMode, Target};
+use mover_engine::{snapshots, Error, Result};
+use mover_format::manifest::{Manifest, VolumeEntry};
+use mover_format::{Repository, SnapshotId};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// Where a volume is restored to, as a request names it.
+#[derive(Debug, Clone)]
+pub enum TargetRef {
+    Path(PathBuf),
+    PodVolume { uid: String, volume: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    /// An id, a unique prefix, or `latest`.
+    pub snapshot: String,
+    /// The group `latest` is looked up in (needed when the repository holds several).
+    pub group: Option<String>,
+    /// One volume; `None`: the only one, or — when `into_directory` — all of them.
+    pub volume: Option<String>,
+    pub target: TargetRef,
+    /// With several volumes and no volume named, `target` is a directory that receives
+    /// `<volume>.img` for each (the CLI).
+    pub into_directory: bool,
+    pub holes: HoleMode,
+}
+
+/// A validated restore: the snapshot and, per volume, its opened target.
+pub struct RestorePlan {
+    pub snapshot: SnapshotId,
+    pub manifest: Manifest,
+    pub volumes: Vec<(VolumeEntry, Target)>,
+    pub holes: HoleMode,
+}
+
+pub async fn prepare(req: RestoreRequest, env: &Env, repo: &Repository, cancel: &CancellationToken) -> Result<RestorePlan> {
+    let (id, m) = snapshots::resolve(repo, &req.snapshot, req.group.as_deref(), cancel).await?;
+    let vols: Vec<VolumeEntry> = match &req.volume {
+        Some(v) if !v.is_empty() => vec![m.volume(v).cloned().ok_or_else(|| {
+            Error::not_found(format!(
+                "snapshot {id} has no volume named '{v}' (it has: {})",
+                m.volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?],
+        _ if m.volumes.len() == 1 || req.into_directory => m.volumes.clone(),
+        _ => return Err(Error::invalid(format!("snapshot {id} has {} volumes: name one", m.volumes.len()))),
+    };
+    let what = "restore target";
+    let mut out = Vec::new();
+    if vols.len() == 1 {
+        let t = open_target(env, &req.target, what)?;
+        check_target_size(&t.label, &t.file, &vols[0], &id)?;
+        out.push((vols[0].clone(), t));
+    } else {
+        let TargetRef::Path(dir) = &req.target else {
+            return Err(Error::invalid(format!("snapshot {id} has {} volumes: name one", vols.len())));
+        };
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!(
+                "snapshot {id} has {} volumes: the target {} must be a directory (or name one volume as SNAPSHOT:VOLUME)",
+                vols.len(),
+                dir.display()
+            )));
+        }
+        for v in vols {
+            let t = open_target(env, &TargetRef::Path(dir.join(format!("{}.img", v.name))), what)?;
+            check_target_size(&t.label, &t.file, &v, &id)?;
+            out.push((v, t));
+        }
+    }
+    Ok(RestorePlan { snapshot: id, manifest: m, volumes: out, holes: req.holes })
+}
+
+fn open_target(env: &Env, t: &TargetRef, what: &str) -> Result<Target> {
+    let o = match t {
+        TargetRef::Path(p) => env.paths.open_target(p, what)?,
+        TargetRef::PodVolume { uid, volume } => {
+            let crate::sources::file::PathPolicy::Confined(c) = &env.paths else {
+                return Err(Error::invalid(format!("{what}: pod volumes are resolved by the daemon only")));
+            };
+            crate::sources::file::PathPolicy::open_resolved_target(c.pod_volume(uid, volume, what)?, what)?
+        }
+    };
+    Ok(Target { file: o.file, label: o.label, kind: o.kind, fresh: o.fresh })
+}

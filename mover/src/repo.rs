@@ -1,0 +1,62 @@
+//! Opening a repository from what an operator gives: `--repo PATH|s3://bucket/prefix`,
+//! the password from `MOVER_PASSWORD` or a file, and the cache directory of the local index.
+
+use crate::secrets::{env_password, read_password_file, Password};
+use mover_engine::{Error, Result};
+use mover_format::storage::Storage;
+use mover_format::Repository;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Default)]
+pub struct RepoArgs {
+    pub repo: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl RepoArgs {
+    pub fn url(&self) -> Result<String> {
+        match &self.repo {
+            Some(r) if !r.is_empty() => Ok(r.clone()),
+            _ => Err(Error::invalid("no repository given: use --repo PATH|s3://bucket/prefix or set MOVER_REPOSITORY")),
+        }
+    }
+
+    pub fn password(&self) -> Result<Password> {
+        if let Some(p) = &self.password_file {
+            return read_password_file(p, "password file");
+        }
+        env_password("MOVER_PASSWORD").ok_or_else(|| Error::invalid("no password given: set MOVER_PASSWORD or use --password-file FILE"))
+    }
+
+    pub async fn storage(&self) -> Result<Arc<dyn Storage>> {
+        let s3 = mover_backends::S3Endpoint { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone() };
+        mover_backends::open(&self.url()?, &s3).await.map_err(|e| Error::invalid(e.to_string()))
+    }
+
+    pub async fn open(&self, cancel: &CancellationToken) -> Result<Repository> {
+        let storage = self.storage().await?;
+        let pw = self.password()?;
+        Ok(Repository::open(storage, &pw, cancel).await?)
+    }
+
+    pub fn cache_root(&self) -> PathBuf {
+        if let Some(d) = &self.cache_dir {
+            return d.clone();
+        }
+        if let Ok(d) = std::env::var("MOVER_CACHE_DIR") {
+            return PathBuf::from(d);
+        }
+        if let Ok(d) = std::env::var("XDG_CACHE_HOME") {
+            return Path::new(&d).join("mover");
+        }
+        match std::env::var("HOME") {
+            Ok(h) => Path::new(&h).join(".cache").join("mover"),
+            Err(_) => PathBuf::from("/var/cache/mover"),
+        }
+    }
+}

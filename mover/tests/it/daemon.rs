@@ -1,0 +1,620 @@
+//! The daemon over real gRPC: loopback TCP, a unix socket, and mTLS with certificates made
+//! by the real `openssl` tool.
+
+use super::{hash, make_volume, noise, Loop};
+use mover_protocol::v1 as pb;
+use pb::transfer_service_client::TransferServiceClient;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::Code;
+
+pub(crate) struct Daemon {
+    child: Option<Child>,
+    pub cfg: PathBuf,
+    pub log: PathBuf,
+    pub grpc: String,
+    pub http: u16,
+}
+
+/// Ports handed out once per test process (parallel tests never share one), from a range
+/// that depends on the process id, each checked to be bindable.
+pub(crate) fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 40;
+    loop {
+        let p = base + NEXT.fetch_add(1, Ordering::SeqCst) % 4000;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+pub(crate) fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+impl Daemon {
+    /// Writes a config under `dir` (volumes allowed under `dir/vols`) and starts the daemon.
+    pub(crate) fn start(dir: &Path, extra: &str, unix: bool) -> Daemon {
+        std::fs::create_dir_all(dir.join("vols")).unwrap();
+        std::fs::create_dir_all(dir.join("kubelet")).unwrap();
+        let http = free_port();
+        let (listen, grpc) = if unix {
+            let p = dir.join("mover.sock");
+            (format!("unix:{}", p.display()), format!("unix:{}", p.display()))
+        } else {
+            let port = free_port();
+            (format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"))
+        };
+        let cfg = dir.join("mover.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"{listen}\"\nhttp_listen = \"127.0.0.1:{http}\"\nstate_dir = \"{s}\"\nallowed_roots = [\"{v}\", \"{k}\", \"/dev\"]\nkubelet_root = \"{k}\"\nshutdown_grace_seconds = 0\n{extra}\n\
+                 [repositories.main]\nurl = \"{r}\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\ninit_if_missing = true\n",
+                s = dir.join("state").display(),
+                v = dir.join("vols").display(),
+                k = dir.join("kubelet").display(),
+                r = dir.join("repo").display(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join("daemon.log");
+        let mut d = Daemon { child: None, cfg, log, grpc, http };
+        d.spawn();
+        d
+    }
+
+    pub(crate) fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_mover"))
+            .args(["serve", "--config"])
+            .arg(&self.cfg)
+            .env("MOVER_TEST_DAEMON_PW", "daemon-test-pw")
+            .env("MOVER_LOG", std::env::var("MOVER_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()))
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t = Instant::now();
+        loop {
+            if let Some((200, _)) = http_get(self.http, "/readyz") {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("daemon exited ({st}): {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "daemon not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub(crate) fn signal(&mut self, sig: &str) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args([sig, &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
+    }
+
+    pub(crate) fn metric(&self, name_and_labels: &str) -> u64 {
+        let (_, body) = http_get(self.http, "/metrics").unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name_and_labels).and_then(|r| r.trim().parse::<f64>().ok()))
+            .unwrap_or_else(|| panic!("metric {name_and_labels} missing")) as u64
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.signal("-KILL");
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ---\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+pub(crate) fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+}
+
+pub(crate) async fn client(d: &Daemon) -> TransferServiceClient<Channel> {
+    let ch = mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap();
+    TransferServiceClient::new(ch)
+}
+
+pub(crate) fn path_ref(p: &Path) -> Option<pb::VolumeRef> {
+    Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::Path(p.display().to_string())) })
+}
+
+pub(crate) fn backup_req(name: &str, p: &Path) -> pb::StartBackupRequest {
+    pb::StartBackupRequest {
+        repository: "main".into(),
+        volumes: vec![pb::BackupVolume { name: name.into(), source: path_ref(p), ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+pub(crate) async fn watch_end(c: &mut TransferServiceClient<Channel>, id: &str) -> pb::Transfer {
+    let mut s = c.watch_transfer(pb::GetTransferRequest { id: id.into() }).await.unwrap().into_inner();
+    let mut last = None;
+    let mut seen = 0;
+    while let Some(t) = s.message().await.unwrap() {
+        seen += 1;
+        last = Some(t);
+    }
+    assert!(seen >= 1);
+    last.unwrap()
+}
+
+pub(crate) async fn wait_state(c: &mut TransferServiceClient<Channel>, id: &str, want: pb::TransferState, within: Duration) -> pb::Transfer {
+    let t0 = Instant::now();
+    loop {
+        let t = c.get_transfer(pb::GetTransferRequest { id: id.into() }).await.unwrap().into_inner();
+        if t.state() == want {
+            return t;
+        }
+        assert!(t0.elapsed() < within, "transfer {id} is {:?}, expected {want:?} within {within:?}: {} {:?}", t.state(), t.error, t.progress);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn backup_watch_restore_and_metrics_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let src = dir.path().join("vols/disk.img");
+    make_volume(&src, 40 << 20, 21);
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let t = c.start_backup(backup_req("disk", &src)).await.unwrap().into_inner();
+        let end = watch_end(&mut c, &t.id).await;
+        assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
+        let st = end.stats.clone().unwrap();
+        assert_eq!(end.progress.as_ref().unwrap().bytes_done, 40 << 20);
+        // /metrics agrees with the transfer's own figures.
+        assert_eq!(d.metric("mover_backup_bytes_total{what=\"new\"}"), st.bytes_new);
+        assert_eq!(d.metric("mover_backup_bytes_total{what=\"read\"}"), st.bytes_read);
+        assert_eq!(d.metric("mover_backup_bytes_total{what=\"zero\"}"), st.bytes_zero);
+        assert_eq!(d.metric("mover_upload_bytes_total"), st.bytes_uploaded);
+        assert_eq!(d.metric("mover_transfers_total{kind=\"backup\",result=\"ok\"}"), 1);
+        assert!(d.metric("mover_store_request_seconds_count{op=\"put\",result=\"ok\"}") >= 2);
+
+        let out = dir.path().join("vols/restored.img");
+        let r = c
+            .start_restore(pb::StartRestoreRequest {
+                repository: "main".into(),
+                snapshot: end.snapshot_id.clone(),
+                target: path_ref(&out),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let r = watch_end(&mut c, &r.id).await;
+        assert_eq!(r.state(), pb::TransferState::Succeeded, "{}", r.error);
+        assert_eq!(hash(&src), hash(&out));
+        assert_eq!(d.metric("mover_restore_bytes_total{what=\"written\"}"), r.stats.unwrap().bytes_written);
+
+        // An incremental with extents: progress tells what was skipped, reused and new.
+        super::modify(&src, 2, 5);
+        let mut inc = backup_req("disk", &src);
+        inc.parent = "latest".into();
+        let t = c.start_backup(inc).await.unwrap().into_inner();
+        let end2 = watch_end(&mut c, &t.id).await;
+        let p = end2.progress.clone().unwrap();
+        let s2 = end2.stats.clone().unwrap();
+        assert!(p.bytes_reused_parent > 0 && p.bytes_reused_parent == s2.bytes_reused_parent, "{p:?}");
+        assert_eq!(p.bytes_new, s2.bytes_new);
+        assert_eq!(p.bytes_done, 40 << 20);
+
+        let mut rc = pb::repository_service_client::RepositoryServiceClient::new(
+            mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap(),
+        );
+        let snaps = rc.list_snapshots(pb::ListSnapshotsRequest { repository: "main".into(), ..Default::default() }).await.unwrap().into_inner();
+        assert_eq!(snaps.snapshots.len(), 2);
+        assert_eq!(snaps.snapshots[0].id, end.snapshot_id);
+        assert_eq!(snaps.snapshots[1].id, end2.snapshot_id);
+        assert_eq!(snaps.snapshots[1].parent, end.snapshot_id);
+    });
+    let (code, _) = http_get(d.http, "/healthz").unwrap();
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn unix_socket_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", true);
+    let src = dir.path().join("vols/disk.img");
+    make_volume(&src, 8 << 20, 22);
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let t = c.start_backup(backup_req("disk", &src)).await.unwrap().into_inner();
+        let end = watch_end(&mut c, &t.id).await;
+        assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
+        let l = c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner();
+        assert_eq!(l.transfers.len(), 1);
+    });
+}
+
+#[test]
+fn invalid_requests_get_the_right_status_and_name_the_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let vols = dir.path().join("vols");
+    let src = vols.join("disk.img");
+    make_volume(&src, 8 << 20, 23);
+    std::fs::write(dir.path().join("secret.img"), b"secret").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret.img"), vols.join("link.img")).unwrap();
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let expect = |r: Result<tonic::Response<pb::Transfer>, tonic::Status>, code: Code, needle: &str| {
+            let e = r.expect_err("request should be refused");
+            assert_eq!(e.code(), code, "{}", e.message());
+            assert!(e.message().contains(needle), "'{}' does not name '{needle}'", e.message());
+        };
+        expect(c.start_backup(pb::StartBackupRequest::default()).await, Code::InvalidArgument, "repository");
+        let mut r = backup_req("disk", &src);
+        r.repository = "nope".into();
+        expect(c.start_backup(r).await, Code::NotFound, "'nope'");
+        let mut r = backup_req("disk", &src);
+        r.volumes.clear();
+        expect(c.start_backup(r).await, Code::InvalidArgument, "at least one volume");
+        expect(c.start_backup(backup_req("disk", Path::new("/etc/passwd"))).await, Code::InvalidArgument, "outside the allowed roots");
+        expect(c.start_backup(backup_req("disk", &vols.join("../secret.img"))).await, Code::InvalidArgument, "outside the allowed roots");
+        expect(c.start_backup(backup_req("disk", &vols.join("link.img"))).await, Code::InvalidArgument, "outside the allowed roots");
+        expect(c.start_backup(backup_req("disk", &vols.join("missing.img"))).await, Code::NotFound, "missing.img");
+        let mut r = backup_req("disk", &src);
+        r.parent = "abcdef0123".into();
+        expect(c.start_backup(r).await, Code::NotFound, "snapshot abcdef0123");
+        let mut r = backup_req("disk", &src);
+        r.volumes[0].changed_extents_given = true;
+        r.volumes[0].changed_extents = vec![pb::Extent { offset: 0, length: 4096 }];
+        expect(c.start_backup(r).await, Code::FailedPrecondition, "need a parent");
+
+        // A snapshot of another volume as parent.
+        let t = c.start_backup(backup_req("other", &src)).await.unwrap().into_inner();
+        let t = watch_end(&mut c, &t.id).await;
+        let mut r = backup_req("disk", &src);
+        r.parent = t.snapshot_id.clone();
+        expect(c.start_backup(r).await, Code::FailedPrecondition, "no volume named 'disk'");
+
+        // Restore onto a device that is too small.
+        let small = Loop::new(&dir.path().join("small.img"), 4 << 20);
+        let r = pb::StartRestoreRequest { repository: "main".into(), snapshot: t.snapshot_id.clone(), target: path_ref(&small.dev), ..Default::default() };
+        expect(c.start_restore(r).await, Code::FailedPrecondition, "smaller than volume 'other'");
+        let r = pb::StartRestoreRequest {
+            repository: "main".into(),
+            snapshot: t.snapshot_id.clone(),
+            volume: "nope".into(),
+            target: path_ref(&vols.join("x.img")),
+            ..Default::default()
+        };
+        expect(c.start_restore(r).await, Code::NotFound, "no volume named 'nope'");
+        let e = c.get_transfer(pb::GetTransferRequest { id: "tr-nothing".into() }).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(e.message().contains("tr-nothing"));
+    });
+    assert_eq!(d.metric("mover_transfers_total{kind=\"backup\",result=\"ok\"}"), 1, "refused requests start nothing");
+}
+
+#[test]
+fn cancel_queue_and_idempotent_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "max_concurrent_transfers = 1", false);
+    let a = dir.path().join("vols/a.img");
+    let b = dir.path().join("vols/b.img");
+    std::fs::write(&a, noise(31, 48 << 20)).unwrap();
+    std::fs::write(&b, noise(32, 48 << 20)).unwrap();
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let mut ra = backup_req("a", &a);
+        ra.request_id = "req-a".into();
+        ra.bandwidth_limit = 4 << 20; // 12 s: long enough to observe
+        let ta = c.start_backup(ra.clone()).await.unwrap().into_inner();
+        let again = c.start_backup(ra).await.unwrap().into_inner();
+        assert_eq!(again.id, ta.id, "same request id, same transfer");
+        let mut rb = backup_req("b", &b);
+        rb.bandwidth_limit = 4 << 20;
+        let tb = c.start_backup(rb).await.unwrap().into_inner();
+        wait_state(&mut c, &ta.id, pb::TransferState::Running, Duration::from_secs(10)).await;
+        let qb = c.get_transfer(pb::GetTransferRequest { id: tb.id.clone() }).await.unwrap().into_inner();
+        assert_eq!(qb.state(), pb::TransferState::Queued, "the second transfer waits for a slot");
+        assert_eq!(d.metric("mover_transfers_queued{kind=\"backup\"}"), 1);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let t0 = Instant::now();
+        c.cancel_transfer(pb::GetTransferRequest { id: ta.id.clone() }).await.unwrap();
+        let ca = wait_state(&mut c, &ta.id, pb::TransferState::Cancelled, Duration::from_secs(10)).await;
+        assert!(t0.elapsed() < Duration::from_secs(5), "cancel took {:?}", t0.elapsed());
+        assert!(ca.error.contains("cancelled"), "{}", ca.error);
+        wait_state(&mut c, &tb.id, pb::TransferState::Running, Duration::from_secs(10)).await;
+        c.cancel_transfer(pb::GetTransferRequest { id: tb.id.clone() }).await.unwrap();
+        wait_state(&mut c, &tb.id, pb::TransferState::Cancelled, Duration::from_secs(10)).await;
+    });
+    assert_eq!(d.metric("mover_transfers_total{kind=\"backup\",result=\"cancelled\"}"), 2);
+}
+
+#[test]
+fn restart_marks_interrupted_and_the_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), "", false);
+    let src = dir.path().join("vols/big.img");
+    std::fs::write(&src, noise(41, 96 << 20)).unwrap();
+    let rt = rt();
+    let id = rt.block_on(async {
+        let mut c = client(&d).await;
+        let mut r = backup_req("big", &src);
+        r.bandwidth_limit = 24 << 20;
+        let t = c.start_backup(r).await.unwrap().into_inner();
+        wait_state(&mut c, &t.id, pb::TransferState::Running, Duration::from_secs(10)).await;
+        // Let a few 16 MiB packs go up.
+        let t0 = Instant::now();
+        loop {
+            let g = c.get_transfer(pb::GetTransferRequest { id: t.id.clone() }).await.unwrap().into_inner();
+            if g.progress.unwrap().bytes_uploaded >= 32 << 20 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        t.id
+    });
+    d.signal("-TERM"); // grace 0: the transfer is cancelled, keeps its uploads, ends Interrupted
+    d.spawn();
+    rt.block_on(async {
+        let mut c = client(&d).await;
+        let t = c.get_transfer(pb::GetTransferRequest { id: id.clone() }).await.unwrap().into_inner();
+        assert_eq!(t.state(), pb::TransferState::Interrupted, "{}", t.error);
+        let again = c.start_backup(backup_req("big", &src)).await.unwrap().into_inner();
+        let end = watch_end(&mut c, &again.id).await;
+        assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
+        let st = end.stats.unwrap();
+        assert!(st.chunks_dedup >= 100, "the rerun skipped only {} chunks", st.chunks_dedup);
+        assert!(st.bytes_new <= 70 << 20, "the rerun stored {} new bytes", st.bytes_new);
+        let out = dir.path().join("vols/out.img");
+        let r = c
+            .start_restore(pb::StartRestoreRequest { repository: "main".into(), snapshot: end.snapshot_id, target: path_ref(&out), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(watch_end(&mut c, &r.id).await.state(), pb::TransferState::Succeeded);
+        assert_eq!(hash(&src), hash(&out));
+
+        // A daemon killed outright: its running transfer is Interrupted after the restart.
+        let mut r = backup_req("big2", &src);
+        r.bandwidth_limit = 1 << 20;
+        let t = c.start_backup(r).await.unwrap().into_inner();
+        wait_state(&mut c, &t.id, pb::TransferState::Running, Duration::from_secs(10)).await;
+        t.id
+    });
+    let killed = rt.block_on(async { client(&d).await.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner() });
+    let running: Vec<_> = killed.transfers.iter().filter(|t| t.state() == pb::TransferState::Running).map(|t| t.id.clone()).collect();
+    d.signal("-KILL");
+    d.spawn();
+    rt.block_on(async {
+        let mut c = client(&d).await;
+        for id in running {
+            let t = c.get_transfer(pb::GetTransferRequest { id }).await.unwrap().into_inner();
+            assert_eq!(t.state(), pb::TransferState::Interrupted);
+        }
+    });
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl is needed for the TLS tests");
+    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// `openssl req` making a new P-256 key `<name>.key` for the subject `CN=<name>`, plus `out`
+/// (the rest of the request: what to write).
+fn new_key(dir: &Path, name: &str, out: &[&str]) {
+    let (key, subj) = (format!("{name}.key"), format!("/CN={name}"));
+    let mut args = vec!["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &key, "-subj", &subj];
+    args.extend_from_slice(out);
+    openssl(dir, &args);
+}
+
+/// A self-signed CA: `<name>.key`, `<name>.pem` (also used by the CSI tests).
+pub(crate) fn make_ca(dir: &Path, name: &str) {
+    new_key(dir, name, &["-x509", "-out", &format!("{name}.pem"), "-days", "2"]);
+}
+
+/// `<name>.key` and `<name>.pem` signed by the CA `ca`, with the extension line `ext`.
+pub(crate) fn make_cert(dir: &Path, ca: &str, name: &str, ext: &str) {
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    new_key(dir, name, &["-out", &format!("{name}.csr")]);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
+}
+
+#[test]
+fn mtls_rejects_clients_without_a_certificate_or_from_another_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    make_ca(p, "ca");
+    make_ca(p, "otherca");
+    make_cert(p, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
+    make_cert(p, "ca", "client", "extendedKeyUsage=clientAuth\n");
+    make_cert(p, "otherca", "rogue", "extendedKeyUsage=clientAuth\n");
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+        p.join("server.pem").display(),
+        p.join("server.key").display(),
+        p.join("ca.pem").display()
+    );
+    let mut d = Daemon::start(p, &tls, false);
+    d.grpc = d.grpc.replace("http://", "https://");
+    let conn = |cert: Option<&str>| mover::client::Conn {
+        server: d.grpc.clone(),
+        ca: Some(p.join("ca.pem")),
+        cert: cert.map(|c| p.join(format!("{c}.pem"))),
+        key: cert.map(|c| p.join(format!("{c}.key"))),
+    };
+    rt().block_on(async {
+        let ok = mover::client::connect(&conn(Some("client"))).await.unwrap();
+        TransferServiceClient::new(ok).list_transfers(pb::ListTransfersRequest {}).await.unwrap();
+        for who in [None, Some("rogue")] {
+            let refused = match mover::client::connect(&conn(who)).await {
+                Err(_) => true,
+                Ok(ch) => TransferServiceClient::new(ch).list_transfers(pb::ListTransfersRequest {}).await.is_err(),
+            };
+            assert!(refused, "a client with {who:?} was let in");
+        }
+    });
+    // Without TLS the daemon refuses a non-loopback address.
+    let o = Command::new(env!("CARGO_BIN_EXE_mover")).args(["serve", "--listen", "0.0.0.0:0", "--state-dir"]).arg(p.join("st2")).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not loopback"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn pod_volumes_resolve_under_the_kubelet_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let uid = "6f0c2a4e-1111-2222-3333-444455556666";
+    let pod = dir.path().join("kubelet/pods").join(uid);
+    // Filesystem mode: a KubeVirt disk.img inside the CSI mount.
+    let fs_dir = pod.join("volumes/kubernetes.io~csi/rootdisk/mount");
+    std::fs::create_dir_all(&fs_dir).unwrap();
+    make_volume(&fs_dir.join("disk.img"), 12 << 20, 51);
+    // Block mode: the kubelet publishes the device under volumeDevices.
+    let img = dir.path().join("block.img");
+    make_volume(&img, 16 << 20, 52);
+    let lo = Loop::new(&img, 0);
+    let bdir = pod.join("volumeDevices/kubernetes.io~csi");
+    std::fs::create_dir_all(&bdir).unwrap();
+    std::os::unix::fs::symlink(&lo.dev, bdir.join("datadisk")).unwrap();
+    let pv = |name: &str| Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::PodVolume(pb::PodVolume { pod_uid: uid.into(), volume_name: name.into() })) });
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let req = pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![
+                pb::BackupVolume { name: "root".into(), source: pv("rootdisk"), ..Default::default() },
+                pb::BackupVolume { name: "data".into(), source: pv("datadisk"), ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let t = c.start_backup(req).await.unwrap().into_inner();
+        let end = watch_end(&mut c, &t.id).await;
+        assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
+        for (vol, src) in [("root", fs_dir.join("disk.img")), ("data", img.clone())] {
+            let out = dir.path().join(format!("vols/{vol}.out"));
+            let r = pb::StartRestoreRequest {
+                repository: "main".into(),
+                snapshot: end.snapshot_id.clone(),
+                volume: vol.into(),
+                target: path_ref(&out),
+                ..Default::default()
+            };
+            let r = c.start_restore(r).await.unwrap().into_inner();
+            assert_eq!(watch_end(&mut c, &r.id).await.state(), pb::TransferState::Succeeded);
+            assert_eq!(hash(&src), hash(&out), "volume {vol}");
+        }
+        let bad = pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![pb::BackupVolume { name: "x".into(), source: pv("nosuch"), ..Default::default() }],
+            ..Default::default()
+        };
+        let e = c.start_backup(bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(e.message().contains("'nosuch'") && e.message().contains(uid), "{}", e.message());
+        let bad = pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![pb::BackupVolume {
+                name: "x".into(),
+                source: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::PodVolume(pb::PodVolume { pod_uid: "../..".into(), volume_name: "v".into() })) }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(c.start_backup(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    });
+}
+
+/// StartBackup over gRPC with an NBD source and dirty bitmap (real qemu-nbd), and a
+/// bitmap the export lacks: the transfer reports the fallback and the metric counts it.
+#[test]
+fn nbd_sources_through_the_api_report_change_source_and_fallbacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let img = dir.path().join("vm.qcow2");
+    let run = |args: &[&str]| assert!(Command::new(args[0]).args(&args[1..]).status().unwrap().success(), "{args:?}");
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", img.to_str().unwrap(), "32M"]);
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 12M", img.to_str().unwrap()]);
+    run(&["qemu-img", "bitmap", "--add", img.to_str().unwrap(), "cp1"]);
+    // The socket lies beneath an allowed root: the daemon resolves it like any path.
+    let sock = dir.path().join("vols/nbd.sock");
+    let mut q = Command::new("qemu-nbd").args(["-r", "-t", "-f", "qcow2", "-B", "cp1", "-k", sock.to_str().unwrap(), img.to_str().unwrap()]).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let vol = |bitmap: &str, checkpoint: &str| pb::BackupVolume {
+        name: "vm".into(),
+        nbd_uri: uri.clone(),
+        nbd_bitmap: bitmap.into(),
+        checkpoint: checkpoint.into(),
+        ..Default::default()
+    };
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let req = |v: pb::BackupVolume, parent: &str| pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![v],
+            parent: parent.into(),
+            ..Default::default()
+        };
+        let t = c.start_backup(req(vol("", "cp1"), "")).await.unwrap().into_inner();
+        let full = watch_end(&mut c, &t.id).await;
+        assert_eq!(full.state(), pb::TransferState::Succeeded, "{}", full.error);
+        assert_eq!(full.changes[0].change_source, "full");
+        let t = c.start_backup(req(vol("cp1", ""), "latest")).await.unwrap().into_inner();
+        let inc = watch_end(&mut c, &t.id).await;
+        assert_eq!(inc.state(), pb::TransferState::Succeeded, "{}", inc.error);
+        assert_eq!((inc.changes[0].change_source.as_str(), inc.changes[0].fallback.as_str()), ("nbd", ""));
+        assert_eq!(inc.stats.unwrap().bytes_read, 0, "nothing written since the checkpoint: nothing read");
+        let t = c.start_backup(req(vol("gone", ""), "latest")).await.unwrap().into_inner();
+        let fb = watch_end(&mut c, &t.id).await;
+        assert_eq!(fb.state(), pb::TransferState::Succeeded, "{}", fb.error);
+        assert!(fb.changes[0].fallback.contains("qemu:dirty-bitmap:gone"), "{:?}", fb.changes);
+        assert_eq!(d.metric("mover_change_source_fallbacks_total"), 1);
+        assert_eq!(d.metric("mover_backup_volumes_total{change_source=\"nbd\"}"), 1);
+        // A bitmap without an NBD source is a malformed request.
+        let bad = pb::BackupVolume { name: "vm".into(), nbd_bitmap: "cp1".into(), source: path_ref(&img), ..Default::default() };
+        let e = c.start_backup(req(bad, "")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    });
+    let _ = q.kill();
+    let _ = q.wait();
+}

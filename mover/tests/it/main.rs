@@ -1,0 +1,21 @@
+//! End-to-end tests of Mover on real parts: the `mover` binary on real files and loop
+//! devices, a real RocksDB index, a real S3 server (SeaweedFS, started by
+//! `scripts/test.sh`), real NBD servers, a CSI SnapshotMetadata server over real gRPC, and
+//! the daemon over real sockets. One test binary; one module per topic; shared helpers in
+//! `common`.
+
+mod common;
+use common::*;
+
+mod bad_input;
+mod csi;
+mod csi_server;
+mod daemon;
+mod forget;
+mod gc;
+mod index;
+mod maint;
+mod nbd;
+mod resume;
+mod roundtrip;
+mod s3;
