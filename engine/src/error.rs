@@ -145,28 +145,28 @@ impl fmt::Debug for Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut sep = false;
-        if !self.message.is_empty() {
-            f.write_str(&self.message)?;
-            sep = true;
+        let first: Option<&(dyn StdError + 'static)> = self.source.as_deref().map(|s| s as &(dyn StdError + 'static));
+        if !f.alternate() {
+            return match (self.message.is_empty(), first) {
+                (true, Some(e)) => write!(f, "{e}"),
+                _ => f.write_str(&self.message),
+            };
         }
-        // The source's own line when there is no message; the whole chain with `{:#}`.
-        let mut next: Option<&(dyn StdError + 'static)> = self.source.as_deref().map(|s| s as &(dyn StdError + 'static));
-        if !f.alternate() && sep {
-            return Ok(());
-        }
+        // The whole chain. A cause whose text the line already ends with (a library that
+        // puts its source's message into its own) is not printed twice.
+        let mut line = self.message.clone();
+        let mut next = first;
         while let Some(e) = next {
-            if sep {
-                f.write_str(": ")?;
-            }
-            write!(f, "{e}")?;
-            sep = true;
-            if !f.alternate() {
-                break;
+            let text = e.to_string();
+            if !line.ends_with(&text) {
+                if !line.is_empty() {
+                    line.push_str(": ");
+                }
+                line.push_str(&text);
             }
             next = e.source();
         }
-        Ok(())
+        f.write_str(&line)
     }
 }
 

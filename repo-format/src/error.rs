@@ -20,13 +20,10 @@ pub enum FormatError {
 pub enum RepoError {
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("{object} in repository {location}: {source}")]
-    Format {
-        object: String,
-        location: String,
-        #[source]
-        source: FormatError,
-    },
+    // The cause is part of the message, so it is not also a `source()`: printing the
+    // chain would otherwise say it twice.
+    #[error("{object} in repository {location}: {cause}")]
+    Format { object: String, location: String, cause: FormatError },
     #[error("repository {location} is not initialised (no config object); run `mover init` first")]
     NotInitialised { location: String },
     #[error("repository {location} already exists (it has a config object)")]

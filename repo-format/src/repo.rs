@@ -126,13 +126,16 @@ impl Repository {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!("key file {} in repository {loc}: {e}", obj.name);
                     unusable.get_or_insert(fmt_err(&loc, &obj.name, e));
                 }
             }
         }
         let (master, key_id) = match (opened, unusable) {
-            (Some(o), _) => o,
+            (Some(o), Some(skipped)) => {
+                tracing::warn!("{skipped} (skipped; another key file opened the repository)");
+                o
+            }
+            (Some(o), None) => o,
             (None, Some(e)) => return Err(e),
             (None, None) => return Err(RepoError::WrongPassword { location: loc.clone() }),
         };
@@ -446,5 +449,5 @@ impl Repository {
 }
 
 fn fmt_err(location: &str, object: &str, source: FormatError) -> RepoError {
-    RepoError::Format { object: object.to_string(), location: location.to_string(), source }
+    RepoError::Format { object: object.to_string(), location: location.to_string(), cause: source }
 }

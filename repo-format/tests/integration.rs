@@ -1,6 +1,7 @@
 //! Integration tests of the format library against a real local directory (the backend
 //! itself is tested in `mover-backends`).
 
+use mover_backends::fault::FaultyStorage;
 use mover_backends::LocalStorage;
 use mover_format::blob::BlobEncoder;
 use mover_format::blob::BlobKind;
@@ -67,6 +68,24 @@ fn manifest(groups: Vec<ChunkId>) -> Manifest {
 
 mod repository {
     use super::*;
+
+    #[tokio::test]
+    async fn fault_injection_is_absorbed_by_retries() {
+        // The wrapper fails the first 3 calls and 20 % of the rest; the repository layer
+        // retries transient errors, so init/write/read succeed and faults were injected.
+        let d = tempfile::tempdir().unwrap();
+        let faulty = Arc::new(FaultyStorage::new(local(&d), 3, 0.2, 7));
+        let s: Arc<dyn Storage> = faulty.clone();
+        let c = CancellationToken::new();
+        let repo = Repository::init(s.clone(), b"pw", opts(), &c).await.unwrap();
+        let (ids, index) = store_chunks(&repo, 30).await;
+        let repo2 = Repository::open(s, b"pw", &c).await.unwrap();
+        for (id, data) in &ids {
+            let loc = index.lookup(id).unwrap().unwrap();
+            assert_eq!(&repo2.read_blob(id, &loc, &c).await.unwrap(), data);
+        }
+        assert!(faulty.injected() >= 3, "no faults were injected");
+    }
 
     #[tokio::test]
     async fn init_open_and_store_read_back() {

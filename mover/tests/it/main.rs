@@ -19,3 +19,4 @@ mod nbd;
 mod resume;
 mod roundtrip;
 mod s3;
+mod security;

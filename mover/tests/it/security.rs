@@ -1,0 +1,535 @@
+//! The trust boundary (docs/security.md): each attack of a tenant, a caller or a store,
+//! reproduced against the daemon over a real socket (and the CLI where it applies). Each
+//! asserts the refusal, with a clear error, and that nothing outside the volume was read
+//! (the victim file's access time does not move: this filesystem updates it on read, which
+//! each test checks first) or written (hashes, no snapshot, no transfer).
+
+use super::*;
+use crate::daemon::{backup_req, client, path_ref, rt, wait_state, watch_end, Daemon};
+use mover_protocol::v1 as pb;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant, SystemTime};
+use tonic::Code;
+
+/// Sets a file's access time two days into the past.
+fn age(p: &Path) {
+    let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() - 2 * 86_400;
+    assert!(Command::new("touch").args(["-a", "-d", &format!("@{t}")]).arg(p).status().unwrap().success());
+}
+
+fn atime(p: &Path) -> SystemTime {
+    std::fs::metadata(p).unwrap().accessed().unwrap()
+}
+
+/// A victim file whose reads show: aged, and the filesystem proven to update atime on read.
+/// Returns its access time, which must not move.
+fn victim(path: &Path, content: &[u8]) -> SystemTime {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+    age(path);
+    let before = atime(path);
+    std::fs::read(path).unwrap();
+    assert!(atime(path) > before, "this filesystem does not record reads in atime; the tests could not see a read");
+    age(path);
+    atime(path)
+}
+
+fn expect(r: Result<tonic::Response<pb::Transfer>, tonic::Status>, code: Code, needles: &[&str]) -> String {
+    let e = r.expect_err("the request should be refused");
+    assert_eq!(e.code(), code, "{}", e.message());
+    for n in needles {
+        assert!(e.message().contains(n), "'{}' does not say '{n}'", e.message());
+    }
+    e.message().to_string()
+}
+
+fn pod_ref(uid: &str, vol: &str) -> Option<pb::VolumeRef> {
+    Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::PodVolume(pb::PodVolume { pod_uid: uid.into(), volume_name: vol.into() })) })
+}
+
+fn pod_req(uid: &str, vol: &str) -> pb::StartBackupRequest {
+    pb::StartBackupRequest {
+        repository: "main".into(),
+        volumes: vec![pb::BackupVolume { name: "disk".into(), source: pod_ref(uid, vol), ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+/// No transfer was started and the repository holds no snapshot.
+async fn nothing_started(c: &mut pb::transfer_service_client::TransferServiceClient<tonic::transport::Channel>, d: &Daemon) {
+    assert!(c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner().transfers.is_empty(), "a refused request started a transfer");
+    let ch = mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap();
+    let mut rc = pb::repository_service_client::RepositoryServiceClient::new(ch);
+    let snaps = rc.list_snapshots(pb::ListSnapshotsRequest { repository: "main".into(), ..Default::default() }).await.unwrap().into_inner().snapshots;
+    assert!(snaps.is_empty(), "a refused request wrote a snapshot");
+}
+
+/// The directory of a filesystem-mode pod volume (`…/volumes/kubernetes.io~csi/<vol>/mount`).
+fn fs_volume(dir: &Path, uid: &str, vol: &str) -> PathBuf {
+    let p = dir.join("kubelet/pods").join(uid).join("volumes/kubernetes.io~csi").join(vol).join("mount");
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+const UID: &str = "0d3b1c2a-aaaa-bbbb-cccc-000000000001";
+
+#[test]
+fn a_symlinked_disk_img_is_refused_and_the_node_file_is_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let secret = dir.path().join("kubelet/pki/kubelet-client-current.pem");
+    let untouched = victim(&secret, b"-----BEGIN PRIVATE KEY----- node secret\n");
+    let img = dir.path().join("dev.img");
+    std::fs::write(&img, noise(3, 4 << 20)).unwrap();
+    let dev = Loop::new(&img, 0);
+    let vol = fs_volume(dir.path(), UID, "rootdisk");
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        // To a file of the node, relative and absolute; to a block device.
+        for target in [PathBuf::from("../../../../../../../pki/kubelet-client-current.pem"), secret.clone(), dev.dev.clone()] {
+            let _ = std::fs::remove_file(vol.join("disk.img"));
+            std::os::unix::fs::symlink(&target, vol.join("disk.img")).unwrap();
+            let m = expect(c.start_backup(pod_req(UID, "rootdisk")).await, Code::InvalidArgument, &["disk.img"]);
+            assert!(m.contains("symbolic link") || m.contains("outside the allowed roots"), "{m}");
+            // The same file named by path.
+            expect(c.start_backup(backup_req("disk", &vol.join("disk.img"))).await, Code::InvalidArgument, &["disk.img"]);
+        }
+        nothing_started(&mut c, &d).await;
+    });
+    assert_eq!(atime(&secret), untouched, "the node's file was read");
+}
+
+#[test]
+fn a_disk_img_swapped_for_a_symlink_never_backs_up_the_node_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "max_concurrent_transfers = 4", false);
+    let secret = dir.path().join("kubelet/pki/kubelet-client-current.pem");
+    let untouched = victim(&secret, &noise(9, 1 << 20));
+    let vol = fs_volume(dir.path(), UID, "rootdisk");
+    let own = noise(8, 1 << 20);
+    std::fs::write(vol.join("disk.img"), &own).unwrap();
+    std::os::unix::fs::symlink(&secret, vol.join("swap")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The tenant swaps disk.img and a symlink to the node's file, as fast as it can.
+    let swapper = {
+        let (vol, stop) = (vol.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                nix::fcntl::renameat2(
+                    nix::fcntl::AT_FDCWD,
+                    &vol.join("disk.img"),
+                    nix::fcntl::AT_FDCWD,
+                    &vol.join("swap"),
+                    nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                )
+                .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let (mut ok, mut refused) = (Vec::new(), 0);
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        for _ in 0..40 {
+            match c.start_backup(pod_req(UID, "rootdisk")).await {
+                Ok(t) => ok.push(t.into_inner().id),
+                Err(e) => {
+                    assert!(matches!(e.code(), Code::InvalidArgument | Code::NotFound), "{e:?}");
+                    refused += 1;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut snaps = Vec::new();
+        for id in &ok {
+            let t = watch_end(&mut c, id).await;
+            assert_eq!(t.state(), pb::TransferState::Succeeded, "{}", t.error);
+            snaps.push(t.snapshot_id);
+        }
+        for s in snaps {
+            let out = dir.path().join("vols").join(format!("{}.out", &s[..8]));
+            let r = pb::StartRestoreRequest { repository: "main".into(), snapshot: s.clone(), target: path_ref(&out), ..Default::default() };
+            let t = c.start_restore(r).await.unwrap().into_inner();
+            assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
+            assert_eq!(std::fs::read(&out).unwrap(), own, "snapshot {s} holds something other than the volume's own disk.img");
+        }
+    });
+    let swaps = swapper.join().unwrap();
+    eprintln!("swap race: {swaps} swaps, {} backups of the volume's file, {refused} refused", ok.len());
+    assert!(swaps > 100 && !ok.is_empty() && refused > 0, "the race did not happen: {swaps} swaps, {} ok, {refused} refused", ok.len());
+    assert_eq!(atime(&secret), untouched, "the node's file was read");
+}
+
+#[test]
+fn fifos_sockets_and_character_devices_are_not_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let vol = fs_volume(dir.path(), UID, "rootdisk");
+    let disk = vol.join("disk.img");
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        for (make, what) in [("fifo", "a FIFO"), ("chr", "a character device"), ("sock", "a socket")] {
+            let _ = std::fs::remove_file(&disk);
+            match make {
+                "fifo" => nix::unistd::mkfifo(&disk, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap(),
+                // The numbers of /dev/watchdog: opening it would arm the node's watchdog.
+                "chr" => nix::sys::stat::mknod(
+                    &disk,
+                    nix::sys::stat::SFlag::S_IFCHR,
+                    nix::sys::stat::Mode::from_bits_truncate(0o600),
+                    nix::sys::stat::makedev(10, 130),
+                )
+                .unwrap(),
+                // Bound under a short name (a socket path has a length limit), then moved.
+                _ => {
+                    let short = tempfile::Builder::new().prefix("s").tempdir_in("/tmp").unwrap();
+                    drop(std::os::unix::net::UnixListener::bind(short.path().join("s")).unwrap());
+                    std::fs::rename(short.path().join("s"), &disk).unwrap();
+                }
+            }
+            let t0 = Instant::now();
+            expect(c.start_backup(pod_req(UID, "rootdisk")).await, Code::InvalidArgument, &[what, "disk.img"]);
+            assert!(t0.elapsed() < Duration::from_secs(2), "a {make} blocked the request for {:?}", t0.elapsed());
+        }
+        // A character device named by path under /dev, and /dev itself.
+        expect(c.start_backup(backup_req("disk", Path::new("/dev/null"))).await, Code::InvalidArgument, &["a character device"]);
+        expect(c.start_backup(backup_req("disk", Path::new("/dev"))).await, Code::InvalidArgument, &["/dev"]);
+        nothing_started(&mut c, &d).await;
+        // The daemon is not stuck: a volume of the tenant's backs up.
+        let _ = std::fs::remove_file(&disk);
+        std::fs::write(&disk, noise(1, 1 << 20)).unwrap();
+        let t = c.start_backup(pod_req(UID, "rootdisk")).await.unwrap().into_inner();
+        assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
+    });
+}
+
+/// Runs `mover restore` through the CLI against the daemon's repository.
+fn cli_restore(dir: &Path, snap: &str, target: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mover"))
+        .args(["restore", snap])
+        .arg(target)
+        .env("MOVER_REPOSITORY", dir.join("repo"))
+        .env("MOVER_PASSWORD", "daemon-test-pw")
+        .env("MOVER_CACHE_DIR", dir.join("clicache"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn restores_onto_a_mounted_held_or_open_target_are_refused_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let src = dir.path().join("vols/src.img");
+    std::fs::write(&src, noise(4, 8 << 20)).unwrap();
+    // A device with a filesystem, mounted read-only (a writable mount must never be tried:
+    // writeback under it can hang every sync on the machine).
+    let fsimg = dir.path().join("fs.img");
+    std::fs::File::create(&fsimg).unwrap().set_len(16 << 20).unwrap();
+    assert!(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&fsimg).status().unwrap().success());
+    let dev = Loop::new(&fsimg, 0);
+    // Hashed before mounting: while mounted, reads of the device show the mount's
+    // in-memory superblock, not what is on it.
+    let before = hash_prefix(&dev.dev, 16 << 20);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    assert!(Command::new("mount").args(["-o", "ro"]).arg(&dev.dev).arg(&mnt).status().unwrap().success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let mounted = Unmount(mnt.clone());
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let t = c.start_backup(backup_req("disk", &src)).await.unwrap().into_inner();
+        let snap = watch_end(&mut c, &t.id).await.snapshot_id;
+        let req = |target: &Path| pb::StartRestoreRequest { repository: "main".into(), snapshot: snap.clone(), target: path_ref(target), ..Default::default() };
+        expect(c.start_restore(req(&dev.dev)).await, Code::FailedPrecondition, &["in use", dev.dev.to_str().unwrap()]);
+        let o = cli_restore(dir.path(), &snap, &dev.dev);
+        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("in use"), "{}", String::from_utf8_lossy(&o.stderr));
+        drop(mounted);
+        assert_eq!(hash_prefix(&dev.dev, 16 << 20), before, "the mounted device was written");
+
+        // A device another program holds exclusively.
+        use std::os::unix::fs::OpenOptionsExt;
+        let held = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&dev.dev).unwrap();
+        expect(c.start_restore(req(&dev.dev)).await, Code::FailedPrecondition, &["in use"]);
+        drop(held);
+        assert_eq!(hash_prefix(&dev.dev, 16 << 20), before, "the held device was written");
+        // Released: the restore goes ahead.
+        let t = c.start_restore(req(&dev.dev)).await.unwrap().into_inner();
+        assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
+        assert_eq!(hash_prefix(&dev.dev, 8 << 20), hash(&src));
+
+        // A regular file another process has open (a running VM's disk).
+        let busy = dir.path().join("vols/busy.img");
+        std::fs::write(&busy, b"in use").unwrap();
+        let mut holder = Command::new("sh").arg("-c").arg(format!("exec 3<>{} && sleep 30", busy.display())).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        expect(c.start_restore(req(&busy)).await, Code::FailedPrecondition, &["in use", "busy.img"]);
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert_eq!(std::fs::read(&busy).unwrap(), b"in use");
+    });
+}
+
+#[test]
+fn requests_cannot_name_credentials_or_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let src = dir.path().join("vols/disk.img");
+    std::fs::write(&src, noise(5, 1 << 20)).unwrap();
+    let token = dir.path().join("kubelet/pki/token");
+    let untouched = victim(&token, b"node credential");
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let mut r = backup_req("disk", &src);
+        r.volumes[0].csi = Some(pb::CsiChangedBlocks {
+            endpoint: "attacker.example:443".into(),
+            ca_file: token.display().to_string(),
+            token_file: token.display().to_string(),
+            snapshot_name: "s".into(),
+            ..Default::default()
+        });
+        expect(c.start_backup(r).await, Code::InvalidArgument, &["daemon's configuration"]);
+        // Without [csi] configured, a request naming only snapshots is refused too.
+        let mut r = backup_req("disk", &src);
+        r.volumes[0].csi = Some(pb::CsiChangedBlocks { snapshot_name: "s".into(), ..Default::default() });
+        expect(c.start_backup(r).await, Code::FailedPrecondition, &["not configured"]);
+        // NBD: TCP endpoints must be listed; sockets must lie beneath the allowed roots.
+        let nbd = |uri: &str| pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![pb::BackupVolume { name: "disk".into(), nbd_uri: uri.into(), ..Default::default() }],
+            ..Default::default()
+        };
+        expect(c.start_backup(nbd("nbd://127.0.0.1:10809/x")).await, Code::InvalidArgument, &["nbd_tcp_endpoints"]);
+        expect(c.start_backup(nbd("nbd+unix:///x?socket=/run/containerd/containerd.sock")).await, Code::InvalidArgument, &["outside the allowed roots"]);
+        std::os::unix::fs::symlink("/run/containerd/containerd.sock", dir.path().join("vols/evil.sock")).unwrap();
+        let evil = format!("nbd+unix:///x?socket={}", dir.path().join("vols/evil.sock").display());
+        expect(c.start_backup(nbd(&evil)).await, Code::InvalidArgument, &["evil.sock"]);
+        // KubeVirt exports: only listed hosts.
+        let mut r = backup_req("disk", &src);
+        r.volumes[0].kubevirt = Some(pb::KubevirtExport {
+            endpoint: "https://attacker.example/exports/d".into(),
+            token: "t".into(),
+            endpoint_cert: "x".into(),
+            ..Default::default()
+        });
+        expect(c.start_backup(r).await, Code::InvalidArgument, &["kubevirt_export_hosts", "attacker.example:443"]);
+        nothing_started(&mut c, &d).await;
+    });
+    assert_eq!(atime(&token), untouched, "the credential file was read");
+}
+
+#[test]
+fn callers_are_authorized_by_certificate_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    crate::daemon::make_ca(p, "ca");
+    crate::daemon::make_cert(p, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
+    crate::daemon::make_cert(p, "ca", "alice", "subjectAltName=URI:spiffe://cluster/ns/backup/sa/scheduler\nextendedKeyUsage=clientAuth\n");
+    crate::daemon::make_cert(p, "ca", "bob", "extendedKeyUsage=clientAuth\n");
+    let cfg = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n[authorization]\nbackup = [\"spiffe://cluster/ns/backup/sa/scheduler\"]\nread = [\"bob\", \"spiffe://cluster/ns/backup/sa/scheduler\"]\n",
+        p.join("server.pem").display(),
+        p.join("server.key").display(),
+        p.join("ca.pem").display()
+    );
+    let mut d = Daemon::start(p, &cfg, false);
+    d.grpc = d.grpc.replace("http://", "https://");
+    let src = p.join("vols/disk.img");
+    std::fs::write(&src, noise(6, 1 << 20)).unwrap();
+    let conn = |who: &str| mover::client::Conn {
+        server: d.grpc.clone(),
+        ca: Some(p.join("ca.pem")),
+        cert: Some(p.join(format!("{who}.pem"))),
+        key: Some(p.join(format!("{who}.key"))),
+    };
+    rt().block_on(async {
+        let mut alice = pb::transfer_service_client::TransferServiceClient::new(mover::client::connect(&conn("alice")).await.unwrap());
+        let mut bob = pb::transfer_service_client::TransferServiceClient::new(mover::client::connect(&conn("bob")).await.unwrap());
+        bob.list_transfers(pb::ListTransfersRequest {}).await.unwrap();
+        expect(bob.start_backup(backup_req("disk", &src)).await, Code::PermissionDenied, &["bob", "backup"]);
+        let r =
+            pb::StartRestoreRequest { repository: "main".into(), snapshot: "latest".into(), target: path_ref(&p.join("vols/out.img")), ..Default::default() };
+        expect(alice.start_restore(r).await, Code::PermissionDenied, &["restore"]);
+        let mut slow = backup_req("disk", &src);
+        slow.bandwidth_limit = 64 << 10;
+        let t = alice.start_backup(slow).await.unwrap().into_inner();
+        assert_eq!(t.caller, "spiffe://cluster/ns/backup/sa/scheduler");
+        expect(bob.cancel_transfer(pb::GetTransferRequest { id: t.id.clone() }).await, Code::PermissionDenied, &["may not cancel"]);
+        alice.cancel_transfer(pb::GetTransferRequest { id: t.id.clone() }).await.unwrap();
+        wait_state(&mut alice, &t.id, pb::TransferState::Cancelled, Duration::from_secs(10)).await;
+    });
+}
+
+#[test]
+fn the_unix_socket_is_private_and_checks_the_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = p.join("mover.sock");
+    let d = Daemon::start(p, "socket_mode = \"0660\"\nsocket_group = 4242\n", true);
+    let meta = std::fs::metadata(&sock).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, 4242), "socket mode and group");
+    let as_user = |uid: u32, gid: u32| {
+        Command::new("setpriv")
+            .args([format!("--reuid={uid}"), format!("--regid={gid}"), "--groups=4242".into()])
+            .arg(env!("CARGO_BIN_EXE_mover"))
+            .args(["client", "--server", &d.grpc, "list"])
+            .output()
+            .unwrap()
+    };
+    // Another uid, allowed into the socket by its supplementary group, is refused by the
+    // peer check (its primary group is not the socket's).
+    let o = as_user(4343, 4343);
+    assert!(!o.status.success(), "uid 4343 was served");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("may not use this daemon's socket"), "{}", String::from_utf8_lossy(&o.stderr));
+    // A member by primary group is served.
+    let o = as_user(4343, 4242);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Without configuration: a 0600 socket in the state directory, no TCP.
+    let st = p.join("st-default");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mover"))
+        .args(["serve", "--state-dir"])
+        .arg(&st)
+        .args(["--http-listen", &format!("127.0.0.1:{}", crate::daemon::free_port())])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let s = st.join("mover.sock");
+    let t0 = Instant::now();
+    while !s.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no socket in the state directory");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(std::fs::metadata(&s).unwrap().mode() & 0o777, 0o600);
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains(&format!("serving gRPC on unix:{}", s.display())) && log.contains("I/O: io_uring"), "startup line: {log}");
+}
+
+/// An NBD server that accepts and then says nothing.
+fn silent_server(path: &Path) -> std::thread::JoinHandle<()> {
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let mut keep = Vec::new();
+        for s in l.incoming().flatten() {
+            keep.push(s);
+        }
+    })
+}
+
+/// An NBD server that negotiates and claims an export of 8 EiB.
+fn huge_server(path: &Path) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = (|| -> std::io::Result<()> {
+                s.write_all(&0x4e42_444d_4147_4943u64.to_be_bytes())?;
+                s.write_all(&0x4948_4156_454f_5054u64.to_be_bytes())?;
+                s.write_all(&3u16.to_be_bytes())?;
+                let mut flags = [0u8; 4];
+                s.read_exact(&mut flags)?;
+                loop {
+                    let mut h = [0u8; 16];
+                    s.read_exact(&mut h)?;
+                    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+                    let len = u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize;
+                    let mut data = vec![0u8; len];
+                    s.read_exact(&mut data)?;
+                    let reply = |s: &mut std::os::unix::net::UnixStream, typ: u32, d: &[u8]| -> std::io::Result<()> {
+                        s.write_all(&0x0003_e889_0455_65a9u64.to_be_bytes())?;
+                        s.write_all(&opt.to_be_bytes())?;
+                        s.write_all(&typ.to_be_bytes())?;
+                        s.write_all(&(d.len() as u32).to_be_bytes())?;
+                        s.write_all(d)
+                    };
+                    if opt == 7 {
+                        let mut info = 0u16.to_be_bytes().to_vec();
+                        info.extend_from_slice(&(8u64 << 60).to_be_bytes());
+                        info.extend_from_slice(&1u16.to_be_bytes());
+                        reply(&mut s, 3, &info)?;
+                        reply(&mut s, 1, &[])?;
+                        let mut rest = [0u8; 1];
+                        let _ = s.read(&mut rest);
+                        return Ok(());
+                    }
+                    reply(&mut s, 1, &[])?;
+                }
+            })();
+        }
+    })
+}
+
+#[test]
+fn a_silent_nbd_server_fails_the_backup_in_time_and_gc_runs_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "nbd_io_timeout_seconds = 2", false);
+    let sock = dir.path().join("vols/silent.sock");
+    let _srv = silent_server(&sock);
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let r = pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![pb::BackupVolume { name: "vm".into(), nbd_uri: format!("nbd+unix:///?socket={}", sock.display()), ..Default::default() }],
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let t = c.start_backup(r).await.unwrap().into_inner();
+        let end = watch_end(&mut c, &t.id).await;
+        assert_eq!(end.state(), pb::TransferState::Failed);
+        assert!(end.error.contains("no answer within 2 s"), "{}", end.error);
+        assert_eq!((end.error_kind.as_str(), end.retryable), ("transient", true));
+        assert!(t0.elapsed() < Duration::from_secs(20), "took {:?}", t0.elapsed());
+    });
+    // The lease went with the job: gc runs, and finds no live backup lock.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mover"))
+            .args(args)
+            .env("MOVER_REPOSITORY", dir.path().join("repo"))
+            .env("MOVER_PASSWORD", "daemon-test-pw")
+            .env("MOVER_CACHE_DIR", dir.path().join("clicache"))
+            .output()
+            .unwrap()
+    };
+    let o = cli(&["gc", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let locks: serde_json::Value = serde_json::from_slice(&cli(&["locks", "--json"]).stdout).unwrap();
+    assert_eq!(locks.as_array().unwrap().len(), 0, "{locks}");
+}
+
+#[test]
+fn an_nbd_export_of_8_eib_is_refused_before_anything_is_sized_by_it() {
+    let e = Env::new();
+    let sock = e.path("huge.sock");
+    let _srv = huge_server(&sock);
+    let t0 = Instant::now();
+    let err = e.fail(&["backup", "--nbd", &format!("nbd+unix:///?socket={}", sock.display()), "--name", "vm"]);
+    assert!(err.contains("9223372036854775808") && err.contains("largest volume"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(e.snapshot_count(), 0);
+}
+
+#[test]
+fn a_key_file_with_absurd_key_derivation_costs_is_refused_at_once() {
+    let e = Env::new();
+    let keys = Path::new(&e.repo).join("keys");
+    let key = std::fs::read_dir(&keys).unwrap().next().unwrap().unwrap().path();
+    let mut kf: serde_json::Value = serde_json::from_slice(&std::fs::read(&key).unwrap()).unwrap();
+    kf["params"]["m_cost_kib"] = serde_json::json!(u32::MAX);
+    kf["params"]["t_cost"] = serde_json::json!(1_000_000);
+    std::fs::remove_file(&key).unwrap();
+    let evil = keys.join("0".repeat(64));
+    std::fs::write(&evil, serde_json::to_vec(&kf).unwrap()).unwrap();
+    let t0 = Instant::now();
+    let err = e.fail(&["snapshots"]);
+    assert!(err.contains("outside the bounds") && err.contains(&format!("keys/{}", "0".repeat(64))), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+}
