@@ -2,6 +2,7 @@
 # The bench command: Mover against this machine's limits and against restic, borg and
 # rustic (where installed) on the same volume, in the same run.
 #   benches/run.sh [--size-gib N] [--no-peers]
+# MOVER_BIN=path runs that binary instead of building this tree's (a before/after pair).
 # Prints a table (seconds, MiB/s of the volume, repository size, peak RSS) and ratios.
 # Figures go to docs/benchmarks.md by hand, with the command line.
 set -euo pipefail
@@ -16,8 +17,10 @@ while [ $# -gt 0 ]; do
 done
 scripts/deps.sh bench
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mover-target}
-cargo build --release -p mover >&2
-M="$CARGO_TARGET_DIR/release/mover"
+if [ -n "${MOVER_BIN:-}" ]; then M=$MOVER_BIN; else
+  cargo build --release -p mover >&2
+  M="$CARGO_TARGET_DIR/release/mover"
+fi
 W=${MOVER_BENCH_DIR:-/var/tmp/mover-bench}
 rm -rf "$W"; mkdir -p "$W"
 export MOVER_PASSWORD=bench RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench RUSTIC_PASSWORD=bench

@@ -17,11 +17,13 @@ pub struct Args {
     /// CA certificate of the server (https).
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// Client certificate and key (mTLS).
+    /// Client certificate (mTLS).
     #[arg(long)]
     cert: Option<PathBuf>,
+    /// Its private key.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Print transfers and snapshots as JSON, one per line.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -30,7 +32,9 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 enum Cmd {
+    /// Start a backup of one or more volumes into one snapshot.
     StartBackup {
+        /// A repository of the daemon's configuration.
         #[arg(long, default_value = "default")]
         repository: String,
         /// What is protected (e.g. vms/web-1).
@@ -42,10 +46,13 @@ enum Cmd {
         /// NAME=PODUID/VOLUME, repeatable: a pod's volume under the kubelet root.
         #[arg(long = "pod-volume", value_name = "NAME=PODUID/VOLUME")]
         pod_volumes: Vec<String>,
+        /// Parent snapshot: an id, a unique prefix, or `latest` (of the group).
         #[arg(long, default_value = "")]
         parent: String,
+        /// Idempotency key: a repeated start with the same id returns the same transfer.
         #[arg(long, default_value = "")]
         request_id: String,
+        /// K=V, repeatable.
         #[arg(long = "tag", value_name = "K=V")]
         tags: Vec<String>,
         /// Upload limit for this transfer, bytes per second.
@@ -55,36 +62,44 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Start a restore of a snapshot's volume onto a device or file.
     StartRestore {
+        /// A repository of the daemon's configuration.
         #[arg(long, default_value = "default")]
         repository: String,
+        /// A snapshot id, a unique prefix, or `latest` (of --group).
         #[arg(long)]
         snapshot: String,
         /// The group `latest` is looked up in.
         #[arg(long, default_value = "")]
         group: String,
+        /// The volume to restore (needed when the snapshot has several).
         #[arg(long, default_value = "")]
         volume: String,
+        /// A block device or a file path (beneath the daemon's allowed roots).
         #[arg(long)]
         target: String,
+        /// Idempotency key: a repeated start with the same id returns the same transfer.
         #[arg(long, default_value = "")]
         request_id: String,
+        /// Follow progress until the transfer ends.
         #[arg(long)]
         watch: bool,
     },
-    Get {
-        id: String,
-    },
-    Watch {
-        id: String,
-    },
-    Cancel {
-        id: String,
-    },
+    /// Show one transfer.
+    Get { id: String },
+    /// Follow a transfer until it ends.
+    Watch { id: String },
+    /// Cancel a transfer (what it uploaded is kept; a rerun resumes).
+    Cancel { id: String },
+    /// List the daemon's transfers.
     List,
+    /// List a repository's snapshots.
     Snapshots {
+        /// A repository of the daemon's configuration.
         #[arg(long, default_value = "default")]
         repository: String,
+        /// Only this group's snapshots.
         #[arg(long, default_value = "")]
         group: String,
     },
