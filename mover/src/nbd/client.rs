@@ -462,7 +462,8 @@ impl NbdClient {
                     Ok(()) => break,
                     Err(Ok((code, msg))) if attempt < self.opts.read_retries && matches!(code, EIO | ENOMEM | ESHUTDOWN) => {
                         attempt += 1;
-                        tracing::warn!("NBD server {}: read of {n} bytes at {base} failed ({} {msg}); trying again ({attempt})", self.uri, error_name(code));
+                        let msg = if msg.is_empty() { String::new() } else { format!(": {msg}") };
+                        tracing::warn!("NBD server {}: read of {n} bytes at {base} failed ({}{msg}); trying again ({attempt})", self.uri, error_name(code));
                         std::thread::sleep(Duration::from_millis(50 << attempt));
                     }
                     Err(Ok((code, msg))) => {
