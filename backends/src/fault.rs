@@ -1,12 +1,16 @@
 //! A fault-injecting wrapper for tests: fails the first N calls, and/or a fraction of
-//! calls, with transient errors, deterministically from a seed. It is a test double for
-//! an unreliable network, named as such; the stores it wraps are real.
+//! calls, with transient errors, deterministically from a seed; holds writes of chosen
+//! objects back (a slow or stalled store); reports chosen writes as failed after they
+//! landed (a reply lost on the way back); or ignores create-only (a store that silently
+//! overwrites). It is a test double for an unreliable network or a non-conforming store,
+//! named as such; the stores it wraps are real.
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use mover_format::storage::{ErrorKind, ListPage, PutOutcome, Storage, StorageError};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug)]
@@ -18,6 +22,13 @@ pub struct FaultyStorage {
     seed: u64,
     calls: AtomicU64,
     injected: AtomicU64,
+    /// Puts of names with one of these prefixes wait this long before reaching the store;
+    /// a put dropped while it waits never happens.
+    delays: Mutex<Vec<(String, Duration)>>,
+    /// Puts of names with one of these prefixes land, then fail (that many times).
+    lost_replies: Mutex<Vec<(String, u64)>>,
+    /// Puts overwrite an existing object and report it created.
+    overwrite: AtomicBool,
 }
 
 impl FaultyStorage {
@@ -29,6 +40,52 @@ impl FaultyStorage {
             seed,
             calls: AtomicU64::new(0),
             injected: AtomicU64::new(0),
+            delays: Mutex::new(Vec::new()),
+            lost_replies: Mutex::new(Vec::new()),
+            overwrite: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on, puts of objects whose names start with `prefix` wait `delay` first.
+    pub fn delay_puts(&self, prefix: &str, delay: Duration) {
+        if let Ok(mut d) = self.delays.lock() {
+            d.push((prefix.to_string(), delay));
+        }
+    }
+
+    /// No more delays.
+    pub fn clear_delays(&self) {
+        if let Ok(mut d) = self.delays.lock() {
+            d.clear();
+        }
+    }
+
+    /// The next `times` puts of objects whose names start with `prefix` land in the store
+    /// and are then reported as failed (transient).
+    pub fn lose_put_replies(&self, prefix: &str, times: u64) {
+        if let Ok(mut l) = self.lost_replies.lock() {
+            l.push((prefix.to_string(), times));
+        }
+    }
+
+    /// Makes every put overwrite what exists and report it created (a store that ignores
+    /// create-only writes).
+    pub fn ignore_create_only(&self) {
+        self.overwrite.store(true, Ordering::Relaxed);
+    }
+
+    fn delay_for(&self, name: &str) -> Option<Duration> {
+        self.delays.lock().ok()?.iter().filter(|(p, _)| name.starts_with(p.as_str())).map(|(_, d)| *d).max()
+    }
+
+    fn lose_reply(&self, name: &str) -> bool {
+        let Ok(mut l) = self.lost_replies.lock() else { return false };
+        match l.iter_mut().find(|(p, n)| name.starts_with(p.as_str()) && *n > 0) {
+            Some((_, n)) => {
+                *n -= 1;
+                true
+            }
+            None => false,
         }
     }
 
@@ -56,7 +113,21 @@ impl Storage for FaultyStorage {
     }
     async fn put(&self, name: &str, data: Bytes, cancel: &CancellationToken) -> Result<PutOutcome, StorageError> {
         self.maybe_fail("writing", name)?;
-        self.inner.put(name, data, cancel).await
+        if let Some(d) = self.delay_for(name) {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = cancel.cancelled() => return Err(StorageError::cancelled("writing", name, self.inner.location())),
+            }
+        }
+        if self.overwrite.load(Ordering::Relaxed) {
+            self.inner.delete(name, cancel).await?;
+        }
+        let out = self.inner.put(name, data, cancel).await?;
+        if self.lose_reply(name) {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(StorageError::new(ErrorKind::Transient, "writing", name, self.inner.location(), "injected fault after the write landed (test)"));
+        }
+        Ok(out)
     }
     async fn get(&self, name: &str, max_len: u64, cancel: &CancellationToken) -> Result<Bytes, StorageError> {
         self.maybe_fail("reading", name)?;

@@ -11,8 +11,10 @@ pub mod instrumented;
 pub mod local;
 pub mod s3;
 
-use mover_format::storage::Storage;
-use std::sync::Arc;
+use mover_format::storage::{PutOutcome, Storage, StorageError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio_util::sync::CancellationToken;
 
 pub use local::LocalStorage;
 pub use s3::{S3Options, S3Storage};
@@ -51,4 +53,80 @@ pub async fn open(url: &str, s3: &S3Endpoint) -> Result<Arc<dyn Storage>, UrlErr
     } else {
         Ok(Arc::new(LocalStorage::new(url)))
     }
+}
+
+/// Opening a store failed: a URL Mover does not know, or a store that does not keep the
+/// contract (create-only writes) or cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    #[error(transparent)]
+    Store(#[from] StorageError),
+}
+
+/// [`open`], then — for an S3 store, once per process and store — [`verify_create_only`].
+/// A local directory needs no probe: its create-only write is a hard link, which the
+/// kernel refuses onto an existing name.
+pub async fn open_verified(url: &str, s3: &S3Endpoint, cancel: &CancellationToken) -> Result<Arc<dyn Storage>, OpenError> {
+    let storage = open(url, s3).await?;
+    if url.starts_with("s3://") {
+        let key = format!("{}|{url}", s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()).unwrap_or_default());
+        verify_create_only_cached(&*storage, &key, cancel).await?;
+    }
+    Ok(storage)
+}
+
+/// Stores that passed [`verify_create_only`] in this process.
+fn verified() -> &'static Mutex<HashMap<String, ()>> {
+    static V: OnceLock<Mutex<HashMap<String, ()>>> = OnceLock::new();
+    V.get_or_init(Default::default)
+}
+
+/// [`verify_create_only`] unless `key` passed it before in this process.
+pub async fn verify_create_only_cached(storage: &dyn Storage, key: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
+    if verified().lock().map(|v| v.contains_key(key)).unwrap_or(false) {
+        return Ok(());
+    }
+    verify_create_only(storage, cancel).await?;
+    if let Ok(mut v) = verified().lock() {
+        v.insert(key.to_string(), ());
+    }
+    Ok(())
+}
+
+/// Checks that the store honours create-only writes: every invariant of the repository
+/// (immutable objects, lock refreshes, gc records) rests on a write never replacing an
+/// existing object. Writes a probe object, writes it again with other bytes — which must be
+/// refused — reads it back, and deletes it. A store that overwrites is refused with an
+/// error that says so.
+pub async fn verify_create_only(storage: &dyn Storage, cancel: &CancellationToken) -> Result<(), StorageError> {
+    let name = mover_format::names::probe(&hex::encode(rand::random::<[u8; 8]>()));
+    let refuse = |what: &str| {
+        StorageError::new(
+            mover_format::storage::ErrorKind::Permanent,
+            "checking create-only writes",
+            &name,
+            storage.location(),
+            format!(
+                "{what}: the store does not honour create-only writes (S3 `If-None-Match: *`), which every repository invariant rests on; use a store that does (AWS S3, Ceph RGW ≥ 18, MinIO, SeaweedFS)"
+            ),
+        )
+    };
+    let first = bytes::Bytes::from_static(b"first");
+    let r = async {
+        if storage.put(&name, first.clone(), cancel).await? != PutOutcome::Created {
+            return Err(refuse("a new probe object was reported as existing"));
+        }
+        if storage.put(&name, bytes::Bytes::from_static(b"second"), cancel).await? != PutOutcome::Existed {
+            return Err(refuse("a second write of the same name was accepted"));
+        }
+        if storage.get(&name, 64, cancel).await? != first {
+            return Err(refuse("a refused second write replaced the object"));
+        }
+        Ok(())
+    }
+    .await;
+    let _ = storage.delete(&name, cancel).await;
+    r
 }

@@ -13,6 +13,23 @@ fn local(dir: &tempfile::TempDir) -> Arc<dyn Storage> {
     Arc::new(LocalStorage::new(dir.path().join("repo")))
 }
 
+/// `init` over a store whose replies to the key file's and the config's writes are lost
+/// after the writes landed: it succeeds, and the repository opens with the password.
+async fn init_survives_lost_replies(real: Arc<dyn Storage>) {
+    use mover_format::crypto::KdfParams;
+    use mover_format::{InitOptions, Repository};
+    let c = CancellationToken::new();
+    let f = Arc::new(FaultyStorage::new(real.clone(), 0, 0.0, 1));
+    f.lose_put_replies("config", 1);
+    f.lose_put_replies("keys/", 1);
+    let opts = InitOptions { kdf: KdfParams::insecure_for_tests(), ..Default::default() };
+    let made = Repository::init(f.clone(), b"pw", opts, &c).await.unwrap();
+    assert_eq!(f.injected(), 2, "both replies were lost");
+    let opened = Repository::open(real.clone(), b"pw", &c).await.unwrap();
+    assert_eq!(opened.config().id, made.config().id);
+    assert_eq!(mover_format::storage::list_all(&*real, "keys/", &c).await.unwrap().len(), 1, "one key file, kept");
+}
+
 mod local {
     use super::*;
 
@@ -50,6 +67,27 @@ mod local {
     }
 
     #[tokio::test]
+    async fn a_store_that_overwrites_is_refused_and_a_conforming_one_passes() {
+        let d = tempfile::tempdir().unwrap();
+        let c = CancellationToken::new();
+        mover_backends::verify_create_only(&*local(&d), &c).await.unwrap();
+        let bad = FaultyStorage::new(local(&d), 0, 0.0, 1);
+        bad.ignore_create_only();
+        let e = mover_backends::verify_create_only(&bad, &c).await.unwrap_err();
+        assert!(e.to_string().contains("does not honour create-only writes"), "{e}");
+        // The probe leaves nothing behind.
+        assert!(mover_format::storage::list_all(&*local(&d), "probe/", &c).await.unwrap().is_empty());
+    }
+
+    /// `init` whose config write landed but whose reply was lost: the retry finds the
+    /// object, compares its bytes, and the repository opens.
+    #[tokio::test]
+    async fn init_whose_write_landed_but_reply_was_lost_opens() {
+        let d = tempfile::tempdir().unwrap();
+        super::init_survives_lost_replies(local(&d)).await;
+    }
+
+    #[tokio::test]
     async fn fault_wrapper_fails_calls_without_retry() {
         let d = tempfile::tempdir().unwrap();
         let s = FaultyStorage::new(local(&d), 2, 0.0, 1);
@@ -82,6 +120,33 @@ mod s3 {
         h.update(&seed.to_le_bytes());
         h.finalize_xof().fill(&mut v);
         v
+    }
+
+    fn store(prefix: &str) -> S3Options {
+        let (endpoint, bucket) = s3_env();
+        let mut o = S3Options::from_url(&format!("s3://{bucket}/{prefix}-{}", rand_suffix())).unwrap();
+        o.endpoint = Some(endpoint);
+        o
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn create_only_is_verified_at_open_and_an_overwriting_store_is_refused() {
+        let c = CancellationToken::new();
+        let o = store("probe");
+        let url = format!("s3://{}/{}", o.bucket, o.prefix);
+        let ep = mover_backends::S3Endpoint { endpoint: o.endpoint.clone(), region: None };
+        mover_backends::open_verified(&url, &ep, &c).await.unwrap();
+        let real: Arc<dyn Storage> = Arc::new(S3Storage::new(o).await);
+        let bad = FaultyStorage::new(real.clone(), 0, 0.0, 1);
+        bad.ignore_create_only();
+        let e = mover_backends::verify_create_only(&bad, &c).await.unwrap_err();
+        assert!(e.to_string().contains("does not honour create-only writes") && e.to_string().contains(&url), "{e}");
+        assert!(mover_format::storage::list_all(&*real, "probe/", &c).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn init_whose_write_landed_but_reply_was_lost_opens() {
+        super::init_survives_lost_replies(Arc::new(S3Storage::new(store("init")).await)).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -2,8 +2,9 @@
 //!
 //! A backup holds a `backup` lock from before it syncs its index until after its manifest
 //! is written; `gc` and `forget` hold a `gc` lock, and two `gc` locks exclude each other.
-//! A holder refreshes its lock every fifth of its TTL; a holder that could not refresh for
-//! three quarters of its TTL no longer trusts its lease and commits nothing.
+//! A holder refreshes its lock every fifth of its TTL; every commit must complete within
+//! three quarters of the TTL after the last refresh was sent ([`Lease::commit`]), and a
+//! holder past that no longer trusts its lease and commits nothing.
 
 use crate::error::{Error, Result, ResultExt};
 use mover_format::lock::{self, LockInfo, LockKind};
@@ -20,11 +21,20 @@ pub fn default_ttl() -> Duration {
     Duration::from_secs(s.max(2))
 }
 
-/// A cheap handle on a held lock's lease, for stages that commit (index segments, manifest).
+/// A cheap handle on a held lock's lease, for stages that commit (index segments, manifest,
+/// gc records and deletions).
+///
+/// Other nodes consider the lock live until `refreshed + TTL` (their clocks). The holder
+/// measures its lease from when its last successful refresh was *sent* — the earliest the
+/// new `refreshed` time can be — and trusts it for ¾ TTL: every commit must have
+/// *completed* by then ([`Lease::commit`]) or it is abandoned. The last quarter is the
+/// margin for clock differences and for a write the store receives after its client gave
+/// up on it (`docs/gc.md`).
 #[derive(Clone)]
 pub struct Lease {
+    /// When the last successful refresh (or the lock's creation) was sent.
     last_ok: Arc<Mutex<Instant>>,
-    /// Set once a refresh came too late: an expired lease is never revived, since GC may
+    /// Set once the lease was given up: an expired lease is never revived, since GC may
     /// already have acted on its expiry.
     lost: Arc<std::sync::atomic::AtomicBool>,
     ttl: Duration,
@@ -32,18 +42,63 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// The instant by which every commit must have completed.
+    pub fn deadline(&self) -> Instant {
+        let sent = self.last_ok.lock().map(|t| *t).unwrap_or_else(|_| Instant::now() - self.ttl);
+        sent + self.ttl * 3 / 4
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn give_up(&self) {
+        self.lost.store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Fails when the lock may have expired in the eyes of another node.
     pub fn check(&self) -> Result<()> {
-        let age = self.last_ok.lock().map(|t| t.elapsed()).unwrap_or(Duration::MAX);
-        if age > self.ttl * 3 / 4 || self.lost.load(std::sync::atomic::Ordering::Acquire) {
+        if self.lost() || Instant::now() >= self.deadline() {
+            self.give_up();
+            let age = self.last_ok.lock().map(|t| t.elapsed()).unwrap_or(Duration::MAX);
             return Err(Error::transient(format!(
-                "lock {} was last refreshed {:.0} s ago (TTL {} s): the lease may have expired, so nothing more is committed; run the backup again to resume",
+                "lock {} was last refreshed {:.0} s ago (TTL {} s): the lease may have expired, so nothing more is committed; run again to resume",
                 self.id,
                 age.as_secs_f64(),
                 self.ttl.as_secs()
             )));
         }
         Ok(())
+    }
+
+    /// Runs one commit — a write or deletion other nodes act on — so that it completes
+    /// within the lease: started only while the lease holds, and abandoned (dropped, with
+    /// its retries) when the deadline passes first. A refresh that lands meanwhile moves
+    /// the deadline. An abandoned commit gives the lease up and fails as transient; what
+    /// was uploaded before it is kept, so a rerun resumes.
+    pub async fn commit<T, F>(&self, what: &str, fut: F) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T>>,
+    {
+        self.check().with_context(|| format!("not {what}"))?;
+        tokio::pin!(fut);
+        loop {
+            let deadline = self.deadline();
+            tokio::select! {
+                r = &mut fut => return r,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if self.deadline() > deadline && !self.lost() {
+                        continue;
+                    }
+                    self.give_up();
+                    return Err(Error::transient(format!(
+                        "{what} did not complete within the lease of lock {} (¾ of its {} s TTL after its last refresh): abandoned, and nothing more is committed; run again to resume",
+                        self.id,
+                        self.ttl.as_secs()
+                    )));
+                }
+            }
+        }
     }
 }
 
@@ -61,12 +116,20 @@ impl RepoLock {
         let ttl = default_ttl();
         let what = format!("creating {kind} lock in repository {}", repo.location());
         let info = LockInfo::new(kind, ttl.as_secs());
+        let sent = Instant::now();
         repo.write_lock(&info, cancel).await.context(what)?;
-        let lease = Lease { last_ok: Arc::new(Mutex::new(Instant::now())), lost: Default::default(), ttl, id: info.id.clone() };
+        let lease = Lease { last_ok: Arc::new(Mutex::new(sent)), lost: Default::default(), ttl, id: info.id.clone() };
         let info = Arc::new(Mutex::new(info));
         let stop = CancellationToken::new();
         let task = tokio::spawn(refresh_loop(repo.clone(), info.clone(), lease.clone(), stop.clone()));
         Ok(Self { repo: repo.clone(), info, lease, stop, task: Some(task) })
+    }
+
+    /// A `read` lock, for restores, exports and `check`: gc deletes nothing they may still
+    /// read until it is released or expires. Take it *before* resolving the snapshot and
+    /// syncing the index (`docs/gc.md`).
+    pub async fn read(repo: &Repository, cancel: &CancellationToken) -> Result<Self> {
+        Self::acquire(repo, LockKind::Read, cancel).await
     }
 
     /// A `gc` lock, refused while another live `gc` lock exists.
@@ -133,12 +196,14 @@ async fn refresh_loop(repo: Repository, info: Arc<Mutex<LockInfo>>, lease: Lease
         }
         let Ok(cur) = info.lock().map(|i| i.clone()) else { return };
         if lease.check().is_err() {
-            // Too late (the process was stopped, or the store unreachable): give the lease up.
-            lease.lost.store(true, std::sync::atomic::Ordering::Release);
+            // Too late (the process was stopped, or the store unreachable): the lease is given up.
             tracing::warn!("lock {} in repository {} was not refreshed in time; its holder commits nothing more", cur.id, repo.location());
             return;
         }
         let mut next = cur.clone();
+        // The lease is measured from when the refresh was sent, not from when the store
+        // acknowledged it: other nodes see `refreshed_ms`, which is no later than this.
+        let sent = Instant::now();
         next.refreshed_ms = mover_format::now_unix_ms().max(cur.refreshed_ms + 1);
         match repo.write_lock(&next, &stop).await {
             Ok(()) => {
@@ -146,7 +211,7 @@ async fn refresh_loop(repo: Repository, info: Arc<Mutex<LockInfo>>, lease: Lease
                     *i = next;
                 }
                 if let Ok(mut t) = lease.last_ok.lock() {
-                    *t = Instant::now();
+                    *t = (*t).max(sent);
                 }
                 if let Err(e) = repo.delete_object(&cur.object_name(), &stop).await {
                     tracing::warn!("removing superseded lock object {}: {e:#}", cur.object_name());
@@ -183,12 +248,13 @@ fn pid_gone(pid: u32) -> bool {
 }
 
 /// Why a lock no longer protects anything, or `None` while it does: its lease has expired,
-/// or it belongs to a process on this host that no longer exists.
+/// or its process is known to be gone — known only for a process of this machine's boot in
+/// this PID namespace (containers on one node share the host name, not their process ids).
 pub fn staleness(info: &LockInfo, now_ms: u64) -> Option<String> {
     if info.expired(now_ms) {
         return Some(format!("expired {} s ago", (now_ms - info.expires_ms()) / 1000));
     }
-    if info.hostname == mover_format::hostname() && info.pid != std::process::id() && pid_gone(info.pid) {
+    if info.same_process_space() && info.pid != std::process::id() && pid_gone(info.pid) {
         return Some(format!("process {} on this host is gone", info.pid));
     }
     None
@@ -220,6 +286,8 @@ pub async fn list(repo: &Repository, cancel: &CancellationToken) -> Result<Vec<L
                         id: id.clone(),
                         kind: LockKind::Other("unknown".into()),
                         hostname: "unknown".into(),
+                        boot_id: String::new(),
+                        pid_ns: String::new(),
                         pid: 0,
                         created_ms: ms,
                         refreshed_ms: ms,

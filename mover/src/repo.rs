@@ -33,13 +33,18 @@ impl RepoArgs {
         env_password("MOVER_PASSWORD").ok_or_else(|| Error::invalid("no password given: set MOVER_PASSWORD or use --password-file FILE"))
     }
 
-    pub async fn storage(&self) -> Result<Arc<dyn Storage>> {
+    /// The store, checked to honour create-only writes (S3: probed once per process).
+    pub async fn storage(&self, cancel: &CancellationToken) -> Result<Arc<dyn Storage>> {
         let s3 = mover_backends::S3Endpoint { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone() };
-        mover_backends::open(&self.url()?, &s3).await.map_err(|e| Error::invalid(e.to_string()))
+        match mover_backends::open_verified(&self.url()?, &s3, cancel).await {
+            Ok(s) => Ok(s),
+            Err(mover_backends::OpenError::Url(e)) => Err(Error::invalid(e.to_string())),
+            Err(mover_backends::OpenError::Store(e)) => Err(e.into()),
+        }
     }
 
     pub async fn open(&self, cancel: &CancellationToken) -> Result<Repository> {
-        let storage = self.storage().await?;
+        let storage = self.storage(cancel).await?;
         let pw = self.password()?;
         Ok(Repository::open(storage, &pw, cancel).await?)
     }

@@ -42,3 +42,15 @@ pub fn now_unix_ms() -> u64 {
 pub fn hostname() -> String {
     hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
 }
+
+/// This boot of this machine (`/proc/sys/kernel/random/boot_id`); empty where unknown.
+/// Containers on one node share it; a reboot changes it.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// This process's PID namespace (`pid:[4026531836]`); empty where unknown. Process ids
+/// mean something only within one namespace: containers on one node have their own.
+pub fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string()).unwrap_or_default()
+}

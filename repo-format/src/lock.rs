@@ -13,12 +13,15 @@ use crate::file_formats::LOCK_MAGIC;
 use crate::names;
 use serde::{Deserialize, Serialize};
 
-/// What a lock holder does. Backups are what GC waits for; `gc` locks exclude each other.
-/// Stored as a string (`backup`, `gc`); a kind written by a newer Mover is kept as `Other`.
+/// What a lock holder does. GC waits for every live lock but its own before it deletes
+/// what the holder may still use: backups (they may reference it) and readers (restores,
+/// exports, `check`: they may still read it); `gc` locks exclude each other. Stored as a
+/// string (`backup`, `read`, `gc`); a kind written by a newer Mover is kept as `Other`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub enum LockKind {
     Backup,
+    Read,
     Gc,
     Other(String),
 }
@@ -27,6 +30,7 @@ impl LockKind {
     pub fn as_str(&self) -> &str {
         match self {
             LockKind::Backup => "backup",
+            LockKind::Read => "read",
             LockKind::Gc => "gc",
             LockKind::Other(s) => s,
         }
@@ -37,6 +41,7 @@ impl From<String> for LockKind {
     fn from(s: String) -> Self {
         match s.as_str() {
             "backup" => LockKind::Backup,
+            "read" => LockKind::Read,
             "gc" => LockKind::Gc,
             _ => LockKind::Other(s),
         }
@@ -61,6 +66,12 @@ pub struct LockInfo {
     pub id: String,
     pub kind: LockKind,
     pub hostname: String,
+    /// The holder's boot of its machine and PID namespace: `pid` means something only
+    /// where both are the same (empty in locks of older versions: then nothing is known).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pid_ns: String,
     pub pid: u32,
     pub created_ms: u64,
     pub refreshed_ms: u64,
@@ -75,11 +86,23 @@ impl LockInfo {
             id: hex::encode(rand::random::<[u8; 8]>()),
             kind,
             hostname: crate::hostname(),
+            boot_id: crate::boot_id(),
+            pid_ns: crate::pid_namespace(),
             pid: std::process::id(),
             created_ms: now,
             refreshed_ms: now,
             ttl_s,
         }
+    }
+
+    /// Whether this lock's `pid` names a process of this machine's current boot, in the
+    /// caller's PID namespace: only then can "its process is gone" be known.
+    pub fn same_process_space(&self) -> bool {
+        !self.boot_id.is_empty()
+            && !self.pid_ns.is_empty()
+            && self.hostname == crate::hostname()
+            && self.boot_id == crate::boot_id()
+            && self.pid_ns == crate::pid_namespace()
     }
 
     /// The object holding this lock as of its last refresh.

@@ -39,6 +39,15 @@ pub fn gc_ready(record: &str) -> String {
     format!("{GC_PREFIX}{record}.ready")
 }
 
+/// Where a create-only probe writes (`mover_backends::verify_create_only`); nothing
+/// else reads this prefix, and a probe left behind by a killed process is harmless.
+pub const PROBE_PREFIX: &str = "probe/";
+
+/// A create-only probe object.
+pub fn probe(id: &str) -> String {
+    format!("{PROBE_PREFIX}create-only-{id}")
+}
+
 /// The largest object of each kind a reader accepts: a store that serves more is refused
 /// before memory is sized by it. Packs are bounded by the largest pack size `init` allows
 /// (256 MiB) plus a full chunk beyond it and the trailer; gc records carry every entry gc

@@ -46,36 +46,48 @@ impl StoreView {
 /// Reads the store's packs, index segments, gc records and snapshots; what cannot be read
 /// goes into `problems`.
 pub(super) async fn load_view(repo: &Repository, rep: &mut CheckReport, cancel: &CancellationToken) -> Result<StoreView> {
-    let packs: HashMap<PackId, u64> = repo.list_packs(cancel).await?.into_iter().collect();
-    let mut index = HashMap::new();
-    let segs = repo.list_index(cancel).await?;
-    rep.index_segments = segs.len();
-    for id in segs {
-        match repo.read_index(&id, cancel).await {
-            Ok(entries) => {
-                for e in entries {
-                    index.insert(e.id, e.loc);
-                }
-            }
-            Err(e) if e.is_cancelled() => return Err(e.into()),
-            Err(e) => rep.problems.push(format!("{e:#}")),
-        }
-    }
+    // Snapshots first, then gc records, then the index, then packs (the reverse of the
+    // order writers create them): everything a listed snapshot references is in a segment
+    // or record read after it, and every pack a segment names is listed after it.
     let mut snapshots = Vec::new();
     for id in repo.list_snapshot_ids(cancel).await? {
         match repo.read_snapshot(&id, cancel).await {
             Ok(m) => snapshots.push((id, m)),
+            // Forgotten between listing and reading.
+            Err(mover_format::RepoError::NotFound { .. }) => {}
             Err(e) if e.is_cancelled() => return Err(e.into()),
             Err(e) => rep.problems.push(format!("{e:#}")),
         }
     }
-    rep.packs = packs.len();
-    rep.index_entries = index.len();
-    rep.snapshots = snapshots.len();
     let pending = crate::index::pending::entries(repo, cancel).await.unwrap_or_else(|e| {
         rep.problems.push(format!("{e:#}"));
         HashMap::new()
     });
+    let mut index = HashMap::new();
+    // A segment a running gc replaced between listing and reading: its entries are in
+    // segments written before it was deleted, so the index is read again.
+    'read: for attempt in 0.. {
+        index.clear();
+        let segs = repo.list_index(cancel).await?;
+        rep.index_segments = segs.len();
+        for id in segs {
+            match repo.read_index(&id, cancel).await {
+                Ok(entries) => {
+                    for e in entries {
+                        index.insert(e.id, e.loc);
+                    }
+                }
+                Err(mover_format::RepoError::Storage(e)) if e.is_not_found() && attempt < 5 => continue 'read,
+                Err(e) if e.is_cancelled() => return Err(e.into()),
+                Err(e) => rep.problems.push(format!("{e:#}")),
+            }
+        }
+        break;
+    }
+    let packs: HashMap<PackId, u64> = repo.list_packs(cancel).await?.into_iter().collect();
+    rep.packs = packs.len();
+    rep.index_entries = index.len();
+    rep.snapshots = snapshots.len();
     Ok(StoreView { packs, index, pending, snapshots })
 }
 
@@ -152,6 +164,14 @@ impl Visitor for Structure<'_> {
 /// Checks structure; with `read_percent` (1..=100), also downloads that share of the packs
 /// and verifies every blob in them.
 pub async fn check(repo: &Repository, read_percent: Option<u32>, cancel: &CancellationToken) -> Result<CheckReport> {
+    // Under a `read` lock: a concurrent gc deletes nothing this check may still read.
+    let lock = crate::lock::RepoLock::read(repo, cancel).await?;
+    let r = check_locked(repo, read_percent, cancel).await;
+    lock.release().await;
+    r
+}
+
+async fn check_locked(repo: &Repository, read_percent: Option<u32>, cancel: &CancellationToken) -> Result<CheckReport> {
     let mut rep = CheckReport::default();
     let v = load_view(repo, &mut rep, cancel).await?;
     // Index entries against packs.

@@ -151,13 +151,15 @@ pub async fn forget_snapshots(repo: &Repository, ids: &[SnapshotId], cancel: &Ca
             let bytes = repo.get_object(&names::snapshot(id), cancel).await.with_context(|| format!("reading snapshot {id} to forget it"))?;
             forgotten.push((*id, bytes.to_vec()));
         }
+        let lease = me.lease();
         let (record_id, created_ms) = super::gc::new_record_id();
-        repo.write_pending(&record_id, &PendingDeletion { created_ms, forgotten, ..Default::default() }, cancel).await?;
-        for id in ids {
-            repo.delete_object(&names::snapshot(id), cancel).await?;
-        }
+        let record = PendingDeletion { created_ms, forgotten, ..Default::default() };
+        lease.commit("writing the gc record of forgotten snapshots", async { Ok(repo.write_pending(&record_id, &record, cancel).await?) }).await?;
+        let names: Vec<String> = ids.iter().map(names::snapshot).collect();
+        super::gc::delete_objects(repo, &names, &lease, "deleting forgotten snapshots", cancel).await?;
         let live = super::gc::live_locks(repo, &me, cancel).await?;
-        repo.write_ready(&record_id, &super::gc::ready_now(&live), cancel).await?;
+        let ready = super::gc::ready_now(&live);
+        lease.commit("writing the gc record's ready marker", async { Ok(repo.write_ready(&record_id, &ready, cancel).await?) }).await?;
         Ok::<usize, Error>(ids.len())
     }
     .await;

@@ -265,7 +265,6 @@ pub async fn run(repo: &Repository, opts: &GcOptions, cancel: &CancellationToken
 
 async fn run_locked(repo: &Repository, opts: &GcOptions, me: &RepoLock, cancel: &CancellationToken) -> Result<GcReport> {
     let mut rep = GcReport { dry_run: opts.dry_run, ..Default::default() };
-    let lease = me.lease();
     let mut v = View::default();
     // Order matters (docs/gc.md): packs, then index, then records and snapshots; locks last.
     // Manifests parked by `forget` become roots in `sweep`, unless their record is swept.
@@ -284,7 +283,6 @@ async fn run_locked(repo: &Repository, opts: &GcOptions, me: &RepoLock, cancel: 
     }
 
     sweep(repo, &mut v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
-    lease.check()?;
     if let Some(record) = mark(repo, &mut v, &records, opts, me, &mut rep, cancel).await? {
         records.push(record);
         sweep(repo, &mut v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
@@ -315,10 +313,11 @@ async fn sweep(
     let live_ids: HashSet<&str> = live.iter().map(|l| l.info.id.as_str()).collect();
     // A record whose gc was killed before `.ready`: its gc is gone, so the locks live now
     // are a superset of what it must wait for.
+    let lease = me.lease();
     for r in records.iter_mut().filter(|r| r.ready.is_none()) {
         let ready = ready_now(&live);
         if !dry_run {
-            repo.write_ready(&r.id, &ready, cancel).await?;
+            lease.commit("writing a gc record's ready marker", async { Ok(repo.write_ready(&r.id, &ready, cancel).await?) }).await?;
         }
         r.ready = Some(ready);
     }
@@ -357,7 +356,7 @@ async fn sweep(
         let es: Vec<IndexEntry> = resurrect.into_values().collect();
         rep.entries_resurrected += es.len();
         if !dry_run {
-            let id = repo.write_index(&es, cancel).await?;
+            let id = lease.commit("writing the resurrected index entries", async { Ok(repo.write_index(&es, cancel).await?) }).await?;
             v.segments.insert(id);
             rep.index_segments_written += 1;
         }
@@ -365,22 +364,42 @@ async fn sweep(
     }
     let keep: HashSet<PackId> = v.indexed_packs().into_iter().chain(records.iter().flat_map(|r| r.p.packs())).collect();
     for r in &eligible {
+        let mut doomed = Vec::new();
         for p in r.p.packs() {
             if keep.contains(&p) {
                 continue;
             }
             let Some(size) = v.packs.remove(&p) else { continue };
-            if !dry_run {
-                repo.delete_object(&names::pack(&p), cancel).await?;
-            }
+            doomed.push(names::pack(&p));
             rep.packs_deleted += 1;
             rep.bytes_freed += size;
         }
         if !dry_run {
-            repo.delete_object(&names::gc_entries(&r.id), cancel).await?;
-            repo.delete_object(&names::gc_ready(&r.id), cancel).await?;
+            delete_objects(repo, &doomed, &lease, "deleting swept packs", cancel).await?;
+            delete_objects(repo, &[names::gc_entries(&r.id), names::gc_ready(&r.id)], &lease, "deleting a swept gc record", cancel).await?;
         }
         rep.records_swept += 1;
+    }
+    Ok(())
+}
+
+/// Objects deleted per commit, concurrently.
+const DELETE_BATCH: usize = 64;
+
+/// Deletes `names` in batches, each a commit under `lease`: a gc whose lease lapsed deletes
+/// nothing more (another gc may be running by then).
+pub(super) async fn delete_objects(repo: &Repository, names: &[String], lease: &crate::lock::Lease, what: &str, cancel: &CancellationToken) -> Result<()> {
+    use futures::stream::{StreamExt, TryStreamExt};
+    for batch in names.chunks(DELETE_BATCH) {
+        lease
+            .commit(what, async {
+                futures::stream::iter(batch)
+                    .map(|n| async move { repo.delete_object(n, cancel).await.map_err(Error::from) })
+                    .buffer_unordered(16)
+                    .try_collect::<Vec<()>>()
+                    .await
+            })
+            .await?;
     }
     Ok(())
 }
@@ -512,24 +531,23 @@ async fn mark(
         }
     }
     kept.extend(new_entries);
-    me.lease().check()?;
+    let lease = me.lease();
     let mut new_segments = BTreeSet::new();
     for part in kept.chunks(SEGMENT_ENTRIES) {
-        new_segments.insert(repo.write_index(part, cancel).await?);
+        new_segments.insert(lease.commit("writing the new index", async { Ok(repo.write_index(part, cancel).await?) }).await?);
         rep.index_segments_written += 1;
     }
     let (record_id, created_ms) = new_record_id();
     let p = PendingDeletion { created_ms, orphans: orphans.clone(), forgotten: Vec::new(), entries: taken };
-    repo.write_pending(&record_id, &p, cancel).await?;
+    lease.commit("writing the gc record", async { Ok(repo.write_pending(&record_id, &p, cancel).await?) }).await?;
     rep.records_written += 1;
-    for s in v.segments.iter().filter(|s| !new_segments.contains(s)) {
-        repo.delete_object(&names::index(s), cancel).await?;
-        rep.index_segments_deleted += 1;
-    }
+    let old: Vec<String> = v.segments.iter().filter(|s| !new_segments.contains(s)).map(names::index).collect();
+    delete_objects(repo, &old, &lease, "deleting replaced index segments", cancel).await?;
+    rep.index_segments_deleted += old.len();
     // Every backup that may have read the old segments holds a lock now listed.
     let live = live_locks(repo, me, cancel).await?;
     let ready = ready_now(&live);
-    repo.write_ready(&record_id, &ready, cancel).await?;
+    lease.commit("writing the gc record's ready marker", async { Ok(repo.write_ready(&record_id, &ready, cancel).await?) }).await?;
     v.replace_index(new_segments, kept);
     Ok(Some(Record { id: record_id, p, ready: Some(ready) }))
 }

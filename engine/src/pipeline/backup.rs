@@ -295,8 +295,7 @@ async fn run(
         stats,
         duration_ms: started.elapsed().as_millis() as u64,
     };
-    lease.check()?;
-    let snapshot_id = repo.write_snapshot(&manifest, cancel).await?;
+    let snapshot_id = lease.commit("writing the snapshot manifest", async { Ok(repo.write_snapshot(&manifest, cancel).await?) }).await?;
     Ok(BackupSummary {
         snapshot_id,
         group: job.group,

@@ -193,10 +193,11 @@ impl Packer {
         if self.pending.is_empty() {
             return Ok(());
         }
-        if let Some(l) = &self.lease {
-            l.check()?;
-        }
-        let id = self.repo.write_index(&self.pending, &self.cancel).await?;
+        let write = async { Ok(self.repo.write_index(&self.pending, &self.cancel).await?) };
+        let id = match &self.lease {
+            Some(l) => l.commit("writing an index segment", write).await?,
+            None => write.await?,
+        };
         self.index.ingest(Some(&id), &self.pending)?;
         self.claims.release(&self.pending);
         self.index_segments += 1;
@@ -227,11 +228,12 @@ impl Packer {
         if self.pending.is_empty() {
             return Ok(());
         }
-        if let Some(l) = &self.lease {
-            l.check()?;
-        }
         let fresh = CancellationToken::new();
-        let id = self.repo.write_index(&self.pending, &fresh).await?;
+        let write = async { Ok(self.repo.write_index(&self.pending, &fresh).await?) };
+        let id = match &self.lease {
+            Some(l) => l.commit("writing an index segment", write).await?,
+            None => write.await?,
+        };
         self.index.ingest(Some(&id), &self.pending)?;
         self.claims.release(&self.pending);
         self.pending.clear();

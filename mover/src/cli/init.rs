@@ -25,7 +25,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
     if !(0..=22).contains(&a.compression_level) {
         anyhow::bail!("--compression-level {}: must be between 0 (none) and 22", a.compression_level);
     }
-    let storage = ra.storage().await?;
+    let storage = ra.storage(cancel).await?;
     let pw = ra.password()?;
     let kdf = match std::env::var("MOVER_INSECURE_TEST_KDF") {
         Ok(v) if v == "1" => KdfParams::insecure_for_tests(),

@@ -63,7 +63,7 @@ pub async fn run(ra: &RepoArgs, cmd: Cmd, cancel: &CancellationToken) -> anyhow:
         }
         Cmd::Passwd { new_password_file } => {
             let np = new_password(&new_password_file)?;
-            let (old, new) = mover_engine::maint::keys::passwd(&repo, ra.storage().await?, &ra.password()?, &np, KdfParams::default(), cancel).await?;
+            let (old, new) = mover_engine::maint::keys::passwd(&repo, ra.storage(cancel).await?, &ra.password()?, &np, KdfParams::default(), cancel).await?;
             println!("password changed: key {old} replaced by {new}");
         }
     }

@@ -6,8 +6,10 @@ use mover::plan::restore::{RestoreRequest, TargetRef};
 use mover::plan::{Env, NbdPolicy};
 use mover::repo::RepoArgs;
 use mover::sources::file::PathPolicy;
+use mover_engine::lock::RepoLock;
 use mover_engine::pipeline::restore::{restore_volume, RestoreOptions};
 use mover_engine::progress::Progress;
+use mover_format::Repository;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -40,25 +42,36 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         RestoreRequest { snapshot, group: a.group.clone(), volume, target: TargetRef::Path(a.target.clone()), into_directory: true, holes: a.holes.parse()? };
     let env = Env { paths: PathPolicy::Operator, nbd: NbdPolicy::Any, nbd_options: NbdOptions::default(), csi: None, kubevirt_hosts: None };
     let repo = ra.open(cancel).await?;
-    let plan = mover::plan::restore::prepare(req, &env, &repo, cancel).await?;
-    let index = mover_engine::index::with_pending(&repo, mover_engine::index::open_local(&repo, &ra.cache_root()), cancel).await?;
+    // A `read` lock before the snapshot is resolved and the index synced: gc keeps every
+    // pack this restore may still read until it is released.
+    let lock = RepoLock::read(&repo, cancel).await?;
+    let r = restore(&repo, ra, req, &env, &a, cancel).await;
+    lock.release().await;
+    r
+}
+
+async fn restore(repo: &Repository, ra: &RepoArgs, req: RestoreRequest, env: &Env, a: &Args, cancel: &CancellationToken) -> anyhow::Result<()> {
+    let plan = mover::plan::restore::prepare(req, env, repo, cancel).await?;
+    let index = mover_engine::index::with_pending(repo, mover_engine::index::open_local(repo, &ra.cache_root()), cancel).await?;
     let progress = Arc::new(Progress::default());
     let bar = progress_bar(progress.clone(), !a.json, "restore");
     let mut out = Vec::new();
     let opts = RestoreOptions { holes: plan.holes, concurrency: a.concurrency };
+    let mut failed = None;
     for (v, t) in plan.volumes {
-        match restore_volume(&repo, index.clone(), &plan.snapshot, &v, t, &opts, progress.clone(), cancel).await {
+        match restore_volume(repo, index.clone(), &plan.snapshot, &v, t, &opts, progress.clone(), cancel).await {
             Ok(s) => out.push(s),
             Err(e) => {
-                if let Some(h) = &bar {
-                    h.abort();
-                }
-                return Err(e.into());
+                failed = Some(e);
+                break;
             }
         }
     }
     if let Some(h) = bar {
         h.abort();
+    }
+    if let Some(e) = failed {
+        return Err(e.into());
     }
     if a.json {
         let bytes_written: u64 = out.iter().map(|s| s.bytes_written).sum();

@@ -444,16 +444,40 @@ impl Jobs {
             }
             Work::Restore(plan) => {
                 job.set_phase(Phase::SyncingIndex);
-                let index = mover_engine::index::with_pending(&h.repo, h.index.clone(), &job.cancel).await?;
+                // A `read` lock first: gc keeps every pack this restore may still read. The
+                // snapshot was resolved when the request came; it must still exist now that
+                // the lock protects it (a forget in between would otherwise go unnoticed).
+                let lock = mover_engine::lock::RepoLock::read(&h.repo, &job.cancel).await?;
+                let index = match h.repo.read_snapshot(&plan.snapshot, &job.cancel).await {
+                    Ok(_) => mover_engine::index::with_pending(&h.repo, h.index.clone(), &job.cancel).await,
+                    Err(e) => Err(mover_engine::Error::from(e).context("the snapshot was forgotten after the restore was requested")),
+                };
+                let index = match index {
+                    Ok(i) => i,
+                    Err(e) => {
+                        lock.release().await;
+                        return Err(e);
+                    }
+                };
                 job.set_phase(Phase::Restoring);
                 let mut written = (0, 0, 0);
+                let mut result = Ok(());
                 for (volume, target) in plan.volumes {
                     let opts = RestoreOptions { holes: plan.holes, ..Default::default() };
-                    let s = restore_volume(&h.repo, index.clone(), &plan.snapshot, &volume, target, &opts, job.progress.clone(), &job.cancel).await?;
-                    self.metrics.restore_bytes.with_label_values(&["written"]).inc_by(s.bytes_written);
-                    self.metrics.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);
-                    written = (written.0 + volume.size, written.1 + s.bytes_written, written.2 + s.bytes_holes);
+                    match restore_volume(&h.repo, index.clone(), &plan.snapshot, &volume, target, &opts, job.progress.clone(), &job.cancel).await {
+                        Ok(s) => {
+                            self.metrics.restore_bytes.with_label_values(&["written"]).inc_by(s.bytes_written);
+                            self.metrics.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);
+                            written = (written.0 + volume.size, written.1 + s.bytes_written, written.2 + s.bytes_holes);
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
                 }
+                lock.release().await;
+                result?;
                 let r = job.update(|r| {
                     r.snapshot_id = plan.snapshot.to_string();
                     r.stats = Stats {

@@ -107,10 +107,14 @@ impl Daemon {
 
     async fn open_repo(&self, name: &str, e: &RepoEntry) -> Result<RepoHandle> {
         let s3 = mover_backends::S3Endpoint { endpoint: e.s3_endpoint.clone(), region: e.s3_region.clone() };
-        let inner = mover_backends::open(&e.url, &s3).await.map_err(|err| Error::invalid(err.to_string()))?;
+        let c = CancellationToken::new();
+        let inner = match mover_backends::open_verified(&e.url, &s3, &c).await {
+            Ok(s) => s,
+            Err(mover_backends::OpenError::Url(err)) => return Err(Error::invalid(err.to_string())),
+            Err(mover_backends::OpenError::Store(err)) => return Err(err.into()),
+        };
         let storage: Arc<dyn mover_format::storage::Storage> = Arc::new(Instrumented::new(inner, self.metrics.store_observer()));
         let pw = password_for(name, e)?;
-        let c = CancellationToken::new();
         let repo = match Repository::open(storage.clone(), &pw, &c).await {
             Ok(r) => r,
             Err(RepoError::NotInitialised { .. }) if e.init_if_missing => {

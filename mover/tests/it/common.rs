@@ -36,7 +36,19 @@ impl Env {
         self.dir.path().join(p)
     }
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_mover"));
+        self.cmd_in(&[], args)
+    }
+    /// `mover ARGS` run through `wrapper` (e.g. `unshare --pid --fork`), with this
+    /// environment.
+    pub fn cmd_in(&self, wrapper: &[&str], args: &[&str]) -> Command {
+        let mut c = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_mover"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_mover")),
+        };
         c.args(args)
             .args(&self.extra)
             .env("MOVER_REPOSITORY", &self.repo)

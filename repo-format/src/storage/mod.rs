@@ -158,3 +158,56 @@ pub async fn list_all(storage: &dyn Storage, prefix: &str, cancel: &Cancellation
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hostile store's listing (a test double: what a malicious or broken server could
+    /// send): every page hands out `token(n)` as the next token.
+    #[derive(Debug)]
+    struct Looping(fn(u64) -> Option<String>, std::sync::atomic::AtomicU64);
+
+    #[async_trait]
+    impl Storage for Looping {
+        fn location(&self) -> &str {
+            "hostile"
+        }
+        async fn put(&self, _: &str, _: Bytes, _: &CancellationToken) -> Result<PutOutcome, StorageError> {
+            unreachable!()
+        }
+        async fn get(&self, _: &str, _: u64, _: &CancellationToken) -> Result<Bytes, StorageError> {
+            unreachable!()
+        }
+        async fn get_range(&self, _: &str, _: u64, _: u64, _: &CancellationToken) -> Result<Bytes, StorageError> {
+            unreachable!()
+        }
+        async fn head(&self, _: &str, _: &CancellationToken) -> Result<Option<u64>, StorageError> {
+            unreachable!()
+        }
+        async fn list_page(&self, prefix: &str, _: Option<String>, _: &CancellationToken) -> Result<ListPage, StorageError> {
+            let n = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(ListPage { objects: vec![ObjectMeta { name: format!("{prefix}{n}"), size: 1 }], next: (self.0)(n) })
+        }
+        async fn delete(&self, _: &str, _: &CancellationToken) -> Result<(), StorageError> {
+            unreachable!()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listing_that_would_never_end_is_refused() {
+        let c = CancellationToken::new();
+        // The same token again and again.
+        let s = Looping(|_| Some("again".into()), Default::default());
+        let e = list_all(&s, "index/", &c).await.unwrap_err();
+        assert!(e.to_string().contains("repeated a continuation token"), "{e}");
+        assert_eq!(s.1.load(std::sync::atomic::Ordering::Relaxed), 2, "refused at the first repeat");
+        // A token too long to be real.
+        let s = Looping(|_| Some("x".repeat(5000)), Default::default());
+        let e = list_all(&s, "index/", &c).await.unwrap_err();
+        assert!(e.to_string().contains("longer than 4096"), "{e}");
+        // A well-behaved listing of three pages ends.
+        let s = Looping(|n| (n < 2).then(|| format!("t{n}")), Default::default());
+        assert_eq!(list_all(&s, "index/", &c).await.unwrap().len(), 3);
+    }
+}
