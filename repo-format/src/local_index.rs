@@ -1,8 +1,8 @@
 //! The local index: a per-node cache of the union of all index segments, so dedup lookups
 //! never touch the store. The trait lives here so the format crate stays free of RocksDB;
-//! the daemon implements it with RocksDB (`mover::index_cache`), [`MemIndex`] serves tests
-//! and small tools. The cache can be deleted at any time: [`sync`] rebuilds it from
-//! `index/`, [`rebuild_from_packs`] from pack trailers when segments are missing.
+//! the engine implements it with RocksDB (`mover_engine::index::RocksIndex`), [`MemIndex`]
+//! serves tests and small tools. The cache can be deleted at any time: [`sync`] rebuilds it
+//! from `index/`, [`rebuild_from_packs`] from pack trailers when segments are missing.
 
 use crate::error::RepoError;
 use crate::id::{ChunkId, IndexId, PackId};
@@ -12,33 +12,22 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-/// A local index holds one active *generation* of entries. Lookups and [`ChunkIndex::ingest`]
-/// use the active one. When `gc` has removed index segments, [`sync`] builds a new
-/// generation from the segments that remain and then activates it, so entries of deleted
-/// segments disappear without a moment in which lookups see an empty index.
+/// The union of the index segments a node has ingested, kept incrementally: every entry
+/// remembers which segment it came from, so when a `gc` replaces segments, [`sync`]
+/// removes exactly what the vanished ones contributed — an entry another ingested segment
+/// also holds stays — and ingests their replacements, instead of rebuilding everything.
 pub trait ChunkIndex: Send + Sync {
     fn lookup(&self, id: &ChunkId) -> Result<Option<BlobLocation>, RepoError>;
-    /// Records entries in the active generation; when `segment` is given, marks that segment
-    /// ingested in the same atomic write.
-    fn ingest(&self, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
-        self.ingest_into(self.active_generation()?, segment, entries)
-    }
-    /// The segments ingested into the active generation.
+    /// Records entries. With `segment`, as that segment's contribution (removed with it by
+    /// [`ChunkIndex::remove_segment`]) and marks it ingested, atomically; ingesting a
+    /// segment twice changes nothing. Without, the entries stay until the cache is deleted.
+    fn ingest(&self, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError>;
+    /// The segments ingested.
     fn ingested_segments(&self) -> Result<HashSet<IndexId>, RepoError>;
+    /// Removes what `segment` contributed and forgets it; returns the entries removed.
+    fn remove_segment(&self, segment: &IndexId) -> Result<usize, RepoError>;
+    /// Chunks with at least one location.
     fn entry_count(&self) -> Result<u64, RepoError>;
-    fn active_generation(&self) -> Result<u64, RepoError>;
-    /// A new, empty generation next to the active one.
-    fn begin_generation(&self) -> Result<u64, RepoError>;
-    fn ingest_into(&self, generation: u64, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError>;
-    /// Makes `generation` active and drops every older one. A generation older than the
-    /// active one is dropped instead (two syncs rebuilt at once; the newer wins).
-    fn activate(&self, generation: u64) -> Result<(), RepoError>;
-}
-
-#[derive(Default)]
-struct MemGeneration {
-    entries: HashMap<ChunkId, BlobLocation>,
-    segments: HashSet<IndexId>,
 }
 
 /// An in-memory [`ChunkIndex`].
@@ -49,9 +38,11 @@ pub struct MemIndex {
 
 #[derive(Default)]
 struct MemInner {
-    active: u64,
-    next: u64,
-    gens: HashMap<u64, MemGeneration>,
+    /// Per chunk, its locations with the segment (ordinal, 0: none) each came from.
+    entries: HashMap<ChunkId, Vec<(u32, BlobLocation)>>,
+    segments: HashMap<IndexId, u32>,
+    members: HashMap<u32, Vec<ChunkId>>,
+    next: u32,
 }
 
 fn poisoned() -> RepoError {
@@ -66,63 +57,74 @@ impl MemIndex {
 
 impl ChunkIndex for MemIndex {
     fn lookup(&self, id: &ChunkId) -> Result<Option<BlobLocation>, RepoError> {
-        self.with(|m| m.gens.get(&m.active).and_then(|g| g.entries.get(id).copied()))
+        self.with(|m| m.entries.get(id).and_then(|v| v.first()).map(|(_, l)| *l))
+    }
+    fn ingest(&self, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
+        self.with(|m| {
+            let ord = match segment {
+                Some(s) if m.segments.contains_key(s) => return,
+                Some(s) => {
+                    m.next += 1;
+                    m.segments.insert(*s, m.next);
+                    m.next
+                }
+                None => 0,
+            };
+            for e in entries {
+                let v = m.entries.entry(e.id).or_default();
+                if !v.iter().any(|(o, l)| *o == ord && *l == e.loc) {
+                    v.push((ord, e.loc));
+                    if ord != 0 {
+                        m.members.entry(ord).or_default().push(e.id);
+                    }
+                }
+            }
+        })
     }
     fn ingested_segments(&self) -> Result<HashSet<IndexId>, RepoError> {
-        self.with(|m| m.gens.get(&m.active).map(|g| g.segments.clone()).unwrap_or_default())
+        self.with(|m| m.segments.keys().copied().collect())
+    }
+    fn remove_segment(&self, segment: &IndexId) -> Result<usize, RepoError> {
+        self.with(|m| {
+            let Some(ord) = m.segments.remove(segment) else { return 0 };
+            let mut n = 0;
+            for id in m.members.remove(&ord).unwrap_or_default() {
+                if let Some(v) = m.entries.get_mut(&id) {
+                    let before = v.len();
+                    v.retain(|(o, _)| *o != ord);
+                    n += before - v.len();
+                    if v.is_empty() {
+                        m.entries.remove(&id);
+                    }
+                }
+            }
+            n
+        })
     }
     fn entry_count(&self) -> Result<u64, RepoError> {
-        self.with(|m| m.gens.get(&m.active).map(|g| g.entries.len() as u64).unwrap_or(0))
-    }
-    fn active_generation(&self) -> Result<u64, RepoError> {
-        self.with(|m| m.active)
-    }
-    fn begin_generation(&self) -> Result<u64, RepoError> {
-        self.with(|m| {
-            m.next = m.next.max(m.active) + 1;
-            m.gens.insert(m.next, MemGeneration::default());
-            m.next
-        })
-    }
-    fn ingest_into(&self, generation: u64, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
-        self.with(|m| {
-            let g = m.gens.entry(generation).or_default();
-            for e in entries {
-                g.entries.insert(e.id, e.loc);
-            }
-            if let Some(s) = segment {
-                g.segments.insert(*s);
-            }
-        })
-    }
-    fn activate(&self, generation: u64) -> Result<(), RepoError> {
-        self.with(|m| {
-            if generation >= m.active {
-                m.active = generation;
-            }
-            let active = m.active;
-            m.gens.retain(|&g, _| g >= active);
-        })
+        self.with(|m| m.entries.len() as u64)
     }
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SyncReport {
     pub segments_total: usize,
     pub segments_ingested: usize,
     pub entries_ingested: usize,
-    /// Segments this cache had ingested were gone from the store (a `gc` replaced them),
-    /// so a new generation was built from the segments that remain.
-    pub rebuilt: bool,
+    /// Segments this cache had ingested that are gone from the store (a `gc` replaced
+    /// them): what they contributed was removed.
+    pub segments_removed: usize,
+    pub entries_removed: usize,
 }
 
-/// Ingests every index segment in the store that the cache has not seen. When segments the
-/// cache ingested are gone (a `gc` rewrote the index), rebuilds a new generation from what
-/// remains and activates it: entries of deleted segments must not be deduplicated against.
+/// Brings the cache to the union of the index segments in the store: ingests the new ones,
+/// then removes what segments gone from the store had contributed (entries of deleted
+/// segments must not be deduplicated against; new segments first, so a chunk a `gc` only
+/// moved to a new segment is never missing in between).
 pub async fn sync(repo: &Repository, index: &dyn ChunkIndex, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
     // A segment deleted between listing and reading means a gc replaced it just now: list
     // again, which shows its replacement. Back off between attempts so that gc runs in
-    // quick succession (each rewrites the index) cannot starve the sync.
+    // quick succession cannot starve the sync.
     let mut last = None;
     for attempt in 0..8u32 {
         match sync_once(repo, index, cancel).await {
@@ -143,23 +145,15 @@ async fn sync_once(repo: &Repository, index: &dyn ChunkIndex, cancel: &Cancellat
     let all = repo.list_index(cancel).await?;
     let listed: HashSet<IndexId> = all.iter().copied().collect();
     let mut rep = SyncReport { segments_total: all.len(), ..Default::default() };
-    if have.iter().any(|s| !listed.contains(s)) {
-        let g = index.begin_generation()?;
-        for id in &all {
-            let entries = repo.read_index(id, cancel).await?;
-            index.ingest_into(g, Some(id), &entries)?;
-            rep.segments_ingested += 1;
-            rep.entries_ingested += entries.len();
-        }
-        index.activate(g)?;
-        rep.rebuilt = true;
-        return Ok(rep);
-    }
     for id in all.iter().filter(|id| !have.contains(id)) {
         let entries = repo.read_index(id, cancel).await?;
         index.ingest(Some(id), &entries)?;
         rep.segments_ingested += 1;
         rep.entries_ingested += entries.len();
+    }
+    for id in have.iter().filter(|s| !listed.contains(s)) {
+        rep.entries_removed += index.remove_segment(id)?;
+        rep.segments_removed += 1;
     }
     Ok(rep)
 }

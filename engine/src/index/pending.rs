@@ -107,16 +107,10 @@ impl ChunkIndex for Fallback {
     fn entry_count(&self) -> Result<u64, RepoError> {
         self.primary.entry_count()
     }
-    fn active_generation(&self) -> Result<u64, RepoError> {
-        self.primary.active_generation()
+    fn ingest(&self, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
+        self.primary.ingest(segment, entries)
     }
-    fn begin_generation(&self) -> Result<u64, RepoError> {
-        self.primary.begin_generation()
-    }
-    fn ingest_into(&self, generation: u64, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
-        self.primary.ingest_into(generation, segment, entries)
-    }
-    fn activate(&self, generation: u64) -> Result<(), RepoError> {
-        self.primary.activate(generation)
+    fn remove_segment(&self, segment: &IndexId) -> Result<usize, RepoError> {
+        self.primary.remove_segment(segment)
     }
 }

@@ -73,6 +73,8 @@ pub struct GcReport {
     pub entries_resurrected: usize,
     pub index_segments_deleted: usize,
     pub index_segments_written: usize,
+    /// Index segments the mark left as they were (nothing in them changed).
+    pub index_segments_kept: usize,
     pub stale_locks_removed: usize,
     /// What the mark decided, pack by pack.
     pub plan: Vec<PlannedPack>,
@@ -108,40 +110,76 @@ pub struct PlannedPack {
     pub referenced_bytes: u64,
 }
 
-/// What GC knows about the repository; only grows while it runs.
+/// The index as gc read it: every entry with the segment it is in.
 #[derive(Default)]
-struct View {
-    packs: HashMap<PackId, u64>,
+struct IndexView {
     segments: BTreeSet<IndexId>,
+    /// Segment of each entry: an index into `seg_ids`.
+    seg_ids: Vec<IndexId>,
     entries: Vec<IndexEntry>,
+    entry_seg: Vec<u32>,
     first: HashMap<ChunkId, BlobLocation>,
-    snapshots: HashSet<SnapshotId>,
-    reachable: HashSet<ChunkId>,
 }
 
-impl View {
-    fn add_entries(&mut self, es: &[IndexEntry]) {
+impl IndexView {
+    fn add(&mut self, segment: IndexId, es: &[IndexEntry]) {
+        let n = self.seg_ids.len() as u32;
+        self.seg_ids.push(segment);
+        self.segments.insert(segment);
         for e in es {
             self.first.entry(e.id).or_insert(e.loc);
         }
         self.entries.extend_from_slice(es);
+        self.entry_seg.extend(std::iter::repeat_n(n, es.len()));
     }
 
-    fn replace_index(&mut self, segments: BTreeSet<IndexId>, entries: Vec<IndexEntry>) {
-        self.segments = segments;
-        self.entries.clear();
-        self.first.clear();
-        self.add_entries(&entries);
+    /// Drops the segments in `gone` and what they held.
+    fn remove(&mut self, gone: &HashSet<IndexId>) {
+        let old = std::mem::take(self);
+        let mut by_seg: Vec<Vec<IndexEntry>> = vec![Vec::new(); old.seg_ids.len()];
+        for (e, s) in old.entries.into_iter().zip(old.entry_seg) {
+            by_seg[s as usize].push(e);
+        }
+        for (id, es) in old.seg_ids.into_iter().zip(by_seg) {
+            if !gone.contains(&id) {
+                self.add(id, &es);
+            }
+        }
     }
 
-    fn indexed_packs(&self) -> HashSet<PackId> {
+    fn packs(&self) -> HashSet<PackId> {
         self.entries.iter().map(|e| e.loc.pack).collect()
     }
 
     /// Reads index segments not seen yet. An unreadable segment stops GC: its packs would
     /// look unindexed.
+    async fn refresh(&mut self, repo: &Repository, cancel: &CancellationToken) -> Result<()> {
+        for id in repo.list_index(cancel).await? {
+            if self.segments.contains(&id) {
+                continue;
+            }
+            let es = repo
+                .read_index(&id, cancel)
+                .await
+                .context("gc deletes nothing while an index segment is unreadable (run `mover check`, then `mover index rebuild`)")?;
+            self.add(id, &es);
+        }
+        Ok(())
+    }
+}
+
+/// What GC knows about the repository; only grows while it runs.
+#[derive(Default)]
+struct View {
+    packs: HashMap<PackId, u64>,
+    idx: IndexView,
+    snapshots: HashSet<SnapshotId>,
+    reachable: HashSet<ChunkId>,
+}
+
+impl View {
     async fn refresh_index(&mut self, repo: &Repository, cancel: &CancellationToken) -> Result<()> {
-        refresh_index(repo, &mut self.segments, &mut self.entries, &mut self.first, cancel).await
+        self.idx.refresh(repo, cancel).await
     }
 
     /// Reads snapshots not seen yet and marks what they reference.
@@ -171,8 +209,8 @@ impl View {
         pending: &HashMap<ChunkId, BlobLocation>,
         cancel: &CancellationToken,
     ) -> Result<()> {
-        let View { packs: _, segments, entries, first, snapshots: _, reachable } = self;
-        let mut trees = GcTrees { repo, segments, entries, first, pending, cancel };
+        let View { packs: _, idx, snapshots: _, reachable } = self;
+        let mut trees = GcTrees { repo, idx, pending, cancel };
         walk::snapshot(&mut trees, &mut Mark(reachable), sid, m).await?;
         Ok(())
     }
@@ -202,9 +240,7 @@ impl Visitor for Mark<'_> {
 /// after it names a blob it does not know) or in unswept records; any failure stops gc.
 struct GcTrees<'a> {
     repo: &'a Repository,
-    segments: &'a mut BTreeSet<IndexId>,
-    entries: &'a mut Vec<IndexEntry>,
-    first: &'a mut HashMap<ChunkId, BlobLocation>,
+    idx: &'a mut IndexView,
     pending: &'a HashMap<ChunkId, BlobLocation>,
     cancel: &'a CancellationToken,
 }
@@ -212,11 +248,11 @@ struct GcTrees<'a> {
 #[async_trait::async_trait]
 impl Trees for GcTrees<'_> {
     async fn blob(&mut self, id: &ChunkId, what: &str) -> Result<Option<Vec<u8>>> {
-        if !self.first.contains_key(id) && !self.pending.contains_key(id) {
+        if !self.idx.first.contains_key(id) && !self.pending.contains_key(id) {
             // A snapshot written after the index was read: its segments are there by now.
-            refresh_index(self.repo, self.segments, self.entries, self.first, self.cancel).await?;
+            self.idx.refresh(self.repo, self.cancel).await?;
         }
-        let loc = self.first.get(id).or_else(|| self.pending.get(id)).ok_or_else(|| {
+        let loc = self.idx.first.get(id).or_else(|| self.pending.get(id)).ok_or_else(|| {
             Error::corrupt(format!(
                 "{what}: blob is in no index segment of repository {}; gc deletes nothing until `mover index rebuild` has indexed every pack",
                 self.repo.location()
@@ -225,31 +261,6 @@ impl Trees for GcTrees<'_> {
         let b = self.repo.read_blob(id, loc, self.cancel).await.with_context(|| format!("{what}; gc deletes nothing while a referenced blob is unreadable"))?;
         Ok(Some(b))
     }
-}
-
-/// Reads index segments not in `segments` yet into `entries`/`first`.
-async fn refresh_index(
-    repo: &Repository,
-    segments: &mut BTreeSet<IndexId>,
-    entries: &mut Vec<IndexEntry>,
-    first: &mut HashMap<ChunkId, BlobLocation>,
-    cancel: &CancellationToken,
-) -> Result<()> {
-    for id in repo.list_index(cancel).await? {
-        if segments.contains(&id) {
-            continue;
-        }
-        let es = repo
-            .read_index(&id, cancel)
-            .await
-            .context("gc deletes nothing while an index segment is unreadable (run `mover check`, then `mover index rebuild`)")?;
-        for e in &es {
-            first.entry(e.id).or_insert(e.loc);
-        }
-        entries.extend_from_slice(&es);
-        segments.insert(id);
-    }
-    Ok(())
 }
 
 /// Runs GC: sweep what earlier runs left, mark, sweep again. Holds the `gc` lock throughout.
@@ -347,7 +358,7 @@ async fn sweep(
     let mut resurrect: HashMap<ChunkId, IndexEntry> = HashMap::new();
     for r in &eligible {
         for e in &r.p.entries {
-            if v.reachable.contains(&e.id) && !v.first.contains_key(&e.id) && v.packs.contains_key(&e.loc.pack) {
+            if v.reachable.contains(&e.id) && !v.idx.first.contains_key(&e.id) && v.packs.contains_key(&e.loc.pack) {
                 resurrect.entry(e.id).or_insert(*e);
             }
         }
@@ -355,14 +366,15 @@ async fn sweep(
     if !resurrect.is_empty() {
         let es: Vec<IndexEntry> = resurrect.into_values().collect();
         rep.entries_resurrected += es.len();
-        if !dry_run {
-            let id = lease.commit("writing the resurrected index entries", async { Ok(repo.write_index(&es, cancel).await?) }).await?;
-            v.segments.insert(id);
+        let id = if dry_run {
+            IndexId([0; 32])
+        } else {
             rep.index_segments_written += 1;
-        }
-        v.add_entries(&es);
+            lease.commit("writing the resurrected index entries", async { Ok(repo.write_index(&es, cancel).await?) }).await?
+        };
+        v.idx.add(id, &es);
     }
-    let keep: HashSet<PackId> = v.indexed_packs().into_iter().chain(records.iter().flat_map(|r| r.p.packs())).collect();
+    let keep: HashSet<PackId> = v.idx.packs().into_iter().chain(records.iter().flat_map(|r| r.p.packs())).collect();
     for r in &eligible {
         let mut doomed = Vec::new();
         for p in r.p.packs() {
@@ -417,7 +429,7 @@ async fn mark(
     // One location per chunk: the pack with the most referenced bytes wins.
     let mut by_pack: HashMap<PackId, Vec<IndexEntry>> = HashMap::new();
     let mut seen: HashSet<(ChunkId, PackId)> = HashSet::new();
-    for e in &v.entries {
+    for e in &v.idx.entries {
         if seen.insert((e.id, e.loc.pack)) {
             by_pack.entry(e.loc.pack).or_default().push(*e);
         }
@@ -425,7 +437,7 @@ async fn mark(
     let naive: HashMap<PackId, u64> =
         by_pack.iter().map(|(p, es)| (*p, es.iter().filter(|e| v.reachable.contains(&e.id)).map(|e| e.loc.stored_len as u64).sum())).collect();
     let mut home: HashMap<ChunkId, PackId> = HashMap::new();
-    for e in &v.entries {
+    for e in &v.idx.entries {
         let better = match home.get(&e.id) {
             None => true,
             Some(cur) => naive.get(&e.loc.pack) > naive.get(cur) || (naive.get(&e.loc.pack) == naive.get(cur) && e.loc.pack < *cur),
@@ -448,8 +460,6 @@ async fn mark(
         }
     }
     let orphans: Vec<PackId> = v.packs.keys().filter(|p| !by_pack.contains_key(p) && !held_packs.contains(p)).copied().collect();
-    let present = v.entries.iter().filter(|e| v.packs.contains_key(&e.loc.pack)).map(|e| (e.id, e.loc.pack)).collect::<HashSet<_>>().len();
-    let duplicates = present != home.len();
     for (list, action) in [(&drop_packs, PackAction::Delete), (&repack, PackAction::Repack), (&orphans, PackAction::Unindexed)] {
         for p in list.iter() {
             rep.plan.push(PlannedPack { pack: *p, action, size: v.packs[p], referenced_bytes: live_of.get(p).copied().unwrap_or(0) });
@@ -458,7 +468,7 @@ async fn mark(
     rep.packs_unreferenced += drop_packs.len();
     rep.packs_repacked += repack.len();
     rep.packs_unindexed += orphans.len();
-    if drop_packs.is_empty() && repack.is_empty() && orphans.is_empty() && !duplicates {
+    if drop_packs.is_empty() && repack.is_empty() && orphans.is_empty() {
         return Ok(None);
     }
     if opts.dry_run {
@@ -515,40 +525,49 @@ async fn mark(
     rep.packs_repacked -= failed_repack.len();
     let going: HashSet<PackId> = drop_packs.iter().copied().chain(repacked.iter().copied()).collect();
 
-    // The new index: every entry of the packs that stay (one per chunk), and the copies.
-    let mut kept: Vec<IndexEntry> = Vec::new();
-    let mut emitted: HashSet<ChunkId> = new_entries.iter().map(|e| e.id).collect();
+    // Only the segments that name a pack that goes are rewritten — without those entries,
+    // plus the copies; every other segment stays as it is, so nodes' local indexes re-read
+    // only what changed (`local_index::sync`).
+    let mut dirty: HashSet<u32> = HashSet::new();
     let mut taken: Vec<IndexEntry> = Vec::new();
-    for e in &v.entries {
+    for (e, s) in v.idx.entries.iter().zip(&v.idx.entry_seg) {
         if going.contains(&e.loc.pack) {
+            dirty.insert(*s);
             taken.push(*e);
-        } else if v.packs.contains_key(&e.loc.pack) && home.get(&e.id).is_none_or(|h| h == &e.loc.pack || !v.reachable.contains(&e.id)) && emitted.insert(e.id)
-        {
-            kept.push(*e);
-        } else if !v.packs.contains_key(&e.loc.pack) {
-            // An entry for a missing pack stays as it is, for `check` to report.
-            kept.push(*e);
         }
     }
-    kept.extend(new_entries);
+    let mut rewritten: Vec<IndexEntry> = Vec::new();
+    let mut seen: HashSet<(ChunkId, PackId)> = HashSet::new();
+    for (e, s) in v.idx.entries.iter().zip(&v.idx.entry_seg) {
+        if dirty.contains(s) && !going.contains(&e.loc.pack) && seen.insert((e.id, e.loc.pack)) {
+            rewritten.push(*e);
+        }
+    }
+    rewritten.extend(new_entries);
+    let replaced: HashSet<IndexId> = dirty.iter().map(|s| v.idx.seg_ids[*s as usize]).collect();
     let lease = me.lease();
-    let mut new_segments = BTreeSet::new();
-    for part in kept.chunks(SEGMENT_ENTRIES) {
-        new_segments.insert(lease.commit("writing the new index", async { Ok(repo.write_index(part, cancel).await?) }).await?);
+    let mut new_segments = Vec::new();
+    for part in rewritten.chunks(SEGMENT_ENTRIES) {
+        let id = lease.commit("writing the new index", async { Ok(repo.write_index(part, cancel).await?) }).await?;
+        new_segments.push((id, part.to_vec()));
         rep.index_segments_written += 1;
     }
+    rep.index_segments_kept += v.idx.segments.len() - replaced.len();
     let (record_id, created_ms) = new_record_id();
     let p = PendingDeletion { created_ms, orphans: orphans.clone(), forgotten: Vec::new(), entries: taken };
     lease.commit("writing the gc record", async { Ok(repo.write_pending(&record_id, &p, cancel).await?) }).await?;
     rep.records_written += 1;
-    let old: Vec<String> = v.segments.iter().filter(|s| !new_segments.contains(s)).map(names::index).collect();
+    let old: Vec<String> = replaced.iter().filter(|s| !new_segments.iter().any(|(n, _)| n == *s)).map(names::index).collect();
     delete_objects(repo, &old, &lease, "deleting replaced index segments", cancel).await?;
     rep.index_segments_deleted += old.len();
     // Every backup that may have read the old segments holds a lock now listed.
     let live = live_locks(repo, me, cancel).await?;
     let ready = ready_now(&live);
     lease.commit("writing the gc record's ready marker", async { Ok(repo.write_ready(&record_id, &ready, cancel).await?) }).await?;
-    v.replace_index(new_segments, kept);
+    v.idx.remove(&replaced);
+    for (id, es) in &new_segments {
+        v.idx.add(*id, es);
+    }
     Ok(Some(Record { id: record_id, p, ready: Some(ready) }))
 }
 

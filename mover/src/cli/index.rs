@@ -24,17 +24,16 @@ pub async fn run(ra: &RepoArgs, cmd: Cmd, cancel: &CancellationToken) -> anyhow:
         Cmd::Sync { json } => {
             let (path, r) = mover_engine::maint::index::sync(&repo, &ra.cache_root(), cancel).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"segments_total": r.segments_total, "segments_ingested": r.segments_ingested, "entries_ingested": r.entries_ingested})
-                );
+                println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "index {}: {} segments in the store, {} new, {} entries added",
+                    "index {}: {} segments in the store, {} new ({} entries added), {} gone ({} entries removed)",
                     path.display(),
                     r.segments_total,
                     r.segments_ingested,
-                    r.entries_ingested
+                    r.entries_ingested,
+                    r.segments_removed,
+                    r.entries_removed
                 );
             }
         }

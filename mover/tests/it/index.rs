@@ -26,3 +26,47 @@ fn deleted_cache_and_deleted_index_segments_are_rebuilt() {
     e.ok(&["restore", s["snapshot_id"].as_str().unwrap(), out.to_str().unwrap()]);
     assert_eq!(hash(&src), hash(&out));
 }
+
+/// After a gc, a node's local index re-reads only the segments gc wrote and removes what
+/// the replaced ones contributed — no rebuild — and ends as a cache built from scratch
+/// would: deleted data is not deduplicated against, everything left restores.
+#[test]
+fn after_gc_a_node_reads_only_the_segments_gc_rewrote() {
+    let e = Env::new();
+    let mut disks = Vec::new();
+    for i in 0..6u64 {
+        let p = e.path(&format!("disk{i}.img"));
+        make_volume(&p, 8 << 20, 40 + i);
+        let r = e.json(&["backup", "--volume", &format!("disk={}", p.display()), "--group", &format!("vm{i}")]);
+        disks.push((p, r["snapshot_id"].as_str().unwrap().to_string()));
+    }
+    // vm0's disk is rewritten; its first snapshot is forgotten and gc frees its packs.
+    let old0 = std::fs::read(&disks[0].0).unwrap();
+    std::fs::write(&disks[0].0, noise(99, 8 << 20)).unwrap();
+    let now0 = e.json(&["backup", "--volume", &format!("disk={}", disks[0].0.display()), "--group", "vm0"]);
+    disks[0].1 = now0["snapshot_id"].as_str().unwrap().to_string();
+    let before = e.json(&["index", "sync"]);
+    assert_eq!(before["segments_ingested"], 0, "the backups ingested their own segments: {before}");
+    e.ok(&["forget", "--group", "vm0", "--keep-last", "1"]);
+    let g = e.json(&["gc"]);
+    assert!(g["packs_deleted"].as_u64().unwrap() > 0, "{g}");
+    assert!(g["index_segments_kept"].as_u64().unwrap() >= 6, "the other VMs' segments stay as they are: {g}");
+    let s = e.json(&["index", "sync"]);
+    assert_eq!(s["segments_removed"], g["index_segments_deleted"], "{s} after {g}");
+    assert_eq!(s["segments_ingested"], g["index_segments_written"], "only what gc wrote is read: {s} after {g}");
+    assert!(s["entries_removed"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["segments_ingested"].as_u64().unwrap() * 2 < s["segments_total"].as_u64().unwrap(), "{s}");
+    // Deleted data is not deduplicated against: backed up again, it is uploaded again.
+    let back = e.path("old0.img");
+    std::fs::write(&back, &old0).unwrap();
+    let r = e.json(&["backup", "--volume", &format!("disk={}", back.display()), "--group", "vm0-old"]);
+    assert!(r["bytes_new"].as_u64().unwrap() > 4 << 20, "{r}");
+    for (p, id) in &disks {
+        let out = e.path("out.img");
+        let _ = std::fs::remove_file(&out);
+        e.ok(&["restore", id, out.to_str().unwrap()]);
+        assert_eq!(hash(&out), hash(p), "{id}");
+    }
+    let c = e.json(&["check", "--read-data"]);
+    assert_eq!(c["problems"].as_array().unwrap().len(), 0, "{c}");
+}
