@@ -16,6 +16,7 @@
 //! Until a record is swept, restores and checks still find its entries
 //! ([`crate::index::with_pending`]). Every step is idempotent, so a killed `gc` is finished by the next.
 
+use super::gc_work::{self, Entries, Reach};
 use crate::error::{Error, Result, ResultExt};
 use crate::index::pending::{self, Record};
 use crate::lock::{self, RepoLock};
@@ -27,7 +28,7 @@ use mover_format::pack::PackBuilder;
 use mover_format::pending::{PendingDeletion, Ready};
 use mover_format::tree::MapEntry;
 use mover_format::{names, ChunkId, IndexId, PackId, Repository, SnapshotId};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use tokio_util::sync::CancellationToken;
 
 /// Entries per index segment GC writes (about 5 MiB each).
@@ -38,11 +39,15 @@ pub struct GcOptions {
     pub dry_run: bool,
     /// Repack a pack when more than this share of its bytes is unreferenced (0.0–1.0).
     pub repack_unused: f64,
+    /// Where gc keeps its working set (every index entry and the reachable set, on disk:
+    /// about 120 bytes per chunk); deleted when gc ends. Default: the system's temporary
+    /// directory.
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for GcOptions {
     fn default() -> Self {
-        Self { dry_run: false, repack_unused: 0.3 }
+        Self { dry_run: false, repack_unused: 0.3, scratch_dir: None }
     }
 }
 
@@ -110,71 +115,13 @@ pub struct PlannedPack {
     pub referenced_bytes: u64,
 }
 
-/// The index as gc read it: every entry with the segment it is in.
-#[derive(Default)]
-struct IndexView {
-    segments: BTreeSet<IndexId>,
-    /// Segment of each entry: an index into `seg_ids`.
-    seg_ids: Vec<IndexId>,
-    entries: Vec<IndexEntry>,
-    entry_seg: Vec<u32>,
-    first: HashMap<ChunkId, BlobLocation>,
-}
-
-impl IndexView {
-    fn add(&mut self, segment: IndexId, es: &[IndexEntry]) {
-        let n = self.seg_ids.len() as u32;
-        self.seg_ids.push(segment);
-        self.segments.insert(segment);
-        for e in es {
-            self.first.entry(e.id).or_insert(e.loc);
-        }
-        self.entries.extend_from_slice(es);
-        self.entry_seg.extend(std::iter::repeat_n(n, es.len()));
-    }
-
-    /// Drops the segments in `gone` and what they held.
-    fn remove(&mut self, gone: &HashSet<IndexId>) {
-        let old = std::mem::take(self);
-        let mut by_seg: Vec<Vec<IndexEntry>> = vec![Vec::new(); old.seg_ids.len()];
-        for (e, s) in old.entries.into_iter().zip(old.entry_seg) {
-            by_seg[s as usize].push(e);
-        }
-        for (id, es) in old.seg_ids.into_iter().zip(by_seg) {
-            if !gone.contains(&id) {
-                self.add(id, &es);
-            }
-        }
-    }
-
-    fn packs(&self) -> HashSet<PackId> {
-        self.entries.iter().map(|e| e.loc.pack).collect()
-    }
-
-    /// Reads index segments not seen yet. An unreadable segment stops GC: its packs would
-    /// look unindexed.
-    async fn refresh(&mut self, repo: &Repository, cancel: &CancellationToken) -> Result<()> {
-        for id in repo.list_index(cancel).await? {
-            if self.segments.contains(&id) {
-                continue;
-            }
-            let es = repo
-                .read_index(&id, cancel)
-                .await
-                .context("gc deletes nothing while an index segment is unreadable (run `mover check`, then `mover index rebuild`)")?;
-            self.add(id, &es);
-        }
-        Ok(())
-    }
-}
-
-/// What GC knows about the repository; only grows while it runs.
-#[derive(Default)]
+/// What GC knows about the repository; only grows while it runs. The index entries and
+/// the reachable set live on disk ([`gc_work`]): memory does not grow with the repository.
 struct View {
     packs: HashMap<PackId, u64>,
-    idx: IndexView,
+    idx: Entries,
     snapshots: HashSet<SnapshotId>,
-    reachable: HashSet<ChunkId>,
+    reach: Reach,
 }
 
 impl View {
@@ -209,29 +156,29 @@ impl View {
         pending: &HashMap<ChunkId, BlobLocation>,
         cancel: &CancellationToken,
     ) -> Result<()> {
-        let View { packs: _, idx, snapshots: _, reachable } = self;
+        let View { packs: _, idx, snapshots: _, reach } = self;
         let mut trees = GcTrees { repo, idx, pending, cancel };
-        walk::snapshot(&mut trees, &mut Mark(reachable), sid, m).await?;
-        Ok(())
+        walk::snapshot(&mut trees, &mut Mark(reach), sid, m).await?;
+        reach.settle()
     }
 }
 
 /// Marks reachable blobs; a group or map already marked is not walked again.
-struct Mark<'a>(&'a mut HashSet<ChunkId>);
+struct Mark<'a>(&'a mut Reach);
 
 impl Visitor for Mark<'_> {
     fn metadata(&mut self, _name: &str, blob: &ChunkId) {
-        self.0.insert(*blob);
+        self.0.insert(blob);
     }
     fn group(&mut self, id: &ChunkId) -> bool {
-        self.0.insert(*id)
+        self.0.insert(id)
     }
     fn map(&mut self, id: &ChunkId, _offset: u64) -> bool {
-        self.0.insert(*id)
+        self.0.insert(id)
     }
     fn chunk(&mut self, e: &MapEntry, _offset: u64, _segment: u64) {
         if let Some(id) = e.chunk() {
-            self.0.insert(id);
+            self.0.insert(&id);
         }
     }
 }
@@ -240,7 +187,7 @@ impl Visitor for Mark<'_> {
 /// after it names a blob it does not know) or in unswept records; any failure stops gc.
 struct GcTrees<'a> {
     repo: &'a Repository,
-    idx: &'a mut IndexView,
+    idx: &'a mut Entries,
     pending: &'a HashMap<ChunkId, BlobLocation>,
     cancel: &'a CancellationToken,
 }
@@ -248,17 +195,20 @@ struct GcTrees<'a> {
 #[async_trait::async_trait]
 impl Trees for GcTrees<'_> {
     async fn blob(&mut self, id: &ChunkId, what: &str) -> Result<Option<Vec<u8>>> {
-        if !self.idx.first.contains_key(id) && !self.pending.contains_key(id) {
+        let mut loc = self.idx.first(id)?.or_else(|| self.pending.get(id).copied());
+        if loc.is_none() {
             // A snapshot written after the index was read: its segments are there by now.
             self.idx.refresh(self.repo, self.cancel).await?;
+            loc = self.idx.first(id)?;
         }
-        let loc = self.idx.first.get(id).or_else(|| self.pending.get(id)).ok_or_else(|| {
+        let loc = loc.ok_or_else(|| {
             Error::corrupt(format!(
                 "{what}: blob is in no index segment of repository {}; gc deletes nothing until `mover index rebuild` has indexed every pack",
                 self.repo.location()
             ))
         })?;
-        let b = self.repo.read_blob(id, loc, self.cancel).await.with_context(|| format!("{what}; gc deletes nothing while a referenced blob is unreadable"))?;
+        let b =
+            self.repo.read_blob(id, &loc, self.cancel).await.with_context(|| format!("{what}; gc deletes nothing while a referenced blob is unreadable"))?;
         Ok(Some(b))
     }
 }
@@ -269,14 +219,20 @@ pub async fn run(repo: &Repository, opts: &GcOptions, cancel: &CancellationToken
         return Err(Error::invalid(format!("--repack-unused must be between 0 and 1 (a share of a pack's bytes), not {}", opts.repack_unused)));
     }
     let lock = RepoLock::acquire_exclusive(repo, "run gc", cancel).await?;
-    let r = run_locked(repo, opts, &lock, cancel).await;
+    let scratch = opts.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let r = match gc_work::create(&scratch) {
+        Ok((idx, reach)) => {
+            let mut v = View { packs: HashMap::new(), idx, snapshots: HashSet::new(), reach };
+            run_locked(repo, opts, &mut v, &lock, cancel).await
+        }
+        Err(e) => Err(e),
+    };
     lock.release().await;
     r
 }
 
-async fn run_locked(repo: &Repository, opts: &GcOptions, me: &RepoLock, cancel: &CancellationToken) -> Result<GcReport> {
+async fn run_locked(repo: &Repository, opts: &GcOptions, v: &mut View, me: &RepoLock, cancel: &CancellationToken) -> Result<GcReport> {
     let mut rep = GcReport { dry_run: opts.dry_run, ..Default::default() };
-    let mut v = View::default();
     // Order matters (docs/gc.md): packs, then index, then records and snapshots; locks last.
     // Manifests parked by `forget` become roots in `sweep`, unless their record is swept.
     v.packs = repo.list_packs(cancel).await?.into_iter().collect();
@@ -293,10 +249,10 @@ async fn run_locked(repo: &Repository, opts: &GcOptions, me: &RepoLock, cancel: 
         rep.stale_locks_removed = lock::unlock(repo, false, cancel).await?.len();
     }
 
-    sweep(repo, &mut v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
-    if let Some(record) = mark(repo, &mut v, &records, opts, me, &mut rep, cancel).await? {
+    sweep(repo, v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
+    if let Some(record) = mark(repo, v, &records, opts, me, &mut rep, cancel).await? {
         records.push(record);
-        sweep(repo, &mut v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
+        sweep(repo, v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
     }
     rep.records_held = records.len();
     Ok(rep)
@@ -358,13 +314,14 @@ async fn sweep(
     let mut resurrect: HashMap<ChunkId, IndexEntry> = HashMap::new();
     for r in &eligible {
         for e in &r.p.entries {
-            if v.reachable.contains(&e.id) && !v.idx.first.contains_key(&e.id) && v.packs.contains_key(&e.loc.pack) {
-                resurrect.entry(e.id).or_insert(*e);
+            if !resurrect.contains_key(&e.id) && v.packs.contains_key(&e.loc.pack) && v.reach.contains(&e.id)? && v.idx.first(&e.id)?.is_none() {
+                resurrect.insert(e.id, *e);
             }
         }
     }
     if !resurrect.is_empty() {
-        let es: Vec<IndexEntry> = resurrect.into_values().collect();
+        let mut es: Vec<IndexEntry> = resurrect.into_values().collect();
+        es.sort_by_key(|e| e.id);
         rep.entries_resurrected += es.len();
         let id = if dry_run {
             IndexId([0; 32])
@@ -372,9 +329,9 @@ async fn sweep(
             rep.index_segments_written += 1;
             lease.commit("writing the resurrected index entries", async { Ok(repo.write_index(&es, cancel).await?) }).await?
         };
-        v.idx.add(id, &es);
+        v.idx.add(id, &es)?;
     }
-    let keep: HashSet<PackId> = v.idx.packs().into_iter().chain(records.iter().flat_map(|r| r.p.packs())).collect();
+    let keep: HashSet<PackId> = v.idx.packs()?.into_iter().chain(records.iter().flat_map(|r| r.p.packs())).collect();
     for r in &eligible {
         let mut doomed = Vec::new();
         for p in r.p.packs() {
@@ -426,40 +383,39 @@ async fn mark(
     rep: &mut GcReport,
     cancel: &CancellationToken,
 ) -> Result<Option<Record>> {
-    // One location per chunk: the pack with the most referenced bytes wins.
-    let mut by_pack: HashMap<PackId, Vec<IndexEntry>> = HashMap::new();
-    let mut seen: HashSet<(ChunkId, PackId)> = HashSet::new();
-    for e in &v.idx.entries {
-        if seen.insert((e.id, e.loc.pack)) {
-            by_pack.entry(e.loc.pack).or_default().push(*e);
+    // One location per chunk: the pack with the most referenced bytes wins. Each figure is
+    // a pass over the working set in chunk order; only per-pack figures stay in memory.
+    v.reach.settle()?;
+    let naive = gc_work::reachable_bytes_per_pack(&v.idx, &v.reach)?;
+    let home_of = |es: &[IndexEntry]| -> Option<IndexEntry> {
+        es.iter()
+            .filter(|e| v.packs.contains_key(&e.loc.pack))
+            .max_by(|a, b| naive.get(&a.loc.pack).cmp(&naive.get(&b.loc.pack)).then_with(|| b.loc.pack.cmp(&a.loc.pack)))
+            .copied()
+    };
+    let mut named: HashSet<PackId> = HashSet::new();
+    let mut live_of: HashMap<PackId, u64> = HashMap::new();
+    v.idx.for_each_chunk(|es| {
+        named.extend(es.iter().map(|e| e.loc.pack));
+        if let Some(h) = home_of(es) {
+            if v.reach.contains(&h.id)? {
+                *live_of.entry(h.loc.pack).or_default() += h.loc.stored_len as u64;
+            }
         }
-    }
-    let naive: HashMap<PackId, u64> =
-        by_pack.iter().map(|(p, es)| (*p, es.iter().filter(|e| v.reachable.contains(&e.id)).map(|e| e.loc.stored_len as u64).sum())).collect();
-    let mut home: HashMap<ChunkId, PackId> = HashMap::new();
-    for e in &v.idx.entries {
-        let better = match home.get(&e.id) {
-            None => true,
-            Some(cur) => naive.get(&e.loc.pack) > naive.get(cur) || (naive.get(&e.loc.pack) == naive.get(cur) && e.loc.pack < *cur),
-        };
-        if better && v.packs.contains_key(&e.loc.pack) {
-            home.insert(e.id, e.loc.pack);
-        }
-    }
+        Ok(())
+    })?;
     let held_packs: HashSet<PackId> = records.iter().flat_map(|r| r.p.packs()).collect();
     let (mut drop_packs, mut repack): (Vec<PackId>, Vec<PackId>) = (Vec::new(), Vec::new());
-    let mut live_of: HashMap<PackId, u64> = HashMap::new();
-    for (p, es) in &by_pack {
+    for p in &named {
         let Some(&size) = v.packs.get(p) else { continue }; // missing pack: `check` reports it
-        let live: u64 = es.iter().filter(|e| v.reachable.contains(&e.id) && home.get(&e.id) == Some(p)).map(|e| e.loc.stored_len as u64).sum();
-        live_of.insert(*p, live);
+        let live = live_of.get(p).copied().unwrap_or(0);
         if live == 0 {
             drop_packs.push(*p);
         } else if size > 0 && (size - live.min(size)) as f64 / size as f64 > opts.repack_unused {
             repack.push(*p);
         }
     }
-    let orphans: Vec<PackId> = v.packs.keys().filter(|p| !by_pack.contains_key(p) && !held_packs.contains(p)).copied().collect();
+    let orphans: Vec<PackId> = v.packs.keys().filter(|p| !named.contains(p) && !held_packs.contains(p)).copied().collect();
     for (list, action) in [(&drop_packs, PackAction::Delete), (&repack, PackAction::Repack), (&orphans, PackAction::Unindexed)] {
         for p in list.iter() {
             rep.plan.push(PlannedPack { pack: *p, action, size: v.packs[p], referenced_bytes: live_of.get(p).copied().unwrap_or(0) });
@@ -484,10 +440,23 @@ async fn mark(
     let pack_size = repo.config().pack_size as usize;
     let mut builder = PackBuilder::new(pack_size);
     let mut failed_repack: HashSet<PackId> = HashSet::new();
+    // The live entries of the packs to repack (what is copied is held anyway).
+    let repack_set: HashSet<PackId> = repack.iter().copied().collect();
+    let mut live_in: HashMap<PackId, Vec<IndexEntry>> = HashMap::new();
+    if !repack_set.is_empty() {
+        v.idx.for_each_chunk(|es| {
+            if let Some(h) = home_of(es).filter(|h| repack_set.contains(&h.loc.pack)) {
+                if v.reach.contains(&h.id)? {
+                    live_in.entry(h.loc.pack).or_default().push(h);
+                }
+            }
+            Ok(())
+        })?;
+    }
     for p in &repack {
         let bytes = repo.get_object(&names::pack(p), cancel).await?;
         let mut blobs = Vec::new();
-        for e in by_pack[p].iter().filter(|e| v.reachable.contains(&e.id) && home.get(&e.id) == Some(p)) {
+        for e in live_in.remove(p).unwrap_or_default().iter() {
             let (a, b) = (e.loc.offset as usize, e.loc.offset as usize + e.loc.stored_len as usize);
             let ok = bytes.get(a..b).map(|s| repo.decode_blob(&e.id, &e.loc, s));
             match ok {
@@ -528,46 +497,65 @@ async fn mark(
     // Only the segments that name a pack that goes are rewritten — without those entries,
     // plus the copies; every other segment stays as it is, so nodes' local indexes re-read
     // only what changed (`local_index::sync`).
-    let mut dirty: HashSet<u32> = HashSet::new();
+    let mut dirty: HashSet<IndexId> = HashSet::new();
     let mut taken: Vec<IndexEntry> = Vec::new();
-    for (e, s) in v.idx.entries.iter().zip(&v.idx.entry_seg) {
+    v.idx.for_each(|e, seg| {
         if going.contains(&e.loc.pack) {
-            dirty.insert(*s);
+            dirty.insert(seg);
             taken.push(*e);
         }
-    }
-    let mut rewritten: Vec<IndexEntry> = Vec::new();
-    let mut seen: HashSet<(ChunkId, PackId)> = HashSet::new();
-    for (e, s) in v.idx.entries.iter().zip(&v.idx.entry_seg) {
-        if dirty.contains(s) && !going.contains(&e.loc.pack) && seen.insert((e.id, e.loc.pack)) {
-            rewritten.push(*e);
+        Ok(())
+    })?;
+    let lease = me.lease();
+    let mut written: Vec<IndexId> = Vec::new();
+    let mut copies = Some(new_entries);
+    let mut from: Option<Vec<u8>> = None;
+    let mut done = dirty.is_empty();
+    while !done || copies.is_some() {
+        // A segment's worth of the dirty segments' other entries at a time (in chunk
+        // order, one per chunk and pack), then the copies.
+        let mut part: Vec<IndexEntry> = Vec::new();
+        if !done {
+            let mut last: Option<(ChunkId, PackId)> = None;
+            let next = v.idx.scan(from.as_deref(), |e, seg| {
+                if part.len() >= SEGMENT_ENTRIES {
+                    return Ok(false);
+                }
+                if dirty.contains(&seg) && !going.contains(&e.loc.pack) && last != Some((e.id, e.loc.pack)) {
+                    part.push(*e);
+                    last = Some((e.id, e.loc.pack));
+                }
+                Ok(true)
+            })?;
+            done = next.is_none();
+            from = next;
+        }
+        if done {
+            if let Some(c) = copies.take() {
+                part.extend(c);
+            }
+        }
+        for piece in part.chunks(SEGMENT_ENTRIES) {
+            let id = lease.commit("writing the new index", async { Ok(repo.write_index(piece, cancel).await?) }).await?;
+            v.idx.add(id, piece)?;
+            written.push(id);
+            rep.index_segments_written += 1;
         }
     }
-    rewritten.extend(new_entries);
-    let replaced: HashSet<IndexId> = dirty.iter().map(|s| v.idx.seg_ids[*s as usize]).collect();
-    let lease = me.lease();
-    let mut new_segments = Vec::new();
-    for part in rewritten.chunks(SEGMENT_ENTRIES) {
-        let id = lease.commit("writing the new index", async { Ok(repo.write_index(part, cancel).await?) }).await?;
-        new_segments.push((id, part.to_vec()));
-        rep.index_segments_written += 1;
-    }
-    rep.index_segments_kept += v.idx.segments.len() - replaced.len();
+    rep.index_segments_kept += v.idx.segments.len() - dirty.len() - written.len();
     let (record_id, created_ms) = new_record_id();
     let p = PendingDeletion { created_ms, orphans: orphans.clone(), forgotten: Vec::new(), entries: taken };
     lease.commit("writing the gc record", async { Ok(repo.write_pending(&record_id, &p, cancel).await?) }).await?;
     rep.records_written += 1;
-    let old: Vec<String> = replaced.iter().filter(|s| !new_segments.iter().any(|(n, _)| n == *s)).map(names::index).collect();
+    let replaced: HashSet<IndexId> = dirty.iter().filter(|s| !written.contains(s)).copied().collect();
+    let old: Vec<String> = replaced.iter().map(names::index).collect();
     delete_objects(repo, &old, &lease, "deleting replaced index segments", cancel).await?;
     rep.index_segments_deleted += old.len();
     // Every backup that may have read the old segments holds a lock now listed.
     let live = live_locks(repo, me, cancel).await?;
     let ready = ready_now(&live);
     lease.commit("writing the gc record's ready marker", async { Ok(repo.write_ready(&record_id, &ready, cancel).await?) }).await?;
-    v.idx.remove(&replaced);
-    for (id, es) in &new_segments {
-        v.idx.add(*id, es);
-    }
+    v.idx.remove(&replaced)?;
     Ok(Some(Record { id: record_id, p, ready: Some(ready) }))
 }
 

@@ -5,6 +5,7 @@
 pub mod check;
 pub mod forget;
 pub mod gc;
+mod gc_work;
 pub mod index;
 pub mod keys;
 pub mod stats;

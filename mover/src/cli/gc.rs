@@ -19,7 +19,9 @@ pub struct Args {
 
 pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
     let repo = ra.open(cancel).await?;
-    let r = gc::run(&repo, &GcOptions { dry_run: a.dry_run, repack_unused: a.repack_unused }, cancel).await?;
+    // The working set (on disk, about 120 bytes per chunk) goes under the cache directory.
+    let opts = GcOptions { dry_run: a.dry_run, repack_unused: a.repack_unused, scratch_dir: Some(ra.cache_root()) };
+    let r = gc::run(&repo, &opts, cancel).await?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
