@@ -41,6 +41,15 @@ fn local_lock_count(e: &Env) -> usize {
         .unwrap_or(0)
 }
 
+/// Waits until a backup started in the background holds its lock.
+fn wait_lock(e: &Env) {
+    let t0 = Instant::now();
+    while local_lock_count(e) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "backup never took its lock");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn forget_then_gc_frees_at_once_and_caches_forget_the_deleted_packs() {
     let e = Env::new();
@@ -86,11 +95,7 @@ fn a_running_backup_holds_back_what_gc_took_out_until_it_finishes() {
     let hb = hash(&b);
     let vb = format!("other={}", b.display());
     let child = e.cmd(&["backup", "--volume", &vb, "--json", "--limit-upload", "40000000"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let t0 = Instant::now();
-    while local_lock_count(&e) == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "backup never took its lock");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_lock(&e);
     signal(&child, "-STOP");
     let r = e.json(&["gc"]);
     signal(&child, "-CONT");
@@ -116,13 +121,6 @@ fn stale_locks_expire_and_unlock_removes_only_stale_ones() {
     let img = e.path("a.img");
     make_volume(&img, 192 << 20, 3);
     let v = format!("vm={}", img.display());
-    let wait_lock = |e: &Env| {
-        let t0 = Instant::now();
-        while local_lock_count(e) == 0 {
-            assert!(t0.elapsed() < Duration::from_secs(20), "backup never took its lock");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
     // A live lock (stopped process, long TTL) is kept by unlock, removed by --force.
     let slow = ["--limit-upload", "40000000"];
     let mut live = e.cmd(&["backup", "--volume", &v]).args(slow).spawn().unwrap();
@@ -272,13 +270,6 @@ fn locks_of_another_pid_namespace_on_this_host_are_never_declared_stale() {
     make_volume(&img, 192 << 20, 3);
     let v = format!("vm={}", img.display());
     let ns = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"];
-    let wait_lock = |e: &Env| {
-        let t0 = Instant::now();
-        while local_lock_count(e) == 0 {
-            assert!(t0.elapsed() < Duration::from_secs(20), "backup never took its lock");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
     let in_ns = |args: &[&str]| -> serde_json::Value {
         let o = e.cmd_in(&ns, args).output().unwrap();
         assert!(o.status.success(), "{args:?} in a new PID namespace: {}", String::from_utf8_lossy(&o.stderr));
