@@ -9,7 +9,8 @@ want() { for p in "$@"; do have_pkg "$p" || need+=("$p"); done; }
 
 want libclang-dev clang pkg-config util-linux e2fsprogs curl b3sum protobuf-compiler
 case "$what" in
-  test) want qemu-utils libnbd-bin python3-libnbd nbdkit openssl fuse3 ;;
+  test) want qemu-utils libnbd-bin python3-libnbd nbdkit openssl fuse3 buildah podman runc binutils kubectl prometheus ;;
+  image) want buildah binutils ;;
   bench) want restic borgbackup hyperfine fio time ;;
 esac
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,6 +19,10 @@ if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq >&2
   $SUDO apt-get install -y -qq "${need[@]}" >&2
+  # Only promtool is wanted from the prometheus package: never leave a server running.
+  if printf '%s\n' "${need[@]}" | grep -qx prometheus && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+  fi
 fi
 if ! command -v cargo >/dev/null; then
   echo "cargo is missing: install Rust (rustup) first" >&2

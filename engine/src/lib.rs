@@ -18,6 +18,7 @@
 pub mod aligned;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod index;
 pub mod lock;
 pub mod maint;

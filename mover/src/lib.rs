@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod mount;
 pub mod nbd;
 pub mod plan;
 pub mod repo;

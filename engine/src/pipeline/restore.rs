@@ -16,6 +16,7 @@ use mover_format::manifest::VolumeEntry;
 use mover_format::names;
 use mover_format::tree::{MapEntry, SegmentMap, SegmentRef};
 use mover_format::{Repository, SnapshotId};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
@@ -145,22 +146,47 @@ struct Ctx {
     buffers: Reuse<AlignedBuf>,
 }
 
-/// Restores one segment; returns (bytes written, bytes of holes).
-async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: SegmentRef, cancel: CancellationToken) -> Result<(u64, u64)> {
-    let map = match r {
-        SegmentRef::Hole => {
-            if cx.zero_holes {
-                let f = cx.file.clone();
-                let kind = cx.kind;
-                tokio::task::spawn_blocking(move || zero_range(&f, kind, seg_offset, seg_len)).await??;
-            }
-            return Ok((0, seg_len));
-        }
-        SegmentRef::Map { map, .. } => map,
-    };
-    let what = format!("segment map at offset {seg_offset} of volume '{}' in snapshot {}", cx.vol, cx.snap);
-    let mb = load_blob(&cx.repo, &*cx.index, &map, &what, &cancel).await?;
+/// Where a segment is: for reading it and for naming it in errors.
+pub struct SegmentAt<'a> {
+    pub repo: &'a Repository,
+    pub index: &'a dyn ChunkIndex,
+    pub snap: &'a SnapshotId,
+    pub vol: &'a str,
+    /// The segment's offset in the volume, and its length.
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Fetches a segment's chunks with as few ranged reads as possible (adjacent blobs of one
+/// pack in one read), decrypts, decompresses and verifies each straight into `buf` (resized
+/// to the segment, holes zeroed). Returns the buffer and the holes (offset, length) in it.
+/// Every error names the snapshot, volume, offset, chunk and pack.
+pub async fn fetch_segment(
+    at: &SegmentAt<'_>,
+    map: &mover_format::ChunkId,
+    buf: AlignedBuf,
+    cancel: &CancellationToken,
+) -> Result<(AlignedBuf, Vec<(u64, u64)>)> {
+    let what = format!("segment map at offset {} of volume '{}' in snapshot {}", at.offset, at.vol, at.snap);
+    let mb = load_blob(at.repo, at.index, map, &what, cancel).await?;
     let map = SegmentMap::decode(&mb).with_context(|| format!("{what}: blob {map}"))?;
+    fetch_segment_with_map(at, &map, buf, cancel).await
+}
+
+/// Ranged reads of one segment in flight at once: a segment's runs are fetched
+/// concurrently (a deduplicated segment's chunks are spread over many packs).
+const RUNS_IN_FLIGHT: usize = 4;
+
+/// [`fetch_segment`] with its map already loaded.
+pub async fn fetch_segment_with_map(
+    at: &SegmentAt<'_>,
+    map: &SegmentMap,
+    mut buf: AlignedBuf,
+    cancel: &CancellationToken,
+) -> Result<(AlignedBuf, Vec<(u64, u64)>)> {
+    use futures::StreamExt;
+    let (seg_offset, seg_len) = (at.offset, at.len);
+    let what = format!("segment map at offset {seg_offset} of volume '{}' in snapshot {}", at.vol, at.snap);
     if map.total_len() != seg_len {
         return Err(Error::corrupt(format!("{what}: covers {} bytes, the segment has {seg_len}", map.total_len())));
     }
@@ -178,13 +204,13 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
     for e in &map.entries {
         match *e {
             MapEntry::Chunk { id, .. } | MapEntry::Slice { id, .. } => {
-                let loc = cx.index.lookup(&id)?.ok_or_else(|| {
+                let loc = at.index.lookup(&id)?.ok_or_else(|| {
                     Error::corrupt(format!(
-                        "restoring volume '{}' of snapshot {} at offset {}: chunk {id} is not in the index of repository {}",
-                        cx.vol,
-                        cx.snap,
+                        "reading volume '{}' of snapshot {} at offset {}: chunk {id} is not in the index of repository {}",
+                        at.vol,
+                        at.snap,
                         seg_offset + pos,
-                        cx.repo.location()
+                        at.repo.location()
                     ))
                 })?;
                 let (fits, slice) = match *e {
@@ -193,9 +219,9 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
                 };
                 if !fits {
                     return Err(Error::corrupt(format!(
-                        "restoring volume '{}' of snapshot {} at offset {}: chunk {id} in pack {} has {} bytes, the segment map takes {} of them{}",
-                        cx.vol,
-                        cx.snap,
+                        "reading volume '{}' of snapshot {} at offset {}: chunk {id} in pack {} has {} bytes, the segment map takes {} of them{}",
+                        at.vol,
+                        at.snap,
                         seg_offset + pos,
                         loc.pack,
                         loc.raw_len,
@@ -210,13 +236,17 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
         pos += e.len() as u64;
     }
     wants.sort_by_key(|w| (w.loc.pack, w.loc.offset));
-    // 4096-aligned, so O_DIRECT can write it as is; from the pool, so holes are zeroed here.
+    // 4096-aligned, so O_DIRECT can write it as is; reused, so holes are zeroed here.
     let len = seg_len as usize;
-    let mut buf = cx.buffers.take(|b| b.capacity() >= len, || AlignedBuf::new(len));
+    if buf.capacity() < len {
+        buf = AlignedBuf::new(len);
+    }
     buf.set_len(len);
     for &(off, len) in &holes {
         buf.as_mut_full()[off as usize..(off + len) as usize].fill(0);
     }
+    // Runs of adjacent blobs of one pack, each fetched with one ranged read.
+    let mut runs = Vec::new();
     let mut i = 0;
     while i < wants.len() {
         let mut j = i + 1;
@@ -225,22 +255,32 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
             end += wants[j].loc.stored_len as u64;
             j += 1;
         }
+        runs.push((i, j, end));
+        i = j;
+    }
+    let wants = &wants;
+    let mut fetched = futures::stream::iter(runs.into_iter().map(|(i, j, end)| async move {
         let start = wants[i].loc.offset as u64;
         let pack = wants[i].loc.pack;
-        let bytes = cx.repo.get_object_range(&names::pack(&pack), start, end - start, &cancel).await.map_err(|e| {
+        let bytes = at.repo.get_object_range(&names::pack(&pack), start, end - start, cancel).await.map_err(|e| {
             Error::from(e).context(format!(
-                "restoring volume '{}' of snapshot {} at offset {}: reading chunk {} from pack {pack}",
-                cx.vol,
-                cx.snap,
+                "reading volume '{}' of snapshot {} at offset {}: reading chunk {} from pack {pack}",
+                at.vol,
+                at.snap,
                 seg_offset + wants[i].off_in_seg,
                 wants[i].id
             ))
         })?;
+        Ok::<_, Error>((i, j, start, bytes))
+    }))
+    .buffer_unordered(RUNS_IN_FLIGHT);
+    while let Some(r) = fetched.next().await {
+        let (i, j, start, bytes) = r?;
         // Decrypt, decompress straight into the segment buffer and verify, off the reactor.
         type Run = Vec<(u64, mover_format::ChunkId, mover_format::index::BlobLocation, Option<(u32, u32)>)>;
         let run: Run = wants[i..j].iter().map(|w| (w.off_in_seg, w.id, w.loc, w.slice)).collect();
-        let repo = cx.repo.clone();
-        let (vol, snap) = (cx.vol.clone(), cx.snap);
+        let repo = at.repo.clone();
+        let (vol, snap) = (at.vol.to_string(), *at.snap);
         let mut seg = buf;
         buf = tokio::task::spawn_blocking(move || -> Result<AlignedBuf> {
             let dst = seg.as_mut_full();
@@ -248,7 +288,7 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
             for (off, id, loc, slice) in run {
                 let s = (loc.offset as u64 - start) as usize;
                 let sealed = &bytes[s..s + loc.stored_len as usize];
-                let at = || format!("restoring volume '{vol}' of snapshot {snap} at offset {}", seg_offset + off);
+                let at = || format!("reading volume '{vol}' of snapshot {snap} at offset {}", seg_offset + off);
                 match slice {
                     // A whole chunk: straight into the segment buffer.
                     None => repo.decode_blob_into(&id, &loc, sealed, &mut dst[off as usize..off as usize + loc.raw_len as usize]).with_context(at)?,
@@ -263,8 +303,36 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
             Ok(seg)
         })
         .await??;
-        i = j;
     }
+    Ok((buf, holes))
+}
+
+/// Restores one segment; returns (bytes written, bytes of holes).
+async fn restore_segment(
+    cx: Arc<Ctx>,
+    seg_offset: u64,
+    seg_len: u64,
+    r: SegmentRef,
+    loaded: Option<Arc<SegmentMap>>,
+    cancel: CancellationToken,
+) -> Result<(u64, u64)> {
+    let map = match r {
+        SegmentRef::Hole => {
+            if cx.zero_holes {
+                let f = cx.file.clone();
+                let kind = cx.kind;
+                tokio::task::spawn_blocking(move || zero_range(&f, kind, seg_offset, seg_len)).await??;
+            }
+            return Ok((0, seg_len));
+        }
+        SegmentRef::Map { map, .. } => map,
+    };
+    let buf = cx.buffers.take(|b| b.capacity() >= seg_len as usize, || AlignedBuf::new(seg_len as usize));
+    let at = SegmentAt { repo: &cx.repo, index: &*cx.index, snap: &cx.snap, vol: &cx.vol, offset: seg_offset, len: seg_len };
+    let (mut buf, holes) = match loaded {
+        Some(m) => fetch_segment_with_map(&at, &m, buf, &cancel).await?,
+        None => fetch_segment(&at, &map, buf, &cancel).await?,
+    };
     // Write: the whole segment at once when holes must be zeroed (the buffer holds their
     // zeros), else only the data runs.
     let hole_bytes: u64 = holes.iter().map(|h| h.1).sum();
@@ -310,6 +378,60 @@ async fn restore_segment(cx: Arc<Ctx>, seg_offset: u64, seg_len: u64, r: Segment
     }
     cx.progress.add_written(written);
     Ok((written, hole_bytes))
+}
+
+/// Segment maps are loaded this many segments at a time, one batch ahead of the restores.
+const MAP_BATCH: usize = 256;
+/// Ranged reads of map blobs in flight while a batch loads.
+const MAP_READS_IN_FLIGHT: usize = 8;
+
+/// The segment maps `ids`, loaded together ahead of the segments that need them: located
+/// in the index, adjacent blobs of one pack fetched with one ranged read, several reads in
+/// flight. Against a distant store this takes a round trip per segment off the restore.
+async fn load_maps(
+    repo: Repository,
+    index: Arc<dyn ChunkIndex>,
+    ids: Vec<mover_format::ChunkId>,
+    cancel: CancellationToken,
+) -> Result<HashMap<mover_format::ChunkId, Arc<SegmentMap>>> {
+    use futures::StreamExt;
+    let mut locs = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(loc) = index.lookup(&id)? {
+            locs.push((id, loc));
+        }
+    }
+    locs.sort_by_key(|(_, l)| (l.pack, l.offset));
+    locs.dedup_by_key(|(id, _)| *id);
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < locs.len() {
+        let (pack, start) = (locs[i].1.pack, locs[i].1.offset as u64);
+        let mut end = start + locs[i].1.stored_len as u64;
+        let mut j = i + 1;
+        while j < locs.len() && locs[j].1.pack == pack && locs[j].1.offset as u64 == end && end - start < (4 << 20) {
+            end += locs[j].1.stored_len as u64;
+            j += 1;
+        }
+        runs.push((i, j, start, end));
+        i = j;
+    }
+    let (locs, repo, cancel) = (&locs, &repo, &cancel);
+    let mut fetched = futures::stream::iter(runs.into_iter().map(|(i, j, start, end)| async move {
+        let bytes = repo.get_object_range(&names::pack(&locs[i].1.pack), start, end - start, cancel).await?;
+        Ok::<_, Error>((i, j, start, bytes))
+    }))
+    .buffer_unordered(MAP_READS_IN_FLIGHT);
+    let mut out = HashMap::new();
+    while let Some(r) = fetched.next().await {
+        let (i, j, start, bytes) = r?;
+        for (id, loc) in &locs[i..j] {
+            let s = (loc.offset as u64 - start) as usize;
+            let raw = repo.decode_blob(id, loc, &bytes[s..s + loc.stored_len as usize])?;
+            out.insert(*id, Arc::new(SegmentMap::decode(&raw)?));
+        }
+    }
+    Ok(out)
 }
 
 /// Restores one volume of a snapshot onto `target` (a block device or a file).
@@ -367,12 +489,44 @@ pub async fn restore_volume(
     let (mut written, mut holes) = (0u64, 0u64);
     let mut first_err = None;
     let mut next = 0usize;
+    // Maps one batch ahead. A batch that fails to load is left to the segments, which load
+    // their own maps and report exactly what is wrong.
+    let batch_ids = |b: usize| -> Vec<mover_format::ChunkId> {
+        refs.iter()
+            .skip(b * MAP_BATCH)
+            .take(MAP_BATCH)
+            .filter_map(|r| match r {
+                SegmentRef::Map { map, .. } => Some(*map),
+                SegmentRef::Hole => None,
+            })
+            .collect()
+    };
+    let load = |b: usize| tokio::spawn(load_maps(repo.clone(), cx.index.clone(), batch_ids(b), job.clone()));
+    let mut maps: HashMap<mover_format::ChunkId, Arc<SegmentMap>> = HashMap::new();
+    let mut pending = Some(load(0));
+    let mut loaded = 0usize;
     loop {
         while next < refs.len() && set.len() < opts.concurrency.max(1) && first_err.is_none() {
+            while loaded <= next / MAP_BATCH {
+                if let Some(p) = pending.take() {
+                    match p.await.map_err(Error::from).and_then(|x| x) {
+                        Ok(m) => maps.extend(m),
+                        Err(e) => tracing::debug!("loading segment maps ahead of volume '{}': {e:#}; segments load their own", vol.name),
+                    }
+                }
+                loaded += 1;
+                if loaded * MAP_BATCH < refs.len() {
+                    pending = Some(load(loaded));
+                }
+            }
             let off = next as u64 * seg_size;
             let len = seg_size.min(vol.size - off);
+            let map = match refs[next] {
+                SegmentRef::Map { map, .. } => maps.remove(&map),
+                SegmentRef::Hole => None,
+            };
             let (cx, r, c) = (cx.clone(), refs[next], job.clone());
-            set.spawn(async move { restore_segment(cx, off, len, r, c).await.map(|(w, h)| (w, h, len)) });
+            set.spawn(async move { restore_segment(cx, off, len, r, map, c).await.map(|(w, h)| (w, h, len)) });
             next += 1;
         }
         let Some(r) = set.join_next().await else {
@@ -391,6 +545,9 @@ pub async fn restore_volume(
                 }
             }
         }
+    }
+    if let Some(p) = pending {
+        p.abort();
     }
     if let Some(e) = first_err {
         return Err(e);

@@ -94,6 +94,29 @@ enum Cmd {
     Cancel { id: String },
     /// List the daemon's transfers.
     List,
+    /// Serve a snapshot's volume over NBD from the daemon; prints the export and its URI.
+    StartExport {
+        /// A repository of the daemon's configuration.
+        #[arg(long, default_value = "default")]
+        repository: String,
+        /// SNAPSHOT or SNAPSHOT:VOLUME (id, unique prefix, or `latest` of --group).
+        snapshot: String,
+        /// The group `latest` is looked up in.
+        #[arg(long, default_value = "")]
+        group: String,
+        /// On TCP at the daemon's export address (NBD over TLS when the daemon has TLS).
+        #[arg(long)]
+        tcp: bool,
+        /// Idempotency key: a repeated start with the same id returns the same export.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Stop an export: its clients are disconnected, its lease released.
+    StopExport { id: String },
+    /// List the daemon's exports.
+    Exports,
+    /// Ask the daemon's grpc.health.v1 service; exits non-zero unless it is serving.
+    Health,
     /// List a repository's snapshots.
     Snapshots {
         /// A repository of the daemon's configuration.
@@ -103,6 +126,22 @@ enum Cmd {
         #[arg(long, default_value = "")]
         group: String,
     },
+}
+
+fn export_json(e: &pb::Export) -> serde_json::Value {
+    serde_json::json!({"id": e.id, "state": e.state().as_str_name().trim_start_matches("EXPORT_STATE_").to_lowercase(), "uri": e.uri,
+        "repository": e.repository, "snapshot_id": e.snapshot_id, "volume": e.volume, "size": e.size, "bytes_read": e.bytes_read,
+        "caller": e.caller, "started_unix_ms": e.started_unix_ms, "error": e.error})
+}
+
+fn print_export(e: &pb::Export, json: bool) {
+    if json {
+        println!("{}", export_json(e));
+    } else {
+        let state = e.state().as_str_name().trim_start_matches("EXPORT_STATE_").to_lowercase();
+        let err = if e.error.is_empty() { String::new() } else { format!(" error: {}", e.error) };
+        println!("{} {state} {} volume '{}' of {} ({} bytes, {} read){err}", e.id, e.uri, e.volume, e.snapshot_id, e.size, e.bytes_read);
+    }
 }
 
 fn print(t: &pb::Transfer, json: bool) {
@@ -192,6 +231,43 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             } else {
                 for t in &l.transfers {
                     print(t, false);
+                }
+            }
+            None
+        }
+        Cmd::StartExport { repository, snapshot, group, tcp, request_id } => {
+            let (snapshot, volume) = match snapshot.split_once(':') {
+                Some((s, v)) => (s.to_string(), v.to_string()),
+                None => (snapshot, String::new()),
+            };
+            let mut ec = pb::export_service_client::ExportServiceClient::new(ch);
+            let req = pb::StartExportRequest { repository, snapshot, group, volume, tcp, request_id };
+            print_export(&ec.start_export(req).await.map_err(status)?.into_inner(), a.json);
+            None
+        }
+        Cmd::StopExport { id } => {
+            let mut ec = pb::export_service_client::ExportServiceClient::new(ch);
+            print_export(&ec.stop_export(pb::StopExportRequest { id }).await.map_err(status)?.into_inner(), a.json);
+            None
+        }
+        Cmd::Health => {
+            let mut hc = tonic_health::pb::health_client::HealthClient::new(ch);
+            let r = hc.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.map_err(status)?.into_inner();
+            let st = r.status().as_str_name().to_string();
+            println!("{st}");
+            if r.status() != tonic_health::pb::health_check_response::ServingStatus::Serving {
+                anyhow::bail!("{server}: not serving ({st})");
+            }
+            None
+        }
+        Cmd::Exports => {
+            let mut ec = pb::export_service_client::ExportServiceClient::new(ch);
+            let l = ec.list_exports(pb::ListExportsRequest {}).await.map_err(status)?.into_inner();
+            if a.json {
+                println!("{}", serde_json::Value::Array(l.exports.iter().map(export_json).collect()));
+            } else {
+                for e in &l.exports {
+                    print_export(e, false);
                 }
             }
             None

@@ -4,12 +4,14 @@
 mod backup;
 mod check;
 mod client;
+mod export;
 mod forget;
 mod gc;
 mod index;
 mod init;
 mod key;
 mod locks;
+mod mount;
 mod restore;
 mod serve;
 mod snapshots;
@@ -25,7 +27,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// The version line: version, commit and enabled features.
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("MOVER_COMMIT"), "; features: io_uring, s3, nbd, csi, rocksdb)");
+const VERSION: &str =
+    concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("MOVER_COMMIT"), "; features: io_uring, s3, nbd, nbd-export, fuse, csi, kubevirt, rocksdb)");
 
 #[derive(Parser, Debug)]
 #[command(name = "mover", version = VERSION, about = "Block-level volume backup and restore into a deduplicated, encrypted repository")]
@@ -84,6 +87,10 @@ enum Cmd {
     Backup(backup::Args),
     /// Restore a snapshot's volume(s) onto a block device or file.
     Restore(restore::Args),
+    /// Serve a snapshot's volume read-only over NBD, straight from the repository.
+    Export(export::Args),
+    /// Mount the snapshots read-only (FUSE): volumes as .img files, for file-level restore.
+    Mount(mount::Args),
     /// List snapshots.
     Snapshots(snapshots::ListArgs),
     /// Show one snapshot.
@@ -119,6 +126,8 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Cmd::Init(a) => init::run(&ra, a, &cancel).await,
         Cmd::Backup(a) => backup::run(&ra, a, &cancel).await,
         Cmd::Restore(a) => restore::run(&ra, a, &cancel).await,
+        Cmd::Export(a) => export::run(&ra, a, &cancel).await,
+        Cmd::Mount(a) => mount::run(&ra, a, &cancel).await,
         Cmd::Snapshots(a) => snapshots::list(&ra, a, &cancel).await,
         Cmd::Show(a) => snapshots::show(&ra, a, &cancel).await,
         Cmd::Index(c) => index::run(&ra, c, &cancel).await,

@@ -21,9 +21,10 @@ use tonic::{Request, Status};
 pub enum Group {
     /// StartBackup (and cancelling backups).
     Backup,
-    /// StartRestore (and cancelling restores).
+    /// StartRestore (and cancelling restores); starting and stopping exports, and
+    /// connecting to an export over TLS.
     Restore,
-    /// Get, Watch, List transfers; list and get snapshots.
+    /// Get, Watch, List transfers; list and get snapshots; list exports.
     Read,
 }
 
@@ -52,7 +53,7 @@ impl Caller {
 
 /// The identities in a DER certificate: URI and DNS subject alternative names, then the
 /// subject's common name.
-fn cert_identities(der: &[u8]) -> Vec<String> {
+pub(crate) fn cert_identities(der: &[u8]) -> Vec<String> {
     use x509_parser::prelude::*;
     let Ok((_, cert)) = X509Certificate::from_der(der) else { return Vec::new() };
     let mut out = Vec::new();

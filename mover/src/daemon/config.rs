@@ -92,6 +92,7 @@ struct Raw {
     state_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
     shutdown_grace_seconds: Option<u64>,
+    export_address: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +137,9 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub shutdown_grace_seconds: u64,
+    /// The address TCP exports listen on (a free port each); 127.0.0.1 unless set. Off
+    /// loopback, exports need [tls] (NBD over TLS with the same certificates and rules).
+    pub export_address: std::net::IpAddr,
 }
 
 pub fn parse_listen(s: &str) -> Result<Listen> {
@@ -210,7 +214,17 @@ impl DaemonConfig {
                 return Err(Error::invalid(format!("allowed root {} must be an absolute directory other than /", r.display())));
             }
         }
+        let export_address: std::net::IpAddr = match raw.export_address.as_deref() {
+            None => std::net::Ipv4Addr::LOCALHOST.into(),
+            Some(a) => a.parse().map_err(|_| Error::invalid(format!("export_address '{a}' is not an IP address")))?,
+        };
+        if !export_address.is_loopback() && raw.tls.is_none() {
+            return Err(Error::invalid(format!(
+                "export_address {export_address} is not loopback: NBD has no authentication of its own, so exports off loopback need [tls]"
+            )));
+        }
         let cfg = Self {
+            export_address,
             listen,
             http_listen,
             tls: raw.tls,

@@ -7,11 +7,13 @@ use super::auth::{self, Group};
 use super::jobs::{Job, Kind, State, Work};
 use super::Daemon;
 use crate::plan::backup::{BackupRequest, SourceRef, VolumeRequest};
+use crate::plan::export::ExportRequest;
 use crate::plan::restore::{RestoreRequest, TargetRef};
 use crate::sources::csi::CsiQuery;
 use mover_engine::pipeline::restore::HoleMode;
 use mover_engine::{Error, ErrorKind};
 use mover_protocol::v1 as pb;
+use pb::export_service_server::ExportService;
 use pb::repository_service_server::RepositoryService;
 use pb::transfer_service_server::TransferService;
 use std::path::PathBuf;
@@ -371,5 +373,72 @@ impl RepositoryService for Api {
         let h = self.d.repo(&req.repository).await.map_err(status)?;
         let (id, m) = mover_engine::snapshots::resolve(&h.repo, &req.snapshot, None, &CancellationToken::new()).await.map_err(status)?;
         Ok(Response::new(snapshot_proto(&id, &m)))
+    }
+}
+
+fn export_proto(e: &super::exports::Export) -> pb::Export {
+    use super::exports::ExportState;
+    let (state, error) = e.state();
+    let mut x = pb::Export {
+        id: e.id.clone(),
+        request_id: e.request_id.clone(),
+        repository: e.repository.clone(),
+        snapshot_id: e.snapshot_id.clone(),
+        volume: e.volume.clone(),
+        size: e.size,
+        uri: e.uri.clone(),
+        caller: e.caller.clone(),
+        started_unix_ms: e.started_ms as i64,
+        bytes_read: e.bytes_read(),
+        error,
+        ..Default::default()
+    };
+    x.set_state(match state {
+        ExportState::Serving => pb::ExportState::Serving,
+        ExportState::Stopped => pb::ExportState::Stopped,
+        ExportState::Failed => pb::ExportState::Failed,
+    });
+    x
+}
+
+#[tonic::async_trait]
+impl ExportService for Api {
+    async fn start_export(&self, request: Request<pb::StartExportRequest>) -> Result<Response<pb::Export>, Status> {
+        let caller = auth::authorize(&self.d, &request, Group::Restore)?;
+        let req = request.into_inner();
+        let _g = self.d.exports.start_lock.lock().await;
+        if let Some(e) = self.d.exports.by_request(&req.request_id) {
+            return Ok(Response::new(export_proto(&e)));
+        }
+        let h = self.d.repo(&req.repository).await.map_err(status)?;
+        let plan_req = ExportRequest { snapshot: req.snapshot, group: empty(req.group), volume: empty(req.volume), options: Default::default() };
+        let plan = crate::plan::export::prepare(plan_req, &h.repo, h.index.clone(), &CancellationToken::new()).await.map_err(status)?;
+        let id = super::exports::Exports::new_id();
+        let (listen, tls) = match self.d.export_listen(&id, req.tcp) {
+            Ok(x) => x,
+            Err(e) => {
+                plan.lock.release().await;
+                return Err(status(e));
+            }
+        };
+        let start = super::exports::Start { request_id: req.request_id, repository: req.repository, caller: caller.name(), listen, tls };
+        let e = self.d.exports.start(id, plan, start).await.map_err(status)?;
+        Ok(Response::new(export_proto(&e)))
+    }
+
+    async fn stop_export(&self, request: Request<pb::StopExportRequest>) -> Result<Response<pb::Export>, Status> {
+        let caller = auth::authorize(&self.d, &request, Group::Read)?;
+        let id = request.into_inner().id;
+        let e = self.d.exports.get(&id).ok_or_else(|| Status::not_found(format!("export '{id}' is not known to this node")))?;
+        if e.caller != caller.name() && !auth::allowed(&self.d, &caller, Group::Restore) {
+            return Err(Status::permission_denied(format!("caller {} may not stop export {id} (started by {})", caller.name(), e.caller)));
+        }
+        e.stop().await;
+        Ok(Response::new(export_proto(&e)))
+    }
+
+    async fn list_exports(&self, request: Request<pb::ListExportsRequest>) -> Result<Response<pb::ListExportsResponse>, Status> {
+        auth::authorize(&self.d, &request, Group::Read)?;
+        Ok(Response::new(pb::ListExportsResponse { exports: self.d.exports.list().iter().map(|e| export_proto(e)).collect() }))
     }
 }

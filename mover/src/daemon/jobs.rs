@@ -383,6 +383,9 @@ impl Jobs {
         self.metrics.active.with_label_values(&[k]).dec();
         self.metrics.transfers.with_label_values(&[k, result_label(state)]).inc();
         self.metrics.duration.with_label_values(&[k, result_label(state)]).observe(secs);
+        if state == State::Succeeded {
+            self.metrics.last_success.with_label_values(&[k]).set(mover_format::now_unix_ms() as f64 / 1000.0);
+        }
         let r = job.update(|r| {
             r.state = state;
             r.finished_ms = now_ms();

@@ -22,6 +22,10 @@ pub struct Metrics {
     pub change_sources: IntCounterVec,
     /// Volumes whose requested change source failed, so everything was read.
     pub change_fallbacks: IntCounter,
+    /// NBD exports serving now.
+    pub exports_active: prometheus::IntGauge,
+    /// When a transfer of each kind last succeeded (unix seconds; 0: not since start).
+    pub last_success: prometheus::GaugeVec,
 }
 
 impl Metrics {
@@ -56,8 +60,36 @@ impl Metrics {
             IntCounter::new("mover_change_source_fallbacks_total", "Volumes whose changed-block source failed, so the backup read everything")?;
         registry.register(Box::new(change_sources.clone()))?;
         registry.register(Box::new(change_fallbacks.clone()))?;
+        let exports_active = prometheus::IntGauge::new("mover_exports_active", "Snapshot volumes served over NBD now")?;
+        registry.register(Box::new(exports_active.clone()))?;
+        let last_success = prometheus::GaugeVec::new(
+            Opts::new("mover_last_success_timestamp_seconds", "When a transfer of this kind last succeeded on this node (0: not since the daemon started)"),
+            &["kind"],
+        )?;
+        registry.register(Box::new(last_success.clone()))?;
+        // Every label set exists from the start, at zero: rate() and absent() work before the
+        // first transfer, and dashboards find every series they query.
+        for w in ["read", "zero", "skipped", "reused_parent", "deduplicated", "new", "stored"] {
+            backup_bytes.with_label_values(&[w]);
+        }
+        for w in ["written", "holes"] {
+            restore_bytes.with_label_values(&[w]);
+        }
+        for c in ["full", "parent-digest", "extents", "nbd", "csi", "kubevirt", "qcow2"] {
+            change_sources.with_label_values(&[c]);
+        }
+        for op in ["put", "get", "get_range", "head", "list", "delete"] {
+            for r in ["ok", "err"] {
+                store_request.with_label_values(&[op, r]);
+            }
+        }
         for k in ["backup", "restore"] {
+            for r in ["ok", "err", "cancelled", "interrupted"] {
+                transfers.with_label_values(&[k, r]);
+                duration.with_label_values(&[k, r]);
+            }
             active.with_label_values(&[k]).set(0);
+            last_success.with_label_values(&[k]).set(0.0);
             queued.with_label_values(&[k]).set(0);
         }
         Ok(Self {
@@ -73,6 +105,8 @@ impl Metrics {
             io_uring_fallbacks,
             change_sources,
             change_fallbacks,
+            exports_active,
+            last_success,
         })
     }
 

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod exports;
 pub mod grpc;
 pub mod http;
 pub mod jobs;
@@ -34,6 +35,7 @@ pub struct Daemon {
     pub cfg: DaemonConfig,
     pub jobs: Arc<Jobs>,
     pub metrics: Arc<Metrics>,
+    pub exports: Arc<exports::Exports>,
     /// What plans may use on this node.
     pub env: Env,
     repos: tokio::sync::Mutex<HashMap<String, RepoHandle>>,
@@ -76,6 +78,41 @@ fn env_from(cfg: &DaemonConfig) -> Env {
 }
 
 impl Daemon {
+    /// How exports are reached: a unix socket beside the daemon's own (its mode and group),
+    /// or TCP at `export_address` with NBD over TLS when the daemon has [tls].
+    pub fn export_listen(&self, id: &str, tcp: bool) -> Result<(crate::nbd::server::ExportListen, crate::nbd::server::ExportTls)> {
+        use crate::nbd::server::{ExportListen, ExportTls};
+        if !tcp {
+            let dir = match &self.cfg.listen {
+                Listen::Unix(p) => p.parent().map(Path::to_path_buf).unwrap_or_else(|| self.cfg.state_dir.clone()),
+                Listen::Tcp(_) => self.cfg.state_dir.clone(),
+            }
+            .join("exports");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let listen = ExportListen::Unix { path: dir.join(format!("{id}.sock")), mode: self.cfg.socket_mode, group: self.cfg.socket_group };
+            return Ok((listen, ExportTls::None));
+        }
+        let listen = ExportListen::Tcp(std::net::SocketAddr::new(self.cfg.export_address, 0));
+        let Some(t) = &self.cfg.tls else { return Ok((listen, ExportTls::None)) };
+        Ok((listen, ExportTls::Required { config: nbd_tls_config(t)?, admit: self.nbd_admission() }))
+    }
+
+    /// Who may connect to a TLS export: a certificate the CA signed (checked by the
+    /// handshake) whose identities may call `restore` RPCs.
+    fn nbd_admission(&self) -> Arc<dyn Fn(&[u8]) -> std::result::Result<(), String> + Send + Sync> {
+        let authorization = self.cfg.authorization.clone();
+        Arc::new(move |der: &[u8]| {
+            let ids = auth::cert_identities(der);
+            if ids.is_empty() {
+                return Err("the client certificate names no identity (no SAN, no CN)".into());
+            }
+            match &authorization {
+                Some(a) if !ids.iter().any(|i| a.restore.contains(i)) => Err(format!("{} may not read exports (restore)", ids.join(" / "))),
+                _ => Ok(()),
+            }
+        })
+    }
+
     /// Listening, with every repository that must exist open.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
@@ -128,6 +165,33 @@ impl Daemon {
     }
 }
 
+/// The NBD exports' TLS: the daemon's certificate, and client certificates verified
+/// against its client CA (mandatory).
+fn nbd_tls_config(t: &config::TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |p: &Path, what: &str| crate::secrets::read_small_file(p, what);
+    let bad = |what: &str, e: String| Error::invalid(format!("TLS configuration for NBD exports: {what}: {e}"));
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&t.cert, "TLS certificate")?)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| bad("certificate", e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&t.key, "TLS key")?).map_err(|e| bad("key", e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&read(&t.client_ca, "client CA")?) {
+        roots.add(c.map_err(|e| bad("client CA", e.to_string()))?).map_err(|e| bad("client CA", e.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().map_err(|e| bad("client CA", e.to_string()))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("protocols", e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("certificate and key", e.to_string()))?;
+    Ok(Arc::new(cfg))
+}
+
 /// Binds the gRPC unix socket: a stale socket file is replaced; the socket gets the
 /// configured mode (0600 by default) and group before anyone can connect.
 fn bind_unix(cfg: &DaemonConfig, path: &Path) -> Result<tokio::net::UnixListener> {
@@ -164,8 +228,16 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     let jobs_stop = CancellationToken::new();
     let jobs = Arc::new(Jobs::load(&cfg.state_dir, cfg.max_concurrent_transfers, metrics.clone(), jobs_stop.clone(), cfg.bandwidth_limit)?);
     let env = env_from(&cfg);
-    let d =
-        Arc::new(Daemon { cfg: cfg.clone(), jobs: jobs.clone(), metrics, env, repos: tokio::sync::Mutex::new(HashMap::new()), ready: AtomicBool::new(false) });
+    let exports = Arc::new(exports::Exports::new(metrics.clone()));
+    let d = Arc::new(Daemon {
+        cfg: cfg.clone(),
+        jobs: jobs.clone(),
+        metrics,
+        exports: exports.clone(),
+        env,
+        repos: tokio::sync::Mutex::new(HashMap::new()),
+        ready: AtomicBool::new(false),
+    });
 
     // Repositories that must exist are opened (or created) before we accept requests.
     for (name, e) in &cfg.repositories {
@@ -180,6 +252,7 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<pb::transfer_service_server::TransferServiceServer<grpc::Api>>().await;
     health.set_serving::<pb::repository_service_server::RepositoryServiceServer<grpc::Api>>().await;
+    health.set_serving::<pb::export_service_server::ExportServiceServer<grpc::Api>>().await;
     // Both reflection versions: grpcurl speaks v1; the Python client, Evans and older
     // grpcurl only v1alpha.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -206,7 +279,8 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(pb::transfer_service_server::TransferServiceServer::new(api.clone()))
-        .add_service(pb::repository_service_server::RepositoryServiceServer::new(api));
+        .add_service(pb::repository_service_server::RepositoryServiceServer::new(api.clone()))
+        .add_service(pb::export_service_server::ExportServiceServer::new(api));
     let shutdown = {
         let s = stop.clone();
         async move { s.cancelled().await }
@@ -237,6 +311,7 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     };
     d.ready.store(false, Ordering::Relaxed);
     tracing::info!("stopping: waiting up to {} s for running transfers", cfg.shutdown_grace_seconds);
+    exports.shutdown().await;
     jobs.shutdown(Duration::from_secs(cfg.shutdown_grace_seconds)).await;
     let _ = http_task.await;
     grpc_result.map_err(|e| Error::with_source(ErrorKind::Permanent, "gRPC server", e))?;

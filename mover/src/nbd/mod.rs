@@ -4,5 +4,6 @@
 
 pub mod client;
 pub mod proto;
+pub mod server;
 
 pub use client::{NbdClient, NbdOptions, NbdUri, Target};

@@ -5,6 +5,7 @@
 //! and render results; every rule lives in this module (or in the engine it calls).
 
 pub mod backup;
+pub mod export;
 pub mod restore;
 
 use crate::nbd::NbdOptions;

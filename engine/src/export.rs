@@ -1,0 +1,257 @@
+//! A snapshot's volume read in place, without restoring it: any byte range, fetched from
+//! the repository on demand a segment at a time (its chunks fetched, decrypted, verified),
+//! with a bounded cache of decoded segments and read-ahead for sequential readers. It is
+//! what the NBD export (`mover export`) and the FUSE mount (`mover mount`) serve.
+//!
+//! Memory is bounded by configuration: at most `cache_segments` decoded segments (4 MiB
+//! each by default) plus `read_ahead + 2` segment fetches in flight, whatever the volume's
+//! size and however many requests a client sends at once.
+
+use crate::aligned::AlignedBuf;
+use crate::error::{Error, Result};
+use crate::pipeline::restore::{fetch_segment, SegmentAt};
+use crate::snapshots::{load_blob, load_refs};
+use mover_format::local_index::ChunkIndex;
+use mover_format::manifest::VolumeEntry;
+use mover_format::tree::{MapEntry, SegmentMap, SegmentRef};
+use mover_format::{Repository, SnapshotId};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ImageOptions {
+    /// Decoded segments kept.
+    pub cache_segments: usize,
+    /// Segments fetched ahead of a sequential reader.
+    pub read_ahead: usize,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        Self { cache_segments: 32, read_ahead: 4 }
+    }
+}
+
+type Slot = Arc<OnceCell<Arc<AlignedBuf>>>;
+
+/// Sequential readers told apart.
+const MAX_STREAMS: usize = 8;
+
+/// The decoded segments: an LRU of at most `cap` (slots being filled included).
+struct Cache {
+    slots: HashMap<u64, Slot>,
+    order: VecDeque<u64>,
+    cap: usize,
+}
+
+impl Cache {
+    fn slot(&mut self, seg: u64) -> Slot {
+        if let Some(s) = self.slots.get(&seg) {
+            let s = s.clone();
+            self.order.retain(|x| *x != seg);
+            self.order.push_back(seg);
+            return s;
+        }
+        while self.slots.len() >= self.cap {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.slots.remove(&old);
+                }
+                None => break,
+            }
+        }
+        let s: Slot = Arc::new(OnceCell::new());
+        self.slots.insert(seg, s.clone());
+        self.order.push_back(seg);
+        s
+    }
+}
+
+/// One volume of one snapshot, readable at any offset.
+pub struct VolumeImage {
+    repo: Repository,
+    index: Arc<dyn ChunkIndex>,
+    snap: SnapshotId,
+    vol: VolumeEntry,
+    refs: Vec<SegmentRef>,
+    cache: Mutex<Cache>,
+    opts: ImageOptions,
+    /// Per sequential reader (a client may read several regions at once, e.g. one per
+    /// connection), the segment after the last one it read: a read there is sequential.
+    streams: Mutex<VecDeque<u64>>,
+    /// Segment fetches in flight (each holds a segment buffer and its packs' bytes).
+    fetches: tokio::sync::Semaphore,
+    cancel: CancellationToken,
+    bytes_read: std::sync::atomic::AtomicU64,
+}
+
+impl VolumeImage {
+    /// Loads the volume's segment references (groups); chunks are fetched on read.
+    pub async fn open(
+        repo: &Repository,
+        index: Arc<dyn ChunkIndex>,
+        snap: SnapshotId,
+        vol: VolumeEntry,
+        opts: ImageOptions,
+        cancel: &CancellationToken,
+    ) -> Result<Arc<Self>> {
+        let refs = load_refs(repo, &*index, &snap, &vol, cancel).await?;
+        Ok(Arc::new(Self {
+            repo: repo.clone(),
+            index,
+            snap,
+            vol,
+            refs,
+            cache: Mutex::new(Cache { slots: HashMap::new(), order: VecDeque::new(), cap: opts.cache_segments.max(2 * opts.read_ahead + 2) }),
+            opts,
+            streams: Mutex::new(VecDeque::new()),
+            fetches: tokio::sync::Semaphore::new(opts.read_ahead.max(1) + 2),
+            cancel: cancel.child_token(),
+            bytes_read: Default::default(),
+        }))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.vol.size
+    }
+
+    pub fn name(&self) -> &str {
+        &self.vol.name
+    }
+
+    pub fn snapshot(&self) -> &SnapshotId {
+        &self.snap
+    }
+
+    fn seg_size(&self) -> u64 {
+        self.vol.segment_size as u64
+    }
+
+    fn seg_len(&self, seg: u64) -> u64 {
+        self.seg_size().min(self.vol.size - seg * self.seg_size())
+    }
+
+    /// Stops every fetch in flight (readers then fail).
+    pub fn close(&self) {
+        self.cancel.cancel();
+    }
+
+    /// A decoded segment (`None` for a hole), from the cache or fetched.
+    async fn segment(self: &Arc<Self>, seg: u64) -> Result<Option<Arc<AlignedBuf>>> {
+        let map = match self.refs[seg as usize] {
+            SegmentRef::Hole => return Ok(None),
+            SegmentRef::Map { map, .. } => map,
+        };
+        let slot = self.cache.lock().map_err(|_| Error::permanent("segment cache lock poisoned"))?.slot(seg);
+        let me = self.clone();
+        let buf = slot
+            .get_or_try_init(|| async move {
+                let _permit = me.fetches.acquire().await.map_err(|_| Error::cancelled("reading a segment"))?;
+                let at = SegmentAt { repo: &me.repo, index: &*me.index, snap: &me.snap, vol: &me.vol.name, offset: seg * me.seg_size(), len: me.seg_len(seg) };
+                let (buf, _holes) = fetch_segment(&at, &map, AlignedBuf::new(at.len as usize), &me.cancel).await?;
+                Ok::<_, Error>(Arc::new(buf))
+            })
+            .await?;
+        Ok(Some(buf.clone()))
+    }
+
+    /// Starts fetching the segments after `seg` when the reader is sequential.
+    fn read_ahead(self: &Arc<Self>, seg: u64) {
+        let sequential = {
+            let Ok(mut streams) = self.streams.lock() else { return };
+            match streams.iter().position(|&n| n == seg || n == seg + 1 || n + 1 == seg) {
+                Some(i) => {
+                    streams.remove(i);
+                    streams.push_back(seg + 1);
+                    true
+                }
+                None => {
+                    if streams.len() >= MAX_STREAMS {
+                        streams.pop_front();
+                    }
+                    streams.push_back(seg + 1);
+                    false
+                }
+            }
+        };
+        if !sequential {
+            return;
+        }
+        let last = self.refs.len() as u64;
+        for ahead in (seg + 1..last).take(self.opts.read_ahead) {
+            if matches!(self.refs[ahead as usize], SegmentRef::Hole) {
+                continue;
+            }
+            let cached = self.cache.lock().map(|c| c.slots.contains_key(&ahead)).unwrap_or(true);
+            if !cached {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _ = me.segment(ahead).await;
+                });
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (within the volume).
+    pub async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.vol.size).ok_or_else(|| {
+            Error::invalid(format!("read of {} bytes at {offset} past the end of volume '{}' ({} bytes)", buf.len(), self.vol.name, self.vol.size))
+        })?;
+        let mut pos = offset;
+        while pos < end {
+            let seg = pos / self.seg_size();
+            let in_seg = pos - seg * self.seg_size();
+            let n = (self.seg_len(seg) - in_seg).min(end - pos) as usize;
+            let dst = &mut buf[(pos - offset) as usize..(pos - offset) as usize + n];
+            self.read_ahead(seg);
+            match self.segment(seg).await? {
+                None => dst.fill(0),
+                Some(b) => dst.copy_from_slice(&b.as_slice()[in_seg as usize..in_seg as usize + n]),
+            }
+            pos += n as u64;
+        }
+        self.bytes_read.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes clients have read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The data and holes of `[offset, offset + len)`: runs `(length, is_hole)`, covering
+    /// it. Holes are whole hole segments and the holes of segment maps.
+    pub async fn extents(self: &Arc<Self>, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let end = (offset + len).min(self.vol.size);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |n: u64, hole: bool| match out.last_mut() {
+            Some((l, h)) if *h == hole => *l += n,
+            _ => out.push((n, hole)),
+        };
+        let mut pos = offset;
+        while pos < end {
+            let seg = pos / self.seg_size();
+            let base = seg * self.seg_size();
+            let seg_end = (base + self.seg_len(seg)).min(end);
+            match self.refs[seg as usize] {
+                SegmentRef::Hole => push(seg_end - pos, true),
+                SegmentRef::Map { map, .. } => {
+                    let what = format!("segment map at offset {base} of volume '{}' in snapshot {}", self.vol.name, self.snap);
+                    let m = SegmentMap::decode(&load_blob(&self.repo, &*self.index, &map, &what, &self.cancel).await?)?;
+                    let mut at = base;
+                    for e in &m.entries {
+                        let (a, b) = (at.max(pos), (at + e.len() as u64).min(seg_end));
+                        if a < b {
+                            push(b - a, matches!(e, MapEntry::Hole { .. }));
+                        }
+                        at += e.len() as u64;
+                    }
+                }
+            }
+            pos = seg_end;
+        }
+        Ok(out)
+    }
+}
