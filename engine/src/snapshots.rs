@@ -70,10 +70,19 @@ pub async fn load_blob(repo: &Repository, index: &dyn ChunkIndex, id: &ChunkId, 
 
 /// The segment refs of a stored volume, in order.
 pub async fn load_refs(repo: &Repository, index: &dyn ChunkIndex, snap: &SnapshotId, vol: &VolumeEntry, cancel: &CancellationToken) -> Result<Vec<SegmentRef>> {
+    use futures::StreamExt;
     let mut refs = Vec::new();
-    for g in &vol.groups {
-        let what = format!("segment group of volume '{}' in snapshot {snap}", vol.name);
-        let b = load_blob(repo, index, g, &what, cancel).await?;
+    let what = format!("segment group of volume '{}' in snapshot {snap}", vol.name);
+    // Several groups fetched at once (in order): a large volume has one per few GiB.
+    let what_ = what.as_str();
+    let mut groups = futures::stream::iter(vol.groups.clone())
+        .map(move |g: ChunkId| async move {
+            let b = load_blob(repo, index, &g, what_, cancel).await;
+            (g, b)
+        })
+        .buffered(8);
+    while let Some((g, b)) = groups.next().await {
+        let b = b?;
         let group = SegmentGroup::decode(&b).with_context(|| format!("{what}: blob {g}"))?;
         if group.first_segment != refs.len() as u64 {
             return Err(Error::corrupt(format!("{what}: blob {g} starts at segment {}, expected {}", group.first_segment, refs.len())));

@@ -140,14 +140,27 @@ pub async fn sync(repo: &Repository, index: &dyn ChunkIndex, cancel: &Cancellati
     Err(last.unwrap_or(RepoError::Cancelled))
 }
 
+/// Index segments read at once by a sync.
+const SYNC_READS_IN_FLIGHT: usize = 8;
+
 async fn sync_once(repo: &Repository, index: &dyn ChunkIndex, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
     let have = index.ingested_segments()?;
     let all = repo.list_index(cancel).await?;
     let listed: HashSet<IndexId> = all.iter().copied().collect();
     let mut rep = SyncReport { segments_total: all.len(), ..Default::default() };
-    for id in all.iter().filter(|id| !have.contains(id)) {
-        let entries = repo.read_index(id, cancel).await?;
-        index.ingest(Some(id), &entries)?;
+    // Several segments read at once: against a distant store a sync costs round trips, not
+    // bandwidth. Ingested as they arrive (segments are independent).
+    let mut todo = all.iter().filter(|id| !have.contains(id)).copied();
+    let mut reads = tokio::task::JoinSet::new();
+    loop {
+        while reads.len() < SYNC_READS_IN_FLIGHT {
+            let Some(id) = todo.next() else { break };
+            let (repo, cancel) = (repo.clone(), cancel.clone());
+            reads.spawn(async move { repo.read_index(&id, &cancel).await.map(|e| (id, e)) });
+        }
+        let Some(done) = reads.join_next().await else { break };
+        let (id, entries) = done.map_err(|e| RepoError::Index { path: repo.location().into(), message: format!("an index segment read failed: {e}") })??;
+        index.ingest(Some(&id), &entries)?;
         rep.segments_ingested += 1;
         rep.entries_ingested += entries.len();
     }

@@ -73,15 +73,23 @@ pub struct Target {
     pub fresh: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
     pub holes: HoleMode,
-    pub concurrency: usize,
+    /// Bytes of the volume being fetched, decoded and written at once (whole segments; at
+    /// least one). `None`: [`default_window`] for the repository.
+    pub window: Option<u64>,
 }
 
-impl Default for RestoreOptions {
-    fn default() -> Self {
-        Self { holes: HoleMode::Auto, concurrency: 8 }
+/// The fetch window when none is given: 64 MiB against an object store, enough to cover
+/// the bandwidth-delay product of a store tens of milliseconds away (16 segments of 4 MiB
+/// in flight; ~8 MiB of memory each, buffer and fetched packs); 32 MiB for a local
+/// directory, where more in flight gains nothing.
+pub fn default_window(repo: &Repository) -> u64 {
+    if repo.location().starts_with("s3://") {
+        64 << 20
+    } else {
+        32 << 20
     }
 }
 
@@ -485,6 +493,7 @@ pub async fn restore_volume(
     });
     let job = cancel.child_token();
     let seg_size = vol.segment_size as u64;
+    let in_flight = (opts.window.unwrap_or_else(|| default_window(repo)) / seg_size.max(1)).max(1) as usize;
     let mut set: JoinSet<Result<(u64, u64, u64)>> = JoinSet::new();
     let (mut written, mut holes) = (0u64, 0u64);
     let mut first_err = None;
@@ -506,7 +515,7 @@ pub async fn restore_volume(
     let mut pending = Some(load(0));
     let mut loaded = 0usize;
     loop {
-        while next < refs.len() && set.len() < opts.concurrency.max(1) && first_err.is_none() {
+        while next < refs.len() && set.len() < in_flight && first_err.is_none() {
             while loaded <= next / MAP_BATCH {
                 if let Some(p) = pending.take() {
                     match p.await.map_err(Error::from).and_then(|x| x) {

@@ -26,9 +26,10 @@ pub struct Args {
     /// How to treat holes (zero runs) on the target: auto, zero, skip.
     #[arg(long, default_value = "auto", value_parser = ["auto", "zero", "skip"])]
     holes: String,
-    /// Segments restored concurrently.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
+    /// MiB of the volume fetched, decoded and written at once (default: 64 against S3, 32
+    /// for a local directory). More covers a more distant store, at ~2 MiB of memory per MiB.
+    #[arg(long)]
+    window_mib: Option<u64>,
     #[arg(long)]
     json: bool,
 }
@@ -56,7 +57,7 @@ async fn restore(repo: &Repository, ra: &RepoArgs, req: RestoreRequest, env: &En
     let progress = Arc::new(Progress::default());
     let bar = progress_bar(progress.clone(), !a.json, "restore");
     let mut out = Vec::new();
-    let opts = RestoreOptions { holes: plan.holes, concurrency: a.concurrency };
+    let opts = RestoreOptions { holes: plan.holes, window: a.window_mib.map(|m| m << 20) };
     let mut failed = None;
     for (v, t) in plan.volumes {
         match restore_volume(repo, index.clone(), &plan.snapshot, &v, t, &opts, progress.clone(), cancel).await {
