@@ -70,11 +70,19 @@ pub enum OpenError {
 /// kernel refuses onto an existing name.
 pub async fn open_verified(url: &str, s3: &S3Endpoint, cancel: &CancellationToken) -> Result<Arc<dyn Storage>, OpenError> {
     let storage = open(url, s3).await?;
+    verify(&*storage, url, s3, cancel).await?;
+    Ok(storage)
+}
+
+/// The check [`open_verified`] makes, for a store opened with [`open`]: it only reads and
+/// writes its own probe object, so it may run beside reads of the repository (opening it
+/// costs round trips of its own) as long as it completes before the first write.
+pub async fn verify(storage: &dyn Storage, url: &str, s3: &S3Endpoint, cancel: &CancellationToken) -> Result<(), StorageError> {
     if url.starts_with("s3://") {
         let key = format!("{}|{url}", s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()).unwrap_or_default());
-        verify_create_only_cached(&*storage, &key, cancel).await?;
+        verify_create_only_cached(storage, &key, cancel).await?;
     }
-    Ok(storage)
+    Ok(())
 }
 
 /// Stores that passed [`verify_create_only`] in this process.

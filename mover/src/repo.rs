@@ -43,10 +43,17 @@ impl RepoArgs {
         }
     }
 
+    /// The repository, its store checked to honour create-only writes. The check runs
+    /// beside the reads that open the repository (against a distant store each costs round
+    /// trips); nothing is written before both are done.
     pub async fn open(&self, cancel: &CancellationToken) -> Result<Repository> {
-        let storage = self.storage(cancel).await?;
+        let s3 = mover_backends::S3Endpoint { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone() };
+        let url = self.url()?;
+        let storage = mover_backends::open(&url, &s3).await.map_err(|e| Error::invalid(e.to_string()))?;
         let pw = self.password()?;
-        Ok(Repository::open(storage, &pw, cancel).await?)
+        let (checked, repo) = tokio::join!(mover_backends::verify(&*storage, &url, &s3, cancel), Repository::open(storage.clone(), &pw, cancel));
+        checked?;
+        Ok(repo?)
     }
 
     pub fn cache_root(&self) -> PathBuf {

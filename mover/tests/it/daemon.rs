@@ -455,10 +455,10 @@ pub(crate) fn make_cert(dir: &Path, ca: &str, name: &str, ext: &str) {
     );
 }
 
-#[test]
-fn mtls_rejects_clients_without_a_certificate_or_from_another_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path();
+/// In `p`: a CA `ca` with a server certificate for 127.0.0.1 (`server`) and a client one
+/// (`client`, CN=client), and another CA's client certificate (`rogue`). Returns the
+/// daemon's `[tls]` section for them.
+pub(crate) fn tls_fixture(p: &Path) -> String {
     make_ca(p, "ca");
     make_ca(p, "otherca");
     make_cert(p, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
@@ -470,6 +470,14 @@ fn mtls_rejects_clients_without_a_certificate_or_from_another_ca() {
         p.join("server.key").display(),
         p.join("ca.pem").display()
     );
+    tls
+}
+
+#[test]
+fn mtls_rejects_clients_without_a_certificate_or_from_another_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let tls = tls_fixture(p);
     let mut d = Daemon::start(p, &tls, false);
     d.grpc = d.grpc.replace("http://", "https://");
     let conn = |cert: Option<&str>| mover::client::Conn {

@@ -282,17 +282,13 @@ fn nbd_reachable(uri: &str) -> bool {
 
 #[test]
 fn daemon_exports_on_its_socket_and_over_nbd_tls_and_stops_them() {
-    use super::daemon::{make_ca, make_cert, rt, Daemon};
+    use super::daemon::{rt, Daemon};
     use mover_protocol::v1 as pb;
     use pb::export_service_client::ExportServiceClient;
     use pb::transfer_service_client::TransferServiceClient;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    make_ca(p, "ca");
-    make_ca(p, "otherca");
-    make_cert(p, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
-    make_cert(p, "ca", "client", "extendedKeyUsage=clientAuth\n");
-    make_cert(p, "otherca", "rogue", "extendedKeyUsage=clientAuth\n");
+    let tls = super::daemon::tls_fixture(p);
     // libnbd's certificate directories (gnutls layout), one per client identity.
     for who in ["client", "rogue"] {
         let d = p.join(format!("nbd-{who}"));
@@ -301,12 +297,6 @@ fn daemon_exports_on_its_socket_and_over_nbd_tls_and_stops_them() {
         std::fs::copy(p.join(format!("{who}.pem")), d.join("client-cert.pem")).unwrap();
         std::fs::copy(p.join(format!("{who}.key")), d.join("client-key.pem")).unwrap();
     }
-    let tls = format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
-        p.join("server.pem").display(),
-        p.join("server.key").display(),
-        p.join("ca.pem").display()
-    );
     let mut d = Daemon::start(p, &tls, false);
     d.grpc = d.grpc.replace("http://", "https://");
     let src = p.join("vols/disk.img");
