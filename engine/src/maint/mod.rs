@@ -3,6 +3,7 @@
 //! or rebuilds the node's local index; [`keys`] manages passwords.
 
 pub mod check;
+pub mod drill;
 pub mod forget;
 pub mod gc;
 mod gc_work;

@@ -4,6 +4,7 @@
 mod backup;
 mod check;
 mod client;
+mod drill;
 mod export;
 mod forget;
 mod gc;
@@ -87,6 +88,9 @@ enum Cmd {
     Backup(backup::Args),
     /// Restore a snapshot's volume(s) onto a block device or file.
     Restore(restore::Args),
+    /// Prove a snapshot restores: restore it into scratch space, compare with the digests
+    /// recorded at backup, report throughput and the restore time to expect; clean up.
+    Drill(drill::Args),
     /// Serve a snapshot's volume read-only over NBD, straight from the repository.
     Export(export::Args),
     /// Mount the snapshots read-only (FUSE): volumes as .img files, for file-level restore.
@@ -127,6 +131,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Cmd::Backup(a) => backup::run(&ra, a, &cancel).await,
         Cmd::Restore(a) => restore::run(&ra, a, &cancel).await,
         Cmd::Export(a) => export::run(&ra, a, &cancel).await,
+        Cmd::Drill(a) => drill::run(&ra, a, &cancel).await,
         Cmd::Mount(a) => mount::run(&ra, a, &cancel).await,
         Cmd::Snapshots(a) => snapshots::list(&ra, a, &cancel).await,
         Cmd::Show(a) => snapshots::show(&ra, a, &cancel).await,

@@ -64,22 +64,7 @@ fn corrupt_chunk_stops_restore_naming_everything() {
     std::fs::write(&src, noise(11, 6 << 20)).unwrap();
     let s = e.json(&["backup", src.to_str().unwrap()]);
     // Flip one byte in the middle of the (single) data pack.
-    let mut packs = Vec::new();
-    for d in std::fs::read_dir(Path::new(&e.repo).join("packs")).unwrap() {
-        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
-            let p = f.unwrap().path();
-            packs.push((std::fs::metadata(&p).unwrap().len(), p));
-        }
-    }
-    packs.sort();
-    let (len, big) = packs.last().unwrap().clone();
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&big).unwrap();
-    f.seek(SeekFrom::Start(len / 2)).unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact(&mut b).unwrap();
-    f.seek(SeekFrom::Start(len / 2)).unwrap();
-    f.write_all(&[b[0] ^ 0x40]).unwrap();
-    drop(f);
+    let big = flip_byte_in_largest_pack(Path::new(&e.repo));
     let out = e.path("out.img");
     let err = e.fail(&["restore", s["snapshot_id"].as_str().unwrap(), out.to_str().unwrap()]);
     let pack_id = big.file_name().unwrap().to_str().unwrap();

@@ -1,7 +1,7 @@
 //! Helpers every test module shares: a repository environment that runs the real `mover`
 //! binary, deterministic volume contents, hashing, loop devices.
 
-pub use std::io::{Read, Seek, SeekFrom, Write};
+pub use std::io::{Read, Write};
 pub use std::os::unix::fs::FileExt;
 pub use std::path::{Path, PathBuf};
 pub use std::process::{Command, Output};
@@ -83,6 +83,25 @@ impl Env {
     pub fn snapshot_count(&self) -> usize {
         self.json(&["snapshots"]).as_array().unwrap().len()
     }
+}
+
+/// Flips one byte in the middle of the largest pack of a local repository (a data pack);
+/// returns its path.
+pub fn flip_byte_in_largest_pack(repo: &Path) -> PathBuf {
+    let mut packs = Vec::new();
+    for d in std::fs::read_dir(repo.join("packs")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            packs.push((std::fs::metadata(&p).unwrap().len(), p));
+        }
+    }
+    packs.sort();
+    let (len, big) = packs.last().unwrap().clone();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&big).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, len / 2).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], len / 2).unwrap();
+    big
 }
 
 pub fn rand_suffix() -> String {

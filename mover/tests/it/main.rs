@@ -11,6 +11,7 @@ mod bad_input;
 mod csi;
 mod csi_server;
 mod daemon;
+mod drill;
 mod export;
 mod forget;
 mod gc;
