@@ -12,7 +12,7 @@ use crate::snapshots::load_refs;
 use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::Manifest;
 use mover_format::tree::SegmentRef;
-use mover_format::{Repository, SnapshotId};
+use mover_format::{Repository, SegmentDigest, SnapshotId};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,6 +53,39 @@ impl Drop for Scratch {
     }
 }
 
+/// Reads back a restored volume and compares each segment with its recorded digest
+/// (`digest` computes one; holes must read as zeros). Returns the segments compared.
+fn verify_segments(
+    reader: &std::fs::File,
+    refs: &[SegmentRef],
+    seg_size: u64,
+    size: u64,
+    digest: impl Fn(&[u8]) -> SegmentDigest,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let mut buf = vec![0u8; seg_size as usize];
+    let mut n = 0u64;
+    for (i, r) in refs.iter().enumerate() {
+        if cancel.is_cancelled() {
+            return Err(Error::cancelled("verifying the restored volume"));
+        }
+        let off = i as u64 * seg_size;
+        let len = seg_size.min(size - off) as usize;
+        reader.read_exact_at(&mut buf[..len], off).with_context(|| format!("reading back the restored volume at offset {off}"))?;
+        let ok = match r {
+            SegmentRef::Hole => buf[..len].iter().all(|b| *b == 0),
+            SegmentRef::Map { digest: want, .. } => digest(&buf[..len]) == *want,
+        };
+        if !ok {
+            return Err(Error::corrupt(format!(
+                "restored differently from what was backed up at offset {off} ({len} bytes: the digest recorded at backup does not match)"
+            )));
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// Restores every volume of `snap` into a new file under `scratch_dir`, verifies it
 /// against the recorded segment digests, and removes it.
 pub async fn drill(
@@ -85,28 +118,9 @@ pub async fn drill(
         let t1 = Instant::now();
         let refs = load_refs(repo, &*index, snap, vol, cancel).await?;
         let (repo2, name, seg_size, size, snap2, cancel2) = (repo.clone(), vol.name.clone(), vol.segment_size as u64, vol.size, *snap, cancel.clone());
-        let segments_verified = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let mut buf = vec![0u8; seg_size as usize];
-            let mut n = 0u64;
-            for (i, r) in refs.iter().enumerate() {
-                if cancel2.is_cancelled() {
-                    return Err(Error::cancelled(format!("drill of volume '{name}'")));
-                }
-                let off = i as u64 * seg_size;
-                let len = seg_size.min(size - off) as usize;
-                reader.read_exact_at(&mut buf[..len], off).with_context(|| format!("reading back drill restore of volume '{name}' at offset {off}"))?;
-                let ok = match r {
-                    SegmentRef::Hole => buf[..len].iter().all(|b| *b == 0),
-                    SegmentRef::Map { digest, .. } => repo2.keys().segment_digest(&buf[..len]) == *digest,
-                };
-                if !ok {
-                    return Err(Error::corrupt(format!(
-                        "drill of snapshot {snap2}: volume '{name}' restored differently from what was backed up at offset {off} ({len} bytes: the digest recorded at backup does not match)"
-                    )));
-                }
-                n += 1;
-            }
-            Ok(n)
+        let segments_verified = tokio::task::spawn_blocking(move || {
+            verify_segments(&reader, &refs, seg_size, size, |d| repo2.keys().segment_digest(d), &cancel2)
+                .map_err(|e| e.context(format!("drill of snapshot {snap2}: volume '{name}'")))
         })
         .await??;
         let rate = vol.size as f64 / restore_s.max(1e-9);
@@ -128,4 +142,35 @@ pub async fn drill(
         duration_s: started.elapsed().as_secs_f64(),
         volumes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(d: &[u8]) -> SegmentDigest {
+        SegmentDigest(*blake3::hash(d).as_bytes())
+    }
+
+    #[test]
+    fn a_restored_byte_that_differs_from_the_backup_fails_naming_its_segment() {
+        let seg = 4096u64;
+        let mut data = vec![7u8; 3 * seg as usize + 100];
+        data[seg as usize..2 * seg as usize].fill(0);
+        let map = mover_format::ChunkId([0; 32]);
+        let refs: Vec<SegmentRef> =
+            data.chunks(seg as usize).map(|c| if c.iter().all(|b| *b == 0) { SegmentRef::Hole } else { SegmentRef::Map { map, digest: digest(c) } }).collect();
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(&data, 0).unwrap();
+        let c = CancellationToken::new();
+        assert_eq!(verify_segments(&f, &refs, seg, data.len() as u64, digest, &c).unwrap(), 4);
+        // One byte of the short last segment, then one in the hole.
+        f.write_all_at(&[8], 3 * seg + 50).unwrap();
+        let e = verify_segments(&f, &refs, seg, data.len() as u64, digest, &c).unwrap_err();
+        assert!(e.to_string().contains(&format!("at offset {}", 3 * seg)), "{e}");
+        f.write_all_at(&[7], 3 * seg + 50).unwrap();
+        f.write_all_at(&[1], seg + 1).unwrap();
+        let e = verify_segments(&f, &refs, seg, data.len() as u64, digest, &c).unwrap_err();
+        assert!(e.to_string().contains(&format!("at offset {seg}")) && e.kind() == crate::ErrorKind::Corrupt, "{e}");
+    }
 }
