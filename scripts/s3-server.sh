@@ -42,6 +42,19 @@ case "${1:-}" in
     if ! curl -s -o /dev/null "http://127.0.0.1:$S3_PORT/"; then
       echo "SeaweedFS did not start; log:" >&2; tail -30 "$STATE/weed.log" >&2; exit 1
     fi
+    # Ready means writable: a signed PUT of a small object must succeed (SeaweedFS refuses
+    # writes while it has no volume, and when the disk is nearly full).
+    put() { curl -s -o /dev/null -w "%{http_code}" --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$@"; }
+    ok=
+    for _ in $(seq 1 60); do
+      if [ "$(put -X PUT --data-binary ready "http://127.0.0.1:$S3_PORT/$BUCKET/.ready")" = 200 ]; then ok=1; break; fi
+      sleep 0.5
+    done
+    if [ -z "$ok" ]; then
+      echo "SeaweedFS does not accept writes (free space on $STATE: $(df -h --output=avail "$STATE" | tail -1 | tr -d ' ')); log:" >&2
+      tail -5 "$STATE/weed.log" >&2; exit 1
+    fi
+    put -X DELETE "http://127.0.0.1:$S3_PORT/$BUCKET/.ready" >/dev/null || true
     echo "export MOVER_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT MOVER_TEST_S3_BUCKET=$BUCKET AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY AWS_REGION=us-east-1"
     ;;
   stop)
