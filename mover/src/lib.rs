@@ -18,6 +18,7 @@ pub mod nbd;
 pub mod plan;
 pub mod repo;
 pub mod secrets;
+pub mod socket;
 pub mod sources;
 
 /// Selects rustls's crypto provider (ring) for the process. The AWS SDK and tonic enable

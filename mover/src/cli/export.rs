@@ -7,7 +7,6 @@ use mover::nbd::server::{run_export, ExportListen, ExportTls};
 use mover::plan::export::{prepare, ExportRequest};
 use mover::repo::RepoArgs;
 use mover_engine::export::ImageOptions;
-use mover_engine::Error;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -48,11 +47,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         let listen = match (a.listen, &a.socket) {
             (Some(addr), _) => ExportListen::Tcp(addr),
             (None, Some(p)) => ExportListen::unix(p),
-            (None, None) => {
-                let dir = PathBuf::from("/run/mover");
-                std::fs::create_dir_all(&dir).map_err(|e| Error::from(e).context(format!("creating {}", dir.display())))?;
-                ExportListen::unix(dir.join(format!("export-{}-{}.sock", &snap.to_string()[..12], vol.name)))
-            }
+            (None, None) => ExportListen::unix(PathBuf::from("/run/mover").join(format!("export-{}-{}.sock", &snap.to_string()[..12], vol.name))),
         };
         let json = a.json;
         let (sid, vname, size) = (snap.to_string(), vol.name.clone(), vol.size);

@@ -86,13 +86,19 @@ pub fn authorize<T>(d: &Daemon, req: &Request<T>, group: Group) -> Result<Caller
 
 /// Whether `caller` may call RPCs of `group` (always, without an `[authorization]` section).
 pub fn allowed(d: &Daemon, caller: &Caller, group: Group) -> bool {
-    let Some(a) = &d.cfg.authorization else { return true };
+    permits(d.cfg.authorization.as_ref(), &caller.identities, group)
+}
+
+/// The rule itself: without an `[authorization]` section everyone the transport admits;
+/// with one, any of `identities` listed for `group`. (Also the rule for NBD-TLS clients.)
+pub fn permits(authorization: Option<&super::config::AuthConfig>, identities: &[String], group: Group) -> bool {
+    let Some(a) = authorization else { return true };
     let list = match group {
         Group::Backup => &a.backup,
         Group::Restore => &a.restore,
         Group::Read => &a.read,
     };
-    caller.identities.iter().any(|i| list.contains(i))
+    identities.iter().any(|i| list.contains(i))
 }
 
 fn identify<T>(d: &Daemon, req: &Request<T>) -> Result<Caller, Status> {

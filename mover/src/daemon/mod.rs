@@ -88,7 +88,6 @@ impl Daemon {
                 Listen::Tcp(_) => self.cfg.state_dir.clone(),
             }
             .join("exports");
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let listen = ExportListen::Unix { path: dir.join(format!("{id}.sock")), mode: self.cfg.socket_mode, group: self.cfg.socket_group };
             return Ok((listen, ExportTls::None));
         }
@@ -106,9 +105,10 @@ impl Daemon {
             if ids.is_empty() {
                 return Err("the client certificate names no identity (no SAN, no CN)".into());
             }
-            match &authorization {
-                Some(a) if !ids.iter().any(|i| a.restore.contains(i)) => Err(format!("{} may not read exports (restore)", ids.join(" / "))),
-                _ => Ok(()),
+            if auth::permits(authorization.as_ref(), &ids, auth::Group::Restore) {
+                Ok(())
+            } else {
+                Err(format!("{} may not read exports (restore)", ids.join(" / ")))
             }
         })
     }
@@ -190,32 +190,6 @@ fn nbd_tls_config(t: &config::TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
         .with_single_cert(certs, key)
         .map_err(|e| bad("certificate and key", e.to_string()))?;
     Ok(Arc::new(cfg))
-}
-
-/// Binds the gRPC unix socket: a stale socket file is replaced; the socket gets the
-/// configured mode (0600 by default) and group before anyone can connect.
-fn bind_unix(cfg: &DaemonConfig, path: &Path) -> Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if !m.file_type().is_socket() {
-            return Err(Error::precondition(format!("{} exists and is not a socket; refusing to replace it", path.display())));
-        }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    // Created under a restrictive umask, then given the configured mode.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let l = tokio::net::UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let l = l.with_context(|| format!("binding gRPC socket {}", path.display()))?;
-    if let Some(g) = cfg.socket_group {
-        std::os::unix::fs::chown(path, None, Some(g)).with_context(|| format!("giving socket {} to group {g}", path.display()))?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.socket_mode))
-        .with_context(|| format!("setting the mode of socket {}", path.display()))?;
-    Ok(l)
 }
 
 /// Runs the daemon until `stop` fires.
@@ -303,7 +277,7 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
             router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(l), shutdown).await
         }
         Listen::Unix(path) => {
-            let l = bind_unix(&cfg, path)?;
+            let l = crate::socket::bind_unix(path, cfg.socket_mode, cfg.socket_group, "gRPC socket")?;
             d.ready.store(true, Ordering::Relaxed);
             started(&format!("unix:{}", path.display()));
             router.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), shutdown).await

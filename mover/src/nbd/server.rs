@@ -473,24 +473,7 @@ pub async fn run_export(
     };
     match &listen {
         ExportListen::Unix { path, mode, group } => {
-            use std::os::unix::fs::PermissionsExt;
-            match std::fs::symlink_metadata(path) {
-                Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
-                    std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?
-                }
-                Ok(_) => return Err(Error::precondition(format!("{} exists and is not a socket; not replacing it", path.display()))),
-                Err(_) => {}
-            }
-            // Created under a restrictive umask, then given its mode: nobody else can
-            // connect in between.
-            let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-            let l = tokio::net::UnixListener::bind(path);
-            nix::sys::stat::umask(old);
-            let l = l.with_context(|| format!("listening on {}", path.display()))?;
-            if let Some(g) = group {
-                std::os::unix::fs::chown(path, None, Some(*g)).with_context(|| format!("giving {} to group {g}", path.display()))?;
-            }
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).with_context(|| format!("securing {}", path.display()))?;
+            let l = crate::socket::bind_unix(path, *mode, *group, "NBD export socket")?;
             ready(unix_uri(path, &export));
             loop {
                 tokio::select! {
