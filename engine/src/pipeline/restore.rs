@@ -181,6 +181,26 @@ pub async fn fetch_segment(
     fetch_segment_with_map(at, &map, buf, cancel).await
 }
 
+/// Blobs `0..n` (sorted by pack and offset; `loc(k)` is blob k's location) in runs that
+/// one ranged read each fetches: adjacent blobs of one pack, a run growing while it is under
+/// `cap` bytes. Each run is `(first, end, start offset, end offset)`.
+fn adjacent_runs<'a>(n: usize, loc: impl Fn(usize) -> &'a mover_format::index::BlobLocation, cap: u64) -> Vec<(usize, usize, u64, u64)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let (pack, start) = (loc(i).pack, loc(i).offset as u64);
+        let mut end = start + loc(i).stored_len as u64;
+        let mut j = i + 1;
+        while j < n && loc(j).pack == pack && loc(j).offset as u64 == end && end - start < cap {
+            end += loc(j).stored_len as u64;
+            j += 1;
+        }
+        runs.push((i, j, start, end));
+        i = j;
+    }
+    runs
+}
+
 /// Ranged reads of one segment in flight at once: a segment's runs are fetched
 /// concurrently (a deduplicated segment's chunks are spread over many packs).
 const RUNS_IN_FLIGHT: usize = 4;
@@ -254,21 +274,9 @@ pub async fn fetch_segment_with_map(
         buf.as_mut_full()[off as usize..(off + len) as usize].fill(0);
     }
     // Runs of adjacent blobs of one pack, each fetched with one ranged read.
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < wants.len() {
-        let mut j = i + 1;
-        let mut end = wants[i].loc.offset as u64 + wants[i].loc.stored_len as u64;
-        while j < wants.len() && wants[j].loc.pack == wants[i].loc.pack && wants[j].loc.offset as u64 == end && (end - wants[i].loc.offset as u64) < (8 << 20) {
-            end += wants[j].loc.stored_len as u64;
-            j += 1;
-        }
-        runs.push((i, j, end));
-        i = j;
-    }
+    let runs = adjacent_runs(wants.len(), |k| &wants[k].loc, 8 << 20);
     let wants = &wants;
-    let mut fetched = futures::stream::iter(runs.into_iter().map(|(i, j, end)| async move {
-        let start = wants[i].loc.offset as u64;
+    let mut fetched = futures::stream::iter(runs.into_iter().map(|(i, j, start, end)| async move {
         let pack = wants[i].loc.pack;
         let bytes = at.repo.get_object_range(&names::pack(&pack), start, end - start, cancel).await.map_err(|e| {
             Error::from(e).context(format!(
@@ -411,19 +419,7 @@ async fn load_maps(
     }
     locs.sort_by_key(|(_, l)| (l.pack, l.offset));
     locs.dedup_by_key(|(id, _)| *id);
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < locs.len() {
-        let (pack, start) = (locs[i].1.pack, locs[i].1.offset as u64);
-        let mut end = start + locs[i].1.stored_len as u64;
-        let mut j = i + 1;
-        while j < locs.len() && locs[j].1.pack == pack && locs[j].1.offset as u64 == end && end - start < (4 << 20) {
-            end += locs[j].1.stored_len as u64;
-            j += 1;
-        }
-        runs.push((i, j, start, end));
-        i = j;
-    }
+    let runs = adjacent_runs(locs.len(), |k| &locs[k].1, 4 << 20);
     let (locs, repo, cancel) = (&locs, &repo, &cancel);
     let mut fetched = futures::stream::iter(runs.into_iter().map(|(i, j, start, end)| async move {
         let bytes = repo.get_object_range(&names::pack(&locs[i].1.pack), start, end - start, cancel).await?;
