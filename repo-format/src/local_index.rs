@@ -150,16 +150,12 @@ async fn sync_once(repo: &Repository, index: &dyn ChunkIndex, cancel: &Cancellat
     let mut rep = SyncReport { segments_total: all.len(), ..Default::default() };
     // Several segments read at once: against a distant store a sync costs round trips, not
     // bandwidth. Ingested as they arrive (segments are independent).
-    let mut todo = all.iter().filter(|id| !have.contains(id)).copied();
-    let mut reads = tokio::task::JoinSet::new();
-    loop {
-        while reads.len() < SYNC_READS_IN_FLIGHT {
-            let Some(id) = todo.next() else { break };
-            let (repo, cancel) = (repo.clone(), cancel.clone());
-            reads.spawn(async move { repo.read_index(&id, &cancel).await.map(|e| (id, e)) });
-        }
-        let Some(done) = reads.join_next().await else { break };
-        let (id, entries) = done.map_err(|e| RepoError::Index { path: repo.location().into(), message: format!("an index segment read failed: {e}") })??;
+    use futures::StreamExt;
+    let todo: Vec<IndexId> = all.iter().filter(|id| !have.contains(id)).copied().collect();
+    let mut reads =
+        futures::stream::iter(todo).map(|id| async move { repo.read_index(&id, cancel).await.map(|e| (id, e)) }).buffer_unordered(SYNC_READS_IN_FLIGHT);
+    while let Some(done) = reads.next().await {
+        let (id, entries) = done?;
         index.ingest(Some(&id), &entries)?;
         rep.segments_ingested += 1;
         rep.entries_ingested += entries.len();

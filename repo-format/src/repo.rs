@@ -376,18 +376,11 @@ impl Repository {
     pub async fn snapshots(&self, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, Manifest)>, RepoError> {
         // Several manifests read at once: against a distant store listing costs round
         // trips, one per snapshot when read one after another.
-        const READS_IN_FLIGHT: usize = 16;
+        use futures::StreamExt;
+        let ids = self.list_snapshot_ids(cancel).await?;
+        let mut reads = futures::stream::iter(ids).map(|id| async move { (id, self.read_snapshot(&id, cancel).await) }).buffer_unordered(16);
         let mut out = Vec::new();
-        let mut ids = self.list_snapshot_ids(cancel).await?.into_iter();
-        let mut reads = tokio::task::JoinSet::new();
-        loop {
-            while reads.len() < READS_IN_FLIGHT {
-                let Some(id) = ids.next() else { break };
-                let (repo, cancel) = (self.clone(), cancel.clone());
-                reads.spawn(async move { (id, repo.read_snapshot(&id, &cancel).await) });
-            }
-            let Some(done) = reads.join_next().await else { break };
-            let (id, r) = done.map_err(|e| RepoError::Invalid(format!("reading a snapshot manifest: the task failed: {e}")))?;
+        while let Some((id, r)) = reads.next().await {
             match r {
                 Ok(m) => out.push((id, m)),
                 // Forgotten between listing and reading.
