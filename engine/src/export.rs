@@ -133,6 +133,27 @@ impl VolumeImage {
         self.seg_size().min(self.vol.size - seg * self.seg_size())
     }
 
+    /// The byte ranges `[start, end)` of segments that are not wholly zero.
+    pub fn allocated(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (i, r) in self.refs.iter().enumerate() {
+            if matches!(r, SegmentRef::Hole) {
+                continue;
+            }
+            let (a, b) = (i as u64 * self.seg_size(), i as u64 * self.seg_size() + self.seg_len(i as u64));
+            match out.last_mut() {
+                Some(l) if l.1 == a => l.1 = b,
+                _ => out.push((a, b)),
+            }
+        }
+        out
+    }
+
+    /// The volume's segment references.
+    pub fn refs(&self) -> &[SegmentRef] {
+        &self.refs
+    }
+
     /// Stops every fetch in flight (readers then fail).
     pub fn close(&self) {
         self.cancel.cancel();

@@ -16,6 +16,9 @@ pub struct RepoArgs {
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
     pub cache_dir: Option<PathBuf>,
+    /// The environment variable holding the password when no file is given (default
+    /// `MOVER_PASSWORD`).
+    pub password_env: Option<String>,
 }
 
 impl RepoArgs {
@@ -30,7 +33,8 @@ impl RepoArgs {
         if let Some(p) = &self.password_file {
             return read_password_file(p, "password file");
         }
-        env_password("MOVER_PASSWORD").ok_or_else(|| Error::invalid("no password given: set MOVER_PASSWORD or use --password-file FILE"))
+        let var = self.password_env.as_deref().unwrap_or("MOVER_PASSWORD");
+        env_password(var).ok_or_else(|| Error::invalid(format!("no password given for repository {}: set {var} or give a password file", self.repo.as_deref().unwrap_or("?"))))
     }
 
     /// The store, checked to honour create-only writes (S3: probed once per process).

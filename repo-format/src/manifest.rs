@@ -157,9 +157,34 @@ pub struct Manifest {
     pub metadata: Vec<MetadataEntry>,
     pub stats: VolumeStats,
     pub duration_ms: u64,
+    /// Set on a snapshot made by `mover copy`: the snapshot it is a copy of (the first
+    /// one, when copies are copied again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// Where a copied snapshot came from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Origin {
+    /// The id of the repository the snapshot was first written to.
+    pub repository: String,
+    pub snapshot: SnapshotId,
+    /// Where that repository was when it was copied (for people).
+    pub location: String,
+    /// When the copy was made.
+    pub copied_unix_ms: u64,
 }
 
 impl Manifest {
+    /// What this snapshot is a copy of, or itself: `(repository id, snapshot id)`. Two
+    /// snapshots with the same identity hold the same volumes.
+    pub fn identity(&self, repository: &str, id: &SnapshotId) -> (String, SnapshotId) {
+        match &self.origin {
+            Some(o) => (o.repository.clone(), o.snapshot),
+            None => (repository.to_string(), *id),
+        }
+    }
+
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, FormatError> {
         keys.seal_json(&SNAPSHOT_MAGIC, self, "snapshot manifest")
     }

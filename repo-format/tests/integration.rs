@@ -63,6 +63,7 @@ fn manifest(groups: Vec<ChunkId>) -> Manifest {
         metadata: vec![],
         stats: VolumeStats::default(),
         duration_ms: 1,
+        origin: None,
     }
 }
 

@@ -50,6 +50,7 @@ fn samples(k: &Keys) -> Vec<Vec<u8>> {
         metadata: vec![],
         stats: VolumeStats::default(),
         duration_ms: 0,
+        origin: None,
     };
     let mut pb = PackBuilder::new(1024);
     let mut enc = mover_format::blob::BlobEncoder::new(1);

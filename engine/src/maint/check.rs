@@ -11,7 +11,8 @@ use mover_format::manifest::Manifest;
 use mover_format::pack::FOOTER_LEN;
 use mover_format::tree::MapEntry;
 use mover_format::{names, ChunkId, PackId, Repository, SnapshotId};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -25,6 +26,18 @@ pub struct CheckReport {
     pub bytes_verified: u64,
     /// Every problem found, each naming its object.
     pub problems: Vec<String>,
+    /// Each damaged object (a pack, a chunk missing from the index, a tree blob that
+    /// cannot be read), what is wrong with it, and the snapshots that need it.
+    pub damaged: Vec<DamagedObject>,
+    /// Every snapshot that needs a damaged object: these do not restore as they are.
+    pub affected_snapshots: Vec<SnapshotId>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DamagedObject {
+    pub object: String,
+    pub problem: String,
+    pub snapshots: Vec<SnapshotId>,
 }
 
 /// What the store holds, read from its index segments and pack listing.
@@ -98,6 +111,8 @@ pub(super) struct ViewTrees<'a> {
     pub cancel: &'a CancellationToken,
     /// Where problems go; `None` makes every problem an error (stats).
     pub problems: Option<Vec<String>>,
+    /// Where tree blobs that could not be read or decoded are noted (check).
+    pub failed: Option<Arc<Mutex<Vec<(ChunkId, String)>>>>,
 }
 
 #[async_trait::async_trait]
@@ -110,6 +125,11 @@ impl Trees for ViewTrees<'_> {
         match (r, &mut self.problems) {
             (Ok(b), _) => Ok(Some(b)),
             (Err(e), Some(p)) if !e.is_cancelled() => {
+                if let Some(f) = &self.failed {
+                    if let Ok(mut f) = f.lock() {
+                        f.push((*id, format!("{e:#}")));
+                    }
+                }
                 p.push(format!("{e:#}"));
                 Ok(None)
             }
@@ -127,29 +147,103 @@ impl Trees for ViewTrees<'_> {
     }
 }
 
-/// Checks each chunk against the index, each segment map once.
+/// Damaged objects and the snapshots that depend on them.
+#[derive(Debug, Default)]
+struct Damage {
+    /// Blobs that cannot be read, with the object that holds the damage (`pack …`, `chunk
+    /// …`): the object named to the operator.
+    blobs: HashMap<ChunkId, String>,
+    /// Per damaged object: what is wrong, and the snapshots that need it.
+    objects: BTreeMap<String, (String, BTreeSet<SnapshotId>)>,
+    /// Tree blobs a walk failed to read or decode (filled by [`ViewTrees`]).
+    failed: Arc<Mutex<Vec<(ChunkId, String)>>>,
+}
+
+impl Damage {
+    fn object(&mut self, object: String, problem: String) {
+        self.objects.entry(object).or_insert_with(|| (problem, BTreeSet::new()));
+    }
+    fn blob(&mut self, id: ChunkId, object: String, problem: String) {
+        self.object(object.clone(), problem);
+        self.blobs.insert(id, object);
+    }
+    fn attribute(&mut self, object: &str, sid: SnapshotId) {
+        if let Some(o) = self.objects.get_mut(object) {
+            o.1.insert(sid);
+        }
+    }
+}
+
+/// Checks each chunk against the index, each segment map once, and finds which snapshots
+/// need each damaged object (a map seen before passes on the damage found in it).
 struct Structure<'a> {
     view: &'a StoreView,
     sid: SnapshotId,
     volume: String,
     seen_maps: HashSet<ChunkId>,
+    /// Damaged objects found under each segment map.
+    memo: HashMap<ChunkId, Vec<String>>,
+    current_map: Option<ChunkId>,
+    damage: Damage,
     problems: Vec<String>,
+}
+
+impl Structure<'_> {
+    /// Attributes tree blobs the walk failed to read (while walking this snapshot).
+    fn drain_failed(&mut self) {
+        let failed: Vec<(ChunkId, String)> = self.damage.failed.lock().map(|mut f| std::mem::take(&mut *f)).unwrap_or_default();
+        for (id, problem) in failed {
+            let object = format!("tree blob {id}");
+            self.damage.blob(id, object.clone(), problem);
+            self.damage.attribute(&object, self.sid);
+        }
+    }
+    fn hit(&mut self, id: &ChunkId) {
+        if let Some(o) = self.damage.blobs.get(id).cloned() {
+            self.damage.attribute(&o, self.sid);
+            if let Some(m) = self.current_map {
+                self.memo.entry(m).or_default().push(o);
+            }
+        }
+    }
 }
 
 impl Visitor for Structure<'_> {
     fn metadata(&mut self, name: &str, blob: &ChunkId) {
         if self.view.locate(blob).is_none() {
             self.problems.push(format!("snapshot {}: metadata '{name}' blob {blob} is not indexed", self.sid));
+            self.damage.blob(*blob, format!("metadata blob {blob}"), "not in any index segment".into());
         }
+        self.current_map = None;
+        self.hit(blob);
+    }
+    fn group(&mut self, id: &ChunkId) -> bool {
+        self.drain_failed();
+        self.current_map = None;
+        self.hit(id);
+        true
     }
     fn map(&mut self, id: &ChunkId, _offset: u64) -> bool {
-        self.seen_maps.insert(*id)
+        self.drain_failed();
+        self.current_map = None;
+        self.hit(id);
+        if !self.seen_maps.insert(*id) {
+            for o in self.memo.get(id).cloned().unwrap_or_default() {
+                self.damage.attribute(&o, self.sid);
+            }
+            return false;
+        }
+        self.current_map = Some(*id);
+        true
     }
     fn chunk(&mut self, e: &MapEntry, offset: u64, segment_offset: u64) {
         let what = || format!("snapshot {} volume '{}' segment at offset {segment_offset}", self.sid, self.volume);
         let Some(id) = e.chunk() else { return };
         match (self.view.locate(&id), *e) {
-            (None, _) => self.problems.push(format!("{}: chunk {id} at offset {offset} is not in any index segment", what())),
+            (None, _) => {
+                self.problems.push(format!("{}: chunk {id} at offset {offset} is not in any index segment", what()));
+                self.damage.blob(id, format!("chunk {id}"), "not in any index segment".into());
+            }
             (Some(l), MapEntry::Chunk { len, .. }) if l.raw_len != len => {
                 self.problems.push(format!("{}: chunk {id} is {} bytes in the index, {len} in the map", what(), l.raw_len))
             }
@@ -158,11 +252,13 @@ impl Visitor for Structure<'_> {
             }
             _ => {}
         }
+        self.hit(&id);
     }
 }
 
 /// Checks structure; with `read_percent` (1..=100), also downloads that share of the packs
-/// and verifies every blob in them.
+/// and verifies every blob in them. Every damaged object is listed with the snapshots that
+/// need it.
 pub async fn check(repo: &Repository, read_percent: Option<u32>, cancel: &CancellationToken) -> Result<CheckReport> {
     // Under a `read` lock: a concurrent gc deletes nothing this check may still read.
     let lock = crate::lock::RepoLock::read(repo, cancel).await?;
@@ -174,6 +270,7 @@ pub async fn check(repo: &Repository, read_percent: Option<u32>, cancel: &Cancel
 async fn check_locked(repo: &Repository, read_percent: Option<u32>, cancel: &CancellationToken) -> Result<CheckReport> {
     let mut rep = CheckReport::default();
     let v = load_view(repo, &mut rep, cancel).await?;
+    let mut damage = Damage::default();
     // Index entries against packs.
     let mut reported_missing = HashSet::new();
     for (id, loc) in &v.index {
@@ -182,18 +279,36 @@ async fn check_locked(repo: &Repository, read_percent: Option<u32>, cancel: &Can
                 if reported_missing.insert(loc.pack) {
                     rep.problems.push(format!("pack {} in repository {}: missing, but the index lists chunks in it (e.g. {id})", loc.pack, repo.location()));
                 }
+                damage.blob(*id, format!("pack {}", loc.pack), "missing, but the index lists blobs in it".into());
             }
-            Some(&size) if loc.offset as u64 + loc.stored_len as u64 > size.saturating_sub(FOOTER_LEN as u64) => rep.problems.push(format!(
-                "chunk {id} in pack {}: index entry ends at {} but the pack holds {size} bytes",
-                loc.pack,
-                loc.offset as u64 + loc.stored_len as u64
-            )),
+            Some(&size) if loc.offset as u64 + loc.stored_len as u64 > size.saturating_sub(FOOTER_LEN as u64) => {
+                rep.problems.push(format!(
+                    "chunk {id} in pack {}: index entry ends at {} but the pack holds {size} bytes",
+                    loc.pack,
+                    loc.offset as u64 + loc.stored_len as u64
+                ));
+                damage.blob(*id, format!("pack {}", loc.pack), format!("shorter ({size} bytes) than its index entries say"));
+            }
             _ => {}
         }
     }
+    // Data first, so that the walk below can say which snapshots need what is damaged.
+    if let Some(pct) = read_percent {
+        read_data(repo, &v, pct.clamp(1, 100), &mut rep, &mut damage, cancel).await?;
+    }
     // Manifests → groups → segment maps → chunks.
-    let mut trees = ViewTrees { repo, view: &v, cancel, problems: Some(Vec::new()) };
-    let mut s = Structure { view: &v, sid: SnapshotId([0; 32]), volume: String::new(), seen_maps: HashSet::new(), problems: Vec::new() };
+    let failed = damage.failed.clone();
+    let mut trees = ViewTrees { repo, view: &v, cancel, problems: Some(Vec::new()), failed: Some(failed) };
+    let mut s = Structure {
+        view: &v,
+        sid: SnapshotId([0; 32]),
+        volume: String::new(),
+        seen_maps: HashSet::new(),
+        memo: HashMap::new(),
+        current_map: None,
+        damage,
+        problems: Vec::new(),
+    };
     for (sid, m) in &v.snapshots {
         s.sid = *sid;
         for md in &m.metadata {
@@ -202,6 +317,7 @@ async fn check_locked(repo: &Repository, read_percent: Option<u32>, cancel: &Can
         for vol in &m.volumes {
             s.volume = vol.name.clone();
             let shape = walk::volume(&mut trees, &mut s, sid, vol).await?;
+            s.drain_failed();
             if let Some(want) = shape.mismatch(vol) {
                 s.problems.push(format!("snapshot {sid} volume '{}': {} segments recorded for {} bytes (needs {want})", vol.name, shape.segments, vol.size));
             }
@@ -209,13 +325,16 @@ async fn check_locked(repo: &Repository, read_percent: Option<u32>, cancel: &Can
     }
     rep.problems.extend(trees.problems.take().unwrap_or_default());
     rep.problems.extend(s.problems);
-    if let Some(pct) = read_percent {
-        read_data(repo, &v, pct.clamp(1, 100), &mut rep, cancel).await?;
+    let mut affected = BTreeSet::new();
+    for (object, (problem, snaps)) in s.damage.objects {
+        affected.extend(snaps.iter().copied());
+        rep.damaged.push(DamagedObject { object, problem, snapshots: snaps.into_iter().collect() });
     }
+    rep.affected_snapshots = affected.into_iter().collect();
     Ok(rep)
 }
 
-async fn read_data(repo: &Repository, v: &StoreView, pct: u32, rep: &mut CheckReport, cancel: &CancellationToken) -> Result<()> {
+async fn read_data(repo: &Repository, v: &StoreView, pct: u32, rep: &mut CheckReport, damage: &mut Damage, cancel: &CancellationToken) -> Result<()> {
     let mut by_pack: HashMap<PackId, Vec<(ChunkId, BlobLocation)>> = HashMap::new();
     for (id, loc) in &v.index {
         by_pack.entry(loc.pack).or_default().push((*id, *loc));
@@ -233,15 +352,21 @@ async fn read_data(repo: &Repository, v: &StoreView, pct: u32, rep: &mut CheckRe
             Err(e) if e.is_cancelled() => return Err(e.into()),
             Err(e) => {
                 rep.problems.push(format!("{e:#}"));
+                for (id, _) in by_pack.get(pack).map(|v| v.as_slice()).unwrap_or(&[]) {
+                    damage.blob(*id, format!("pack {pack}"), format!("cannot be read: {e:#}"));
+                }
                 continue;
             }
         };
         rep.packs_read += 1;
+        let object = format!("pack {pack}");
         if PackId(mover_format::id::content_id(&bytes)) != *pack {
             rep.problems.push(format!("pack {pack} in repository {}: content does not hash to its name (corrupt or truncated)", repo.location()));
+            damage.object(object.clone(), "content does not hash to its name (corrupt or truncated)".into());
         }
         if let Err(e) = mover_format::pack::read_pack(repo.keys(), &bytes) {
             rep.problems.push(format!("pack {pack} in repository {}: trailer: {e}", repo.location()));
+            damage.object(object.clone(), format!("trailer: {e}"));
         }
         for (id, loc) in by_pack.get(pack).map(|v| v.as_slice()).unwrap_or(&[]) {
             let (s, e) = (loc.offset as usize, loc.offset as usize + loc.stored_len as usize);
@@ -253,7 +378,10 @@ async fn read_data(repo: &Repository, v: &StoreView, pct: u32, rep: &mut CheckRe
                     rep.blobs_verified += 1;
                     rep.bytes_verified += p.len() as u64;
                 }
-                Err(err) => rep.problems.push(format!("{err:#}")),
+                Err(err) => {
+                    rep.problems.push(format!("{err:#}"));
+                    damage.blob(*id, object.clone(), format!("{err:#}"));
+                }
             }
         }
     }

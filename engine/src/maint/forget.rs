@@ -193,6 +193,7 @@ mod tests {
             metadata: vec![],
             stats: VolumeStats::default(),
             duration_ms: 0,
+            origin: None,
         };
         (SnapshotId([i; 32]), m)
     }

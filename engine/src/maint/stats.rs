@@ -88,7 +88,7 @@ pub async fn stats(repo: &Repository, cancel: &CancellationToken) -> Result<Stat
     }
     let mut st = Stats { snapshots: v.snapshots.len(), packs: v.packs.len(), stored_bytes: v.packs.values().sum(), ..Default::default() };
     let mut refs: HashMap<ChunkId, (u32, u32, usize)> = HashMap::new();
-    let mut trees = Cached { inner: ViewTrees { repo, view: &v, cancel, problems: None }, cache: HashMap::new() };
+    let mut trees = Cached { inner: ViewTrees { repo, view: &v, cancel, problems: None, failed: None }, cache: HashMap::new() };
     for (si, (sid, m)) in v.snapshots.iter().enumerate() {
         let mut c = Count { view: &v, refs: &mut refs, index: si, referenced: 0 };
         walk::snapshot(&mut trees, &mut c, sid, m).await?;

@@ -52,6 +52,18 @@ pub struct VolumeInput {
     /// Recorded as the volume's `change_base`: the change-tracking point this snapshot was
     /// taken at (a bitmap, a CSI snapshot handle, a KubeVirt checkpoint).
     pub checkpoint: Option<String>,
+    /// For a copy: the volume's `source` and `change_source` as the original snapshot
+    /// recorded them (they say what the data was read from, which a copy does not change).
+    pub recorded: Option<(String, ChangeSource)>,
+}
+
+/// What a copied snapshot keeps of its original (`mover copy`).
+#[derive(Debug, Clone)]
+pub struct CopyOf {
+    pub time_unix_ms: u64,
+    pub hostname: String,
+    pub duration_ms: u64,
+    pub origin: mover_format::manifest::Origin,
 }
 
 /// How hard the pipeline works; defaults fit a node that also runs VMs.
@@ -92,6 +104,8 @@ pub struct BackupJob {
     pub metadata: Vec<(String, Vec<u8>)>,
     pub tags: BTreeMap<String, String>,
     pub tuning: Tuning,
+    /// Set when the job copies a snapshot from another repository.
+    pub copy_of: Option<CopyOf>,
 }
 
 /// Pack uploads in flight: `requested`, or for 0 two to a local directory (its `O_DIRECT`
@@ -182,6 +196,7 @@ async fn resolve_parent(repo: &Repository, job: &BackupJob, cancel: &Cancellatio
 struct OpenVolume {
     name: String,
     source: String,
+    recorded: Option<(String, ChangeSource)>,
     checkpoint: Option<String>,
     opened: Opened,
     parent: Option<(SnapshotId, VolumeEntry)>,
@@ -224,7 +239,7 @@ async fn run(
         }
         progress.add_total(opened.size);
         let parent = pvol.map(|(p, pv)| (p.snapshot, pv));
-        vols.push(OpenVolume { name: v.name, source, checkpoint: v.checkpoint, opened, parent });
+        vols.push(OpenVolume { name: v.name, source, recorded: v.recorded, checkpoint: v.checkpoint, opened, parent });
     }
 
     let stop = cancel.child_token();
@@ -283,17 +298,19 @@ async fn run(
     for v in &volumes {
         stats.add(&v.stats);
     }
+    let copy = job.copy_of.clone();
     let manifest = Manifest {
         version: MANIFEST_VERSION,
         group: Some(job.group.clone()),
-        time_unix_ms: mover_format::now_unix_ms(),
-        hostname: mover_format::hostname(),
+        time_unix_ms: copy.as_ref().map(|c| c.time_unix_ms).unwrap_or_else(mover_format::now_unix_ms),
+        hostname: copy.as_ref().map(|c| c.hostname.clone()).unwrap_or_else(mover_format::hostname),
         tags: job.tags.clone(),
         parent: parent.as_ref().map(|(id, _, _)| *id),
         volumes: volumes.clone(),
         metadata,
         stats,
-        duration_ms: started.elapsed().as_millis() as u64,
+        duration_ms: copy.as_ref().map(|c| c.duration_ms).unwrap_or(started.elapsed().as_millis() as u64),
+        origin: copy.map(|c| c.origin),
     };
     let snapshot_id = lease.commit("writing the snapshot manifest", async { Ok(repo.write_snapshot(&manifest, cancel).await?) }).await?;
     Ok(BackupSummary {
@@ -508,12 +525,13 @@ async fn backup_volume(
         }
         groups.push(id);
     }
+    let (source, change_source) = v.recorded.clone().unwrap_or((v.source, change_source));
     let entry = VolumeEntry {
         name: v.name.clone(),
         size,
         segment_size: sh.params.segment_size,
         groups,
-        source: v.source,
+        source,
         change_source,
         change_base: v.checkpoint,
         stats: st,

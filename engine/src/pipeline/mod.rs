@@ -3,6 +3,7 @@
 //! assembles segments, [`writer`] writes them.
 pub mod backup;
 pub mod chunk;
+pub mod copy;
 pub mod packer;
 pub mod reader;
 pub mod restore;

@@ -48,6 +48,18 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         for p in &r.problems {
             println!("problem: {p}");
         }
+        for d in &r.damaged {
+            let snaps: Vec<String> = d.snapshots.iter().map(|s| s.to_string()).collect();
+            println!(
+                "damaged: {}: {}; needed by {}",
+                d.object,
+                d.problem,
+                if snaps.is_empty() { "no snapshot".to_string() } else { format!("snapshot(s) {}", snaps.join(", ")) }
+            );
+        }
+        if !r.affected_snapshots.is_empty() {
+            println!("{} snapshot(s) do not restore as they are", r.affected_snapshots.len());
+        }
     }
     if !r.problems.is_empty() {
         anyhow::bail!("repository {} has {} problem(s)", repo.location(), r.problems.len());

@@ -4,6 +4,7 @@
 mod backup;
 mod check;
 mod client;
+mod copy;
 mod drill;
 mod export;
 mod forget;
@@ -76,7 +77,7 @@ struct RepoOpts {
 
 impl From<RepoOpts> for RepoArgs {
     fn from(o: RepoOpts) -> Self {
-        RepoArgs { repo: o.repo, password_file: o.password_file, s3_endpoint: o.s3_endpoint, s3_region: o.s3_region, cache_dir: o.cache_dir }
+        RepoArgs { repo: o.repo, password_file: o.password_file, s3_endpoint: o.s3_endpoint, s3_region: o.s3_region, cache_dir: o.cache_dir, password_env: None }
     }
 }
 
@@ -91,6 +92,9 @@ enum Cmd {
     /// Prove a snapshot restores: restore it into scratch space, compare with the digests
     /// recorded at backup, report throughput and the restore time to expect; clean up.
     Drill(drill::Args),
+    /// Copy snapshots to another repository (a second site): only what the target lacks is
+    /// sent, re-encrypted with its keys; resumable; the copies keep group, time and tags.
+    Copy(copy::Args),
     /// Serve a snapshot's volume read-only over NBD, straight from the repository.
     Export(export::Args),
     /// Mount the snapshots read-only (FUSE): volumes as .img files, for file-level restore.
@@ -132,6 +136,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Cmd::Restore(a) => restore::run(&ra, a, &cancel).await,
         Cmd::Export(a) => export::run(&ra, a, &cancel).await,
         Cmd::Drill(a) => drill::run(&ra, a, &cancel).await,
+        Cmd::Copy(a) => copy::run(&ra, a, &cancel).await,
         Cmd::Mount(a) => mount::run(&ra, a, &cancel).await,
         Cmd::Snapshots(a) => snapshots::list(&ra, a, &cancel).await,
         Cmd::Show(a) => snapshots::show(&ra, a, &cancel).await,

@@ -179,10 +179,10 @@ pub async fn prepare(req: BackupRequest, env: &Env, repo: &Repository, cancel: &
             SourceRef::Path(p) => file_source(env, env.paths.resolve(&p, &what)?, v.changed_extents, v.csi, &v.name, &what)?,
             SourceRef::PodVolume { uid, volume } => file_source(env, pod_volume(env, &uid, &volume, &what)?, v.changed_extents, v.csi, &v.name, &what)?,
         };
-        volumes.push(VolumeInput { name: v.name, source, checkpoint: v.checkpoint.filter(|c| !c.is_empty()) });
+        volumes.push(VolumeInput { name: v.name, source, checkpoint: v.checkpoint.filter(|c| !c.is_empty()), recorded: None });
     }
     let volume_names = volumes.iter().map(|v| v.name.clone()).collect();
-    Ok(BackupPlan { group: group.clone(), volume_names, job: BackupJob { group, volumes, parent, metadata: req.metadata, tags: req.tags, tuning: req.tuning } })
+    Ok(BackupPlan { group: group.clone(), volume_names, job: BackupJob { group, volumes, parent, metadata: req.metadata, tags: req.tags, tuning: req.tuning, copy_of: None } })
 }
 
 /// A pod's volume, resolved under the kubelet root (the daemon only).

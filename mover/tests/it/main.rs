@@ -8,6 +8,7 @@ mod common;
 use common::*;
 
 mod bad_input;
+mod copy;
 mod csi;
 mod csi_server;
 mod daemon;

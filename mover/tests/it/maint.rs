@@ -73,6 +73,21 @@ fn flipped_bit_in_a_pack_is_found_by_read_data() {
     let id = pack.file_name().unwrap().to_str().unwrap();
     assert!(p.iter().any(|x| x.contains(&format!("pack {id}")) && x.contains("does not hash to its name")), "{p:?}");
     assert!(p.iter().any(|x| x.contains(id) && x.contains("chunk ") && x.contains("authentication failed")), "{p:?}");
+    // The damaged pack is named with every snapshot that needs the chunk in it.
+    let snaps: Vec<String> = e.json(&["snapshots"]).as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    let o = e.run(&["check", "--read-data", "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let d = r["damaged"].as_array().unwrap();
+    assert_eq!(d.len(), 1, "one damaged object: {r}");
+    assert_eq!(d[0]["object"], format!("pack {id}"));
+    let mut needed: Vec<&str> = d[0]["snapshots"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let mut all: Vec<&str> = snaps.iter().map(|s| s.as_str()).collect();
+    needed.sort();
+    all.sort();
+    assert_eq!(needed, all, "both snapshots share the damaged chunk: {r}");
+    assert_eq!(r["affected_snapshots"].as_array().unwrap().len(), 2);
+    let text = String::from_utf8_lossy(&e.run(&["check", "--read-data"]).stdout).into_owned();
+    assert!(text.contains(&format!("damaged: pack {id}")) && text.contains(&snaps[0]) && text.contains("2 snapshot(s) do not restore"), "{text}");
 }
 
 #[test]
