@@ -42,7 +42,7 @@ for f in sys.argv[2:]:
         for tok in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", e):
             if tok.startswith("mover_") and tok not in exp:
                 bad.append(f"{f}: {where}: {tok}")
-            elif not tok.startswith("mover_") and tok not in FUNCS and not re.match(r"^(instance|kind|result|op|what|change_source|job|e|m|s|h|d)$", tok):
+            elif not tok.startswith("mover_") and tok not in FUNCS and not re.match(r"^(instance|kind|result|op|what|change_source|job|repository|group|Inf|e|m|s|h|d)$", tok):
                 bad.append(f"{f}: {where}: '{tok}' is not a metric Mover exports")
 if bad:
     print("\n".join(bad), file=sys.stderr)

@@ -71,7 +71,7 @@ pub fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
     let p = t.progress.clone().unwrap_or_default();
     let s = t.stats.clone().unwrap_or_default();
     serde_json::json!({
-        "id": t.id, "request_id": t.request_id, "kind": if t.kind() == pb::TransferKind::Restore { "restore" } else { "backup" },
+        "id": t.id, "request_id": t.request_id, "kind": t.kind().as_str_name().trim_start_matches("TRANSFER_KIND_").to_lowercase(),
         "state": state_name(t), "repository": t.repository, "error": t.error, "snapshot_id": t.snapshot_id, "volumes": t.volumes,
         "progress": {"phase": p.phase, "bytes_total": p.bytes_total, "bytes_done": p.bytes_done, "bytes_read": p.bytes_read,
                      "bytes_uploaded": p.bytes_uploaded, "bytes_written": p.bytes_written, "rate_bytes_per_second": p.rate_bytes_per_second, "eta_seconds": p.eta_seconds,
@@ -82,5 +82,13 @@ pub fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
         "created_unix_ms": t.created_unix_ms, "started_unix_ms": t.started_unix_ms, "finished_unix_ms": t.finished_unix_ms,
         "error_kind": t.error_kind, "retryable": t.retryable, "group": t.group, "caller": t.caller,
         "changes": t.changes.iter().map(|c| serde_json::json!({"volume": c.volume, "change_source": c.change_source, "fallback": c.fallback})).collect::<Vec<_>>(),
+        "target_repository": t.target_repository,
+        "copied": t.copied.iter().map(|c| serde_json::json!({"source_id": c.source_id, "target_id": c.target_id, "group": c.group,
+            "incremental_to": c.incremental_to, "bytes_read": c.bytes_read, "bytes_uploaded": c.bytes_uploaded, "copied": c.copied})).collect::<Vec<_>>(),
+        "verify": t.verify.as_ref().map(|v| serde_json::json!({"ok": v.ok, "read_data_percent": v.read_data_percent, "problems": v.problems,
+            "damaged": v.damaged.iter().map(|d| serde_json::json!({"object": d.object, "problem": d.problem, "snapshots": d.snapshots})).collect::<Vec<_>>(),
+            "affected_snapshots": v.affected_snapshots, "packs_read": v.packs_read, "bytes_verified": v.bytes_verified})),
+        "drill_volumes": t.drill_volumes.iter().map(|v| serde_json::json!({"name": v.name, "size": v.size, "restore_bytes_per_second": v.restore_bytes_per_second,
+            "projected_restore_seconds": v.projected_restore_seconds, "segments_verified": v.segments_verified})).collect::<Vec<_>>(),
     })
 }

@@ -23,6 +23,8 @@ pub const LOCK_MAGIC: [u8; 8] = *b"MOVRLCK1";
 pub const PENDING_MAGIC: [u8; 8] = *b"MOVRGCP1";
 /// First bytes of a GC record's completion marker (`gc/<id>.ready`); also its AEAD data.
 pub const PENDING_READY_MAGIC: [u8; 8] = *b"MOVRGCR1";
+/// First bytes of a verify or drill report (`reports/`); also its AEAD associated data.
+pub const REPORT_MAGIC: [u8; 8] = *b"MOVRRPT1";
 /// Associated data of a pack trailer's AEAD.
 pub const PACK_TRAILER_AAD: &[u8] = b"mover pack trailer v1";
 /// Associated data of a wrapped master key.

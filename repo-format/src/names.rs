@@ -1,7 +1,8 @@
 //! The one place that builds object names. Everything else asks here.
 //!
 //! Layout: `config`, `keys/<id>`, `packs/<first 2 hex>/<id>`, `index/<id>`,
-//! `snapshots/<id>`, `locks/<lock id>-<refreshed ms>`, `gc/<record id>.entries|.ready`.
+//! `snapshots/<id>`, `locks/<lock id>-<refreshed ms>`, `gc/<record id>.entries|.ready`,
+//! `reports/<created ms>-<kind>-<8 hex>`.
 
 use crate::id::{IndexId, KeyId, PackId, SnapshotId};
 
@@ -12,6 +13,7 @@ pub const INDEX_PREFIX: &str = "index/";
 pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
 pub const LOCKS_PREFIX: &str = "locks/";
 pub const GC_PREFIX: &str = "gc/";
+pub const REPORTS_PREFIX: &str = "reports/";
 
 pub fn key(id: &KeyId) -> String {
     format!("{KEYS_PREFIX}{id}")
@@ -28,6 +30,22 @@ pub fn snapshot(id: &SnapshotId) -> String {
 }
 pub fn lock(name: &str) -> String {
     format!("{LOCKS_PREFIX}{name}")
+}
+
+/// A verify or drill result: `reports/<created ms, 13 digits>-<kind>-<8 hex>` (names sort
+/// by time).
+pub fn report(created_ms: u64, kind: &str, rand: u32) -> String {
+    format!("{REPORTS_PREFIX}{created_ms:013}-{kind}-{rand:08x}")
+}
+
+/// `(created ms, kind)` of a report object's name.
+pub fn parse_report(name: &str) -> Option<(u64, String)> {
+    let base = name.strip_prefix(REPORTS_PREFIX)?;
+    let mut it = base.splitn(3, '-');
+    let ms = it.next()?.parse().ok()?;
+    let kind = it.next()?;
+    let rand = it.next()?;
+    (rand.len() == 8 && !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_lowercase())).then(|| (ms, kind.to_string()))
 }
 
 /// A GC pending-deletion record: the index entries it took out of the index.
@@ -55,6 +73,8 @@ pub fn probe(id: &str) -> String {
 pub fn max_len(name: &str) -> u64 {
     if name == CONFIG || name.starts_with(KEYS_PREFIX) || name.starts_with(LOCKS_PREFIX) {
         1 << 20
+    } else if name.starts_with(REPORTS_PREFIX) {
+        4 << 20
     } else if name.starts_with(SNAPSHOTS_PREFIX) {
         64 << 20
     } else if name.starts_with(INDEX_PREFIX) {

@@ -328,6 +328,34 @@ impl Repository {
         self.get_opened(&names::gc_ready(record), crate::pending::Ready::open, cancel).await
     }
 
+    /// Writes a report (a verify or drill result: JSON, sealed) of `kind` (lowercase
+    /// letters); returns its object name.
+    pub async fn write_report<T: serde::Serialize>(&self, kind: &str, report: &T, cancel: &CancellationToken) -> Result<String, RepoError> {
+        if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_lowercase()) {
+            return Err(RepoError::Invalid(format!("report kind '{kind}' must be lowercase letters")));
+        }
+        let name = names::report(crate::now_unix_ms(), kind, rand::random());
+        self.put_sealed(&name, self.keys().seal_json(&crate::file_formats::REPORT_MAGIC, report, "report"), cancel).await?;
+        Ok(name)
+    }
+
+    /// Report objects: `(name, created ms, kind)`, oldest first.
+    pub async fn list_reports(&self, cancel: &CancellationToken) -> Result<Vec<(String, u64, String)>, RepoError> {
+        let mut out: Vec<(String, u64, String)> = self
+            .list_objects(names::REPORTS_PREFIX, cancel)
+            .await?
+            .into_iter()
+            .filter_map(|o| names::parse_report(&o.name).map(|(ms, k)| (o.name, ms, k)))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn read_report<T: serde::de::DeserializeOwned>(&self, name: &str, cancel: &CancellationToken) -> Result<T, RepoError> {
+        let bytes = self.get_object(name, cancel).await?;
+        self.keys().open_json(&crate::file_formats::REPORT_MAGIC, &bytes, "report").map_err(|e| self.err(name, e))
+    }
+
     /// GC records in the store: `(record, has .entries, has .ready)`, in name order.
     pub async fn list_gc_records(&self, cancel: &CancellationToken) -> Result<Vec<(String, bool, bool)>, RepoError> {
         let mut out: std::collections::BTreeMap<String, (bool, bool)> = Default::default();

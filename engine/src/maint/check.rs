@@ -5,6 +5,7 @@
 //! names its object; the report lists them all.
 
 use crate::error::Result;
+use crate::progress::Progress;
 use crate::walk::{self, Trees, Visitor};
 use mover_format::index::BlobLocation;
 use mover_format::manifest::Manifest;
@@ -31,6 +32,9 @@ pub struct CheckReport {
     pub damaged: Vec<DamagedObject>,
     /// Every snapshot that needs a damaged object: these do not restore as they are.
     pub affected_snapshots: Vec<SnapshotId>,
+    /// The snapshots the check covered.
+    #[serde(skip)]
+    pub checked: Vec<SnapshotId>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -260,14 +264,20 @@ impl Visitor for Structure<'_> {
 /// and verifies every blob in them. Every damaged object is listed with the snapshots that
 /// need it.
 pub async fn check(repo: &Repository, read_percent: Option<u32>, cancel: &CancellationToken) -> Result<CheckReport> {
+    check_with_progress(repo, read_percent, &Progress::default(), cancel).await
+}
+
+/// [`check`], counting the bytes of the packs it reads in `progress` (total: the sample's
+/// size).
+pub async fn check_with_progress(repo: &Repository, read_percent: Option<u32>, progress: &Progress, cancel: &CancellationToken) -> Result<CheckReport> {
     // Under a `read` lock: a concurrent gc deletes nothing this check may still read.
     let lock = crate::lock::RepoLock::read(repo, cancel).await?;
-    let r = check_locked(repo, read_percent, cancel).await;
+    let r = check_locked(repo, read_percent, progress, cancel).await;
     lock.release().await;
     r
 }
 
-async fn check_locked(repo: &Repository, read_percent: Option<u32>, cancel: &CancellationToken) -> Result<CheckReport> {
+async fn check_locked(repo: &Repository, read_percent: Option<u32>, progress: &Progress, cancel: &CancellationToken) -> Result<CheckReport> {
     let mut rep = CheckReport::default();
     let v = load_view(repo, &mut rep, cancel).await?;
     let mut damage = Damage::default();
@@ -294,7 +304,7 @@ async fn check_locked(repo: &Repository, read_percent: Option<u32>, cancel: &Can
     }
     // Data first, so that the walk below can say which snapshots need what is damaged.
     if let Some(pct) = read_percent {
-        read_data(repo, &v, pct.clamp(1, 100), &mut rep, &mut damage, cancel).await?;
+        read_data(repo, &v, pct.clamp(1, 100), &mut rep, &mut damage, progress, cancel).await?;
     }
     // Manifests → groups → segment maps → chunks.
     let failed = damage.failed.clone();
@@ -331,21 +341,23 @@ async fn check_locked(repo: &Repository, read_percent: Option<u32>, cancel: &Can
         rep.damaged.push(DamagedObject { object, problem, snapshots: snaps.into_iter().collect() });
     }
     rep.affected_snapshots = affected.into_iter().collect();
+    rep.checked = v.snapshots.iter().map(|(id, _)| *id).collect();
     Ok(rep)
 }
 
-async fn read_data(repo: &Repository, v: &StoreView, pct: u32, rep: &mut CheckReport, damage: &mut Damage, cancel: &CancellationToken) -> Result<()> {
+async fn read_data(repo: &Repository, v: &StoreView, pct: u32, rep: &mut CheckReport, damage: &mut Damage, progress: &Progress, cancel: &CancellationToken) -> Result<()> {
     let mut by_pack: HashMap<PackId, Vec<(ChunkId, BlobLocation)>> = HashMap::new();
     for (id, loc) in &v.index {
         by_pack.entry(loc.pack).or_default().push((*id, *loc));
     }
     let mut packs: Vec<&PackId> = v.packs.keys().collect();
     packs.sort();
+    // A deterministic sample: a pack is in the N % subset when its id says so.
+    packs.retain(|pack| pct >= 100 || (u16::from_le_bytes([pack.0[0], pack.0[1]]) as u32 % 100) < pct);
+    progress.add_total(packs.iter().map(|p| v.packs[*p]).sum());
     for pack in packs {
-        // A deterministic sample: a pack is in the N % subset when its id says so.
-        if pct < 100 && (u16::from_le_bytes([pack.0[0], pack.0[1]]) as u32 % 100) >= pct {
-            continue;
-        }
+        progress.add_done(v.packs[pack]);
+        progress.add_read(v.packs[pack]);
         let name = names::pack(pack);
         let bytes = match repo.get_object(&name, cancel).await {
             Ok(b) => b,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VolumeDrill {
     pub name: String,
     pub size: u64,
@@ -35,7 +35,7 @@ pub struct VolumeDrill {
     pub projected_restore_s: f64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DrillReport {
     pub snapshot_id: SnapshotId,
     pub group: String,

@@ -9,4 +9,5 @@ pub mod gc;
 mod gc_work;
 pub mod index;
 pub mod keys;
+pub mod report;
 pub mod stats;

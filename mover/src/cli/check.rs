@@ -11,6 +11,10 @@ pub struct Args {
     /// Download and verify a deterministic N % sample of the packs (e.g. 10%).
     #[arg(long, value_name = "N%")]
     read_data_subset: Option<String>,
+    /// Record the result in the repository (`reports/`), where `mover status` and the
+    /// daemons find it as the last verify.
+    #[arg(long)]
+    record: bool,
     #[arg(long)]
     json: bool,
 }
@@ -28,7 +32,12 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         (None, false) => None,
     };
     let repo = ra.open(cancel).await?;
+    let t0 = std::time::Instant::now();
     let r = mover_engine::maint::check::check(&repo, pct, cancel).await?;
+    if a.record {
+        let v = mover_engine::maint::report::VerifyResult::from_check(&r, pct.unwrap_or(0), t0.elapsed().as_secs_f64());
+        mover_engine::maint::report::record(&repo, mover_engine::maint::report::VERIFY, &v, cancel).await?;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -86,6 +86,60 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Copy snapshots to another repository of the daemon (a second site).
+    StartCopy {
+        /// The source: a repository of the daemon's configuration.
+        #[arg(long, default_value = "default")]
+        repository: String,
+        /// The target: another configured repository.
+        #[arg(long)]
+        to: String,
+        /// Snapshot ids or prefixes; none: every snapshot of --group (or of every group).
+        snapshots: Vec<String>,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Only snapshots newer than the target's newest of their group.
+        #[arg(long)]
+        newer: bool,
+        #[arg(long, default_value = "")]
+        request_id: String,
+        #[arg(long, default_value_t = 0)]
+        bandwidth_limit: u64,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Verify a repository: structure, and a share of the data; damaged objects are named
+    /// with the snapshots that need them.
+    StartVerify {
+        #[arg(long, default_value = "default")]
+        repository: String,
+        /// Share of the packs to download and check (0: structure only).
+        #[arg(long, default_value_t = 10)]
+        read_data_percent: u32,
+        #[arg(long, default_value = "")]
+        request_id: String,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Restore a snapshot into the daemon's scratch space, compare it with the backup's
+    /// digests, measure the rate, clean up.
+    StartDrill {
+        #[arg(long, default_value = "default")]
+        repository: String,
+        /// A snapshot id, a unique prefix, or `latest` (of --group).
+        snapshot: String,
+        #[arg(long, default_value = "")]
+        group: String,
+        #[arg(long, default_value = "")]
+        request_id: String,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Recovery points and times per group of a repository.
+    Status {
+        #[arg(long, default_value = "default")]
+        repository: String,
+    },
     /// Show one transfer.
     Get { id: String },
     /// Follow a transfer until it ends.
@@ -214,6 +268,61 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 group,
             };
             Some((tc.start_restore(req).await.map_err(status)?.into_inner(), w))
+        }
+        Cmd::StartCopy { repository, to, snapshots, groups, newer, request_id, bandwidth_limit, watch: w } => {
+            let req = pb::StartCopyRequest { request_id, repository, target_repository: to, snapshots, groups, newer_only: newer, bandwidth_limit };
+            Some((tc.start_copy(req).await.map_err(status)?.into_inner(), w))
+        }
+        Cmd::StartVerify { repository, read_data_percent, request_id, watch: w } => {
+            let req = pb::StartVerifyRequest { request_id, repository, read_data_percent };
+            Some((tc.start_verify(req).await.map_err(status)?.into_inner(), w))
+        }
+        Cmd::StartDrill { repository, snapshot, group, request_id, watch: w } => {
+            let req = pb::StartDrillRequest { request_id, repository, snapshot, group };
+            Some((tc.start_drill(req).await.map_err(status)?.into_inner(), w))
+        }
+        Cmd::Status { repository } => {
+            let mut rc = pb::repository_service_client::RepositoryServiceClient::new(ch);
+            let st = rc.get_status(pb::GetStatusRequest { repository }).await.map_err(status)?.into_inner();
+            if a.json {
+                let groups: Vec<_> = st
+                    .groups
+                    .iter()
+                    .map(|g| {
+                        serde_json::json!({"group": g.group, "snapshots": g.snapshots, "newest_snapshot": g.newest_snapshot, "rpo_seconds": g.rpo_seconds,
+                            "newest_verified": g.newest_verified, "verified_age_seconds": g.verified_age_seconds, "newest_drilled": g.newest_drilled,
+                            "drilled_age_seconds": g.drilled_age_seconds, "drill_bytes_per_second": g.drill_bytes_per_second,
+                            "projected_restore_seconds": g.projected_restore_seconds, "last_drill_failed": g.last_drill_failed, "newest_damaged": g.newest_damaged})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"repository": st.repository, "last_verify_unix_ms": st.last_verify_unix_ms, "last_verify_ok": st.last_verify_ok,
+                        "damaged_objects": st.damaged_objects, "affected_snapshots": st.affected_snapshots, "groups": groups})
+                );
+            } else {
+                let fmt = |v: Option<f64>| v.map(super::status::human).unwrap_or_else(|| "never".into());
+                println!(
+                    "repository {}: last verify {}",
+                    st.repository,
+                    match st.last_verify_unix_ms {
+                        None => "never".to_string(),
+                        Some(t) => format!("{} ({})", fmt_time(t as u64), if st.last_verify_ok { "intact" } else { "DAMAGED" }),
+                    }
+                );
+                for g in &st.groups {
+                    println!(
+                        "  {} {} snapshots; newest {} ago, verified {}, drilled {}, restore in {}",
+                        g.group,
+                        g.snapshots,
+                        super::status::human(g.rpo_seconds),
+                        fmt(g.verified_age_seconds),
+                        fmt(g.drilled_age_seconds),
+                        g.projected_restore_seconds.map(super::status::human).unwrap_or_else(|| "unknown (no drill)".into())
+                    );
+                }
+            }
+            None
         }
         Cmd::Get { id } => {
             print(&tc.get_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner(), a.json);

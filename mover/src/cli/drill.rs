@@ -1,13 +1,14 @@
 //! `mover drill SNAPSHOT`: restore into scratch space, verify against the digests recorded
 //! at backup, report throughput and projected restore time, remove the scratch files.
-//! Each result is appended to `<cache>/drills.jsonl`.
+//! Each result, passed or failed, is recorded in the repository (`reports/`), where
+//! `mover status` and every daemon find it.
 
 use super::progress_bar;
 use mover::repo::RepoArgs;
 use mover_engine::lock::RepoLock;
 use mover_engine::maint::drill::drill;
 use mover_engine::progress::Progress;
-use std::io::Write;
+use mover_engine::maint::report::{record, DrillResult, DRILL};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -30,8 +31,14 @@ pub struct Args {
 pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
     let repo = ra.open(cancel).await?;
     let lock = RepoLock::read(&repo, cancel).await?;
+    let (snap, m) = match mover_engine::snapshots::resolve(&repo, &a.snapshot, a.group.as_deref(), cancel).await {
+        Ok(v) => v,
+        Err(e) => {
+            lock.release().await;
+            return Err(e.into());
+        }
+    };
     let r = async {
-        let (snap, m) = mover_engine::snapshots::resolve(&repo, &a.snapshot, a.group.as_deref(), cancel).await?;
         let index = mover_engine::index::with_pending(&repo, mover_engine::index::open_local(&repo, &ra.cache_root()), cancel).await?;
         let scratch = a.scratch.clone().unwrap_or_else(|| ra.cache_root().join("drill"));
         let progress = Arc::new(Progress::default());
@@ -44,15 +51,23 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
     }
     .await;
     lock.release().await;
+    // A failed drill is recorded too (unless it was interrupted): status reports it.
+    if !cancel.is_cancelled() {
+        let result = DrillResult {
+            time_unix_ms: mover_format::now_unix_ms(),
+            hostname: mover_format::hostname(),
+            snapshot_id: snap,
+            group: m.group(),
+            ok: r.is_ok(),
+            error: r.as_ref().err().map(|e| format!("{e:#}")),
+            report: r.as_ref().ok().cloned(),
+        };
+        if let Err(e) = record(&repo, DRILL, &result, cancel).await {
+            eprintln!("warning: {e:#}");
+        }
+    }
     let report = r?;
     let line = serde_json::to_string(&report)?;
-    let log = ra.cache_root().join("drills.jsonl");
-    if let Err(e) = std::fs::create_dir_all(ra.cache_root())
-        .and_then(|_| std::fs::OpenOptions::new().create(true).append(true).open(&log))
-        .and_then(|mut f| writeln!(f, "{line}"))
-    {
-        eprintln!("warning: could not record the drill in {}: {e}", log.display());
-    }
     if a.json {
         println!("{line}");
     } else {

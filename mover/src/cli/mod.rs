@@ -18,6 +18,7 @@ mod restore;
 mod serve;
 mod snapshots;
 mod stats;
+mod status;
 
 use clap::{Args, Parser, Subcommand};
 use mover::repo::RepoArgs;
@@ -122,6 +123,9 @@ enum Cmd {
     Unlock(locks::UnlockArgs),
     /// Sizes, dedup and compression ratios, per-snapshot unique size.
     Stats(stats::Args),
+    /// Recovery points and times per group: age of the newest, newest verified and newest
+    /// drilled snapshot, and the restore time to expect.
+    Status(status::Args),
     /// Run the per-node daemon (gRPC API, /metrics, /healthz, /readyz).
     Serve(serve::Args),
     /// Talk to a daemon.
@@ -148,6 +152,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Cmd::Locks(a) => locks::list(&ra, a, &cancel).await,
         Cmd::Unlock(a) => locks::unlock(&ra, a, &cancel).await,
         Cmd::Stats(a) => stats::run(&ra, a, &cancel).await,
+        Cmd::Status(a) => status::run(&ra, a, &cancel).await,
         Cmd::Serve(a) => serve::run(a, &cancel).await,
         Cmd::Client(a) => client::run(a).await,
     }

@@ -22,6 +22,15 @@ pub struct RepoEntry {
     /// Create the repository when it does not exist yet.
     #[serde(default)]
     pub init_if_missing: bool,
+    /// Verify the repository this often (a verify job: structure and
+    /// `verify_read_data_percent` of the data); unset: no scheduled verify.
+    pub verify_interval_seconds: Option<u64>,
+    /// Share of the packs a scheduled verify downloads and checks (0–100; default 10).
+    pub verify_read_data_percent: Option<u32>,
+    /// Groups reported by name in the recovery-point metrics; the others are summed up
+    /// as `other` (labels stay bounded).
+    #[serde(default)]
+    pub status_groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +102,8 @@ struct Raw {
     cache_dir: Option<PathBuf>,
     shutdown_grace_seconds: Option<u64>,
     export_address: Option<String>,
+    status_interval_seconds: Option<u64>,
+    drill_scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +151,10 @@ pub struct DaemonConfig {
     /// The address TCP exports listen on (a free port each); 127.0.0.1 unless set. Off
     /// loopback, exports need [tls] (NBD over TLS with the same certificates and rules).
     pub export_address: std::net::IpAddr,
+    /// How often the recovery-point metrics are recomputed (also after every job).
+    pub status_interval: Duration,
+    /// Where drills restore to (default `<state_dir>/drill`); scratch files are removed.
+    pub drill_scratch_dir: PathBuf,
 }
 
 pub fn parse_listen(s: &str) -> Result<Listen> {
@@ -170,6 +185,9 @@ impl DaemonConfig {
             s3_endpoint: None,
             s3_region: None,
             init_if_missing: true,
+            verify_interval_seconds: None,
+            verify_read_data_percent: None,
+            status_groups: Vec::new(),
         }
     }
 
@@ -189,6 +207,12 @@ impl DaemonConfig {
         for (name, r) in &repositories {
             if name.is_empty() || r.url.is_empty() {
                 return Err(Error::invalid(format!("repository '{name}' needs a name and a url")));
+            }
+            if r.verify_read_data_percent.is_some_and(|p| p > 100) {
+                return Err(Error::invalid(format!("repository '{name}': verify_read_data_percent must be 0 to 100")));
+            }
+            if r.verify_interval_seconds == Some(0) {
+                return Err(Error::invalid(format!("repository '{name}': verify_interval_seconds must be at least 1")));
             }
         }
         let max = raw.max_concurrent_transfers.unwrap_or(2);
@@ -225,6 +249,8 @@ impl DaemonConfig {
         }
         let cfg = Self {
             export_address,
+            status_interval: Duration::from_secs(raw.status_interval_seconds.unwrap_or(300).max(1)),
+            drill_scratch_dir: raw.drill_scratch_dir.unwrap_or_else(|| state_dir.join("drill")),
             listen,
             http_listen,
             tls: raw.tls,
@@ -272,6 +298,7 @@ impl DaemonConfig {
                     }
                 }
                 self.cache_dir = s.join("cache");
+                self.drill_scratch_dir = s.join("drill");
                 if listen.is_none() {
                     self.listen = Listen::Unix(s.join("mover.sock"));
                 }

@@ -229,9 +229,51 @@ pub fn to_proto(j: &Job) -> pb::Transfer {
         caller: r.caller.clone(),
         ..Default::default()
     };
+    t.target_repository = r.target.clone();
+    t.copied = r
+        .copied
+        .iter()
+        .map(|c| pb::CopiedSnapshot {
+            source_id: c.source_id.clone(),
+            target_id: c.target_id.clone(),
+            group: c.group.clone(),
+            incremental_to: c.incremental_to.clone(),
+            bytes_read: c.bytes_read,
+            bytes_uploaded: c.bytes_uploaded,
+            copied: c.copied,
+        })
+        .collect();
+    t.verify = r.verify.as_ref().map(|v| pb::VerifyOutcome {
+        ok: v.ok,
+        read_data_percent: v.read_data_percent,
+        problems: v.problems_total as u64,
+        damaged: v
+            .damaged
+            .iter()
+            .map(|d| pb::DamagedObject { object: d.object.clone(), problem: d.problem.clone(), snapshots: d.snapshots.iter().map(|s| s.to_string()).collect() })
+            .collect(),
+        affected_snapshots: v.affected_snapshots.iter().map(|s| s.to_string()).collect(),
+        packs_read: v.packs_read as u64,
+        bytes_verified: v.bytes_verified,
+    });
+    t.drill_volumes = r
+        .drill
+        .iter()
+        .flat_map(|d| d.volumes.iter())
+        .map(|v| pb::DrillVolume {
+            name: v.name.clone(),
+            size: v.size,
+            restore_bytes_per_second: v.restore_bytes_per_s,
+            projected_restore_seconds: v.projected_restore_s,
+            segments_verified: v.segments_verified,
+        })
+        .collect();
     t.set_kind(match r.kind {
         Kind::Backup => pb::TransferKind::Backup,
         Kind::Restore => pb::TransferKind::Restore,
+        Kind::Copy => pb::TransferKind::Copy,
+        Kind::Verify => pb::TransferKind::Verify,
+        Kind::Drill => pb::TransferKind::Drill,
     });
     t.set_state(match r.state {
         State::Queued => pb::TransferState::Queued,
@@ -306,6 +348,73 @@ impl TransferService for Api {
         Ok(Response::new(to_proto(&job)))
     }
 
+    async fn start_copy(&self, request: Request<pb::StartCopyRequest>) -> Result<Response<pb::Transfer>, Status> {
+        let caller = auth::authorize(&self.d, &request, Group::Backup)?;
+        let req = request.into_inner();
+        let _g = self.d.jobs.start_lock.lock().await;
+        if let Some(j) = self.d.jobs.by_request(&req.request_id) {
+            return Ok(Response::new(to_proto(&j)));
+        }
+        if req.target_repository.is_empty() {
+            return Err(Status::invalid_argument(format!("target_repository: empty; name one configured on this node ({})", self.d.repository_names())));
+        }
+        if req.target_repository == req.repository {
+            return Err(Status::invalid_argument(format!("target_repository '{}' is the source repository", req.repository)));
+        }
+        if !req.snapshots.is_empty() && !req.groups.is_empty() {
+            return Err(Status::invalid_argument("give snapshots or groups, not both"));
+        }
+        let h = self.d.repo(&req.repository).await.map_err(status)?;
+        let target = self.d.repo(&req.target_repository).await.map_err(status)?;
+        let c = CancellationToken::new();
+        let selection = if req.snapshots.is_empty() {
+            mover_engine::pipeline::copy::Selection::Groups(req.groups.clone())
+        } else {
+            let mut ids = Vec::new();
+            for s in &req.snapshots {
+                ids.push(h.repo.resolve_snapshot(s, &c).await.map_err(|e| status(e.into()))?);
+            }
+            mover_engine::pipeline::copy::Selection::Ids(ids)
+        };
+        let request = mover_engine::pipeline::copy::CopyRequest { selection, newer_only: req.newer_only, tuning: Default::default() };
+        let work = Work::Copy { target_name: req.target_repository.clone(), target, request };
+        let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), work, h, req.bandwidth_limit);
+        Ok(Response::new(to_proto(&job)))
+    }
+
+    async fn start_verify(&self, request: Request<pb::StartVerifyRequest>) -> Result<Response<pb::Transfer>, Status> {
+        let caller = auth::authorize(&self.d, &request, Group::Backup)?;
+        let req = request.into_inner();
+        let _g = self.d.jobs.start_lock.lock().await;
+        if let Some(j) = self.d.jobs.by_request(&req.request_id) {
+            return Ok(Response::new(to_proto(&j)));
+        }
+        if req.read_data_percent > 100 {
+            return Err(Status::invalid_argument(format!("read_data_percent {} must be 0 to 100", req.read_data_percent)));
+        }
+        let h = self.d.repo(&req.repository).await.map_err(status)?;
+        let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), Work::Verify { read_data_percent: req.read_data_percent }, h, 0);
+        Ok(Response::new(to_proto(&job)))
+    }
+
+    async fn start_drill(&self, request: Request<pb::StartDrillRequest>) -> Result<Response<pb::Transfer>, Status> {
+        let caller = auth::authorize(&self.d, &request, Group::Restore)?;
+        let req = request.into_inner();
+        let _g = self.d.jobs.start_lock.lock().await;
+        if let Some(j) = self.d.jobs.by_request(&req.request_id) {
+            return Ok(Response::new(to_proto(&j)));
+        }
+        if req.snapshot.is_empty() {
+            return Err(Status::invalid_argument("snapshot: empty; give an id, a unique prefix or 'latest'"));
+        }
+        let h = self.d.repo(&req.repository).await.map_err(status)?;
+        let (snapshot, manifest) =
+            mover_engine::snapshots::resolve(&h.repo, &req.snapshot, empty(req.group).as_deref(), &CancellationToken::new()).await.map_err(status)?;
+        let work = Work::Drill { snapshot, manifest, scratch: self.d.cfg.drill_scratch_dir.clone() };
+        let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), work, h, 0);
+        Ok(Response::new(to_proto(&job)))
+    }
+
     async fn get_transfer(&self, request: Request<pb::GetTransferRequest>) -> Result<Response<pb::Transfer>, Status> {
         auth::authorize(&self.d, &request, Group::Read)?;
         let j = self.job(&request.into_inner().id)?;
@@ -339,7 +448,7 @@ impl TransferService for Api {
         let caller = auth::authorize(&self.d, &request, Group::Read)?;
         let j = self.job(&request.into_inner().id)?;
         let r = j.record();
-        let group = if r.kind == Kind::Backup { Group::Backup } else { Group::Restore };
+        let group = if matches!(r.kind, Kind::Backup | Kind::Copy | Kind::Verify) { Group::Backup } else { Group::Restore };
         if r.caller != caller.name() && !auth::allowed(&self.d, &caller, group) {
             return Err(Status::permission_denied(format!("caller {} may not cancel transfer {} (started by {})", caller.name(), r.id, r.caller)));
         }
@@ -373,6 +482,46 @@ impl RepositoryService for Api {
         let h = self.d.repo(&req.repository).await.map_err(status)?;
         let (id, m) = mover_engine::snapshots::resolve(&h.repo, &req.snapshot, None, &CancellationToken::new()).await.map_err(status)?;
         Ok(Response::new(snapshot_proto(&id, &m)))
+    }
+
+    async fn get_status(&self, request: Request<pb::GetStatusRequest>) -> Result<Response<pb::RepositoryStatus>, Status> {
+        auth::authorize(&self.d, &request, Group::Read)?;
+        let req = request.into_inner();
+        let h = self.d.repo(&req.repository).await.map_err(status)?;
+        let st = mover_engine::maint::report::status(&h.repo, &CancellationToken::new()).await.map_err(status)?;
+        Ok(Response::new(status_proto(&req.repository, &st)))
+    }
+}
+
+pub fn status_proto(name: &str, st: &mover_engine::maint::report::RepoStatus) -> pb::RepositoryStatus {
+    let v = st.last_verify.as_ref();
+    pb::RepositoryStatus {
+        repository: name.to_string(),
+        time_unix_ms: st.time_unix_ms as i64,
+        last_verify_unix_ms: v.map(|v| v.time_unix_ms as i64),
+        last_verify_ok: v.is_some_and(|v| v.ok),
+        last_verify_read_data_percent: v.map(|v| v.read_data_percent).unwrap_or(0),
+        damaged_objects: v.map(|v| v.damaged_objects as u64).unwrap_or(0),
+        affected_snapshots: v.map(|v| v.affected_snapshots as u64).unwrap_or(0),
+        groups: st
+            .groups
+            .iter()
+            .map(|g| pb::GroupStatus {
+                group: g.group.clone(),
+                snapshots: g.snapshots as u64,
+                newest_snapshot: g.newest_snapshot.to_string(),
+                newest_time_unix_ms: g.newest_time_unix_ms as i64,
+                rpo_seconds: g.rpo_seconds,
+                newest_verified: g.newest_verified.map(|s| s.to_string()),
+                verified_age_seconds: g.verified_age_seconds,
+                newest_drilled: g.newest_drilled.map(|s| s.to_string()),
+                drilled_age_seconds: g.drilled_age_seconds,
+                drill_bytes_per_second: g.drill_bytes_per_s,
+                projected_restore_seconds: g.projected_restore_seconds,
+                last_drill_failed: g.last_drill_failed,
+                newest_damaged: g.newest_damaged,
+            })
+            .collect(),
     }
 }
 

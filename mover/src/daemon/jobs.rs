@@ -6,14 +6,18 @@
 use super::metrics::Metrics;
 use crate::plan::backup::BackupPlan;
 use crate::plan::restore::RestorePlan;
+use mover_engine::maint::check::check_with_progress;
+use mover_engine::maint::drill::{drill, DrillReport};
+use mover_engine::maint::report::{self, DrillResult, VerifyResult};
 use mover_engine::pipeline::backup::backup;
+use mover_engine::pipeline::copy::{copy, CopyRequest};
 use mover_engine::pipeline::restore::{restore_volume, RestoreOptions};
 use mover_engine::progress::Progress;
 use mover_engine::ratelimit::RateLimiter;
 use mover_engine::{ErrorKind, Result, ResultExt};
 use mover_format::local_index::ChunkIndex;
-use mover_format::manifest::VolumeStats;
-use mover_format::Repository;
+use mover_format::manifest::{Manifest, VolumeStats};
+use mover_format::{Repository, SnapshotId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,13 +31,21 @@ use tokio_util::sync::CancellationToken;
 pub enum Kind {
     Backup,
     Restore,
+    Copy,
+    Verify,
+    Drill,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 5] = [Kind::Backup, Kind::Restore, Kind::Copy, Kind::Verify, Kind::Drill];
+
     pub fn label(&self) -> &'static str {
         match self {
             Kind::Backup => "backup",
             Kind::Restore => "restore",
+            Kind::Copy => "copy",
+            Kind::Verify => "verify",
+            Kind::Drill => "drill",
         }
     }
 }
@@ -46,6 +58,9 @@ pub enum Phase {
     BackingUp,
     SyncingIndex,
     Restoring,
+    Copying,
+    Verifying,
+    Drilling,
     Done,
 }
 
@@ -56,6 +71,9 @@ impl Phase {
             Phase::BackingUp => "backing up",
             Phase::SyncingIndex => "syncing index",
             Phase::Restoring => "restoring",
+            Phase::Copying => "copying",
+            Phase::Verifying => "verifying",
+            Phase::Drilling => "drilling",
             Phase::Done => "done",
         }
     }
@@ -116,6 +134,30 @@ pub struct Record {
     /// Who started it.
     #[serde(default)]
     pub caller: String,
+    /// A copy's target repository.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub target: String,
+    /// What a copy copied (or found already there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copied: Vec<CopiedRecord>,
+    /// What a verify found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyResult>,
+    /// What a drill measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopiedRecord {
+    pub source_id: String,
+    pub target_id: String,
+    pub group: String,
+    pub incremental_to: String,
+    pub bytes_read: u64,
+    pub bytes_uploaded: u64,
+    /// False: the target already held it.
+    pub copied: bool,
 }
 
 impl Record {
@@ -133,6 +175,9 @@ impl Record {
 pub enum Work {
     Backup(BackupPlan),
     Restore(RestorePlan),
+    Copy { target_name: String, target: RepoHandle, request: CopyRequest },
+    Verify { read_data_percent: u32 },
+    Drill { snapshot: SnapshotId, manifest: Manifest, scratch: PathBuf },
 }
 
 /// An open repository and its local index.
@@ -194,6 +239,8 @@ pub struct Jobs {
     shutdown: CancellationToken,
     global_limit: Option<Arc<RateLimiter>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Told when a job ends (the status refresher recomputes the repository's report).
+    pub finished: Arc<tokio::sync::Notify>,
 }
 
 fn now_ms() -> u64 {
@@ -215,6 +262,7 @@ impl Jobs {
             shutdown,
             global_limit: (global_limit > 0).then(|| Arc::new(RateLimiter::new(global_limit))),
             tasks: Mutex::new(Vec::new()),
+            finished: Arc::new(tokio::sync::Notify::new()),
         };
         for e in std::fs::read_dir(&jobs.dir).with_context(|| format!("listing {}", jobs.dir.display()))?.flatten() {
             let p = e.path();
@@ -293,6 +341,17 @@ impl Jobs {
         let (kind, volumes, group) = match &work {
             Work::Backup(p) => (Kind::Backup, p.volume_names.clone(), p.group.clone()),
             Work::Restore(p) => (Kind::Restore, p.volumes.iter().map(|(v, _)| v.name.clone()).collect(), p.manifest.group()),
+            Work::Copy { .. } => (Kind::Copy, Vec::new(), String::new()),
+            Work::Verify { .. } => (Kind::Verify, Vec::new(), String::new()),
+            Work::Drill { manifest, .. } => (Kind::Drill, manifest.volumes.iter().map(|v| v.name.clone()).collect(), manifest.group()),
+        };
+        let target = match &work {
+            Work::Copy { target_name, .. } => target_name.clone(),
+            _ => String::new(),
+        };
+        let snapshot_id = match &work {
+            Work::Drill { snapshot, .. } => snapshot.to_string(),
+            _ => String::new(),
         };
         let id = format!("tr-{}", hex::encode(rand_bytes()));
         let rec = Record {
@@ -302,7 +361,7 @@ impl Jobs {
             state: State::Queued,
             repository,
             error: String::new(),
-            snapshot_id: String::new(),
+            snapshot_id,
             stats: Stats::default(),
             created_ms: now_ms(),
             started_ms: 0,
@@ -312,6 +371,10 @@ impl Jobs {
             group,
             error_kind: None,
             caller,
+            target,
+            copied: Vec::new(),
+            verify: None,
+            drill: None,
         };
         self.persist(&rec);
         let (tx, _) = watch::channel(0);
@@ -403,6 +466,7 @@ impl Jobs {
         });
         job.set_phase(Phase::Done);
         self.persist(&r);
+        self.finished.notify_one();
     }
 
     async fn execute(&self, job: &Arc<Job>, work: Work, h: &RepoHandle, bandwidth: u64) -> Result<()> {
@@ -491,6 +555,115 @@ impl Jobs {
                     };
                 });
                 self.persist(&r);
+            }
+            Work::Copy { target, request, .. } => {
+                let mut request = request;
+                request.tuning.limiters = self.global_limit.iter().cloned().collect();
+                if bandwidth > 0 {
+                    request.tuning.limiters.push(Arc::new(RateLimiter::new(bandwidth)));
+                }
+                job.set_phase(Phase::Copying);
+                let s = copy(&h.repo, h.index.clone(), &target.repo, target.index.clone(), request, job.progress.clone(), &job.cancel).await?;
+                self.metrics.upload_bytes.inc_by(s.bytes_uploaded);
+                let r = job.update(|r| {
+                    r.copied = s
+                        .copied
+                        .iter()
+                        .map(|c| CopiedRecord {
+                            source_id: c.source_id.to_string(),
+                            target_id: c.target_id.to_string(),
+                            group: c.group.clone(),
+                            incremental_to: c.incremental_to.map(|p| p.to_string()).unwrap_or_default(),
+                            bytes_read: c.bytes_read,
+                            bytes_uploaded: c.bytes_uploaded,
+                            copied: true,
+                        })
+                        .chain(s.already_there.iter().map(|t| CopiedRecord {
+                            source_id: t.source_id.to_string(),
+                            target_id: t.target_id.to_string(),
+                            group: String::new(),
+                            incremental_to: String::new(),
+                            bytes_read: 0,
+                            bytes_uploaded: 0,
+                            copied: false,
+                        }))
+                        .collect();
+                    r.stats = Stats {
+                        backup: VolumeStats { bytes_total: s.copied.iter().map(|c| c.bytes_total).sum(), bytes_read: s.bytes_read, ..Default::default() },
+                        bytes_uploaded: s.bytes_uploaded,
+                        ..Default::default()
+                    };
+                });
+                self.persist(&r);
+            }
+            Work::Verify { read_data_percent } => {
+                job.set_phase(Phase::Verifying);
+                let t0 = Instant::now();
+                let pct = (read_data_percent > 0).then_some(read_data_percent.min(100));
+                let rep = check_with_progress(&h.repo, pct, &job.progress, &job.cancel).await?;
+                let v = VerifyResult::from_check(&rep, pct.unwrap_or(0), t0.elapsed().as_secs_f64());
+                let repo_label = job.record().repository;
+                let m = &self.metrics;
+                m.verify_runs.with_label_values(&[repo_label.as_str(), if v.ok { "ok" } else { "damaged" }]).inc();
+                m.verify_damaged.with_label_values(&[repo_label.as_str()]).set(v.damaged.len() as i64);
+                m.verify_affected.with_label_values(&[repo_label.as_str()]).set(v.affected_snapshots.len() as i64);
+                if v.ok {
+                    m.verify_last_ok.with_label_values(&[repo_label.as_str()]).set(v.time_unix_ms as f64 / 1000.0);
+                }
+                let recorded = report::record(&h.repo, report::VERIFY, &v, &job.cancel).await;
+                let r = job.update(|r| {
+                    r.stats = Stats { backup: VolumeStats { bytes_read: v.bytes_verified, ..Default::default() }, ..Default::default() };
+                    r.verify = Some(v.clone());
+                });
+                self.persist(&r);
+                recorded?;
+                if !v.ok {
+                    let objects: Vec<String> = v.damaged.iter().take(5).map(|d| d.object.clone()).collect();
+                    return Err(mover_engine::Error::corrupt(format!(
+                        "repository {}: {} problem(s); {} damaged object(s) ({}{}) needed by {} snapshot(s)",
+                        h.repo.location(),
+                        v.problems_total,
+                        v.damaged.len(),
+                        objects.join(", "),
+                        if v.damaged.len() > 5 { ", …" } else { "" },
+                        v.affected_snapshots.len()
+                    )));
+                }
+            }
+            Work::Drill { snapshot, manifest, scratch } => {
+                job.set_phase(Phase::Drilling);
+                let lock = mover_engine::lock::RepoLock::read(&h.repo, &job.cancel).await?;
+                let r = async {
+                    h.repo.read_snapshot(&snapshot, &job.cancel).await.map_err(|e| mover_engine::Error::from(e).context("the snapshot was forgotten after the drill was requested"))?;
+                    let index = mover_engine::index::with_pending(&h.repo, h.index.clone(), &job.cancel).await?;
+                    drill(&h.repo, index, &snapshot, &manifest, &scratch, job.progress.clone(), &job.cancel).await
+                }
+                .await;
+                lock.release().await;
+                if !job.cancel.is_cancelled() {
+                    let result = DrillResult {
+                        time_unix_ms: mover_format::now_unix_ms(),
+                        hostname: mover_format::hostname(),
+                        snapshot_id: snapshot,
+                        group: manifest.group(),
+                        ok: r.is_ok(),
+                        error: r.as_ref().err().map(|e| format!("{e:#}")),
+                        report: r.as_ref().ok().cloned(),
+                    };
+                    if let Err(e) = report::record(&h.repo, report::DRILL, &result, &job.cancel).await {
+                        tracing::warn!("{e:#}");
+                    }
+                }
+                let d = r?;
+                let rec = job.update(|rec| {
+                    rec.stats = Stats {
+                        backup: VolumeStats { bytes_total: d.volumes.iter().map(|v| v.size).sum(), ..Default::default() },
+                        bytes_written: d.volumes.iter().map(|v| v.bytes_written).sum(),
+                        ..Default::default()
+                    };
+                    rec.drill = Some(d.clone());
+                });
+                self.persist(&rec);
             }
         }
         Ok(())

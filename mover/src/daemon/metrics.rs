@@ -26,6 +26,20 @@ pub struct Metrics {
     pub exports_active: prometheus::IntGauge,
     /// When a transfer of each kind last succeeded (unix seconds; 0: not since start).
     pub last_success: prometheus::GaugeVec,
+    /// Verify runs by repository (configured names) and result = ok | damaged | err.
+    pub verify_runs: IntCounterVec,
+    /// Damaged objects / affected snapshots the last verify found, per repository.
+    pub verify_damaged: IntGaugeVec,
+    pub verify_affected: IntGaugeVec,
+    /// When a verify last found the repository intact (unix seconds; 0: never).
+    pub verify_last_ok: prometheus::GaugeVec,
+    /// Per repository and group (configured `status_groups`, the rest as `other`, worst
+    /// of them): age of the newest snapshot (RPO), of the newest verified and newest
+    /// drilled snapshot (+Inf: none), and the restore time to expect (+Inf: never drilled).
+    pub snapshot_age: prometheus::GaugeVec,
+    pub verified_age: prometheus::GaugeVec,
+    pub drilled_age: prometheus::GaugeVec,
+    pub projected_restore: prometheus::GaugeVec,
 }
 
 impl Metrics {
@@ -67,6 +81,31 @@ impl Metrics {
             &["kind"],
         )?;
         registry.register(Box::new(last_success.clone()))?;
+        let verify_runs = IntCounterVec::new(Opts::new("mover_verify_runs_total", "Verify jobs run, by repository and result"), &["repository", "result"])?;
+        let verify_damaged =
+            IntGaugeVec::new(Opts::new("mover_verify_damaged_objects", "Damaged objects the last verify of the repository found"), &["repository"])?;
+        let verify_affected = IntGaugeVec::new(
+            Opts::new("mover_verify_affected_snapshots", "Snapshots needing a damaged object, per the last verify of the repository"),
+            &["repository"],
+        )?;
+        let verify_last_ok = prometheus::GaugeVec::new(
+            Opts::new("mover_verify_last_success_timestamp_seconds", "When a verify last found the repository intact (0: never)"),
+            &["repository"],
+        )?;
+        let gauge = |name: &str, help: &str| prometheus::GaugeVec::new(Opts::new(name, help), &["repository", "group"]);
+        let snapshot_age = gauge("mover_snapshot_age_seconds", "Age of the newest snapshot of the group (RPO); group 'other': the worst of the unlisted groups")?;
+        let verified_age = gauge("mover_verified_snapshot_age_seconds", "Age of the newest snapshot a verify found intact (+Inf: none)")?;
+        let drilled_age = gauge("mover_drilled_snapshot_age_seconds", "Age of the newest snapshot a drill restored and verified (+Inf: none)")?;
+        let projected_restore =
+            gauge("mover_projected_restore_seconds", "Restore time of the newest snapshot at the last drill's rate (RTO; +Inf: never drilled)")?;
+        registry.register(Box::new(verify_runs.clone()))?;
+        registry.register(Box::new(verify_damaged.clone()))?;
+        registry.register(Box::new(verify_affected.clone()))?;
+        registry.register(Box::new(verify_last_ok.clone()))?;
+        registry.register(Box::new(snapshot_age.clone()))?;
+        registry.register(Box::new(verified_age.clone()))?;
+        registry.register(Box::new(drilled_age.clone()))?;
+        registry.register(Box::new(projected_restore.clone()))?;
         // Every label set exists from the start, at zero: rate() and absent() work before the
         // first transfer, and dashboards find every series they query.
         for w in ["read", "zero", "skipped", "reused_parent", "deduplicated", "new", "stored"] {
@@ -83,7 +122,7 @@ impl Metrics {
                 store_request.with_label_values(&[op, r]);
             }
         }
-        for k in ["backup", "restore"] {
+        for k in ["backup", "restore", "copy", "verify", "drill"] {
             for r in ["ok", "err", "cancelled", "interrupted"] {
                 transfers.with_label_values(&[k, r]);
                 duration.with_label_values(&[k, r]);
@@ -107,7 +146,61 @@ impl Metrics {
             change_fallbacks,
             exports_active,
             last_success,
+            verify_runs,
+            verify_damaged,
+            verify_affected,
+            verify_last_ok,
+            snapshot_age,
+            verified_age,
+            drilled_age,
+            projected_restore,
         })
+    }
+
+    /// Label sets of a configured repository, at zero, so dashboards and alerts find them
+    /// before the first verify.
+    pub fn init_repository(&self, name: &str) {
+        for r in ["ok", "damaged", "err"] {
+            self.verify_runs.with_label_values(&[name, r]);
+        }
+        self.verify_damaged.with_label_values(&[name]).set(0);
+        self.verify_affected.with_label_values(&[name]).set(0);
+        self.verify_last_ok.with_label_values(&[name]).set(0.0);
+        for g in [&self.snapshot_age, &self.verified_age, &self.drilled_age, &self.projected_restore] {
+            g.with_label_values(&[name, "other"]).set(0.0);
+        }
+    }
+
+    /// Sets the recovery-point gauges of a repository from its status (groups bounded by
+    /// `wanted`; the rest summed up as `other`, by their worst value).
+    pub fn set_status(&self, name: &str, st: &mover_engine::maint::report::RepoStatus, wanted: &[String]) {
+        let inf = f64::INFINITY;
+        let mut groups = mover_engine::maint::report::bounded_groups(st, wanted);
+        // A configured group without snapshots has no recovery point: +Inf. `other` always
+        // exists (0 when every group is listed by name).
+        for w in wanted {
+            if !groups.contains_key(w) {
+                for g in [&self.snapshot_age, &self.verified_age, &self.drilled_age, &self.projected_restore] {
+                    g.with_label_values(&[name, w.as_str()]).set(inf);
+                }
+            }
+        }
+        groups.entry("other".into()).or_default();
+        for (label, gs) in groups {
+            let worst = |f: &dyn Fn(&mover_engine::maint::report::GroupStatus) -> Option<f64>| gs.iter().map(|g| f(g).unwrap_or(inf)).fold(0.0, f64::max);
+            let l = [name, label.as_str()];
+            self.snapshot_age.with_label_values(&l).set(worst(&|g| Some(g.rpo_seconds)));
+            self.verified_age.with_label_values(&l).set(worst(&|g| g.verified_age_seconds));
+            self.drilled_age.with_label_values(&l).set(worst(&|g| g.drilled_age_seconds));
+            self.projected_restore.with_label_values(&l).set(worst(&|g| g.projected_restore_seconds));
+        }
+        if let Some(v) = &st.last_verify {
+            self.verify_damaged.with_label_values(&[name]).set(v.damaged_objects as i64);
+            self.verify_affected.with_label_values(&[name]).set(v.affected_snapshots as i64);
+            if v.ok {
+                self.verify_last_ok.with_label_values(&[name]).set(v.time_unix_ms as f64 / 1000.0);
+            }
+        }
     }
 
     pub fn render(&self) -> String {

@@ -165,6 +165,77 @@ impl Daemon {
     }
 }
 
+/// Scheduled verify jobs, and the recovery-point metrics recomputed every
+/// `status_interval` and after every job.
+async fn background(d: Arc<Daemon>, stop: CancellationToken) {
+    let mut next_verify: HashMap<String, u64> = HashMap::new();
+    let mut next_status = 0u64;
+    let shortest = d.cfg.repositories.values().filter_map(|e| e.verify_interval_seconds).min().unwrap_or(u64::MAX);
+    let tick = Duration::from_secs((shortest / 4).clamp(1, 60)).min(d.cfg.status_interval);
+    loop {
+        let now = mover_format::now_unix_ms();
+        for (name, e) in &d.cfg.repositories {
+            let Some(every) = e.verify_interval_seconds else { continue };
+            if now < next_verify.get(name).copied().unwrap_or(0) {
+                continue;
+            }
+            let next = match d.schedule_verify(name, e, every * 1000, now).await {
+                Ok(next) => next,
+                Err(err) => {
+                    tracing::warn!("scheduled verify of repository '{name}': {err:#}");
+                    now + (every * 1000).min(60_000)
+                }
+            };
+            next_verify.insert(name.clone(), next);
+        }
+        if now >= next_status {
+            for (name, e) in &d.cfg.repositories {
+                if let Err(err) = d.refresh_status(name, e).await {
+                    tracing::warn!("recovery-point status of repository '{name}': {err:#}");
+                }
+            }
+            next_status = mover_format::now_unix_ms() + d.cfg.status_interval.as_millis() as u64;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = d.jobs.finished.notified() => next_status = 0,
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+impl Daemon {
+    /// Starts a verify of `name` when its last one (by any node: the reports in the
+    /// repository say) is `every_ms` old; returns when to look again.
+    async fn schedule_verify(&self, name: &str, e: &RepoEntry, every_ms: u64, now: u64) -> Result<u64> {
+        let running = self.jobs.list().iter().any(|j| {
+            let r = j.record();
+            r.kind == jobs::Kind::Verify && r.repository == name && !r.state.is_terminal()
+        });
+        if running {
+            return Ok(now + every_ms.min(60_000));
+        }
+        let h = self.repo(name).await?;
+        let c = CancellationToken::new();
+        let last = h.repo.list_reports(&c).await?.into_iter().filter(|(_, _, k)| k == mover_engine::maint::report::VERIFY).map(|(_, ms, _)| ms).max();
+        if let Some(last) = last.filter(|l| now.saturating_sub(*l) < every_ms) {
+            return Ok(last + every_ms);
+        }
+        let pct = e.verify_read_data_percent.unwrap_or(10);
+        tracing::info!("starting the scheduled verify of repository '{name}' ({pct}% of the data)");
+        self.jobs.start(String::new(), name.to_string(), "scheduler".into(), jobs::Work::Verify { read_data_percent: pct }, h, 0);
+        Ok(now + every_ms)
+    }
+
+    /// Recomputes the recovery-point metrics of `name`.
+    async fn refresh_status(&self, name: &str, e: &RepoEntry) -> Result<()> {
+        let h = self.repo(name).await?;
+        let st = mover_engine::maint::report::status(&h.repo, &CancellationToken::new()).await?;
+        self.metrics.set_status(name, &st, &e.status_groups);
+        Ok(())
+    }
+}
+
 /// The NBD exports' TLS: the daemon's certificate, and client certificates verified
 /// against its client CA (mandatory).
 fn nbd_tls_config(t: &config::TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
@@ -219,6 +290,11 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
             d.repo(name).await?;
         }
     }
+
+    for name in cfg.repositories.keys() {
+        d.metrics.init_repository(name);
+    }
+    let bg_task = tokio::spawn(background(d.clone(), stop.clone()));
 
     let http = tokio::net::TcpListener::bind(cfg.http_listen).await.with_context(|| format!("binding HTTP listener {}", cfg.http_listen))?;
     let http_task = tokio::spawn(http::serve(d.clone(), http, stop.clone()));
@@ -288,6 +364,7 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     exports.shutdown().await;
     jobs.shutdown(Duration::from_secs(cfg.shutdown_grace_seconds)).await;
     let _ = http_task.await;
+    let _ = bg_task.await;
     grpc_result.map_err(|e| Error::with_source(ErrorKind::Permanent, "gRPC server", e))?;
     Ok(())
 }

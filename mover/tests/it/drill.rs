@@ -37,9 +37,21 @@ fn a_drill_restores_every_volume_verifies_it_reports_the_rate_and_cleans_up() {
     }
     assert_eq!(r["group"], "vms/web-1");
     assert!(scratch_is_empty(&scratch), "the drill left scratch files");
-    let log = std::fs::read_to_string(e.path("cache/drills.jsonl")).unwrap();
-    assert_eq!(log.lines().count(), 1, "the drill is recorded");
-    assert!(log.contains(r["snapshot_id"].as_str().unwrap()));
+    // Recorded in the repository: status reports the drilled snapshot and the RTO.
+    let st = e.json(&["status"]);
+    let g = &st["groups"][0];
+    assert_eq!(g["group"], "vms/web-1");
+    assert_eq!(g["newest_drilled"], r["snapshot_id"], "{st}");
+    let rto = g["projected_restore_seconds"].as_f64().unwrap();
+    let sum: f64 = vols.iter().map(|v| v["projected_restore_s"].as_f64().unwrap()).sum();
+    assert!((rto - sum).abs() / sum < 0.01, "the projection is the drill's measured rate over the newest snapshot: {rto} vs {sum}");
+    assert!(g["newest_verified"].is_null() && st["last_verify"].is_null(), "never verified: {st}");
+    e.ok(&["check", "--record"]);
+    let st = e.json(&["status"]);
+    assert_eq!(st["groups"][0]["newest_verified"], r["snapshot_id"], "{st}");
+    assert_eq!(st["last_verify"]["ok"], true);
+    let text = e.ok(&["status"]);
+    assert!(text.contains("vms/web-1") && text.contains("last verify"), "{text}");
 }
 
 #[test]
@@ -54,5 +66,17 @@ fn a_drill_of_a_damaged_snapshot_fails_naming_where_and_cleans_up() {
     let pack_id = pack.file_name().unwrap().to_str().unwrap();
     assert!(err.contains("volume 'disk'") && err.contains("at offset") && err.contains(pack_id), "{err}");
     assert!(scratch_is_empty(&scratch), "a failed drill left scratch files");
-    assert!(!e.path("cache/drills.jsonl").exists(), "a failed drill was recorded as a result");
+    // The failure is recorded: status says the last drill failed and nothing was drilled.
+    let st = e.json(&["status"]);
+    let g = &st["groups"][0];
+    assert_eq!(g["last_drill_failed"], true, "{st}");
+    assert!(g["newest_drilled"].is_null() && g["projected_restore_seconds"].is_null(), "{st}");
+    assert!(e.ok(&["status"]).contains("LAST DRILL FAILED"));
+    // And a recorded verify names the damage and the snapshot that needs it.
+    let o = e.run(&["check", "--read-data", "--record"]);
+    assert!(!o.status.success());
+    let st = e.json(&["status"]);
+    assert_eq!(st["last_verify"]["ok"], false, "{st}");
+    assert_eq!(st["groups"][0]["newest_damaged"], true, "{st}");
+    assert!(st["groups"][0]["newest_verified"].is_null());
 }

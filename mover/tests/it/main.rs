@@ -12,6 +12,7 @@ mod copy;
 mod csi;
 mod csi_server;
 mod daemon;
+mod dr;
 mod drill;
 mod export;
 mod forget;
