@@ -34,7 +34,9 @@ impl RepoArgs {
             return read_password_file(p, "password file");
         }
         let var = self.password_env.as_deref().unwrap_or("MOVER_PASSWORD");
-        env_password(var).ok_or_else(|| Error::invalid(format!("no password given for repository {}: set {var} or give a password file", self.repo.as_deref().unwrap_or("?"))))
+        env_password(var).ok_or_else(|| {
+            Error::invalid(format!("no password given for repository {}: set {var} or give a password file", self.repo.as_deref().unwrap_or("?")))
+        })
     }
 
     /// The store, checked to honour create-only writes (S3: probed once per process).

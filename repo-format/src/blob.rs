@@ -48,6 +48,9 @@ pub struct EncodedBlob {
 }
 
 /// Reusable encoder (one per worker thread: it owns a zstd context).
+/// Bytes a blob stored uncompressed takes beyond its plaintext (nonce, flag, tag).
+pub const RAW_OVERHEAD: usize = NONCE_LEN + 1 + TAG_LEN;
+
 pub struct BlobEncoder {
     level: i32,
     zstd: Option<zstd::bulk::Compressor<'static>>,

@@ -345,7 +345,15 @@ async fn check_locked(repo: &Repository, read_percent: Option<u32>, progress: &P
     Ok(rep)
 }
 
-async fn read_data(repo: &Repository, v: &StoreView, pct: u32, rep: &mut CheckReport, damage: &mut Damage, progress: &Progress, cancel: &CancellationToken) -> Result<()> {
+async fn read_data(
+    repo: &Repository,
+    v: &StoreView,
+    pct: u32,
+    rep: &mut CheckReport,
+    damage: &mut Damage,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let mut by_pack: HashMap<PackId, Vec<(ChunkId, BlobLocation)>> = HashMap::new();
     for (id, loc) in &v.index {
         by_pack.entry(loc.pack).or_default().push((*id, *loc));

@@ -21,7 +21,7 @@ use crate::error::{Error, Result, ResultExt};
 use crate::index::pending::{self, Record};
 use crate::lock::{self, RepoLock};
 use crate::walk::{self, Trees, Visitor};
-use mover_format::blob::EncodedBlob;
+use mover_format::blob::{BlobEncoder, EncodedBlob};
 use mover_format::index::{BlobLocation, IndexEntry};
 use mover_format::manifest::Manifest;
 use mover_format::pack::PackBuilder;
@@ -43,11 +43,19 @@ pub struct GcOptions {
     /// about 120 bytes per chunk); deleted when gc ends. Default: the system's temporary
     /// directory.
     pub scratch_dir: Option<std::path::PathBuf>,
+    /// Also rewrite packs with their compressible blobs compressed again at this zstd
+    /// level (backups compress fast; storage shrinks afterwards). A pack is rewritten only
+    /// when it shrinks by at least [`RECOMPRESS_MIN_GAIN`]; blobs stored uncompressed
+    /// (incompressible at backup) are copied as they are.
+    pub recompress: Option<i32>,
 }
+
+/// The share a pack must shrink by for `--recompress` to rewrite it.
+pub const RECOMPRESS_MIN_GAIN: f64 = 0.03;
 
 impl Default for GcOptions {
     fn default() -> Self {
-        Self { dry_run: false, repack_unused: 0.3, scratch_dir: None }
+        Self { dry_run: false, repack_unused: 0.3, scratch_dir: None, recompress: None }
     }
 }
 
@@ -62,6 +70,10 @@ pub struct GcReport {
     /// Packs whose unused share exceeded the threshold; their live blobs were copied.
     pub packs_repacked: usize,
     pub bytes_copied: u64,
+    /// Packs rewritten with their blobs compressed again (`recompress`), and the bytes
+    /// that saved.
+    pub packs_recompressed: usize,
+    pub bytes_saved_by_recompression: u64,
     /// Packs no index segment names (left by killed backups, or still being written).
     pub packs_unindexed: usize,
     pub packs_deleted: usize,
@@ -95,6 +107,8 @@ pub enum PackAction {
     Repack,
     /// No index segment names it (left by a killed backup, or still being written).
     Unindexed,
+    /// A candidate for compressing again (rewritten only if it shrinks enough).
+    Recompress,
 }
 
 impl PackAction {
@@ -103,6 +117,7 @@ impl PackAction {
             PackAction::Delete => "delete",
             PackAction::Repack => "repack",
             PackAction::Unindexed => "unindexed",
+            PackAction::Recompress => "recompress",
         }
     }
 }
@@ -416,7 +431,16 @@ async fn mark(
         }
     }
     let orphans: Vec<PackId> = v.packs.keys().filter(|p| !named.contains(p) && !held_packs.contains(p)).copied().collect();
-    for (list, action) in [(&drop_packs, PackAction::Delete), (&repack, PackAction::Repack), (&orphans, PackAction::Unindexed)] {
+    // Recompression candidates: every other pack with live blobs.
+    let mut recompress: Vec<PackId> = Vec::new();
+    if opts.recompress.is_some() {
+        let taken: HashSet<&PackId> = drop_packs.iter().chain(&repack).collect();
+        recompress = named.iter().filter(|p| v.packs.contains_key(*p) && live_of.get(*p).is_some_and(|l| *l > 0) && !taken.contains(p)).copied().collect();
+        recompress.sort();
+    }
+    for (list, action) in
+        [(&drop_packs, PackAction::Delete), (&repack, PackAction::Repack), (&orphans, PackAction::Unindexed), (&recompress, PackAction::Recompress)]
+    {
         for p in list.iter() {
             rep.plan.push(PlannedPack { pack: *p, action, size: v.packs[p], referenced_bytes: live_of.get(p).copied().unwrap_or(0) });
         }
@@ -424,7 +448,7 @@ async fn mark(
     rep.packs_unreferenced += drop_packs.len();
     rep.packs_repacked += repack.len();
     rep.packs_unindexed += orphans.len();
-    if drop_packs.is_empty() && repack.is_empty() && orphans.is_empty() {
+    if drop_packs.is_empty() && repack.is_empty() && orphans.is_empty() && recompress.is_empty() {
         return Ok(None);
     }
     if opts.dry_run {
@@ -441,7 +465,7 @@ async fn mark(
     let mut builder = PackBuilder::new(pack_size);
     let mut failed_repack: HashSet<PackId> = HashSet::new();
     // The live entries of the packs to repack (what is copied is held anyway).
-    let repack_set: HashSet<PackId> = repack.iter().copied().collect();
+    let repack_set: HashSet<PackId> = repack.iter().chain(&recompress).copied().collect();
     let mut live_in: HashMap<PackId, Vec<IndexEntry>> = HashMap::new();
     if !repack_set.is_empty() {
         v.idx.for_each_chunk(|es| {
@@ -453,14 +477,35 @@ async fn mark(
             Ok(())
         })?;
     }
-    for p in &repack {
+    let mut encoder = opts.recompress.map(BlobEncoder::new);
+    let mut recompressed: HashSet<PackId> = HashSet::new();
+    for (p, must) in repack.iter().map(|p| (p, true)).chain(recompress.iter().map(|p| (p, false))) {
         let bytes = repo.get_object(&names::pack(p), cancel).await?;
         let mut blobs = Vec::new();
+        let (mut before, mut after) = (0u64, 0u64);
         for e in live_in.remove(p).unwrap_or_default().iter() {
             let (a, b) = (e.loc.offset as usize, e.loc.offset as usize + e.loc.stored_len as usize);
             let ok = bytes.get(a..b).map(|s| repo.decode_blob(&e.id, &e.loc, s));
             match ok {
-                Some(Ok(_)) => blobs.push(EncodedBlob { id: e.id, kind: e.loc.kind, raw_len: e.loc.raw_len, sealed: bytes[a..b].to_vec() }),
+                Some(Ok(plain)) => {
+                    let old = EncodedBlob { id: e.id, kind: e.loc.kind, raw_len: e.loc.raw_len, sealed: bytes[a..b].to_vec() };
+                    // Stored uncompressed: it did not compress at backup; kept as it is.
+                    let stored_raw = e.loc.stored_len as u64 == e.loc.raw_len as u64 + mover_format::blob::RAW_OVERHEAD as u64;
+                    let blob = match encoder.as_mut() {
+                        Some(enc) if !stored_raw => {
+                            let new = tokio::task::block_in_place(|| enc.encode(repo.keys(), e.id, e.loc.kind, &plain))?;
+                            if new.sealed.len() < old.sealed.len() {
+                                new
+                            } else {
+                                old
+                            }
+                        }
+                        _ => old,
+                    };
+                    before += e.loc.stored_len as u64;
+                    after += blob.sealed.len() as u64;
+                    blobs.push(blob)
+                }
                 Some(Err(err)) => {
                     tracing::warn!("not repacking pack {p}: {err:#}");
                     failed_repack.insert(*p);
@@ -476,6 +521,14 @@ async fn mark(
         if failed_repack.contains(p) {
             continue;
         }
+        if !must {
+            if (after as f64) > before as f64 * (1.0 - RECOMPRESS_MIN_GAIN) {
+                continue; // not worth rewriting
+            }
+            recompressed.insert(*p);
+            rep.packs_recompressed += 1;
+            rep.bytes_saved_by_recompression += before - after;
+        }
         for b in &blobs {
             if builder.len() + b.sealed.len() > pack_size && !builder.is_empty() {
                 let full = std::mem::replace(&mut builder, PackBuilder::new(pack_size));
@@ -490,8 +543,8 @@ async fn mark(
         let (_, es, _) = repo.write_pack(builder, cancel).await?;
         new_entries.extend(es);
     }
-    let repacked: HashSet<PackId> = repack.iter().filter(|p| !failed_repack.contains(p)).copied().collect();
-    rep.packs_repacked -= failed_repack.len();
+    let repacked: HashSet<PackId> = repack.iter().filter(|p| !failed_repack.contains(p)).copied().chain(recompressed.iter().copied()).collect();
+    rep.packs_repacked -= repack.iter().filter(|p| failed_repack.contains(p)).count();
     let going: HashSet<PackId> = drop_packs.iter().copied().chain(repacked.iter().copied()).collect();
 
     // Only the segments that name a pack that goes are rewritten — without those entries,

@@ -526,16 +526,8 @@ async fn backup_volume(
         groups.push(id);
     }
     let (source, change_source) = v.recorded.clone().unwrap_or((v.source, change_source));
-    let entry = VolumeEntry {
-        name: v.name.clone(),
-        size,
-        segment_size: sh.params.segment_size,
-        groups,
-        source,
-        change_source,
-        change_base: v.checkpoint,
-        stats: st,
-    };
+    let entry =
+        VolumeEntry { name: v.name.clone(), size, segment_size: sh.params.segment_size, groups, source, change_source, change_base: v.checkpoint, stats: st };
     Ok((entry, backend))
 }
 

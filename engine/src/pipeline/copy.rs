@@ -92,12 +92,7 @@ pub async fn copy(
     cancel: &CancellationToken,
 ) -> Result<CopySummary> {
     if src.config().id == dst.config().id {
-        return Err(Error::invalid(format!(
-            "{} and {} are the same repository (id {}): nothing to copy",
-            src.location(),
-            dst.location(),
-            src.config().id
-        )));
+        return Err(Error::invalid(format!("{} and {} are the same repository (id {}): nothing to copy", src.location(), dst.location(), src.config().id)));
     }
     let lock = RepoLock::read(src, cancel).await?;
     let r = async {
@@ -121,10 +116,10 @@ async fn run(
     let started = Instant::now();
     let src_id = src.config().id.to_string();
     let dst_id = dst.config().id.to_string();
-    let (sources, targets) = tokio::try_join!(
-        async { src.snapshots(cancel).await.with_context(|| format!("listing the snapshots of {}", src.location())) },
-        async { dst.snapshots(cancel).await.with_context(|| format!("listing the snapshots of {}", dst.location())) },
-    )?;
+    let (sources, targets) =
+        tokio::try_join!(async { src.snapshots(cancel).await.with_context(|| format!("listing the snapshots of {}", src.location())) }, async {
+            dst.snapshots(cancel).await.with_context(|| format!("listing the snapshots of {}", dst.location()))
+        },)?;
     let selected = select(&sources, &targets, &req)?;
     // What the target holds, by identity (the original each snapshot is, or is a copy of).
     let mut held: HashMap<(String, SnapshotId), SnapshotId> = targets.iter().map(|(id, m)| (m.identity(&dst_id, id), *id)).collect();

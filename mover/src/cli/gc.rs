@@ -13,6 +13,10 @@ pub struct Args {
     /// Repack a pack when more than this share of its bytes is unreferenced.
     #[arg(long, default_value_t = 0.3, value_name = "SHARE")]
     repack_unused: f64,
+    /// Also compress the stored data again at this zstd level (e.g. 19): backups stay fast,
+    /// the repository shrinks afterwards. Rewrites only packs that shrink by 3 % or more.
+    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(1..=22))]
+    recompress: Option<i32>,
     #[arg(long)]
     json: bool,
 }
@@ -20,7 +24,7 @@ pub struct Args {
 pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
     let repo = ra.open(cancel).await?;
     // The working set (on disk, about 120 bytes per chunk) goes under the cache directory.
-    let opts = GcOptions { dry_run: a.dry_run, repack_unused: a.repack_unused, scratch_dir: Some(ra.cache_root()) };
+    let opts = GcOptions { dry_run: a.dry_run, repack_unused: a.repack_unused, scratch_dir: Some(ra.cache_root()), recompress: a.recompress };
     let r = gc::run(&repo, &opts, cancel).await?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -37,6 +41,9 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
     println!("  unreferenced packs   {}", r.packs_unreferenced);
     println!("  packs to repack      {} ({:.1} MiB of live blobs {})", r.packs_repacked, mib(r.bytes_copied), if a.dry_run { "to copy" } else { "copied" });
     println!("  unindexed packs      {}", r.packs_unindexed);
+    if a.recompress.is_some() && !a.dry_run {
+        println!("  recompressed         {} packs, {:.1} MiB smaller", r.packs_recompressed, mib(r.bytes_saved_by_recompression));
+    }
     if a.dry_run {
         for p in r.plan.iter().take(50) {
             println!("  {:9} pack {}  {:8.1} MiB, {:8.1} MiB referenced", p.action.as_str(), p.pack, mib(p.size), mib(p.referenced_bytes));

@@ -78,7 +78,14 @@ struct RepoOpts {
 
 impl From<RepoOpts> for RepoArgs {
     fn from(o: RepoOpts) -> Self {
-        RepoArgs { repo: o.repo, password_file: o.password_file, s3_endpoint: o.s3_endpoint, s3_region: o.s3_region, cache_dir: o.cache_dir, password_env: None }
+        RepoArgs {
+            repo: o.repo,
+            password_file: o.password_file,
+            s3_endpoint: o.s3_endpoint,
+            s3_region: o.s3_region,
+            cache_dir: o.cache_dir,
+            password_env: None,
+        }
     }
 }
 

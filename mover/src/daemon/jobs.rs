@@ -634,7 +634,10 @@ impl Jobs {
                 job.set_phase(Phase::Drilling);
                 let lock = mover_engine::lock::RepoLock::read(&h.repo, &job.cancel).await?;
                 let r = async {
-                    h.repo.read_snapshot(&snapshot, &job.cancel).await.map_err(|e| mover_engine::Error::from(e).context("the snapshot was forgotten after the drill was requested"))?;
+                    h.repo
+                        .read_snapshot(&snapshot, &job.cancel)
+                        .await
+                        .map_err(|e| mover_engine::Error::from(e).context("the snapshot was forgotten after the drill was requested"))?;
                     let index = mover_engine::index::with_pending(&h.repo, h.index.clone(), &job.cancel).await?;
                     drill(&h.repo, index, &snapshot, &manifest, &scratch, job.progress.clone(), &job.cancel).await
                 }

@@ -93,7 +93,8 @@ impl Metrics {
             &["repository"],
         )?;
         let gauge = |name: &str, help: &str| prometheus::GaugeVec::new(Opts::new(name, help), &["repository", "group"]);
-        let snapshot_age = gauge("mover_snapshot_age_seconds", "Age of the newest snapshot of the group (RPO); group 'other': the worst of the unlisted groups")?;
+        let snapshot_age =
+            gauge("mover_snapshot_age_seconds", "Age of the newest snapshot of the group (RPO); group 'other': the worst of the unlisted groups")?;
         let verified_age = gauge("mover_verified_snapshot_age_seconds", "Age of the newest snapshot a verify found intact (+Inf: none)")?;
         let drilled_age = gauge("mover_drilled_snapshot_age_seconds", "Age of the newest snapshot a drill restored and verified (+Inf: none)")?;
         let projected_restore =

@@ -182,7 +182,11 @@ pub async fn prepare(req: BackupRequest, env: &Env, repo: &Repository, cancel: &
         volumes.push(VolumeInput { name: v.name, source, checkpoint: v.checkpoint.filter(|c| !c.is_empty()), recorded: None });
     }
     let volume_names = volumes.iter().map(|v| v.name.clone()).collect();
-    Ok(BackupPlan { group: group.clone(), volume_names, job: BackupJob { group, volumes, parent, metadata: req.metadata, tags: req.tags, tuning: req.tuning, copy_of: None } })
+    Ok(BackupPlan {
+        group: group.clone(),
+        volume_names,
+        job: BackupJob { group, volumes, parent, metadata: req.metadata, tags: req.tags, tuning: req.tuning, copy_of: None },
+    })
 }
 
 /// A pod's volume, resolved under the kubelet root (the daemon only).

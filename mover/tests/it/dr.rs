@@ -158,10 +158,8 @@ fn the_daemon_copies_to_a_second_site_verifies_on_schedule_drills_and_reports_rp
         assert_eq!(hash(&out), hash(&src));
     });
     // Results are kept in the state directory.
-    let records: Vec<String> = std::fs::read_dir(dir.path().join("state/transfers"))
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
+    let records: Vec<String> =
+        std::fs::read_dir(dir.path().join("state/transfers")).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect();
     assert!(records.iter().any(|r| r.contains("\"kind\": \"verify\"") && r.contains("\"damaged\"")), "verify results kept");
     assert!(records.iter().any(|r| r.contains("\"kind\": \"drill\"") && r.contains("projected_restore_s")), "drill results kept");
 }
