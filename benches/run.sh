@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The bench command: Mover against this machine's limits and against restic, borg and
 # rustic (where installed) on the same volume, in the same run.
-#   benches/run.sh [--size-gib N] [--no-peers]
+#   benches/run.sh [--size-gib N] [--no-peers] [--recompress-level N] [--os-volume]
+# --os-volume: the volume's binaries are real files from /usr (benches/make-volume.sh --os).
 # MOVER_BIN=path runs that binary instead of building this tree's (a before/after pair).
 # Prints a table (seconds, MiB/s of the volume, repository size, peak RSS) and ratios.
 # Figures go to docs/benchmarks.md by hand, with the command line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SIZE_GIB=4; PEERS=1
+SIZE_GIB=4; PEERS=1; RECOMPRESS=19; OSVOL=
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-gib) SIZE_GIB=$2; shift 2 ;;
     --no-peers) PEERS=0; shift ;;
-    *) echo "usage: $0 [--size-gib N] [--no-peers]" >&2; exit 2 ;;
+    --recompress-level) RECOMPRESS=$2; shift 2 ;;
+    --os-volume) OSVOL=--os; shift ;;
+    *) echo "usage: $0 [--size-gib N] [--no-peers] [--recompress-level N] [--os-volume]" >&2; exit 2 ;;
   esac
 done
 scripts/deps.sh bench
@@ -39,7 +42,7 @@ run() {
 
 echo "== building the volume: ext4, ${SIZE_GIB} GiB, about half allocated" >&2
 img="$W/vm.img"
-benches/make-volume.sh "$img" "$SIZE_GIB"
+benches/make-volume.sh "$img" "$SIZE_GIB" $OSVOL
 alloc=$(du -B1 "$img" | cut -f1)
 vol=$(stat -c %s "$img")
 echo "volume $vol bytes, $alloc allocated" >&2
@@ -88,13 +91,21 @@ cp "$W/last.out" "$W/mover-full.json"
 qemu-img convert -f raw -O qcow2 "$W/base.img" "$W/cbt.qcow2"
 qemu-img bitmap --add "$W/cbt.qcow2" cbt
 change
+cp --sparse=always "$img" "$W/state2.img"   # the peers' second state
 changed=$(awk '{s+=$2} END {print s+0}' "$W/changed.txt")
 echo "changed: $changed bytes in $(wc -l < "$W/changed.txt") extents" >&2
 mover_size_full=$(du -sb "$W/mover-repo" | cut -f1)
 cp -r "$W/mover-repo" "$W/mover-repo2"; cp -r "$W/cache" "$W/cache2"
 cp -r "$W/mover-repo" "$W/mover-repo3"; cp -r "$W/cache" "$W/cache3"
+cp -r "$W/mover-repo" "$W/mover-repo4"; cp -r "$W/cache" "$W/cache4"
+# incr_row OP CHANGED REPO_BEFORE: bytes read (from the last --json) and stored per changed byte.
+incr_row() {
+  local read; read=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_read"])' "$W/last.out")
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$read" $(( $(du -sb "$W/mover-repo" | cut -f1) - $3 )) >> "$W/incr.tsv"
+}
 run mover incr_extents "$M" --repo "$W/mover-repo" backup "$img" --parent latest --changed-extents "$W/changed.txt" --json
 cp "$W/last.out" "$W/mover-incr.json"
+incr_row incr_extents "$changed" "$mover_size_full"
 mover_size_incr=$(du -sb "$W/mover-repo" | cut -f1)
 run mover incr_no_extents env MOVER_CACHE_DIR="$W/cache2" "$M" --repo "$W/mover-repo2" backup "$img" --parent latest --json
 # NBD with the dirty bitmap: the guest's writes go through QEMU (here qemu-io replays the
@@ -124,6 +135,31 @@ rm -f "$W/restored.img"
 run mover restore "$M" --repo "$W/mover-repo" restore latest "$W/restored.img"
 if [ "$(b3sum --no-names "$img")" != "$(b3sum --no-names "$W/restored.img")" ]; then echo "mover restore MISMATCH" >&2; exit 1; fi
 rm -f "$W/restored.img"
+# Scattered writes with their exact extents: 0.5 % of the volume as 4 KiB database page
+# rewrites, then as 64 KiB blocks (KubeVirt's dirty-bitmap granularity). Then a restore of
+# the newest, checked byte-exact.
+for grain in 4096 65536; do
+  python3 - "$img" "$grain" "$W/scatter.txt" <<'PY'
+import os, random, sys
+img, grain, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+size = os.path.getsize(img); rnd = random.Random(grain)
+offs = sorted({rnd.randrange(size // grain) * grain for _ in range(int(size * 0.005) // grain)})
+with open(img, "r+b") as f, open(out, "w") as o:
+    for off in offs:
+        f.seek(off); f.write(os.urandom(grain)); o.write(f"{off} {grain}\n")
+PY
+  ch=$(awk '{s+=$2} END {print s+0}' "$W/scatter.txt")
+  before=$(du -sb "$W/mover-repo" | cut -f1)
+  run mover "incr_scatter_$((grain >> 10))k" "$M" --repo "$W/mover-repo" backup "$img" --parent latest --changed-extents "$W/scatter.txt" --json
+  incr_row "incr_scatter_$((grain >> 10))k" "$ch" "$before"
+done
+run mover restore_scattered "$M" --repo "$W/mover-repo" restore latest "$W/restored.img"
+if [ "$(b3sum --no-names "$img")" != "$(b3sum --no-names "$W/restored.img")" ]; then echo "mover restore after scattered incrementals MISMATCH" >&2; exit 1; fi
+rm -f "$W/restored.img"
+# Storage after maintenance: the full backup's repository compressed again at a high level.
+run mover "gc_recompress_$RECOMPRESS" env MOVER_CACHE_DIR="$W/cache4" "$M" --repo "$W/mover-repo4" gc --recompress "$RECOMPRESS" --json
+printf 'mover\trepo_full_recompressed\t%s\n' "$(du -sb "$W/mover-repo4" | cut -f1)" >> "$W/sizes.tsv"
+rm -rf "$W/mover-repo4" "$W/cache4" "$W/mover-repo2" "$W/mover-repo3"
 # The restore's I/O floor on this disk: the same reads (the packs) and writes (the
 # allocated bytes, 4 MiB O_DIRECT) at once under fio, with no CPU work.
 if command -v fio >/dev/null; then
@@ -136,14 +172,14 @@ fi
 printf 'mover\trepo_full\t%s\nmover\trepo_incr_added\t%s\n' "$mover_size_full" $((mover_size_incr - mover_size_full)) >> "$W/sizes.tsv"
 
 cp "$W/base.img" "$W/peer.img"   # peers see the same two states of the same file
-peer() { # name init full incr restore
+peer() { # name init full incr restore (name: tool or tool-setting; its repository is $W/<name>-repo)
   local name=$1
   echo "== $name" >&2
   cp --sparse=always "$W/base.img" "$W/peer.img"
   eval "$2" >/dev/null 2>&1
   run "$name" full bash -c "$3"
   local s1; s1=$(du -sb "$W/$name-repo" | cut -f1)
-  cp --sparse=always "$img" "$W/peer.img"
+  cp --sparse=always "$W/state2.img" "$W/peer.img"
   run "$name" incr bash -c "$4"
   local s2; s2=$(du -sb "$W/$name-repo" | cut -f1)
   rm -rf "$W/$name-restore"; mkdir -p "$W/$name-restore"
@@ -155,18 +191,30 @@ peer() { # name init full incr restore
   printf '%s\trestore_exit\t%s\t0\n' "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')" >> "$RESULTS"
   rm -rf "$W/$name-restore"
   printf '%s\trepo_full\t%s\n%s\trepo_incr_added\t%s\n' "$name" "$s1" "$name" $((s2 - s1)) >> "$W/sizes.tsv"
+  rm -rf "$W/$name-repo"
 }
 if [ "$PEERS" = 1 ]; then
   cd "$W"
-  command -v restic >/dev/null && peer restic "restic -r $W/restic-repo init" \
-    "restic -r $W/restic-repo backup peer.img" "restic -r $W/restic-repo backup peer.img" \
-    "restic -r $W/restic-repo restore latest --target $W/restic-restore"
-  command -v borg >/dev/null && peer borg "borg init -e repokey $W/borg-repo" \
-    "borg create $W/borg-repo::a peer.img" "borg create $W/borg-repo::b peer.img" \
-    "cd $W/borg-restore && borg extract $W/borg-repo::b"
-  command -v rustic >/dev/null && peer rustic "rustic -r $W/rustic-repo init" \
-    "rustic -r $W/rustic-repo backup peer.img" "rustic -r $W/rustic-repo backup peer.img" \
-    "rustic -r $W/rustic-repo restore latest $W/rustic-restore"
+  # Each peer at its default and at its best compression (restic/rustic `max`, borg
+  # `zstd,3` against its default lz4).
+  for c in auto max; do
+    n=restic; [ $c = max ] && n=restic-max
+    command -v restic >/dev/null && peer $n "restic -r $W/$n-repo init" \
+      "restic -r $W/$n-repo backup --compression $c peer.img" "restic -r $W/$n-repo backup --compression $c peer.img" \
+      "restic -r $W/$n-repo restore latest --target $W/$n-restore"
+  done
+  for c in lz4 zstd,3; do
+    n=borg; [ $c = zstd,3 ] && n=borg-zstd3
+    command -v borg >/dev/null && peer $n "borg init -e repokey $W/$n-repo" \
+      "borg create -C $c $W/$n-repo::a peer.img" "borg create -C $c $W/$n-repo::b peer.img" \
+      "cd $W/$n-restore && borg extract $W/$n-repo::b"
+  done
+  for c in auto max; do
+    n=rustic; [ $c = max ] && n=rustic-max
+    command -v rustic >/dev/null && peer $n "rustic -r $W/$n-repo init --set-compression $( [ $c = max ] && echo 19 || echo 3 )" \
+      "rustic -r $W/$n-repo backup peer.img" "rustic -r $W/$n-repo backup peer.img" \
+      "rustic -r $W/$n-repo restore latest $W/$n-restore"
+  done
   cd - >/dev/null
 fi
 
@@ -187,9 +235,25 @@ print(f"{'tool':8} {'operation':18} {'seconds':>8} {'MiB/s':>8} {'peak RSS':>9}"
 for t, ops in res.items():
     for op, (s, rss) in ops.items():
         print(f"{t:8} {op:18} {s:8.2f} {vol/mib/max(s,1e-9):8.0f} {rss//1024:8d}M")
-print(f"{'tool':8} {'repo after full':>16} {'added by incr':>14} {'incr / changed':>15}")
+print(f"{'tool':11} {'repo after full':>16} {'added by incr':>14} {'incr / changed':>15}")
 for t, z in sizes.items():
-    print(f"{t:8} {z['repo_full']/mib:15.1f}M {z['repo_incr_added']/mib:13.1f}M {z['repo_incr_added']/max(changed,1):15.2f}")
+    print(f"{t:11} {z['repo_full']/mib:15.1f}M {z['repo_incr_added']/mib:13.1f}M {z['repo_incr_added']/max(changed,1):15.2f}")
+peers_full = {t: z["repo_full"] for t, z in sizes.items() if t != "mover"}
+if peers_full and "mover" in sizes:
+    best = min(peers_full, key=peers_full.get)
+    mz = sizes["mover"]
+    line = f"mover repository after full / smallest peer ({best}): {mz['repo_full']/peers_full[best]:.3f}"
+    if "repo_full_recompressed" in mz:
+        line += f"; after gc --recompress: {mz['repo_full_recompressed']/peers_full[best]:.3f}"
+    print(line)
+try:
+    print(f"{'incremental':18} {'changed':>9} {'read':>9} {'stored':>9} {'read/chg':>9} {'stored/chg':>10} {'time/full':>9}")
+    for l in open(f"{W}/incr.tsv"):
+        op, ch, rd, st = l.split("\t"); ch, rd, st = int(ch), int(rd), int(st)
+        tf = res["mover"][op][0] / res["mover"]["full"][0]
+        print(f"{op:18} {ch/mib:8.1f}M {rd/mib:8.1f}M {st/mib:8.1f}M {rd/max(ch,1):9.2f} {st/max(ch,1):10.2f} {tf:9.3f}")
+except OSError:
+    pass
 m = res.get("mover", {})
 pairs = [("full", "full", "full"), ("incr_extents", "incr", "incr_extents"), ("incr_nbd_bitmap", "incr", "incr_nbd_bitmap"),
          ("incr_no_extents", "incr", "incr_no_extents"), ("restore", "restore", "restore (both on disk)"),
