@@ -4,9 +4,11 @@
 //! check covers the whole way back: repository, decryption, reassembly and the writes. The
 //! measured rate projects each volume's restore time (RTO).
 
+use crate::aligned::AlignedBuf;
 use crate::device::Kind;
 use crate::error::{Error, Result, ResultExt};
-use crate::pipeline::restore::{restore_volume, RestoreOptions, Target};
+use crate::pipeline::restore::{fetch_segment, restore_volume, RestoreOptions, SegmentAt, Target};
+use crate::pipeline::splice::UNKNOWN_DIGEST;
 use crate::progress::Progress;
 use crate::snapshots::load_refs;
 use mover_format::local_index::ChunkIndex;
@@ -54,13 +56,17 @@ impl Drop for Scratch {
 }
 
 /// Reads back a restored volume and compares each segment with its recorded digest
-/// (`digest` computes one; holes must read as zeros). Returns the segments compared.
+/// (`digest` computes one; holes must read as zeros). A segment an incremental spliced has
+/// no digest (only its changed bytes were read at backup): it is compared with the
+/// segment as `fetch` reads it from the repository (every chunk verified by its id).
+/// Returns the segments compared.
 fn verify_segments(
     reader: &std::fs::File,
     refs: &[SegmentRef],
     seg_size: u64,
     size: u64,
     digest: impl Fn(&[u8]) -> SegmentDigest,
+    fetch: impl Fn(u64, &mover_format::ChunkId, usize) -> Result<Vec<u8>>,
     cancel: &CancellationToken,
 ) -> Result<u64> {
     let mut buf = vec![0u8; seg_size as usize];
@@ -74,6 +80,7 @@ fn verify_segments(
         reader.read_exact_at(&mut buf[..len], off).with_context(|| format!("reading back the restored volume at offset {off}"))?;
         let ok = match r {
             SegmentRef::Hole => buf[..len].iter().all(|b| *b == 0),
+            SegmentRef::Map { digest: want, map } if *want == UNKNOWN_DIGEST => fetch(off, map, len)?[..] == buf[..len],
             SegmentRef::Map { digest: want, .. } => digest(&buf[..len]) == *want,
         };
         if !ok {
@@ -118,8 +125,14 @@ pub async fn drill(
         let t1 = Instant::now();
         let refs = load_refs(repo, &*index, snap, vol, cancel).await?;
         let (repo2, name, seg_size, size, snap2, cancel2) = (repo.clone(), vol.name.clone(), vol.segment_size as u64, vol.size, *snap, cancel.clone());
+        let (rt, index2) = (tokio::runtime::Handle::current(), index.clone());
         let segments_verified = tokio::task::spawn_blocking(move || {
-            verify_segments(&reader, &refs, seg_size, size, |d| repo2.keys().segment_digest(d), &cancel2)
+            let fetch = |off: u64, map: &mover_format::ChunkId, len: usize| -> Result<Vec<u8>> {
+                let at = SegmentAt { repo: &repo2, index: &*index2, snap: &snap2, vol: &name, offset: off, len: len as u64 };
+                let (buf, _holes) = rt.block_on(fetch_segment(&at, map, AlignedBuf::new(len), &cancel2))?;
+                Ok(buf.as_slice()[..len].to_vec())
+            };
+            verify_segments(&reader, &refs, seg_size, size, |d| repo2.keys().segment_digest(d), fetch, &cancel2)
                 .map_err(|e| e.context(format!("drill of snapshot {snap2}: volume '{name}'")))
         })
         .await??;
@@ -163,14 +176,36 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.write_all_at(&data, 0).unwrap();
         let c = CancellationToken::new();
-        assert_eq!(verify_segments(&f, &refs, seg, data.len() as u64, digest, &c).unwrap(), 4);
+        assert_eq!(verify_segments(&f, &refs, seg, data.len() as u64, digest, |_, _, _| unreachable!(), &c).unwrap(), 4);
         // One byte of the short last segment, then one in the hole.
         f.write_all_at(&[8], 3 * seg + 50).unwrap();
-        let e = verify_segments(&f, &refs, seg, data.len() as u64, digest, &c).unwrap_err();
+        let e = verify_segments(&f, &refs, seg, data.len() as u64, digest, |_, _, _| unreachable!(), &c).unwrap_err();
         assert!(e.to_string().contains(&format!("at offset {}", 3 * seg)), "{e}");
         f.write_all_at(&[7], 3 * seg + 50).unwrap();
         f.write_all_at(&[1], seg + 1).unwrap();
-        let e = verify_segments(&f, &refs, seg, data.len() as u64, digest, &c).unwrap_err();
+        let e = verify_segments(&f, &refs, seg, data.len() as u64, digest, |_, _, _| unreachable!(), &c).unwrap_err();
         assert!(e.to_string().contains(&format!("at offset {seg}")) && e.kind() == crate::ErrorKind::Corrupt, "{e}");
+    }
+
+    #[test]
+    fn a_spliced_segment_without_a_digest_is_compared_with_the_repository() {
+        let seg = 4096u64;
+        let data = vec![9u8; 2 * seg as usize];
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(&data, 0).unwrap();
+        let map = mover_format::ChunkId([1; 32]);
+        let refs = vec![SegmentRef::Map { map, digest: digest(&data[..seg as usize]) }, SegmentRef::Map { map, digest: UNKNOWN_DIGEST }];
+        let c = CancellationToken::new();
+        let asked = std::cell::Cell::new(0);
+        let good = |off: u64, _: &mover_format::ChunkId, len: usize| {
+            asked.set(asked.get() + 1);
+            assert_eq!(off, seg);
+            Ok(vec![9u8; len])
+        };
+        assert_eq!(verify_segments(&f, &refs, seg, 2 * seg, digest, good, &c).unwrap(), 2);
+        assert_eq!(asked.get(), 1, "only the segment without a digest is fetched");
+        let bad = |_: u64, _: &mover_format::ChunkId, len: usize| Ok(vec![8u8; len]);
+        let e = verify_segments(&f, &refs, seg, 2 * seg, digest, bad, &c).unwrap_err();
+        assert!(e.to_string().contains(&format!("at offset {seg}")), "{e}");
     }
 }

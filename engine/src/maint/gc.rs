@@ -477,12 +477,13 @@ async fn mark(
             Ok(())
         })?;
     }
-    let mut encoder = opts.recompress.map(BlobEncoder::new);
     let mut recompressed: HashSet<PackId> = HashSet::new();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     for (p, must) in repack.iter().map(|p| (p, true)).chain(recompress.iter().map(|p| (p, false))) {
         let bytes = repo.get_object(&names::pack(p), cancel).await?;
-        let mut blobs = Vec::new();
-        let (mut before, mut after) = (0u64, 0u64);
+        // Each live blob verified (damage is not copied); with `recompress`, the plaintext of
+        // those stored compressed is kept to compress again.
+        let mut blobs: Vec<(EncodedBlob, Option<Vec<u8>>)> = Vec::new();
         for e in live_in.remove(p).unwrap_or_default().iter() {
             let (a, b) = (e.loc.offset as usize, e.loc.offset as usize + e.loc.stored_len as usize);
             let ok = bytes.get(a..b).map(|s| repo.decode_blob(&e.id, &e.loc, s));
@@ -491,20 +492,7 @@ async fn mark(
                     let old = EncodedBlob { id: e.id, kind: e.loc.kind, raw_len: e.loc.raw_len, sealed: bytes[a..b].to_vec() };
                     // Stored uncompressed: it did not compress at backup; kept as it is.
                     let stored_raw = e.loc.stored_len as u64 == e.loc.raw_len as u64 + mover_format::blob::RAW_OVERHEAD as u64;
-                    let blob = match encoder.as_mut() {
-                        Some(enc) if !stored_raw => {
-                            let new = tokio::task::block_in_place(|| enc.encode(repo.keys(), e.id, e.loc.kind, &plain))?;
-                            if new.sealed.len() < old.sealed.len() {
-                                new
-                            } else {
-                                old
-                            }
-                        }
-                        _ => old,
-                    };
-                    before += e.loc.stored_len as u64;
-                    after += blob.sealed.len() as u64;
-                    blobs.push(blob)
+                    blobs.push((old, (opts.recompress.is_some() && !stored_raw).then_some(plain)));
                 }
                 Some(Err(err)) => {
                     tracing::warn!("not repacking pack {p}: {err:#}");
@@ -518,6 +506,36 @@ async fn mark(
                 }
             }
         }
+        let before: u64 = blobs.iter().map(|(b, _)| b.sealed.len() as u64).sum();
+        if let Some(level) = opts.recompress {
+            // Compressed again on every core, the smaller of the two kept.
+            let per = blobs.len().div_ceil(threads).max(1);
+            let keys = repo.keys();
+            tokio::task::block_in_place(|| {
+                std::thread::scope(|sc| {
+                    let hs: Vec<_> = blobs
+                        .chunks_mut(per)
+                        .map(|part| {
+                            sc.spawn(move || -> Result<()> {
+                                let mut enc = BlobEncoder::new(level);
+                                for (old, plain) in part.iter_mut() {
+                                    if let Some(pl) = plain.take() {
+                                        let new = enc.encode(keys, old.id, old.kind, &pl)?;
+                                        if new.sealed.len() < old.sealed.len() {
+                                            *old = new;
+                                        }
+                                    }
+                                }
+                                Ok(())
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(Error::permanent("a recompression thread panicked"))))
+                })
+            })?;
+        }
+        let after: u64 = blobs.iter().map(|(b, _)| b.sealed.len() as u64).sum();
+        let blobs: Vec<EncodedBlob> = blobs.into_iter().map(|(b, _)| b).collect();
         if failed_repack.contains(p) {
             continue;
         }
