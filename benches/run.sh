@@ -3,6 +3,7 @@
 # rustic (where installed) on the same volume, in the same run.
 #   benches/run.sh [--size-gib N] [--no-peers] [--recompress-level N] [--os-volume]
 # --os-volume: the volume's binaries are real files from /usr (benches/make-volume.sh --os).
+# --recompress-level 0 skips `gc --recompress` (the slowest step at high levels).
 # MOVER_BIN=path runs that binary instead of building this tree's (a before/after pair).
 # Prints a table (seconds, MiB/s of the volume, repository size, peak RSS) and ratios.
 # Figures go to docs/benchmarks.md by hand, with the command line.
@@ -157,8 +158,10 @@ run mover restore_scattered "$M" --repo "$W/mover-repo" restore latest "$W/resto
 if [ "$(b3sum --no-names "$img")" != "$(b3sum --no-names "$W/restored.img")" ]; then echo "mover restore after scattered incrementals MISMATCH" >&2; exit 1; fi
 rm -f "$W/restored.img"
 # Storage after maintenance: the full backup's repository compressed again at a high level.
-run mover "gc_recompress_$RECOMPRESS" env MOVER_CACHE_DIR="$W/cache4" "$M" --repo "$W/mover-repo4" gc --recompress "$RECOMPRESS" --json
-printf 'mover\trepo_full_recompressed\t%s\n' "$(du -sb "$W/mover-repo4" | cut -f1)" >> "$W/sizes.tsv"
+if [ "$RECOMPRESS" != 0 ]; then
+  run mover "gc_recompress_$RECOMPRESS" env MOVER_CACHE_DIR="$W/cache4" "$M" --repo "$W/mover-repo4" gc --recompress "$RECOMPRESS" --json
+  printf 'mover\trepo_full_recompressed\t%s\n' "$(du -sb "$W/mover-repo4" | cut -f1)" >> "$W/sizes.tsv"
+fi
 rm -rf "$W/mover-repo4" "$W/cache4" "$W/mover-repo2" "$W/mover-repo3"
 # The restore's I/O floor on this disk: the same reads (the packs) and writes (the
 # allocated bytes, 4 MiB O_DIRECT) at once under fio, with no CPU work.

@@ -481,24 +481,14 @@ async fn mark(
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     for (p, must) in repack.iter().map(|p| (p, true)).chain(recompress.iter().map(|p| (p, false))) {
         let bytes = repo.get_object(&names::pack(p), cancel).await?;
-        // Each live blob verified (damage is not copied); with `recompress`, the plaintext of
-        // those stored compressed is kept to compress again.
-        let mut blobs: Vec<(EncodedBlob, Option<Vec<u8>>)> = Vec::new();
+        // Each live blob is verified (damage is not copied) and, with `recompress`, those
+        // stored compressed are compressed again — on every core, one blob's plaintext at a
+        // time per core (a pack of text can hold ten times its size in plaintext).
+        let mut blobs: Vec<(EncodedBlob, BlobLocation)> = Vec::new();
         for e in live_in.remove(p).unwrap_or_default().iter() {
             let (a, b) = (e.loc.offset as usize, e.loc.offset as usize + e.loc.stored_len as usize);
-            let ok = bytes.get(a..b).map(|s| repo.decode_blob(&e.id, &e.loc, s));
-            match ok {
-                Some(Ok(plain)) => {
-                    let old = EncodedBlob { id: e.id, kind: e.loc.kind, raw_len: e.loc.raw_len, sealed: bytes[a..b].to_vec() };
-                    // Stored uncompressed: it did not compress at backup; kept as it is.
-                    let stored_raw = e.loc.stored_len as u64 == e.loc.raw_len as u64 + mover_format::blob::RAW_OVERHEAD as u64;
-                    blobs.push((old, (opts.recompress.is_some() && !stored_raw).then_some(plain)));
-                }
-                Some(Err(err)) => {
-                    tracing::warn!("not repacking pack {p}: {err:#}");
-                    failed_repack.insert(*p);
-                    break;
-                }
+            match bytes.get(a..b) {
+                Some(s) => blobs.push((EncodedBlob { id: e.id, kind: e.loc.kind, raw_len: e.loc.raw_len, sealed: s.to_vec() }, e.loc)),
                 None => {
                     tracing::warn!("not repacking pack {p}: chunk {} lies past its end", e.id);
                     failed_repack.insert(*p);
@@ -506,39 +496,44 @@ async fn mark(
                 }
             }
         }
-        let before: u64 = blobs.iter().map(|(b, _)| b.sealed.len() as u64).sum();
-        if let Some(level) = opts.recompress {
-            // Compressed again on every core, the smaller of the two kept.
-            let per = blobs.len().div_ceil(threads).max(1);
-            let keys = repo.keys();
-            tokio::task::block_in_place(|| {
-                std::thread::scope(|sc| {
-                    let hs: Vec<_> = blobs
-                        .chunks_mut(per)
-                        .map(|part| {
-                            sc.spawn(move || -> Result<()> {
-                                let mut enc = BlobEncoder::new(level);
-                                for (old, plain) in part.iter_mut() {
-                                    if let Some(pl) = plain.take() {
-                                        let new = enc.encode(keys, old.id, old.kind, &pl)?;
-                                        if new.sealed.len() < old.sealed.len() {
-                                            *old = new;
-                                        }
-                                    }
-                                }
-                                Ok(())
-                            })
-                        })
-                        .collect();
-                    hs.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(Error::permanent("a recompression thread panicked"))))
-                })
-            })?;
-        }
-        let after: u64 = blobs.iter().map(|(b, _)| b.sealed.len() as u64).sum();
-        let blobs: Vec<EncodedBlob> = blobs.into_iter().map(|(b, _)| b).collect();
         if failed_repack.contains(p) {
             continue;
         }
+        let before: u64 = blobs.iter().map(|(b, _)| b.sealed.len() as u64).sum();
+        let per = blobs.len().div_ceil(threads).max(1);
+        let (keys, level) = (repo.keys(), opts.recompress);
+        let checked: std::result::Result<(), String> = tokio::task::block_in_place(|| {
+            std::thread::scope(|sc| {
+                let hs: Vec<_> = blobs
+                    .chunks_mut(per)
+                    .map(|part| {
+                        sc.spawn(move || -> std::result::Result<(), String> {
+                            let mut enc = level.map(BlobEncoder::new);
+                            for (blob, loc) in part.iter_mut() {
+                                let plain = repo.decode_blob(&blob.id, loc, &blob.sealed).map_err(|e| format!("{e:#}"))?;
+                                // Stored uncompressed: it did not compress at backup; kept as it is.
+                                let stored_raw = loc.stored_len as u64 == loc.raw_len as u64 + mover_format::blob::RAW_OVERHEAD as u64;
+                                if let (Some(enc), false) = (enc.as_mut(), stored_raw) {
+                                    let new = enc.encode(keys, blob.id, blob.kind, &plain).map_err(|e| format!("{e:#}"))?;
+                                    if new.sealed.len() < blob.sealed.len() {
+                                        *blob = new;
+                                    }
+                                }
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                hs.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err("a verification thread panicked".into())))
+            })
+        });
+        if let Err(err) = checked {
+            tracing::warn!("not repacking pack {p}: {err}");
+            failed_repack.insert(*p);
+            continue;
+        }
+        let after: u64 = blobs.iter().map(|(b, _)| b.sealed.len() as u64).sum();
+        let blobs: Vec<EncodedBlob> = blobs.into_iter().map(|(b, _)| b).collect();
         if !must {
             if (after as f64) > before as f64 * (1.0 - RECOMPRESS_MIN_GAIN) {
                 continue; // not worth rewriting
