@@ -75,6 +75,19 @@ pub struct DrillResult {
 }
 
 impl DrillResult {
+    /// The result of a drill of `snapshot` (of `group`) that ended with `r`, as of now.
+    pub fn of(snapshot: SnapshotId, group: String, r: &Result<DrillReport>) -> Self {
+        Self {
+            time_unix_ms: mover_format::now_unix_ms(),
+            hostname: mover_format::hostname(),
+            snapshot_id: snapshot,
+            group,
+            ok: r.is_ok(),
+            error: r.as_ref().err().map(|e| format!("{e:#}")),
+            report: r.as_ref().ok().cloned(),
+        }
+    }
+
     /// Bytes restored per second over every volume.
     pub fn bytes_per_s(&self) -> Option<f64> {
         let r = self.report.as_ref()?;

@@ -53,15 +53,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
     lock.release().await;
     // A failed drill is recorded too (unless it was interrupted): status reports it.
     if !cancel.is_cancelled() {
-        let result = DrillResult {
-            time_unix_ms: mover_format::now_unix_ms(),
-            hostname: mover_format::hostname(),
-            snapshot_id: snap,
-            group: m.group(),
-            ok: r.is_ok(),
-            error: r.as_ref().err().map(|e| format!("{e:#}")),
-            report: r.as_ref().ok().cloned(),
-        };
+        let result = DrillResult::of(snap, m.group(), &r);
         if let Err(e) = record(&repo, DRILL, &result, cancel).await {
             eprintln!("warning: {e:#}");
         }

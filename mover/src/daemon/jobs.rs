@@ -644,15 +644,7 @@ impl Jobs {
                 .await;
                 lock.release().await;
                 if !job.cancel.is_cancelled() {
-                    let result = DrillResult {
-                        time_unix_ms: mover_format::now_unix_ms(),
-                        hostname: mover_format::hostname(),
-                        snapshot_id: snapshot,
-                        group: manifest.group(),
-                        ok: r.is_ok(),
-                        error: r.as_ref().err().map(|e| format!("{e:#}")),
-                        report: r.as_ref().ok().cloned(),
-                    };
+                    let result = DrillResult::of(snapshot, manifest.group(), &r);
                     if let Err(e) = report::record(&h.repo, report::DRILL, &result, &job.cancel).await {
                         tracing::warn!("{e:#}");
                     }

@@ -227,9 +227,11 @@ impl Daemon {
         Ok(now + every_ms)
     }
 
-    /// Recomputes the recovery-point metrics of `name`.
+    /// Recomputes the recovery-point metrics of `name`, once it is open (a repository no
+    /// request or schedule has used yet is not opened for this: an unreachable store must
+    /// not hold up the others).
     async fn refresh_status(&self, name: &str, e: &RepoEntry) -> Result<()> {
-        let h = self.repo(name).await?;
+        let Some(h) = self.repos.lock().await.get(name).cloned() else { return Ok(()) };
         let st = mover_engine::maint::report::status(&h.repo, &CancellationToken::new()).await?;
         self.metrics.set_status(name, &st, &e.status_groups);
         Ok(())
