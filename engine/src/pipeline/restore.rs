@@ -263,7 +263,24 @@ pub async fn fetch_segment_with_map(
         }
         pos += e.len() as u64;
     }
-    wants.sort_by_key(|w| (w.loc.pack, w.loc.offset));
+    wants.sort_by_key(|w| (w.loc.pack, w.loc.offset, w.off_in_seg));
+    // A chunk the map uses more than once (the slices around a change an incremental
+    // spliced in) is fetched and decoded once: `uses[k]` are the wants of unique chunk k.
+    let mut uniq: Vec<mover_format::index::BlobLocation> = Vec::new();
+    let mut uses: Vec<Vec<usize>> = Vec::new();
+    for (k, w) in wants.iter().enumerate() {
+        match uniq.last() {
+            Some(l) if l.pack == w.loc.pack && l.offset == w.loc.offset => {
+                if let Some(u) = uses.last_mut() {
+                    u.push(k);
+                }
+            }
+            _ => {
+                uniq.push(w.loc);
+                uses.push(vec![k]);
+            }
+        }
+    }
     // 4096-aligned, so O_DIRECT can write it as is; reused, so holes are zeroed here.
     let len = seg_len as usize;
     if buf.capacity() < len {
@@ -274,17 +291,18 @@ pub async fn fetch_segment_with_map(
         buf.as_mut_full()[off as usize..(off + len) as usize].fill(0);
     }
     // Runs of adjacent blobs of one pack, each fetched with one ranged read.
-    let runs = adjacent_runs(wants.len(), |k| &wants[k].loc, 8 << 20);
-    let wants = &wants;
+    let runs = adjacent_runs(uniq.len(), |k| &uniq[k], 8 << 20);
+    let (wants, uses) = (&wants, &uses);
     let mut fetched = futures::stream::iter(runs.into_iter().map(|(i, j, start, end)| async move {
-        let pack = wants[i].loc.pack;
+        let first = &wants[uses[i][0]];
+        let pack = first.loc.pack;
         let bytes = at.repo.get_object_range(&names::pack(&pack), start, end - start, cancel).await.map_err(|e| {
             Error::from(e).context(format!(
                 "reading volume '{}' of snapshot {} at offset {}: reading chunk {} from pack {pack}",
                 at.vol,
                 at.snap,
-                seg_offset + wants[i].off_in_seg,
-                wants[i].id
+                seg_offset + first.off_in_seg,
+                first.id
             ))
         })?;
         Ok::<_, Error>((i, j, start, bytes))
@@ -293,26 +311,34 @@ pub async fn fetch_segment_with_map(
     while let Some(r) = fetched.next().await {
         let (i, j, start, bytes) = r?;
         // Decrypt, decompress straight into the segment buffer and verify, off the reactor.
-        type Run = Vec<(u64, mover_format::ChunkId, mover_format::index::BlobLocation, Option<(u32, u32)>)>;
-        let run: Run = wants[i..j].iter().map(|w| (w.off_in_seg, w.id, w.loc, w.slice)).collect();
+        type Use = (u64, Option<(u32, u32)>);
+        type Run = Vec<(mover_format::ChunkId, mover_format::index::BlobLocation, Vec<Use>)>;
+        let run: Run =
+            (i..j).map(|k| (wants[uses[k][0]].id, wants[uses[k][0]].loc, uses[k].iter().map(|&u| (wants[u].off_in_seg, wants[u].slice)).collect())).collect();
         let repo = at.repo.clone();
         let (vol, snap) = (at.vol.to_string(), *at.snap);
         let mut seg = buf;
         buf = tokio::task::spawn_blocking(move || -> Result<AlignedBuf> {
             let dst = seg.as_mut_full();
             let mut scratch = Vec::new();
-            for (off, id, loc, slice) in run {
+            for (id, loc, used) in run {
                 let s = (loc.offset as u64 - start) as usize;
                 let sealed = &bytes[s..s + loc.stored_len as usize];
-                let at = || format!("reading volume '{vol}' of snapshot {snap} at offset {}", seg_offset + off);
-                match slice {
-                    // A whole chunk: straight into the segment buffer.
-                    None => repo.decode_blob_into(&id, &loc, sealed, &mut dst[off as usize..off as usize + loc.raw_len as usize]).with_context(at)?,
-                    // A slice: the whole chunk is verified, then its bytes copied.
-                    Some((so, sl)) => {
+                let at = || format!("reading volume '{vol}' of snapshot {snap} at offset {}", seg_offset + used[0].0);
+                match used.as_slice() {
+                    // A whole chunk used once: straight into the segment buffer.
+                    [(off, None)] => {
+                        repo.decode_blob_into(&id, &loc, sealed, &mut dst[*off as usize..*off as usize + loc.raw_len as usize]).with_context(at)?
+                    }
+                    // Slices (or several uses): the whole chunk is verified once, then its
+                    // bytes copied to each place.
+                    _ => {
                         scratch.resize(loc.raw_len as usize, 0);
                         repo.decode_blob_into(&id, &loc, sealed, &mut scratch).with_context(at)?;
-                        dst[off as usize..(off + sl as u64) as usize].copy_from_slice(&scratch[so as usize..(so + sl) as usize]);
+                        for (off, slice) in used {
+                            let (so, sl) = slice.unwrap_or((0, loc.raw_len));
+                            dst[off as usize..(off + sl as u64) as usize].copy_from_slice(&scratch[so as usize..(so + sl) as usize]);
+                        }
                     }
                 }
             }
