@@ -8,13 +8,11 @@ cd "$(dirname "$0")/.."
 SIZE_GIB=4
 [ "${1:-}" = "--size-gib" ] && SIZE_GIB=$2
 scripts/deps.sh test >&2
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mover-target}
-cargo build --release -p mover >&2
-M="$CARGO_TARGET_DIR/release/mover"
+. benches/lib.sh
+M=$(mover_bin)
 W=${MOVER_BENCH_DIR:-/var/tmp/mover-export-bench}
 rm -rf "$W"; mkdir -p "$W"
 export MOVER_PASSWORD=bench MOVER_REPOSITORY="$W/repo" MOVER_CACHE_DIR="$W/cache"
-drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 "$M" init >/dev/null
 head -c "${SIZE_GIB}G" /dev/urandom > "$W/vol.img"
 "$M" backup "$W/vol.img" >/dev/null

@@ -20,18 +20,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 scripts/deps.sh bench
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mover-target}
-if [ -n "${MOVER_BIN:-}" ]; then M=$MOVER_BIN; else
-  cargo build --release -p mover >&2
-  M="$CARGO_TARGET_DIR/release/mover"
-fi
+. benches/lib.sh
+M=$(mover_bin)
 W=${MOVER_BENCH_DIR:-/var/tmp/mover-latency}
 rm -rf "$W"; mkdir -p "$W"
 eval "$(scripts/s3-server.sh start | tail -n 1)"
 export MOVER_PASSWORD=bench RESTIC_PASSWORD=bench MOVER_CACHE_DIR="$W/cache" RESTIC_CACHE_DIR="$W/restic-cache"
 proxy_pid=
 trap '[ -n "$proxy_pid" ] && kill $proxy_pid 2>/dev/null; true' EXIT
-drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 RESULTS="$W/results.tsv"; : > "$RESULTS"
 run() {   # run TOOL OP DELAY CMD...
   local tool=$1 op=$2 d=$3; shift 3

@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 img=${1:?usage: benches/recompress.sh IMAGE [LEVEL...]}; shift
 levels=("$@"); [ ${#levels[@]} -gt 0 ] || levels=(9 15 19)
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mover-target}
-if [ -n "${MOVER_BIN:-}" ]; then M=$MOVER_BIN; else cargo build --release -p mover >&2; M="$CARGO_TARGET_DIR/release/mover"; fi
+. benches/lib.sh
+M=$(mover_bin)
 W=$(mktemp -d /var/tmp/mover-recompress.XXXXXX); trap 'rm -rf "$W"' EXIT
 export MOVER_PASSWORD=bench
 MOVER_CACHE_DIR=$W/cache "$M" --repo "$W/full" init >/dev/null
@@ -18,7 +18,7 @@ full=$(du -sb "$W/full" | cut -f1)
 echo "after the full backup: $full bytes"
 for l in "${levels[@]}"; do
   cp -r "$W/full" "$W/l$l"; cp -r "$W/cache" "$W/cache$l"
-  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  drop
   /usr/bin/time -f "%e %M" -o "$W/t" env MOVER_CACHE_DIR="$W/cache$l" "$M" --repo "$W/l$l" gc --recompress "$l" --json >/dev/null
   read -r secs rss < "$W/t"
   size=$(du -sb "$W/l$l" | cut -f1)

@@ -4,9 +4,8 @@
 #   benches/rss.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mover-target}
-cargo build --release -p mover >&2
-M="$CARGO_TARGET_DIR/release/mover"
+. benches/lib.sh
+M=$(mover_bin)
 W=${MOVER_BENCH_DIR:-/var/tmp/mover-rss}
 rm -rf "$W"; mkdir -p "$W"
 export MOVER_PASSWORD=bench MOVER_CACHE_DIR="$W/cache" MOVER_REPOSITORY="$W/repo"
@@ -15,7 +14,7 @@ printf '%-8s %8s %10s %10s\n' volume seconds "MiB/s" "peak RSS"
 for g in 1 4 16; do
   img="$W/v$g.img"; truncate -s "${g}G" "$img"
   head -c "$((g * 512))M" /dev/urandom | dd of="$img" bs=4M conv=notrunc status=none iflag=fullblock
-  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  drop
   /usr/bin/time -f "%e %M" -o "$W/t" "$M" backup "$img" --name "v$g" --json > /dev/null
   read -r s rss < "$W/t"
   printf '%-8s %8.2f %10.0f %9dM\n' "${g} GiB" "$s" "$(echo "$g * 1024 / $s" | bc -l)" $((rss / 1024))

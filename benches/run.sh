@@ -20,17 +20,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 scripts/deps.sh bench
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mover-target}
-if [ -n "${MOVER_BIN:-}" ]; then M=$MOVER_BIN; else
-  cargo build --release -p mover >&2
-  M="$CARGO_TARGET_DIR/release/mover"
-fi
+. benches/lib.sh
+M=$(mover_bin)
 W=${MOVER_BENCH_DIR:-/var/tmp/mover-bench}
 rm -rf "$W"; mkdir -p "$W"
 export MOVER_PASSWORD=bench RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench RUSTIC_PASSWORD=bench
 export MOVER_CACHE_DIR="$W/cache" BORG_BASE_DIR="$W/borgbase" RESTIC_CACHE_DIR="$W/restic-cache" XDG_CACHE_HOME="$W/xdg-cache"
 RESULTS="$W/results.tsv"; : > "$RESULTS"
-drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 # run TOOL OP CMD...: times CMD, records seconds and peak RSS (KiB).
 run() {
   local tool=$1 op=$2; shift 2

@@ -5,6 +5,7 @@
 #   benches/splice-restore.sh MOVER_BIN [MOVER_BIN...]
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib.sh"
 [ $# -ge 1 ] || { echo "usage: $0 MOVER_BIN [MOVER_BIN...]" >&2; exit 2; }
 W=/var/tmp/mover-splice; rm -rf $W; mkdir -p $W; cd $W
 export MOVER_PASSWORD=bench MOVER_CACHE_DIR=$W/cache
@@ -20,7 +21,7 @@ for grain, name in ((4096, "s4"), (65536, "s64")):
     offs = sorted({rnd.randrange(size // grain) * grain for _ in range(int(size * 0.005) // grain)})
     open(f"{img}.{name}", "w").write("".join(f"{o} {grain}\n" for o in offs))
 PY
-t() { sync; echo 3 > /proc/sys/vm/drop_caches; rm -f out.img; /usr/bin/time -f "%e" $M --repo repo restore latest out.img 2>&1 >/dev/null | tail -1; }
+t() { drop; rm -f out.img; /usr/bin/time -f "%e" $M --repo repo restore latest out.img 2>&1 >/dev/null | tail -1; }
 for b in "$@"; do M=$b; echo "$b restore full: $(t) $(t) $(t)"; done
 for f in s4 s64; do
   python3 - $W/vm.img $W/vm.img.$f <<'PY'

@@ -193,7 +193,8 @@ struct Structure<'a> {
 }
 
 impl Structure<'_> {
-    /// Attributes tree blobs the walk failed to read (while walking this snapshot).
+    /// Attributes tree blobs the walk failed to read to the snapshot being walked (called
+    /// after each volume: later snapshots that use them find them among the damaged blobs).
     fn drain_failed(&mut self) {
         let failed: Vec<(ChunkId, String)> = self.damage.failed.lock().map(|mut f| std::mem::take(&mut *f)).unwrap_or_default();
         for (id, problem) in failed {
@@ -222,13 +223,11 @@ impl Visitor for Structure<'_> {
         self.hit(blob);
     }
     fn group(&mut self, id: &ChunkId) -> bool {
-        self.drain_failed();
         self.current_map = None;
         self.hit(id);
         true
     }
     fn map(&mut self, id: &ChunkId, _offset: u64) -> bool {
-        self.drain_failed();
         self.current_map = None;
         self.hit(id);
         if !self.seen_maps.insert(*id) {

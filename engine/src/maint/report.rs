@@ -110,12 +110,18 @@ pub async fn record<T: Serialize>(repo: &Repository, kind: &str, value: &T, canc
     Ok(name)
 }
 
-/// The newest reports of `kind`, newest first (at most `n`). Unreadable ones are skipped
-/// with a warning: a damaged report must not hide the others.
-pub async fn newest<T: serde::de::DeserializeOwned + Send>(repo: &Repository, kind: &str, n: usize, cancel: &CancellationToken) -> Result<Vec<T>> {
+/// The newest reports of `kind` among `all` (a listing, oldest first), newest first, at
+/// most `n`. Unreadable ones are skipped with a warning: a damaged report must not hide
+/// the others.
+async fn newest<T: serde::de::DeserializeOwned + Send>(
+    repo: &Repository,
+    all: &[(String, u64, String)],
+    kind: &str,
+    n: usize,
+    cancel: &CancellationToken,
+) -> Result<Vec<T>> {
     use futures::StreamExt;
-    let all = repo.list_reports(cancel).await?;
-    let names: Vec<String> = all.into_iter().rev().filter(|(_, _, k)| k == kind).take(n).map(|(name, _, _)| name).collect();
+    let names: Vec<String> = all.iter().rev().filter(|(_, _, k)| k == kind).take(n).map(|(name, _, _)| name.clone()).collect();
     let mut reads = futures::stream::iter(names).map(|name| async move { (repo.read_report::<T>(&name, cancel).await, name) }).buffered(16);
     let mut out = Vec::new();
     while let Some((r, name)) = reads.next().await {
@@ -173,11 +179,9 @@ pub struct RepoStatus {
 
 /// The RPO/RTO report of a repository.
 pub async fn status(repo: &Repository, cancel: &CancellationToken) -> Result<RepoStatus> {
-    let (snaps, verify, drills) = tokio::try_join!(
-        async { Ok::<_, crate::Error>(repo.snapshots(cancel).await?) },
-        newest::<VerifyResult>(repo, VERIFY, 1, cancel),
-        newest::<DrillResult>(repo, DRILL, KEEP_REPORTS, cancel),
-    )?;
+    let (snaps, reports) = tokio::try_join!(repo.snapshots(cancel), repo.list_reports(cancel))?;
+    let (verify, drills) =
+        tokio::try_join!(newest::<VerifyResult>(repo, &reports, VERIFY, 1, cancel), newest::<DrillResult>(repo, &reports, DRILL, KEEP_REPORTS, cancel))?;
     Ok(build(repo.location(), mover_format::now_unix_ms(), snaps, verify.into_iter().next(), drills))
 }
 

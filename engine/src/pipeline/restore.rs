@@ -265,20 +265,13 @@ pub async fn fetch_segment_with_map(
     }
     wants.sort_by_key(|w| (w.loc.pack, w.loc.offset, w.off_in_seg));
     // A chunk the map uses more than once (the slices around a change an incremental
-    // spliced in) is fetched and decoded once: `uses[k]` are the wants of unique chunk k.
-    let mut uniq: Vec<mover_format::index::BlobLocation> = Vec::new();
-    let mut uses: Vec<Vec<usize>> = Vec::new();
+    // spliced in) is fetched and decoded once: its wants are next to each other, and
+    // `uniq[k]` is the range of wants of the k-th distinct chunk.
+    let mut uniq: Vec<(usize, usize)> = Vec::new();
     for (k, w) in wants.iter().enumerate() {
-        match uniq.last() {
-            Some(l) if l.pack == w.loc.pack && l.offset == w.loc.offset => {
-                if let Some(u) = uses.last_mut() {
-                    u.push(k);
-                }
-            }
-            _ => {
-                uniq.push(w.loc);
-                uses.push(vec![k]);
-            }
+        match uniq.last_mut() {
+            Some(u) if wants[u.0].loc.pack == w.loc.pack && wants[u.0].loc.offset == w.loc.offset => u.1 = k + 1,
+            _ => uniq.push((k, k + 1)),
         }
     }
     // 4096-aligned, so O_DIRECT can write it as is; reused, so holes are zeroed here.
@@ -291,10 +284,10 @@ pub async fn fetch_segment_with_map(
         buf.as_mut_full()[off as usize..(off + len) as usize].fill(0);
     }
     // Runs of adjacent blobs of one pack, each fetched with one ranged read.
-    let runs = adjacent_runs(uniq.len(), |k| &uniq[k], 8 << 20);
-    let (wants, uses) = (&wants, &uses);
+    let runs = adjacent_runs(uniq.len(), |k| &wants[uniq[k].0].loc, 8 << 20);
+    let (wants, uniq) = (&wants, &uniq);
     let mut fetched = futures::stream::iter(runs.into_iter().map(|(i, j, start, end)| async move {
-        let first = &wants[uses[i][0]];
+        let first = &wants[uniq[i].0];
         let pack = first.loc.pack;
         let bytes = at.repo.get_object_range(&names::pack(&pack), start, end - start, cancel).await.map_err(|e| {
             Error::from(e).context(format!(
@@ -311,36 +304,39 @@ pub async fn fetch_segment_with_map(
     while let Some(r) = fetched.next().await {
         let (i, j, start, bytes) = r?;
         // Decrypt, decompress straight into the segment buffer and verify, off the reactor.
-        type Use = (u64, Option<(u32, u32)>);
-        type Run = Vec<(mover_format::ChunkId, mover_format::index::BlobLocation, Vec<Use>)>;
-        let run: Run =
-            (i..j).map(|k| (wants[uses[k][0]].id, wants[uses[k][0]].loc, uses[k].iter().map(|&u| (wants[u].off_in_seg, wants[u].slice)).collect())).collect();
+        type Run = Vec<(u64, mover_format::ChunkId, mover_format::index::BlobLocation, Option<(u32, u32)>)>;
+        let run: Run = wants[uniq[i].0..uniq[j - 1].1].iter().map(|w| (w.off_in_seg, w.id, w.loc, w.slice)).collect();
         let repo = at.repo.clone();
         let (vol, snap) = (at.vol.to_string(), *at.snap);
         let mut seg = buf;
         buf = tokio::task::spawn_blocking(move || -> Result<AlignedBuf> {
             let dst = seg.as_mut_full();
             let mut scratch = Vec::new();
-            for (id, loc, used) in run {
+            let mut k = 0;
+            while k < run.len() {
+                let (off, id, loc, slice) = run[k];
+                // The uses of this chunk: the entries after it at the same place.
+                let mut e = k + 1;
+                while e < run.len() && run[e].2.pack == loc.pack && run[e].2.offset == loc.offset {
+                    e += 1;
+                }
                 let s = (loc.offset as u64 - start) as usize;
                 let sealed = &bytes[s..s + loc.stored_len as usize];
-                let at = || format!("reading volume '{vol}' of snapshot {snap} at offset {}", seg_offset + used[0].0);
-                match used.as_slice() {
+                let at = || format!("reading volume '{vol}' of snapshot {snap} at offset {}", seg_offset + off);
+                if e == k + 1 && slice.is_none() {
                     // A whole chunk used once: straight into the segment buffer.
-                    [(off, None)] => {
-                        repo.decode_blob_into(&id, &loc, sealed, &mut dst[*off as usize..*off as usize + loc.raw_len as usize]).with_context(at)?
-                    }
+                    repo.decode_blob_into(&id, &loc, sealed, &mut dst[off as usize..off as usize + loc.raw_len as usize]).with_context(at)?;
+                } else {
                     // Slices (or several uses): the whole chunk is verified once, then its
                     // bytes copied to each place.
-                    _ => {
-                        scratch.resize(loc.raw_len as usize, 0);
-                        repo.decode_blob_into(&id, &loc, sealed, &mut scratch).with_context(at)?;
-                        for (off, slice) in used {
-                            let (so, sl) = slice.unwrap_or((0, loc.raw_len));
-                            dst[off as usize..(off + sl as u64) as usize].copy_from_slice(&scratch[so as usize..(so + sl) as usize]);
-                        }
+                    scratch.resize(loc.raw_len as usize, 0);
+                    repo.decode_blob_into(&id, &loc, sealed, &mut scratch).with_context(at)?;
+                    for &(off, _, _, slice) in &run[k..e] {
+                        let (so, sl) = slice.unwrap_or((0, loc.raw_len));
+                        dst[off as usize..(off + sl as u64) as usize].copy_from_slice(&scratch[so as usize..(so + sl) as usize]);
                     }
                 }
+                k = e;
             }
             Ok(seg)
         })

@@ -600,16 +600,13 @@ impl Jobs {
                 job.set_phase(Phase::Verifying);
                 let t0 = Instant::now();
                 let pct = (read_data_percent > 0).then_some(read_data_percent.min(100));
-                let rep = check_with_progress(&h.repo, pct, &job.progress, &job.cancel).await?;
-                let v = VerifyResult::from_check(&rep, pct.unwrap_or(0), t0.elapsed().as_secs_f64());
                 let repo_label = job.record().repository;
-                let m = &self.metrics;
-                m.verify_runs.with_label_values(&[repo_label.as_str(), if v.ok { "ok" } else { "damaged" }]).inc();
-                m.verify_damaged.with_label_values(&[repo_label.as_str()]).set(v.damaged.len() as i64);
-                m.verify_affected.with_label_values(&[repo_label.as_str()]).set(v.affected_snapshots.len() as i64);
-                if v.ok {
-                    m.verify_last_ok.with_label_values(&[repo_label.as_str()]).set(v.time_unix_ms as f64 / 1000.0);
-                }
+                let runs = |result: &str| self.metrics.verify_runs.with_label_values(&[repo_label.as_str(), result]).inc();
+                let rep = check_with_progress(&h.repo, pct, &job.progress, &job.cancel).await.inspect_err(|_| runs("err"))?;
+                let v = VerifyResult::from_check(&rep, pct.unwrap_or(0), t0.elapsed().as_secs_f64());
+                // The damage and last-success gauges follow from the recorded result: the status
+                // refresher sets them once this job ends.
+                runs(if v.ok { "ok" } else { "damaged" });
                 let recorded = report::record(&h.repo, report::VERIFY, &v, &job.cancel).await;
                 let r = job.update(|r| {
                     r.stats = Stats { backup: VolumeStats { bytes_read: v.bytes_verified, ..Default::default() }, ..Default::default() };

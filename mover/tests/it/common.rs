@@ -104,6 +104,22 @@ pub fn flip_byte_in_largest_pack(repo: &Path) -> PathBuf {
     big
 }
 
+/// Waits until `index_dir` holds `n` index segments (checkpoints) while `child` still runs,
+/// then kills it with SIGKILL. `what` names the child in failures.
+pub fn kill_after_checkpoints(child: &mut std::process::Child, index_dir: &Path, n: usize, what: &str) {
+    let t0 = std::time::Instant::now();
+    loop {
+        if std::fs::read_dir(index_dir).map(|d| d.count()).unwrap_or(0) >= n {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoints appeared");
+        assert!(child.try_wait().unwrap().is_none(), "{what} finished before it could be killed; make the volume larger");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 pub fn rand_suffix() -> String {
     format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
 }

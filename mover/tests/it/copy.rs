@@ -140,18 +140,7 @@ fn a_killed_copy_resumes_without_sending_again_what_was_indexed() {
     b.ok(&["init", "--pack-size-mib", "1"]);
     // Throttled so that it is still running after ten checkpoints.
     let mut child = copy_cmd(&a, &b, &["--uploads", "1", "--limit-upload", &(48u64 << 20).to_string()]).spawn().unwrap();
-    let index_dir = Path::new(&b.repo).join("index");
-    let t0 = std::time::Instant::now();
-    loop {
-        if std::fs::read_dir(&index_dir).map(|d| d.count()).unwrap_or(0) >= 10 {
-            break;
-        }
-        assert!(t0.elapsed().as_secs() < 120, "no checkpoints appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the copy finished before it could be killed");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_after_checkpoints(&mut child, &Path::new(&b.repo).join("index"), 10, "the copy");
     assert_eq!(b.snapshot_count(), 0, "a killed copy writes no snapshot");
     let r = copy(&a, &b, &[]);
     let c = &r["copied"][0];

@@ -8,19 +8,7 @@ fn a_killed_backup_keeps_its_uploads_and_the_rerun_skips_them() {
     let src = e.path("big.img");
     std::fs::write(&src, noise(42, 512 << 20)).unwrap();
     let mut child = e.cmd(&["backup", src.to_str().unwrap(), "--json", "--uploads", "1", "--workers", "1"]).spawn().unwrap();
-    let index_dir = Path::new(&e.repo).join("index");
-    let t0 = std::time::Instant::now();
-    loop {
-        let n = std::fs::read_dir(&index_dir).map(|d| d.count()).unwrap_or(0);
-        if n >= 10 {
-            break;
-        }
-        assert!(t0.elapsed().as_secs() < 120, "no checkpoints appeared");
-        assert!(child.try_wait().unwrap().is_none(), "backup finished before it could be killed; make the volume larger");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_after_checkpoints(&mut child, &Path::new(&e.repo).join("index"), 10, "the backup");
     assert_eq!(e.snapshot_count(), 0, "a killed backup writes no snapshot");
     let s = e.json(&["backup", src.to_str().unwrap()]);
     let dedup = s["chunks_dedup"].as_u64().unwrap();
