@@ -88,13 +88,13 @@ cp "$W/last.out" "$W/mover-full.json"
 qemu-img convert -f raw -O qcow2 "$W/base.img" "$W/cbt.qcow2"
 qemu-img bitmap --add "$W/cbt.qcow2" cbt
 change
-cp --sparse=always "$img" "$W/state2.img"   # the peers' second state
+[ "$PEERS" = 1 ] && cp --sparse=always "$img" "$W/state2.img"   # the peers' second state
 changed=$(awk '{s+=$2} END {print s+0}' "$W/changed.txt")
 echo "changed: $changed bytes in $(wc -l < "$W/changed.txt") extents" >&2
 mover_size_full=$(du -sb "$W/mover-repo" | cut -f1)
 cp -r "$W/mover-repo" "$W/mover-repo2"; cp -r "$W/cache" "$W/cache2"
 cp -r "$W/mover-repo" "$W/mover-repo3"; cp -r "$W/cache" "$W/cache3"
-cp -r "$W/mover-repo" "$W/mover-repo4"; cp -r "$W/cache" "$W/cache4"
+[ "$RECOMPRESS" != 0 ] && { cp -r "$W/mover-repo" "$W/mover-repo4"; cp -r "$W/cache" "$W/cache4"; }
 # incr_row OP CHANGED REPO_BEFORE: bytes read (from the last --json) and stored per changed byte.
 incr_row() {
   local read; read=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_read"])' "$W/last.out")
@@ -128,6 +128,7 @@ run mover incr_nbd_bitmap env MOVER_CACHE_DIR="$W/cache3" "$M" --repo "$W/mover-
 cp "$W/last.out" "$W/mover-nbd.json"
 kill $nbd_pid; wait $nbd_pid 2>/dev/null || true
 rm -f "$W/cbt.qcow2"
+[ "$PEERS" = 1 ] || rm -f "$W/base.img"   # only the peers need the first state again (peer() copies it)
 rm -f "$W/restored.img"
 run mover restore "$M" --repo "$W/mover-repo" restore latest "$W/restored.img"
 if [ "$(b3sum --no-names "$img")" != "$(b3sum --no-names "$W/restored.img")" ]; then echo "mover restore MISMATCH" >&2; exit 1; fi
@@ -170,7 +171,6 @@ if command -v fio >/dev/null; then
 fi
 printf 'mover\trepo_full\t%s\nmover\trepo_incr_added\t%s\n' "$mover_size_full" $((mover_size_incr - mover_size_full)) >> "$W/sizes.tsv"
 
-cp "$W/base.img" "$W/peer.img"   # peers see the same two states of the same file
 peer() { # name init full incr restore (name: tool or tool-setting; its repository is $W/<name>-repo)
   local name=$1
   echo "== $name" >&2

@@ -59,7 +59,9 @@ impl RepoArgs {
         let pw = self.password()?;
         let (checked, repo) = tokio::join!(mover_backends::verify(&*storage, &url, &s3, cancel), Repository::open(storage.clone(), &pw, cancel));
         checked?;
-        Ok(repo?)
+        let repo = repo?;
+        tracing::debug!(repository = %url, "repository opened");
+        Ok(repo)
     }
 
     pub fn cache_root(&self) -> PathBuf {

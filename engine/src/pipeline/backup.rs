@@ -159,12 +159,15 @@ pub async fn backup(
         return Err(Error::invalid("nothing to back up: no volume given"));
     }
     let lock = RepoLock::acquire(repo, LockKind::Backup, cancel).await?;
+    tracing::debug!("backup lock held");
     let r = async {
         // After the lock: segments a gc replaced before it are seen as gone. Dedup looks
         // chunks up in the index only; the parent's tree may also use entries of unswept gc
         // records, which the parent (or its parked manifest) keeps alive (docs/gc.md).
         let tree = crate::index::with_pending(repo, index.clone(), cancel).await.context("syncing the local index")?;
+        tracing::debug!("local index in sync");
         let parent = resolve_parent(repo, &job, cancel).await?;
+        tracing::debug!(parent = ?parent.as_ref().map(|p| p.0), "parent resolved");
         run(repo, index, tree, job, parent, progress, lock.lease(), cancel).await
     }
     .await;
@@ -274,6 +277,7 @@ async fn run(
                 Some((pid, pv)) if pv.segment_size == segment_size => Some(crate::snapshots::load_refs(repo, &*tree, pid, pv, &stop).await?),
                 _ => None,
             };
+            tracing::debug!(volume = %v.name, parent_segments = prefs.as_ref().map(|p| p.len()), "parent's segment refs loaded");
             changes.push(v.opened.changes.clone());
             let (entry, b) = backup_volume(&shared, &tree, &mut packer, &mut enc, v, prefs, &job.tuning, &progress, &stop).await?;
             backend = b;
@@ -312,6 +316,7 @@ async fn run(
         duration_ms: copy.as_ref().map(|c| c.duration_ms).unwrap_or(started.elapsed().as_millis() as u64),
         origin: copy.map(|c| c.origin),
     };
+    tracing::debug!("data and index written; committing the snapshot");
     let snapshot_id = lease.commit("writing the snapshot manifest", async { Ok(repo.write_snapshot(&manifest, cancel).await?) }).await?;
     Ok(BackupSummary {
         snapshot_id,
@@ -333,9 +338,15 @@ async fn run(
 /// The changed ranges of segment `[start, end)` as in-segment `[a, b)` ranges, merged; for
 /// a descriptor read with `O_DIRECT`, widened to 4096-byte boundaries (the volume's end
 /// excepted).
+/// `ext` is sorted and disjoint ([`normalized`]): only the extents from the first that
+/// ends after `start` are looked at, so planning stays linear in segments plus extents.
 fn segment_ranges(ext: &[(u64, u64)], start: u64, end: u64, align: bool) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = Vec::new();
-    for &(o, l) in ext {
+    let first = ext.partition_point(|&(o, l)| o.saturating_add(l) <= start);
+    for &(o, l) in &ext[first..] {
+        if o >= end {
+            break;
+        }
         let (a, b) = (o.max(start), o.saturating_add(l).min(end));
         if a >= b {
             continue;
@@ -353,6 +364,21 @@ fn segment_ranges(ext: &[(u64, u64)], start: u64, end: u64, align: bool) -> Vec<
     out
 }
 
+/// `(offset, length)` extents sorted and merged where they overlap or touch (empty ones
+/// dropped): what [`segment_ranges`] searches.
+fn normalized(ext: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = ext.iter().copied().filter(|e| e.1 > 0).collect();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (o, l) in v {
+        match out.last_mut() {
+            Some(last) if o <= last.0.saturating_add(last.1) => last.1 = last.1.max(o.saturating_add(l) - last.0),
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
 /// Which segments to read, and how: unchanged ones (per the change source) and
 /// unallocated ones are taken as they are, filling `refs` and the counters; a segment with
 /// a few small changes is spliced (only its changed bytes read, see [`super::splice`]); the
@@ -360,7 +386,7 @@ fn segment_ranges(ext: &[(u64, u64)], start: u64, end: u64, align: bool) -> Vec<
 #[allow(clippy::too_many_arguments)]
 fn plan_reads(
     v: &OpenVolume,
-    allocated: Option<&[(u64, u64)]>,
+    allocated: impl FnOnce() -> Option<Vec<(u64, u64)>>,
     prefs: Option<&[SegmentRef]>,
     seg_size: u64,
     refs: &mut [Option<SegmentRef>],
@@ -377,13 +403,20 @@ fn plan_reads(
         )));
     }
     let align = matches!(v.opened.reader, Reader::File(_));
+    let changed = v.opened.changes.changed.as_deref().map(normalized);
+    // Allocated `[a, b)` ranges, sorted and disjoint, so each segment's test is a binary
+    // search. Asked for only when a segment is read whole: finding them walks the file's
+    // extents (150 ms on a fragmented 16 GiB image, more than a scattered incremental's
+    // whole read), which an incremental that splices every changed segment never needs.
+    let mut allocated = Some(allocated);
+    let mut alloc: Option<Option<Vec<(u64, u64)>>> = None;
     let mut jobs = Vec::new();
     let mut spliced = Vec::new();
     for seg in 0..refs.len() as u64 {
         let start = seg * seg_size;
         let end = (start + seg_size).min(size);
         let len = end - start;
-        if let (Some(ext), Some(pr)) = (&v.opened.changes.changed, prefs) {
+        if let (Some(ext), Some(pr)) = (&changed, prefs) {
             // Only a segment wholly inside the parent's volume has a parent copy to keep.
             let same_shape = end <= parent_size && (end < parent_size || parent_size == size);
             if same_shape {
@@ -404,8 +437,13 @@ fn plan_reads(
                 }
             }
         }
-        if let Some(al) = allocated {
-            if !al.iter().any(|&(a, b)| a < end && b > start) {
+        let al = alloc.get_or_insert_with(|| {
+            let al = allocated.take().and_then(|f| f());
+            al.map(|al| normalized(&al.iter().map(|&(a, b)| (a, b.saturating_sub(a))).collect::<Vec<_>>()))
+        });
+        if let Some(al) = al {
+            let i = al.partition_point(|&(o, l)| o + l <= start);
+            if !al.get(i).is_some_and(|&(o, _)| o < end) {
                 refs[seg as usize] = Some(SegmentRef::Hole);
                 st.bytes_zero += len;
                 progress.add_done(len);
@@ -434,7 +472,7 @@ async fn backup_volume(
     let nseg = size.div_ceil(seg_size);
     let mut refs: Vec<Option<SegmentRef>> = vec![None; nseg as usize];
     let mut st = VolumeStats { bytes_total: size, ..Default::default() };
-    let allocated = match (&v.opened.allocated, &v.opened.reader) {
+    let allocated = || match (&v.opened.allocated, &v.opened.reader) {
         (Some(a), _) => Some(a.clone()),
         (None, Reader::File(f)) => crate::device::allocated_ranges(f, size),
         (None, Reader::Blocks(_)) => None,
@@ -444,7 +482,8 @@ async fn backup_volume(
         (_, Some(_)) => ChangeSource::ParentDigest,
         _ => ChangeSource::Full,
     };
-    let (jobs, spliced) = plan_reads(&v, allocated.as_deref(), prefs.as_deref(), seg_size, &mut refs, &mut st, progress)?;
+    let (jobs, spliced) = plan_reads(&v, allocated, prefs.as_deref(), seg_size, &mut refs, &mut st, progress)?;
+    tracing::debug!(volume = %v.name, reads = jobs.len(), spliced = spliced.len(), "reads planned");
     let parent_maps = ParentMaps::spawn(sh.repo.clone(), tree.clone(), spliced, 256, cancel.clone());
 
     let workers = tuning.workers.max(1);
@@ -538,4 +577,46 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
         return Err(Error::invalid(format!("volume name '{name}' is not valid (1 to 253 characters, without '/' or ':')")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The binary-searched ranges equal a scan of every extent, for extents given in any
+    /// order, overlapping, touching or empty.
+    #[test]
+    fn segment_ranges_of_normalized_extents_equal_a_full_scan() {
+        let mut seed = 7u64;
+        let mut rnd = move |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for _ in 0..200 {
+            let ext: Vec<(u64, u64)> = (0..rnd(40)).map(|_| (rnd(1 << 20), rnd(70_000))).collect();
+            let norm = normalized(&ext);
+            assert!(norm.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0), "sorted, disjoint, not touching: {norm:?}");
+            for seg in 0..5u64 {
+                let (start, end) = (seg * 262_144, (seg + 1) * 262_144);
+                for align in [false, true] {
+                    // Brute force: every byte of the segment, changed or not.
+                    let mut want: Vec<(usize, usize)> = Vec::new();
+                    for p in start..end {
+                        if ext.iter().any(|&(o, l)| o <= p && p < o + l) {
+                            let (mut a, mut b) = ((p - start) as usize, (p - start) as usize + 1);
+                            if align {
+                                a = a / ALIGN * ALIGN;
+                                b = (b.div_ceil(ALIGN) * ALIGN).min((end - start) as usize);
+                            }
+                            match want.last_mut() {
+                                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                                _ => want.push((a, b)),
+                            }
+                        }
+                    }
+                    assert_eq!(segment_ranges(&norm, start, end, align), want, "segment {seg}, align {align}, extents {ext:?}");
+                }
+            }
+        }
+    }
 }
