@@ -258,18 +258,34 @@ impl Storage for S3Storage {
                 }
                 Err(e) => return Err(self.classify("reading", name, e)),
             };
-            let body = r.body.collect().await.map_err(|e| StorageError::new(ErrorKind::Transient, "reading", name, &self.location, format!("body: {e}")))?;
-            let b = body.into_bytes();
-            if b.len() as u64 != len {
+            // Into one buffer of the range's size as the body arrives: collecting the
+            // chunks first and joining them would hold every range twice.
+            let mut body = r.body;
+            let mut out = bytes::BytesMut::with_capacity(len as usize);
+            while let Some(chunk) =
+                body.try_next().await.map_err(|e| StorageError::new(ErrorKind::Transient, "reading", name, &self.location, format!("body: {e}")))?
+            {
+                if out.len() as u64 + chunk.len() as u64 > len {
+                    return Err(StorageError::new(
+                        ErrorKind::Permanent,
+                        "reading",
+                        name,
+                        &self.location,
+                        format!("range {offset}+{len}: the store sent more than {len} bytes"),
+                    ));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            if out.len() as u64 != len {
                 return Err(StorageError::new(
                     ErrorKind::Permanent,
                     "reading",
                     name,
                     &self.location,
-                    format!("range {offset}+{len} is past the end of the object (got {} bytes)", b.len()),
+                    format!("range {offset}+{len} is past the end of the object (got {} bytes)", out.len()),
                 ));
             }
-            Ok(b)
+            Ok(out.freeze())
         })
     }
 

@@ -140,8 +140,9 @@ pub async fn sync(repo: &Repository, index: &dyn ChunkIndex, cancel: &Cancellati
     Err(last.unwrap_or(RepoError::Cancelled))
 }
 
-/// Index segments read at once by a sync.
-const SYNC_READS_IN_FLIGHT: usize = 8;
+/// Index segments read at once by a sync: a round trip each; a backup's are ~100 KiB, a
+/// gc's up to a few MiB, so memory stays bounded.
+const SYNC_READS_IN_FLIGHT: usize = 16;
 
 async fn sync_once(repo: &Repository, index: &dyn ChunkIndex, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
     let have = index.ingested_segments()?;

@@ -117,7 +117,14 @@ impl Repository {
         let mut unusable = None;
         for obj in &key_objects {
             let kb = get_retry(&*storage, &policy, &obj.name, cancel).await?;
-            let unwrapped = KeyFile::from_bytes(&kb).and_then(|kf| kf.unwrap_key(password));
+            // The key derivation (argon2id, ~0.15 s) off the reactor: the create-only probe
+            // and other start-up requests of the caller go on meanwhile.
+            let (kb2, pw) = (kb.clone(), zeroize::Zeroizing::new(password.to_vec()));
+            let unwrapped = match tokio::task::spawn_blocking(move || KeyFile::from_bytes(&kb2).and_then(|kf| kf.unwrap_key(&pw))).await {
+                Ok(u) => u,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => return Err(RepoError::Cancelled),
+            };
             match unwrapped {
                 Ok(Some(master)) => {
                     let id = names::parse_id::<KeyId>(&obj.name).unwrap_or(KeyId(content_id(&kb)));

@@ -76,15 +76,16 @@ pub struct Target {
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
     pub holes: HoleMode,
-    /// Bytes of the volume being fetched, decoded and written at once (whole segments; at
-    /// least one). `None`: [`default_window`] for the repository.
+    /// The fetch window: bytes of packs being fetched or fetched and waiting to be decoded
+    /// (at least 1 MiB; a segment's reads start when all of them fit). Segment buffers are
+    /// apart from it: one per decode slot (the cores plus two). `None`: [`default_window`]
+    /// for the repository.
     pub window: Option<u64>,
 }
 
 /// The fetch window when none is given: 64 MiB against an object store, enough to cover
-/// the bandwidth-delay product of a store tens of milliseconds away (16 segments of 4 MiB
-/// in flight; ~8 MiB of memory each, buffer and fetched packs); 32 MiB for a local
-/// directory, where more in flight gains nothing.
+/// the bandwidth-delay product of a store 100 ms away at ~600 MiB/s of packs; 32 MiB for
+/// a local directory, where more in flight gains nothing.
 pub fn default_window(repo: &Repository) -> u64 {
     if repo.location().starts_with("s3://") {
         64 << 20
@@ -150,8 +151,13 @@ struct Ctx {
     vol: String,
     progress: Arc<Progress>,
     /// Segment buffers for reuse (fresh 4 MiB buffers cost page faults and zeroing on every
-    /// segment, a tenth of a restore's CPU before): at most one per segment in flight.
+    /// segment, a tenth of a restore's CPU before): at most one per decode slot.
     buffers: Reuse<AlignedBuf>,
+    /// The fetch window, in KiB of packs fetched and not yet decoded.
+    window: Arc<tokio::sync::Semaphore>,
+    window_kib: u32,
+    /// Segments being decoded and written at once, each with a buffer.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where a segment is: for reading it and for naming it in errors.
@@ -202,29 +208,55 @@ fn adjacent_runs<'a>(n: usize, loc: impl Fn(usize) -> &'a mover_format::index::B
 }
 
 /// Ranged reads of one segment in flight at once: a segment's runs are fetched
-/// concurrently (a deduplicated segment's chunks are spread over many packs).
-const RUNS_IN_FLIGHT: usize = 4;
+/// concurrently (a deduplicated segment's chunks are spread over many packs). The restore
+/// bounds what all segments fetch together by bytes ([`RestoreOptions::window`]).
+const RUNS_IN_FLIGHT: usize = 16;
 
-/// [`fetch_segment`] with its map already loaded.
-pub async fn fetch_segment_with_map(
-    at: &SegmentAt<'_>,
-    map: &SegmentMap,
-    mut buf: AlignedBuf,
-    cancel: &CancellationToken,
-) -> Result<(AlignedBuf, Vec<(u64, u64)>)> {
-    use futures::StreamExt;
+/// A chunk a segment needs, where it goes and where it is stored.
+struct Want {
+    off_in_seg: u64,
+    id: mover_format::ChunkId,
+    loc: mover_format::index::BlobLocation,
+    /// Only these bytes of the chunk (a slice): `(offset, len)`.
+    slice: Option<(u32, u32)>,
+}
+
+/// A segment's chunks located in the index and grouped into ranged reads: nothing fetched
+/// yet, no buffer held.
+pub struct Located {
+    offset: u64,
+    len: u64,
+    /// Sorted by pack and offset.
+    wants: Vec<Want>,
+    /// `uniq[k]`: the range of `wants` of the k-th distinct chunk (a chunk the map uses more
+    /// than once — the slices around a change an incremental spliced in — is fetched and
+    /// decoded once).
+    uniq: Vec<(usize, usize)>,
+    holes: Vec<(u64, u64)>,
+    /// `(first, end, start offset, end offset)` over `uniq`: one ranged read each.
+    runs: Vec<(usize, usize, u64, u64)>,
+}
+
+impl Located {
+    /// Bytes of packs the segment's reads fetch.
+    pub fn fetch_bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.3 - r.2).sum()
+    }
+}
+
+/// A located segment with its reads done: what the fetch window holds until it is decoded.
+pub struct Fetched {
+    located: Located,
+    /// `(first, end, start offset, bytes)` per run.
+    runs: Vec<(usize, usize, u64, bytes::Bytes)>,
+}
+
+/// Locates every chunk of a segment in the index and plans its ranged reads.
+pub fn locate(at: &SegmentAt<'_>, map: &SegmentMap) -> Result<Located> {
     let (seg_offset, seg_len) = (at.offset, at.len);
     let what = format!("segment map at offset {seg_offset} of volume '{}' in snapshot {}", at.vol, at.snap);
     if map.total_len() != seg_len {
         return Err(Error::corrupt(format!("{what}: covers {} bytes, the segment has {seg_len}", map.total_len())));
-    }
-    // Locate every chunk, then fetch runs of adjacent blobs in one ranged read each.
-    struct Want {
-        off_in_seg: u64,
-        id: mover_format::ChunkId,
-        loc: mover_format::index::BlobLocation,
-        /// Only these bytes of the chunk (a slice): `(offset, len)`.
-        slice: Option<(u32, u32)>,
     }
     let mut wants = Vec::new();
     let mut holes = Vec::new();
@@ -264,9 +296,6 @@ pub async fn fetch_segment_with_map(
         pos += e.len() as u64;
     }
     wants.sort_by_key(|w| (w.loc.pack, w.loc.offset, w.off_in_seg));
-    // A chunk the map uses more than once (the slices around a change an incremental
-    // spliced in) is fetched and decoded once: its wants are next to each other, and
-    // `uniq[k]` is the range of wants of the k-th distinct chunk.
     let mut uniq: Vec<(usize, usize)> = Vec::new();
     for (k, w) in wants.iter().enumerate() {
         match uniq.last_mut() {
@@ -274,56 +303,74 @@ pub async fn fetch_segment_with_map(
             _ => uniq.push((k, k + 1)),
         }
     }
-    // 4096-aligned, so O_DIRECT can write it as is; reused, so holes are zeroed here.
-    let len = seg_len as usize;
-    if buf.capacity() < len {
-        buf = AlignedBuf::new(len);
-    }
-    buf.set_len(len);
-    for &(off, len) in &holes {
-        buf.as_mut_full()[off as usize..(off + len) as usize].fill(0);
-    }
-    // Runs of adjacent blobs of one pack, each fetched with one ranged read.
     let runs = adjacent_runs(uniq.len(), |k| &wants[uniq[k].0].loc, 8 << 20);
-    let (wants, uniq) = (&wants, &uniq);
-    let mut fetched = futures::stream::iter(runs.into_iter().map(|(i, j, start, end)| async move {
-        let first = &wants[uniq[i].0];
-        let pack = first.loc.pack;
-        let bytes = at.repo.get_object_range(&names::pack(&pack), start, end - start, cancel).await.map_err(|e| {
-            Error::from(e).context(format!(
-                "reading volume '{}' of snapshot {} at offset {}: reading chunk {} from pack {pack}",
-                at.vol,
-                at.snap,
-                seg_offset + first.off_in_seg,
-                first.id
-            ))
-        })?;
-        Ok::<_, Error>((i, j, start, bytes))
-    }))
-    .buffer_unordered(RUNS_IN_FLIGHT);
-    while let Some(r) = fetched.next().await {
-        let (i, j, start, bytes) = r?;
-        // Decrypt, decompress straight into the segment buffer and verify, off the reactor.
-        type Run = Vec<(u64, mover_format::ChunkId, mover_format::index::BlobLocation, Option<(u32, u32)>)>;
-        let run: Run = wants[uniq[i].0..uniq[j - 1].1].iter().map(|w| (w.off_in_seg, w.id, w.loc, w.slice)).collect();
-        let repo = at.repo.clone();
-        let (vol, snap) = (at.vol.to_string(), *at.snap);
-        let mut seg = buf;
-        buf = tokio::task::spawn_blocking(move || -> Result<AlignedBuf> {
-            let dst = seg.as_mut_full();
-            let mut scratch = Vec::new();
+    Ok(Located { offset: seg_offset, len: seg_len, wants, uniq, holes, runs })
+}
+
+/// Does a located segment's ranged reads, several at once.
+pub async fn fetch(at: &SegmentAt<'_>, located: Located, cancel: &CancellationToken) -> Result<Fetched> {
+    use futures::StreamExt;
+    let seg_offset = located.offset;
+    let got: Vec<(usize, usize, u64, bytes::Bytes)> = {
+        let (wants, uniq) = (&located.wants, &located.uniq);
+        futures::stream::iter(located.runs.clone().into_iter().map(|(i, j, start, end)| async move {
+            let first = &wants[uniq[i].0];
+            let pack = first.loc.pack;
+            let bytes = at.repo.get_object_range(&names::pack(&pack), start, end - start, cancel).await.map_err(|e| {
+                Error::from(e).context(format!(
+                    "reading volume '{}' of snapshot {} at offset {}: reading chunk {} from pack {pack}",
+                    at.vol,
+                    at.snap,
+                    seg_offset + first.off_in_seg,
+                    first.id
+                ))
+            })?;
+            Ok::<_, Error>((i, j, start, bytes))
+        }))
+        .buffer_unordered(RUNS_IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?
+    };
+    Ok(Fetched { located, runs: got })
+}
+
+/// Decrypts, decompresses and verifies a fetched segment's chunks straight into `buf`
+/// (resized to the segment, holes zeroed), off the reactor. Returns the buffer and the
+/// holes (offset, length) in it.
+pub async fn decode(at: &SegmentAt<'_>, fetched: Fetched, mut buf: AlignedBuf) -> Result<(AlignedBuf, Vec<(u64, u64)>)> {
+    let repo = at.repo.clone();
+    let (vol, snap) = (at.vol.to_string(), *at.snap);
+    tokio::task::spawn_blocking(move || -> Result<(AlignedBuf, Vec<(u64, u64)>)> {
+        let Fetched { located, runs } = fetched;
+        let Located { offset: seg_offset, len: seg_len, wants, uniq, holes, .. } = located;
+        // 4096-aligned, so O_DIRECT can write it as is; reused, so holes are zeroed here.
+        let len = seg_len as usize;
+        if buf.capacity() < len {
+            buf = AlignedBuf::new(len);
+        }
+        buf.set_len(len);
+        let dst = buf.as_mut_full();
+        for &(off, len) in &holes {
+            dst[off as usize..(off + len) as usize].fill(0);
+        }
+        let mut scratch = Vec::new();
+        for (i, j, start, bytes) in runs {
+            let run = &wants[uniq[i].0..uniq[j - 1].1];
             let mut k = 0;
             while k < run.len() {
-                let (off, id, loc, slice) = run[k];
+                let w = &run[k];
+                let (off, id, loc) = (w.off_in_seg, w.id, w.loc);
                 // The uses of this chunk: the entries after it at the same place.
                 let mut e = k + 1;
-                while e < run.len() && run[e].2.pack == loc.pack && run[e].2.offset == loc.offset {
+                while e < run.len() && run[e].loc.pack == loc.pack && run[e].loc.offset == loc.offset {
                     e += 1;
                 }
                 let s = (loc.offset as u64 - start) as usize;
                 let sealed = &bytes[s..s + loc.stored_len as usize];
                 let at = || format!("reading volume '{vol}' of snapshot {snap} at offset {}", seg_offset + off);
-                if e == k + 1 && slice.is_none() {
+                if e == k + 1 && w.slice.is_none() {
                     // A whole chunk used once: straight into the segment buffer.
                     repo.decode_blob_into(&id, &loc, sealed, &mut dst[off as usize..off as usize + loc.raw_len as usize]).with_context(at)?;
                 } else {
@@ -331,18 +378,29 @@ pub async fn fetch_segment_with_map(
                     // bytes copied to each place.
                     scratch.resize(loc.raw_len as usize, 0);
                     repo.decode_blob_into(&id, &loc, sealed, &mut scratch).with_context(at)?;
-                    for &(off, _, _, slice) in &run[k..e] {
-                        let (so, sl) = slice.unwrap_or((0, loc.raw_len));
-                        dst[off as usize..(off + sl as u64) as usize].copy_from_slice(&scratch[so as usize..(so + sl) as usize]);
+                    for u in &run[k..e] {
+                        let (so, sl) = u.slice.unwrap_or((0, loc.raw_len));
+                        dst[u.off_in_seg as usize..(u.off_in_seg + sl as u64) as usize].copy_from_slice(&scratch[so as usize..(so + sl) as usize]);
                     }
                 }
                 k = e;
             }
-            Ok(seg)
-        })
-        .await??;
-    }
-    Ok((buf, holes))
+        }
+        Ok((buf, holes))
+    })
+    .await?
+}
+
+/// [`fetch_segment`] with its map already loaded.
+pub async fn fetch_segment_with_map(
+    at: &SegmentAt<'_>,
+    map: &SegmentMap,
+    buf: AlignedBuf,
+    cancel: &CancellationToken,
+) -> Result<(AlignedBuf, Vec<(u64, u64)>)> {
+    let located = locate(at, map)?;
+    let fetched = fetch(at, located, cancel).await?;
+    decode(at, fetched, buf).await
 }
 
 /// Restores one segment; returns (bytes written, bytes of holes).
@@ -365,12 +423,33 @@ async fn restore_segment(
         }
         SegmentRef::Map { map, .. } => map,
     };
-    let buf = cx.buffers.take(|b| b.capacity() >= seg_len as usize, || AlignedBuf::new(seg_len as usize));
     let at = SegmentAt { repo: &cx.repo, index: &*cx.index, snap: &cx.snap, vol: &cx.vol, offset: seg_offset, len: seg_len };
-    let (mut buf, holes) = match loaded {
-        Some(m) => fetch_segment_with_map(&at, &m, buf, &cancel).await?,
-        None => fetch_segment(&at, &map, buf, &cancel).await?,
+    let map = match loaded {
+        Some(m) => m,
+        None => {
+            let what = format!("segment map at offset {seg_offset} of volume '{}' in snapshot {}", cx.vol, cx.snap);
+            let mb = load_blob(&cx.repo, &*cx.index, &map, &what, &cancel).await?;
+            Arc::new(SegmentMap::decode(&mb).with_context(|| format!("{what}: blob {map}"))?)
+        }
     };
+    let located = locate(&at, &map)?;
+    // The fetch window: the segment's reads start once their bytes fit in it (all at once,
+    // so no segment holds part of the window while waiting for the rest).
+    let need = (located.fetch_bytes().div_ceil(1024).max(1)).min(cx.window_kib as u64) as u32;
+    let cancelled = || Error::cancelled(format!("restore of volume '{}'", cx.vol));
+    let window = tokio::select! {
+        p = cx.window.clone().acquire_many_owned(need) => p.map_err(|_| cancelled())?,
+        _ = cancel.cancelled() => return Err(cancelled()),
+    };
+    let fetched = fetch(&at, located, &cancel).await?;
+    // A decode slot (a segment buffer) only now: fetched data waiting for one holds no buffer.
+    let slot = tokio::select! {
+        p = cx.slots.clone().acquire_owned() => p.map_err(|_| cancelled())?,
+        _ = cancel.cancelled() => return Err(cancelled()),
+    };
+    let buf = cx.buffers.take(|b| b.capacity() >= seg_len as usize, || AlignedBuf::new(seg_len as usize));
+    let (mut buf, holes) = decode(&at, fetched, buf).await?;
+    drop(window);
     // Write: the whole segment at once when holes must be zeroed (the buffer holds their
     // zeros), else only the data runs.
     let hole_bytes: u64 = holes.iter().map(|h| h.1).sum();
@@ -414,8 +493,18 @@ async fn restore_segment(
             cx.buffers.put(buf);
         }
     }
+    drop(slot);
     cx.progress.add_written(written);
     Ok((written, hole_bytes))
+}
+
+/// Segments started ahead of the writer at most (each located, waiting for the window).
+const MAX_SEGMENTS_AHEAD: u64 = 512;
+
+/// Segments decoded and written at once (each holds a segment buffer): the cores, plus two
+/// whose writes are in flight.
+fn decode_slots() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) + 2
 }
 
 /// Segment maps are loaded this many segments at a time, one batch ahead of the restores.
@@ -496,6 +585,8 @@ pub async fn restore_volume(
         (false, true) => "pwrite+direct",
         (false, false) => "pwrite",
     };
+    let window_bytes = opts.window.unwrap_or_else(|| default_window(repo)).max(1 << 20);
+    let window_kib = (window_bytes >> 10).min(u32::MAX as u64) as u32;
     let cx = Arc::new(Ctx {
         writer,
         direct,
@@ -508,10 +599,15 @@ pub async fn restore_volume(
         vol: vol.name.clone(),
         progress: progress.clone(),
         buffers: Reuse::default(),
+        window: Arc::new(tokio::sync::Semaphore::new(window_kib as usize)),
+        window_kib,
+        slots: Arc::new(tokio::sync::Semaphore::new(decode_slots())),
     });
     let job = cancel.child_token();
     let seg_size = vol.segment_size as u64;
-    let in_flight = (opts.window.unwrap_or_else(|| default_window(repo)) / seg_size.max(1)).max(1) as usize;
+    // Segments started ahead: enough that the window fills with data that compresses 4:1;
+    // one waiting for the window holds only its located chunks.
+    let in_flight = (window_bytes.saturating_mul(4) / seg_size.max(1)).clamp(2, MAX_SEGMENTS_AHEAD) as usize;
     let mut set: JoinSet<Result<(u64, u64, u64)>> = JoinSet::new();
     let (mut written, mut holes) = (0u64, 0u64);
     let mut first_err = None;

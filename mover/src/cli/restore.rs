@@ -26,8 +26,9 @@ pub struct Args {
     /// How to treat holes (zero runs) on the target: auto, zero, skip.
     #[arg(long, default_value = "auto", value_parser = ["auto", "zero", "skip"])]
     holes: String,
-    /// MiB of the volume fetched, decoded and written at once (default: 64 against S3, 32
-    /// for a local directory). More covers a more distant store, at ~2 MiB of memory per MiB.
+    /// The fetch window: MiB of packs being fetched or waiting to be decoded (default: 64
+    /// against S3, 32 for a local directory). More covers a more distant store, at about a
+    /// MiB of memory per MiB.
     #[arg(long)]
     window_mib: Option<u64>,
     #[arg(long)]
@@ -52,8 +53,12 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
 }
 
 async fn restore(repo: &Repository, ra: &RepoArgs, req: RestoreRequest, env: &Env, a: &Args, cancel: &CancellationToken) -> anyhow::Result<()> {
-    let plan = mover::plan::restore::prepare(req, env, repo, cancel).await?;
-    let index = mover_engine::index::with_pending(repo, mover_engine::index::open_local(repo, &ra.cache_root()), cancel).await?;
+    // The snapshot resolved and the targets opened while the index syncs: against a
+    // distant store each costs round trips, and neither needs the other.
+    let (plan, index) = tokio::try_join!(
+        mover::plan::restore::prepare(req, env, repo, cancel),
+        mover_engine::index::with_pending(repo, mover_engine::index::open_local(repo, &ra.cache_root()), cancel)
+    )?;
     let progress = Arc::new(Progress::default());
     let bar = progress_bar(progress.clone(), !a.json, "restore");
     let mut out = Vec::new();
