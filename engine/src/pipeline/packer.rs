@@ -69,6 +69,14 @@ fn data_builder(buffers: &Reuse<Vec<u8>>, pack_size: usize) -> PackBuilder {
 }
 
 type UploadResult = Result<(PackId, Vec<IndexEntry>, u64)>;
+/// A checkpoint's entries and the index segment written for them (or why not: then the
+/// entries go back to `pending`, and an error's clean-up writes them).
+type CheckpointResult = (Vec<IndexEntry>, Result<mover_format::IndexId>);
+
+/// Index segments being written at once. A checkpoint's write runs beside the backup (one
+/// round trip each: awaited inline, they stalled the pipeline a round trip every
+/// `checkpoint_packs` packs against a distant store); a third waits for the first.
+const CHECKPOINTS_IN_FLIGHT: usize = 2;
 
 pub struct Packer {
     repo: Repository,
@@ -79,6 +87,8 @@ pub struct Packer {
     pack_size: usize,
     sem: Arc<Semaphore>,
     uploads: JoinSet<UploadResult>,
+    /// Index segment writes under way; their entries are ingested when they finish.
+    checkpoints: JoinSet<CheckpointResult>,
     buffers: Reuse<Vec<u8>>,
     pending: Vec<IndexEntry>,
     packs_pending: usize,
@@ -116,6 +126,7 @@ impl Packer {
             pack_size,
             sem: Arc::new(Semaphore::new(upload_concurrency.max(1))),
             uploads: JoinSet::new(),
+            checkpoints: JoinSet::new(),
             pending: Vec::new(),
             packs_pending: 0,
             checkpoint_packs: checkpoint_packs.max(1),
@@ -171,8 +182,12 @@ impl Packer {
         Ok(())
     }
 
-    /// Collects finished uploads; with `all`, waits for every one.
+    /// Collects finished uploads and index segment writes; with `all`, waits for every
+    /// upload.
     async fn reap(&mut self, all: bool) -> Result<()> {
+        while let Some(r) = self.checkpoints.try_join_next() {
+            self.ingest(r?)?;
+        }
         loop {
             let next = if all { self.uploads.join_next().await } else { self.uploads.try_join_next() };
             let Some(r) = next else { break };
@@ -188,21 +203,53 @@ impl Packer {
         Ok(())
     }
 
-    /// Writes an index segment for every uploaded (hence durable) pack not yet indexed.
+    /// Starts writing an index segment for every uploaded (hence durable) pack not yet
+    /// indexed; its entries go into the local index (and leave the claim set) when the
+    /// write is done ([`Self::ingest`]).
     async fn checkpoint(&mut self) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let write = async { Ok(self.repo.write_index(&self.pending, &self.cancel).await?) };
-        let id = match &self.lease {
-            Some(l) => l.commit("writing an index segment", write).await?,
-            None => write.await?,
-        };
-        self.index.ingest(Some(&id), &self.pending)?;
-        self.claims.release(&self.pending);
-        self.index_segments += 1;
-        self.pending.clear();
+        while self.checkpoints.len() >= CHECKPOINTS_IN_FLIGHT {
+            if let Some(r) = self.checkpoints.join_next().await {
+                self.ingest(r?)?;
+            }
+        }
+        let entries = std::mem::take(&mut self.pending);
         self.packs_pending = 0;
+        let (repo, cancel, lease) = (self.repo.clone(), self.cancel.clone(), self.lease.clone());
+        self.checkpoints.spawn(async move {
+            let write = async { Ok(repo.write_index(&entries, &cancel).await?) };
+            let id = match &lease {
+                Some(l) => l.commit("writing an index segment", write).await,
+                None => write.await,
+            };
+            (entries, id)
+        });
+        Ok(())
+    }
+
+    /// A written index segment's entries into the local index; a failed write's entries
+    /// back to `pending` (for [`Self::finish_after_error`]) and its error.
+    fn ingest(&mut self, (entries, id): CheckpointResult) -> Result<()> {
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                self.pending.extend(entries);
+                return Err(e);
+            }
+        };
+        self.index.ingest(Some(&id), &entries)?;
+        self.claims.release(&entries);
+        self.index_segments += 1;
+        Ok(())
+    }
+
+    /// Waits for every index segment write under way.
+    async fn drain_checkpoints(&mut self) -> Result<()> {
+        while let Some(r) = self.checkpoints.join_next().await {
+            self.ingest(r?)?;
+        }
         Ok(())
     }
 
@@ -212,12 +259,20 @@ impl Packer {
         self.seal(true).await?;
         self.seal(false).await?;
         self.reap(true).await?;
-        self.checkpoint().await
+        self.checkpoint().await?;
+        self.drain_checkpoints().await
     }
 
     /// After a failure: waits for uploads already under way and indexes those that
     /// succeeded (with a fresh token: the job's is cancelled), so a rerun skips them.
     pub async fn finish_after_error(&mut self) -> Result<()> {
+        // Index segments already being written are kept (their packs are durable); the
+        // entries of one that failed are written below with the others.
+        while let Some(r) = self.checkpoints.join_next().await {
+            if let Ok(done) = r {
+                let _ = self.ingest(done);
+            }
+        }
         while let Some(r) = self.uploads.join_next().await {
             if let Ok(Ok((_id, entries, size))) = r {
                 self.packs_uploaded += 1;
