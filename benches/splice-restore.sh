@@ -2,7 +2,7 @@
 # Restore time before and after scattered incrementals that spliced their changes in
 # (0.5 % of a 2 GiB volume as 4 KiB pages, then as 64 KiB blocks), for each binary given;
 # three runs each, page cache dropped. The splices are made by the first binary.
-#   benches/splice-restore.sh MOVER_BIN [MOVER_BIN...]
+#   benches/splice-restore.sh MOVER_BIN [MOVER_BIN...]   (RESTORE_ARGS="..." adds restore options)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
@@ -21,7 +21,7 @@ for grain, name in ((4096, "s4"), (65536, "s64")):
     offs = sorted({rnd.randrange(size // grain) * grain for _ in range(int(size * 0.005) // grain)})
     open(f"{img}.{name}", "w").write("".join(f"{o} {grain}\n" for o in offs))
 PY
-t() { drop; rm -f out.img; /usr/bin/time -f "%e" $M --repo repo restore latest out.img 2>&1 >/dev/null | tail -1; }
+t() { drop; rm -f out.img; /usr/bin/time -f "%e" $M --repo repo restore latest out.img ${RESTORE_ARGS:-} 2>&1 >/dev/null | tail -1; }
 for b in "$@"; do M=$b; echo "$b restore full: $(t) $(t) $(t)"; done
 for f in s4 s64; do
   python3 - $W/vm.img $W/vm.img.$f <<'PY'
