@@ -137,15 +137,7 @@ rm -f "$W/restored.img"
 # rewrites, then as 64 KiB blocks (KubeVirt's dirty-bitmap granularity). Then a restore of
 # the newest, checked byte-exact.
 for grain in 4096 65536; do
-  python3 - "$img" "$grain" "$W/scatter.txt" <<'PY'
-import os, random, sys
-img, grain, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-size = os.path.getsize(img); rnd = random.Random(grain)
-offs = sorted({rnd.randrange(size // grain) * grain for _ in range(int(size * 0.005) // grain)})
-with open(img, "r+b") as f, open(out, "w") as o:
-    for off in offs:
-        f.seek(off); f.write(os.urandom(grain)); o.write(f"{off} {grain}\n")
-PY
+  python3 benches/scatter-write.py "$img" "$grain" "$W/scatter.txt" "$grain"
   ch=$(awk '{s+=$2} END {print s+0}' "$W/scatter.txt")
   before=$(du -sb "$W/mover-repo" | cut -f1)
   run mover "incr_scatter_$((grain >> 10))k" "$M" --repo "$W/mover-repo" backup "$img" --parent latest --changed-extents "$W/scatter.txt" --json

@@ -46,15 +46,7 @@ for i in $(seq "$RUNS"); do
 done
 for grain in 65536 4096; do
   for i in $(seq "$RUNS"); do
-    python3 - "$IMG" "$grain" "$W/scatter.txt" "$i" <<'PY'
-import os, random, sys
-img, grain, out, seed = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-size = os.path.getsize(img); rnd = random.Random(grain * 1000 + seed)
-offs = sorted({rnd.randrange(size // grain) * grain for _ in range(int(size * 0.005) // grain)})
-with open(img, "r+b") as f, open(out, "w") as o:
-    for off in offs:
-        f.seek(off); f.write(os.urandom(grain)); o.write(f"{off} {grain}\n")
-PY
+    python3 benches/scatter-write.py "$IMG" "$grain" "$W/scatter.txt" $((grain * 1000 + i))
     ch=$(awk '{s+=$2} END {print s+0}' "$W/scatter.txt")
     before=$(du -sb "$W/repo" | cut -f1)
     s=$(timed "scatter_$((grain >> 10))k" "$M" --repo "$W/repo" backup "$IMG" --parent latest --changed-extents "$W/scatter.txt" --json)
