@@ -88,19 +88,32 @@ impl Env {
 /// Flips one byte in the middle of the largest pack of a local repository (a data pack);
 /// returns its path.
 pub fn flip_byte_in_largest_pack(repo: &Path) -> PathBuf {
+    flip_bytes_in_largest_of(&pack_files(repo), &[0.5])
+}
+
+/// The pack files of a local repository.
+pub fn pack_files(repo: &Path) -> Vec<PathBuf> {
     let mut packs = Vec::new();
     for d in std::fs::read_dir(repo.join("packs")).unwrap() {
         for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
-            let p = f.unwrap().path();
-            packs.push((std::fs::metadata(&p).unwrap().len(), p));
+            packs.push(f.unwrap().path());
         }
     }
-    packs.sort();
-    let (len, big) = packs.last().unwrap().clone();
+    packs
+}
+
+/// Flips one byte at each fraction `at` of the largest of `packs`; returns its path.
+pub fn flip_bytes_in_largest_of(packs: &[PathBuf], at: &[f64]) -> PathBuf {
+    let mut sized: Vec<(u64, PathBuf)> = packs.iter().map(|p| (std::fs::metadata(p).unwrap().len(), p.clone())).collect();
+    sized.sort();
+    let (len, big) = sized.last().unwrap().clone();
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&big).unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, len / 2).unwrap();
-    f.write_all_at(&[b[0] ^ 0x40], len / 2).unwrap();
+    for frac in at {
+        let off = (len as f64 * frac) as u64;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, off).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], off).unwrap();
+    }
     big
 }
 

@@ -2,7 +2,7 @@
 //! scheduled verify, drills, and the recovery-point report over gRPC and in /metrics.
 
 use super::daemon::{backup_req, client, http_get, rt, watch_end, Daemon};
-use super::{flip_byte_in_largest_pack, hash, make_volume, modify, rand_suffix, s3_env};
+use super::{flip_bytes_in_largest_of, hash, make_volume, modify, pack_files, rand_suffix, s3_env};
 use mover_protocol::v1 as pb;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,7 @@ fn the_daemon_copies_to_a_second_site_verifies_on_schedule_drills_and_reports_rp
         let ch = mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap();
         let mut rc = pb::repository_service_client::RepositoryServiceClient::new(ch);
         let mut snaps = Vec::new();
+        let mut first_packs = Vec::new();
         for i in 0..2 {
             if i > 0 {
                 modify(&src, 3, 7);
@@ -52,6 +53,9 @@ fn the_daemon_copies_to_a_second_site_verifies_on_schedule_drills_and_reports_rp
             let end = watch_end(&mut c, &t.id).await;
             assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
             snaps.push(end.snapshot_id);
+            if i == 0 {
+                first_packs = pack_files(&dir.path().join("repo"));
+            }
         }
 
         // Copy to the second site: the incremental as an incremental.
@@ -122,7 +126,10 @@ fn the_daemon_copies_to_a_second_site_verifies_on_schedule_drills_and_reports_rp
         assert!(metric(&d, "mover_verify_runs_total{repository=\"dr\",result=\"ok\"}").unwrap() >= 2.0, "scheduled again and again");
 
         // A flipped bit at the primary: the verify fails naming the pack and both snapshots.
-        let pack = flip_byte_in_largest_pack(&dir.path().join("repo"));
+        // The pack is the full backup's largest (every chunk in it is the full's), flipped at
+        // three places so that one hits a chunk the incremental kept (it changed 3 × 64 KiB
+        // of 24 MiB); the incremental's own packs can be larger and only it needs them.
+        let pack = flip_bytes_in_largest_of(&first_packs, &[0.25, 0.5, 0.75]);
         let pack_id = pack.file_name().unwrap().to_str().unwrap().to_string();
         let t = c.start_verify(pb::StartVerifyRequest { repository: "main".into(), read_data_percent: 100, ..Default::default() }).await.unwrap().into_inner();
         let bad = watch_end(&mut c, &t.id).await;
