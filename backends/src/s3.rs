@@ -60,6 +60,30 @@ pub struct S3Storage {
 }
 
 impl S3Storage {
+    /// A response body read into one buffer of `expected` bytes as it arrives (collecting
+    /// the chunks and joining them would hold it twice); more than `max_len` bytes is
+    /// `too_long(bytes so far)`.
+    async fn read_body(
+        &self,
+        mut body: ByteStream,
+        name: &str,
+        expected: u64,
+        max_len: u64,
+        too_long: impl Fn(u64) -> StorageError,
+    ) -> Result<Bytes, StorageError> {
+        let mut out = bytes::BytesMut::with_capacity(expected.min(max_len) as usize);
+        while let Some(chunk) =
+            body.try_next().await.map_err(|e| StorageError::new(ErrorKind::Transient, "reading", name, &self.location, format!("body: {e}")))?
+        {
+            let got = out.len() as u64 + chunk.len() as u64;
+            if got > max_len {
+                return Err(too_long(got));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out.freeze())
+    }
+
     pub async fn new(opts: S3Options) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(r) = &opts.region {
@@ -214,17 +238,7 @@ impl Storage for S3Storage {
                 return Err(too_large("reading", name, &self.location, declared, max_len));
             }
             // Read the body with the bound, whatever the header said.
-            let mut body = r.body;
-            let mut out = bytes::BytesMut::with_capacity(declared as usize);
-            while let Some(chunk) =
-                body.try_next().await.map_err(|e| StorageError::new(ErrorKind::Transient, "reading", name, &self.location, format!("body: {e}")))?
-            {
-                if out.len() as u64 + chunk.len() as u64 > max_len {
-                    return Err(too_large("reading", name, &self.location, out.len() as u64 + chunk.len() as u64, max_len));
-                }
-                out.extend_from_slice(&chunk);
-            }
-            Ok(out.freeze())
+            self.read_body(r.body, name, declared, max_len, |got| too_large("reading", name, &self.location, got, max_len)).await
         })
     }
 
@@ -258,24 +272,17 @@ impl Storage for S3Storage {
                 }
                 Err(e) => return Err(self.classify("reading", name, e)),
             };
-            // Into one buffer of the range's size as the body arrives: collecting the
-            // chunks first and joining them would hold every range twice.
-            let mut body = r.body;
-            let mut out = bytes::BytesMut::with_capacity(len as usize);
-            while let Some(chunk) =
-                body.try_next().await.map_err(|e| StorageError::new(ErrorKind::Transient, "reading", name, &self.location, format!("body: {e}")))?
-            {
-                if out.len() as u64 + chunk.len() as u64 > len {
-                    return Err(StorageError::new(
+            let out = self
+                .read_body(r.body, name, len, len, |_| {
+                    StorageError::new(
                         ErrorKind::Permanent,
                         "reading",
                         name,
                         &self.location,
                         format!("range {offset}+{len}: the store sent more than {len} bytes"),
-                    ));
-                }
-                out.extend_from_slice(&chunk);
-            }
+                    )
+                })
+                .await?;
             if out.len() as u64 != len {
                 return Err(StorageError::new(
                     ErrorKind::Permanent,
@@ -285,7 +292,7 @@ impl Storage for S3Storage {
                     format!("range {offset}+{len} is past the end of the object (got {} bytes)", out.len()),
                 ));
             }
-            Ok(out.freeze())
+            Ok(out)
         })
     }
 

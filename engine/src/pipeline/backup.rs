@@ -338,6 +338,7 @@ async fn run(
 /// The changed ranges of segment `[start, end)` as in-segment `[a, b)` ranges, merged; for
 /// a descriptor read with `O_DIRECT`, widened to 4096-byte boundaries (the volume's end
 /// excepted).
+///
 /// `ext` is sorted and disjoint ([`normalized`]): only the extents from the first that
 /// ends after `start` are looked at, so planning stays linear in segments plus extents.
 fn segment_ranges(ext: &[(u64, u64)], start: u64, end: u64, align: bool) -> Vec<(usize, usize)> {
@@ -408,8 +409,7 @@ fn plan_reads(
     // search. Asked for only when a segment is read whole: finding them walks the file's
     // extents (150 ms on a fragmented 16 GiB image, more than a scattered incremental's
     // whole read), which an incremental that splices every changed segment never needs.
-    let mut allocated = Some(allocated);
-    let mut alloc: Option<Option<Vec<(u64, u64)>>> = None;
+    let allocated = std::cell::LazyCell::new(|| allocated().map(|al| normalized(&al.iter().map(|&(a, b)| (a, b.saturating_sub(a))).collect::<Vec<_>>())));
     let mut jobs = Vec::new();
     let mut spliced = Vec::new();
     for seg in 0..refs.len() as u64 {
@@ -437,11 +437,7 @@ fn plan_reads(
                 }
             }
         }
-        let al = alloc.get_or_insert_with(|| {
-            let al = allocated.take().and_then(|f| f());
-            al.map(|al| normalized(&al.iter().map(|&(a, b)| (a, b.saturating_sub(a))).collect::<Vec<_>>()))
-        });
-        if let Some(al) = al {
+        if let Some(al) = &*allocated {
             let i = al.partition_point(|&(o, l)| o + l <= start);
             if !al.get(i).is_some_and(|&(o, _)| o < end) {
                 refs[seg as usize] = Some(SegmentRef::Hole);

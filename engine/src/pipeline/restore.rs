@@ -181,10 +181,15 @@ pub async fn fetch_segment(
     buf: AlignedBuf,
     cancel: &CancellationToken,
 ) -> Result<(AlignedBuf, Vec<(u64, u64)>)> {
+    let map = load_map(at, map, cancel).await?;
+    fetch_segment_with_map(at, &map, buf, cancel).await
+}
+
+/// A segment's map, read and decoded; errors name the segment.
+async fn load_map(at: &SegmentAt<'_>, map: &mover_format::ChunkId, cancel: &CancellationToken) -> Result<SegmentMap> {
     let what = format!("segment map at offset {} of volume '{}' in snapshot {}", at.offset, at.vol, at.snap);
     let mb = load_blob(at.repo, at.index, map, &what, cancel).await?;
-    let map = SegmentMap::decode(&mb).with_context(|| format!("{what}: blob {map}"))?;
-    fetch_segment_with_map(at, &map, buf, cancel).await
+    SegmentMap::decode(&mb).with_context(|| format!("{what}: blob {map}"))
 }
 
 /// Blobs `0..n` (sorted by pack and offset; `loc(k)` is blob k's location) in runs that
@@ -357,20 +362,14 @@ pub async fn decode(at: &SegmentAt<'_>, fetched: Fetched, mut buf: AlignedBuf) -
         }
         let mut scratch = Vec::new();
         for (i, j, start, bytes) in runs {
-            let run = &wants[uniq[i].0..uniq[j - 1].1];
-            let mut k = 0;
-            while k < run.len() {
-                let w = &run[k];
-                let (off, id, loc) = (w.off_in_seg, w.id, w.loc);
-                // The uses of this chunk: the entries after it at the same place.
-                let mut e = k + 1;
-                while e < run.len() && run[e].loc.pack == loc.pack && run[e].loc.offset == loc.offset {
-                    e += 1;
-                }
+            // Each distinct chunk of the run once, with every use the map makes of it.
+            for &(a, b) in &uniq[i..j] {
+                let uses = &wants[a..b];
+                let (off, id, loc) = (uses[0].off_in_seg, uses[0].id, uses[0].loc);
                 let s = (loc.offset as u64 - start) as usize;
                 let sealed = &bytes[s..s + loc.stored_len as usize];
                 let at = || format!("reading volume '{vol}' of snapshot {snap} at offset {}", seg_offset + off);
-                if e == k + 1 && w.slice.is_none() {
+                if uses.len() == 1 && uses[0].slice.is_none() {
                     // A whole chunk used once: straight into the segment buffer.
                     repo.decode_blob_into(&id, &loc, sealed, &mut dst[off as usize..off as usize + loc.raw_len as usize]).with_context(at)?;
                 } else {
@@ -378,12 +377,11 @@ pub async fn decode(at: &SegmentAt<'_>, fetched: Fetched, mut buf: AlignedBuf) -
                     // bytes copied to each place.
                     scratch.resize(loc.raw_len as usize, 0);
                     repo.decode_blob_into(&id, &loc, sealed, &mut scratch).with_context(at)?;
-                    for u in &run[k..e] {
+                    for u in uses {
                         let (so, sl) = u.slice.unwrap_or((0, loc.raw_len));
                         dst[u.off_in_seg as usize..(u.off_in_seg + sl as u64) as usize].copy_from_slice(&scratch[so as usize..(so + sl) as usize]);
                     }
                 }
-                k = e;
             }
         }
         Ok((buf, holes))
@@ -426,11 +424,7 @@ async fn restore_segment(
     let at = SegmentAt { repo: &cx.repo, index: &*cx.index, snap: &cx.snap, vol: &cx.vol, offset: seg_offset, len: seg_len };
     let map = match loaded {
         Some(m) => m,
-        None => {
-            let what = format!("segment map at offset {seg_offset} of volume '{}' in snapshot {}", cx.vol, cx.snap);
-            let mb = load_blob(&cx.repo, &*cx.index, &map, &what, &cancel).await?;
-            Arc::new(SegmentMap::decode(&mb).with_context(|| format!("{what}: blob {map}"))?)
-        }
+        None => Arc::new(load_map(&at, &map, &cancel).await?),
     };
     let located = locate(&at, &map)?;
     // The fetch window: the segment's reads start once their bytes fit in it (all at once,
