@@ -140,21 +140,30 @@ pub async fn sync(repo: &Repository, index: &dyn ChunkIndex, cancel: &Cancellati
     Err(last.unwrap_or(RepoError::Cancelled))
 }
 
-/// Index segments read at once by a sync: a round trip each; a backup's are ~100 KiB, a
-/// gc's up to a few MiB, so memory stays bounded.
-const SYNC_READS_IN_FLIGHT: usize = 16;
+/// Index segments read at once by a sync: a round trip each, so a fresh node facing a
+/// distant store wants many. A backup's are ~100 KiB, a gc's up to a few MiB: the reads in
+/// flight are also bounded in bytes.
+const SYNC_READS_IN_FLIGHT: usize = 64;
+const SYNC_BYTES_IN_FLIGHT_KIB: u32 = 32 << 10;
 
 async fn sync_once(repo: &Repository, index: &dyn ChunkIndex, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
     let have = index.ingested_segments()?;
-    let all = repo.list_index(cancel).await?;
-    let listed: HashSet<IndexId> = all.iter().copied().collect();
+    let all = repo.list_index_sized(cancel).await?;
+    let listed: HashSet<IndexId> = all.iter().map(|(id, _)| *id).collect();
     let mut rep = SyncReport { segments_total: all.len(), ..Default::default() };
     // Several segments read at once: against a distant store a sync costs round trips, not
     // bandwidth. Ingested as they arrive (segments are independent).
     use futures::StreamExt;
-    let todo: Vec<IndexId> = all.iter().filter(|id| !have.contains(id)).copied().collect();
-    let mut reads =
-        futures::stream::iter(todo).map(|id| async move { repo.read_index(&id, cancel).await.map(|e| (id, e)) }).buffer_unordered(SYNC_READS_IN_FLIGHT);
+    let todo: Vec<(IndexId, u64)> = all.into_iter().filter(|(id, _)| !have.contains(id)).collect();
+    let budget = tokio::sync::Semaphore::new(SYNC_BYTES_IN_FLIGHT_KIB as usize);
+    let budget = &budget;
+    let mut reads = futures::stream::iter(todo)
+        .map(|(id, size)| async move {
+            let kib = (size >> 10).clamp(1, SYNC_BYTES_IN_FLIGHT_KIB as u64) as u32;
+            let _held = budget.acquire_many(kib).await.map_err(|_| RepoError::Cancelled)?;
+            repo.read_index(&id, cancel).await.map(|e| (id, e))
+        })
+        .buffer_unordered(SYNC_READS_IN_FLIGHT);
     while let Some(done) = reads.next().await {
         let (id, entries) = done?;
         index.ingest(Some(&id), &entries)?;

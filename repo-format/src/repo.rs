@@ -98,7 +98,14 @@ impl Repository {
     pub async fn open(storage: Arc<dyn Storage>, password: &[u8], cancel: &CancellationToken) -> Result<Self, RepoError> {
         let policy = RetryPolicy::default();
         let loc = storage.location().to_string();
-        let cbytes = match retry(&policy, cancel, || storage.get(names::CONFIG, names::max_len(names::CONFIG), cancel)).await {
+        // The config read and the key files listed at once: against a distant store each
+        // is a round trip, and neither needs the other. The config's answer is judged first,
+        // so an uninitialised repository is reported as such.
+        let (config, keys) = tokio::join!(
+            retry(&policy, cancel, || storage.get(names::CONFIG, names::max_len(names::CONFIG), cancel)),
+            retry(&policy, cancel, || list_all(&*storage, names::KEYS_PREFIX, cancel))
+        );
+        let cbytes = match config {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Err(RepoError::NotInitialised { location: loc }),
             Err(e) => return Err(e.into()),
@@ -110,7 +117,7 @@ impl Repository {
             }
             Err(e) => return Err(fmt_err(&loc, names::CONFIG, e)),
         };
-        let key_objects = retry(&policy, cancel, || list_all(&*storage, names::KEYS_PREFIX, cancel)).await?;
+        let key_objects = keys?;
         let mut opened = None;
         // A key file that cannot be used (damaged, or asking for absurd key-derivation
         // costs) is skipped; it is reported when no other key opens the repository.
@@ -281,8 +288,13 @@ impl Repository {
     }
 
     pub async fn list_index(&self, cancel: &CancellationToken) -> Result<Vec<IndexId>, RepoError> {
+        Ok(self.list_index_sized(cancel).await?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// The index segments with their stored sizes.
+    pub async fn list_index_sized(&self, cancel: &CancellationToken) -> Result<Vec<(IndexId, u64)>, RepoError> {
         let objs = self.list_objects(names::INDEX_PREFIX, cancel).await?;
-        Ok(objs.into_iter().filter_map(|o| names::parse_id(&o.name)).collect())
+        Ok(objs.into_iter().filter_map(|o| names::parse_id(&o.name).map(|id| (id, o.size))).collect())
     }
 
     pub async fn read_index(&self, id: &IndexId, cancel: &CancellationToken) -> Result<Vec<IndexEntry>, RepoError> {
