@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Transfers against a distant object store: the test S3 server (SeaweedFS on 127.0.0.1)
-# behind benches/latency-proxy.py adding DELAY ms each way (no netem on this kernel), for
-# Mover and restic on the same volume (benches/run.sh's ext4 image), page cache dropped
-# before each step. Mover's restore is fsynced; restic's is not.
+# behind the latency-proxy bench binary (benches/src/bin/latency-proxy.rs) adding DELAY ms
+# each way (no netem on this kernel), for Mover and restic on the same volume
+# (benches/run.sh's ext4 image), page cache dropped before each step. Both restores are
+# timed until the data is on disk: Mover's fsyncs the target, restic's is followed by an
+# fsync of the restored file.
 #   benches/latency.sh [--delays "0 10 50"] [--size-gib N] [--runs N] [--no-peers]
 # MOVER_BIN=path runs that binary instead of building this tree's.
 # Prints seconds per tool, operation and delay (median of --runs), and Mover's ratio to its
@@ -22,6 +24,8 @@ done
 scripts/deps.sh bench
 . benches/lib.sh
 M=$(mover_bin)
+cargo build --release -p mover-benches --bin latency-proxy >&2
+PROXY=$CARGO_TARGET_DIR/release/latency-proxy
 W=${MOVER_BENCH_DIR:-/var/tmp/mover-latency}
 rm -rf "$W"; mkdir -p "$W"
 eval "$(scripts/s3-server.sh start | tail -n 1)"
@@ -45,7 +49,7 @@ want=$(b3sum --no-names "$W/vol.img")
 port=18390
 for d in $DELAYS; do
   port=$((port + 1))
-  python3 benches/latency-proxy.py "$port" "127.0.0.1:18333" "$d" > "$W/proxy.log" 2>&1 &
+  "$PROXY" "$port" "127.0.0.1:18333" "$d" > "$W/proxy.log" 2>&1 &
   proxy_pid=$!
   sleep 0.5
   ep="http://127.0.0.1:$port"
@@ -64,7 +68,8 @@ for d in $DELAYS; do
       rm -rf "$RESTIC_CACHE_DIR"
       run restic backup "$d" restic -r "$r" backup -q "$W/vol.img"
       rm -rf "$RESTIC_CACHE_DIR" "$W/restic-out"
-      run restic restore "$d" restic -r "$r" restore latest --target "$W/restic-out"
+      run restic restore "$d" sh -c 'restic -r "$1" restore latest --target "$2" && find "$2" -type f -exec sync {} +' - "$r" "$W/restic-out"
+      [ "$(b3sum --no-names "$W/restic-out$W/vol.img")" = "$want" ] || { echo "restic restore at $d ms differs" >&2; exit 1; }
     fi
   done
   kill $proxy_pid; wait $proxy_pid 2>/dev/null || true; proxy_pid=
