@@ -60,6 +60,7 @@ impl RepoArgs {
         let (checked, repo) = tokio::join!(mover_backends::verify(&*storage, &url, &s3, cancel), Repository::open(storage.clone(), &pw, cancel));
         checked?;
         let repo = repo?;
+        repo.cache_manifests_in(mover_engine::index::manifest_cache_dir(&self.cache_root(), &repo));
         tracing::debug!(repository = %url, "repository opened");
         Ok(repo)
     }

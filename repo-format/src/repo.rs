@@ -39,6 +39,9 @@ struct Inner {
     keys: Keys,
     key_id: KeyId,
     retry: RetryPolicy,
+    /// Where snapshot manifests read from the store are kept, sealed as stored (see
+    /// [`Repository::cache_manifests_in`]).
+    manifest_cache: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 /// An open repository; cheap to clone.
@@ -91,7 +94,7 @@ impl Repository {
                 return Err(RepoError::AlreadyInitialised { location: loc });
             }
         }
-        Ok(Self { inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy }) })
+        Ok(Self { inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy, manifest_cache: Default::default() }) })
     }
 
     /// Opens an existing repository with a password.
@@ -157,7 +160,7 @@ impl Repository {
         if keys.config_mac(&cbytes[..mac_at]) != mac {
             return Err(RepoError::ConfigMismatch { location: loc });
         }
-        Ok(Self { inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy }) })
+        Ok(Self { inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy, manifest_cache: Default::default() }) })
     }
 
     pub fn location(&self) -> &str {
@@ -404,7 +407,58 @@ impl Repository {
         Ok(objs.into_iter().filter_map(|o| names::parse_id(&o.name)).collect())
     }
 
+    /// Keeps the snapshot manifests [`Repository::snapshots`] reads in `dir` (set once;
+    /// later calls change nothing). A manifest is named by the hash of its sealed bytes and
+    /// never changes, so a kept copy of a snapshot the store lists is as good as the store's:
+    /// it is checked against its name and opened with the repository's keys like a read from
+    /// the store, and one that fails either is read from the store again. Resolving `latest`
+    /// reads every manifest; on a node that did it before, only the new ones cost a request.
+    /// Only listings use kept copies (a snapshot named by id is read from the store, so one
+    /// forgotten elsewhere is not found), and a listing removes the copies of snapshots the
+    /// store no longer lists. Best effort: a directory that cannot be written only costs the
+    /// requests.
+    pub fn cache_manifests_in(&self, dir: std::path::PathBuf) {
+        let _ = self.inner.manifest_cache.set(dir);
+    }
+
+    /// The manifest of a snapshot the store has just listed: the kept copy when there is a
+    /// good one, else the store's (then kept).
+    async fn read_listed_snapshot(&self, id: &SnapshotId, cancel: &CancellationToken) -> Result<Manifest, RepoError> {
+        let Some(dir) = self.inner.manifest_cache.get() else {
+            return self.read_snapshot(id, cancel).await;
+        };
+        let path = dir.join(id.to_hex());
+        let fits = tokio::fs::metadata(&path).await.is_ok_and(|m| m.len() <= names::max_len(&names::snapshot(id)));
+        if let (true, Ok(bytes)) = (fits, tokio::fs::read(&path).await) {
+            if SnapshotId(content_id(&bytes)) == *id {
+                if let Ok(m) = Manifest::open(self.keys(), &bytes) {
+                    return Ok(m);
+                }
+            }
+            tracing::debug!("kept copy of snapshot {id} at {} is damaged; reading the store's", path.display());
+        }
+        let (m, bytes) = self.read_snapshot_sealed(id, cancel).await?;
+        // Written under a temporary name, then renamed: a reader never sees half a file.
+        let tmp = dir.join(format!(".{}.{}", id.to_hex(), rand::random::<u64>()));
+        let kept = async {
+            tokio::fs::create_dir_all(dir).await?;
+            tokio::fs::write(&tmp, &bytes).await?;
+            tokio::fs::rename(&tmp, &path).await
+        }
+        .await;
+        if let Err(e) = kept {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            tracing::debug!("keeping snapshot {id} in {}: {e}", dir.display());
+        }
+        Ok(m)
+    }
+
+    /// A snapshot's manifest, read from the store.
     pub async fn read_snapshot(&self, id: &SnapshotId, cancel: &CancellationToken) -> Result<Manifest, RepoError> {
+        Ok(self.read_snapshot_sealed(id, cancel).await?.0)
+    }
+
+    async fn read_snapshot_sealed(&self, id: &SnapshotId, cancel: &CancellationToken) -> Result<(Manifest, Bytes), RepoError> {
         let name = names::snapshot(id);
         let bytes = match self.get_object(&name, cancel).await {
             Ok(b) => b,
@@ -416,7 +470,8 @@ impl Repository {
         if SnapshotId(content_id(&bytes)) != *id {
             return Err(self.err(&name, FormatError::Corrupt("content does not hash to its name".into())));
         }
-        Manifest::open(self.keys(), &bytes).map_err(|e| self.err(&name, e))
+        let m = Manifest::open(self.keys(), &bytes).map_err(|e| self.err(&name, e))?;
+        Ok((m, bytes))
     }
 
     /// Every snapshot, oldest first.
@@ -425,7 +480,8 @@ impl Repository {
         // trips, one per snapshot when read one after another.
         use futures::StreamExt;
         let ids = self.list_snapshot_ids(cancel).await?;
-        let mut reads = futures::stream::iter(ids).map(|id| async move { (id, self.read_snapshot(&id, cancel).await) }).buffer_unordered(16);
+        self.prune_kept_manifests(&ids).await;
+        let mut reads = futures::stream::iter(ids).map(|id| async move { (id, self.read_listed_snapshot(&id, cancel).await) }).buffer_unordered(64);
         let mut out = Vec::new();
         while let Some((id, r)) = reads.next().await {
             match r {
@@ -437,6 +493,27 @@ impl Repository {
         }
         out.sort_by_key(|(id, m)| (m.time_unix_ms, *id));
         Ok(out)
+    }
+
+    /// Removes kept manifests of snapshots the store no longer lists (forgotten), so the
+    /// directory holds no more than the store. Best effort.
+    async fn prune_kept_manifests(&self, listed: &[SnapshotId]) {
+        let Some(dir) = self.inner.manifest_cache.get() else {
+            return;
+        };
+        let Ok(mut rd) = tokio::fs::read_dir(dir).await else {
+            return;
+        };
+        let listed: std::collections::HashSet<&SnapshotId> = listed.iter().collect();
+        while let Ok(Some(e)) = rd.next_entry().await {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Ok(id) = name.parse::<SnapshotId>() {
+                if !listed.contains(&id) {
+                    let _ = tokio::fs::remove_file(e.path()).await;
+                }
+            }
+        }
     }
 
     /// A snapshot named by its full id or a unique prefix of at least 4 hex digits.

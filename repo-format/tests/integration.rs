@@ -263,6 +263,64 @@ mod corruption {
     }
 
     #[tokio::test]
+    async fn kept_manifests_spare_reads_but_never_hide_the_store() {
+        let c = CancellationToken::new();
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::init(local(&d), b"pw", opts(), &c).await.unwrap();
+        let (mut ma, mut mb) = (manifest(vec![]), manifest(vec![]));
+        ma.time_unix_ms = 1_000;
+        mb.time_unix_ms = 2_000;
+        let (a, b) = (repo.write_snapshot(&ma, &c).await.unwrap(), repo.write_snapshot(&mb, &c).await.unwrap());
+        let kept = d.path().join("cache/snapshots-v1");
+        let repo = Repository::open(local(&d), b"pw", &c).await.unwrap();
+        repo.cache_manifests_in(kept.clone());
+        let stored = |id: &mover_format::SnapshotId| std::fs::read(d.path().join("repo").join(names::snapshot(id))).unwrap();
+        let listed = |v: Vec<(mover_format::SnapshotId, Manifest)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+
+        // A listing keeps each manifest exactly as stored.
+        assert_eq!(listed(repo.snapshots(&c).await.unwrap()), vec![a, b]);
+        assert_eq!(std::fs::read(kept.join(a.to_hex())).unwrap(), stored(&a));
+        assert_eq!(std::fs::read(kept.join(b.to_hex())).unwrap(), stored(&b));
+
+        // The kept copy spares the read: the store's copy of `a` damaged, the listing still
+        // has `a` as it was. A read by id (what `check` does) reads the store's copy and
+        // sees the damage.
+        let pa = d.path().join("repo").join(names::snapshot(&a));
+        let good_a = stored(&a);
+        let mut bad = good_a.clone();
+        bad[20] ^= 0x01;
+        std::fs::write(&pa, &bad).unwrap();
+        assert_eq!(repo.snapshots(&c).await.unwrap()[0], (a, ma.clone()));
+        let e = repo.read_snapshot(&a, &c).await.unwrap_err().to_string();
+        assert!(e.contains(&format!("snapshots/{a}")) && e.contains("does not hash to its name"), "{e}");
+        std::fs::write(&pa, &good_a).unwrap();
+
+        // A damaged kept copy is never used: read from the store and kept again.
+        let kb = kept.join(b.to_hex());
+        let mut bad = std::fs::read(&kb).unwrap();
+        bad[20] ^= 0x01;
+        std::fs::write(&kb, &bad).unwrap();
+        assert_eq!(repo.snapshots(&c).await.unwrap()[1], (b, mb.clone()));
+        assert_eq!(std::fs::read(&kb).unwrap(), stored(&b));
+        // So is one that is not this snapshot at all (another's bytes under its name).
+        std::fs::write(&kb, &good_a).unwrap();
+        assert_eq!(repo.snapshots(&c).await.unwrap()[1], (b, mb.clone()));
+        assert_eq!(std::fs::read(&kb).unwrap(), stored(&b));
+
+        // A snapshot gone from the store is gone from the listing and from the kept copies.
+        std::fs::remove_file(&pa).unwrap();
+        assert_eq!(listed(repo.snapshots(&c).await.unwrap()), vec![b]);
+        assert!(!kept.join(a.to_hex()).exists());
+        assert!(matches!(repo.read_snapshot(&a, &c).await, Err(RepoError::NotFound { .. })));
+
+        // A directory that cannot be written costs only the requests.
+        let blocked = Repository::open(local(&d), b"pw", &c).await.unwrap();
+        std::fs::write(d.path().join("cache/file"), b"x").unwrap();
+        blocked.cache_manifests_in(d.path().join("cache/file/snapshots-v1"));
+        assert_eq!(listed(blocked.snapshots(&c).await.unwrap()), vec![b]);
+    }
+
+    #[tokio::test]
     async fn wrong_key_cannot_read_another_repository() {
         let (d, _repo, ids, idx) = setup().await;
         let c = CancellationToken::new();

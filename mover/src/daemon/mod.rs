@@ -160,6 +160,7 @@ impl Daemon {
             }
             Err(err) => return Err(err.into()),
         };
+        repo.cache_manifests_in(mover_engine::index::manifest_cache_dir(&self.cfg.cache_dir, &repo));
         let index = mover_engine::index::open_local(&repo, &self.cfg.cache_dir);
         Ok(RepoHandle { repo, index })
     }
