@@ -5,11 +5,16 @@
 //!
 //! Memory is bounded by configuration: at most `cache_segments` decoded segments (4 MiB
 //! each by default) plus `read_ahead + 2` segment fetches in flight, whatever the volume's
-//! size and however many requests a client sends at once.
+//! size and however many requests a client sends at once, plus the segment maps of at most
+//! [`MAP_BATCHES_KEPT`] batches of 256 segments (a few KiB per segment).
+//!
+//! Segment maps are loaded a batch of 256 segments at a time (adjacent map blobs in one
+//! ranged read, as a restore does): against a distant store a segment's fetch then costs
+//! one round trip, not two.
 
 use crate::aligned::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::pipeline::restore::{fetch_segment, SegmentAt};
+use crate::pipeline::restore::{fetch_segment, fetch_segment_with_map, load_maps, SegmentAt, MAP_BATCH};
 use crate::snapshots::{load_blob, load_refs};
 use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::VolumeEntry;
@@ -35,6 +40,13 @@ impl Default for ImageOptions {
 }
 
 type Slot = Arc<OnceCell<Arc<AlignedBuf>>>;
+
+/// A batch's segment maps, by map id (a map that failed to load is missing: its segment
+/// loads its own and reports what is wrong).
+type MapBatch = Arc<OnceCell<Arc<HashMap<mover_format::ChunkId, Arc<SegmentMap>>>>>;
+
+/// Batches of segment maps kept (the most recently used).
+pub const MAP_BATCHES_KEPT: usize = 8;
 
 /// Sequential readers told apart.
 const MAX_STREAMS: usize = 8;
@@ -83,6 +95,8 @@ pub struct VolumeImage {
     streams: Mutex<VecDeque<u64>>,
     /// Segment fetches in flight (each holds a segment buffer and its packs' bytes).
     fetches: tokio::sync::Semaphore,
+    /// Loaded (or loading) batches of segment maps, most recently used last.
+    maps: Mutex<VecDeque<(usize, MapBatch)>>,
     cancel: CancellationToken,
     bytes_read: std::sync::atomic::AtomicU64,
 }
@@ -108,6 +122,7 @@ impl VolumeImage {
             opts,
             streams: Mutex::new(VecDeque::new()),
             fetches: tokio::sync::Semaphore::new(opts.read_ahead.max(1) + 2),
+            maps: Mutex::new(VecDeque::new()),
             cancel: cancel.child_token(),
             bytes_read: Default::default(),
         }))
@@ -171,11 +186,53 @@ impl VolumeImage {
             .get_or_try_init(|| async move {
                 let _permit = me.fetches.acquire().await.map_err(|_| Error::cancelled("reading a segment"))?;
                 let at = SegmentAt { repo: &me.repo, index: &*me.index, snap: &me.snap, vol: &me.vol.name, offset: seg * me.seg_size(), len: me.seg_len(seg) };
-                let (buf, _holes) = fetch_segment(&at, &map, AlignedBuf::new(at.len as usize), &me.cancel).await?;
+                let buf = AlignedBuf::new(at.len as usize);
+                let (buf, _holes) = match me.map_of(seg, &map).await {
+                    Some(m) => fetch_segment_with_map(&at, &m, buf, &me.cancel).await?,
+                    None => fetch_segment(&at, &map, buf, &me.cancel).await?,
+                };
                 Ok::<_, Error>(Arc::new(buf))
             })
             .await?;
         Ok(Some(buf.clone()))
+    }
+
+    /// Segment `seg`'s map from its batch, the batch loaded when it is not kept; `None` when
+    /// the batch could not load it (the segment then loads its own map).
+    async fn map_of(&self, seg: u64, map: &mover_format::ChunkId) -> Option<Arc<SegmentMap>> {
+        let b = seg as usize / MAP_BATCH;
+        let cell = {
+            let mut kept = self.maps.lock().ok()?;
+            let cell = match kept.iter().position(|(n, _)| *n == b) {
+                Some(i) => kept.remove(i).map(|(_, c)| c)?,
+                None => MapBatch::default(),
+            };
+            kept.push_back((b, cell.clone()));
+            while kept.len() > MAP_BATCHES_KEPT {
+                kept.pop_front();
+            }
+            cell
+        };
+        let batch = cell
+            .get_or_init(|| async {
+                let ids = self.refs[b * MAP_BATCH..((b + 1) * MAP_BATCH).min(self.refs.len())]
+                    .iter()
+                    .filter_map(|r| match r {
+                        SegmentRef::Map { map, .. } => Some(*map),
+                        SegmentRef::Hole => None,
+                    })
+                    .collect();
+                match load_maps(self.repo.clone(), self.index.clone(), ids, self.cancel.clone()).await {
+                    Ok(m) => Arc::new(m),
+                    Err(e) => {
+                        // Kept empty, so the batch is not tried again for each of its segments.
+                        tracing::debug!("loading segment maps of volume '{}' from segment {}: {e:#}; segments load their own", self.vol.name, b * MAP_BATCH);
+                        Arc::default()
+                    }
+                }
+            })
+            .await;
+        batch.get(map).cloned()
     }
 
     /// Starts fetching the segments after `seg` when the reader is sequential.
@@ -259,8 +316,15 @@ impl VolumeImage {
             match self.refs[seg as usize] {
                 SegmentRef::Hole => push(seg_end - pos, true),
                 SegmentRef::Map { map, .. } => {
-                    let what = format!("segment map at offset {base} of volume '{}' in snapshot {}", self.vol.name, self.snap);
-                    let m = SegmentMap::decode(&load_blob(&self.repo, &*self.index, &map, &what, &self.cancel).await?)?;
+                    // From its batch (one ranged read per run of map blobs); alone when the
+                    // batch could not load it, so the error names this map.
+                    let m = match self.map_of(seg, &map).await {
+                        Some(m) => m,
+                        None => {
+                            let what = format!("segment map at offset {base} of volume '{}' in snapshot {}", self.vol.name, self.snap);
+                            Arc::new(SegmentMap::decode(&load_blob(&self.repo, &*self.index, &map, &what, &self.cancel).await?)?)
+                        }
+                    };
                     let mut at = base;
                     for e in &m.entries {
                         let (a, b) = (at.max(pos), (at + e.len() as u64).min(seg_end));

@@ -502,14 +502,14 @@ fn decode_slots() -> usize {
 }
 
 /// Segment maps are loaded this many segments at a time, one batch ahead of the restores.
-const MAP_BATCH: usize = 256;
+pub(crate) const MAP_BATCH: usize = 256;
 /// Ranged reads of map blobs in flight while a batch loads.
 const MAP_READS_IN_FLIGHT: usize = 8;
 
 /// The segment maps `ids`, loaded together ahead of the segments that need them: located
 /// in the index, adjacent blobs of one pack fetched with one ranged read, several reads in
 /// flight. Against a distant store this takes a round trip per segment off the restore.
-async fn load_maps(
+pub(crate) async fn load_maps(
     repo: Repository,
     index: Arc<dyn ChunkIndex>,
     ids: Vec<mover_format::ChunkId>,
