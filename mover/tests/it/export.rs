@@ -257,6 +257,47 @@ fn a_corrupt_chunk_fails_only_its_range_and_the_error_names_it() {
     x.stop();
 }
 
+#[test]
+fn a_damaged_segment_map_fails_only_its_segment_and_the_error_names_it() {
+    // Maps load 256 segments at a time; one damaged map must not fail its whole batch.
+    let e = Env::new();
+    let vol = e.path("vol.img");
+    std::fs::write(&vol, noise(81, 24 << 20)).unwrap();
+    let r = e.json(&["backup", vol.to_str().unwrap()]);
+    let id = r["snapshot_id"].as_str().unwrap().to_string();
+    // 24 MiB of noise fills a 16 MiB data pack and most of a second; the smallest pack
+    // holds the tree: six segment maps, then the segment group. A quarter of the way in is
+    // inside a map.
+    let mut packs: Vec<PathBuf> = walk(&Path::new(&e.repo).join("packs"));
+    packs.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let tree = &packs[0];
+    let mut bytes = std::fs::read(tree).unwrap();
+    assert!(bytes.len() < 1 << 20, "the smallest pack is not the tree pack: {} bytes", bytes.len());
+    let at = bytes.len() / 4;
+    bytes[at] ^= 0xff;
+    std::fs::write(tree, &bytes).unwrap();
+    let x = Export::start(&e, &id, &[]);
+    let seg = 4u64 << 20;
+    let want = noise(81, 24 << 20);
+    let (mut ok, mut failed) = (0, 0);
+    for s in 0..6u64 {
+        let read = format!("import sys; sys.stdout.buffer.write(h.pread({seg}, {}))", s * seg);
+        let o = Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", &x.uri, "-c", &read]).output().unwrap();
+        if o.status.success() {
+            assert!(o.stdout == want[(s * seg) as usize..((s + 1) * seg) as usize], "segment {s} read back different bytes");
+            ok += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    assert!(failed == 1 && ok == 5, "{failed} segments failed, {ok} read: {}", x.log());
+    let log = x.log();
+    for needle in [id.as_str(), "volume 'disk'", "segment map at offset"] {
+        assert!(log.contains(needle), "the error names {needle}: {log}");
+    }
+    x.stop();
+}
+
 fn walk(d: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for f in std::fs::read_dir(d).unwrap() {
