@@ -14,8 +14,8 @@
 
 use crate::aligned::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::pipeline::restore::{fetch_segment, fetch_segment_with_map, load_maps, SegmentAt, MAP_BATCH};
-use crate::snapshots::{load_blob, load_refs};
+use crate::pipeline::restore::{fetch_segment_with_map, load_map, load_maps, SegmentAt, MAP_BATCH};
+use crate::snapshots::load_refs;
 use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::VolumeEntry;
 use mover_format::tree::{MapEntry, SegmentMap, SegmentRef};
@@ -42,7 +42,7 @@ impl Default for ImageOptions {
 type Slot = Arc<OnceCell<Arc<AlignedBuf>>>;
 
 /// A batch's segment maps, by map id (a map that failed to load is missing: its segment
-/// loads its own and reports what is wrong).
+/// loads its own, see [`VolumeImage::map_of`]).
 type MapBatch = Arc<OnceCell<Arc<HashMap<mover_format::ChunkId, Arc<SegmentMap>>>>>;
 
 /// Batches of segment maps kept (the most recently used).
@@ -185,26 +185,28 @@ impl VolumeImage {
         let buf = slot
             .get_or_try_init(|| async move {
                 let _permit = me.fetches.acquire().await.map_err(|_| Error::cancelled("reading a segment"))?;
-                let at = SegmentAt { repo: &me.repo, index: &*me.index, snap: &me.snap, vol: &me.vol.name, offset: seg * me.seg_size(), len: me.seg_len(seg) };
-                let buf = AlignedBuf::new(at.len as usize);
-                let (buf, _holes) = match me.map_of(seg, &map).await {
-                    Some(m) => fetch_segment_with_map(&at, &m, buf, &me.cancel).await?,
-                    None => fetch_segment(&at, &map, buf, &me.cancel).await?,
-                };
+                let at = me.at(seg);
+                let m = me.map_of(seg, &map).await?;
+                let (buf, _holes) = fetch_segment_with_map(&at, &m, AlignedBuf::new(at.len as usize), &me.cancel).await?;
                 Ok::<_, Error>(Arc::new(buf))
             })
             .await?;
         Ok(Some(buf.clone()))
     }
 
-    /// Segment `seg`'s map from its batch, the batch loaded when it is not kept; `None` when
-    /// the batch could not load it (the segment then loads its own map).
-    async fn map_of(&self, seg: u64, map: &mover_format::ChunkId) -> Option<Arc<SegmentMap>> {
+    /// Where segment `seg` is, for fetches and their errors.
+    fn at(&self, seg: u64) -> SegmentAt<'_> {
+        SegmentAt { repo: &self.repo, index: &*self.index, snap: &self.snap, vol: &self.vol.name, offset: seg * self.seg_size(), len: self.seg_len(seg) }
+    }
+
+    /// Segment `seg`'s map: from its batch (loaded when it is not kept), else — the batch
+    /// could not load it — alone, so the error names this map.
+    async fn map_of(&self, seg: u64, map: &mover_format::ChunkId) -> Result<Arc<SegmentMap>> {
         let b = seg as usize / MAP_BATCH;
         let cell = {
-            let mut kept = self.maps.lock().ok()?;
+            let mut kept = self.maps.lock().map_err(|_| Error::permanent("segment map cache lock poisoned"))?;
             let cell = match kept.iter().position(|(n, _)| *n == b) {
-                Some(i) => kept.remove(i).map(|(_, c)| c)?,
+                Some(i) => kept.remove(i).map(|(_, c)| c).unwrap_or_default(),
                 None => MapBatch::default(),
             };
             kept.push_back((b, cell.clone()));
@@ -232,7 +234,10 @@ impl VolumeImage {
                 }
             })
             .await;
-        batch.get(map).cloned()
+        match batch.get(map) {
+            Some(m) => Ok(m.clone()),
+            None => Ok(Arc::new(load_map(&self.at(seg), map, &self.cancel).await?)),
+        }
     }
 
     /// Starts fetching the segments after `seg` when the reader is sequential.
@@ -316,15 +321,7 @@ impl VolumeImage {
             match self.refs[seg as usize] {
                 SegmentRef::Hole => push(seg_end - pos, true),
                 SegmentRef::Map { map, .. } => {
-                    // From its batch (one ranged read per run of map blobs); alone when the
-                    // batch could not load it, so the error names this map.
-                    let m = match self.map_of(seg, &map).await {
-                        Some(m) => m,
-                        None => {
-                            let what = format!("segment map at offset {base} of volume '{}' in snapshot {}", self.vol.name, self.snap);
-                            Arc::new(SegmentMap::decode(&load_blob(&self.repo, &*self.index, &map, &what, &self.cancel).await?)?)
-                        }
-                    };
+                    let m = self.map_of(seg, &map).await?;
                     let mut at = base;
                     for e in &m.entries {
                         let (a, b) = (at.max(pos), (at + e.len() as u64).min(seg_end));

@@ -13,16 +13,16 @@ use std::sync::Arc;
 pub use pending::with_pending;
 pub use rocks::RocksIndex;
 
-/// The local index of `repo` under `cache_root`: RocksDB, or — when another process holds
-/// the database — an in-memory index for this run (it is a cache: correct, only slower to
-/// fill). Not synced here: backups and [`with_pending`] sync it in the order the gc
-/// protocol needs.
 /// Where a node keeps copies of a repository's snapshot manifests, beside its local index
 /// ([`Repository::cache_manifests_in`]).
 pub fn manifest_cache_dir(cache_root: &Path, repo: &Repository) -> std::path::PathBuf {
     cache_root.join(repo.config().id.to_hex()).join("snapshots-v1")
 }
 
+/// The local index of `repo` under `cache_root`: RocksDB, or — when another process holds
+/// the database — an in-memory index for this run (it is a cache: correct, only slower to
+/// fill). Not synced here: backups and [`with_pending`] sync it in the order the gc
+/// protocol needs.
 pub fn open_local(repo: &Repository, cache_root: &Path) -> Arc<dyn ChunkIndex> {
     let path = RocksIndex::path_for(cache_root, &repo.config().id);
     match RocksIndex::open(&path) {

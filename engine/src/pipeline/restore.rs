@@ -186,7 +186,7 @@ pub async fn fetch_segment(
 }
 
 /// A segment's map, read and decoded; errors name the segment.
-async fn load_map(at: &SegmentAt<'_>, map: &mover_format::ChunkId, cancel: &CancellationToken) -> Result<SegmentMap> {
+pub(crate) async fn load_map(at: &SegmentAt<'_>, map: &mover_format::ChunkId, cancel: &CancellationToken) -> Result<SegmentMap> {
     let what = format!("segment map at offset {} of volume '{}' in snapshot {}", at.offset, at.vol, at.snap);
     let mb = load_blob(at.repo, at.index, map, &what, cancel).await?;
     SegmentMap::decode(&mb).with_context(|| format!("{what}: blob {map}"))
