@@ -221,33 +221,54 @@ fn one_file_back_through_the_fuse_mount_and_through_the_nbd_export() {
     x.stop();
 }
 
-#[test]
-fn a_corrupt_chunk_fails_only_its_range_and_the_error_names_it() {
-    let e = Env::new();
+/// `len` bytes of noise backed up as `vol.img`: the noise, the snapshot id and the
+/// repository's pack files, smallest first.
+fn backed_up_noise(e: &Env, seed: u64, len: usize) -> (Vec<u8>, String, Vec<PathBuf>) {
     let vol = e.path("vol.img");
-    std::fs::write(&vol, noise(80, 32 << 20)).unwrap();
+    let data = noise(seed, len);
+    std::fs::write(&vol, &data).unwrap();
     let r = e.json(&["backup", vol.to_str().unwrap()]);
-    let id = r["snapshot_id"].as_str().unwrap().to_string();
-    // Flip a byte in the middle of the largest pack (inside some chunk).
     let mut packs: Vec<PathBuf> = walk(&Path::new(&e.repo).join("packs"));
     packs.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
-    let pack = packs.last().unwrap();
-    let mut bytes = std::fs::read(pack).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(pack, &bytes).unwrap();
-    let x = Export::start(&e, &id, &[]);
+    (data, r["snapshot_id"].as_str().unwrap().to_string(), packs)
+}
+
+/// Inverts the byte at `frac` of the file's length.
+fn flip_at(path: &Path, frac: f64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = (bytes.len() as f64 * frac) as usize;
+    bytes[at] ^= 0xff;
+    std::fs::write(path, &bytes).unwrap();
+}
+
+/// Reads the export's first `n` segments, each whole, by nbdsh (under Debian's
+/// interpreter, which has libnbd's binding); each that reads must equal `want`'s bytes
+/// there. Returns how many read and how many failed.
+fn read_segments(x: &Export, n: u64, want: &[u8]) -> (usize, usize) {
     let seg = 4u64 << 20;
     let (mut ok, mut failed) = (0, 0);
-    for s in 0..8u64 {
-        // nbdsh under Debian's interpreter, which has libnbd's binding.
-        let o = Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", &x.uri, "-c", &format!("h.pread({seg}, {})", s * seg)]).output().unwrap();
+    for s in 0..n {
+        let read = format!("import sys; sys.stdout.buffer.write(h.pread({seg}, {}))", s * seg);
+        let o = Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", &x.uri, "-c", &read]).output().unwrap();
         if o.status.success() {
+            assert!(o.stdout == want[(s * seg) as usize..((s + 1) * seg) as usize], "segment {s} read back different bytes");
             ok += 1;
         } else {
             failed += 1;
         }
     }
+    (ok, failed)
+}
+
+#[test]
+fn a_corrupt_chunk_fails_only_its_range_and_the_error_names_it() {
+    let e = Env::new();
+    let (want, id, packs) = backed_up_noise(&e, 80, 32 << 20);
+    // Flip a byte in the middle of the largest pack (inside some chunk).
+    let pack = packs.last().unwrap();
+    flip_at(pack, 0.5);
+    let x = Export::start(&e, &id, &[]);
+    let (ok, failed) = read_segments(&x, 8, &want);
     assert!(failed >= 1 && ok >= 6, "{failed} segments failed, {ok} read");
     let log = x.log();
     let pack_id = pack.file_name().unwrap().to_str().unwrap();
@@ -261,35 +282,16 @@ fn a_corrupt_chunk_fails_only_its_range_and_the_error_names_it() {
 fn a_damaged_segment_map_fails_only_its_segment_and_the_error_names_it() {
     // Maps load 256 segments at a time; one damaged map must not fail its whole batch.
     let e = Env::new();
-    let vol = e.path("vol.img");
-    std::fs::write(&vol, noise(81, 24 << 20)).unwrap();
-    let r = e.json(&["backup", vol.to_str().unwrap()]);
-    let id = r["snapshot_id"].as_str().unwrap().to_string();
     // 24 MiB of noise fills a 16 MiB data pack and most of a second; the smallest pack
     // holds the tree: six segment maps, then the segment group. A quarter of the way in is
     // inside a map.
-    let mut packs: Vec<PathBuf> = walk(&Path::new(&e.repo).join("packs"));
-    packs.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let (want, id, packs) = backed_up_noise(&e, 81, 24 << 20);
     let tree = &packs[0];
-    let mut bytes = std::fs::read(tree).unwrap();
-    assert!(bytes.len() < 1 << 20, "the smallest pack is not the tree pack: {} bytes", bytes.len());
-    let at = bytes.len() / 4;
-    bytes[at] ^= 0xff;
-    std::fs::write(tree, &bytes).unwrap();
+    let len = std::fs::metadata(tree).unwrap().len();
+    assert!(len < 1 << 20, "the smallest pack is not the tree pack: {len} bytes");
+    flip_at(tree, 0.25);
     let x = Export::start(&e, &id, &[]);
-    let seg = 4u64 << 20;
-    let want = noise(81, 24 << 20);
-    let (mut ok, mut failed) = (0, 0);
-    for s in 0..6u64 {
-        let read = format!("import sys; sys.stdout.buffer.write(h.pread({seg}, {}))", s * seg);
-        let o = Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", &x.uri, "-c", &read]).output().unwrap();
-        if o.status.success() {
-            assert!(o.stdout == want[(s * seg) as usize..((s + 1) * seg) as usize], "segment {s} read back different bytes");
-            ok += 1;
-        } else {
-            failed += 1;
-        }
-    }
+    let (ok, failed) = read_segments(&x, 6, &want);
     assert!(failed == 1 && ok == 5, "{failed} segments failed, {ok} read: {}", x.log());
     let log = x.log();
     for needle in [id.as_str(), "volume 'disk'", "segment map at offset"] {
