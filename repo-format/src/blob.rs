@@ -119,10 +119,19 @@ impl BlobDecoder {
     /// Opens, decompresses and verifies a blob into `out`, which must be exactly `raw_len`
     /// bytes long.
     pub fn decode_into(&mut self, keys: &Keys, id: &ChunkId, sealed: &[u8], out: &mut [u8]) -> Result<(), FormatError> {
-        self.scratch.clear();
-        self.scratch.extend_from_slice(sealed);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(sealed);
+        let r = self.decode_in_place(keys, id, &mut scratch, out);
+        self.scratch = scratch;
+        r
+    }
+
+    /// [`Self::decode_into`] that opens the blob where it lies, overwriting `sealed`: the
+    /// sealed bytes are not copied first.
+    pub fn decode_in_place(&mut self, keys: &Keys, id: &ChunkId, sealed: &mut [u8], out: &mut [u8]) -> Result<(), FormatError> {
         let payload = keys
-            .open_in_place(&mut self.scratch, id.as_bytes())
+            .open_in_place(sealed, id.as_bytes())
             .ok_or_else(|| FormatError::Corrupt("authentication failed (modified, truncated or encrypted with another key)".into()))?;
         let (flag, body) = payload.split_first().ok_or_else(|| FormatError::Corrupt("empty blob payload".into()))?;
         let n = match *flag {
@@ -160,6 +169,11 @@ thread_local! {
 /// [`BlobDecoder::decode_into`] with this thread's decoder.
 pub fn decode_into(keys: &Keys, id: &ChunkId, sealed: &[u8], out: &mut [u8]) -> Result<(), FormatError> {
     DECODER.with(|d| d.borrow_mut().decode_into(keys, id, sealed, out))
+}
+
+/// [`BlobDecoder::decode_in_place`] with this thread's decoder.
+pub fn decode_in_place(keys: &Keys, id: &ChunkId, sealed: &mut [u8], out: &mut [u8]) -> Result<(), FormatError> {
+    DECODER.with(|d| d.borrow_mut().decode_in_place(keys, id, sealed, out))
 }
 
 /// Opens, decompresses and verifies a blob against its id.

@@ -271,9 +271,10 @@ impl Repository {
         blob::decode(self.keys(), id, sealed, loc.raw_len).map_err(|e| self.bad_chunk(id, loc, e))
     }
 
-    /// [`Repository::decode_blob`] into `out` (exactly `loc.raw_len` bytes).
-    pub fn decode_blob_into(&self, id: &ChunkId, loc: &BlobLocation, sealed: &[u8], out: &mut [u8]) -> Result<(), RepoError> {
-        blob::decode_into(self.keys(), id, sealed, out).map_err(|e| self.bad_chunk(id, loc, e))
+    /// [`Repository::decode_blob`] into `out` (exactly `loc.raw_len` bytes), opening the
+    /// blob where it lies: `sealed` is overwritten.
+    pub fn decode_blob_into(&self, id: &ChunkId, loc: &BlobLocation, sealed: &mut [u8], out: &mut [u8]) -> Result<(), RepoError> {
+        blob::decode_in_place(self.keys(), id, sealed, out).map_err(|e| self.bad_chunk(id, loc, e))
     }
 
     fn bad_chunk(&self, id: &ChunkId, loc: &BlobLocation, e: FormatError) -> RepoError {

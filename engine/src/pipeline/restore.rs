@@ -362,12 +362,15 @@ pub async fn decode(at: &SegmentAt<'_>, fetched: Fetched, mut buf: AlignedBuf) -
         }
         let mut scratch = Vec::new();
         for (i, j, start, bytes) in runs {
+            // Blobs are opened where they lie in the fetched run, which is ours alone once
+            // fetched (else it is copied once).
+            let mut bytes = bytes.try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
             // Each distinct chunk of the run once, with every use the map makes of it.
             for &(a, b) in &uniq[i..j] {
                 let uses = &wants[a..b];
                 let (off, id, loc) = (uses[0].off_in_seg, uses[0].id, uses[0].loc);
                 let s = (loc.offset as u64 - start) as usize;
-                let sealed = &bytes[s..s + loc.stored_len as usize];
+                let sealed = &mut bytes[s..s + loc.stored_len as usize];
                 let at = || format!("reading volume '{vol}' of snapshot {snap} at offset {}", seg_offset + off);
                 if uses.len() == 1 && uses[0].slice.is_none() {
                     // A whole chunk used once: straight into the segment buffer.
