@@ -4,9 +4,12 @@
 //! what the NBD export (`mover export`) and the FUSE mount (`mover mount`) serve.
 //!
 //! Memory is bounded by configuration: at most `cache_segments` decoded segments (4 MiB
-//! each by default) plus `read_ahead + 2` segment fetches in flight, whatever the volume's
-//! size and however many requests a client sends at once, plus the segment maps of at most
-//! [`MAP_BATCHES_KEPT`] batches of 256 segments (a few KiB per segment).
+//! each by default) plus a fetch window of packs being fetched (a restore's:
+//! [`default_window`], 64 MiB against S3), whatever the volume's size and however many
+//! requests a client sends at once, plus the segment maps of at most [`MAP_BATCHES_KEPT`]
+//! batches of 256 segments (a few KiB per segment). The window is in bytes, not segments:
+//! segments fetched at once are as many as their packs' bytes allow, so a store 100 ms away
+//! is read with as many round trips in flight as a restore keeps.
 //!
 //! Segment maps are loaded a batch of 256 segments at a time (adjacent map blobs in one
 //! ranged read, as a restore does): against a distant store a segment's fetch then costs
@@ -14,7 +17,7 @@
 
 use crate::aligned::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::pipeline::restore::{fetch_segment_with_map, load_map, load_maps, SegmentAt, MAP_BATCH};
+use crate::pipeline::restore::{decode, default_window, fetch, load_map, load_maps, locate, SegmentAt, MAP_BATCH};
 use crate::snapshots::load_refs;
 use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::VolumeEntry;
@@ -31,11 +34,14 @@ pub struct ImageOptions {
     pub cache_segments: usize,
     /// Segments fetched ahead of a sequential reader.
     pub read_ahead: usize,
+    /// The fetch window: bytes of packs being fetched at once (at least 1 MiB; a segment's
+    /// reads start when all of them fit). `None`: [`default_window`] for the repository.
+    pub window: Option<u64>,
 }
 
 impl Default for ImageOptions {
     fn default() -> Self {
-        Self { cache_segments: 32, read_ahead: 4 }
+        Self { cache_segments: 32, read_ahead: 4, window: None }
     }
 }
 
@@ -93,8 +99,9 @@ pub struct VolumeImage {
     /// Per sequential reader (a client may read several regions at once, e.g. one per
     /// connection), the segment after the last one it read: a read there is sequential.
     streams: Mutex<VecDeque<u64>>,
-    /// Segment fetches in flight (each holds a segment buffer and its packs' bytes).
-    fetches: tokio::sync::Semaphore,
+    /// The fetch window, in KiB of packs being fetched (a segment's buffer is its cache slot).
+    window: tokio::sync::Semaphore,
+    window_kib: u32,
     /// Loaded (or loading) batches of segment maps, most recently used last.
     maps: Mutex<VecDeque<(usize, MapBatch)>>,
     cancel: CancellationToken,
@@ -112,6 +119,7 @@ impl VolumeImage {
         cancel: &CancellationToken,
     ) -> Result<Arc<Self>> {
         let refs = load_refs(repo, &*index, &snap, &vol, cancel).await?;
+        let window_kib = (opts.window.unwrap_or_else(|| default_window(repo)).max(1 << 20) >> 10).min(u32::MAX as u64) as u32;
         Ok(Arc::new(Self {
             repo: repo.clone(),
             index,
@@ -121,7 +129,8 @@ impl VolumeImage {
             cache: Mutex::new(Cache { slots: HashMap::new(), order: VecDeque::new(), cap: opts.cache_segments.max(2 * opts.read_ahead + 2) }),
             opts,
             streams: Mutex::new(VecDeque::new()),
-            fetches: tokio::sync::Semaphore::new(opts.read_ahead.max(1) + 2),
+            window: tokio::sync::Semaphore::new(window_kib as usize),
+            window_kib,
             maps: Mutex::new(VecDeque::new()),
             cancel: cancel.child_token(),
             bytes_read: Default::default(),
@@ -184,10 +193,17 @@ impl VolumeImage {
         let me = self.clone();
         let buf = slot
             .get_or_try_init(|| async move {
-                let _permit = me.fetches.acquire().await.map_err(|_| Error::cancelled("reading a segment"))?;
                 let at = me.at(seg);
                 let m = me.map_of(seg, &map).await?;
-                let (buf, _holes) = fetch_segment_with_map(&at, &m, AlignedBuf::new(at.len as usize), &me.cancel).await?;
+                let located = locate(&at, &m)?;
+                let need = (located.fetch_bytes().div_ceil(1024).max(1)).min(me.window_kib as u64) as u32;
+                let cancelled = || Error::cancelled(format!("reading volume '{}' at offset {}", me.vol.name, at.offset));
+                let _permit = tokio::select! {
+                    p = me.window.acquire_many(need) => p.map_err(|_| cancelled())?,
+                    _ = me.cancel.cancelled() => return Err(cancelled()),
+                };
+                let fetched = fetch(&at, located, &me.cancel).await?;
+                let (buf, _holes) = decode(&at, fetched, AlignedBuf::new(at.len as usize)).await?;
                 Ok::<_, Error>(Arc::new(buf))
             })
             .await?;

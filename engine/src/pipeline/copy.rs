@@ -218,7 +218,7 @@ async fn copy_one(
     cancel: &CancellationToken,
 ) -> Result<BackupSummary> {
     // Few decoded segments: the pipeline reads each segment once, in order.
-    let opts = ImageOptions { cache_segments: 2, read_ahead: 2 };
+    let opts = ImageOptions { cache_segments: 2, read_ahead: 2, window: None };
     let mut volumes = Vec::new();
     for v in &m.volumes {
         let image = VolumeImage::open(src, tree.clone(), sid, v.clone(), opts, cancel).await?;

@@ -29,6 +29,11 @@ pub struct Args {
     /// Segments fetched ahead of a sequential reader.
     #[arg(long, default_value_t = 4)]
     read_ahead: usize,
+    /// The fetch window: MiB of packs being fetched at once (default: 64 against S3, 32 for
+    /// a local directory). More covers a more distant store, at about a MiB of memory per
+    /// MiB.
+    #[arg(long)]
+    window_mib: Option<u64>,
     /// Print the NBD URI as JSON once serving.
     #[arg(long)]
     json: bool,
@@ -38,7 +43,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
     let repo = ra.open(cancel).await?;
     let req = ExportRequest {
         group: a.group.clone(),
-        options: ImageOptions { cache_segments: a.cache_segments, read_ahead: a.read_ahead },
+        options: ImageOptions { cache_segments: a.cache_segments, read_ahead: a.read_ahead, window: a.window_mib.map(|m| m << 20) },
         ..ExportRequest::parse(&a.snapshot)
     };
     let plan = prepare(req, &repo, mover_engine::index::open_local(&repo, &ra.cache_root()), cancel).await?;

@@ -75,7 +75,7 @@ async fn open(
         (None, n) => return Err(Error::invalid(format!("snapshot {snap} has {n} volumes ({}): name one as SNAPSHOT:VOLUME", names()))),
     };
     let index = mover_engine::index::with_pending(repo, index, cancel).await?;
-    let opts = ImageOptions { cache_segments: req.options.cache_segments.max(1), read_ahead: req.options.read_ahead };
+    let opts = ImageOptions { cache_segments: req.options.cache_segments.max(1), ..req.options };
     let image = VolumeImage::open(repo, index, snap, vol.clone(), opts, cancel).await?;
     Ok((snap, vol, image))
 }
