@@ -11,13 +11,16 @@
 //! segments fetched at once are as many as their packs' bytes allow, so a store 100 ms away
 //! is read with as many round trips in flight as a restore keeps.
 //!
+//! A small read of a segment that is neither cached nor read in order fetches only the
+//! chunks under it ([`locate_span`]); a second one fetches the segment whole.
+//!
 //! Segment maps are loaded a batch of 256 segments at a time (adjacent map blobs in one
 //! ranged read, as a restore does): against a distant store a segment's fetch then costs
 //! one round trip, not two.
 
 use crate::aligned::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::pipeline::restore::{decode, default_window, fetch, load_map, load_maps, locate, SegmentAt, MAP_BATCH};
+use crate::pipeline::restore::{decode, default_window, fetch, load_map, load_maps, locate, locate_span, Located, SegmentAt, MAP_BATCH};
 use crate::snapshots::load_refs;
 use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::VolumeEntry;
@@ -56,6 +59,9 @@ pub const MAP_BATCHES_KEPT: usize = 8;
 
 /// Sequential readers told apart.
 const MAX_STREAMS: usize = 8;
+
+/// Segments remembered as read in part: a second small read of one fetches it whole.
+const PARTS_KEPT: usize = 64;
 
 /// The decoded segments: an LRU of at most `cap` (slots being filled included).
 struct Cache {
@@ -99,6 +105,8 @@ pub struct VolumeImage {
     /// Per sequential reader (a client may read several regions at once, e.g. one per
     /// connection), the segment after the last one it read: a read there is sequential.
     streams: Mutex<VecDeque<u64>>,
+    /// Segments a small random read fetched only part of, most recent last.
+    parts: Mutex<VecDeque<u64>>,
     /// The fetch window, in KiB of packs being fetched (a segment's buffer is its cache slot).
     window: tokio::sync::Semaphore,
     window_kib: u32,
@@ -129,6 +137,7 @@ impl VolumeImage {
             cache: Mutex::new(Cache { slots: HashMap::new(), order: VecDeque::new(), cap: opts.cache_segments.max(2 * opts.read_ahead + 2) }),
             opts,
             streams: Mutex::new(VecDeque::new()),
+            parts: Mutex::new(VecDeque::new()),
             window: tokio::sync::Semaphore::new(window_kib as usize),
             window_kib,
             maps: Mutex::new(VecDeque::new()),
@@ -196,18 +205,50 @@ impl VolumeImage {
                 let at = me.at(seg);
                 let m = me.map_of(seg, &map).await?;
                 let located = locate(&at, &m)?;
-                let need = (located.fetch_bytes().div_ceil(1024).max(1)).min(me.window_kib as u64) as u32;
-                let cancelled = || Error::cancelled(format!("reading volume '{}' at offset {}", me.vol.name, at.offset));
-                let _permit = tokio::select! {
-                    p = me.window.acquire_many(need) => p.map_err(|_| cancelled())?,
-                    _ = me.cancel.cancelled() => return Err(cancelled()),
-                };
-                let fetched = fetch(&at, located, &me.cancel).await?;
-                let (buf, _holes) = decode(&at, fetched, AlignedBuf::new(at.len as usize)).await?;
-                Ok::<_, Error>(Arc::new(buf))
+                Ok::<_, Error>(Arc::new(me.fetch_located(&at, located).await?))
             })
             .await?;
         Ok(Some(buf.clone()))
+    }
+
+    /// Fetches and decodes what `located` names, once its packs' bytes fit in the window.
+    async fn fetch_located(&self, at: &SegmentAt<'_>, located: Located) -> Result<AlignedBuf> {
+        let need = (located.fetch_bytes().div_ceil(1024).max(1)).min(self.window_kib as u64) as u32;
+        let cancelled = || Error::cancelled(format!("reading volume '{}' at offset {}", self.vol.name, at.offset));
+        let _permit = tokio::select! {
+            p = self.window.acquire_many(need) => p.map_err(|_| cancelled())?,
+            _ = self.cancel.cancelled() => return Err(cancelled()),
+        };
+        let (lo, hi) = located.span();
+        let fetched = fetch(at, located, &self.cancel).await?;
+        Ok(decode(at, fetched, AlignedBuf::new((hi - lo) as usize)).await?.0)
+    }
+
+    /// A small read of a segment not kept and not read in order: only the chunks under it
+    /// are fetched and decoded (a random 4 KiB read costs a chunk, not 4 MiB of them), and
+    /// nothing is kept. The segment is remembered, so a second such read fetches it whole
+    /// into the cache. Returns whether it served the read (`false`: read it whole).
+    async fn read_part(self: &Arc<Self>, seg: u64, in_seg: u64, dst: &mut [u8]) -> Result<bool> {
+        let SegmentRef::Map { map, .. } = self.refs[seg as usize] else { return Ok(false) };
+        let cached = self.cache.lock().map(|c| c.slots.contains_key(&seg)).unwrap_or(true);
+        let again = self.parts.lock().map(|p| p.contains(&seg)).unwrap_or(true);
+        if cached || again || dst.len() as u64 >= self.seg_len(seg) {
+            return Ok(false);
+        }
+        let at = self.at(seg);
+        let m = self.map_of(seg, &map).await?;
+        let located = locate_span(&at, &m, in_seg, in_seg + dst.len() as u64)?;
+        let buf = self.fetch_located(&at, located).await?;
+        dst.copy_from_slice(buf.as_slice());
+        // Remembered only once read: a failed part leaves the segment's other parts to be
+        // read in part too.
+        if let Ok(mut p) = self.parts.lock() {
+            if p.len() >= PARTS_KEPT {
+                p.pop_front();
+            }
+            p.push_back(seg);
+        }
+        Ok(true)
     }
 
     /// Where segment `seg` is, for fetches and their errors.
@@ -256,10 +297,11 @@ impl VolumeImage {
         }
     }
 
-    /// Starts fetching the segments after `seg` when the reader is sequential.
-    fn read_ahead(self: &Arc<Self>, seg: u64) {
+    /// Starts fetching the segments after `seg` when the reader is sequential; returns
+    /// whether it is.
+    fn read_ahead(self: &Arc<Self>, seg: u64) -> bool {
         let sequential = {
-            let Ok(mut streams) = self.streams.lock() else { return };
+            let Ok(mut streams) = self.streams.lock() else { return false };
             match streams.iter().position(|&n| n == seg || n == seg + 1 || n + 1 == seg) {
                 Some(i) => {
                     streams.remove(i);
@@ -276,7 +318,7 @@ impl VolumeImage {
             }
         };
         if !sequential {
-            return;
+            return false;
         }
         let last = self.refs.len() as u64;
         for ahead in (seg + 1..last).take(self.opts.read_ahead) {
@@ -291,6 +333,7 @@ impl VolumeImage {
                 });
             }
         }
+        true
     }
 
     /// Reads `buf.len()` bytes at `offset` (within the volume).
@@ -304,10 +347,11 @@ impl VolumeImage {
             let in_seg = pos - seg * self.seg_size();
             let n = (self.seg_len(seg) - in_seg).min(end - pos) as usize;
             let dst = &mut buf[(pos - offset) as usize..(pos - offset) as usize + n];
-            self.read_ahead(seg);
-            match self.segment(seg).await? {
-                None => dst.fill(0),
-                Some(b) => dst.copy_from_slice(&b.as_slice()[in_seg as usize..in_seg as usize + n]),
+            if self.read_ahead(seg) || !self.read_part(seg, in_seg, dst).await? {
+                match self.segment(seg).await? {
+                    None => dst.fill(0),
+                    Some(b) => dst.copy_from_slice(&b.as_slice()[in_seg as usize..in_seg as usize + n]),
+                }
             }
             pos += n as u64;
         }

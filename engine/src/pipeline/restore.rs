@@ -230,7 +230,9 @@ struct Want {
 /// yet, no buffer held.
 pub struct Located {
     offset: u64,
-    len: u64,
+    /// The bytes of the segment located (`0..len` unless [`locate_span`] was asked for less):
+    /// a decode fills a buffer of this span's length.
+    span: (u64, u64),
     /// Sorted by pack and offset.
     wants: Vec<Want>,
     /// `uniq[k]`: the range of `wants` of the k-th distinct chunk (a chunk the map uses more
@@ -243,6 +245,11 @@ pub struct Located {
 }
 
 impl Located {
+    /// The segment's bytes located, `(lo, hi)`: what a decode fills.
+    pub fn span(&self) -> (u64, u64) {
+        self.span
+    }
+
     /// Bytes of packs the segment's reads fetch.
     pub fn fetch_bytes(&self) -> u64 {
         self.runs.iter().map(|r| r.3 - r.2).sum()
@@ -258,7 +265,14 @@ pub struct Fetched {
 
 /// Locates every chunk of a segment in the index and plans its ranged reads.
 pub fn locate(at: &SegmentAt<'_>, map: &SegmentMap) -> Result<Located> {
+    locate_span(at, map, 0, at.len)
+}
+
+/// [`locate`] for the segment's bytes `lo..hi` only: the chunks (and holes) they overlap.
+pub fn locate_span(at: &SegmentAt<'_>, map: &SegmentMap, lo: u64, hi: u64) -> Result<Located> {
     let (seg_offset, seg_len) = (at.offset, at.len);
+    let hi = hi.min(seg_len);
+    let lo = lo.min(hi);
     let what = format!("segment map at offset {seg_offset} of volume '{}' in snapshot {}", at.vol, at.snap);
     if map.total_len() != seg_len {
         return Err(Error::corrupt(format!("{what}: covers {} bytes, the segment has {seg_len}", map.total_len())));
@@ -267,6 +281,10 @@ pub fn locate(at: &SegmentAt<'_>, map: &SegmentMap) -> Result<Located> {
     let mut holes = Vec::new();
     let mut pos = 0u64;
     for e in &map.entries {
+        if pos + e.len() as u64 <= lo || pos >= hi {
+            pos += e.len() as u64;
+            continue;
+        }
         match *e {
             MapEntry::Chunk { id, .. } | MapEntry::Slice { id, .. } => {
                 let loc = at.index.lookup(&id)?.ok_or_else(|| {
@@ -309,7 +327,7 @@ pub fn locate(at: &SegmentAt<'_>, map: &SegmentMap) -> Result<Located> {
         }
     }
     let runs = adjacent_runs(uniq.len(), |k| &wants[uniq[k].0].loc, 8 << 20);
-    Ok(Located { offset: seg_offset, len: seg_len, wants, uniq, holes, runs })
+    Ok(Located { offset: seg_offset, span: (lo, hi), wants, uniq, holes, runs })
 }
 
 /// Does a located segment's ranged reads, several at once.
@@ -343,22 +361,29 @@ pub async fn fetch(at: &SegmentAt<'_>, located: Located, cancel: &CancellationTo
 
 /// Decrypts, decompresses and verifies a fetched segment's chunks straight into `buf`
 /// (resized to the segment, holes zeroed), off the reactor. Returns the buffer and the
-/// holes (offset, length) in it.
+/// holes (offset, length) in it. A segment located for a span of its bytes
+/// ([`locate_span`]) fills `buf` with that span only: byte `k` of it is the segment's byte
+/// `lo + k`.
 pub async fn decode(at: &SegmentAt<'_>, fetched: Fetched, mut buf: AlignedBuf) -> Result<(AlignedBuf, Vec<(u64, u64)>)> {
     let repo = at.repo.clone();
     let (vol, snap) = (at.vol.to_string(), *at.snap);
     tokio::task::spawn_blocking(move || -> Result<(AlignedBuf, Vec<(u64, u64)>)> {
         let Fetched { located, runs } = fetched;
-        let Located { offset: seg_offset, len: seg_len, wants, uniq, holes, .. } = located;
+        let Located { offset: seg_offset, span: (lo, hi), wants, uniq, holes, .. } = located;
         // 4096-aligned, so O_DIRECT can write it as is; reused, so holes are zeroed here.
-        let len = seg_len as usize;
+        let len = (hi - lo) as usize;
         if buf.capacity() < len {
             buf = AlignedBuf::new(len);
         }
         buf.set_len(len);
-        let dst = buf.as_mut_full();
+        let dst = &mut buf.as_mut_full()[..len];
+        // The part of segment bytes `a..a + n` inside the span, as a range of `dst`.
+        let clip = |a: u64, n: u64| {
+            let s = a.clamp(lo, hi);
+            (s - lo) as usize..((a + n).clamp(s, hi) - lo) as usize
+        };
         for &(off, len) in &holes {
-            dst[off as usize..(off + len) as usize].fill(0);
+            dst[clip(off, len)].fill(0);
         }
         let mut scratch = Vec::new();
         for (i, j, start, bytes) in runs {
@@ -372,17 +397,23 @@ pub async fn decode(at: &SegmentAt<'_>, fetched: Fetched, mut buf: AlignedBuf) -
                 let s = (loc.offset as u64 - start) as usize;
                 let sealed = &mut bytes[s..s + loc.stored_len as usize];
                 let at = || format!("reading volume '{vol}' of snapshot {snap} at offset {}", seg_offset + off);
-                if uses.len() == 1 && uses[0].slice.is_none() {
+                if uses.len() == 1 && uses[0].slice.is_none() && off >= lo && off + loc.raw_len as u64 <= hi {
                     // A whole chunk used once: straight into the segment buffer.
-                    repo.decode_blob_into(&id, &loc, sealed, &mut dst[off as usize..off as usize + loc.raw_len as usize]).with_context(at)?;
+                    repo.decode_blob_into(&id, &loc, sealed, &mut dst[clip(off, loc.raw_len as u64)]).with_context(at)?;
                 } else {
-                    // Slices (or several uses): the whole chunk is verified once, then its
-                    // bytes copied to each place.
+                    // Slices, several uses or a chunk the span cuts: the whole chunk is
+                    // verified once, then what the span holds of each use copied to its place.
                     scratch.resize(loc.raw_len as usize, 0);
                     repo.decode_blob_into(&id, &loc, sealed, &mut scratch).with_context(at)?;
                     for u in uses {
                         let (so, sl) = u.slice.unwrap_or((0, loc.raw_len));
-                        dst[u.off_in_seg as usize..(u.off_in_seg + sl as u64) as usize].copy_from_slice(&scratch[so as usize..(so + sl) as usize]);
+                        let to = clip(u.off_in_seg, sl as u64);
+                        if to.is_empty() {
+                            continue;
+                        }
+                        let from = so as usize + (lo + to.start as u64 - u.off_in_seg) as usize;
+                        let n = to.len();
+                        dst[to].copy_from_slice(&scratch[from..from + n]);
                     }
                 }
             }

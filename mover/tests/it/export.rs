@@ -291,6 +291,90 @@ fn a_corrupt_chunk_fails_only_its_range_and_the_error_names_it() {
     x.stop();
 }
 
+/// Reads `len` bytes at `at` through a fresh export of snapshot `id` (nothing kept from
+/// other reads); `Ok` with the bytes, or `Err` with the export's log.
+fn read_alone(e: &Env, id: &str, at: u64, len: u64) -> Result<Vec<u8>, String> {
+    let x = Export::start(e, id, &[]);
+    let read = format!("import sys; sys.stdout.buffer.write(h.pread({len}, {at}))");
+    let o = Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", &x.uri, "-c", &read]).output().unwrap();
+    let log = x.log();
+    x.stop();
+    if o.status.success() {
+        Ok(o.stdout)
+    } else {
+        Err(log)
+    }
+}
+
+#[test]
+fn a_damaged_chunk_fails_only_the_small_reads_it_lies_under() {
+    // A small read of a segment that is not read in order fetches only the chunks under it,
+    // so a damaged chunk fails the reads that need it and no other read of its segment.
+    let e = Env::new();
+    let (want, id, packs) = backed_up_noise(&e, 83, 24 << 20);
+    let pack = packs.last().unwrap();
+    flip_at(pack, 0.5);
+    // 4 KiB at the start and at the end of each segment, each through a fresh export.
+    let seg = 4u64 << 20;
+    let mut failed = Vec::new();
+    for s in 0..6u64 {
+        for at in [s * seg, (s + 1) * seg - 4096] {
+            match read_alone(&e, &id, at, 4096) {
+                Ok(got) => assert!(got == want[at as usize..at as usize + 4096], "4 KiB at {at} read back different bytes"),
+                Err(log) => failed.push((at, log)),
+            }
+        }
+    }
+    // Whole segments of noise are several chunks each: the damaged one lies under one of
+    // the two reads of its segment at most.
+    assert_eq!(failed.len(), 1, "reads that failed: {:?}", failed.iter().map(|f| f.0).collect::<Vec<_>>());
+    let pack_id = pack.file_name().unwrap().to_str().unwrap();
+    for needle in [id.as_str(), "volume 'disk'", "chunk", pack_id] {
+        assert!(failed[0].1.contains(needle), "the error names {needle}: {}", failed[0].1);
+    }
+}
+
+#[test]
+fn small_random_reads_of_an_incremental_read_back_byte_exact() {
+    // Random reads of a few bytes to 64 KiB, some across segment boundaries, of a snapshot
+    // whose segments splice changed regions into the parent's chunks (slices): the first
+    // small read of a segment fetches only its chunks, a second the whole segment.
+    let e = Env::new();
+    let src = e.path("vol.img");
+    make_volume(&src, 96 << 20, 34);
+    e.ok(&["backup", src.to_str().unwrap()]);
+    let ext = modify(&src, 12, 6);
+    write_extents(&e.path("ext"), &ext);
+    e.ok(&["backup", src.to_str().unwrap(), "--parent", "latest", "--changed-extents", e.path("ext").to_str().unwrap()]);
+    let x = Export::start(&e, "latest", &[]);
+    let script = format!(
+        r#"
+import random
+r = random.Random(11)
+f = open("{path}", "rb")
+size, seg, bad = h.get_size(), 4 << 20, []
+# First across the edges of the changed regions (a slice of a parent's chunk beside a new
+# chunk), each the first read of its segment unless two regions share one.
+reads = [(max(0, o + d - 2048), 4096) for o, l in {ext} for d in (0, l)]
+reads += [(r.randrange(0, size - n), n) for n in [r.choice([1, 512, 4096, 65536]) for _ in range(400)]]
+reads += [(k * seg - 2048, 4096) for k in range(1, size // seg)]
+for off, n in reads:
+    f.seek(off)
+    if h.pread(n, off) != f.read(n):
+        bad.append(off)
+print(len(reads), len(bad), bad[:10])
+"#,
+        path = src.display(),
+        ext = format!("{ext:?}")
+    );
+    let o = Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", &x.uri, "-c", &script]).output().unwrap();
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stderr), x.log());
+    let out = String::from_utf8_lossy(&o.stdout);
+    let f: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(f[1], "0", "reads that differ (count, number wrong, first offsets): {out}");
+    x.stop();
+}
+
 #[test]
 fn a_damaged_segment_map_fails_only_its_segment_and_the_error_names_it() {
     // Maps load 256 segments at a time; one damaged map must not fail its whole batch.
