@@ -233,6 +233,15 @@ fn backed_up_noise(e: &Env, seed: u64, len: usize) -> (Vec<u8>, String, Vec<Path
     (data, r["snapshot_id"].as_str().unwrap().to_string(), packs)
 }
 
+/// [`backed_up_noise`] with a byte in the middle of its largest pack inverted (inside some
+/// chunk): the noise, the snapshot id and the damaged pack's id.
+fn noise_with_a_damaged_chunk(e: &Env, seed: u64, len: usize) -> (Vec<u8>, String, String) {
+    let (want, id, packs) = backed_up_noise(e, seed, len);
+    let pack = packs.last().unwrap();
+    flip_at(pack, 0.5);
+    (want, id, pack.file_name().unwrap().to_str().unwrap().to_string())
+}
+
 /// Inverts the byte at `frac` of the file's length.
 fn flip_at(path: &Path, frac: f64) {
     let mut bytes = std::fs::read(path).unwrap();
@@ -276,16 +285,12 @@ fn an_export_whose_window_is_smaller_than_a_segment_still_reads_back_byte_exact(
 #[test]
 fn a_corrupt_chunk_fails_only_its_range_and_the_error_names_it() {
     let e = Env::new();
-    let (want, id, packs) = backed_up_noise(&e, 80, 32 << 20);
-    // Flip a byte in the middle of the largest pack (inside some chunk).
-    let pack = packs.last().unwrap();
-    flip_at(pack, 0.5);
+    let (want, id, pack_id) = noise_with_a_damaged_chunk(&e, 80, 32 << 20);
     let x = Export::start(&e, &id, &[]);
     let (ok, failed) = read_segments(&x, 8, &want);
     assert!(failed >= 1 && ok >= 6, "{failed} segments failed, {ok} read");
     let log = x.log();
-    let pack_id = pack.file_name().unwrap().to_str().unwrap();
-    for needle in [id.as_str(), "volume 'disk'", "offset", "chunk", pack_id] {
+    for needle in [id.as_str(), "volume 'disk'", "offset", "chunk", pack_id.as_str()] {
         assert!(log.contains(needle), "the error names {needle}: {log}");
     }
     x.stop();
@@ -311,9 +316,7 @@ fn a_damaged_chunk_fails_only_the_small_reads_it_lies_under() {
     // A small read of a segment that is not read in order fetches only the chunks under it,
     // so a damaged chunk fails the reads that need it and no other read of its segment.
     let e = Env::new();
-    let (want, id, packs) = backed_up_noise(&e, 83, 24 << 20);
-    let pack = packs.last().unwrap();
-    flip_at(pack, 0.5);
+    let (want, id, pack_id) = noise_with_a_damaged_chunk(&e, 83, 24 << 20);
     // 4 KiB at the start and at the end of each segment, each through a fresh export.
     let seg = 4u64 << 20;
     let mut failed = Vec::new();
@@ -328,8 +331,7 @@ fn a_damaged_chunk_fails_only_the_small_reads_it_lies_under() {
     // Whole segments of noise are several chunks each: the damaged one lies under one of
     // the two reads of its segment at most.
     assert_eq!(failed.len(), 1, "reads that failed: {:?}", failed.iter().map(|f| f.0).collect::<Vec<_>>());
-    let pack_id = pack.file_name().unwrap().to_str().unwrap();
-    for needle in [id.as_str(), "volume 'disk'", "chunk", pack_id] {
+    for needle in [id.as_str(), "volume 'disk'", "chunk", pack_id.as_str()] {
         assert!(failed[0].1.contains(needle), "the error names {needle}: {}", failed[0].1);
     }
 }
