@@ -59,6 +59,20 @@ pub struct S3Storage {
     location: String,
 }
 
+/// Whether a request failed because no credentials could be loaded (none configured, or
+/// their provider failed), which the SDK reports as a dispatch failure.
+fn credentials_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        let s = x.to_string();
+        if s.contains("loading credentials") || s.contains("provided credentials") || s.contains("credential provider") {
+            return true;
+        }
+        cur = x.source();
+    }
+    false
+}
+
 impl S3Storage {
     /// A response body read into one buffer of `expected` bytes as it arrives (collecting
     /// the chunks and joining them would hold it twice); more than `max_len` bytes is
@@ -132,6 +146,12 @@ impl S3Storage {
         let (kind, msg) = match &e {
             SdkError::ConstructionFailure(_) => (ErrorKind::Permanent, "request could not be built".to_string()),
             SdkError::TimeoutError(_) => (ErrorKind::Transient, "timed out".to_string()),
+            // The SDK found no credentials, or its provider failed: no retry brings them.
+            SdkError::DispatchFailure(_) if credentials_failure(&e) => (
+                ErrorKind::Permanent,
+                "no S3 credentials: the AWS SDK found none it could use (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a web identity)"
+                    .to_string(),
+            ),
             SdkError::DispatchFailure(d) => (ErrorKind::Transient, format!("store unreachable ({d:?})")),
             SdkError::ResponseError(_) => (ErrorKind::Transient, "malformed response".to_string()),
             SdkError::ServiceError(s) => {

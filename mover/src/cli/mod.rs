@@ -51,8 +51,10 @@ impl Cli {
     pub fn log_filter(&self) -> String {
         match (&self.log, &self.cmd) {
             (Some(l), _) => l.clone(),
-            (None, Cmd::Serve(_)) => "info".into(),
-            (None, _) => "warn".into(),
+            // The AWS SDK's own warnings (each attempt of each credential provider) say
+            // less than the error Mover reports.
+            (None, Cmd::Serve(_)) => "info,aws_config=error,aws_runtime=error".into(),
+            (None, _) => "warn,aws_config=error,aws_runtime=error".into(),
         }
     }
 }

@@ -24,6 +24,36 @@ fn unreachable_store_fails_quickly_naming_it() {
     assert!(t.elapsed().as_secs() < 60);
 }
 
+#[test]
+fn missing_credentials_fail_at_once_saying_so_and_write_nothing() {
+    let (endpoint, bucket) = s3_env();
+    let dir = tempfile::tempdir().unwrap();
+    let e = Env { dir, repo: format!("s3://{bucket}/nocreds-{}", rand_suffix()), extra: vec!["--s3-endpoint".into(), endpoint] };
+    // No credentials anywhere the AWS SDK looks (no instance metadata either, so the test
+    // does not depend on how this machine answers it).
+    std::fs::write(e.path("empty"), "").unwrap();
+    let t = std::time::Instant::now();
+    let o = e
+        .cmd(&["init"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_SHARED_CREDENTIALS_FILE", e.path("empty"))
+        .env("AWS_CONFIG_FILE", e.path("empty"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    // The first line is Mover's error (no SDK warnings before it), naming the store and
+    // what is missing; not retried as if the store were unreachable.
+    assert!(err.starts_with("error: ") && err.contains("no S3 credentials") && err.contains(&e.repo), "{err}");
+    assert!(t.elapsed().as_secs() < 5, "took {:?} to fail", t.elapsed());
+    // Nothing was written: with credentials, init finds the place empty.
+    e.ok(&["init"]);
+}
+
 /// The fetch window bounds bytes of packs in flight. A window smaller than one segment's
 /// reads (incompressible data: ~4 MiB per segment against 1 MiB) still restores — such a
 /// segment takes the whole window — and a large one too; both byte-exact.
