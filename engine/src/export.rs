@@ -20,7 +20,7 @@
 
 use crate::aligned::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::pipeline::restore::{decode, default_window, fetch, load_map, load_maps, locate, locate_span, Located, SegmentAt, MAP_BATCH};
+use crate::pipeline::restore::{decode, default_window, fetch, load_map, load_maps, locate_span, SegmentAt, MAP_BATCH};
 use crate::snapshots::load_refs;
 use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::VolumeEntry;
@@ -200,28 +200,24 @@ impl VolumeImage {
         };
         let slot = self.cache.lock().map_err(|_| Error::permanent("segment cache lock poisoned"))?.slot(seg);
         let me = self.clone();
-        let buf = slot
-            .get_or_try_init(|| async move {
-                let at = me.at(seg);
-                let m = me.map_of(seg, &map).await?;
-                let located = locate(&at, &m)?;
-                Ok::<_, Error>(Arc::new(me.fetch_located(&at, located).await?))
-            })
-            .await?;
+        let buf = slot.get_or_try_init(|| async move { Ok::<_, Error>(Arc::new(me.fetch_span(seg, &map, 0, me.seg_len(seg)).await?)) }).await?;
         Ok(Some(buf.clone()))
     }
 
-    /// Fetches and decodes what `located` names, once its packs' bytes fit in the window.
-    async fn fetch_located(&self, at: &SegmentAt<'_>, located: Located) -> Result<AlignedBuf> {
+    /// Bytes `lo..hi` of segment `seg` (map `map`): the chunks under them fetched, once their
+    /// packs' bytes fit in the window, and decoded.
+    async fn fetch_span(&self, seg: u64, map: &mover_format::ChunkId, lo: u64, hi: u64) -> Result<AlignedBuf> {
+        let at = self.at(seg);
+        let m = self.map_of(seg, map).await?;
+        let located = locate_span(&at, &m, lo, hi)?;
         let need = (located.fetch_bytes().div_ceil(1024).max(1)).min(self.window_kib as u64) as u32;
         let cancelled = || Error::cancelled(format!("reading volume '{}' at offset {}", self.vol.name, at.offset));
         let _permit = tokio::select! {
             p = self.window.acquire_many(need) => p.map_err(|_| cancelled())?,
             _ = self.cancel.cancelled() => return Err(cancelled()),
         };
-        let (lo, hi) = located.span();
-        let fetched = fetch(at, located, &self.cancel).await?;
-        Ok(decode(at, fetched, AlignedBuf::new((hi - lo) as usize)).await?.0)
+        let fetched = fetch(&at, located, &self.cancel).await?;
+        Ok(decode(&at, fetched, AlignedBuf::new((hi - lo) as usize)).await?.0)
     }
 
     /// A small read of a segment not kept and not read in order: only the chunks under it
@@ -235,10 +231,7 @@ impl VolumeImage {
         if cached || again || dst.len() as u64 >= self.seg_len(seg) {
             return Ok(false);
         }
-        let at = self.at(seg);
-        let m = self.map_of(seg, &map).await?;
-        let located = locate_span(&at, &m, in_seg, in_seg + dst.len() as u64)?;
-        let buf = self.fetch_located(&at, located).await?;
+        let buf = self.fetch_span(seg, &map, in_seg, in_seg + dst.len() as u64).await?;
         dst.copy_from_slice(buf.as_slice());
         // Remembered only once read: a failed part leaves the segment's other parts to be
         // read in part too.

@@ -245,11 +245,6 @@ pub struct Located {
 }
 
 impl Located {
-    /// The segment's bytes located, `(lo, hi)`: what a decode fills.
-    pub fn span(&self) -> (u64, u64) {
-        self.span
-    }
-
     /// Bytes of packs the segment's reads fetch.
     pub fn fetch_bytes(&self) -> u64 {
         self.runs.iter().map(|r| r.3 - r.2).sum()

@@ -49,13 +49,14 @@ impl Cli {
     /// The log filter: as given; by default `warn`, and `info` for the daemon (its startup
     /// line says where it listens).
     pub fn log_filter(&self) -> String {
-        match (&self.log, &self.cmd) {
-            (Some(l), _) => l.clone(),
-            // The AWS SDK's own warnings (each attempt of each credential provider) say
-            // less than the error Mover reports.
-            (None, Cmd::Serve(_)) => "info,aws_config=error,aws_runtime=error".into(),
-            (None, _) => "warn,aws_config=error,aws_runtime=error".into(),
-        }
+        let level = match (&self.log, &self.cmd) {
+            (Some(l), _) => return l.clone(),
+            (None, Cmd::Serve(_)) => "info",
+            (None, _) => "warn",
+        };
+        // The AWS SDK's own warnings (each attempt of each credential provider) say less
+        // than the error Mover reports.
+        format!("{level},aws_config=error,aws_runtime=error")
     }
 }
 

@@ -37,6 +37,18 @@ impl Export {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Runs a Python script against the export with nbdsh (under Debian's interpreter,
+    /// which has libnbd's binding; the handle is `h`).
+    fn nbdsh(&self, script: &str) -> Output {
+        Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", &self.uri, "-c", script]).output().unwrap()
+    }
+
+    /// `len` bytes at `at`, or `None` when the read fails.
+    fn pread(&self, len: u64, at: u64) -> Option<Vec<u8>> {
+        let o = self.nbdsh(&format!("import sys; sys.stdout.buffer.write(h.pread({len}, {at}))"));
+        o.status.success().then_some(o.stdout)
+    }
+
     /// SIGTERM; returns how long it took to exit.
     fn stop(mut self) -> Duration {
         let t0 = Instant::now();
@@ -250,20 +262,18 @@ fn flip_at(path: &Path, frac: f64) {
     std::fs::write(path, &bytes).unwrap();
 }
 
-/// Reads the export's first `n` segments, each whole, by nbdsh (under Debian's
-/// interpreter, which has libnbd's binding); each that reads must equal `want`'s bytes
-/// there. Returns how many read and how many failed.
+/// Reads the export's first `n` segments, each whole; each that reads must equal `want`'s
+/// bytes there. Returns how many read and how many failed.
 fn read_segments(x: &Export, n: u64, want: &[u8]) -> (usize, usize) {
     let seg = 4u64 << 20;
     let (mut ok, mut failed) = (0, 0);
     for s in 0..n {
-        let read = format!("import sys; sys.stdout.buffer.write(h.pread({seg}, {}))", s * seg);
-        let o = Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", &x.uri, "-c", &read]).output().unwrap();
-        if o.status.success() {
-            assert!(o.stdout == want[(s * seg) as usize..((s + 1) * seg) as usize], "segment {s} read back different bytes");
-            ok += 1;
-        } else {
-            failed += 1;
+        match x.pread(seg, s * seg) {
+            Some(got) => {
+                assert!(got == want[(s * seg) as usize..((s + 1) * seg) as usize], "segment {s} read back different bytes");
+                ok += 1;
+            }
+            None => failed += 1,
         }
     }
     (ok, failed)
@@ -300,15 +310,10 @@ fn a_corrupt_chunk_fails_only_its_range_and_the_error_names_it() {
 /// other reads); `Ok` with the bytes, or `Err` with the export's log.
 fn read_alone(e: &Env, id: &str, at: u64, len: u64) -> Result<Vec<u8>, String> {
     let x = Export::start(e, id, &[]);
-    let read = format!("import sys; sys.stdout.buffer.write(h.pread({len}, {at}))");
-    let o = Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", &x.uri, "-c", &read]).output().unwrap();
+    let got = x.pread(len, at);
     let log = x.log();
     x.stop();
-    if o.status.success() {
-        Ok(o.stdout)
-    } else {
-        Err(log)
-    }
+    got.ok_or(log)
 }
 
 #[test]
@@ -369,7 +374,7 @@ print(len(reads), len(bad), bad[:10])
         path = src.display(),
         ext = format!("{ext:?}")
     );
-    let o = Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", &x.uri, "-c", &script]).output().unwrap();
+    let o = x.nbdsh(&script);
     assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stderr), x.log());
     let out = String::from_utf8_lossy(&o.stdout);
     let f: Vec<&str> = out.split_whitespace().collect();
