@@ -128,7 +128,49 @@ pub struct VolumeEntry {
     /// The change source's own base (e.g. a CSI snapshot id), for the next incremental.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_base: Option<String>,
+    /// Why the volume was read in full although a change source said what changed (the
+    /// source failed, lied, or a periodic full comparison was due).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_fallback: Option<String>,
+    /// Backups of this volume in a row, up to this one, that took a change source's word
+    /// for what was unchanged (0: this one read everything); for the periodic full
+    /// comparison.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub trusted_run: u32,
     pub stats: VolumeStats,
+}
+
+/// The smallest and largest segment sizes a manifest may record, and the largest volume.
+const MIN_SEGMENT_SIZE: u32 = 4096;
+const MAX_SEGMENT_SIZE: u32 = 1 << 30;
+const MAX_VOLUME_BYTES: u64 = 1 << 46;
+
+impl VolumeEntry {
+    /// What every reader relies on, checked when a manifest is opened (a manifest is written
+    /// by anyone holding the key): a usable name (restore names files after it), a segment
+    /// size in bounds (volumes are divided by it), a bounded size and as many segment groups
+    /// as the size needs.
+    pub fn check(&self) -> Result<(), String> {
+        let n = &self.name;
+        if n.is_empty() || n.len() > 253 || n == "." || n == ".." || n.contains(['/', ':', '\0']) {
+            return Err(format!("volume name {n:?} is not valid"));
+        }
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&self.segment_size) || self.segment_size % MIN_SEGMENT_SIZE != 0 {
+            return Err(format!("volume '{n}': segment size {} is out of bounds", self.segment_size));
+        }
+        if self.size > MAX_VOLUME_BYTES {
+            return Err(format!("volume '{n}': size {} is larger than any volume Mover writes", self.size));
+        }
+        let groups = self.size.div_ceil(self.segment_size as u64).div_ceil(crate::tree::GROUP_SEGMENTS as u64);
+        if self.groups.len() as u64 != groups {
+            return Err(format!("volume '{n}': {} segment groups where its size needs {groups}", self.groups.len()));
+        }
+        Ok(())
+    }
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -193,6 +235,9 @@ impl Manifest {
         let m: Manifest = keys.open_json(&SNAPSHOT_MAGIC, bytes, "snapshot manifest")?;
         if m.version != MANIFEST_VERSION {
             return Err(FormatError::Unsupported(format!("snapshot manifest version {}", m.version)));
+        }
+        for v in &m.volumes {
+            v.check().map_err(|e| FormatError::Corrupt(format!("snapshot manifest: {e}")))?;
         }
         Ok(m)
     }

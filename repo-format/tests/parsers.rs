@@ -107,3 +107,52 @@ fn decoders_reject_huge_counts_without_allocating() {
     m.extend_from_slice(&u32::MAX.to_le_bytes());
     assert!(SegmentMap::decode(&m).is_err());
 }
+
+/// A manifest is written by anyone holding the key: a volume every reader would divide by,
+/// name files after or size by is refused when it is opened, naming what is wrong, instead
+/// of panicking (division by zero) or writing outside a restore's directory.
+#[test]
+fn manifests_with_unusable_volumes_are_refused_when_opened() {
+    use mover_format::manifest::{ChangeSource, VolumeEntry};
+    let k = keys();
+    let vol = |name: &str, size: u64, segment_size: u32, groups: usize| VolumeEntry {
+        name: name.into(),
+        size,
+        segment_size,
+        groups: vec![ChunkId([7; 32]); groups],
+        source: "/dev/x".into(),
+        change_source: ChangeSource::Full,
+        change_base: None,
+        change_fallback: None,
+        trusted_run: 0,
+        stats: VolumeStats::default(),
+    };
+    let open = |v: VolumeEntry| {
+        let m = Manifest {
+            version: MANIFEST_VERSION,
+            group: Some("g".into()),
+            time_unix_ms: 1,
+            hostname: "h".into(),
+            tags: Default::default(),
+            parent: None,
+            volumes: vec![v],
+            metadata: vec![],
+            stats: VolumeStats::default(),
+            duration_ms: 0,
+            origin: None,
+        };
+        Manifest::open(&k, &m.seal(&k).unwrap()).map(|_| ()).map_err(|e| e.to_string())
+    };
+    assert_eq!(open(vol("disk", 8 << 20, 4 << 20, 1)), Ok(()));
+    for (v, says) in [
+        (vol("disk", 8 << 20, 0, 1), "segment size 0"),
+        (vol("disk", 8 << 20, 4097, 1), "segment size 4097"),
+        (vol("../../../escaped", 8 << 20, 4 << 20, 1), "escaped"),
+        (vol("..", 8 << 20, 4 << 20, 1), "\"..\""),
+        (vol("disk", 8 << 20, 4 << 20, 0), "0 segment groups"),
+        (vol("disk", 1 << 50, 4 << 20, 256), "larger than"),
+    ] {
+        let err = open(v).expect_err(says);
+        assert!(err.contains(says), "{says}: {err}");
+    }
+}

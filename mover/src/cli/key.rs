@@ -47,7 +47,7 @@ pub async fn run(ra: &RepoArgs, cmd: Cmd, cancel: &CancellationToken) -> anyhow:
                 println!("{}", serde_json::to_string(&v)?);
             } else {
                 for (id, k) in &keys {
-                    println!("{} {id} {} {}", if *id == repo.key_id() { "*" } else { " " }, fmt_time(k.created_unix * 1000), k.hostname);
+                    println!("{} {id} {} {}", if *id == repo.key_id() { "*" } else { " " }, fmt_time(k.created_unix.saturating_mul(1000)), k.hostname);
                 }
             }
         }
