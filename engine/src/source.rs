@@ -56,6 +56,10 @@ pub struct Changes {
     /// The reader holds only the changed ranges (a KubeVirt push-mode incremental image):
     /// nothing else may be read from it, so its changes must be applied onto the parent.
     pub sparse: bool,
+    /// Set when the data was not read through the source that owns the request's
+    /// checkpoint (a KubeVirt export's PVC read instead): the checkpoint is then not
+    /// recorded, so the next incremental cannot build on a base this snapshot may predate.
+    pub drop_checkpoint: Option<String>,
 }
 
 impl Changes {
@@ -174,12 +178,21 @@ mod tests {
             source: source.into(),
             change_source: ChangeSource::Full,
             change_base: base.map(String::from),
+            change_fallback: None,
+            trusted_run: 0,
             stats: VolumeStats::default(),
         }
     }
 
     fn changes(since: Option<&str>) -> Changes {
-        Changes { source: Some(ChangeSource::Nbd), changed: Some(vec![(0, 4096)]), since: since.map(String::from), fallback: None, sparse: false }
+        Changes {
+            source: Some(ChangeSource::Nbd),
+            changed: Some(vec![(0, 4096)]),
+            since: since.map(String::from),
+            fallback: None,
+            sparse: false,
+            ..Default::default()
+        }
     }
 
     #[test]

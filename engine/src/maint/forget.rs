@@ -188,6 +188,8 @@ mod tests {
                 source: "/dev/x".into(),
                 change_source: mover_format::manifest::ChangeSource::Full,
                 change_base: None,
+                change_fallback: None,
+                trusted_run: 0,
                 stats: VolumeStats::default(),
             }],
             metadata: vec![],

@@ -80,7 +80,20 @@ pub struct Tuning {
     pub checkpoint_packs: usize,
     /// Upload bandwidth limits (node-wide and per transfer); every pack takes from each.
     pub limiters: Vec<Arc<crate::ratelimit::RateLimiter>>,
+    /// Segments a change source called unchanged that are read anyway and compared with
+    /// the parent ([`DEFAULT_VERIFY_SAMPLE`]; 0: none). One that differs makes the backup
+    /// read the whole volume.
+    pub verify_sample: usize,
+    /// Every Nth backup in a row of a volume that took a change source's word reads the
+    /// whole volume instead and compares (0: never).
+    pub compare_every: u32,
 }
+
+/// Segments sampled per volume by default: a source whose omissions touch at least 5 % of
+/// the segments it called unchanged is caught with probability 1 - 0.95^64 > 96 %, for a
+/// volume of any size, at the cost of reading 256 MiB (4 MiB segments); see
+/// `docs/change-sources.md`.
+pub const DEFAULT_VERIFY_SAMPLE: usize = 64;
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -91,6 +104,8 @@ impl Default for Tuning {
             upload_concurrency: 0,
             checkpoint_packs: 4,
             limiters: Vec::new(),
+            verify_sample: DEFAULT_VERIFY_SAMPLE,
+            compare_every: 0,
         }
     }
 }
@@ -126,8 +141,26 @@ pub struct VolumeSummary {
     /// Set when a change source failed and the volume was read in full (parent reuse on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub change_fallback: Option<String>,
+    /// How the change source's word was checked, when one was given and trusted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_check: Option<ChangeCheck>,
     #[serde(flatten)]
     pub stats: VolumeStats,
+}
+
+/// The check of what a change source called unchanged: segments read anyway and compared
+/// with the parent, and how many differed (then the volume was read in full).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChangeCheck {
+    pub source: ChangeSource,
+    /// Segments compared with the parent.
+    pub compared: u64,
+    /// Of those, segments that differed: the source left out changes.
+    pub differed: u64,
+    /// Bytes the sample read from the source (besides the backup's own `bytes_read`).
+    pub bytes: u64,
+    /// A periodic full comparison (every segment read), rather than a sample.
+    pub full: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -240,9 +273,19 @@ async fn run(
         if let Some(f) = &opened.changes.fallback {
             tracing::warn!("volume '{}': {f}; reading everything (unchanged segments still reused from the parent)", v.name);
         }
+        let mut checkpoint = v.checkpoint;
+        if let (Some(why), Some(cp)) = (&opened.changes.drop_checkpoint, &checkpoint) {
+            tracing::warn!("volume '{}': checkpoint '{cp}' is not recorded: {why}; the next backup of it reads everything", v.name);
+            let note = format!("checkpoint '{cp}' not recorded ({why})");
+            opened.changes.fallback = Some(match opened.changes.fallback.take() {
+                Some(f) => format!("{f}; {note}"),
+                None => note,
+            });
+            checkpoint = None;
+        }
         progress.add_total(opened.size);
         let parent = pvol.map(|(p, pv)| (p.snapshot, pv));
-        vols.push(OpenVolume { name: v.name, source, recorded: v.recorded, checkpoint: v.checkpoint, opened, parent });
+        vols.push(OpenVolume { name: v.name, source, recorded: v.recorded, checkpoint, opened, parent });
     }
 
     let stop = cancel.child_token();
@@ -260,7 +303,7 @@ async fn run(
     packer.lease = Some(lease.clone());
     let mut enc = BlobEncoder::new(repo.config().compression.level);
 
-    let mut changes = Vec::new();
+    let mut checks = Vec::new();
     let result: Result<(Vec<VolumeEntry>, Vec<MetadataEntry>, IoBackend)> = async {
         let mut metadata = Vec::new();
         for (name, bytes) in &job.metadata {
@@ -278,9 +321,9 @@ async fn run(
                 _ => None,
             };
             tracing::debug!(volume = %v.name, parent_segments = prefs.as_ref().map(|p| p.len()), "parent's segment refs loaded");
-            changes.push(v.opened.changes.clone());
-            let (entry, b) = backup_volume(&shared, &tree, &mut packer, &mut enc, v, prefs, &job.tuning, &progress, &stop).await?;
+            let (entry, b, check) = backup_volume(&shared, &tree, &mut packer, &mut enc, v, prefs, &job.tuning, &progress, &stop).await?;
             backend = b;
+            checks.push(check);
             volumes.push(entry);
         }
         packer.finish().await?;
@@ -329,8 +372,14 @@ async fn run(
         bytes_uploaded: packer.bytes_uploaded,
         volumes: volumes
             .iter()
-            .zip(&changes)
-            .map(|(v, ch)| VolumeSummary { name: v.name.clone(), change_source: v.change_source.clone(), change_fallback: ch.fallback.clone(), stats: v.stats })
+            .zip(checks)
+            .map(|(v, check)| VolumeSummary {
+                name: v.name.clone(),
+                change_source: v.change_source.clone(),
+                change_fallback: v.change_fallback.clone(),
+                change_check: check,
+                stats: v.stats,
+            })
             .collect(),
     })
 }
@@ -462,8 +511,9 @@ async fn backup_volume(
     tuning: &Tuning,
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
-) -> Result<(VolumeEntry, IoBackend)> {
+) -> Result<(VolumeEntry, IoBackend, Option<ChangeCheck>)> {
     let seg_size = sh.params.segment_size as u64;
+    let (v, mut check, compare) = check_changes(sh, v, prefs.as_deref(), tuning, cancel).await?;
     let size = v.opened.size;
     let nseg = size.div_ceil(seg_size);
     let mut refs: Vec<Option<SegmentRef>> = vec![None; nseg as usize];
@@ -478,6 +528,7 @@ async fn backup_volume(
         (_, Some(_)) => ChangeSource::ParentDigest,
         _ => ChangeSource::Full,
     };
+    let trusted = v.opened.changes.changed.is_some() && prefs.is_some();
     let (jobs, spliced) = plan_reads(&v, allocated, prefs.as_deref(), seg_size, &mut refs, &mut st, progress)?;
     tracing::debug!(volume = %v.name, reads = jobs.len(), spliced = spliced.len(), "reads planned");
     let parent_maps = ParentMaps::spawn(sh.repo.clone(), tree.clone(), spliced, 256, cancel.clone());
@@ -495,7 +546,8 @@ async fn backup_volume(
         Reader::File(f) => reader::spawn(f, v.source.clone(), jobs, tuning.io, qd, pool_rx, read_tx, cancel.clone())?,
         Reader::Blocks(b) => reader::spawn_blocks(b, jobs, qd, pool_rx, read_tx, cancel.clone())?,
     };
-    let threads = spawn_workers(workers, sh, enc.level(), Arc::new(prefs), parent_maps, read_rx, &pool_tx, &out_tx, cancel)?;
+    let prefs = Arc::new(prefs);
+    let threads = spawn_workers(workers, sh, enc.level(), prefs.clone(), parent_maps, read_rx, &pool_tx, &out_tx, cancel)?;
     drop(out_tx);
     drop(pool_tx);
 
@@ -552,6 +604,29 @@ async fn backup_volume(
         .enumerate()
         .map(|(i, r)| r.ok_or_else(|| Error::new(ErrorKind::Permanent, format!("volume '{}': segment {i} was never processed", v.name))))
         .collect::<Result<_>>()?;
+    // A periodic full comparison: the segments the source called unchanged, as read now,
+    // against the parent's copies.
+    let mut fallback = v.opened.changes.fallback.clone();
+    if let (Some(claimed), Some(pr), Some(c)) = (&compare, prefs.as_ref(), check.as_mut()) {
+        let differed: Vec<u64> = claimed.iter().copied().filter(|&s| !same_content(&all[s as usize], &pr[s as usize])).collect();
+        c.compared = claimed.len() as u64;
+        c.differed = differed.len() as u64;
+        if let Some(&first) = differed.first() {
+            let why = format!(
+                "the change source ({}) called {} of {} compared segments unchanged that differ from the parent (the first: segment {first}, bytes {}..{})",
+                c.source,
+                differed.len(),
+                claimed.len(),
+                first * seg_size,
+                ((first + 1) * seg_size).min(size)
+            );
+            tracing::warn!("volume '{}': {why}; this backup read everything and holds the volume as it is", v.name);
+            fallback = Some(match fallback {
+                Some(f) => format!("{f}; {why}"),
+                None => why,
+            });
+        }
+    }
     for (gi, chunk) in all.chunks(GROUP_SEGMENTS).enumerate() {
         let g = SegmentGroup { first_segment: (gi * GROUP_SEGMENTS) as u64, segments: chunk.to_vec() }.encode();
         let id = sh.keys().chunk_id(&g);
@@ -561,9 +636,167 @@ async fn backup_volume(
         groups.push(id);
     }
     let (source, change_source) = v.recorded.clone().unwrap_or((v.source, change_source));
-    let entry =
-        VolumeEntry { name: v.name.clone(), size, segment_size: sh.params.segment_size, groups, source, change_source, change_base: v.checkpoint, stats: st };
-    Ok((entry, backend))
+    let trusted_run = if trusted { v.parent.as_ref().map(|p| p.1.trusted_run).unwrap_or(0).saturating_add(1) } else { 0 };
+    let entry = VolumeEntry {
+        name: v.name.clone(),
+        size,
+        segment_size: sh.params.segment_size,
+        groups,
+        source,
+        change_source,
+        change_base: v.checkpoint,
+        change_fallback: fallback,
+        trusted_run,
+        stats: st,
+    };
+    Ok((entry, backend, check))
+}
+
+/// True when two refs of a segment hold the same bytes: both holes, or the same map.
+fn same_content(a: &SegmentRef, b: &SegmentRef) -> bool {
+    match (a, b) {
+        (SegmentRef::Hole, SegmentRef::Hole) => true,
+        (SegmentRef::Map { map: x, .. }, SegmentRef::Map { map: y, .. }) => x == y,
+        _ => false,
+    }
+}
+
+/// The segments a change source called unchanged whose parent copy can be compared with
+/// what the source holds now: wholly inside the parent's volume, with a parent copy known
+/// by content (a hole, or a map of a segment read whole: a spliced segment's digest is
+/// unknown), and for a descriptor of whole 4096-byte blocks.
+fn claimed_unchanged(v: &OpenVolume, ext: &[(u64, u64)], prefs: &[SegmentRef], seg_size: u64) -> Vec<u64> {
+    let size = v.opened.size;
+    let parent_size = v.parent.as_ref().map(|p| p.1.size).unwrap_or(0);
+    let align = matches!(v.opened.reader, Reader::File(_));
+    let ext = normalized(ext);
+    let mut out = Vec::new();
+    for seg in 0..size.div_ceil(seg_size) {
+        let (start, end) = (seg * seg_size, ((seg + 1) * seg_size).min(size));
+        let same_shape = end <= parent_size && (end < parent_size || parent_size == size);
+        if !same_shape || (align && (end - start) % ALIGN as u64 != 0) || !segment_ranges(&ext, start, end, false).is_empty() {
+            continue;
+        }
+        match prefs.get(seg as usize) {
+            Some(SegmentRef::Hole) => out.push(seg),
+            Some(SegmentRef::Map { digest, .. }) if *digest != super::splice::UNKNOWN_DIGEST => out.push(seg),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Checks a change source's word before the volume is planned (`docs/change-sources.md`,
+/// "Trust, but verify"). When a periodic full comparison is due, drops the changes (the
+/// volume is read in full) and returns the segments to compare afterwards. Otherwise reads
+/// a random sample of the segments the source called unchanged and compares each with the
+/// parent's copy; when one differs, the changes are dropped and the volume is read in
+/// full in this same backup, the reason recorded.
+async fn check_changes(
+    sh: &Arc<Shared>,
+    mut v: OpenVolume,
+    prefs: Option<&[SegmentRef]>,
+    tuning: &Tuning,
+    cancel: &CancellationToken,
+) -> Result<(OpenVolume, Option<ChangeCheck>, Option<Vec<u64>>)> {
+    let (Some(ext), Some(pr)) = (&v.opened.changes.changed, prefs) else { return Ok((v, None, None)) };
+    if v.opened.changes.sparse || v.recorded.is_some() {
+        // A sparse source holds nothing but the changes; a copy's changes are the
+        // repository's own.
+        return Ok((v, None, None));
+    }
+    let source = v.opened.changes.source.clone().unwrap_or(ChangeSource::Extents);
+    let seg_size = sh.params.segment_size as u64;
+    let claimed = claimed_unchanged(&v, ext, pr, seg_size);
+    let run = v.parent.as_ref().map(|p| p.1.trusted_run).unwrap_or(0).saturating_add(1);
+    if tuning.compare_every > 0 && run >= tuning.compare_every {
+        let why = format!("a full comparison is due (every {} backups that trusted a change source)", tuning.compare_every);
+        tracing::info!("volume '{}': {why}; reading everything", v.name);
+        v.opened.changes.changed = None;
+        v.opened.changes.fallback = Some(match v.opened.changes.fallback.take() {
+            Some(f) => format!("{f}; {why}"),
+            None => why,
+        });
+        return Ok((v, Some(ChangeCheck { source, compared: 0, differed: 0, bytes: 0, full: true }), Some(claimed)));
+    }
+    let k = tuning.verify_sample.min(claimed.len());
+    if k == 0 {
+        return Ok((v, Some(ChangeCheck { source, compared: 0, differed: 0, bytes: 0, full: false }), None));
+    }
+    let mut sample: Vec<u64> = rand::seq::index::sample(&mut rand::rng(), claimed.len(), k).into_iter().map(|i| claimed[i]).collect();
+    sample.sort_unstable();
+    let parents: Vec<SegmentRef> = sample.iter().map(|&s| pr[s as usize]).collect();
+    let bytes: u64 = sample.iter().map(|&s| seg_size.min(v.opened.size - s * seg_size)).sum();
+    let (sh2, cancel2) = (sh.clone(), cancel.clone());
+    let size = v.opened.size;
+    let t = Instant::now();
+    let work = tokio::task::spawn_blocking(move || {
+        let r = compare_sample(&sh2, &mut v.opened.reader, &v.source, &sample, &parents, seg_size, size, &cancel2);
+        (v, r)
+    });
+    let (mut v, differed) = work.await.map_err(|e| Error::permanent(format!("the change-source check stopped: {e}")))?;
+    let differed = differed?;
+    tracing::debug!(volume = %v.name, sampled = k, differed = differed.len(), ms = t.elapsed().as_millis() as u64, "change source checked");
+    if let Some(&first) = differed.first() {
+        let why = format!(
+            "the change source ({source}) called segment {first} (bytes {}..{}) unchanged, but it differs from parent snapshot {} ({} of {k} sampled segments differ): reading the whole volume",
+            first * seg_size,
+            ((first + 1) * seg_size).min(size),
+            v.parent.as_ref().map(|p| p.0.to_string()).unwrap_or_default(),
+            differed.len()
+        );
+        tracing::warn!("volume '{}': {why}", v.name);
+        v.opened.changes.changed = None;
+        v.opened.changes.fallback = Some(why);
+    }
+    Ok((v, Some(ChangeCheck { source, compared: k as u64, differed: differed.len() as u64, bytes, full: false }), None))
+}
+
+/// Reads each of `segs` whole and returns those whose content differs from `parents`.
+#[allow(clippy::too_many_arguments)]
+fn compare_sample(
+    sh: &Shared,
+    reader: &mut Reader,
+    label: &str,
+    segs: &[u64],
+    parents: &[SegmentRef],
+    seg_size: u64,
+    size: u64,
+    cancel: &CancellationToken,
+) -> Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = AlignedBuf::new(seg_size as usize);
+    let mut differed = Vec::new();
+    for (&seg, parent) in segs.iter().zip(parents) {
+        if cancel.is_cancelled() {
+            return Err(Error::cancelled(format!("checking the change source of {label}")));
+        }
+        let offset = seg * seg_size;
+        let len = (seg_size.min(size - offset)) as usize;
+        let data = &mut buf.as_mut_full()[..len];
+        match reader {
+            Reader::File(f) => {
+                let mut done = 0;
+                while done < len {
+                    let n =
+                        f.read_at(&mut data[done..], offset + done as u64).with_context(|| format!("reading {label} at offset {}", offset + done as u64))?;
+                    if n == 0 {
+                        return Err(Error::permanent(format!("reading {label}: it ended at {} bytes, inside segment {seg}", offset + done as u64)));
+                    }
+                    done += n;
+                }
+            }
+            Reader::Blocks(b) => b.read_at(offset, data).with_context(|| format!("reading {label} at offset {offset}"))?,
+        }
+        let same = match parent {
+            SegmentRef::Hole => mover_format::chunker::is_zero(data),
+            SegmentRef::Map { digest, .. } => !mover_format::chunker::is_zero(data) && sh.keys().segment_digest(data) == *digest,
+        };
+        if !same {
+            differed.push(seg);
+        }
+    }
+    Ok(differed)
 }
 
 /// Rejects a volume name that cannot be one (empty, or holding `/` or `:`, which name

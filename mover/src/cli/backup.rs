@@ -57,10 +57,19 @@ pub struct Args {
     /// The backup's endpointCert (PEM file).
     #[arg(long, value_name = "FILE")]
     kubevirt_ca: Option<PathBuf>,
-    /// The export is an incremental backup holding the changes since CHECKPOINT (the
-    /// tracker's previous checkpoint); without it, a full backup.
+    /// The VirtualMachineBackup's status.type: Full or Incremental (KubeVirt decides, not
+    /// the caller). Checked against the map's own descriptions; when they disagree, or
+    /// neither says, the volume is read in full through the export. Unset: as the map says.
+    #[arg(long, value_name = "TYPE", requires = "kubevirt_export", value_parser = ["Full", "Incremental", "full", "incremental"])]
+    kubevirt_type: Option<String>,
+    /// The checkpoint an Incremental backup's changes are relative to (the tracker's
+    /// latestCheckpoint before this backup); it must be the parent's recorded checkpoint.
     #[arg(long, value_name = "CHECKPOINT", requires = "kubevirt_export")]
     kubevirt_base: Option<String>,
+    /// Seconds to keep retrying a KubeVirt export that answers 503 (virt-launcher's tunnel
+    /// not connected yet) or cannot be reached, with backoff.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    kubevirt_retry: u64,
     /// Back up a KubeVirt push-mode output image (qcow2) as the volume named by --name.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["nbd", "kubevirt_export"])]
     qcow2: Option<PathBuf>,
@@ -99,6 +108,15 @@ pub struct Args {
     /// K=V, repeatable.
     #[arg(long = "tag", value_name = "K=V")]
     tags: Vec<String>,
+    /// Segments a change source (extents, bitmap, CSI, KubeVirt map) called unchanged that
+    /// are read anyway and compared with the parent; one that differs makes this backup read
+    /// the whole volume (0: none).
+    #[arg(long, value_name = "SEGMENTS", default_value_t = mover_engine::pipeline::backup::DEFAULT_VERIFY_SAMPLE)]
+    verify_sample: usize,
+    /// Read the whole volume and compare when this is the Nth backup in a row that took a
+    /// change source's word (0: never).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    compare_every: u32,
     /// Read path: auto (io_uring, else pread), io_uring, pread.
     #[arg(long, default_value = "auto", value_parser = ["auto", "io_uring", "pread"])]
     io: String,
@@ -132,10 +150,9 @@ fn request(b: &Args) -> anyhow::Result<BackupRequest> {
             base: mover::sources::kubevirt::Export::base_of(url)?,
             token: zeroize::Zeroizing::new(token.trim().to_string()),
             ca_pem: read(&b.kubevirt_ca, "--kubevirt-ca")?,
-            kind: match &b.kubevirt_base {
-                Some(s) => mover::sources::kubevirt::BackupType::Incremental { since: s.clone() },
-                None => mover::sources::kubevirt::BackupType::Full,
-            },
+            declared: b.kubevirt_type.as_deref().map(mover::sources::kubevirt::BackupType::parse).transpose()?,
+            since: b.kubevirt_base.clone().filter(|s| !s.is_empty()),
+            retry_for: Duration::ZERO,
             timeout: Duration::from_secs(b.nbd_timeout.max(1)),
         };
         let pvc = b.source.clone().map(|p| Box::new(SourceRef::Path(p)));
@@ -192,6 +209,8 @@ fn request(b: &Args) -> anyhow::Result<BackupRequest> {
         metadata,
         tags: key_values(&b.tags, "--tag")?.into_iter().collect(),
         tuning,
+        verify_sample: Some(b.verify_sample),
+        compare_every: Some(b.compare_every),
     })
 }
 
@@ -209,6 +228,7 @@ pub async fn run(ra: &RepoArgs, b: Args, cancel: &CancellationToken) -> anyhow::
             timeout: Duration::from_secs(30),
         }),
         kubevirt_hosts: None,
+        backup: mover::plan::BackupDefaults { kubevirt_retry: Duration::from_secs(b.kubevirt_retry), ..Default::default() },
     };
     let repo = ra.open(cancel).await?;
     let plan = mover::plan::backup::prepare(req, &env, &repo, cancel).await?;

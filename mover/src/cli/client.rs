@@ -79,6 +79,9 @@ enum Cmd {
         /// A block device or a file path (beneath the daemon's allowed roots).
         #[arg(long)]
         target: String,
+        /// Write over a target that already holds data.
+        #[arg(long)]
+        overwrite: bool,
         /// Idempotency key: a repeated start with the same id returns the same transfer.
         #[arg(long, default_value = "")]
         request_id: String,
@@ -254,10 +257,21 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 vols.push(pb::BackupVolume { name: n, source: Some(pb::VolumeRef { r#ref: Some(r) }), ..Default::default() });
             }
             let tags = super::key_values(&tags, "--tag")?.into_iter().collect();
-            let req = pb::StartBackupRequest { request_id, repository, volumes: vols, parent, metadata: vec![], tags, bandwidth_limit, group };
+            let req = pb::StartBackupRequest {
+                request_id,
+                repository,
+                volumes: vols,
+                parent,
+                metadata: vec![],
+                tags,
+                bandwidth_limit,
+                group,
+                verify_sample: None,
+                compare_every: None,
+            };
             Some((tc.start_backup(req).await.map_err(status)?.into_inner(), w))
         }
-        Cmd::StartRestore { repository, snapshot, group, volume, target, request_id, watch: w } => {
+        Cmd::StartRestore { repository, snapshot, group, volume, target, overwrite, request_id, watch: w } => {
             let req = pb::StartRestoreRequest {
                 request_id,
                 repository,
@@ -266,6 +280,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 target: Some(pb::VolumeRef { r#ref: Some(pb::volume_ref::Ref::Path(target)) }),
                 holes: 0,
                 group,
+                overwrite,
             };
             Some((tc.start_restore(req).await.map_err(status)?.into_inner(), w))
         }

@@ -26,6 +26,10 @@ pub struct Args {
     /// How to treat holes (zero runs) on the target: auto, zero, skip.
     #[arg(long, default_value = "auto", value_parser = ["auto", "zero", "skip"])]
     holes: String,
+    /// Write over a target that already holds data (a non-empty file, or a device whose
+    /// first or last MiB is not all zeros); without it such a target is refused.
+    #[arg(long)]
+    overwrite: bool,
     /// The fetch window: MiB of packs being fetched or waiting to be decoded (default: 64
     /// against S3, 32 for a local directory). More covers a more distant store, at about a
     /// MiB of memory per MiB.
@@ -40,9 +44,23 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         Some((s, v)) => (s.to_string(), Some(v.to_string())),
         None => (a.snapshot.clone(), None),
     };
-    let req =
-        RestoreRequest { snapshot, group: a.group.clone(), volume, target: TargetRef::Path(a.target.clone()), into_directory: true, holes: a.holes.parse()? };
-    let env = Env { paths: PathPolicy::Operator, nbd: NbdPolicy::Any, nbd_options: NbdOptions::default(), csi: None, kubevirt_hosts: None };
+    let req = RestoreRequest {
+        snapshot,
+        group: a.group.clone(),
+        volume,
+        target: TargetRef::Path(a.target.clone()),
+        into_directory: true,
+        holes: a.holes.parse()?,
+        overwrite: a.overwrite,
+    };
+    let env = Env {
+        paths: PathPolicy::Operator,
+        nbd: NbdPolicy::Any,
+        nbd_options: NbdOptions::default(),
+        csi: None,
+        kubevirt_hosts: None,
+        backup: Default::default(),
+    };
     let repo = ra.open(cancel).await?;
     // A `read` lock before the snapshot is resolved and the index synced: gc keeps every
     // pack this restore may still read until it is released.

@@ -95,6 +95,9 @@ struct Raw {
     kubevirt_export_hosts: Vec<String>,
     nbd_connect_timeout_seconds: Option<u64>,
     nbd_io_timeout_seconds: Option<u64>,
+    kubevirt_retry_seconds: Option<u64>,
+    backup_verify_sample: Option<usize>,
+    backup_compare_every: Option<u32>,
     csi: Option<CsiConfig>,
     max_concurrent_transfers: Option<usize>,
     bandwidth_limit: Option<u64>,
@@ -142,6 +145,9 @@ pub struct DaemonConfig {
     pub kubevirt_export_hosts: Vec<String>,
     pub nbd_connect_timeout: Duration,
     pub nbd_io_timeout: Duration,
+    /// What a backup request leaves unset: the change-source check and the KubeVirt
+    /// export's retry window.
+    pub backup: crate::plan::BackupDefaults,
     pub csi: Option<CsiConfig>,
     pub max_concurrent_transfers: usize,
     pub bandwidth_limit: u64,
@@ -265,6 +271,14 @@ impl DaemonConfig {
             kubevirt_export_hosts: raw.kubevirt_export_hosts,
             nbd_connect_timeout: Duration::from_secs(raw.nbd_connect_timeout_seconds.unwrap_or(10).max(1)),
             nbd_io_timeout: Duration::from_secs(raw.nbd_io_timeout_seconds.unwrap_or(60).max(1)),
+            backup: {
+                let d = crate::plan::BackupDefaults::default();
+                crate::plan::BackupDefaults {
+                    verify_sample: raw.backup_verify_sample.unwrap_or(d.verify_sample),
+                    compare_every: raw.backup_compare_every.unwrap_or(d.compare_every),
+                    kubevirt_retry: raw.kubevirt_retry_seconds.map(Duration::from_secs).unwrap_or(d.kubevirt_retry),
+                }
+            },
             csi: raw.csi,
             max_concurrent_transfers: max,
             bandwidth_limit: raw.bandwidth_limit.unwrap_or(0),

@@ -85,11 +85,10 @@ impl TryFrom<pb::BackupVolume> for VolumeRequest {
                 base: crate::sources::kubevirt::Export::base_of(&k.endpoint)?,
                 token: zeroize::Zeroizing::new(k.token),
                 ca_pem: k.endpoint_cert.into_bytes(),
-                kind: match empty(k.base_checkpoint) {
-                    Some(since) => crate::sources::kubevirt::BackupType::Incremental { since },
-                    None => crate::sources::kubevirt::BackupType::Full,
-                },
+                declared: empty(k.backup_type).as_deref().map(crate::sources::kubevirt::BackupType::parse).transpose()?,
+                since: empty(k.base_checkpoint),
                 timeout: Duration::from_secs(60),
+                retry_for: Duration::ZERO,
             };
             let pvc = match v.source {
                 Some(r) => Some(Box::new(plain(Some(r), &what)?)),
@@ -142,6 +141,8 @@ impl TryFrom<pb::StartBackupRequest> for BackupRequest {
             metadata: r.metadata.into_iter().map(|m| (m.name, m.data)).collect(),
             tags: r.tags.into_iter().collect(),
             tuning: Default::default(),
+            verify_sample: r.verify_sample.map(|n| n as usize),
+            compare_every: r.compare_every,
         })
     }
 }
@@ -161,7 +162,15 @@ impl TryFrom<pb::StartRestoreRequest> for RestoreRequest {
             pb::HoleHandling::Zero => HoleMode::Zero,
             pb::HoleHandling::Skip => HoleMode::Skip,
         };
-        Ok(RestoreRequest { snapshot: r.snapshot, group: empty(r.group), volume: empty(r.volume), target, into_directory: false, holes })
+        Ok(RestoreRequest {
+            snapshot: r.snapshot,
+            group: empty(r.group),
+            volume: empty(r.volume),
+            target,
+            into_directory: false,
+            holes,
+            overwrite: r.overwrite,
+        })
     }
 }
 

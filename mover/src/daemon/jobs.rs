@@ -500,6 +500,9 @@ impl Jobs {
                     if v.change_fallback.is_some() {
                         m.change_fallbacks.inc();
                     }
+                    if let Some(c) = v.change_check.as_ref().filter(|c| c.differed > 0) {
+                        m.change_mismatches.with_label_values(&[c.source.as_str()]).inc();
+                    }
                 }
                 let r = job.update(|r| {
                     r.snapshot_id = s.snapshot_id.to_string();

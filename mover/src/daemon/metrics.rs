@@ -22,6 +22,9 @@ pub struct Metrics {
     pub change_sources: IntCounterVec,
     /// Volumes whose requested change source failed, so everything was read.
     pub change_fallbacks: IntCounter,
+    /// Volumes where a change source called segments unchanged that differed from the
+    /// parent (caught by the sample or a full comparison), by source.
+    pub change_mismatches: IntCounterVec,
     /// NBD exports serving now.
     pub exports_active: prometheus::IntGauge,
     /// When a transfer of each kind last succeeded (unix seconds; 0: not since start).
@@ -74,6 +77,11 @@ impl Metrics {
             IntCounter::new("mover_change_source_fallbacks_total", "Volumes whose changed-block source failed, so the backup read everything")?;
         registry.register(Box::new(change_sources.clone()))?;
         registry.register(Box::new(change_fallbacks.clone()))?;
+        let change_mismatches = IntCounterVec::new(
+            Opts::new("mover_change_source_mismatches_total", "Volumes whose change source called segments unchanged that differ from the parent"),
+            &["change_source"],
+        )?;
+        registry.register(Box::new(change_mismatches.clone()))?;
         let exports_active = prometheus::IntGauge::new("mover_exports_active", "Snapshot volumes served over NBD now")?;
         registry.register(Box::new(exports_active.clone()))?;
         let last_success = prometheus::GaugeVec::new(
@@ -145,6 +153,7 @@ impl Metrics {
             io_uring_fallbacks,
             change_sources,
             change_fallbacks,
+            change_mismatches,
             exports_active,
             last_success,
             verify_runs,

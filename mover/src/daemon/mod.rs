@@ -74,6 +74,7 @@ fn env_from(cfg: &DaemonConfig) -> Env {
             timeout: Duration::from_secs(c.timeout_seconds.unwrap_or(30).max(1)),
         }),
         kubevirt_hosts: Some(cfg.kubevirt_export_hosts.clone()),
+        backup: cfg.backup,
     }
 }
 

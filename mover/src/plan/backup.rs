@@ -56,6 +56,11 @@ pub struct BackupRequest {
     pub metadata: Vec<(String, Vec<u8>)>,
     pub tags: BTreeMap<String, String>,
     pub tuning: Tuning,
+    /// Segments a change source called unchanged to read and compare anyway; `None`: the
+    /// node's default.
+    pub verify_sample: Option<usize>,
+    /// Every Nth trusting backup reads everything; `None`: the node's default.
+    pub compare_every: Option<u32>,
 }
 
 /// A validated backup: what the engine runs.
@@ -134,12 +139,14 @@ pub async fn prepare(req: BackupRequest, env: &Env, repo: &Repository, cancel: &
                 let socket = nbd_allowed(env, &uri, &what)?;
                 Box::new(NbdSource { uri, bitmap, options: env.nbd_options, socket })
             }
-            SourceRef::Kubevirt { export, pvc } => {
+            SourceRef::Kubevirt { mut export, pvc } => {
+                export.retry_for = env.backup.kubevirt_retry;
                 if v.changed_extents.is_some() || v.csi.is_some() {
                     return Err(Error::invalid(format!("volume '{}': a KubeVirt export does not combine with changed extents or CSI", v.name)));
                 }
                 if let Some(hosts) = &env.kubevirt_hosts {
-                    if !hosts.contains(&export.host_port()) {
+                    let hp = export.host_port();
+                    if !hosts.iter().any(|pattern| crate::sources::kubevirt::host_matches(pattern, &hp)) {
                         return Err(Error::invalid(format!(
                             "{what}: KubeVirt export server {} is not among the hosts this node allows (kubevirt_export_hosts)",
                             export.host_port()
@@ -182,10 +189,13 @@ pub async fn prepare(req: BackupRequest, env: &Env, repo: &Repository, cancel: &
         volumes.push(VolumeInput { name: v.name, source, checkpoint: v.checkpoint.filter(|c| !c.is_empty()), recorded: None });
     }
     let volume_names = volumes.iter().map(|v| v.name.clone()).collect();
+    let mut tuning = req.tuning;
+    tuning.verify_sample = req.verify_sample.unwrap_or(env.backup.verify_sample);
+    tuning.compare_every = req.compare_every.unwrap_or(env.backup.compare_every);
     Ok(BackupPlan {
         group: group.clone(),
         volume_names,
-        job: BackupJob { group, volumes, parent, metadata: req.metadata, tags: req.tags, tuning: req.tuning, copy_of: None },
+        job: BackupJob { group, volumes, parent, metadata: req.metadata, tags: req.tags, tuning, copy_of: None },
     })
 }
 

@@ -22,8 +22,29 @@ pub struct Env {
     pub nbd_options: NbdOptions,
     /// `None`: CSI changed-block tracking is not configured here.
     pub csi: Option<CsiService>,
-    /// `host:port` of the KubeVirt export servers a request may name; `None`: any (the CLI).
+    /// `host:port` of the KubeVirt export servers a request may name (a `*` in the host
+    /// stands for any run of characters but `.`); `None`: any (the CLI).
     pub kubevirt_hosts: Option<Vec<String>>,
+    /// What a backup request leaves unset.
+    pub backup: BackupDefaults,
+}
+
+/// The node's defaults for what a backup request may leave unset.
+#[derive(Debug, Clone, Copy)]
+pub struct BackupDefaults {
+    /// Segments a change source called unchanged that are read and compared anyway.
+    pub verify_sample: usize,
+    /// Every Nth backup that trusted a change source reads everything (0: never).
+    pub compare_every: u32,
+    /// How long a KubeVirt export answering 503 (virt-launcher's tunnel not connected) or
+    /// failing to connect is retried, with backoff.
+    pub kubevirt_retry: std::time::Duration,
+}
+
+impl Default for BackupDefaults {
+    fn default() -> Self {
+        Self { verify_sample: mover_engine::pipeline::backup::DEFAULT_VERIFY_SAMPLE, compare_every: 0, kubevirt_retry: std::time::Duration::from_secs(600) }
+    }
 }
 
 /// Which NBD endpoints a request may name.

@@ -31,6 +31,8 @@ pub struct RestoreRequest {
     /// `<volume>.img` for each (the CLI).
     pub into_directory: bool,
     pub holes: HoleMode,
+    /// Write over a target that already holds data (without it such a target is refused).
+    pub overwrite: bool,
 }
 
 /// A validated restore: the snapshot and, per volume, its opened target.
@@ -58,6 +60,7 @@ pub async fn prepare(req: RestoreRequest, env: &Env, repo: &Repository, cancel: 
     if vols.len() == 1 {
         let t = open_target(env, &req.target, what)?;
         check_target_size(&t.label, &t.file, &vols[0], &id)?;
+        refuse_unless_overwrite(&t, req.overwrite)?;
         out.push((vols[0].clone(), t));
     } else {
         let TargetRef::Path(dir) = &req.target else {
@@ -73,10 +76,57 @@ pub async fn prepare(req: RestoreRequest, env: &Env, repo: &Repository, cancel: 
         for v in vols {
             let t = open_target(env, &TargetRef::Path(dir.join(format!("{}.img", v.name))), what)?;
             check_target_size(&t.label, &t.file, &v, &id)?;
+            refuse_unless_overwrite(&t, req.overwrite)?;
             out.push((v, t));
         }
     }
     Ok(RestorePlan { snapshot: id, manifest: m, volumes: out, holes: req.holes })
+}
+
+/// How much of each end of a device is read to tell whether it holds data.
+const PROBE_BYTES: u64 = 1 << 20;
+
+/// Refuses a target that already holds data unless the request says to overwrite it: a
+/// regular file of non-zero size, or a device whose first or last MiB is not all zeros (a
+/// partition table, a filesystem's superblock, a backup GPT). Nothing is written here.
+fn refuse_unless_overwrite(t: &Target, overwrite: bool) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    if overwrite || t.fresh {
+        return Ok(());
+    }
+    let holds = match t.kind {
+        mover_engine::device::Kind::File => true,
+        mover_engine::device::Kind::BlockDevice => {
+            let size = (&t.file)
+                .seek(SeekFrom::End(0))
+                .map_err(|e| Error::with_source(mover_engine::ErrorKind::Permanent, format!("restore target {}: its size", t.label), e))?;
+            let mut buf = vec![0u8; PROBE_BYTES.min(size) as usize];
+            let mut nonzero = false;
+            for at in [0, size.saturating_sub(PROBE_BYTES)] {
+                t.file.read_exact_at(&mut buf, at).map_err(|e| {
+                    Error::with_source(
+                        mover_engine::ErrorKind::Permanent,
+                        format!("restore target {}: reading at {at} to see whether it holds data", t.label),
+                        e,
+                    )
+                })?;
+                nonzero |= !mover_format::chunker::is_zero(&buf);
+            }
+            nonzero
+        }
+    };
+    if holds {
+        return Err(Error::precondition(format!(
+            "restore target {} already holds data ({}); give --overwrite (overwrite in StartRestore) to replace it; nothing was written",
+            t.label,
+            match t.kind {
+                mover_engine::device::Kind::File => "a file that is not empty",
+                mover_engine::device::Kind::BlockDevice => "its first or last MiB is not all zeros",
+            }
+        )));
+    }
+    Ok(())
 }
 
 fn open_target(env: &Env, t: &TargetRef, what: &str) -> Result<Target> {

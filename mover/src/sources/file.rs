@@ -406,7 +406,8 @@ impl PathPolicy {
     pub fn open_resolved_target(r: Resolved, what: &str) -> Result<OpenedTarget> {
         match r.kind {
             Kind::BlockDevice => {
-                let file = r.reopen(OFlag::O_WRONLY | OFlag::O_EXCL, what).map_err(|e| {
+                // Read as well: the plan looks whether the device already holds data.
+                let file = r.reopen(OFlag::O_RDWR | OFlag::O_EXCL, what).map_err(|e| {
                     if e.kind() == ErrorKind::Precondition {
                         Error::precondition(format!(
                             "{what} {} is in use: it is mounted or held open exclusively by another program (the kernel refused an exclusive open); nothing was written",
@@ -419,7 +420,7 @@ impl PathPolicy {
                 Ok(OpenedTarget { file, label: r.label, kind: Kind::BlockDevice, fresh: false })
             }
             Kind::File => {
-                let file = r.reopen(OFlag::O_WRONLY, what)?;
+                let file = r.reopen(OFlag::O_RDWR, what)?;
                 refuse_if_open_elsewhere(&file, &r.label, what)?;
                 let fresh = r.stat.st_size == 0;
                 Ok(OpenedTarget { file, label: r.label, kind: Kind::File, fresh })

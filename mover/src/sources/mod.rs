@@ -36,7 +36,7 @@ impl VolumeSource for FileSource {
     }
     async fn open(self: Box<Self>, _parent: Option<ParentVolume<'_>>, _cancel: &CancellationToken) -> Result<Opened> {
         let changes = match self.extents {
-            Some(e) => Changes { source: Some(ChangeSource::Extents), changed: Some(e), since: None, fallback: None, sparse: false },
+            Some(e) => Changes { source: Some(ChangeSource::Extents), changed: Some(e), since: None, fallback: None, sparse: false, ..Default::default() },
             None => Changes::default(),
         };
         Ok(Opened { size: self.opened.size, reader: Reader::File(self.opened.file), allocated: None, changes })
@@ -92,7 +92,14 @@ impl VolumeSource for CsiSource {
                 match base {
                     None => opened.allocated = Some(md.extents.iter().map(|&(o, l)| (o, o + l)).collect()),
                     Some(b) => {
-                        opened.changes = Changes { source: Some(ChangeSource::Csi), changed: Some(md.extents), since: Some(b), fallback: None, sparse: false }
+                        opened.changes = Changes {
+                            source: Some(ChangeSource::Csi),
+                            changed: Some(md.extents),
+                            since: Some(b),
+                            fallback: None,
+                            sparse: false,
+                            ..Default::default()
+                        }
                     }
                 }
             }

@@ -35,7 +35,9 @@ pub fn open(uri: &NbdUri, bitmap: Option<&str>, options: NbdOptions) -> Result<O
             client.contexts().join(", ")
         )),
         Some(b) => match client.ranges_where(&bitmap_context(b), |f| f & STATE_DIRTY != 0) {
-            Ok(d) => Changes { source: Some(ChangeSource::Nbd), changed: Some(d), since: Some(b.to_string()), fallback: None, sparse: false },
+            Ok(d) => {
+                Changes { source: Some(ChangeSource::Nbd), changed: Some(d), since: Some(b.to_string()), fallback: None, sparse: false, ..Default::default() }
+            }
             Err(e) => {
                 // The connection may be unusable after a failed request: start afresh.
                 client = NbdClient::connect(uri, &[], options)?;

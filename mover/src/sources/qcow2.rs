@@ -269,7 +269,17 @@ impl VolumeSource for Qcow2Source {
                     let mut all: Vec<(u64, u64)> = data.iter().chain(zero.iter()).copied().collect();
                     all.sort_unstable();
                     let changed = all.into_iter().map(|(a, b)| (a, b - a)).collect();
-                    (None, Changes { source: Some(ChangeSource::Qcow2), changed: Some(changed), since: Some(since), fallback: None, sparse: true })
+                    (
+                        None,
+                        Changes {
+                            source: Some(ChangeSource::Qcow2),
+                            changed: Some(changed),
+                            since: Some(since),
+                            fallback: None,
+                            sparse: true,
+                            ..Default::default()
+                        },
+                    )
                 }
             };
             Ok(Opened { size, reader: Reader::Blocks(Box::new(q)), allocated, changes })

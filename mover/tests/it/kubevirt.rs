@@ -33,12 +33,18 @@ impl Standin {
     }
 
     fn start_on(dir: &Path, nbd_uri: &str, mode: &str, bitmap: Option<&str>, listen: &str) -> Standin {
+        Self::start_with(dir, nbd_uri, mode, bitmap, listen, &[])
+    }
+
+    /// With the stand-in's test knobs (`--unavailable-for S`, `--blip-after N --blip-for S`,
+    /// `--map-ends-at B`).
+    fn start_with(dir: &Path, nbd_uri: &str, mode: &str, bitmap: Option<&str>, listen: &str, knobs: &[&str]) -> Standin {
         if !dir.join("kvca.pem").exists() {
             make_ca(dir, "kvca");
             make_cert(dir, "kvca", "export", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
         }
         let mut c = Command::new(PYTHON);
-        c.arg(STANDIN).arg("serve").arg(listen).arg(dir.join("export.pem")).arg(dir.join("export.key"));
+        c.arg(STANDIN).arg("serve").args(knobs).arg(listen).arg(dir.join("export.pem")).arg(dir.join("export.key"));
         c.args([TOKEN, nbd_uri, "root", mode]);
         if let Some(b) = bitmap {
             c.arg(b);
@@ -53,9 +59,13 @@ impl Standin {
 
     /// Bytes the data endpoint served.
     fn data_bytes(&self) -> u64 {
+        self.stats()["data_bytes"].as_u64().unwrap()
+    }
+
+    fn stats(&self) -> serde_json::Value {
         let o = Command::new("curl").args(["-sf", "--cacert"]).arg(&self.ca).arg(format!("https://127.0.0.1:{}/stats", self.port)).output().unwrap();
         assert!(o.status.success(), "stats: {}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["data_bytes"].as_u64().unwrap()
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     }
 }
 
@@ -104,7 +114,7 @@ fn pull_mode_full_then_incremental_reads_only_what_the_export_marks_and_restores
         let r = e.json(&a);
         assert_eq!(r["io_backend"], "kubevirt", "{r}");
         assert_eq!(r["bytes_read"].as_u64(), Some(40 << 20), "only the allocated segments: {r}");
-        assert_eq!(s.data_bytes(), 40 << 20, "what the data endpoint served");
+        assert_eq!(s.data_bytes(), (40 << 20) + 1, "what the data endpoint served, and the one byte that proves where the map ends");
         r
     };
     assert_eq!(restore_hash(&e, full["snapshot_id"].as_str().unwrap()), raw_hash(&e, &img));
@@ -127,7 +137,9 @@ fn pull_mode_full_then_incremental_reads_only_what_the_export_marks_and_restores
     assert!(v["change_fallback"].is_null(), "{r}");
     assert_eq!(r["parent"], full["snapshot_id"]);
     assert_eq!(r["bytes_read"].as_u64(), Some(expect), "reads what the map marks dirty ({dirty:?}): {r}");
-    assert_eq!(s.data_bytes(), expect, "and the data endpoint served exactly that");
+    let checked = v["change_check"]["bytes"].as_u64().unwrap();
+    assert!(v["change_check"]["compared"].as_u64().unwrap() > 0 && v["change_check"]["differed"] == 0, "{r}");
+    assert_eq!(s.data_bytes(), expect + checked + 1, "and the data endpoint served exactly that, the sample and the end's byte");
     assert_eq!(restore_hash(&e, r["snapshot_id"].as_str().unwrap()), want, "incremental restores byte-exact");
 }
 
@@ -289,7 +301,14 @@ fn pull_mode_through_the_daemon_by_group() {
     let vol = |url: &str, base: &str, checkpoint: &str| pb::BackupVolume {
         name: "root".into(),
         checkpoint: checkpoint.into(),
-        kubevirt: Some(pb::KubevirtExport { endpoint: url.into(), token: TOKEN.into(), endpoint_cert: cert.clone(), base_checkpoint: base.into() }),
+        kubevirt: Some(pb::KubevirtExport {
+            endpoint: url.into(),
+            token: TOKEN.into(),
+            endpoint_cert: cert.clone(),
+            base_checkpoint: base.into(),
+            // The VirtualMachineBackup's status.type, as a scheduler reads it.
+            backup_type: if base.is_empty() { "Full" } else { "Incremental" }.into(),
+        }),
         ..Default::default()
     };
     let req = |v: pb::BackupVolume, group: &str| pb::StartBackupRequest {
@@ -339,4 +358,134 @@ fn pull_mode_through_the_daemon_by_group() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(hash(&out), raw_hash(&e, &img));
+}
+
+/// A full backup at cp-1 through the export, then the guest writes 4 MiB: the image, the
+/// full snapshot's id and the bytes the disk now holds.
+fn full_then_write(e: &Env, tok: &Path) -> (PathBuf, String, String) {
+    let img = image(e);
+    let nbd = QemuNbd::start(&img, Some("b0"), &e.path("nbd.sock"), None);
+    let s = Standin::start(e.dir.path(), &nbd.uri, "full", None);
+    let mut a = vec!["backup"];
+    a.extend(kv_args(&s.url, tok, &s.ca));
+    a.extend(["--kubevirt-type", "Full", "--checkpoint", "cp-1"]);
+    let full = e.json(&a)["snapshot_id"].as_str().unwrap().to_string();
+    drop((s, nbd));
+    qemu_io(&img, &["write -P 0x66 44M 4M"]);
+    let want = raw_hash(e, &img);
+    (img, full, want)
+}
+
+#[test]
+fn a_full_map_is_never_taken_for_an_incremental_whatever_the_request_says() {
+    let e = Env::new();
+    let tok = token_file(&e, TOKEN);
+    let (img, full, want) = full_then_write(&e, &tok);
+    let nbd = QemuNbd::start(&img, Some("b0"), &e.path("nbd.sock"), None);
+    // KubeVirt decided Full (forceFullBackup, or its tracker lost cp-1): the export serves
+    // the allocation map, whose bit 0 means "hole", not "dirty".
+    let s = Standin::start(e.dir.path(), &nbd.uri, "full", None);
+    for (declared, says) in [(None, "took a Full backup"), (Some("Incremental"), "reports a Incremental backup but")] {
+        let mut a = vec!["backup"];
+        a.extend(kv_args(&s.url, &tok, &s.ca));
+        if let Some(d) = declared {
+            a.extend(["--kubevirt-type", d]);
+        }
+        a.extend(["--kubevirt-base", "cp-1", "--parent", full.as_str(), "--checkpoint", "cp-2"]);
+        let r = e.json(&a);
+        let v = &r["volumes"][0];
+        assert_eq!(v["change_source"], "parent-digest", "{declared:?}: read in full with parent reuse: {r}");
+        assert!(v["change_fallback"].as_str().unwrap_or_default().contains(says), "{declared:?}: {r}");
+        assert_eq!(r["bytes_read"].as_u64(), Some(40 << 20), "{declared:?}: what the allocation map marks: {r}");
+        assert_eq!(restore_hash(&e, r["snapshot_id"].as_str().unwrap()), want, "{declared:?}: the 4 MiB written are in the snapshot");
+    }
+}
+
+#[test]
+fn an_incremental_map_is_never_taken_for_a_full_backup() {
+    let e = Env::new();
+    let tok = token_file(&e, TOKEN);
+    let (img, full, want) = full_then_write(&e, &tok);
+    let nbd = QemuNbd::start(&img, Some("b0"), &e.path("nbd.sock"), None);
+    let s = Standin::start(e.dir.path(), &nbd.uri, "incremental", Some("b0"));
+    let mut a = vec!["backup"];
+    a.extend(kv_args(&s.url, &tok, &s.ca));
+    a.extend(["--kubevirt-type", "Full", "--parent", full.as_str(), "--checkpoint", "cp-2"]);
+    let r = e.json(&a);
+    let v = &r["volumes"][0];
+    assert_eq!(v["change_source"], "parent-digest", "{r}");
+    assert!(v["change_fallback"].as_str().unwrap_or_default().contains("reports a Full backup but"), "{r}");
+    assert_eq!(r["bytes_read"].as_u64(), Some(96 << 20), "no allocation is known from a dirty map: everything is read: {r}");
+    assert_eq!(restore_hash(&e, r["snapshot_id"].as_str().unwrap()), want);
+}
+
+#[test]
+fn an_export_answering_503_until_its_tunnel_connects_and_a_blip_mid_backup_are_waited_out() {
+    let e = Env::new();
+    let tok = token_file(&e, TOKEN);
+    let (img, full, want) = full_then_write(&e, &tok);
+    let nbd = QemuNbd::start(&img, Some("b0"), &e.path("nbd.sock"), None);
+    // 503 for the first 4 s (virt-launcher not connected yet), then again for 3 s after the
+    // first data request (the tunnel reconnects).
+    let s = Standin::start_with(
+        e.dir.path(),
+        &nbd.uri,
+        "incremental",
+        Some("b0"),
+        "127.0.0.1:0",
+        &["--unavailable-for", "4", "--blip-after", "1", "--blip-for", "3"],
+    );
+    let mut a = vec!["backup"];
+    a.extend(kv_args(&s.url, &tok, &s.ca));
+    a.extend(["--kubevirt-type", "Incremental", "--kubevirt-base", "cp-1", "--parent", full.as_str(), "--checkpoint", "cp-2", "--verify-sample", "0"]);
+    let t = std::time::Instant::now();
+    let r = e.json(&a);
+    assert!(t.elapsed() >= std::time::Duration::from_secs(6), "it waited the 503s out");
+    assert!(s.stats()["unavailable"].as_u64().unwrap() >= 2, "{}", s.stats());
+    let v = &r["volumes"][0];
+    assert_eq!(v["change_source"], "kubevirt", "{r}");
+    assert!(v["change_fallback"].is_null(), "{r}");
+    assert_eq!(restore_hash(&e, r["snapshot_id"].as_str().unwrap()), want);
+    // A window too short to wait in fails naming the endpoint and what it said, and stores
+    // nothing.
+    drop(s);
+    let s = Standin::start_with(e.dir.path(), &nbd.uri, "incremental", Some("b0"), "127.0.0.1:0", &["--unavailable-for", "60"]);
+    let before = e.snapshot_count();
+    let mut a = vec!["backup"];
+    a.extend(kv_args(&s.url, &tok, &s.ca));
+    a.extend(["--kubevirt-type", "Incremental", "--kubevirt-base", "cp-1", "--parent", full.as_str(), "--kubevirt-retry", "3"]);
+    let o = e.run(&a);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let err = stderr.lines().last().unwrap_or_default();
+    assert!(!o.status.success() && err.contains("503") && err.contains("tunnel") && err.contains(&s.url) && err.contains("retries"), "{stderr}");
+    assert!(stderr.contains("trying again in 1 s"), "each retry is logged: {stderr}");
+    assert_eq!(e.snapshot_count(), before);
+}
+
+#[test]
+fn a_map_that_ends_early_is_refused_and_a_pvc_read_instead_records_no_checkpoint() {
+    let e = Env::new();
+    let tok = token_file(&e, TOKEN);
+    let (img, full, want) = full_then_write(&e, &tok);
+    let pvc = e.path("pvc.img");
+    assert!(Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&img).arg(&pvc).status().unwrap().success());
+    let nbd = QemuNbd::start(&img, Some("b0"), &e.path("nbd.sock"), None);
+    let s = Standin::start_with(e.dir.path(), &nbd.uri, "incremental", Some("b0"), "127.0.0.1:0", &["--map-ends-at", &(64u64 << 20).to_string()]);
+    // Without the PVC: refused, nothing stored.
+    let before = e.snapshot_count();
+    let mut a = vec!["backup"];
+    a.extend(kv_args(&s.url, &tok, &s.ca));
+    a.extend(["--kubevirt-type", "Incremental", "--kubevirt-base", "cp-1", "--parent", full.as_str(), "--checkpoint", "cp-2"]);
+    let err = e.fail(&a);
+    assert!(err.contains("ends early"), "{err}");
+    assert_eq!(e.snapshot_count(), before);
+    // With it: the PVC is read in full, and cp-2 is not recorded (the PVC may predate it).
+    a.push(pvc.to_str().unwrap());
+    let r = e.json(&a);
+    let v = &r["volumes"][0];
+    let why = v["change_fallback"].as_str().unwrap_or_default();
+    assert!(why.contains("ends early") && why.contains("PVC") && why.contains("'cp-2' not recorded"), "{r}");
+    assert_eq!(restore_hash(&e, r["snapshot_id"].as_str().unwrap()), want);
+    let shown = e.json(&["show", r["snapshot_id"].as_str().unwrap()]);
+    assert!(shown["volumes"][0]["change_base"].is_null(), "{shown}");
 }

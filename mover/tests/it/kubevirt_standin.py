@@ -1,15 +1,29 @@
 #!/usr/bin/python3
 """TEST STAND-IN for KubeVirt's backup export server (virt-exportserver serving a
-pull-mode VirtualMachineBackup, backup.kubevirt.io). There is no Kubernetes here; this
-follows the published endpoint shapes and reads the disk from a real QEMU NBD export
-(qemu-nbd with a real dirty bitmap) through libnbd, as the real server reads QEMU's:
+pull-mode VirtualMachineBackup, backup.kubevirt.io). There is no Kubernetes here. It
+follows upstream (kubevirt/kubevirt, read at the commit the issue names):
+pkg/storage/export/virt-exportserver/exportserver.go (backupMapHandler,
+backupDataHandler, collectMapPage: status codes, page size, `null` extents) and
+pkg/storage/nbdclient/nbdclient.go (allocDescription, mergedDescription, the merged
+base:allocation + dirty-bitmap map of an incremental, clampLength). It reads the disk
+from a real QEMU NBD export (qemu-nbd with a real dirty bitmap) through libnbd, as the
+real server reads QEMU's through virt-launcher's tunnel:
 
-  GET <base>/exports/<disk>/map?offset=O&page_size=N
-      -> {"extents": [{"offset", "length", "type", "description"}], "next_offset": M|null}
-         Full backup: the disk's base:allocation (type bit 0 hole, bit 1 zero).
-         Incremental: the checkpoint's dirty bitmap (type bit 0 dirty).
-  GET <base>/exports/<disk>/data?offset=O&length=L -> 206, the bytes
-  Every request needs the header x-kubevirt-export-token.
+  GET <base>/exports/<disk>/map?offset=O&page_size=N   (N default 512)
+      -> 200 {"extents": [{"offset", "length", "type", "description"}] | null,
+              "next_offset": M | null}
+         Full: base:allocation (type bit 0 hole, bit 1 zero; data/hole/zero/hole,zero).
+         Incremental: the bitmap merged with the zero bit (bit 0 dirty, bit 1 zero;
+         clean/dirty/zero/dirty,zero).
+  GET <base>/exports/<disk>/data?offset=O&length=L -> 200, the bytes (streamed); a length
+      past the end is clamped; an offset at or past the end fails the stream (the
+      connection is cut, as upstream's http.ErrAbortHandler does).
+  503 "Backup source (virt-launcher) not connected via tunnel" while not connected.
+  Every request needs the header x-kubevirt-export-token (401 otherwise).
+
+Test knobs (not upstream): --unavailable-for S (503 for the first S seconds),
+--blip-after N --blip-for S (after N data requests, 503 for S seconds),
+--map-ends-at B (the map says next_offset null at B: a server that ends the map early).
 
 Also `push-incremental SRC_URI BITMAP DST_URI`: what QEMU's push-mode backup job writes
 for an incremental backup — the bitmap's dirty clusters of SRC copied into DST (a fresh
@@ -21,6 +35,7 @@ import json
 import ssl
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -60,15 +75,53 @@ def connect(uri, contexts):
     return h
 
 
+ALLOC = {0: "data", 1: "hole", 2: "zero", 3: "hole,zero"}
+MERGED = {0: "clean", 1: "dirty", 2: "zero", 3: "dirty,zero"}
+
+
+def merged_extents(h, bitmap_ctx, offset, size):
+    """An incremental's map: the dirty bitmap's bit 0 with base:allocation's zero bit."""
+    alloc = extents(h, "base:allocation", offset, size)
+    dirty = extents(h, bitmap_ctx, offset, size)
+    out, a, b = [], 0, 0
+    while a < len(alloc) and b < len(dirty):
+        ao, al, af = alloc[a]
+        do, dl, df = dirty[b]
+        start = max(ao, do)
+        end = min(ao + al, do + dl)
+        flags = (af & 2) | (df & 1)
+        if out and out[-1][0] + out[-1][1] == start and out[-1][2] == flags:
+            out[-1] = (out[-1][0], out[-1][1] + end - start, flags)
+        else:
+            out.append((start, end - start, flags))
+        if ao + al == end:
+            a += 1
+        if do + dl == end:
+            b += 1
+    return out
+
+
 def serve(args):
+    opts = {}
+    while args and args[0].startswith("--"):
+        opts[args[0]] = float(args[1])
+        args = args[2:]
     listen, cert, key, token, uri, disk, mode = args[:7]
     bitmap = args[7] if len(args) > 7 else None
-    context = "base:allocation" if mode == "full" else f"qemu:dirty-bitmap:{bitmap}"
-    h = connect(uri, [context])
+    contexts = ["base:allocation"] if mode == "full" else ["base:allocation", f"qemu:dirty-bitmap:{bitmap}"]
+    h = connect(uri, contexts)
     size = h.get_size()
+    map_end = int(opts.get("--map-ends-at", size))
     lock = threading.Lock()
-    stats = {"data_bytes": 0, "data_requests": 0}
-    prefix = f"/api/v1beta1/namespaces/vms/virtualmachinebackups/backup-1/exports/{disk}"
+    stats = {"data_bytes": 0, "data_requests": 0, "unavailable": 0}
+    started = time.monotonic()
+    blip = {"until": 0.0}
+    prefix = f"/api/export.kubevirt.io/v1/namespaces/vms/virtualmachineexports/backup-1/exports/{disk}"
+
+    def all_extents(off):
+        if mode == "full":
+            return [(o, l, f, ALLOC.get(f, "unknown")) for o, l, f in extents(h, "base:allocation", off, size)]
+        return [(o, l, f, MERGED.get(f, "unknown")) for o, l, f in merged_extents(h, f"qemu:dirty-bitmap:{bitmap}", off, size)]
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -90,24 +143,38 @@ def serve(args):
                 return self.reply(200, json.dumps(stats).encode())
             if self.headers.get("x-kubevirt-export-token") != token:
                 return self.reply(401, b"invalid token", "text/plain")
-            if u.path == prefix + "/map":
-                off, page = int(q.get("offset", 0)), int(q.get("page_size", 1000))
+            now = time.monotonic()
+            if u.path in (prefix + "/map", prefix + "/data") and (now - started < opts.get("--unavailable-for", 0) or now < blip["until"]):
                 with lock:
-                    ext = extents(h, context, off, size)
+                    stats["unavailable"] += 1
+                return self.reply(503, b"Backup source (virt-launcher) not connected via tunnel\n", "text/plain; charset=utf-8")
+            if u.path == prefix + "/map":
+                off, page = int(q.get("offset", 0)), int(q.get("page_size", 512))
+                if off >= size:
+                    return self.reply(500, f"Failed to call map for export: {disk}\n".encode(), "text/plain; charset=utf-8")
+                with lock:
+                    ext = [e for e in all_extents(off) if e[0] < map_end]
                 pg = ext[:page]
-                nxt = pg[-1][0] + pg[-1][1] if len(ext) > page else None
-                body = {"extents": [{"offset": o, "length": l, "type": t, "description": ""} for o, l, t in pg], "next_offset": nxt}
-                return self.reply(200, json.dumps(body).encode())
+                nxt = ext[page][0] if len(ext) > page else None
+                body = {"extents": [{"offset": o, "length": l, "type": t, "description": d} for o, l, t, d in pg] or None, "next_offset": nxt}
+                return self.reply(200, (json.dumps(body) + "\n").encode())
             if u.path == prefix + "/data":
-                off, ln = int(q["offset"]), int(q["length"])
-                if off + ln > size or ln <= 0:
-                    return self.reply(416, b"range outside the disk", "text/plain")
+                off, ln = int(q.get("offset", 0)), int(q.get("length", 0))
+                if off >= size:
+                    # The tunnel's Read fails before any byte: the handler aborts.
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if ln == 0 or off + ln > size:
+                    ln = size - off
                 with lock:
                     data = h.pread(ln, off)
                     stats["data_bytes"] += ln
                     stats["data_requests"] += 1
-                return self.reply(206, bytes(data), "application/octet-stream")
-            return self.reply(404, b"no such export", "text/plain")
+                    if stats["data_requests"] == int(opts.get("--blip-after", -1)):
+                        blip["until"] = time.monotonic() + opts.get("--blip-for", 0)
+                return self.reply(200, bytes(data), "application/octet-stream")
+            return self.reply(404, b"404 page not found\n", "text/plain; charset=utf-8")
 
     host, port = listen.rsplit(":", 1)
     srv = ThreadingHTTPServer((host, int(port)), Handler)

@@ -26,3 +26,4 @@ mod resume;
 mod roundtrip;
 mod s3;
 mod security;
+mod trust;

@@ -36,7 +36,7 @@ fn odd_sized_volume_restores_exactly_with_direct_writes_and_a_buffered_tail() {
         if let Some(b) = pre {
             std::fs::write(&t, vec![b; 12 << 20]).unwrap();
         }
-        let r = e.json(&["restore", id, t.to_str().unwrap()]);
+        let r = e.json(&["restore", "--overwrite", id, t.to_str().unwrap()]);
         assert_eq!(hash(&t), hash(&src), "{name}: {r}");
     }
 }
@@ -65,7 +65,9 @@ fn loop_devices_roundtrip_and_holes_are_zeroed_on_a_dirty_target() {
     let timg = e.path("dst.img");
     std::fs::write(&timg, noise(99, 80 << 20)).unwrap();
     let dst = Loop::new(&timg, 0);
-    e.ok(&["restore", s["snapshot_id"].as_str().unwrap(), dst.dev.to_str().unwrap()]);
+    let err = e.fail(&["restore", s["snapshot_id"].as_str().unwrap(), dst.dev.to_str().unwrap()]);
+    assert!(err.contains("already holds data"), "{err}");
+    e.ok(&["restore", "--overwrite", s["snapshot_id"].as_str().unwrap(), dst.dev.to_str().unwrap()]);
     assert_eq!(hash(&img), hash_prefix(&dst.dev, 64 << 20));
 }
 

@@ -264,8 +264,10 @@ fn restores_onto_a_mounted_held_or_open_target_are_refused_and_write_nothing() {
         expect(c.start_restore(req(&dev.dev)).await, Code::FailedPrecondition, &["in use"]);
         drop(held);
         assert_eq!(hash_prefix(&dev.dev, 16 << 20), before, "the held device was written");
-        // Released: the restore goes ahead.
-        let t = c.start_restore(req(&dev.dev)).await.unwrap().into_inner();
+        // Released: the restore goes ahead (over the filesystem: it is told to).
+        expect(c.start_restore(req(&dev.dev)).await, Code::FailedPrecondition, &["already holds data", "overwrite"]);
+        assert_eq!(hash_prefix(&dev.dev, 16 << 20), before, "the refused device was written");
+        let t = c.start_restore(pb::StartRestoreRequest { overwrite: true, ..req(&dev.dev) }).await.unwrap().into_inner();
         assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
         assert_eq!(hash_prefix(&dev.dev, 8 << 20), hash(&src));
 
