@@ -117,7 +117,7 @@ pub async fn drill(
             .with_context(|| format!("creating drill scratch file {}", path.display()))?;
         let _scratch = Scratch(path.clone());
         let reader = file.try_clone().with_context(|| format!("opening {}", path.display()))?;
-        let target = Target { file, label: path.display().to_string(), kind: Kind::File, fresh: true };
+        let target = Target { file, label: path.display().to_string(), kind: Kind::File, fresh: true, finish: None };
         let t0 = Instant::now();
         let summary = restore_volume(repo, index.clone(), snap, vol, target, &RestoreOptions::default(), progress.clone(), cancel).await?;
         let restore_s = t0.elapsed().as_secs_f64();

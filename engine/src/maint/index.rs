@@ -21,12 +21,37 @@ pub async fn sync(repo: &Repository, cache_root: &Path, cancel: &CancellationTok
 /// names. Holds the exclusive `gc` lock: gc would delete those packs as unindexed.
 pub async fn rebuild(repo: &Repository, cache_root: &Path, cancel: &CancellationToken) -> Result<(PathBuf, RebuildReport)> {
     let path = RocksIndex::path_for(cache_root, &repo.config().id);
-    if path.exists() {
-        std::fs::remove_dir_all(&path).with_context(|| format!("deleting local index {}", path.display()))?;
-    }
-    let idx = RocksIndex::open(&path)?;
+    // The lock first, then the index: nothing is deleted while another process (a running
+    // daemon) has the database open — RocksDB's own lock refuses the open then.
     let lock = RepoLock::acquire_exclusive(repo, "rebuild the index", cancel).await?;
-    let r = local_index::rebuild_from_packs(repo, &idx, true, cancel).await;
+    let r = async {
+        if path.exists() {
+            if held_elsewhere(&path.join("LOCK")) {
+                return Err(Error::precondition(format!(
+                    "local index {} is in use by another process (a running daemon or backup?); stop it first; nothing was deleted",
+                    path.display()
+                )));
+            }
+            std::fs::remove_dir_all(&path).with_context(|| format!("deleting local index {}", path.display()))?;
+        }
+        let idx = RocksIndex::open(&path)?;
+        local_index::rebuild_from_packs(repo, &idx, true, cancel).await.map_err(Error::from)
+    }
+    .await;
     lock.release().await;
-    Ok((path, r.map_err(Error::from)?))
+    Ok((path, r?))
+}
+
+/// Whether another process holds RocksDB's lock on `lock` (a POSIX record lock, which
+/// RocksDB takes with `fcntl(F_SETLK)`); asked with `F_GETLK`, which takes nothing.
+fn held_elsewhere(lock: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::OpenOptions::new().read(true).write(true).open(lock) else { return false };
+    // SAFETY: a zeroed `flock` is a valid value of the plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as _;
+    fl.l_whence = libc::SEEK_SET as _;
+    // SAFETY: F_GETLK on a descriptor we own, with a pointer to a live `flock`.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut fl) };
+    r == 0 && i32::from(fl.l_type) != libc::F_UNLCK
 }

@@ -71,6 +71,9 @@ pub struct Target {
     pub kind: Kind,
     /// A new or empty regular file.
     pub fresh: bool,
+    /// Run once the target is byte-complete and synced (a file created under a temporary
+    /// name gets its real one); dropped unrun when the restore fails.
+    pub finish: Option<Box<dyn FnOnce() -> Result<()> + Send>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -586,7 +589,7 @@ pub async fn restore_volume(
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
     let refs = load_refs(repo, &*index, snap, vol, cancel).await?;
-    let Target { file, label, kind, fresh } = target;
+    let Target { file, label, kind, fresh, finish } = target;
     check_target_size(&label, &file, vol, snap)?;
     if kind == Kind::File {
         file.set_len(vol.size).with_context(|| format!("sizing restore target {label} to {} bytes", vol.size))?;
@@ -708,6 +711,9 @@ pub async fn restore_volume(
     }
     let f = cx.file.clone();
     tokio::task::spawn_blocking(move || f.sync_all()).await?.with_context(|| format!("flushing restore target {label}"))?;
+    if let Some(finish) = finish {
+        finish()?;
+    }
     Ok(RestoreSummary {
         snapshot_id: *snap,
         volume: vol.name.clone(),

@@ -139,5 +139,6 @@ fn open_target(env: &Env, t: &TargetRef, what: &str) -> Result<Target> {
             crate::sources::file::PathPolicy::open_resolved_target(c.pod_volume(uid, volume, what)?, what)?
         }
     };
-    Ok(Target { file: o.file, label: o.label, kind: o.kind, fresh: o.fresh })
+    let finish = o.pending.map(|p| Box::new(move || p.commit()) as Box<dyn FnOnce() -> Result<()> + Send>);
+    Ok(Target { file: o.file, label: o.label, kind: o.kind, fresh: o.fresh, finish })
 }

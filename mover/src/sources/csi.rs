@@ -48,7 +48,12 @@ pub struct Metadata {
     pub resumed: u32,
 }
 
-const MAX_RESUMES: u32 = 5;
+/// Breaks in a row without progress before a stream is given up (a stream cut after making
+/// progress — the sidecar cuts every 10 minutes — does not count). With the backoff below
+/// (0.5 s doubling to 30 s) that is about two and a half minutes of a service that answers
+/// UNAVAILABLE, e.g. while the VolumeSnapshot is not ready yet.
+const MAX_STALLS: u32 = 8;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// More extents than this from one stream is refused (they are held in memory).
 const MAX_EXTENTS: usize = 16 << 20;
 
@@ -82,6 +87,9 @@ struct Acc {
     kind: Option<i32>,
     extents: Vec<(u64, u64)>,
     next: u64,
+    /// The next tuple is the first after a resume at `next`: it may start before it
+    /// (KEP-3314 only promises it ends after it), and is clipped there.
+    resuming: bool,
 }
 
 impl Acc {
@@ -104,7 +112,17 @@ impl Acc {
             if o < 0 || l <= 0 {
                 return Err(Error::permanent(format!("{}: invalid extent at offset {o} of {l} bytes", self.what)));
             }
-            let (o, l) = (o as u64, l as u64);
+            let (mut o, mut l) = (o as u64, l as u64);
+            if std::mem::take(&mut self.resuming) && o < self.next {
+                let end = o.saturating_add(l);
+                if end <= self.next {
+                    return Err(Error::permanent(format!(
+                        "{}: the first extent after resuming at {} ends at {end}, before the resume offset",
+                        self.what, self.next
+                    )));
+                }
+                (o, l) = (self.next, end - self.next);
+            }
             if self.extents.len() >= MAX_EXTENTS {
                 return Err(Error::permanent(format!("{}: more than {MAX_EXTENTS} extents", self.what)));
             }
@@ -153,40 +171,53 @@ impl BlockMessage for sm::GetMetadataDeltaResponse {
 }
 
 /// Runs a streaming call from offset 0, resuming it after the last extent received when
-/// the stream breaks; `call(starting_offset)` starts the stream.
+/// the stream breaks or falls silent for `timeout`; `call(starting_offset)` starts the
+/// stream. Gives up after [`MAX_STALLS`] breaks in a row that made no progress.
 async fn collect<T, F, Fut>(what: String, timeout: Duration, mut call: F) -> Result<Metadata>
 where
     T: BlockMessage,
     F: FnMut(i64) -> Fut,
     Fut: std::future::Future<Output = Result<Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>>>,
 {
-    let mut acc = Acc { what: what.clone(), capacity: None, kind: None, extents: Vec::new(), next: 0 };
-    let mut resumed = 0;
+    let mut acc = Acc { what: what.clone(), capacity: None, kind: None, extents: Vec::new(), next: 0, resuming: false };
+    let (mut resumed, mut stalls) = (0u32, 0u32);
+    let mut wait = Duration::from_millis(500);
     loop {
-        let broke = match call(acc.next as i64).await? {
-            Err(s) if resumable(&s) && resumed < MAX_RESUMES => s,
+        let from = acc.next;
+        acc.resuming = from > 0;
+        let broke: String = match call(from as i64).await? {
+            Err(s) if resumable(&s) => format!("{}: {}", s.code().description(), s.message()),
             Err(s) => return Err(refusal(&what, s)),
             Ok(resp) => {
                 let mut stream = resp.into_inner();
                 loop {
-                    let next = tokio::time::timeout(timeout, stream.message())
-                        .await
-                        .map_err(|_| Error::transient(format!("{what}: no message within {} s", timeout.as_secs())))?;
+                    let Ok(next) = tokio::time::timeout(timeout, stream.message()).await else {
+                        break format!("no message within {} s", timeout.as_secs());
+                    };
                     match next {
                         Ok(Some(m)) => {
                             let (kind, cap, blocks) = m.parts();
                             acc.add(kind, cap, blocks)?
                         }
                         Ok(None) => return Ok(Metadata { capacity: acc.capacity.unwrap_or(0), extents: acc.extents, resumed }),
-                        Err(s) if resumable(&s) && resumed < MAX_RESUMES => break s,
+                        Err(s) if resumable(&s) => break format!("{}: {}", s.code().description(), s.message()),
                         Err(s) => return Err(refusal(&what, s)),
                     }
                 }
             }
         };
+        if acc.next > from {
+            (stalls, wait) = (0, Duration::from_millis(500));
+        } else {
+            stalls += 1;
+        }
+        if stalls > MAX_STALLS {
+            return Err(Error::transient(format!("{what}: {broke} ({stalls} tries in a row without progress, at offset {})", acc.next)));
+        }
         resumed += 1;
-        tracing::warn!("{what}: stream broke ({}: {}); resuming at offset {}", broke.code().description(), broke.message(), acc.next);
-        tokio::time::sleep(Duration::from_millis(100 * resumed as u64)).await;
+        tracing::warn!("{what}: stream broke ({broke}); resuming at offset {} in {} ms", acc.next, wait.as_millis());
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -236,12 +267,26 @@ mod tests {
     }
     #[test]
     fn extents_must_increase_and_fit() {
-        let mut a = Acc { what: "t".into(), capacity: None, kind: None, extents: vec![], next: 0 };
+        let mut a = Acc { what: "t".into(), capacity: None, kind: None, extents: vec![], next: 0, resuming: false };
         a.add(1, 1000, &[b(0, 10), b(10, 10), b(50, 10)]).unwrap();
         assert_eq!(a.extents, vec![(0, 20), (50, 10)]);
         assert!(a.add(1, 1000, &[b(55, 1)]).unwrap_err().to_string().contains("strictly increasing"));
         assert!(a.add(1, 999, &[]).unwrap_err().to_string().contains("changed"));
         assert!(a.add(1, 1000, &[b(990, 20)]).unwrap_err().to_string().contains("past"));
         assert!(a.add(1, 1000, &[b(100, 0)]).unwrap_err().to_string().contains("invalid"));
+    }
+
+    /// After a resume at 60 the first tuple may start before it (KEP-3314): it is clipped
+    /// there; only that first one, and only when it ends after the offset.
+    #[test]
+    fn the_first_tuple_after_a_resume_is_clipped_at_the_resume_offset() {
+        let mut a = Acc { what: "t".into(), capacity: None, kind: None, extents: vec![], next: 0, resuming: false };
+        a.add(1, 1000, &[b(0, 10), b(50, 10)]).unwrap();
+        a.resuming = true;
+        a.add(1, 1000, &[b(40, 30), b(80, 10)]).unwrap();
+        assert_eq!(a.extents, vec![(0, 10), (50, 20), (80, 10)]);
+        assert!(a.add(1, 1000, &[b(85, 10)]).unwrap_err().to_string().contains("strictly increasing"), "later tuples stay strict");
+        a.resuming = true;
+        assert!(a.add(1, 1000, &[b(10, 20)]).unwrap_err().to_string().contains("before the resume offset"));
     }
 }

@@ -63,6 +63,37 @@ pub struct OpenedTarget {
     pub kind: Kind,
     /// Created by this open, or empty.
     pub fresh: bool,
+    /// A file this open created: it lies under a temporary name until [`PendingName::commit`].
+    pub pending: Option<PendingName>,
+}
+
+/// A restore target created under a temporary name (`.<name>.mover-<random>`) beside its
+/// real one, so that the real name appears only once the file is byte-complete; dropped
+/// without a commit (a failed or cancelled restore), the temporary file is removed.
+pub struct PendingName {
+    dir: OwnedFd,
+    tmp: PathBuf,
+    name: PathBuf,
+    label: String,
+    done: bool,
+}
+
+impl PendingName {
+    /// Gives the file its real name; refused when something took that name meanwhile.
+    pub fn commit(mut self) -> Result<()> {
+        nix::fcntl::renameat2(&self.dir, &self.tmp, &self.dir, &self.name, nix::fcntl::RenameFlags::RENAME_NOREPLACE)
+            .map_err(|e| errno_err(e, "naming the restored file (from its temporary name)", &self.label))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for PendingName {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = nix::unistd::unlinkat(&self.dir, &self.tmp, nix::unistd::UnlinkatFlags::NoRemoveDir);
+        }
+    }
 }
 
 fn describe_type(st: &FileStat) -> &'static str {
@@ -269,7 +300,7 @@ impl Confinement {
 
     /// A restore target beneath the roots: an existing device or file, or a new file in an
     /// existing directory (created here, never through a symlink).
-    fn target(&self, p: &Path, what: &str) -> Result<(Option<Resolved>, Option<File>)> {
+    fn target(&self, p: &Path, what: &str) -> Result<(Option<Resolved>, Option<(File, PendingName)>)> {
         let (root, rel) = self.split(p, what)?;
         let dir = Self::open_root(root)?;
         let label = p.display().to_string();
@@ -280,7 +311,7 @@ impl Confinement {
                 let how = OpenHow::new().flags(o_path() | OFlag::O_DIRECTORY).resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
                 let parent_rel = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
                 let pdir = openat2(&dir, parent_rel, how).map_err(|e| errno_err(e, &format!("{what}: directory of"), &label))?;
-                Ok((None, Some(create_new(&pdir, Path::new(name), &label, what)?)))
+                Ok((None, Some(create_new(pdir, Path::new(name), &label, what)?)))
             }
             Err((_, e)) => Err(e),
         }
@@ -313,11 +344,14 @@ fn check_volume_file(r: &Resolved, volume_dir: &FileStat, what: &str) -> Result<
     Ok(())
 }
 
-fn create_new(dir: &OwnedFd, name: &Path, label: &str, what: &str) -> Result<File> {
-    let fd =
-        nix::fcntl::openat(dir, name, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::from_bits_truncate(0o600))
-            .map_err(|e| errno_err(e, &format!("creating {what}"), label))?;
-    Ok(File::from(fd))
+/// Creates `name` in `dir` — under a temporary name first (see [`PendingName`]); refused
+/// when `name` exists by then.
+fn create_new(dir: OwnedFd, name: &Path, label: &str, what: &str) -> Result<(File, PendingName)> {
+    let tmp = PathBuf::from(format!(".{}.mover-{}", name.display(), hex::encode(rand::random::<[u8; 6]>())));
+    let flags = OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::openat(&dir, &tmp, flags, Mode::from_bits_truncate(0o600)).map_err(|e| errno_err(e, &format!("creating {what}"), label))?;
+    let pending = PendingName { dir, tmp, name: name.to_path_buf(), label: label.to_string(), done: false };
+    Ok((File::from(fd), pending))
 }
 
 /// A unix socket resolved beneath the roots (for an NBD server), kept `O_PATH`: connect to
@@ -390,13 +424,13 @@ impl PathPolicy {
                     let dir = nix::fcntl::open(parent, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
                         .map_err(|e| errno_err(e, &format!("{what}: directory of"), &label))?;
                     let name = p.file_name().ok_or_else(|| Error::invalid(format!("{what} {label}: not a file path")))?;
-                    (None, Some(create_new(&dir, Path::new(name), &label, what)?))
+                    (None, Some(create_new(dir, Path::new(name), &label, what)?))
                 }
                 Err(e) => return Err(errno_err(e, &format!("opening {what}"), &p.display().to_string())),
             },
         };
-        if let Some(file) = created {
-            return Ok(OpenedTarget { file, label: p.display().to_string(), kind: Kind::File, fresh: true });
+        if let Some((file, pending)) = created {
+            return Ok(OpenedTarget { file, label: p.display().to_string(), kind: Kind::File, fresh: true, pending: Some(pending) });
         }
         let Some(r) = existing else { return Err(Error::permanent(format!("{what} {}: neither found nor created", p.display()))) };
         Self::open_resolved_target(r, what)
@@ -417,13 +451,13 @@ impl PathPolicy {
                         e
                     }
                 })?;
-                Ok(OpenedTarget { file, label: r.label, kind: Kind::BlockDevice, fresh: false })
+                Ok(OpenedTarget { file, label: r.label, kind: Kind::BlockDevice, fresh: false, pending: None })
             }
             Kind::File => {
                 let file = r.reopen(OFlag::O_RDWR, what)?;
                 refuse_if_open_elsewhere(&file, &r.label, what)?;
                 let fresh = r.stat.st_size == 0;
-                Ok(OpenedTarget { file, label: r.label, kind: Kind::File, fresh })
+                Ok(OpenedTarget { file, label: r.label, kind: Kind::File, fresh, pending: None })
             }
         }
     }

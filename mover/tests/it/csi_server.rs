@@ -23,6 +23,12 @@ pub struct Server {
     pub offsets: Mutex<Vec<i64>>,
     /// Overrides the capacity reported (0: the image's size).
     pub capacity: std::sync::atomic::AtomicU64,
+    /// On a resumed stream, the first tuple starts this many bytes before the resume offset
+    /// (KEP-3314 allows it: the first tuple need only end after `starting_offset`).
+    pub early_by: std::sync::atomic::AtomicU64,
+    /// Calls answered UNAVAILABLE before any is served (the sidecar while the VolumeSnapshot
+    /// is not ready yet).
+    pub unavailable: AtomicUsize,
 }
 
 type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
@@ -57,6 +63,12 @@ impl Server {
             .map(|s| s.0.clone())
             .ok_or_else(|| Status::not_found(format!("VolumeSnapshot {ns}/{name} not found")))
     }
+    fn not_ready(&self) -> Result<(), Status> {
+        match self.unavailable.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
+            Ok(_) => Err(Status::unavailable("VolumeSnapshot vms/snap-2 is not ready to use yet")),
+            Err(_) => Ok(()),
+        }
+    }
     fn by_handle(&self, id: &str) -> Result<PathBuf, Status> {
         self.snaps.lock().unwrap().values().find(|s| s.1 == id).map(|s| s.0.clone()).ok_or_else(|| Status::not_found(format!("snapshot handle {id} not found")))
     }
@@ -66,6 +78,16 @@ impl Server {
             0 => cap,
             c => c,
         };
+        let mut bl = bl;
+        // A resumed stream whose first tuple starts `early_by` before the resume offset
+        // (and reaches back over whatever lay between: extents say what *may* have changed).
+        let from = *self.offsets.lock().unwrap().last().unwrap_or(&0);
+        let early = self.early_by.load(Ordering::SeqCst) as i64;
+        if let (true, Some(first)) = (from > early && early > 0, bl.first_mut()) {
+            let end = first.byte_offset + first.size_bytes;
+            first.byte_offset = from - early;
+            first.size_bytes = end - first.byte_offset;
+        }
         let mut msgs: Vec<Result<T, Status>> = bl.chunks(4).map(|c| Ok(make(sm::BlockMetadataType::FixedLength as i32, cap as i64, c.to_vec()))).collect();
         let n = self.break_after.swap(0, Ordering::SeqCst);
         if n > 0 && n < msgs.len() {
@@ -106,6 +128,7 @@ impl sm::snapshot_metadata_server::SnapshotMetadata for Svc {
     async fn get_metadata_delta(&self, r: Request<sm::GetMetadataDeltaRequest>) -> Result<Response<Self::GetMetadataDeltaStream>, Status> {
         let r = r.into_inner();
         self.check(&r.security_token)?;
+        self.not_ready()?;
         let base = std::fs::read(self.by_handle(&r.base_snapshot_id)?).unwrap();
         let img = std::fs::read(self.by_name(&r.namespace, &r.target_snapshot_name)?).unwrap();
         self.offsets.lock().unwrap().push(r.starting_offset);

@@ -70,3 +70,34 @@ fn after_gc_a_node_reads_only_the_segments_gc_rewrote() {
     let c = e.json(&["check", "--read-data"]);
     assert_eq!(c["problems"].as_array().unwrap().len(), 0, "{c}");
 }
+
+/// `index rebuild` while another process has the local index open (a running daemon holds
+/// RocksDB's lock on it) is refused before anything is deleted; once it is closed, the
+/// rebuild runs.
+#[test]
+fn index_rebuild_never_deletes_an_index_another_process_has_open() {
+    let e = Env::new();
+    let src = e.path("disk.img");
+    make_volume(&src, 8 << 20, 3);
+    e.json(&["backup", src.to_str().unwrap()]);
+    let lock = std::fs::read_dir(e.path("cache")).unwrap().flatten().map(|d| d.path().join("index-v3/LOCK")).find(|p| p.exists()).expect("the local index");
+    let dir = lock.parent().unwrap().to_path_buf();
+    // Another process takes RocksDB's lock the way RocksDB does (a POSIX record lock).
+    let mut holder = Command::new("python3")
+        .args(["-c", "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"])
+        .arg(&lock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "held");
+    let files_before = std::fs::read_dir(&dir).unwrap().count();
+    let err = e.fail(&["index", "rebuild"]);
+    assert!(err.contains("in use by another process") && err.contains("nothing was deleted"), "{err}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), files_before, "the index is untouched");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    e.json(&["index", "rebuild"]);
+    assert!(lock.exists(), "rebuilt");
+}

@@ -162,3 +162,27 @@ fn a_restore_never_overwrites_data_unless_told_and_changes_nothing_when_refused(
     e.ok(&["restore", id, zero.dev.to_str().unwrap()]);
     assert_eq!(hash(&e.path("zero.img")), hash(&vol));
 }
+
+/// A new file target gets its name only once byte-complete: a restore that fails half-way
+/// (a damaged chunk) leaves neither the name nor its temporary file behind.
+#[test]
+fn a_restore_into_a_new_file_names_it_only_once_complete() {
+    let e = Env::new();
+    let vol = e.path("noise.img");
+    std::fs::write(&vol, noise(11, 24 << 20)).unwrap();
+    e.json(&["backup", "--name", "disk", vol.to_str().unwrap()]);
+    let out_dir = e.path("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let ok = out_dir.join("good.img");
+    e.ok(&["restore", "latest", ok.to_str().unwrap()]);
+    assert_eq!(hash(&ok), hash(&vol));
+    let names = |d: &Path| -> Vec<String> { std::fs::read_dir(d).unwrap().map(|f| f.unwrap().file_name().to_string_lossy().into_owned()).collect() };
+    assert_eq!(names(&out_dir), ["good.img"], "no temporary file left");
+
+    flip_byte_in_largest_pack(Path::new(&e.repo));
+    let bad = out_dir.join("bad.img");
+    let err = e.fail(&["restore", "latest", bad.to_str().unwrap()]);
+    assert!(err.contains("chunk") || err.contains("pack"), "{err}");
+    assert!(!bad.exists(), "a half-written file never carries the target's name");
+    assert_eq!(names(&out_dir), ["good.img"], "and its temporary file is removed");
+}
