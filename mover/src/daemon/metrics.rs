@@ -126,6 +126,9 @@ impl Metrics {
         for c in ["full", "parent-digest", "extents", "nbd", "csi", "kubevirt", "qcow2"] {
             change_sources.with_label_values(&[c]);
         }
+        for c in ["extents", "nbd", "csi", "kubevirt"] {
+            change_mismatches.with_label_values(&[c]);
+        }
         for op in ["put", "get", "get_range", "head", "list", "delete"] {
             for r in ["ok", "err"] {
                 store_request.with_label_values(&[op, r]);
