@@ -31,7 +31,10 @@ for n in 0 64 256; do
     s=$(date +%s.%N)
     out=$($M --repo repo backup vm.img --group bench --parent "$full" --changed-extents vm.img.ext --verify-sample $n --json)
     e=$(date +%s.%N)
-    b=$(echo "$out" | python3 -c 'import json,sys; v=json.load(sys.stdin)["volumes"][0]; c=v.get("change_check") or {}; print(f"{c.get(\"bytes\",0)>>20}MiB/{c.get(\"compared\",0)}seg/{c.get(\"differed\",0)}diff {v[\"change_source\"]}")')
+    b=$(echo "$out" | python3 -c '
+import json, sys
+v = json.load(sys.stdin)["volumes"][0]; c = v.get("change_check") or {}
+print("%dMiB/%dseg/%ddiff %s read %dMiB" % (c.get("bytes", 0) >> 20, c.get("compared", 0), c.get("differed", 0), v["change_source"], v["bytes_read"] >> 20))')
     line="$line $(python3 -c "print(f'{$e-$s:.2f}s')") ($b)"
   done
   echo "$line"
