@@ -84,6 +84,14 @@ impl Qcow2 {
                 return Err(bad(format!("has incompatible features {incompatible:#x} Mover does not know")));
             }
         }
+        // A backing file holds what this image does not: its absent clusters are not holes,
+        // and reading them as zeros would store a different disk.
+        if be64(&h, 8) != 0 || be32(&h, 16) != 0 {
+            return Err(bad(
+                "has a backing file: clusters it does not hold come from that file, not zeros; convert it first (qemu-img convert) or back up the disk itself"
+                    .into(),
+            ));
+        }
         let cluster_bits = be32(&h, 20);
         if !(9..=21).contains(&cluster_bits) {
             return Err(bad(format!("cluster size 2^{cluster_bits} is out of range")));

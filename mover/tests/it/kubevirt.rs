@@ -489,3 +489,19 @@ fn a_map_that_ends_early_is_refused_and_a_pvc_read_instead_records_no_checkpoint
     let shown = e.json(&["show", r["snapshot_id"].as_str().unwrap()]);
     assert!(shown["volumes"][0]["change_base"].is_null(), "{shown}");
 }
+
+/// A qcow2 with a backing file holds only what differs from it: its absent clusters are
+/// the backing file's data, not zeros. Reading it as a disk would store a different disk:
+/// refused, naming the image, and nothing stored.
+#[test]
+fn a_push_mode_image_with_a_backing_file_is_refused() {
+    let e = Env::new();
+    let base = image(&e);
+    let overlay = e.path("overlay.qcow2");
+    assert!(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(&base).arg(&overlay).status().unwrap().success());
+    qemu_io(&overlay, &["write -P 0x77 1M 64k"]);
+    let before = e.snapshot_count();
+    let err = e.fail(&["backup", "--name", "root", "--qcow2", overlay.to_str().unwrap()]);
+    assert!(err.contains("backing file") && err.contains("overlay.qcow2"), "{err}");
+    assert_eq!(e.snapshot_count(), before);
+}
