@@ -277,10 +277,7 @@ async fn run(
         if let (Some(why), Some(cp)) = (&opened.changes.drop_checkpoint, &checkpoint) {
             tracing::warn!("volume '{}': checkpoint '{cp}' is not recorded: {why}; the next backup of it reads everything", v.name);
             let note = format!("checkpoint '{cp}' not recorded ({why})");
-            opened.changes.fallback = Some(match opened.changes.fallback.take() {
-                Some(f) => format!("{f}; {note}"),
-                None => note,
-            });
+            add_reason(&mut opened.changes.fallback, note);
             checkpoint = None;
         }
         progress.add_total(opened.size);
@@ -621,10 +618,7 @@ async fn backup_volume(
                 ((first + 1) * seg_size).min(size)
             );
             tracing::warn!("volume '{}': {why}; this backup read everything and holds the volume as it is", v.name);
-            fallback = Some(match fallback {
-                Some(f) => format!("{f}; {why}"),
-                None => why,
-            });
+            add_reason(&mut fallback, why);
         }
     }
     for (gi, chunk) in all.chunks(GROUP_SEGMENTS).enumerate() {
@@ -635,8 +629,8 @@ async fn backup_volume(
         }
         groups.push(id);
     }
+    let trusted_run = if trusted { next_trusted_run(v.parent.as_ref()) } else { 0 };
     let (source, change_source) = v.recorded.clone().unwrap_or((v.source, change_source));
-    let trusted_run = if trusted { v.parent.as_ref().map(|p| p.1.trusted_run).unwrap_or(0).saturating_add(1) } else { 0 };
     let entry = VolumeEntry {
         name: v.name.clone(),
         size,
@@ -650,6 +644,19 @@ async fn backup_volume(
         stats: st,
     };
     Ok((entry, backend, check))
+}
+
+/// Adds `why` to the reasons a volume was read in full.
+fn add_reason(slot: &mut Option<String>, why: String) {
+    *slot = Some(match slot.take() {
+        Some(f) => format!("{f}; {why}"),
+        None => why,
+    });
+}
+
+/// This backup's place in the run of backups that took a change source's word.
+fn next_trusted_run(parent: Option<&(SnapshotId, VolumeEntry)>) -> u32 {
+    parent.map(|p| p.1.trusted_run).unwrap_or(0).saturating_add(1)
 }
 
 /// True when two refs of a segment hold the same bytes: both holes, or the same map.
@@ -708,15 +715,11 @@ async fn check_changes(
     let source = v.opened.changes.source.clone().unwrap_or(ChangeSource::Extents);
     let seg_size = sh.params.segment_size as u64;
     let claimed = claimed_unchanged(&v, ext, pr, seg_size);
-    let run = v.parent.as_ref().map(|p| p.1.trusted_run).unwrap_or(0).saturating_add(1);
-    if tuning.compare_every > 0 && run >= tuning.compare_every {
+    if tuning.compare_every > 0 && next_trusted_run(v.parent.as_ref()) >= tuning.compare_every {
         let why = format!("a full comparison is due (every {} backups that trusted a change source)", tuning.compare_every);
         tracing::info!("volume '{}': {why}; reading everything", v.name);
         v.opened.changes.changed = None;
-        v.opened.changes.fallback = Some(match v.opened.changes.fallback.take() {
-            Some(f) => format!("{f}; {why}"),
-            None => why,
-        });
+        add_reason(&mut v.opened.changes.fallback, why);
         return Ok((v, Some(ChangeCheck { source, compared: 0, differed: 0, bytes: 0, full: true }), Some(claimed)));
     }
     let k = tuning.verify_sample.min(claimed.len());
@@ -747,7 +750,7 @@ async fn check_changes(
         );
         tracing::warn!("volume '{}': {why}", v.name);
         v.opened.changes.changed = None;
-        v.opened.changes.fallback = Some(why);
+        add_reason(&mut v.opened.changes.fallback, why);
     }
     Ok((v, Some(ChangeCheck { source, compared: k as u64, differed: differed.len() as u64, bytes, full: false }), None))
 }

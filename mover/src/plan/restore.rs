@@ -90,43 +90,32 @@ const PROBE_BYTES: u64 = 1 << 20;
 /// regular file of non-zero size, or a device whose first or last MiB is not all zeros (a
 /// partition table, a filesystem's superblock, a backup GPT). Nothing is written here.
 fn refuse_unless_overwrite(t: &Target, overwrite: bool) -> Result<()> {
-    use std::io::{Seek, SeekFrom};
+    use mover_engine::device::{self, Kind};
+    use mover_engine::ResultExt;
     use std::os::unix::fs::FileExt;
     if overwrite || t.fresh {
         return Ok(());
     }
     let holds = match t.kind {
-        mover_engine::device::Kind::File => true,
-        mover_engine::device::Kind::BlockDevice => {
-            let size = (&t.file)
-                .seek(SeekFrom::End(0))
-                .map_err(|e| Error::with_source(mover_engine::ErrorKind::Permanent, format!("restore target {}: its size", t.label), e))?;
+        Kind::File => Some("a file that is not empty"),
+        Kind::BlockDevice => {
+            let (_, size) = device::inspect(&t.label, &t.file)?;
             let mut buf = vec![0u8; PROBE_BYTES.min(size) as usize];
             let mut nonzero = false;
             for at in [0, size.saturating_sub(PROBE_BYTES)] {
-                t.file.read_exact_at(&mut buf, at).map_err(|e| {
-                    Error::with_source(
-                        mover_engine::ErrorKind::Permanent,
-                        format!("restore target {}: reading at {at} to see whether it holds data", t.label),
-                        e,
-                    )
-                })?;
+                t.file.read_exact_at(&mut buf, at).with_context(|| format!("restore target {}: reading at {at} to see whether it holds data", t.label))?;
                 nonzero |= !mover_format::chunker::is_zero(&buf);
             }
-            nonzero
+            nonzero.then_some("its first or last MiB is not all zeros")
         }
     };
-    if holds {
-        return Err(Error::precondition(format!(
-            "restore target {} already holds data ({}); give --overwrite (overwrite in StartRestore) to replace it; nothing was written",
-            t.label,
-            match t.kind {
-                mover_engine::device::Kind::File => "a file that is not empty",
-                mover_engine::device::Kind::BlockDevice => "its first or last MiB is not all zeros",
-            }
-        )));
+    match holds {
+        Some(what) => Err(Error::precondition(format!(
+            "restore target {} already holds data ({what}); give --overwrite (overwrite in StartRestore) to replace it; nothing was written",
+            t.label
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn open_target(env: &Env, t: &TargetRef, what: &str) -> Result<Target> {

@@ -50,7 +50,7 @@ pub struct Metadata {
 
 /// Breaks in a row without progress before a stream is given up (a stream cut after making
 /// progress — the sidecar cuts every 10 minutes — does not count). With the backoff below
-/// (0.5 s doubling to 30 s) that is about two and a half minutes of a service that answers
+/// (0.5 s doubling to 30 s) that is about a minute and a half of a service that answers
 /// UNAVAILABLE, e.g. while the VolumeSnapshot is not ready yet.
 const MAX_STALLS: u32 = 8;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
