@@ -329,8 +329,17 @@ impl VolumeImage {
         true
     }
 
-    /// Reads `buf.len()` bytes at `offset` (within the volume).
+    /// Reads `buf.len()` bytes at `offset` (within the volume). Damaged blobs it meets are
+    /// quarantined (`docs/repair.md`).
     pub async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let r = self.read_inner(offset, buf).await;
+        if r.as_ref().is_err_and(|e| e.kind() == crate::error::ErrorKind::Corrupt) {
+            crate::index::quarantine::note_seen(&self.repo, "export").await;
+        }
+        r
+    }
+
+    async fn read_inner(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.vol.size).ok_or_else(|| {
             Error::invalid(format!("read of {} bytes at {offset} past the end of volume '{}' ({} bytes)", buf.len(), self.vol.name, self.vol.size))
         })?;

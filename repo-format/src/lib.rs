@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod names;
 pub mod pack;
 pub mod pending;
+pub mod quarantine;
 pub mod repo;
 pub mod retry;
 pub mod storage;

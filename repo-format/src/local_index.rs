@@ -18,6 +18,11 @@ use tokio_util::sync::CancellationToken;
 /// also holds stays — and ingests their replacements, instead of rebuilding everything.
 pub trait ChunkIndex: Send + Sync {
     fn lookup(&self, id: &ChunkId) -> Result<Option<BlobLocation>, RepoError>;
+    /// Every location of a chunk, the one [`ChunkIndex::lookup`] answers first. A chunk has
+    /// several when two backups stored it at once, or when a damaged copy was stored anew.
+    fn locations(&self, id: &ChunkId) -> Result<Vec<BlobLocation>, RepoError> {
+        Ok(self.lookup(id)?.into_iter().collect())
+    }
     /// Records entries. With `segment`, as that segment's contribution (removed with it by
     /// [`ChunkIndex::remove_segment`]) and marks it ingested, atomically; ingesting a
     /// segment twice changes nothing. Without, the entries stay until the cache is deleted.
@@ -58,6 +63,17 @@ impl MemIndex {
 impl ChunkIndex for MemIndex {
     fn lookup(&self, id: &ChunkId) -> Result<Option<BlobLocation>, RepoError> {
         self.with(|m| m.entries.get(id).and_then(|v| v.first()).map(|(_, l)| *l))
+    }
+    fn locations(&self, id: &ChunkId) -> Result<Vec<BlobLocation>, RepoError> {
+        self.with(|m| {
+            let mut out: Vec<BlobLocation> = Vec::new();
+            for (_, l) in m.entries.get(id).map(|v| v.as_slice()).unwrap_or(&[]) {
+                if !out.contains(l) {
+                    out.push(*l);
+                }
+            }
+            out
+        })
     }
     fn ingest(&self, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
         self.with(|m| {

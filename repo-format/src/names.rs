@@ -2,7 +2,7 @@
 //!
 //! Layout: `config`, `keys/<id>`, `packs/<first 2 hex>/<id>`, `index/<id>`,
 //! `snapshots/<id>`, `locks/<lock id>-<refreshed ms>`, `gc/<record id>.entries|.ready`,
-//! `reports/<created ms>-<kind>-<8 hex>`.
+//! `reports/<created ms>-<kind>-<8 hex>`, `quarantine/<created ms>-<8 hex>`.
 
 use crate::id::{IndexId, KeyId, PackId, SnapshotId};
 
@@ -14,6 +14,7 @@ pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
 pub const LOCKS_PREFIX: &str = "locks/";
 pub const GC_PREFIX: &str = "gc/";
 pub const REPORTS_PREFIX: &str = "reports/";
+pub const QUARANTINE_PREFIX: &str = "quarantine/";
 
 pub fn key(id: &KeyId) -> String {
     format!("{KEYS_PREFIX}{id}")
@@ -48,6 +49,11 @@ pub fn parse_report(name: &str) -> Option<(u64, String)> {
     (rand.len() == 8 && !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_lowercase())).then(|| (ms, kind.to_string()))
 }
 
+/// A quarantine record: `quarantine/<created ms, 13 digits>-<8 hex>`.
+pub fn quarantine(created_ms: u64, rand: u32) -> String {
+    format!("{QUARANTINE_PREFIX}{created_ms:013}-{rand:08x}")
+}
+
 /// A GC pending-deletion record: the index entries it took out of the index.
 pub fn gc_entries(record: &str) -> String {
     format!("{GC_PREFIX}{record}.entries")
@@ -73,7 +79,7 @@ pub fn probe(id: &str) -> String {
 pub fn max_len(name: &str) -> u64 {
     if name == CONFIG || name.starts_with(KEYS_PREFIX) || name.starts_with(LOCKS_PREFIX) {
         1 << 20
-    } else if name.starts_with(REPORTS_PREFIX) {
+    } else if name.starts_with(REPORTS_PREFIX) || name.starts_with(QUARANTINE_PREFIX) {
         4 << 20
     } else if name.starts_with(SNAPSHOTS_PREFIX) {
         64 << 20

@@ -42,6 +42,9 @@ struct Inner {
     /// Where snapshot manifests read from the store are kept, sealed as stored (see
     /// [`Repository::cache_manifests_in`]).
     manifest_cache: std::sync::OnceLock<std::path::PathBuf>,
+    /// Blob locations this handle found damaged (a blob that failed to decode, a pack that
+    /// is missing), not yet written to a quarantine record ([`Repository::take_damage_seen`]).
+    damage_seen: std::sync::Mutex<Vec<crate::quarantine::Damaged>>,
 }
 
 /// An open repository; cheap to clone.
@@ -94,7 +97,9 @@ impl Repository {
                 return Err(RepoError::AlreadyInitialised { location: loc });
             }
         }
-        Ok(Self { inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy, manifest_cache: Default::default() }) })
+        Ok(Self {
+            inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy, manifest_cache: Default::default(), damage_seen: Default::default() }),
+        })
     }
 
     /// Opens an existing repository with a password.
@@ -160,7 +165,9 @@ impl Repository {
         if keys.config_mac(&cbytes[..mac_at]) != mac {
             return Err(RepoError::ConfigMismatch { location: loc });
         }
-        Ok(Self { inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy, manifest_cache: Default::default() }) })
+        Ok(Self {
+            inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy, manifest_cache: Default::default(), damage_seen: Default::default() }),
+        })
     }
 
     pub fn location(&self) -> &str {
@@ -251,7 +258,8 @@ impl Repository {
         let sealed = match self.get_object_range(&name, loc.offset as u64, loc.stored_len as u64, cancel).await {
             Ok(b) => b,
             Err(RepoError::Storage(e)) if e.is_not_found() => {
-                return Err(RepoError::BadChunk { chunk: *id, pack: loc.pack, location: self.location().into(), what: "pack is missing".into() })
+                self.saw_damage(id, &loc.pack, "pack is missing");
+                return Err(RepoError::BadChunk { chunk: *id, pack: loc.pack, location: self.location().into(), what: "pack is missing".into() });
             }
             Err(RepoError::Storage(e)) if e.kind == crate::storage::ErrorKind::Permanent => {
                 return Err(RepoError::BadChunk {
@@ -278,7 +286,44 @@ impl Repository {
     }
 
     fn bad_chunk(&self, id: &ChunkId, loc: &BlobLocation, e: FormatError) -> RepoError {
+        self.saw_damage(id, &loc.pack, &e.to_string());
         RepoError::BadChunk { chunk: *id, pack: loc.pack, location: self.location().into(), what: e.to_string() }
+    }
+
+    /// Notes a blob location found damaged, for the next [`Repository::take_damage_seen`].
+    fn saw_damage(&self, id: &ChunkId, pack: &crate::PackId, what: &str) {
+        let mut seen = self.inner.damage_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() < crate::quarantine::MAX_ENTRIES && !seen.iter().any(|d| d.chunk == *id && d.pack == *pack) {
+            seen.push(crate::quarantine::Damaged { chunk: *id, pack: *pack, problem: what.to_string() });
+        }
+    }
+
+    /// The blob locations this handle (and its clones) found damaged since the last call:
+    /// blobs that failed authentication or decoding, blobs in packs that are missing.
+    /// Transport errors are not damage and are not listed.
+    pub fn take_damage_seen(&self) -> Vec<crate::quarantine::Damaged> {
+        std::mem::take(&mut *self.inner.damage_seen.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    // ---- quarantine ----
+
+    /// Writes a quarantine record; returns its object name.
+    pub async fn write_quarantine(&self, q: &crate::quarantine::Quarantine, cancel: &CancellationToken) -> Result<String, RepoError> {
+        let name = names::quarantine(q.time_unix_ms, rand::random());
+        self.put_sealed(&name, self.keys().seal_json(&crate::file_formats::QUARANTINE_MAGIC, q, "quarantine record"), cancel).await?;
+        Ok(name)
+    }
+
+    /// Quarantine record names, oldest first.
+    pub async fn list_quarantine(&self, cancel: &CancellationToken) -> Result<Vec<String>, RepoError> {
+        let mut out: Vec<String> = self.list_objects(names::QUARANTINE_PREFIX, cancel).await?.into_iter().map(|o| o.name).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn read_quarantine(&self, name: &str, cancel: &CancellationToken) -> Result<crate::quarantine::Quarantine, RepoError> {
+        let bytes = self.get_object(name, cancel).await?;
+        self.keys().open_json(&crate::file_formats::QUARANTINE_MAGIC, &bytes, "quarantine record").map_err(|e| self.err(name, e))
     }
 
     // ---- index segments ----

@@ -1,8 +1,10 @@
 //! The node's local index: a cache of every index segment, so dedup lookups never touch the
 //! store. [`rocks`] keeps it in RocksDB; [`pending`] adds, for reading snapshots, the
-//! entries gc has taken out of the index but not swept yet.
+//! entries gc has taken out of the index but not swept yet; [`quarantine`] keeps damaged
+//! locations out of dedup and behind healed copies.
 
 pub mod pending;
+pub mod quarantine;
 pub mod rocks;
 
 use mover_format::local_index::{ChunkIndex, MemIndex};
@@ -10,7 +12,8 @@ use mover_format::Repository;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use pending::with_pending;
+pub use pending::{reading, with_pending};
+pub use quarantine::{Quarantined, Screen};
 pub use rocks::RocksIndex;
 
 /// Where a node keeps copies of a repository's snapshot manifests, beside its local index

@@ -3,6 +3,7 @@
 //! gc had just taken out restores at once through this view, not only after the next sweep
 //! puts the entry back (`docs/gc.md`).
 
+use super::quarantine::{screen, Quarantined, Screen};
 use crate::error::{Error, Result};
 use mover_format::index::{BlobLocation, IndexEntry};
 use mover_format::local_index::{ChunkIndex, MemIndex};
@@ -66,21 +67,28 @@ pub async fn load(repo: &Repository, who: Reader, cancel: &CancellationToken) ->
     Ok(out)
 }
 
-/// Syncs `index` and returns it plus the entries of unswept gc records, for reading
+/// Syncs `index` and returns it plus the entries of unswept gc records, seen through the
+/// quarantine ([`Screen::Read`]: a healed copy before a damaged one), for reading
 /// snapshots (restore, export, a backup's parent tree).
 pub async fn with_pending(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<Arc<dyn ChunkIndex>> {
+    Ok(reading(repo, index, cancel).await?.0)
+}
+
+/// [`with_pending`], and the quarantine it was screened with.
+pub async fn reading(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<(Arc<dyn ChunkIndex>, Arc<Quarantined>)> {
     // Records first, then the index: a record swept in between has put its live entries
     // back into an index segment before it was deleted, and the sync sees that segment.
-    let records = load(repo, Reader::Shared, cancel).await?;
+    let (records, q) = tokio::try_join!(load(repo, Reader::Shared, cancel), Quarantined::load(repo, cancel))?;
+    let q = Arc::new(q);
     mover_format::local_index::sync(repo, &*index, cancel).await?;
     if records.iter().all(|r| r.p.entries.is_empty()) {
-        return Ok(index);
+        return Ok((screen(index, &q, Screen::Read), q));
     }
     let extra = MemIndex::default();
     for r in &records {
         extra.ingest(None, &r.p.entries)?;
     }
-    Ok(Arc::new(Fallback { primary: index, extra }))
+    Ok((screen(Arc::new(Fallback { primary: index, extra }), &q, Screen::Read), q))
 }
 
 /// Entry locations of unswept records, for `check`.
@@ -100,6 +108,15 @@ impl ChunkIndex for Fallback {
             Some(l) => Ok(Some(l)),
             None => self.extra.lookup(id),
         }
+    }
+    fn locations(&self, id: &ChunkId) -> Result<Vec<BlobLocation>, RepoError> {
+        let mut out = self.primary.locations(id)?;
+        for l in self.extra.locations(id)? {
+            if !out.contains(&l) {
+                out.push(l);
+            }
+        }
+        Ok(out)
     }
     fn ingested_segments(&self) -> Result<HashSet<IndexId>, RepoError> {
         self.primary.ingested_segments()

@@ -125,6 +125,18 @@ impl ChunkIndex for RocksIndex {
         }
     }
 
+    fn locations(&self, id: &ChunkId) -> Result<Vec<BlobLocation>, RepoError> {
+        let Some(v) = self.db.get_pinned_cf(self.cf(CF_CHUNKS)?, id.as_bytes()).map_err(|e| self.e(e))? else { return Ok(Vec::new()) };
+        let mut out: Vec<BlobLocation> = Vec::new();
+        for (_, loc) in records(&v) {
+            let l = BlobLocation::from_bytes(loc).map_err(|e| err(&self.path, format!("entry for chunk {id}: {e}")))?;
+            if !out.contains(&l) {
+                out.push(l);
+            }
+        }
+        Ok(out)
+    }
+
     fn ingest(&self, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
         let _w = self.write.lock().map_err(|_| err(&self.path, "writer lock poisoned".into()))?;
         let mut b = WriteBatch::default();

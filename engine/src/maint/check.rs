@@ -5,11 +5,13 @@
 //! names its object; the report lists them all.
 
 use crate::error::Result;
+use crate::index::Quarantined;
 use crate::progress::Progress;
 use crate::walk::{self, Trees, Visitor};
 use mover_format::index::BlobLocation;
 use mover_format::manifest::Manifest;
 use mover_format::pack::FOOTER_LEN;
+use mover_format::quarantine::Damaged;
 use mover_format::tree::MapEntry;
 use mover_format::{names, ChunkId, PackId, Repository, SnapshotId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -35,6 +37,14 @@ pub struct CheckReport {
     /// The snapshots the check covered.
     #[serde(skip)]
     pub checked: Vec<SnapshotId>,
+    /// What is not a problem but worth knowing (a damaged pack whose damage is healed).
+    pub notes: Vec<String>,
+    /// Damaged blob locations quarantined before this check (`docs/repair.md`).
+    pub quarantined: usize,
+    /// Of those, the ones whose content is stored again elsewhere (healed).
+    pub healed: usize,
+    /// Damaged locations this check found and quarantined.
+    pub newly_quarantined: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -52,6 +62,8 @@ pub(super) struct StoreView {
     /// snapshot may use them until the sweep puts them back.
     pub pending: HashMap<ChunkId, BlobLocation>,
     pub snapshots: Vec<(SnapshotId, Manifest)>,
+    /// Damaged locations; `index` holds another location of a chunk when there is one.
+    pub quarantine: Quarantined,
 }
 
 impl StoreView {
@@ -80,7 +92,8 @@ pub(super) async fn load_view(repo: &Repository, rep: &mut CheckReport, cancel: 
         rep.problems.push(format!("{e:#}"));
         HashMap::new()
     });
-    let mut index = HashMap::new();
+    let quarantine = Quarantined::load(repo, cancel).await?;
+    let mut index: HashMap<ChunkId, BlobLocation> = HashMap::new();
     // A segment a running gc replaced between listing and reading: its entries are in
     // segments written before it was deleted, so the index is read again.
     'read: for attempt in 0.. {
@@ -91,7 +104,13 @@ pub(super) async fn load_view(repo: &Repository, rep: &mut CheckReport, cancel: 
             match repo.read_index(&id, cancel).await {
                 Ok(entries) => {
                     for e in entries {
-                        index.insert(e.id, e.loc);
+                        // A healthy location before a quarantined one.
+                        match index.get(&e.id) {
+                            Some(have) if !quarantine.is_bad(&e.id, &have.pack) || quarantine.is_bad(&e.id, &e.loc.pack) => {}
+                            _ => {
+                                index.insert(e.id, e.loc);
+                            }
+                        }
                     }
                 }
                 Err(mover_format::RepoError::Storage(e)) if e.is_not_found() && attempt < 5 => continue 'read,
@@ -105,7 +124,7 @@ pub(super) async fn load_view(repo: &Repository, rep: &mut CheckReport, cancel: 
     rep.packs = packs.len();
     rep.index_entries = index.len();
     rep.snapshots = snapshots.len();
-    Ok(StoreView { packs, index, pending, snapshots })
+    Ok(StoreView { packs, index, pending, snapshots, quarantine })
 }
 
 /// Tree blobs located through a [`StoreView`]; an unreadable one is a problem, not a stop.
@@ -161,6 +180,8 @@ struct Damage {
     objects: BTreeMap<String, (String, BTreeSet<SnapshotId>)>,
     /// Tree blobs a walk failed to read or decode (filled by [`ViewTrees`]).
     failed: Arc<Mutex<Vec<(ChunkId, String)>>>,
+    /// Damaged locations found, to quarantine.
+    found: Vec<Damaged>,
 }
 
 impl Damage {
@@ -280,11 +301,21 @@ async fn check_locked(repo: &Repository, read_percent: Option<u32>, progress: &P
     let mut rep = CheckReport::default();
     let v = load_view(repo, &mut rep, cancel).await?;
     let mut damage = Damage::default();
+    // Quarantined locations: damaged, unless the content is stored again elsewhere.
+    rep.quarantined = v.quarantine.len();
+    for (id, pack, problem) in v.quarantine.iter() {
+        match v.index.get(id) {
+            Some(loc) if loc.pack == *pack => damage.blob(*id, format!("pack {pack}"), format!("quarantined: {problem}")),
+            Some(_) => rep.healed += 1,
+            None => {}
+        }
+    }
     // Index entries against packs.
     let mut reported_missing = HashSet::new();
     for (id, loc) in &v.index {
         match v.packs.get(&loc.pack) {
             None => {
+                damage.found.push(Damaged { chunk: *id, pack: loc.pack, problem: "pack is missing".into() });
                 if reported_missing.insert(loc.pack) {
                     rep.problems.push(format!("pack {} in repository {}: missing, but the index lists chunks in it (e.g. {id})", loc.pack, repo.location()));
                 }
@@ -341,6 +372,17 @@ async fn check_locked(repo: &Repository, read_percent: Option<u32>, progress: &P
     }
     rep.affected_snapshots = affected.into_iter().collect();
     rep.checked = v.snapshots.iter().map(|(id, _)| *id).collect();
+    // What this check found damaged is never deduplicated against again. Tree blobs that
+    // failed to decode were noted by the repository handle as they were read.
+    let mut found = std::mem::take(&mut s.damage.found);
+    found.extend(repo.take_damage_seen());
+    let before = found.len();
+    found.retain(|d| !v.quarantine.is_bad(&d.chunk, &d.pack));
+    if before > 0 {
+        let n = found.len();
+        crate::index::quarantine::record(repo, "check", found, Some(&v.quarantine), cancel).await?;
+        rep.newly_quarantined = n;
+    }
     Ok(rep)
 }
 
@@ -379,10 +421,8 @@ async fn read_data(
         };
         rep.packs_read += 1;
         let object = format!("pack {pack}");
-        if PackId(mover_format::id::content_id(&bytes)) != *pack {
-            rep.problems.push(format!("pack {pack} in repository {}: content does not hash to its name (corrupt or truncated)", repo.location()));
-            damage.object(object.clone(), "content does not hash to its name (corrupt or truncated)".into());
-        }
+        let hash_differs = PackId(mover_format::id::content_id(&bytes)) != *pack;
+        let problems_before = rep.problems.len();
         if let Err(e) = mover_format::pack::read_pack(repo.keys(), &bytes) {
             rep.problems.push(format!("pack {pack} in repository {}: trailer: {e}", repo.location()));
             damage.object(object.clone(), format!("trailer: {e}"));
@@ -399,8 +439,20 @@ async fn read_data(
                 }
                 Err(err) => {
                     rep.problems.push(format!("{err:#}"));
+                    damage.found.push(Damaged { chunk: *id, pack: *pack, problem: format!("{err:#}") });
                     damage.blob(*id, object.clone(), format!("{err:#}"));
                 }
+            }
+        }
+        if hash_differs {
+            let healed = rep.problems.len() == problems_before && v.quarantine.records.iter().any(|(_, packs)| packs.contains(pack));
+            if healed {
+                // Its damaged blobs are quarantined and stored again elsewhere; every blob
+                // still used from it verifies. gc removes it.
+                rep.notes.push(format!("pack {pack}: damaged, but nothing needs its damaged blobs any more (healed); `mover gc` removes it"));
+            } else {
+                rep.problems.push(format!("pack {pack} in repository {}: content does not hash to its name (corrupt or truncated)", repo.location()));
+                damage.object(object.clone(), "content does not hash to its name (corrupt or truncated)".into());
             }
         }
     }

@@ -19,6 +19,7 @@
 use super::gc_work::{self, Entries, Reach};
 use crate::error::{Error, Result, ResultExt};
 use crate::index::pending::{self, Record};
+use crate::index::Quarantined;
 use crate::lock::{self, RepoLock};
 use crate::walk::{self, Trees, Visitor};
 use mover_format::blob::{BlobEncoder, EncodedBlob};
@@ -93,6 +94,8 @@ pub struct GcReport {
     /// Index segments the mark left as they were (nothing in them changed).
     pub index_segments_kept: usize,
     pub stale_locks_removed: usize,
+    /// Quarantine records removed: every pack they named is gone.
+    pub quarantine_records_removed: usize,
     /// What the mark decided, pack by pack.
     pub plan: Vec<PlannedPack>,
 }
@@ -133,6 +136,8 @@ pub struct PlannedPack {
 /// What GC knows about the repository; only grows while it runs. The index entries and
 /// the reachable set live on disk ([`gc_work`]): memory does not grow with the repository.
 struct View {
+    /// Damaged locations: never a chunk's home when it has another (`docs/repair.md`).
+    q: Quarantined,
     packs: HashMap<PackId, u64>,
     idx: Entries,
     snapshots: HashSet<SnapshotId>,
@@ -171,8 +176,8 @@ impl View {
         pending: &HashMap<ChunkId, BlobLocation>,
         cancel: &CancellationToken,
     ) -> Result<()> {
-        let View { packs: _, idx, snapshots: _, reach } = self;
-        let mut trees = GcTrees { repo, idx, pending, cancel };
+        let View { q, packs: _, idx, snapshots: _, reach } = self;
+        let mut trees = GcTrees { repo, idx, q, pending, cancel };
         walk::snapshot(&mut trees, &mut Mark(reach), sid, m).await?;
         reach.settle()
     }
@@ -203,6 +208,7 @@ impl Visitor for Mark<'_> {
 struct GcTrees<'a> {
     repo: &'a Repository,
     idx: &'a mut Entries,
+    q: &'a Quarantined,
     pending: &'a HashMap<ChunkId, BlobLocation>,
     cancel: &'a CancellationToken,
 }
@@ -210,11 +216,12 @@ struct GcTrees<'a> {
 #[async_trait::async_trait]
 impl Trees for GcTrees<'_> {
     async fn blob(&mut self, id: &ChunkId, what: &str) -> Result<Option<Vec<u8>>> {
-        let mut loc = self.idx.first(id)?.or_else(|| self.pending.get(id).copied());
+        let q = self.q;
+        let mut loc = self.idx.first(id, |l| !q.is_bad(id, &l.pack))?.or_else(|| self.pending.get(id).copied());
         if loc.is_none() {
             // A snapshot written after the index was read: its segments are there by now.
             self.idx.refresh(self.repo, self.cancel).await?;
-            loc = self.idx.first(id)?;
+            loc = self.idx.first(id, |l| !q.is_bad(id, &l.pack))?;
         }
         let loc = loc.ok_or_else(|| {
             Error::corrupt(format!(
@@ -237,7 +244,7 @@ pub async fn run(repo: &Repository, opts: &GcOptions, cancel: &CancellationToken
     let scratch = opts.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
     let r = match gc_work::create(&scratch) {
         Ok((idx, reach)) => {
-            let mut v = View { packs: HashMap::new(), idx, snapshots: HashSet::new(), reach };
+            let mut v = View { q: Quarantined::default(), packs: HashMap::new(), idx, snapshots: HashSet::new(), reach };
             run_locked(repo, opts, &mut v, &lock, cancel).await
         }
         Err(e) => Err(e),
@@ -254,6 +261,7 @@ async fn run_locked(repo: &Repository, opts: &GcOptions, v: &mut View, me: &Repo
     rep.packs_before = v.packs.len();
     rep.bytes_before = v.packs.values().sum();
     v.refresh_index(repo, cancel).await?;
+    v.q = Quarantined::load(repo, cancel).await?;
     let mut records = pending::load(repo, pending::Reader::Gc, cancel).await?;
     v.refresh_snapshots(repo, &pending::locations(&records), cancel).await?;
     rep.snapshots = v.snapshots.len();
@@ -270,7 +278,24 @@ async fn run_locked(repo: &Repository, opts: &GcOptions, v: &mut View, me: &Repo
         sweep(repo, v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
     }
     rep.records_held = records.len();
+    if !opts.dry_run {
+        rep.quarantine_records_removed = prune_quarantine(repo, v, &me.lease(), cancel).await?;
+    }
     Ok(rep)
+}
+
+/// Removes the quarantine records whose every pack is gone from the store and the index:
+/// what they warned about cannot be met again.
+async fn prune_quarantine(repo: &Repository, v: &View, lease: &lock::Lease, cancel: &CancellationToken) -> Result<usize> {
+    if v.q.records.is_empty() {
+        return Ok(0);
+    }
+    let stored: HashSet<PackId> = repo.list_packs(cancel).await?.into_iter().map(|(p, _)| p).collect();
+    let named = v.idx.packs()?;
+    let gone: Vec<String> =
+        v.q.records.iter().filter(|(_, packs)| packs.iter().all(|p| !stored.contains(p) && !named.contains(p))).map(|(n, _)| n.clone()).collect();
+    delete_objects(repo, &gone, lease, "removing quarantine records of packs that are gone", cancel).await?;
+    Ok(gone.len())
 }
 
 /// Live lock ids other than `me`.
@@ -329,7 +354,7 @@ async fn sweep(
     let mut resurrect: HashMap<ChunkId, IndexEntry> = HashMap::new();
     for r in &eligible {
         for e in &r.p.entries {
-            if !resurrect.contains_key(&e.id) && v.packs.contains_key(&e.loc.pack) && v.reach.contains(&e.id)? && v.idx.first(&e.id)?.is_none() {
+            if !resurrect.contains_key(&e.id) && v.packs.contains_key(&e.loc.pack) && v.reach.contains(&e.id)? && v.idx.first(&e.id, |_| true)?.is_none() {
                 resurrect.insert(e.id, *e);
             }
         }
@@ -402,10 +427,15 @@ async fn mark(
     // a pass over the working set in chunk order; only per-pack figures stay in memory.
     v.reach.settle()?;
     let naive = gc_work::reachable_bytes_per_pack(&v.idx, &v.reach)?;
+    // A quarantined location is a home only when the chunk has no other: a healed chunk's
+    // damaged copy is garbage like any unreferenced blob.
     let home_of = |es: &[IndexEntry]| -> Option<IndexEntry> {
         es.iter()
             .filter(|e| v.packs.contains_key(&e.loc.pack))
-            .max_by(|a, b| naive.get(&a.loc.pack).cmp(&naive.get(&b.loc.pack)).then_with(|| b.loc.pack.cmp(&a.loc.pack)))
+            .max_by(|a, b| {
+                let healthy = |e: &IndexEntry| !v.q.is_bad(&e.id, &e.loc.pack);
+                healthy(a).cmp(&healthy(b)).then_with(|| naive.get(&a.loc.pack).cmp(&naive.get(&b.loc.pack))).then_with(|| b.loc.pack.cmp(&a.loc.pack))
+            })
             .copied()
     };
     let mut named: HashSet<PackId> = HashSet::new();
@@ -420,13 +450,17 @@ async fn mark(
         Ok(())
     })?;
     let held_packs: HashSet<PackId> = records.iter().flat_map(|r| r.p.packs()).collect();
+    let damaged: HashSet<PackId> = v.q.iter().map(|(_, p, _)| *p).collect();
     let (mut drop_packs, mut repack): (Vec<PackId>, Vec<PackId>) = (Vec::new(), Vec::new());
     for p in &named {
         let Some(&size) = v.packs.get(p) else { continue }; // missing pack: `check` reports it
         let live = live_of.get(p).copied().unwrap_or(0);
         if live == 0 {
             drop_packs.push(*p);
-        } else if size > 0 && (size - live.min(size)) as f64 / size as f64 > opts.repack_unused {
+        } else if damaged.contains(p) || (size > 0 && (size - live.min(size)) as f64 / size as f64 > opts.repack_unused) {
+            // A pack with a damaged blob is repacked whatever its use: its healthy blobs are
+            // copied (verified), and the damage goes with it (a blob nothing healed stays
+            // its home and fails the copy, so the pack stays).
             repack.push(*p);
         }
     }
@@ -502,7 +536,7 @@ async fn mark(
         let before: u64 = blobs.iter().map(|(b, _)| b.sealed.len() as u64).sum();
         let per = blobs.len().div_ceil(threads).max(1);
         let (keys, level) = (repo.keys(), opts.recompress);
-        let checked: std::result::Result<(), String> = tokio::task::block_in_place(|| {
+        let checked: std::result::Result<(), String> = off_reactor(|| {
             std::thread::scope(|sc| {
                 let hs: Vec<_> = blobs
                     .chunks_mut(per)
@@ -625,6 +659,16 @@ async fn mark(
     Ok(Some(Record { id: record_id, p, ready: Some(ready) }))
 }
 
+/// Runs CPU-bound `f` (which borrows) without stalling other tasks: through
+/// `block_in_place` on a multi-threaded runtime; on a current-thread runtime (a test, an
+/// embedding), where `block_in_place` panics, in place.
+fn off_reactor<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// A new record's id (time first, so records list oldest first) and its creation time.
 pub(super) fn new_record_id() -> (String, u64) {
     let created_ms = mover_format::now_unix_ms();
@@ -634,4 +678,21 @@ pub(super) fn new_record_id() -> (String, u64) {
 /// A record's `.ready` marker: the locks live now.
 pub(super) fn ready_now(live: &[lock::LockView]) -> Ready {
     Ready { locks: live.iter().map(|l| l.info.id.clone()).collect(), written_ms: mover_format::now_unix_ms() }
+}
+
+#[cfg(test)]
+mod tests {
+    /// gc's verification runs off the reactor on a multi-threaded runtime and in place on a
+    /// current-thread one, where `block_in_place` would panic (an embedding, a test).
+    #[tokio::test(flavor = "current_thread")]
+    async fn off_reactor_does_not_panic_on_a_current_thread_runtime() {
+        let v = vec![1u8, 2, 3];
+        assert_eq!(super::off_reactor(|| v.iter().map(|&b| b as u32).sum::<u32>()), 6);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn off_reactor_blocks_in_place_on_a_multi_threaded_runtime() {
+        let v = vec![1u8, 2, 3];
+        assert_eq!(super::off_reactor(|| v.len()), 3);
+    }
 }

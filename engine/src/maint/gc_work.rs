@@ -156,17 +156,25 @@ impl Entries {
         Ok(())
     }
 
-    /// A location of `id`, if the index has one.
-    pub fn first(&self, id: &ChunkId) -> Result<Option<BlobLocation>> {
+    /// A location of `id` that `usable` accepts (a healthy one), if the index has one.
+    pub fn first(&self, id: &ChunkId, usable: impl Fn(&BlobLocation) -> bool) -> Result<Option<BlobLocation>> {
         let mut it = self.s.db().raw_iterator_cf(self.s.cf(CF_ENTRIES));
         it.seek(id.as_bytes());
-        if let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if k.len() == 68 && &k[..32] == id.as_bytes() {
-                return Ok(decode(k, v).map(|(e, _)| e.loc));
+        let mut any = None;
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k.len() != 68 || &k[..32] != id.as_bytes() {
+                break;
             }
+            if let Some((e, _)) = decode(k, v) {
+                if usable(&e.loc) {
+                    return Ok(Some(e.loc));
+                }
+                any.get_or_insert(e.loc);
+            }
+            it.next();
         }
         it.status().map_err(|e| self.s.e(e))?;
-        Ok(None)
+        Ok(any)
     }
 
     /// Every entry from `from` (a key) on, in chunk id order, with its segment's id, until

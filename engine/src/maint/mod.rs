@@ -1,6 +1,7 @@
 //! Repository maintenance, side by side: [`check`] and [`stats`] read; [`forget`] and [`gc`]
 //! remove (gc is the one operation that deletes data; see `docs/gc.md`); [`index`] syncs
-//! or rebuilds the node's local index; [`keys`] manages passwords.
+//! or rebuilds the node's local index; [`keys`] manages passwords; [`repair`] heals damaged
+//! blobs from a second repository or a source and reports what stays lost.
 
 pub mod check;
 pub mod drill;
@@ -9,5 +10,6 @@ pub mod gc;
 mod gc_work;
 pub mod index;
 pub mod keys;
+pub mod repair;
 pub mod report;
 pub mod stats;

@@ -21,9 +21,9 @@ use mover_format::blob::{BlobEncoder, BlobKind};
 use mover_format::local_index::ChunkIndex;
 use mover_format::lock::LockKind;
 use mover_format::manifest::{ChangeSource, Manifest, MetadataEntry, VolumeEntry, VolumeStats, MANIFEST_VERSION};
-use mover_format::tree::{SegmentGroup, SegmentRef, GROUP_SEGMENTS};
-use mover_format::{Repository, SnapshotId};
-use std::collections::BTreeMap;
+use mover_format::tree::{SegmentGroup, SegmentMap, SegmentRef, GROUP_SEGMENTS};
+use mover_format::{ChunkId, Repository, SnapshotId};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -197,11 +197,17 @@ pub async fn backup(
         // After the lock: segments a gc replaced before it are seen as gone. Dedup looks
         // chunks up in the index only; the parent's tree may also use entries of unswept gc
         // records, which the parent (or its parked manifest) keeps alive (docs/gc.md).
-        let tree = crate::index::with_pending(repo, index.clone(), cancel).await.context("syncing the local index")?;
-        tracing::debug!("local index in sync");
+        let (tree, q) = crate::index::reading(repo, index.clone(), cancel).await.context("syncing the local index")?;
+        tracing::debug!(quarantined = q.len(), "local index in sync");
+        // Damaged locations are never deduplicated against: what they held is stored anew
+        // (docs/repair.md), and the segments of the parent that need it are read again.
+        let index = crate::index::quarantine::screen(index, &q, crate::index::Screen::Dedup);
+        let unhealed = Arc::new(q.unhealed(&*tree)?);
         let parent = resolve_parent(repo, &job, cancel).await?;
         tracing::debug!(parent = ?parent.as_ref().map(|p| p.0), "parent resolved");
-        run(repo, index, tree, job, parent, progress, lock.lease(), cancel).await
+        let r = run(repo, index, tree, job, parent, unhealed, progress, lock.lease(), cancel).await;
+        crate::index::quarantine::note_seen(repo, "backup").await;
+        r
     }
     .await;
     lock.release().await;
@@ -245,6 +251,7 @@ async fn run(
     tree: Arc<dyn ChunkIndex>,
     job: BackupJob,
     parent: Option<(SnapshotId, Manifest, bool)>,
+    unhealed: Arc<HashSet<ChunkId>>,
     progress: Arc<Progress>,
     lease: Lease,
     cancel: &CancellationToken,
@@ -312,9 +319,19 @@ async fn run(
         }
         let mut volumes = Vec::new();
         let mut backend = IoBackend::Pread;
-        for v in vols {
-            let prefs = match &v.parent {
-                Some((pid, pv)) if pv.segment_size == segment_size => Some(crate::snapshots::load_refs(repo, &*tree, pid, pv, &stop).await?),
+        for mut v in vols {
+            let prefs = match v.parent.clone() {
+                Some((pid, pv)) if pv.segment_size == segment_size => match crate::snapshots::load_refs(repo, &*tree, &pid, &pv, &stop).await {
+                    Ok(p) => Some(avoid_damage(repo, &tree, &mut v, p, &unhealed, &stop).await?),
+                    Err(e) if e.kind() == ErrorKind::Corrupt => {
+                        // The parent's tree is damaged: nothing of it can be reused.
+                        tracing::warn!("volume '{}': {e:#}; reading everything without the parent", v.name);
+                        add_reason(&mut v.opened.changes.fallback, format!("the parent's tree is damaged ({e:#})"));
+                        v.opened.changes.changed = None;
+                        None
+                    }
+                    Err(e) => return Err(e),
+                },
                 _ => None,
             };
             tracing::debug!(volume = %v.name, parent_segments = prefs.as_ref().map(|p| p.len()), "parent's segment refs loaded");
@@ -647,6 +664,70 @@ async fn backup_volume(
 }
 
 /// Adds `why` to the reasons a volume was read in full.
+/// Segments of the parent that need a damaged blob nobody has stored anew ([`Quarantined::unhealed`]):
+/// they are read again and chunked, not reused (their digest is forgotten, and they count
+/// as changed for the change source), so this backup stores the content anew and heals
+/// every older snapshot that needs it. Maps are read only when there is such damage.
+///
+/// [`Quarantined::unhealed`]: crate::index::Quarantined::unhealed
+async fn avoid_damage(
+    repo: &Repository,
+    tree: &Arc<dyn ChunkIndex>,
+    v: &mut OpenVolume,
+    mut prefs: Vec<SegmentRef>,
+    unhealed: &HashSet<ChunkId>,
+    cancel: &CancellationToken,
+) -> Result<Vec<SegmentRef>> {
+    // A sparse source holds only the changes: the rest of a segment cannot be read from it.
+    if unhealed.is_empty() || v.opened.changes.sparse {
+        return Ok(prefs);
+    }
+    use futures::StreamExt;
+    let maps: Vec<(usize, ChunkId)> =
+        prefs.iter().enumerate().filter_map(|(i, r)| if let SegmentRef::Map { map, .. } = r { Some((i, *map)) } else { None }).collect();
+    let what = format!("parent of volume '{}'", v.name);
+    let what = what.as_str();
+    let mut loads = futures::stream::iter(maps)
+        .map(|(i, map)| async move {
+            if unhealed.contains(&map) {
+                return Ok((i, true));
+            }
+            match crate::snapshots::load_blob(repo, &**tree, &map, what, cancel).await.and_then(|b| Ok(SegmentMap::decode(&b)?)) {
+                Ok(m) => Ok((i, m.entries.iter().filter_map(|e| e.chunk()).any(|c| unhealed.contains(&c)))),
+                Err(e) if e.kind() == ErrorKind::Corrupt => Ok((i, true)),
+                Err(e) => Err(e),
+            }
+        })
+        .buffer_unordered(16);
+    let seg_size = repo.config().chunker.segment_size as u64;
+    let mut tainted = Vec::new();
+    while let Some(r) = loads.next().await {
+        let (i, bad) = r?;
+        if bad {
+            tainted.push(i);
+        }
+    }
+    tainted.sort_unstable();
+    for &i in &tainted {
+        if let SegmentRef::Map { map, .. } = prefs[i] {
+            prefs[i] = SegmentRef::Map { map, digest: super::splice::UNKNOWN_DIGEST };
+        }
+        if let Some(ch) = v.opened.changes.changed.as_mut() {
+            let start = i as u64 * seg_size;
+            ch.push((start, (start + seg_size).min(v.opened.size) - start));
+        }
+    }
+    if !tainted.is_empty() {
+        tracing::warn!(
+            "volume '{}': {} segment(s) of parent snapshot {} need damaged blobs: reading them again to store the content anew",
+            v.name,
+            tainted.len(),
+            v.parent.as_ref().map(|p| p.0.to_string()).unwrap_or_default()
+        );
+    }
+    Ok(prefs)
+}
+
 fn add_reason(slot: &mut Option<String>, why: String) {
     *slot = Some(match slot.take() {
         Some(f) => format!("{f}; {why}"),

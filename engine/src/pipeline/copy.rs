@@ -97,7 +97,9 @@ pub async fn copy(
     let lock = RepoLock::read(src, cancel).await?;
     let r = async {
         let tree = crate::index::with_pending(src, src_index, cancel).await.context("syncing the source's local index")?;
-        run(src, tree, dst, dst_index, req, progress, cancel).await
+        let r = run(src, tree, dst, dst_index, req, progress, cancel).await;
+        crate::index::quarantine::note_seen(src, "copy").await;
+        r
     }
     .await;
     lock.release().await;

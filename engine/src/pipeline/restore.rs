@@ -575,9 +575,26 @@ pub(crate) async fn load_maps(
     Ok(out)
 }
 
-/// Restores one volume of a snapshot onto `target` (a block device or a file).
+/// Restores one volume of a snapshot onto `target` (a block device or a file). Damaged
+/// blobs it meets are quarantined (`docs/repair.md`).
 #[allow(clippy::too_many_arguments)]
 pub async fn restore_volume(
+    repo: &Repository,
+    index: Arc<dyn ChunkIndex>,
+    snap: &SnapshotId,
+    vol: &VolumeEntry,
+    target: Target,
+    opts: &RestoreOptions,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<RestoreSummary> {
+    let r = restore_volume_inner(repo, index, snap, vol, target, opts, progress, cancel).await;
+    crate::index::quarantine::note_seen(repo, "restore").await;
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn restore_volume_inner(
     repo: &Repository,
     index: Arc<dyn ChunkIndex>,
     snap: &SnapshotId,

@@ -57,6 +57,15 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         for p in &r.problems {
             println!("problem: {p}");
         }
+        for n in &r.notes {
+            println!("note: {n}");
+        }
+        if r.quarantined > 0 || r.newly_quarantined > 0 {
+            println!(
+                "quarantine: {} damaged location(s) known before this check, {} healed (stored again); {} found now; `mover repair` heals the rest (docs/repair.md)",
+                r.quarantined, r.healed, r.newly_quarantined
+            );
+        }
         for d in &r.damaged {
             let snaps: Vec<String> = d.snapshots.iter().map(|s| s.to_string()).collect();
             println!(

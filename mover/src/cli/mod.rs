@@ -14,6 +14,7 @@ mod init;
 mod key;
 mod locks;
 mod mount;
+mod repair;
 mod restore;
 mod serve;
 mod snapshots;
@@ -122,6 +123,9 @@ enum Cmd {
     Key(key::Cmd),
     /// Check the repository: structure, and with --read-data every blob.
     Check(check::Args),
+    /// Heal damaged blobs from a second repository (--from) or a volume's data (--source),
+    /// and list the snapshots and byte ranges that stay lost (docs/repair.md).
+    Repair(repair::Args),
     /// Remove snapshots by retention policy (per group); data is freed by gc.
     Forget(forget::Args),
     /// Free the space of forgotten snapshots: delete unreferenced packs, repack mostly
@@ -157,6 +161,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Cmd::Index(c) => index::run(&ra, c, &cancel).await,
         Cmd::Key(c) => key::run(&ra, c, &cancel).await,
         Cmd::Check(a) => check::run(&ra, a, &cancel).await,
+        Cmd::Repair(a) => repair::run(&ra, a, &cancel).await,
         Cmd::Forget(a) => forget::run(&ra, a, &cancel).await,
         Cmd::Gc(a) => gc::run(&ra, a, &cancel).await,
         Cmd::Locks(a) => locks::list(&ra, a, &cancel).await,

@@ -18,6 +18,7 @@ mod export;
 mod forget;
 mod gc;
 mod groups;
+mod heal;
 mod index;
 mod kubevirt;
 mod maint;
