@@ -18,6 +18,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Largest read a client may ask for (the protocol document's portable maximum).
 pub const MAX_READ: u32 = 32 << 20;
+/// Requests one connection may have in flight; the next is read only once one is done
+/// (the client waits, through TCP's flow control). Bounds a connection's memory whatever
+/// it sends: at most [`MAX_BYTES_IN_FLIGHT`] of reply buffers.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Bytes of reads one connection may have in flight (each read holds its reply buffer).
+pub const MAX_BYTES_IN_FLIGHT: u32 = 64 << 20;
 /// Largest option payload accepted during negotiation.
 const MAX_OPTION: u32 = 64 << 10;
 /// Block status answers at most this much of the volume per request.
@@ -111,6 +117,8 @@ pub async fn serve(stream: Box<dyn Stream>, image: Arc<VolumeImage>, export: Str
     let w = Arc::new(Mutex::new(w));
     let session = Arc::new(session);
     let mut tasks = tokio::task::JoinSet::new();
+    // Reply buffers in flight, in KiB.
+    let budget = Arc::new(tokio::sync::Semaphore::new((MAX_BYTES_IN_FLIGHT >> 10) as usize));
     loop {
         let mut head = [0u8; 28];
         tokio::select! {
@@ -142,8 +150,27 @@ pub async fn serve(stream: Box<dyn Stream>, image: Arc<VolumeImage>, export: Str
                 reply_error(&w, &session, cookie, EPERM, "the export is read-only").await?;
             }
             CMD_READ | CMD_BLOCK_STATUS | CMD_FLUSH | CMD_CACHE => {
+                // Room first: a client that floods requests without reading replies waits
+                // here, and its connection's memory stays bounded.
+                while tasks.len() >= MAX_IN_FLIGHT {
+                    tokio::select! {
+                        done = tasks.join_next() => if let Some(done) = done {
+                            done.map_err(Error::from)??;
+                        },
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                }
+                let kib = if typ == CMD_READ { (len.min(MAX_READ) >> 10).max(1) } else { 1 };
+                let held = tokio::select! {
+                    p = budget.clone().acquire_many_owned(kib) => p.map_err(|_| Error::cancelled("an NBD connection"))?,
+                    _ = stop.cancelled() => return Ok(()),
+                };
                 let (w, image, session) = (w.clone(), image.clone(), session.clone());
-                tasks.spawn(async move { request(w, image, session, typ, flags, cookie, offset, len).await });
+                tasks.spawn(async move {
+                    let r = request(w, image, session, typ, flags, cookie, offset, len).await;
+                    drop(held);
+                    r
+                });
             }
             _ => reply_error(&w, &session, cookie, EPERM, "the export is read-only").await?,
         }

@@ -280,6 +280,28 @@ fn read_segments(x: &Export, n: u64, want: &[u8]) -> (usize, usize) {
 }
 
 #[test]
+fn a_client_that_floods_reads_without_reading_replies_holds_bounded_memory() {
+    // 96 reads of 32 MiB (3 GiB of replies) queued at once through libnbd's asynchronous
+    // API before a single reply is read: the server takes on at most 64 MiB of them per
+    // connection and the client waits for the rest, so its memory stays bounded.
+    let e = Env::new();
+    let (want, id, _) = backed_up_noise(&e, 98, 64 << 20);
+    let x = Export::start(&e, &id, &[]);
+    let script = "buf = nbd.Buffer(32 << 20)\n\
+                  cmds = [h.aio_pread(buf, (i % 2) * (32 << 20)) for i in range(96)]\n\
+                  while h.aio_in_flight() > 0: h.poll(-1)\n\
+                  assert all(h.aio_command_completed(c) for c in cmds)\n\
+                  import sys; sys.stdout.buffer.write(h.pread(1 << 20, 40 << 20))";
+    let t0 = Instant::now();
+    let o = x.nbdsh(script);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(&o.stdout[..], &want[40 << 20..41 << 20], "and reads stay right");
+    let rss = x.peak_rss_kib();
+    assert!(rss < 400 << 10, "export peak RSS {} MiB while flooded", rss >> 10);
+    assert!(t0.elapsed() < Duration::from_secs(120), "{:?}", t0.elapsed());
+}
+
+#[test]
 fn an_export_whose_window_is_smaller_than_a_segment_still_reads_back_byte_exact() {
     // A segment's reads wait for the fetch window all together; a segment that needs more
     // than the whole window takes all of it, rather than waiting forever.
