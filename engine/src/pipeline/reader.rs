@@ -74,7 +74,26 @@ impl ReadJob {
     pub fn pieces(&self) -> Vec<(usize, usize)> {
         self.ranges.clone().unwrap_or_else(|| vec![(0, self.len)])
     }
+
+    /// The reads a block source is asked for: the pieces, with those closer than
+    /// [`BLOCK_COALESCE_GAP`] merged into one. Each request costs a block source a round
+    /// trip (a KubeVirt export a new NBD connection upstream), while the bytes in between
+    /// cost little; they land in the segment's buffer outside `ranges`, where nothing
+    /// looks.
+    pub fn block_reads(&self) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for (a, b) in self.pieces() {
+            match out.last_mut() {
+                Some(last) if a <= last.1 + BLOCK_COALESCE_GAP => last.1 = last.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        out
+    }
 }
+
+/// Pieces of a segment closer than this are read from a block source in one request.
+pub const BLOCK_COALESCE_GAP: usize = 256 << 10;
 
 /// A segment read: `buf.len() == len`; with `ranges`, only those bytes were read.
 pub struct ReadDone {
@@ -314,7 +333,7 @@ pub fn spawn_blocks(
                         }
                         let Some(job) = jobs.lock().ok().and_then(|mut j| j.pop_front()) else { break };
                         let Some(mut buf) = pool.lock().ok().and_then(|mut p| p.blocking_recv()) else { break };
-                        let r = job.pieces().into_iter().try_for_each(|(a, b)| client.read_at(job.offset + a as u64, &mut buf.as_mut_full()[a..b]));
+                        let r = job.block_reads().into_iter().try_for_each(|(a, b)| client.read_at(job.offset + a as u64, &mut buf.as_mut_full()[a..b]));
                         buf.set_len(job.len);
                         let msg = r.map(|()| ReadDone { seg: job.seg, offset: job.offset, buf, ranges: job.ranges });
                         let failed = msg.is_err();
@@ -368,4 +387,18 @@ fn read_pread(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_reads_merge_pieces_closer_than_the_gap() {
+        let job = |ranges: Vec<(usize, usize)>| ReadJob { seg: 0, offset: 0, len: 4 << 20, ranges: Some(ranges) };
+        let k = 1024;
+        assert_eq!(job(vec![(0, 4 * k), (192 * k, 196 * k), (900 * k, 904 * k)]).block_reads(), vec![(0, 196 * k), (900 * k, 904 * k)]);
+        assert_eq!(job(vec![(0, k), (k + BLOCK_COALESCE_GAP, 2 * k + BLOCK_COALESCE_GAP)]).block_reads(), vec![(0, 2 * k + BLOCK_COALESCE_GAP)]);
+        assert_eq!(ReadJob { seg: 0, offset: 0, len: 8, ranges: None }.block_reads(), vec![(0, 8)]);
+    }
 }

@@ -89,6 +89,36 @@ fn expected_read(dirty: &[(u64, u64)]) -> u64 {
     per_seg.values().map(|&d| if d * 4 <= seg { d } else { seg }).sum()
 }
 
+/// What the data endpoint is asked for by an incremental, per the engine's rule: the
+/// requests (dirty ranges of a spliced segment closer than 256 KiB are one request) and
+/// their bytes.
+fn expected_fetch(dirty: &[(u64, u64)]) -> (u64, u64) {
+    let seg = 4u64 << 20;
+    let mut per_seg: std::collections::BTreeMap<u64, Vec<(u64, u64)>> = Default::default();
+    for &(o, l) in dirty {
+        for sg in (o / seg)..(o + l).div_ceil(seg) {
+            per_seg.entry(sg).or_default().push((o.max(sg * seg), (o + l).min((sg + 1) * seg)));
+        }
+    }
+    let (mut requests, mut bytes) = (0, 0);
+    for rs in per_seg.values() {
+        if rs.iter().map(|(a, b)| b - a).sum::<u64>() * 4 > seg {
+            (requests, bytes) = (requests + 1, bytes + seg);
+            continue;
+        }
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for &(a, b) in rs {
+            match merged.last_mut() {
+                Some(m) if a <= m.1 + (256 << 10) => m.1 = m.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        requests += merged.len() as u64;
+        bytes += merged.iter().map(|(a, b)| b - a).sum::<u64>();
+    }
+    (requests, bytes)
+}
+
 fn token_file(e: &Env, token: &str) -> PathBuf {
     let p = e.path(&format!("token-{}", token.len()));
     std::fs::write(&p, token).unwrap();
@@ -122,11 +152,19 @@ fn pull_mode_full_then_incremental_reads_only_what_the_export_marks_and_restores
     assert_eq!(shown["volumes"][0]["change_base"], "cp-1", "{shown}");
 
     // The guest writes; the next VirtualMachineBackup is incremental since cp-1.
-    qemu_io(&img, &["write -P 0x33 5M 64k", "write -P 0x44 41M 1M", "write -P 0x55 70M 3M", "write -P 0x66 1000 100"]);
+    // Four small writes 192 KiB apart in one segment: spliced, and fetched in one request.
+    qemu_io(
+        &img,
+        &["write -P 0x33 5M 64k", "write -P 0x44 41M 1M", "write -P 0x55 70M 3M", "write -P 0x66 1000 100"]
+            .into_iter()
+            .chain(["write -P 0x77 20M 4k", "write -P 0x77 20672k 4k", "write -P 0x77 20864k 4k", "write -P 0x77 21056k 4k"])
+            .collect::<Vec<_>>(),
+    );
     let want = raw_hash(&e, &img);
     let nbd = QemuNbd::start(&img, Some("b0"), &e.path("nbd.sock"), None);
     let dirty = nbdinfo_dirty(&nbd.uri, "b0");
     let expect = expected_read(&dirty);
+    let (requests, fetched) = expected_fetch(&dirty);
     let s = Standin::start(e.dir.path(), &nbd.uri, "incremental", Some("b0"));
     let mut a = vec!["backup"];
     a.extend(kv_args(&s.url, &tok, &s.ca));
@@ -139,7 +177,16 @@ fn pull_mode_full_then_incremental_reads_only_what_the_export_marks_and_restores
     assert_eq!(r["bytes_read"].as_u64(), Some(expect), "reads what the map marks dirty ({dirty:?}): {r}");
     let checked = v["change_check"]["bytes"].as_u64().unwrap();
     assert!(v["change_check"]["compared"].as_u64().unwrap() > 0 && v["change_check"]["differed"] == 0, "{r}");
-    assert_eq!(s.data_bytes(), expect + checked + 1, "and the data endpoint served exactly that, the sample and the end's byte");
+    assert_eq!(
+        s.data_bytes(),
+        fetched + checked + 1,
+        "and the data endpoint served exactly that (with the gaps of coalesced reads), the sample and the end's byte"
+    );
+    let sampled = checked / (4 << 20);
+    assert_eq!(s.stats()["data_requests"].as_u64(), Some(requests + sampled + 1), "nearby dirty ranges of a segment in one GET ({dirty:?})");
+    // The four writes in segment 5 are one request; the gaps between them are fetched too.
+    let pieces: u64 = dirty.iter().map(|&(o, l)| (o + l).div_ceil(4 << 20) - o / (4 << 20)).sum();
+    assert!(fetched > expect && requests + 3 <= pieces, "the four small writes were coalesced: {dirty:?}");
     assert_eq!(restore_hash(&e, r["snapshot_id"].as_str().unwrap()), want, "incremental restores byte-exact");
 }
 
