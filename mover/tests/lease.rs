@@ -48,8 +48,14 @@ async fn backup_file(repo: &Repository, cache: &Path, path: &Path, group: &str, 
     if limit > 0 {
         req.tuning.limiters.push(Arc::new(mover_engine::ratelimit::RateLimiter::new(limit)));
     }
-    let env =
-        Env { paths: PathPolicy::Operator, nbd: NbdPolicy::Any, nbd_options: Default::default(), csi: None, kubevirt_hosts: None, backup: Default::default() };
+    let env = Env {
+        paths: PathPolicy::Operator,
+        nbd: NbdPolicy::Any,
+        nbd_options: Default::default(),
+        csi: Vec::new(),
+        kubevirt_hosts: None,
+        backup: Default::default(),
+    };
     let plan = mover::plan::backup::prepare(req, &env, repo, &c).await?;
     let index = mover_engine::index::open_local(repo, cache);
     backup(repo, index, plan.job, Arc::new(Progress::default()), &c).await

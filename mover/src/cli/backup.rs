@@ -172,8 +172,12 @@ fn request(b: &Args) -> anyhow::Result<BackupRequest> {
         if vols.len() != 1 {
             anyhow::bail!("--cbt-csi applies to a single volume; {} were given", vols.len());
         }
-        vols[0].csi =
-            Some(CsiQuery { namespace: b.cbt_namespace.clone(), snapshot: b.cbt_snapshot.clone().unwrap_or_default(), base_id: b.cbt_base_id.clone() });
+        vols[0].csi = Some(CsiQuery {
+            namespace: b.cbt_namespace.clone(),
+            snapshot: b.cbt_snapshot.clone().unwrap_or_default(),
+            base_id: b.cbt_base_id.clone(),
+            driver: None,
+        });
     }
     for ce in &b.changed_extents {
         let (name, file) = match ce.split_once('=') {
@@ -220,13 +224,23 @@ pub async fn run(ra: &RepoArgs, b: Args, cancel: &CancellationToken) -> anyhow::
         paths: PathPolicy::Operator,
         nbd: NbdPolicy::Any,
         nbd_options: NbdOptions { io_timeout: Duration::from_secs(b.nbd_timeout.max(1)), ..Default::default() },
-        csi: b.cbt_csi.as_ref().map(|ep| CsiService {
-            endpoint: ep.clone(),
-            ca: b.cbt_ca.clone().unwrap_or_default(),
-            token_file: b.cbt_token.clone().unwrap_or_default(),
-            server_name: b.cbt_server_name.clone(),
-            timeout: Duration::from_secs(30),
-        }),
+        csi: b
+            .cbt_csi
+            .as_ref()
+            .map(|ep| {
+                (
+                    None,
+                    CsiService {
+                        endpoint: ep.clone(),
+                        ca: b.cbt_ca.clone().unwrap_or_default(),
+                        token_file: b.cbt_token.clone().unwrap_or_default(),
+                        server_name: b.cbt_server_name.clone(),
+                        timeout: Duration::from_secs(30),
+                    },
+                )
+            })
+            .into_iter()
+            .collect(),
         kubevirt_hosts: None,
         backup: mover::plan::BackupDefaults { kubevirt_retry: Duration::from_secs(b.kubevirt_retry), ..Default::default() },
     };

@@ -57,7 +57,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         paths: PathPolicy::Operator,
         nbd: NbdPolicy::Any,
         nbd_options: NbdOptions::default(),
-        csi: None,
+        csi: Vec::new(),
         kubevirt_hosts: None,
         backup: Default::default(),
     };

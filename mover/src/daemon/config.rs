@@ -47,6 +47,9 @@ pub struct TlsFiles {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CsiConfig {
+    /// The CSI driver this service answers for (`[[csi_drivers]]`; optional in `[csi]`).
+    #[serde(default)]
+    pub driver: Option<String>,
     /// `HOST:PORT` of the service (TLS).
     pub endpoint: String,
     /// The service's CA certificate (PEM): the SnapshotMetadataService's `spec.caCert`.
@@ -99,6 +102,9 @@ struct Raw {
     backup_verify_sample: Option<usize>,
     backup_compare_every: Option<u32>,
     csi: Option<CsiConfig>,
+    /// One SnapshotMetadata service per CBT-capable CSI driver on the node.
+    #[serde(default)]
+    csi_drivers: Vec<CsiConfig>,
     max_concurrent_transfers: Option<usize>,
     bandwidth_limit: Option<u64>,
     state_dir: Option<PathBuf>,
@@ -148,7 +154,8 @@ pub struct DaemonConfig {
     /// What a backup request leaves unset: the change-source check and the KubeVirt
     /// export's retry window.
     pub backup: crate::plan::BackupDefaults,
-    pub csi: Option<CsiConfig>,
+    /// `[csi]` and every `[[csi_drivers]]`: at most one without a driver, no driver twice.
+    pub csi: Vec<CsiConfig>,
     pub max_concurrent_transfers: usize,
     pub bandwidth_limit: u64,
     pub state_dir: PathBuf,
@@ -168,6 +175,25 @@ pub fn parse_listen(s: &str) -> Result<Listen> {
         return Ok(Listen::Unix(PathBuf::from(p)));
     }
     Ok(Listen::Tcp(s.parse().map_err(|_| Error::invalid(format!("listen address '{s}' is not HOST:PORT or unix:PATH")))?))
+}
+
+/// `[csi]` and `[[csi_drivers]]` as one list: every `[[csi_drivers]]` entry names its
+/// driver, and no driver is named twice.
+fn csi_services(one: Option<CsiConfig>, drivers: Vec<CsiConfig>) -> Result<Vec<CsiConfig>> {
+    let mut seen = std::collections::HashSet::new();
+    for d in &drivers {
+        match d.driver.as_deref() {
+            None | Some("") => return Err(Error::invalid(format!("[[csi_drivers]] entry for {}: `driver` is required (the CSI driver's name)", d.endpoint))),
+            Some(name) if !seen.insert(name.to_string()) => return Err(Error::invalid(format!("CSI driver '{name}' is configured twice"))),
+            _ => {}
+        }
+    }
+    if let Some(name) = one.as_ref().and_then(|c| c.driver.as_deref()) {
+        if seen.contains(name) {
+            return Err(Error::invalid(format!("CSI driver '{name}' is configured twice ([csi] and [[csi_drivers]])")));
+        }
+    }
+    Ok(one.into_iter().chain(drivers).collect())
 }
 
 impl DaemonConfig {
@@ -279,7 +305,7 @@ impl DaemonConfig {
                     kubevirt_retry: raw.kubevirt_retry_seconds.map(Duration::from_secs).unwrap_or(d.kubevirt_retry),
                 }
             },
-            csi: raw.csi,
+            csi: csi_services(raw.csi, raw.csi_drivers)?,
             max_concurrent_transfers: max,
             bandwidth_limit: raw.bandwidth_limit.unwrap_or(0),
             cache_dir: raw.cache_dir.unwrap_or_else(|| state_dir.join("cache")),
@@ -342,5 +368,32 @@ mod tests {
         assert!(e.to_string().contains("not loopback"), "{e}");
         let e = DaemonConfig::from_raw(Raw { socket_mode: Some("0666".into()), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("every local user"), "{e}");
+    }
+
+    /// A node with two CBT-capable CSI drivers has a service for each; a request picks by
+    /// driver, and without one only when the choice is unambiguous.
+    #[test]
+    fn one_csi_service_per_driver() {
+        let raw = |text: &str| -> Raw { toml::from_str(text).unwrap() };
+        let two = "[[csi_drivers]]\ndriver = \"a.csi\"\nendpoint = \"a:6443\"\nca_file = \"/a.pem\"\ntoken_file = \"/a.tok\"\n\
+                   [[csi_drivers]]\ndriver = \"b.csi\"\nendpoint = \"b:6443\"\nca_file = \"/b.pem\"\ntoken_file = \"/b.tok\"\n";
+        let c = DaemonConfig::from_raw(raw(two)).unwrap();
+        let env = crate::daemon::env_from(&c);
+        let pick = |d: Option<&str>| crate::plan::backup::csi_service(&env, d, "disk").map(|s| s.endpoint);
+        assert_eq!(pick(Some("b.csi")).unwrap(), "b:6443");
+        assert_eq!(pick(Some("a.csi")).unwrap(), "a:6443");
+        let e = pick(Some("c.csi")).unwrap_err().to_string();
+        assert!(e.contains("'c.csi'") && e.contains("a.csi, b.csi"), "{e}");
+        let e = pick(None).unwrap_err().to_string();
+        assert!(e.contains("name the driver"), "{e}");
+        // With [csi] beside them, a request without a driver gets [csi].
+        let three = format!("[csi]\nendpoint = \"d:6443\"\nca_file = \"/d.pem\"\ntoken_file = \"/d.tok\"\n{two}");
+        let env = crate::daemon::env_from(&DaemonConfig::from_raw(raw(&three)).unwrap());
+        assert_eq!(crate::plan::backup::csi_service(&env, None, "disk").unwrap().endpoint, "d:6443");
+        // A driver twice, or an entry without one: refused.
+        let dup = format!("{two}[[csi_drivers]]\ndriver = \"a.csi\"\nendpoint = \"x:1\"\nca_file = \"/x\"\ntoken_file = \"/x\"\n");
+        assert!(DaemonConfig::from_raw(raw(&dup)).unwrap_err().to_string().contains("'a.csi' is configured twice"));
+        let nameless = "[[csi_drivers]]\nendpoint = \"x:1\"\nca_file = \"/x\"\ntoken_file = \"/x\"\n";
+        assert!(DaemonConfig::from_raw(raw(nameless)).unwrap_err().to_string().contains("`driver` is required"));
     }
 }

@@ -116,6 +116,7 @@ impl TryFrom<pb::BackupVolume> for VolumeRequest {
                     namespace: if c.namespace.is_empty() { "default".into() } else { c.namespace },
                     snapshot: c.snapshot_name,
                     base_id: empty(c.base_snapshot_id),
+                    driver: empty(c.driver),
                 })
             }
         };

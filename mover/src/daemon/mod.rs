@@ -61,18 +61,25 @@ fn password_for(name: &str, e: &RepoEntry) -> Result<crate::secrets::Password> {
 }
 
 /// What plans may use, from the configuration.
-fn env_from(cfg: &DaemonConfig) -> Env {
+pub(crate) fn env_from(cfg: &DaemonConfig) -> Env {
     Env {
         paths: PathPolicy::Confined(Confinement { roots: cfg.allowed_roots.clone(), kubelet_root: cfg.kubelet_root.clone() }),
         nbd: NbdPolicy::Confined { tcp: cfg.nbd_tcp_endpoints.clone() },
         nbd_options: NbdOptions { connect_timeout: cfg.nbd_connect_timeout, io_timeout: cfg.nbd_io_timeout, ..Default::default() },
-        csi: cfg.csi.as_ref().map(|c| CsiService {
-            endpoint: c.endpoint.clone(),
-            ca: c.ca_file.clone(),
-            token_file: c.token_file.clone(),
-            server_name: c.tls_server_name.clone(),
-            timeout: Duration::from_secs(c.timeout_seconds.unwrap_or(30).max(1)),
-        }),
+        csi: cfg
+            .csi
+            .iter()
+            .map(|c| {
+                let s = CsiService {
+                    endpoint: c.endpoint.clone(),
+                    ca: c.ca_file.clone(),
+                    token_file: c.token_file.clone(),
+                    server_name: c.tls_server_name.clone(),
+                    timeout: Duration::from_secs(c.timeout_seconds.unwrap_or(30).max(1)),
+                };
+                (c.driver.clone(), s)
+            })
+            .collect(),
         kubevirt_hosts: Some(cfg.kubevirt_export_hosts.clone()),
         backup: cfg.backup,
     }

@@ -207,6 +207,29 @@ fn pod_volume(env: &Env, uid: &str, volume: &str, what: &str) -> Result<crate::s
     }
 }
 
+/// The node's SnapshotMetadata service for `driver` (a node may run several CBT-capable
+/// CSI drivers, each with its own service); without a driver, the only one configured.
+pub(crate) fn csi_service(env: &Env, driver: Option<&str>, name: &str) -> Result<crate::sources::csi::CsiService> {
+    let known = || env.csi.iter().map(|(d, _)| d.as_deref().unwrap_or("[csi]").to_string()).collect::<Vec<_>>().join(", ");
+    if env.csi.is_empty() {
+        return Err(Error::precondition(format!(
+            "volume '{name}': CSI changed-block tracking is not configured on this node (the service comes from the configuration, never from a request)"
+        )));
+    }
+    match driver {
+        Some(d) => env.csi.iter().find(|(k, _)| k.as_deref() == Some(d)).map(|(_, s)| s.clone()).ok_or_else(|| {
+            Error::precondition(format!(
+                "volume '{name}': no SnapshotMetadata service is configured for CSI driver '{d}' on this node (configured: {})",
+                known()
+            ))
+        }),
+        None if env.csi.len() == 1 => Ok(env.csi[0].1.clone()),
+        None => env.csi.iter().find(|(k, _)| k.is_none()).map(|(_, s)| s.clone()).ok_or_else(|| {
+            Error::invalid(format!("volume '{name}': this node has SnapshotMetadata services for several CSI drivers ({}): name the driver", known()))
+        }),
+    }
+}
+
 /// Opens a resolved file or device source, with its changed extents or CSI query.
 fn file_source(
     env: &Env,
@@ -225,9 +248,7 @@ fn file_source(
         None => Ok(Box::new(inner)),
         Some(_) if inner.extents.is_some() => Err(Error::invalid(format!("volume '{name}': changed extents and CSI do not combine"))),
         Some(query) => {
-            let service = env.csi.clone().ok_or_else(|| {
-                Error::precondition(format!("volume '{name}': CSI changed-block tracking is not configured on this node (the service comes from the configuration, never from a request)"))
-            })?;
+            let service = csi_service(env, query.driver.as_deref(), name)?;
             if query.snapshot.is_empty() {
                 return Err(Error::invalid(format!("volume '{name}': CSI needs the VolumeSnapshot name")));
             }

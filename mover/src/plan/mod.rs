@@ -20,8 +20,10 @@ pub struct Env {
     pub paths: PathPolicy,
     pub nbd: NbdPolicy,
     pub nbd_options: NbdOptions,
-    /// `None`: CSI changed-block tracking is not configured here.
-    pub csi: Option<CsiService>,
+    /// The CSI SnapshotMetadata services, by CSI driver (`None`: the one `[csi]` service,
+    /// for a request that names no driver). Empty: CSI changed-block tracking is not
+    /// configured here.
+    pub csi: Vec<(Option<String>, CsiService)>,
     /// `host:port` of the KubeVirt export servers a request may name (a `*` in the host
     /// stands for any run of characters but `.`); `None`: any (the CLI).
     pub kubevirt_hosts: Option<Vec<String>>,

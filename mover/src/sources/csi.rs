@@ -37,6 +37,8 @@ pub struct CsiQuery {
     pub snapshot: String,
     /// The base snapshot's CSI handle; by default the parent's recorded checkpoint.
     pub base_id: Option<String>,
+    /// The CSI driver of the snapshot: picks the node's service for it (daemon).
+    pub driver: Option<String>,
 }
 
 /// Extents `(offset, length)` of a snapshot and the capacity the service reported.

@@ -79,12 +79,24 @@ impl VolumeSource for CsiSource {
             _ = cancel.cancelled() => return Err(mover_engine::Error::cancelled("asking the SnapshotMetadata service")),
         };
         match r {
-            Ok(md) => {
-                if md.capacity != size {
+            Ok(mut md) => {
+                if md.capacity > size {
                     return Err(mover_engine::Error::precondition(format!(
-                        "the SnapshotMetadata service reports {} bytes for snapshot {}/{}, but the source {label} has {size}; is it the same volume?",
+                        "the SnapshotMetadata service reports {} bytes for snapshot {}/{}, but the source {label} has only {size}; is it the same volume?",
                         md.capacity, self.query.namespace, self.query.snapshot
                     )));
+                }
+                if md.capacity < size {
+                    // A volume provisioned from the snapshot may be larger than it (a PVC
+                    // restored with a larger request): the service knows nothing past its
+                    // capacity, so those bytes count as allocated and changed.
+                    tracing::info!(
+                        "{label} has {size} bytes, snapshot {}/{} {}: the bytes past it are read whole",
+                        self.query.namespace,
+                        self.query.snapshot,
+                        md.capacity
+                    );
+                    md.extents.push((md.capacity, size - md.capacity));
                 }
                 if md.resumed > 0 {
                     tracing::info!("the SnapshotMetadata stream for {label} was resumed {} time(s)", md.resumed);

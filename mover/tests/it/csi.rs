@@ -140,7 +140,23 @@ fn wrong_token_unknown_snapshot_and_wrong_base_fall_back_or_are_refused() {
     assert!(v["change_fallback"].as_str().unwrap().contains("handle-0"), "{r}");
     assert_eq!(e.snapshot_count(), n + 1);
     assert_eq!(restore(&e, &r), hash(&s1));
-    // A capacity that is not the source's: refused.
+    // A source larger than its snapshot (a PVC restored from it with a larger request):
+    // the service's blocks cover the snapshot, the bytes past it are read whole.
+    let small = e.path("snap-small.img");
+    make_volume(&small, 8 << 20, 4);
+    srv.snaps.lock().unwrap().insert("vms/snap-small".into(), (small.clone(), "handle-s".into()));
+    let grown = e.path("grown.img");
+    std::fs::copy(&small, &grown).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&grown).unwrap().write_all_at(&noise(5, 4 << 20), 8 << 20).unwrap();
+    let r = run_json(
+        &e,
+        &[vec!["backup".into(), "--volume".into(), format!("vm={}", grown.display()), "--group".into(), "grown".into()], cbt_args(&ep, &dir, "snap-small")]
+            .concat(),
+    );
+    assert_eq!(r["bytes_total"], 12 << 20, "{r}");
+    assert!(r["volumes"][0]["change_fallback"].is_null(), "{r}");
+    assert_eq!(restore(&e, &r), hash(&grown), "the bytes past the snapshot are there");
+    // A source smaller than the snapshot: refused.
     srv.capacity.store(1 << 30, Ordering::SeqCst);
     let err = e.fail(&[base.iter().map(|s| s.as_str()).collect::<Vec<_>>(), cbt_args(&ep, &dir, "snap-1").iter().map(|s| s.as_str()).collect()].concat());
     assert!(err.contains("1073741824") && err.contains("same volume"), "{err}");
