@@ -32,19 +32,36 @@ pub fn inspect(label: &str, f: &File) -> Result<(Kind, u64)> {
 }
 
 /// Whether another open file description of this regular file exists (a running VM's
-/// disk image): a write lease is granted only when there is none. `None` when the
-/// filesystem or the process's privileges do not allow leases.
-pub fn open_elsewhere(f: &File) -> Option<bool> {
+/// disk image): a write lease is granted only when there is none. `Err` says why it
+/// cannot be told: leases need the file's owner or `CAP_LEASE` (a VM's `disk.img` belongs
+/// to the VM's user), and a filesystem may not support them.
+pub fn open_elsewhere(f: &File) -> std::result::Result<bool, String> {
     // SAFETY: fcntl(F_SETLEASE) on a descriptor we own, with an integer argument.
     let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
     if r == 0 {
         // SAFETY: as above; releases the lease just taken.
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
-        return Some(false);
+        return Ok(false);
     }
-    match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EBUSY) => Some(true),
-        _ => None,
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EBUSY) => Ok(true),
+        Some(libc::EACCES) | Some(libc::EPERM) => Err("a write lease needs the file's owner or CAP_LEASE, which this process lacks".into()),
+        _ => Err(format!("the filesystem grants no write lease ({e})")),
+    }
+}
+
+/// Refuses a regular file another process has open (a running VM's disk image), and one
+/// for which that cannot be told (fails closed: writing under a running VM destroys it).
+/// Called when a restore target is opened and again just before the first write (a
+/// queued restore may start long after its request).
+pub fn refuse_if_in_use(f: &File, label: &str, what: &str) -> Result<()> {
+    match open_elsewhere(f) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(Error::precondition(format!("{what} {label} is in use: another process has it open (a running VM?); nothing was written"))),
+        Err(why) => Err(Error::precondition(format!(
+            "{what} {label}: cannot tell whether another process has it open ({why}); refusing to write into a file that may be a running VM's disk; nothing was written"
+        ))),
     }
 }
 

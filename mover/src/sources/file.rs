@@ -455,20 +455,10 @@ impl PathPolicy {
             }
             Kind::File => {
                 let file = r.reopen(OFlag::O_RDWR, what)?;
-                refuse_if_open_elsewhere(&file, &r.label, what)?;
+                device::refuse_if_in_use(&file, &r.label, what)?;
                 let fresh = r.stat.st_size == 0;
                 Ok(OpenedTarget { file, label: r.label, kind: Kind::File, fresh, pending: None })
             }
         }
-    }
-}
-
-/// Refuses a regular file another process has open (a running VM's disk image): a write
-/// lease is granted only when no other descriptor of the file exists. Filesystems without
-/// leases are not checked.
-fn refuse_if_open_elsewhere(f: &File, label: &str, what: &str) -> Result<()> {
-    match device::open_elsewhere(f) {
-        Some(true) => Err(Error::precondition(format!("{what} {label} is in use: another process has it open (a running VM?); nothing was written"))),
-        _ => Ok(()),
     }
 }

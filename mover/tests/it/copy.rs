@@ -146,7 +146,8 @@ fn a_killed_copy_resumes_without_sending_again_what_was_indexed() {
     let c = &r["copied"][0];
     // Ten checkpoints of 4 packs of 1 MiB were indexed before the kill: not sent again.
     assert!(c["bytes_new"].as_u64().unwrap() <= (384 - 38) << 20, "{r}");
-    assert!(c["bytes_uploaded"].as_u64().unwrap() <= (384 - 38) << 20, "{r}");
+    // Uploaded: those bytes plus the packs' framing (headers, sealed trailers: ~0.2 %).
+    assert!(c["bytes_uploaded"].as_u64().unwrap() <= ((384 - 38) << 20) + (1 << 20), "{r}");
     assert_eq!(restored_hash(&b, "latest", "out.img"), hash(&src));
 }
 

@@ -186,3 +186,34 @@ fn a_restore_into_a_new_file_names_it_only_once_complete() {
     assert!(!bad.exists(), "a half-written file never carries the target's name");
     assert_eq!(names(&out_dir), ["good.img"], "and its temporary file is removed");
 }
+
+#[test]
+fn a_restore_onto_a_file_whose_holders_cannot_be_told_is_refused_and_one_held_open_too() {
+    // A VM's disk.img belongs to the VM's user (QEMU's uid 107). Without CAP_LEASE no
+    // lease can be taken on it, so whether QEMU holds it open cannot be told: the restore
+    // is refused (it used to go ahead) and nothing is written. With the capability (as the
+    // DaemonSet now has it) the holder is seen.
+    let e = Env::new();
+    let src = e.path("disk.img");
+    std::fs::write(&src, noise(71, 4 << 20)).unwrap();
+    let s = e.json(&["backup", "--volume", &format!("disk={}", src.display())]);
+    let id = s["snapshot_id"].as_str().unwrap().to_string();
+    let target = e.path("vm-disk.img");
+    std::fs::write(&target, noise(72, 4 << 20)).unwrap();
+    std::os::unix::fs::chown(&target, Some(107), Some(107)).unwrap();
+    let before = hash(&target);
+    let mut holder = Command::new("sh").arg("-c").arg(format!("exec 3<>{}; exec sleep 60", target.display())).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let t = target.to_str().unwrap();
+    let o = e.cmd_in(&["setpriv", "--bounding-set=-lease", "--inh-caps=-lease"], &["restore", &id, t, "--overwrite"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cannot tell whether another process has it open") && err.contains("CAP_LEASE"), "{err}");
+    assert_eq!(hash(&target), before, "nothing was written");
+    let err = e.fail(&["restore", &id, t, "--overwrite"]);
+    assert!(err.contains("is in use"), "{err}");
+    assert_eq!(hash(&target), before, "nothing was written");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    e.ok(&["restore", &id, t, "--overwrite"]);
+    assert_eq!(hash(&target), hash(&src));
+}
