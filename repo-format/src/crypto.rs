@@ -49,12 +49,13 @@ impl Default for KdfParams {
 }
 
 impl KdfParams {
-    /// The most memory (4 GiB), passes (64) and lanes (16) a key file may ask for: key
-    /// files are read before anything is authenticated, so a store must not make opening
-    /// a repository exhaust the node.
-    pub const MAX_M_COST_KIB: u32 = 4 << 20;
-    pub const MAX_T_COST: u32 = 64;
-    pub const MAX_P_COST: u32 = 16;
+    /// The most memory (512 MiB: eight times the default, half the DaemonSet's 1 GiB
+    /// limit), passes (16) and lanes (8) a key file may ask for: key files are read before
+    /// anything is authenticated, so a store writer without the key must not make opening
+    /// a repository kill the daemon (and its restarts: a crash loop).
+    pub const MAX_M_COST_KIB: u32 = 512 << 10;
+    pub const MAX_T_COST: u32 = 16;
+    pub const MAX_P_COST: u32 = 8;
 
     /// Refuses parameters beyond the bounds (and ones argon2 rejects).
     pub fn check(&self) -> Result<(), FormatError> {

@@ -59,6 +59,9 @@ impl std::fmt::Debug for Repository {
     }
 }
 
+/// Key files tried when opening a repository.
+pub const MAX_KEY_FILES: usize = 64;
+
 /// Reads a whole object, bounded by the largest object of its kind ([`names::max_len`]).
 async fn get_retry(s: &dyn Storage, policy: &RetryPolicy, name: &str, cancel: &CancellationToken) -> Result<Bytes, RepoError> {
     Ok(retry(policy, cancel, || s.get(name, names::max_len(name), cancel)).await?)
@@ -126,6 +129,14 @@ impl Repository {
             Err(e) => return Err(fmt_err(&loc, names::CONFIG, e)),
         };
         let key_objects = keys?;
+        // Each key file costs a key derivation (0.2 s, 64 MiB by default): a store full of
+        // them must not make opening take hours.
+        if key_objects.len() > MAX_KEY_FILES {
+            return Err(RepoError::Invalid(format!(
+                "repository {loc}: {} key files, more than the {MAX_KEY_FILES} Mover tries; remove the ones no longer used (mover key list/remove)",
+                key_objects.len()
+            )));
+        }
         let mut opened = None;
         // A key file that cannot be used (damaged, or asking for absurd key-derivation
         // costs) is skipped; it is reported when no other key opens the repository.
@@ -534,6 +545,13 @@ impl Repository {
                 Ok(m) => out.push((id, m)),
                 // Forgotten between listing and reading.
                 Err(RepoError::NotFound { .. }) => continue,
+                // An object that does not hash to its name or does not authenticate is not
+                // a snapshot of this repository: one junk object must not take down every
+                // listing, `latest` and status. Skipped, said; `check` reports it.
+                Err(e @ RepoError::Format { .. }) => {
+                    tracing::warn!("skipping {e:#}");
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
         }

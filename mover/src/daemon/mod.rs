@@ -213,6 +213,24 @@ async fn background(d: Arc<Daemon>, stop: CancellationToken) {
     }
 }
 
+/// When the newest verify that opens was written: a report named in the future (beyond
+/// five minutes of clock skew) or one that does not authenticate is skipped, so a junk
+/// object in `reports/` cannot stop scheduled verifies on every node.
+async fn last_verify(repo: &mover_format::Repository, now: u64, c: &CancellationToken) -> Result<Option<u64>> {
+    use mover_engine::maint::report::{VerifyResult, VERIFY};
+    let mut verifies: Vec<(String, u64)> =
+        repo.list_reports(c).await?.into_iter().filter(|(_, ms, k)| k == VERIFY && *ms <= now + 300_000).map(|(n, ms, _)| (n, ms)).collect();
+    verifies.sort_by_key(|(_, ms)| std::cmp::Reverse(*ms));
+    for (name, ms) in verifies.into_iter().take(8) {
+        match repo.read_report::<VerifyResult>(&name, c).await {
+            Ok(_) => return Ok(Some(ms)),
+            Err(e) if e.is_cancelled() => return Err(e.into()),
+            Err(e) => tracing::warn!("skipping report {name}: {e:#}"),
+        }
+    }
+    Ok(None)
+}
+
 impl Daemon {
     /// Starts a verify of `name` when its last one (by any node: the reports in the
     /// repository say) is `every_ms` old; returns when to look again.
@@ -226,7 +244,7 @@ impl Daemon {
         }
         let h = self.repo(name).await?;
         let c = CancellationToken::new();
-        let last = h.repo.list_reports(&c).await?.into_iter().filter(|(_, _, k)| k == mover_engine::maint::report::VERIFY).map(|(_, ms, _)| ms).max();
+        let last = last_verify(&h.repo, now, &c).await?;
         if let Some(last) = last.filter(|l| now.saturating_sub(*l) < every_ms) {
             return Ok(last + every_ms);
         }
@@ -378,4 +396,35 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     let _ = bg_task.await;
     grpc_result.map_err(|e| Error::with_source(ErrorKind::Permanent, "gRPC server", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A junk report named in the future, or one that does not authenticate, does not
+    /// count as the last verify: scheduled verifies go on.
+    #[tokio::test]
+    async fn junk_reports_do_not_stop_scheduled_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CancellationToken::new();
+        let opts = InitOptions { kdf: mover_format::crypto::KdfParams::insecure_for_tests(), ..Default::default() };
+        let storage = Arc::new(mover_backends::LocalStorage::new(dir.path()));
+        let repo = Repository::init(storage, b"pw", opts, &c).await.unwrap();
+        let now = mover_format::now_unix_ms();
+        assert_eq!(last_verify(&repo, now, &c).await.unwrap(), None);
+        let junk = |ms: u64, tag: &str| std::fs::write(dir.path().join(format!("reports/{ms:013}-verify-{tag}")), b"not a report").unwrap();
+        std::fs::create_dir_all(dir.path().join("reports")).unwrap();
+        junk(now - 1000, "0badf00d");
+        junk(9_999_999_999_999, "deadbeef");
+        assert_eq!(last_verify(&repo, now, &c).await.unwrap(), None, "junk is no verify");
+        let v = mover_engine::maint::check::check(&repo, None, &c).await.unwrap();
+        let rec = mover_engine::maint::report::VerifyResult::from_check(&v, 0, 0.1);
+        mover_engine::maint::report::record(&repo, mover_engine::maint::report::VERIFY, &rec, &c).await.unwrap();
+        let t = mover_format::now_unix_ms();
+        // A newer one that does not open (within the clock-skew allowance) is skipped too.
+        junk(t + 60_000, "0ddba11a");
+        let last = last_verify(&repo, t, &c).await.unwrap().expect("the real report");
+        assert!(last >= now && last <= t, "{last}");
+    }
 }

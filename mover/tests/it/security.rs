@@ -540,3 +540,24 @@ fn a_key_file_with_absurd_key_derivation_costs_is_refused_at_once() {
     assert!(err.contains("outside the bounds") && err.contains(&format!("keys/{}", "0".repeat(64))), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
 }
+
+#[test]
+fn a_junk_object_among_the_snapshots_is_skipped_by_listings_and_reported_by_check() {
+    // A store writer without the key drops an object under snapshots/: listings, `latest`
+    // and backups go on (it was: every listing failed); check names it.
+    let e = Env::new();
+    let src = e.path("disk.img");
+    std::fs::write(&src, noise(73, 4 << 20)).unwrap();
+    let v = format!("disk={}", src.display());
+    let s1 = e.json(&["backup", "--volume", &v]);
+    let junk = format!("{}", "ab".repeat(32));
+    std::fs::write(Path::new(&e.repo).join("snapshots").join(&junk), noise(74, 4096)).unwrap();
+    let list = e.json(&["snapshots"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["id"], s1["snapshot_id"], "{list}");
+    let s2 = e.json(&["backup", "--volume", &v, "--parent", "latest"]);
+    assert_eq!(s2["parent"], s1["snapshot_id"], "{s2}");
+    let o = e.run(&["check"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&junk), "{}", String::from_utf8_lossy(&o.stdout));
+}
