@@ -34,8 +34,9 @@ impl LocalStorage {
         &self.root
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+    /// The object's path, checked when the operation runs ([`beneath`]).
+    fn path(&self, name: &str) -> (PathBuf, String) {
+        (self.root.clone(), name.to_string())
     }
 
     fn err(&self, op: &'static str, name: &str, e: io::Error) -> StorageError {
@@ -93,6 +94,38 @@ fn write_direct_prefix(path: &Path, data: &[u8]) -> usize {
     done
 }
 
+/// The path of object `name` below `root`, refused when a directory or file on the way
+/// below the root is a symbolic link (or the name climbs out): the store never reads or
+/// writes through a link out of the repository, whoever planted it. (The root itself may
+/// be a link: the operator chose it.) Opens below also use `O_NOFOLLOW`.
+fn beneath(root: &Path, name: &str) -> io::Result<PathBuf> {
+    let mut p = root.to_path_buf();
+    for comp in name.split('/') {
+        if comp.is_empty() || comp == "." || comp == ".." {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("object name '{name}' is not a plain relative path")));
+        }
+        p.push(comp);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{} is a symbolic link; the repository's store never follows links", p.display()),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(root.join(name))
+}
+
+/// Opens an existing file for reading without following a link at its last component.
+fn open_nofollow(path: &Path, extra: libc::c_int) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | extra).open(path)
+}
+
 fn put_file(path: &Path, data: &[u8]) -> io::Result<PutOutcome> {
     if path.exists() {
         return Ok(PutOutcome::Existed);
@@ -123,13 +156,12 @@ const DIRECT_MIN: u64 = 256 << 10;
 const DIRECT_ALIGN: u64 = 4096;
 
 fn read_range(path: &Path, offset: u64, len: u64) -> io::Result<Bytes> {
-    use std::os::unix::fs::OpenOptionsExt;
     // Long ranges: one descriptor with O_DIRECT when the filesystem allows it.
-    let direct = if len >= DIRECT_MIN { fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok() } else { None };
+    let direct = if len >= DIRECT_MIN { open_nofollow(path, libc::O_DIRECT).ok() } else { None };
     let is_direct = direct.is_some();
     let f = match direct {
         Some(d) => d,
-        None => File::open(path)?,
+        None => open_nofollow(path, 0)?,
     };
     let size = f.metadata()?.len();
     if offset.checked_add(len).is_none_or(|end| end > size) {
@@ -140,7 +172,7 @@ fn read_range(path: &Path, offset: u64, len: u64) -> io::Result<Bytes> {
             return Ok(b);
         }
     }
-    let f = if is_direct { File::open(path)? } else { f };
+    let f = if is_direct { open_nofollow(path, 0)? } else { f };
     let mut buf = vec![0u8; len as usize];
     f.read_exact_at(&mut buf, offset)?;
     Ok(Bytes::from(buf))
@@ -208,16 +240,17 @@ impl Storage for LocalStorage {
     }
 
     async fn put(&self, name: &str, data: Bytes, cancel: &CancellationToken) -> Result<PutOutcome, StorageError> {
-        let path = self.path(name);
-        self.blocking("writing", name, cancel, move || put_file(&path, &data)).await
+        let (root, n) = self.path(name);
+        self.blocking("writing", name, cancel, move || put_file(&beneath(&root, &n)?, &data)).await
     }
 
     async fn get(&self, name: &str, max_len: u64, cancel: &CancellationToken) -> Result<Bytes, StorageError> {
-        let path = self.path(name);
+        let (root, n) = self.path(name);
+        let path = self.blocking("reading", name, cancel, move || beneath(&root, &n)).await?;
         let len = self
             .blocking("reading", name, cancel, {
                 let path = path.clone();
-                move || fs::metadata(path).map(|m| m.len())
+                move || fs::symlink_metadata(path).map(|m| m.len())
             })
             .await?;
         if len > max_len {
@@ -227,7 +260,7 @@ impl Storage for LocalStorage {
             .blocking("reading", name, cancel, move || {
                 use std::io::Read;
                 let mut v = Vec::with_capacity(len as usize);
-                File::open(path)?.take(max_len.saturating_add(1)).read_to_end(&mut v)?;
+                open_nofollow(&path, 0)?.take(max_len.saturating_add(1)).read_to_end(&mut v)?;
                 Ok(v)
             })
             .await?;
@@ -238,13 +271,14 @@ impl Storage for LocalStorage {
     }
 
     async fn get_range(&self, name: &str, offset: u64, len: u64, cancel: &CancellationToken) -> Result<Bytes, StorageError> {
-        let path = self.path(name);
-        self.blocking("reading", name, cancel, move || read_range(&path, offset, len)).await
+        let (root, n) = self.path(name);
+        self.blocking("reading", name, cancel, move || read_range(&beneath(&root, &n)?, offset, len)).await
     }
 
     async fn head(&self, name: &str, cancel: &CancellationToken) -> Result<Option<u64>, StorageError> {
-        let path = self.path(name);
-        self.blocking("inspecting", name, cancel, move || match fs::metadata(path) {
+        let (root, n) = self.path(name);
+        self.blocking("inspecting", name, cancel, move || match fs::symlink_metadata(beneath(&root, &n)?) {
+            Ok(m) if m.file_type().is_symlink() => Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{n} is a symbolic link"))),
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -276,8 +310,9 @@ impl Storage for LocalStorage {
     }
 
     async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
-        let path = self.path(name);
+        let (root, n) = self.path(name);
         self.blocking("deleting", name, cancel, move || {
+            let path = beneath(&root, &n)?;
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -289,5 +324,42 @@ impl Storage for LocalStorage {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link planted below the root (a directory or an object) is never followed: reads,
+    /// writes, deletes and listings refuse or skip it, and nothing outside is touched.
+    #[tokio::test]
+    async fn links_below_the_root_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, outside) = (dir.path().join("repo"), dir.path().join("outside"));
+        fs::create_dir_all(root.join("index")).unwrap();
+        fs::create_dir_all(outside.join("ab")).unwrap();
+        fs::write(outside.join("ab/secret"), b"the node's file").unwrap();
+        fs::write(outside.join("target"), b"another").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("packs")).unwrap();
+        std::os::unix::fs::symlink(outside.join("target"), root.join("index/seg")).unwrap();
+        let s = LocalStorage::new(&root);
+        let c = CancellationToken::new();
+        for name in ["packs/ab/secret", "index/seg"] {
+            let e = s.get(name, 1 << 20, &c).await.unwrap_err();
+            assert!(e.to_string().contains("symbolic link"), "{e}");
+            assert!(s.get_range(name, 0, 4, &c).await.is_err());
+            assert!(s.head(name, &c).await.is_err());
+            assert!(s.delete(name, &c).await.is_err());
+        }
+        let e = s.put("packs/ab/new", Bytes::from_static(b"x"), &c).await.unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(!outside.join("ab/new").exists(), "nothing written outside");
+        assert!(outside.join("ab/secret").exists() && outside.join("target").exists(), "nothing deleted outside");
+        let listed = s.list_page("", None, &c).await.unwrap();
+        assert!(listed.objects.is_empty(), "links are not listed: {:?}", listed.objects);
+        // A plain object works as before.
+        s.put("index/real", Bytes::from_static(b"ok"), &c).await.unwrap();
+        assert_eq!(&s.get("index/real", 16, &c).await.unwrap()[..], b"ok");
     }
 }
