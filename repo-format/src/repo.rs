@@ -253,6 +253,11 @@ impl Repository {
         if size < (8 + FOOTER_LEN) as u64 {
             return Err(self.err(&name, FormatError::Corrupt(format!("pack is only {size} bytes"))));
         }
+        // The trailer lies within the pack, and no pack is larger than its kind's bound:
+        // a store that lies about a size cannot make `index rebuild` read without limit.
+        if size > names::max_len(&name) {
+            return Err(crate::storage::too_large("reading the trailer of", &name, self.location(), size, names::max_len(&name)).into());
+        }
         let footer = self.get_object_range(&name, size - FOOTER_LEN as u64, FOOTER_LEN as u64, cancel).await?;
         let (start, tlen) = pack::parse_footer(&footer, size).map_err(|e| self.err(&name, e))?;
         let sealed = self.get_object_range(&name, start, tlen as u64, cancel).await?;

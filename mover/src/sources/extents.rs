@@ -66,9 +66,21 @@ pub fn parse(text: &str, what: &str) -> Result<Vec<(u64, u64)>> {
     Ok(merged)
 }
 
+/// The largest changed-extents file read (about two million lines): `/dev/zero` or a
+/// runaway generator must not grow memory without bound.
+pub const MAX_FILE: u64 = 64 << 20;
+
 pub fn read(path: &Path) -> Result<Vec<(u64, u64)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading changed-extents file {}", path.display()))?;
-    parse(&text, &format!("changed-extents file {}", path.display()))
+    use std::io::Read;
+    let what = format!("changed-extents file {}", path.display());
+    let f = std::fs::File::open(path).with_context(|| format!("reading {what}"))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE + 1).read_to_end(&mut bytes).with_context(|| format!("reading {what}"))?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(Error::invalid(format!("{what}: longer than {MAX_FILE} bytes; merge the extents, or back up without them")));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| Error::invalid(format!("{what}: not text")))?;
+    parse(&text, &what)
 }
 
 #[cfg(test)]
@@ -82,5 +94,14 @@ mod tests {
         assert!(e.contains("line 2"), "{e}");
         assert!(parse("5 0", "t").is_err());
         assert!(parse("[1,2", "t").is_err());
+    }
+
+    /// `/dev/zero` named as an extents file: refused after a bounded read.
+    #[test]
+    fn an_endless_file_is_read_only_up_to_the_bound() {
+        let t0 = std::time::Instant::now();
+        let e = read(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("longer than") && e.contains("/dev/zero"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
     }
 }

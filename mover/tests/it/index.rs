@@ -101,3 +101,24 @@ fn index_rebuild_never_deletes_an_index_another_process_has_open() {
     e.json(&["index", "rebuild"]);
     assert!(lock.exists(), "rebuilt");
 }
+
+#[test]
+fn index_rebuild_refuses_a_pack_whose_size_exceeds_any_pack_and_reads_nothing_of_it() {
+    // An object under packs/ that no index names, claiming 4 GiB (sparse): its trailer is
+    // never read; the rebuild names it and indexes the rest.
+    let e = Env::new();
+    let src = e.path("disk.img");
+    make_volume(&src, 8 << 20, 4);
+    e.json(&["backup", src.to_str().unwrap()]);
+    let id = "cd".repeat(32);
+    let dir = Path::new(&e.repo).join("packs/cd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = std::fs::File::create(dir.join(&id)).unwrap();
+    f.set_len(4 << 30).unwrap();
+    let t0 = std::time::Instant::now();
+    let r = e.json(&["index", "rebuild"]);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30));
+    let bad = r["packs_unreadable"].as_array().unwrap();
+    assert!(bad.len() == 1 && bad[0].as_str().unwrap().contains(&id) && bad[0].as_str().unwrap().contains("more than"), "{r}");
+    assert!(r["entries"].as_u64().unwrap() > 0, "{r}");
+}
