@@ -22,6 +22,20 @@ pub struct RepoArgs {
 }
 
 impl RepoArgs {
+    /// A second repository (a copy's target, a repair's source): its own location and
+    /// password (file, else the variable `password_env`), this one's S3 endpoint and
+    /// region unless given, and the same cache directory.
+    pub fn second(&self, repo: &str, password_file: Option<PathBuf>, s3_endpoint: Option<String>, s3_region: Option<String>, password_env: &str) -> Self {
+        RepoArgs {
+            repo: Some(repo.to_string()),
+            password_file,
+            s3_endpoint: s3_endpoint.or_else(|| self.s3_endpoint.clone()),
+            s3_region: s3_region.or_else(|| self.s3_region.clone()),
+            cache_dir: self.cache_dir.clone(),
+            password_env: Some(password_env.into()),
+        }
+    }
+
     pub fn url(&self) -> Result<String> {
         match &self.repo {
             Some(r) if !r.is_empty() => Ok(r.clone()),

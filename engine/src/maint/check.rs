@@ -180,7 +180,8 @@ struct Damage {
     objects: BTreeMap<String, (String, BTreeSet<SnapshotId>)>,
     /// Tree blobs a walk failed to read or decode (filled by [`ViewTrees`]).
     failed: Arc<Mutex<Vec<(ChunkId, String)>>>,
-    /// Damaged locations found, to quarantine.
+    /// Blobs in missing packs, to quarantine (blobs that fail to decode are noted by the
+    /// repository handle as they are read).
     found: Vec<Damaged>,
 }
 
@@ -372,8 +373,8 @@ async fn check_locked(repo: &Repository, read_percent: Option<u32>, progress: &P
     }
     rep.affected_snapshots = affected.into_iter().collect();
     rep.checked = v.snapshots.iter().map(|(id, _)| *id).collect();
-    // What this check found damaged is never deduplicated against again. Tree blobs that
-    // failed to decode were noted by the repository handle as they were read.
+    // What this check found damaged is never deduplicated against again: blobs in missing
+    // packs, and every blob that failed to decode (noted by the repository handle).
     let mut found = std::mem::take(&mut s.damage.found);
     found.extend(repo.take_damage_seen());
     let before = found.len();
@@ -439,7 +440,6 @@ async fn read_data(
                 }
                 Err(err) => {
                     rep.problems.push(format!("{err:#}"));
-                    damage.found.push(Damaged { chunk: *id, pack: *pack, problem: format!("{err:#}") });
                     damage.blob(*id, object.clone(), format!("{err:#}"));
                 }
             }

@@ -45,14 +45,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
     if !a.snapshots.is_empty() && !a.groups.is_empty() {
         anyhow::bail!("give snapshots or --group, not both");
     }
-    let to = RepoArgs {
-        repo: Some(a.to.clone()),
-        password_file: a.to_password_file.clone(),
-        s3_endpoint: a.to_s3_endpoint.clone().or_else(|| ra.s3_endpoint.clone()),
-        s3_region: a.to_s3_region.clone().or_else(|| ra.s3_region.clone()),
-        cache_dir: ra.cache_dir.clone(),
-        password_env: Some("MOVER_TO_PASSWORD".into()),
-    };
+    let to = ra.second(&a.to, a.to_password_file.clone(), a.to_s3_endpoint.clone(), a.to_s3_region.clone(), "MOVER_TO_PASSWORD");
     let (src, dst) = tokio::try_join!(ra.open(cancel), to.open(cancel))?;
     let selection = if a.snapshots.is_empty() {
         Selection::Groups(a.groups.clone())

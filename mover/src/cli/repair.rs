@@ -44,14 +44,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
     let from = match &a.from {
         None => None,
         Some(f) => {
-            let other = RepoArgs {
-                repo: Some(f.clone()),
-                password_file: a.from_password_file.clone(),
-                s3_endpoint: a.from_s3_endpoint.clone().or_else(|| ra.s3_endpoint.clone()),
-                s3_region: a.from_s3_region.clone().or_else(|| ra.s3_region.clone()),
-                cache_dir: ra.cache_dir.clone(),
-                password_env: Some("MOVER_FROM_PASSWORD".into()),
-            };
+            let other = ra.second(f, a.from_password_file.clone(), a.from_s3_endpoint.clone(), a.from_s3_region.clone(), "MOVER_FROM_PASSWORD");
             let r = other.open(cancel).await?;
             if r.config().id == repo.config().id {
                 anyhow::bail!("--from {f} is this repository (id {}): give a second one", repo.config().id);
