@@ -73,6 +73,11 @@ pub struct AuthConfig {
     pub restore: Vec<String>,
     #[serde(default)]
     pub read: Vec<String>,
+    /// Identity → the path prefixes its requests may name (sources, restore targets, NBD
+    /// sockets; a pod volume by its pod's directory, `<kubelet>/pods/<uid>`). A caller none
+    /// of whose identities is listed here is limited only by `allowed_roots`.
+    #[serde(default)]
+    pub paths: BTreeMap<String, Vec<PathBuf>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -270,6 +275,21 @@ impl DaemonConfig {
                 return Err(Error::invalid(format!("allowed root {} must be an absolute directory other than /", r.display())));
             }
         }
+        let mut authorization = raw.authorization;
+        if let Some(a) = authorization.as_mut() {
+            for (who, prefixes) in a.paths.iter_mut() {
+                for p in prefixes.iter_mut() {
+                    *p = canon(p.clone());
+                    if !allowed_roots.iter().any(|r| p.starts_with(r)) {
+                        return Err(Error::invalid(format!(
+                            "[authorization.paths] '{who}': {} is not beneath an allowed root ({})",
+                            p.display(),
+                            allowed_roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+                        )));
+                    }
+                }
+            }
+        }
         let export_address: std::net::IpAddr = match raw.export_address.as_deref() {
             None => std::net::Ipv4Addr::LOCALHOST.into(),
             Some(a) => a.parse().map_err(|_| Error::invalid(format!("export_address '{a}' is not an IP address")))?,
@@ -289,7 +309,7 @@ impl DaemonConfig {
             socket_mode,
             socket_group: raw.socket_group,
             socket_allowed_uids: raw.socket_allowed_uids,
-            authorization: raw.authorization,
+            authorization,
             repositories,
             allowed_roots,
             kubelet_root,

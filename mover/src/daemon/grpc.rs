@@ -338,7 +338,7 @@ impl TransferService for Api {
         let (request_id, repository, bandwidth) = (req.request_id.clone(), req.repository.clone(), req.bandwidth_limit);
         let h = self.d.repo(&repository).await.map_err(status)?;
         let plan_req = BackupRequest::try_from(req).map_err(status)?;
-        let plan = crate::plan::backup::prepare(plan_req, &self.d.env, &h.repo, &CancellationToken::new()).await.map_err(status)?;
+        let plan = crate::plan::backup::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &CancellationToken::new()).await.map_err(status)?;
         let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Backup(plan), h, bandwidth);
         Ok(Response::new(to_proto(&job)))
     }
@@ -353,7 +353,7 @@ impl TransferService for Api {
         let (request_id, repository) = (req.request_id.clone(), req.repository.clone());
         let h = self.d.repo(&repository).await.map_err(status)?;
         let plan_req = RestoreRequest::try_from(req).map_err(status)?;
-        let plan = crate::plan::restore::prepare(plan_req, &self.d.env, &h.repo, &CancellationToken::new()).await.map_err(status)?;
+        let plan = crate::plan::restore::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &CancellationToken::new()).await.map_err(status)?;
         let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Restore(plan), h, 0);
         Ok(Response::new(to_proto(&job)))
     }

@@ -63,7 +63,7 @@ fn password_for(name: &str, e: &RepoEntry) -> Result<crate::secrets::Password> {
 /// What plans may use, from the configuration.
 pub(crate) fn env_from(cfg: &DaemonConfig) -> Env {
     Env {
-        paths: PathPolicy::Confined(Confinement { roots: cfg.allowed_roots.clone(), kubelet_root: cfg.kubelet_root.clone() }),
+        paths: PathPolicy::Confined(Confinement { roots: cfg.allowed_roots.clone(), kubelet_root: cfg.kubelet_root.clone(), scope: None }),
         nbd: NbdPolicy::Confined { tcp: cfg.nbd_tcp_endpoints.clone() },
         nbd_options: NbdOptions { connect_timeout: cfg.nbd_connect_timeout, io_timeout: cfg.nbd_io_timeout, ..Default::default() },
         csi: cfg
@@ -86,6 +86,21 @@ pub(crate) fn env_from(cfg: &DaemonConfig) -> Env {
 }
 
 impl Daemon {
+    /// What a plan for `caller` may use: the node's environment, with paths narrowed to the
+    /// caller's `[authorization.paths]` when any of its identities is listed there.
+    pub fn env_for(&self, caller: &auth::Caller) -> Env {
+        let mut env = self.env.clone();
+        let scope: Vec<std::path::PathBuf> = match self.cfg.authorization.as_ref() {
+            Some(a) => caller.identities.iter().filter_map(|i| a.paths.get(i)).flatten().cloned().collect(),
+            None => Vec::new(),
+        };
+        let listed = self.cfg.authorization.as_ref().is_some_and(|a| caller.identities.iter().any(|i| a.paths.contains_key(i)));
+        if let (true, PathPolicy::Confined(c)) = (listed, &mut env.paths) {
+            c.scope = Some(scope);
+        }
+        env
+    }
+
     /// How exports are reached: a unix socket beside the daemon's own (its mode and group),
     /// or TCP at `export_address` with NBD over TLS when the daemon has [tls].
     pub fn export_listen(&self, id: &str, tcp: bool) -> Result<(crate::nbd::server::ExportListen, crate::nbd::server::ExportTls)> {

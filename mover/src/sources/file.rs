@@ -2,11 +2,20 @@
 //! descriptor, and handed to the job as that descriptor — never opened by path again.
 //!
 //! - [`PathPolicy::Operator`] (the CLI): the operator's own paths, as given.
-//! - [`PathPolicy::Confined`] (the daemon): only beneath configured roots, resolved with
-//!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`. A symbolic link is followed only when
-//!   it stays beneath its root *and* leads to a block device (`/dev/disk/by-id/…`, the
-//!   kubelet's `volumeDevices` entries): tenants control what is inside their filesystem
-//!   volumes, symlinks included, and must not reach anything else through them.
+//! - [`PathPolicy::Confined`] (the daemon): only beneath configured roots (and the caller's
+//!   `[authorization.paths]`), resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`,
+//!   by the rules of where the path lies — the same whether a request names it by path or
+//!   as a pod volume ([`Place`]):
+//!   - inside a pod's volume (`<kubelet>/pods/<uid>/volumes/<plugin>/<name>/…`), the
+//!     tenant's: no symbolic link is ever followed, and only a regular file of the volume's
+//!     own filesystem with one name is accepted — never a device node, a link out, or a
+//!     hard link to a node file; Secret, ConfigMap, projected and downward-API volumes are
+//!     refused outright;
+//!   - the kubelet's entry for a block volume (`…/pods/<uid>/volumeDevices/<plugin>/<name>`):
+//!     a device node or the kubelet's link to one outside the pods' directories;
+//!   - nothing else under the kubelet's `pods/` (`etc-hosts`, containers' files);
+//!   - elsewhere beneath a root (the operator's, e.g. `/dev`): a symbolic link is followed
+//!     only when it stays beneath its root *and* leads to a block device (`/dev/disk/by-id/…`).
 //!
 //! Every path is first opened `O_PATH` (which opens nothing: a FIFO does not block, a
 //! device is not touched), its type checked with `fstat`, and only a block device or a
@@ -37,6 +46,9 @@ pub struct Confinement {
     pub roots: Vec<PathBuf>,
     /// Where pod volumes are found (`pods/<uid>/…`).
     pub kubelet_root: PathBuf,
+    /// The caller's own prefixes (`[authorization.paths]`): when set, a request may name
+    /// only paths beneath one of them, and pod volumes whose pod directory lies beneath one.
+    pub scope: Option<Vec<PathBuf>>,
 }
 
 /// A resolved, type-checked path, still `O_PATH`.
@@ -189,22 +201,73 @@ fn beneath(dir: &OwnedFd, rel: &Path, label: &str, what: &str) -> std::result::R
     }
 }
 
+/// Volume plugins whose files are credentials or node configuration, never a disk:
+/// Secrets, ConfigMaps, projected service-account tokens, the downward API.
+const CREDENTIAL_PLUGINS: [&str; 4] = ["kubernetes.io~secret", "kubernetes.io~configmap", "kubernetes.io~projected", "kubernetes.io~downward-api"];
+
+/// Where a requested path lies, which decides the rules it is resolved by. Every source and
+/// target, named by path or as a pod volume, is resolved through one of these.
+enum Place<'a> {
+    /// A file inside a pod's volume, `<kubelet>/pods/<uid>/volumes/<plugin>/<name>/<rest>`:
+    /// the tenant's. No symbolic link is followed, and the file must be a regular file of
+    /// the volume's own filesystem with no other name ([`check_volume_file`]).
+    VolumeFile { uid: &'a str, plugin: &'a str, name: &'a str, rest: PathBuf },
+    /// The kubelet's entry for a block-mode volume, `<kubelet>/pods/<uid>/volumeDevices/<plugin>/<name>`.
+    VolumeDevice { uid: &'a str, plugin: &'a str, name: &'a str },
+    /// Anywhere else beneath an allowed root (the operator's): a symbolic link is followed
+    /// only when it stays beneath the root and leads to a block device.
+    Node { root: &'a Path, rel: PathBuf },
+}
+
 impl Confinement {
-    /// The root `p` lies beneath (lexically) and the rest of the path.
-    fn split<'a>(&'a self, p: &'a Path, what: &str) -> Result<(&'a Path, PathBuf)> {
+    /// Whether the caller's scope (if any) admits the lexical path `p`.
+    fn in_scope(&self, p: &Path, what: &str) -> Result<()> {
+        match &self.scope {
+            Some(prefixes) if !prefixes.iter().any(|s| p.starts_with(s)) => Err(Error::invalid(format!(
+                "{what} {} is outside the paths this caller may name ([authorization.paths]: {})",
+                p.display(),
+                prefixes.iter().map(|s| s.display().to_string()).collect::<Vec<_>>().join(", ")
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Decides where `p` lies: beneath an allowed root, inside the caller's scope, written
+    /// without `.` or `..`; beneath the kubelet's `pods/` only a pod volume's file or the
+    /// kubelet's entry for a block volume.
+    fn place<'a>(&'a self, p: &'a Path, what: &str) -> Result<Place<'a>> {
         let raw = p.display().to_string();
         if !p.is_absolute() {
             return Err(Error::invalid(format!("{what} {raw}: path must be absolute")));
         }
-        for r in &self.roots {
-            if let Ok(rest) = p.strip_prefix(r) {
-                if rest.as_os_str().is_empty() {
-                    return Err(Error::invalid(format!("{what} {raw} is an allowed root itself, not a volume")));
-                }
-                return Ok((r, rest.to_path_buf()));
-            }
+        if p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+            return Err(Error::invalid(format!("{what} {raw}: a path with '.' or '..' components is refused; name the file itself")));
         }
-        Err(Error::invalid(format!("{what} {raw} is outside the allowed roots")))
+        let Some(root) = self.roots.iter().find(|r| p.starts_with(r)) else {
+            return Err(Error::invalid(format!("{what} {raw} is outside the allowed roots")));
+        };
+        let rel = p.strip_prefix(root).unwrap_or(p).to_path_buf();
+        if rel.as_os_str().is_empty() {
+            return Err(Error::invalid(format!("{what} {raw} is an allowed root itself, not a volume")));
+        }
+        self.in_scope(p, what)?;
+        let Ok(in_kubelet) = p.strip_prefix(&self.kubelet_root) else { return Ok(Place::Node { root, rel }) };
+        let parts: Vec<&str> = in_kubelet.iter().map(|c| c.to_str().unwrap_or("\u{0}")).collect();
+        let refuse = || {
+            Error::invalid(format!(
+                "{what} {raw} lies in the kubelet's directory but is no pod volume: only pods/<uid>/volumes/<plugin>/<volume>/<file> and pods/<uid>/volumeDevices/<plugin>/<volume> may be named there"
+            ))
+        };
+        match parts.as_slice() {
+            ["pods", uid, "volumes", plugin, name, rest @ ..] if !rest.is_empty() => {
+                if CREDENTIAL_PLUGINS.contains(plugin) {
+                    return Err(Error::invalid(format!("{what} {raw} lies in a {plugin} volume, which holds credentials or configuration, not disks")));
+                }
+                Ok(Place::VolumeFile { uid, plugin, name, rest: rest.iter().collect() })
+            }
+            ["pods", uid, "volumeDevices", plugin, name] => Ok(Place::VolumeDevice { uid, plugin, name }),
+            _ => Err(refuse()),
+        }
     }
 
     fn open_root(root: &Path) -> Result<OwnedFd> {
@@ -212,54 +275,106 @@ impl Confinement {
             .map_err(|e| errno_err(e, "allowed root", &root.display().to_string()))
     }
 
-    /// An existing file or device beneath the roots.
-    pub fn resolve(&self, p: &Path, what: &str) -> Result<Resolved> {
-        let (root, rel) = self.split(p, what)?;
-        let dir = Self::open_root(root)?;
-        beneath(&dir, &rel, &p.display().to_string(), what).map_err(|(_, e)| e)
+    /// The directory `rel` beneath `dir`, no symbolic link followed; `None` when absent.
+    fn strict_dir(dir: &OwnedFd, rel: &Path, label: &str, what: &str) -> Result<Option<OwnedFd>> {
+        match openat2(dir, rel, strict_dir_how()) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(Errno::ELOOP) => Err(Error::invalid(format!("{what} {label}: a directory on the way is a symbolic link; it is not followed"))),
+            Err(e) => Err(errno_err(e, what, label)),
+        }
     }
 
-    /// A pod's volume under the kubelet root: block mode (`pods/<uid>/volumeDevices/<plugin>/<name>`,
-    /// the kubelet's entry for the device) or filesystem mode
+    /// An existing file or device, by the rules of where it lies.
+    pub fn resolve(&self, p: &Path, what: &str) -> Result<Resolved> {
+        let label = p.display().to_string();
+        match self.place(p, what)? {
+            Place::Node { root, rel } => beneath(&Self::open_root(root)?, &rel, &label, what).map_err(|(_, e)| e),
+            Place::VolumeFile { uid, plugin, name, rest } => match self.volume_file(uid, plugin, name, &rest, &label, what)? {
+                VolumeFile::Found(r) => Ok(r),
+                VolumeFile::Absent { .. } => Err(Error::not_found(format!("{what} {label}: no such file"))),
+            },
+            Place::VolumeDevice { uid, plugin, name } => {
+                self.volume_device(uid, plugin, name, &label, what)?.ok_or_else(|| Error::not_found(format!("{what} {label}: no such volume device")))
+            }
+        }
+    }
+
+    /// A file inside a pod's filesystem volume (`rest` beneath `pods/<uid>/volumes/<plugin>/<name>`):
+    /// resolved without following any symbolic link, and held to [`check_volume_file`]. The
+    /// volume's own filesystem is that of `<name>/mount` when `rest` lies in it (CSI), else
+    /// of `<name>`.
+    fn volume_file(&self, uid: &str, plugin: &str, name: &str, rest: &Path, label: &str, what: &str) -> Result<VolumeFile> {
+        let kube = Self::open_root(&self.kubelet_root)?;
+        let vol_rel = Path::new("pods").join(uid).join("volumes").join(plugin).join(name);
+        let Some(mut vdir) = Self::strict_dir(&kube, &vol_rel, label, what)? else {
+            return Err(Error::not_found(format!("{what} {label}: pod {uid} has no volume '{name}' of plugin {plugin}")));
+        };
+        let mut rest = rest.to_path_buf();
+        if let Ok(inner) = rest.strip_prefix("mount") {
+            if !inner.as_os_str().is_empty() {
+                if let Some(m) = Self::strict_dir(&vdir, Path::new("mount"), label, what)? {
+                    vdir = m;
+                    rest = inner.to_path_buf();
+                }
+            }
+        }
+        let vst = fstat(&vdir).map_err(|e| errno_err(e, what, label))?;
+        let how = OpenHow::new().flags(o_path()).resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        match openat2(&vdir, &rest, how) {
+            Ok(fd) => {
+                let r = Resolved::new(fd, label.to_string(), what)?;
+                check_volume_file(&r, &vst, what)?;
+                Ok(VolumeFile::Found(r))
+            }
+            Err(Errno::ENOENT) => Ok(VolumeFile::Absent { vdir, rest }),
+            Err(Errno::ELOOP) => Err(Error::invalid(format!(
+                "{what} {label} is reached through a symbolic link inside a pod volume; a volume's files are never followed out of it"
+            ))),
+            Err(Errno::EXDEV) => Err(Error::invalid(format!("{what} {label} resolves outside its pod volume"))),
+            Err(e) => Err(errno_err(e, what, label)),
+        }
+    }
+
+    /// The kubelet's entry for a block-mode volume; `None` when absent.
+    fn volume_device(&self, uid: &str, plugin: &str, name: &str, label: &str, what: &str) -> Result<Option<Resolved>> {
+        let kube = Self::open_root(&self.kubelet_root)?;
+        let rel = Path::new("pods").join(uid).join("volumeDevices").join(plugin);
+        let Some(pdir) = Self::strict_dir(&kube, &rel, label, what)? else { return Ok(None) };
+        self.kubelet_device(&pdir, name, label, what)
+    }
+
+    /// A pod's volume under the kubelet root, by pod uid and volume name: block mode (the
+    /// kubelet's `pods/<uid>/volumeDevices/<plugin>/<name>`) or filesystem mode
     /// (`pods/<uid>/volumes/<plugin>/<name>/disk.img`, or `…/<name>/mount/disk.img` for CSI).
+    /// The candidates are resolved exactly as if named by path.
     pub fn pod_volume(&self, uid: &str, name: &str, what: &str) -> Result<Resolved> {
         let plain = |s: &str| !s.is_empty() && !s.contains('/') && s != "." && s != ".." && s.len() <= 253;
         if !plain(uid) || !plain(name) {
             return Err(Error::invalid(format!("{what}: pod uid '{uid}' and volume name '{name}' must be plain names")));
         }
+        let pod_path = self.kubelet_root.join("pods").join(uid);
+        let pod_label = pod_path.display().to_string();
+        self.in_scope(&pod_path, what)?;
         let kube = Self::open_root(&self.kubelet_root)?;
-        let pod_rel = Path::new("pods").join(uid);
-        let pod_label = self.kubelet_root.join(&pod_rel).display().to_string();
-        let dir_how = || OpenHow::new().flags(o_path() | OFlag::O_DIRECTORY).resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-        let pod = match openat2(&kube, &pod_rel, dir_how()) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT) => return Err(Error::not_found(format!("{what}: pod {uid} has no directory under {}", self.kubelet_root.display()))),
-            Err(e) => return Err(errno_err(e, what, &pod_label)),
+        let Some(pod) = Self::strict_dir(&kube, &Path::new("pods").join(uid), &pod_label, what)? else {
+            return Err(Error::not_found(format!("{what}: pod {uid} has no directory under {}", self.kubelet_root.display())));
         };
         let mut found: Vec<Resolved> = Vec::new();
-        // Block mode: the kubelet's entry (a device node, or the kubelet's symlink to one).
         for plugin in list_dir(&pod, "volumeDevices") {
-            let rel = Path::new("volumeDevices").join(&plugin);
-            let Ok(pdir) = openat2(&pod, &rel, dir_how()) else { continue };
             let label = format!("{pod_label}/volumeDevices/{plugin}/{name}");
-            if let Some(r) = self.kubelet_device(&pdir, name, &label, what)? {
+            if let Some(r) = self.volume_device(uid, &plugin, name, &label, what)? {
                 found.push(r);
             }
         }
-        // Filesystem mode: disk.img inside the volume, never through a symlink.
-        for plugin in list_dir(&pod, "volumes") {
-            for tail in ["", "mount"] {
-                let vdir_rel = Path::new("volumes").join(&plugin).join(name).join(tail);
-                let Ok(vdir) = openat2(&pod, &vdir_rel, dir_how()) else { continue };
-                let label = format!("{pod_label}/{}/disk.img", vdir_rel.display()).replace("//", "/");
-                match beneath(&vdir, Path::new("disk.img"), &label, what) {
-                    Ok(r) => {
-                        let vst = fstat(&vdir).map_err(|e| errno_err(e, what, &label))?;
-                        check_volume_file(&r, &vst, what)?;
-                        found.push(r);
-                    }
-                    Err((Errno::ENOENT, _)) => {}
-                    Err((_, e)) => return Err(e),
+        for plugin in list_dir(&pod, "volumes").into_iter().filter(|p| !CREDENTIAL_PLUGINS.contains(&p.as_str())) {
+            for tail in ["disk.img", "mount/disk.img"] {
+                let label = format!("{pod_label}/volumes/{plugin}/{name}/{tail}");
+                match self.volume_file(uid, &plugin, name, Path::new(tail), &label, what) {
+                    Ok(VolumeFile::Found(r)) => found.push(r),
+                    Ok(VolumeFile::Absent { .. }) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -271,7 +386,8 @@ impl Confinement {
     }
 
     /// The kubelet's `volumeDevices` entry `name` in `dir`: a block device node, or a
-    /// symlink the kubelet made to one (beneath an allowed root). `None` when absent.
+    /// symlink the kubelet made to one (beneath an allowed root, outside the pods'
+    /// directories). `None` when absent.
     fn kubelet_device(&self, dir: &OwnedFd, name: &str, label: &str, what: &str) -> Result<Option<Resolved>> {
         let target = match nix::fcntl::readlinkat(dir, name) {
             Ok(t) => PathBuf::from(t),
@@ -291,31 +407,60 @@ impl Confinement {
         if !target.is_absolute() || target.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
             return Err(Error::invalid(format!("{what} {label}: the kubelet's link points to {}, not a plain absolute path", target.display())));
         }
-        let r = self.resolve(&target, what).map_err(|e| e.context(format!("{what} {label} (a link to {})", target.display())))?;
+        if target.starts_with(self.kubelet_root.join("pods")) {
+            return Err(Error::invalid(format!("{what} {label}: the link points into a pod's directory ({}), not to a device", target.display())));
+        }
+        // The kubelet's link, not the caller's path: the caller's scope was checked on the entry.
+        let unscoped = Confinement { scope: None, ..self.clone() };
+        let r = unscoped.resolve(&target, what).map_err(|e| e.context(format!("{what} {label} (a link to {})", target.display())))?;
         if r.kind != Kind::BlockDevice {
             return Err(Error::invalid(format!("{what} {label}: links to {}, which is not a block device", target.display())));
         }
         Ok(Some(Resolved { label: label.to_string(), ..r }))
     }
 
-    /// A restore target beneath the roots: an existing device or file, or a new file in an
-    /// existing directory (created here, never through a symlink).
+    /// A restore target, by the rules of where it lies: an existing device or file, or a
+    /// new file in an existing directory (created there, never through a symlink).
     fn target(&self, p: &Path, what: &str) -> Result<(Option<Resolved>, Option<(File, PendingName)>)> {
-        let (root, rel) = self.split(p, what)?;
-        let dir = Self::open_root(root)?;
         let label = p.display().to_string();
-        match beneath(&dir, &rel, &label, what) {
-            Ok(r) => Ok((Some(r), None)),
-            Err((Errno::ENOENT, e)) => {
-                let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else { return Err(e) };
-                let how = OpenHow::new().flags(o_path() | OFlag::O_DIRECTORY).resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-                let parent_rel = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
-                let pdir = openat2(&dir, parent_rel, how).map_err(|e| errno_err(e, &format!("{what}: directory of"), &label))?;
-                Ok((None, Some(create_new(pdir, Path::new(name), &label, what)?)))
+        let (dir, rel) = match self.place(p, what)? {
+            Place::VolumeDevice { uid, plugin, name } => {
+                let r = self.volume_device(uid, plugin, name, &label, what)?;
+                return match r {
+                    Some(r) => Ok((Some(r), None)),
+                    None => Err(Error::not_found(format!("{what} {label}: no such volume device (a block volume's entry is the kubelet's to create)"))),
+                };
             }
-            Err((_, e)) => Err(e),
-        }
+            Place::VolumeFile { uid, plugin, name, rest } => match self.volume_file(uid, plugin, name, &rest, &label, what)? {
+                VolumeFile::Found(r) => return Ok((Some(r), None)),
+                VolumeFile::Absent { vdir, rest } => (vdir, rest),
+            },
+            Place::Node { root, rel } => {
+                let dir = Self::open_root(root)?;
+                match beneath(&dir, &rel, &label, what) {
+                    Ok(r) => return Ok((Some(r), None)),
+                    Err((Errno::ENOENT, _)) => (dir, rel),
+                    Err((_, e)) => return Err(e),
+                }
+            }
+        };
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else { return Err(Error::invalid(format!("{what} {label}: not a file path"))) };
+        let parent_rel = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        let pdir = openat2(&dir, parent_rel, strict_dir_how()).map_err(|e| errno_err(e, &format!("{what}: directory of"), &label))?;
+        Ok((None, Some(create_new(pdir, Path::new(name), &label, what)?)))
     }
+}
+
+/// What [`Confinement::volume_file`] found: the file, or where it would be created.
+enum VolumeFile {
+    Found(Resolved),
+    Absent { vdir: OwnedFd, rest: PathBuf },
+}
+
+fn strict_dir_how() -> OpenHow {
+    OpenHow::new()
+        .flags(o_path() | OFlag::O_DIRECTORY)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS)
 }
 
 /// Names in the subdirectory `sub` of `dir` (empty when it is absent).
@@ -371,10 +516,21 @@ impl PathPolicy {
     /// Resolves a unix socket path: beneath the roots without symlinks when confined.
     pub fn resolve_socket(&self, p: &Path, what: &str) -> Result<Option<SocketPath>> {
         let PathPolicy::Confined(c) = self else { return Ok(None) };
-        let (root, rel) = c.split(p, what)?;
-        let dir = Confinement::open_root(root)?;
         let label = p.display().to_string();
         let how = OpenHow::new().flags(o_path()).resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let (dir, rel) = match c.place(p, what)? {
+            Place::Node { root, rel } => (Confinement::open_root(root)?, rel),
+            Place::VolumeFile { uid, plugin, name, .. } => {
+                // A socket a tenant put in its volume: beneath that volume, no symlink.
+                let kube = Confinement::open_root(&c.kubelet_root)?;
+                let vol_rel = Path::new("pods").join(uid).join("volumes").join(plugin).join(name);
+                let vdir = Confinement::strict_dir(&kube, &vol_rel, &label, what)?
+                    .ok_or_else(|| Error::not_found(format!("{what} {label}: pod {uid} has no volume '{name}'")))?;
+                let rest = p.strip_prefix(c.kubelet_root.join(&vol_rel)).unwrap_or(p).to_path_buf();
+                (vdir, rest)
+            }
+            Place::VolumeDevice { .. } => return Err(Error::invalid(format!("{what} {label} is a block volume's entry, not a unix socket"))),
+        };
         let fd = match openat2(&dir, &rel, how) {
             Ok(fd) => fd,
             Err(Errno::EXDEV) => return Err(Error::invalid(format!("{what} {label} is outside the allowed roots"))),

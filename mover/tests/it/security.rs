@@ -561,3 +561,113 @@ fn a_junk_object_among_the_snapshots_is_skipped_by_listings_and_reported_by_chec
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains(&junk), "{}", String::from_utf8_lossy(&o.stdout));
 }
+
+/// A restore request of `snap` onto `target` named by path.
+fn restore_req(snap: &str, target: &Path) -> pb::StartRestoreRequest {
+    pb::StartRestoreRequest { repository: "main".into(), snapshot: snap.into(), target: path_ref(target), overwrite: true, ..Default::default() }
+}
+
+#[test]
+fn a_tenant_volume_yields_no_device_or_link_out_whether_named_by_path_or_as_a_pod_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    const VICTIM: &str = "0d3b1c2a-aaaa-bbbb-cccc-00000000000f";
+    // The victim pod's raw block volume: the kubelet's device node for it.
+    let img = dir.path().join("victim.img");
+    std::fs::write(&img, noise(11, 4 << 20)).unwrap();
+    let lo = Loop::new(&img, 0);
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&lo.dev).unwrap());
+    let vdev_dir = dir.path().join("kubelet/pods").join(VICTIM).join("volumeDevices/kubernetes.io~csi");
+    std::fs::create_dir_all(&vdev_dir).unwrap();
+    let node = |p: &Path| {
+        nix::sys::stat::mknod(p, nix::sys::stat::SFlag::S_IFBLK, nix::sys::stat::Mode::from_bits_truncate(0o600), rdev).unwrap();
+    };
+    node(&vdev_dir.join("data"));
+    let victim_file = dir.path().join("kubelet/pods").join(VICTIM).join("volumes/kubernetes.io~csi/data/mount/disk.img");
+    victim(&victim_file, &noise(12, 1 << 20));
+    let secret = dir.path().join("kubelet/pods").join(VICTIM).join("volumes/kubernetes.io~secret/token/token");
+    let secret_untouched = victim(&secret, b"eyJhbGciOi service account token");
+    let hosts = dir.path().join("kubelet/pods").join(VICTIM).join("etc-hosts");
+    std::fs::write(&hosts, b"127.0.0.1 localhost\n").unwrap();
+    let before = (hash(&lo.dev), hash(&victim_file), hash(&hosts));
+    age(&victim_file);
+    let untouched = atime(&victim_file);
+    // A snapshot to restore with.
+    let own = dir.path().join("vols/own.img");
+    std::fs::write(&own, noise(13, 1 << 20)).unwrap();
+    let vol = fs_volume(dir.path(), UID, "rootdisk");
+    let disk = vol.join("disk.img");
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let t = c.start_backup(backup_req("disk", &own)).await.unwrap().into_inner();
+        let snap = watch_end(&mut c, &t.id).await.snapshot_id;
+        // What the tenant puts in its own volume as disk.img.
+        let rel_link = PathBuf::from("../../../../../../").join(VICTIM).join("volumeDevices/kubernetes.io~csi/data");
+        let plants: Vec<(&str, Box<dyn Fn()>, &[&str])> = vec![
+            ("a relative symlink to another pod's device", Box::new(|| std::os::unix::fs::symlink(&rel_link, &disk).unwrap()), &["symbolic link"]),
+            ("a block node of its own", Box::new(|| node(&disk)), &["regular file"]),
+            ("a hard link to another pod's file", Box::new(|| std::fs::hard_link(&victim_file, &disk).unwrap()), &["hard links"]),
+        ];
+        for (what, plant, says) in &plants {
+            let _ = std::fs::remove_file(&disk);
+            plant();
+            let by_path = expect(c.start_backup(backup_req("disk", &disk)).await, Code::InvalidArgument, says);
+            let by_pod = expect(c.start_backup(pod_req(UID, "rootdisk")).await, Code::InvalidArgument, says);
+            let restore = expect(c.start_restore(restore_req(&snap, &disk)).await, Code::InvalidArgument, says);
+            eprintln!("{what}:\n  by path: {by_path}\n  by pod volume: {by_pod}\n  restore: {restore}");
+        }
+        // Beneath the kubelet's pods/: only volumes. Never a credential volume, etc-hosts, or a
+        // path that walks out with '..'.
+        expect(c.start_backup(backup_req("disk", &secret)).await, Code::InvalidArgument, &["kubernetes.io~secret", "credentials"]);
+        expect(c.start_backup(pod_req(VICTIM, "token")).await, Code::NotFound, &["'token'"]);
+        expect(c.start_restore(restore_req(&snap, &hosts)).await, Code::InvalidArgument, &["no pod volume"]);
+        let walk = vol.join("../../../../../").join(VICTIM).join("volumeDevices/kubernetes.io~csi/data");
+        expect(c.start_backup(backup_req("disk", &walk)).await, Code::InvalidArgument, &["'..'"]);
+        // The kubelet's own entry for a block volume is still a volume.
+        let t = c.start_backup(backup_req("disk", &vdev_dir.join("data"))).await.unwrap().into_inner();
+        assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
+        let tr = c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner().transfers;
+        assert_eq!(tr.len(), 2, "a refused request started a transfer: {tr:?}");
+    });
+    assert_eq!(atime(&victim_file), untouched, "another pod's file was read");
+    assert_eq!(atime(&secret), secret_untouched, "a credential was read");
+    assert_eq!((hash(&lo.dev), hash(&victim_file), hash(&hosts)), before, "another pod's data was written");
+}
+
+#[test]
+fn a_caller_scoped_to_its_pods_names_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    const OTHER: &str = "0d3b1c2a-aaaa-bbbb-cccc-00000000000e";
+    let k = dir.path().join("kubelet");
+    let extra = format!(
+        "[authorization]\nbackup = [\"anonymous\"]\nrestore = [\"anonymous\"]\nread = [\"anonymous\"]\n[authorization.paths]\nanonymous = [\"{}\"]\n",
+        k.join("pods").join(UID).display()
+    );
+    std::fs::create_dir_all(k.join("pods").join(UID)).unwrap();
+    let d = Daemon::start(dir.path(), &extra, false);
+    let mine = fs_volume(dir.path(), UID, "rootdisk").join("disk.img");
+    std::fs::write(&mine, noise(21, 1 << 20)).unwrap();
+    let theirs = fs_volume(dir.path(), OTHER, "rootdisk").join("disk.img");
+    victim(&theirs, &noise(22, 1 << 20));
+    let node_file = dir.path().join("vols/node.img");
+    victim(&node_file, &noise(23, 1 << 20));
+    let before = (hash(&theirs), hash(&node_file));
+    age(&theirs);
+    age(&node_file);
+    let (untouched, node_untouched) = (atime(&theirs), atime(&node_file));
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        for r in [backup_req("disk", &theirs), backup_req("disk", &node_file), pod_req(OTHER, "rootdisk")] {
+            expect(c.start_backup(r).await, Code::InvalidArgument, &["[authorization.paths]"]);
+        }
+        let t = c.start_backup(pod_req(UID, "rootdisk")).await.unwrap().into_inner();
+        let end = watch_end(&mut c, &t.id).await;
+        assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
+        for target in [&theirs, &node_file] {
+            expect(c.start_restore(restore_req(&end.snapshot_id, target)).await, Code::InvalidArgument, &["[authorization.paths]"]);
+        }
+        assert_eq!(c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner().transfers.len(), 1);
+    });
+    assert_eq!((atime(&theirs), atime(&node_file)), (untouched, node_untouched), "a scoped caller read outside its scope");
+    assert_eq!((hash(&theirs), hash(&node_file)), before, "a scoped caller wrote outside its scope");
+}
