@@ -5,17 +5,22 @@
 //! incremental backups, and what any conforming server (qemu-nbd, nbdkit, libvirt) speaks.
 //!
 //! Blocking I/O on one connection, used from the backup's reader thread. Every wait is
-//! bounded (`NbdOptions`): a silent server fails the read instead of hanging the job. Every
-//! size read from the server is bounded before it is used.
+//! bounded (`NbdOptions`): a silent server fails the read instead of hanging the job, and a
+//! server that trickles (a byte now and then, each within the socket timeout) fails too —
+//! the handshake and each reply must *complete* within a deadline ([`NbdClient::budget`]).
+//! Every size and count read from the server is bounded before it is used (option replies,
+//! meta contexts, block status chunks and extents), so a hostile server costs bounded
+//! memory and time. A cancelled job shuts the socket down, which ends a blocked read at once.
 
 use super::proto::*;
 use mover_engine::source::BlockRead;
 use mover_engine::{Error, ErrorKind, Result, ResultExt};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// Largest single read we send (the protocol document's portable limit).
 const MAX_REQUEST: u32 = 32 << 20;
@@ -25,6 +30,16 @@ const STATUS_WINDOW: u64 = 1 << 30;
 const MAX_OPTION_REPLY: usize = 1 << 20;
 /// Largest structured reply chunk besides read data.
 const MAX_CHUNK: usize = 16 << 20;
+/// Replies to one option (`NBD_REP_INFO`s to `NBD_OPT_GO`) before its final one.
+const MAX_OPTION_REPLIES: usize = 64;
+/// Chunks in one reply to a block status request (one per context asked for, in practice).
+const MAX_STATUS_CHUNKS: usize = 16;
+/// Extent descriptors read over a whole export's block status (as the CSI and KubeVirt
+/// sources bound theirs), and ranges kept: a server describing more is "too fragmented".
+const MAX_STATUS_EXTENTS: u64 = 16 << 20;
+const MAX_RANGES: usize = 4 << 20;
+/// The slowest a reply may arrive, past the I/O timeout: 1 MiB/s.
+const MIN_RATE: u64 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -96,11 +111,77 @@ pub struct BlockSize {
     pub maximum: u32,
 }
 
-trait Stream: Read + Write + Send + Sync {}
-impl<T: Read + Write + Send + Sync> Stream for T {}
+/// The socket, and the deadline the current exchange must complete by.
+struct Conn {
+    sock: Sock,
+    deadline: Option<Instant>,
+    io_timeout: Duration,
+}
+
+enum Sock {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Sock {
+    fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_read_timeout(Some(t)),
+            Sock::Tcp(s) => s.set_read_timeout(Some(t)),
+        }
+    }
+    /// A second handle on the same socket, to shut it down from another thread.
+    fn try_clone(&self) -> std::io::Result<Sock> {
+        Ok(match self {
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+        })
+    }
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Unix(s) => s.shutdown(Shutdown::Both),
+            Sock::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+/// The error a read past the exchange's deadline returns.
+const DEADLINE: &str = "the exchange did not complete by its deadline";
+
+impl Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let wait = match self.deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, DEADLINE));
+                }
+                left.min(self.io_timeout)
+            }
+            None => self.io_timeout,
+        };
+        self.sock.set_read_timeout(wait)?;
+        match &mut self.sock {
+            Sock::Unix(s) => s.read(b),
+            Sock::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match &mut self.sock {
+            Sock::Unix(s) => s.write(b),
+            Sock::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 pub struct NbdClient {
-    s: Box<dyn Stream>,
+    s: Conn,
     uri: String,
     size: u64,
     /// Structured replies were negotiated (needed for block status).
@@ -110,6 +191,17 @@ pub struct NbdClient {
     contexts: HashMap<String, u32>,
     cookie: u64,
     opts: NbdOptions,
+    /// The job's cancellation: checked before each request, and watched by a task that
+    /// shuts the socket down (ending a blocked read) — see [`NbdClient::cancel_with`].
+    cancel: Option<CancellationToken>,
+    /// Cancelled when the client is dropped: the watcher ends.
+    closed: CancellationToken,
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
 }
 
 /// An error of the server's making.
@@ -120,6 +212,10 @@ fn protocol(uri: &str, msg: impl std::fmt::Display) -> Error {
 /// A socket error: a timeout says so.
 fn io_err(uri: &str, what: &str, e: std::io::Error, timeout: Duration) -> Error {
     match e.kind() {
+        std::io::ErrorKind::TimedOut if e.to_string() == DEADLINE => Error::transient(format!(
+            "NBD server {uri}: too slow while {what}: the exchange must complete within {} s plus a second per MiB (a server that trickles is dropped)",
+            timeout.as_secs()
+        )),
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
             Error::transient(format!("NBD server {uri}: no answer within {} s while {what}", timeout.as_secs()))
         }
@@ -133,12 +229,12 @@ impl NbdClient {
     /// [`NbdClient::has_context`].
     pub fn connect(uri: &NbdUri, meta: &[String], opts: NbdOptions) -> Result<Self> {
         let t = opts.io_timeout;
-        let s: Box<dyn Stream> = match &uri.target {
+        let sock = match &uri.target {
             Target::Unix(p) => {
                 let s = UnixStream::connect(p).with_context(|| format!("connecting to NBD server {} (socket {p})", uri.text))?;
                 s.set_read_timeout(Some(t))?;
                 s.set_write_timeout(Some(t))?;
-                Box::new(s)
+                Sock::Unix(s)
             }
             Target::Tcp(a) => {
                 let addr = a
@@ -151,11 +247,11 @@ impl NbdClient {
                 s.set_nodelay(true).ok();
                 s.set_read_timeout(Some(t))?;
                 s.set_write_timeout(Some(t))?;
-                Box::new(s)
+                Sock::Tcp(s)
             }
         };
         let mut c = Self {
-            s,
+            s: Conn { sock, deadline: None, io_timeout: t },
             uri: uri.text.clone(),
             size: 0,
             structured: false,
@@ -163,9 +259,50 @@ impl NbdClient {
             contexts: HashMap::new(),
             cookie: 0,
             opts,
+            cancel: None,
+            closed: CancellationToken::new(),
         };
+        // The whole handshake, however many replies, within one budget.
+        c.s.deadline = Some(Instant::now() + c.budget(0));
         c.handshake(&uri.export, meta).map_err(|e| e.context(format!("NBD handshake with {}", uri.text)))?;
+        c.s.deadline = None;
         Ok(c)
+    }
+
+    /// How long an exchange moving `bytes` may take, whole: the I/O timeout, plus a second
+    /// per MiB (a reply must arrive at 1 MiB/s at least).
+    fn budget(&self, bytes: u64) -> Duration {
+        self.opts.io_timeout + Duration::from_secs(bytes / MIN_RATE)
+    }
+
+    /// Ties the connection to a job's cancellation: once `cancel` fires, the socket is
+    /// shut down (a read blocked in the kernel returns at once) and no request is sent.
+    /// Needs a tokio runtime (the backup's); without one only the check before each
+    /// request applies.
+    pub fn cancel_with(&mut self, cancel: CancellationToken) {
+        if let (Ok(rt), Ok(sock)) = (tokio::runtime::Handle::try_current(), self.s.sock.try_clone()) {
+            let (c, closed) = (cancel.clone(), self.closed.clone());
+            rt.spawn(async move {
+                tokio::select! {
+                    _ = c.cancelled() => sock.shutdown(),
+                    _ = closed.cancelled() => {}
+                }
+            });
+        }
+        self.cancel = Some(cancel);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
+    }
+
+    /// `e`, or a cancellation when the job was cancelled (the socket was shut under it).
+    fn or_cancelled(&self, e: Error, what: &str) -> Error {
+        if self.cancelled() {
+            Error::cancelled(format!("{what} from NBD export {}", self.uri))
+        } else {
+            e
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -244,12 +381,25 @@ impl NbdClient {
                 put_str(&mut d, q);
             }
             self.send_opt(OPT_SET_META_CONTEXT, &d)?;
+            let mut granted = 0usize;
             loop {
                 let (t, data) = self.opt_reply(OPT_SET_META_CONTEXT)?;
                 match t {
                     REP_META_CONTEXT if data.len() >= 4 => {
+                        // One reply per context asked for, at most, and only those.
+                        granted += 1;
+                        if granted > meta.len() {
+                            return Err(protocol(&self.uri, format!("granted more meta contexts than the {} asked for", meta.len())));
+                        }
                         let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
-                        self.contexts.insert(String::from_utf8_lossy(&data[4..]).into_owned(), id);
+                        let name = String::from_utf8_lossy(&data[4..]).into_owned();
+                        if !meta.contains(&name) {
+                            return Err(protocol(
+                                &self.uri,
+                                format!("granted meta context '{}', which was not asked for", name.chars().take(80).collect::<String>()),
+                            ));
+                        }
+                        self.contexts.insert(name, id);
                     }
                     REP_ACK => break,
                     // A server without meta contexts: no block status; everything is read.
@@ -264,7 +414,10 @@ impl NbdClient {
         d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
         self.send_opt(OPT_GO, &d)?;
         let mut have_size = false;
-        loop {
+        for n in 0.. {
+            if n > MAX_OPTION_REPLIES {
+                return Err(protocol(&self.uri, format!("more than {MAX_OPTION_REPLIES} replies to NBD_OPT_GO")));
+            }
             let (t, data) = self.opt_reply(OPT_GO)?;
             match t {
                 REP_INFO if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT => {
@@ -325,7 +478,12 @@ impl NbdClient {
         Ok((t, self.take(len, "negotiating")?))
     }
 
-    fn request(&mut self, cmd: u16, offset: u64, len: u32) -> Result<u64> {
+    /// Sends a request; its reply must complete within [`NbdClient::budget`] of `reply_bytes`.
+    fn request(&mut self, cmd: u16, offset: u64, len: u32, reply_bytes: u64) -> Result<u64> {
+        if self.cancelled() {
+            return Err(Error::cancelled(format!("reading NBD export {}", self.uri)));
+        }
+        self.s.deadline = Some(Instant::now() + self.budget(reply_bytes));
         self.cookie += 1;
         let mut b = [0u8; 28];
         b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -349,6 +507,7 @@ impl NbdClient {
         status: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> std::result::Result<(), std::result::Result<(u32, String), Error>> {
         let mut covered = 0u64;
+        let mut server_err: Option<(u32, String)> = None;
         loop {
             let magic = self.u32("waiting for a reply").map_err(Err)?;
             match magic {
@@ -388,7 +547,7 @@ impl NbdClient {
                             let n = len - 8;
                             let at = o
                                 .checked_sub(base)
-                                .filter(|&a| a as usize + n <= b.len())
+                                .filter(|&a| a.checked_add(n as u64).is_some_and(|e| e <= b.len() as u64))
                                 .ok_or_else(|| Err(protocol(&self.uri, "data chunk outside the request")))? as usize;
                             self.s.read_exact(&mut b[at..at + n]).map_err(|e| Err(io_err(&self.uri, "reading data", e, self.opts.io_timeout)))?;
                             covered += n as u64;
@@ -402,7 +561,7 @@ impl NbdClient {
                             let n = self.u32("reading a hole").map_err(Err)? as usize;
                             let at = o
                                 .checked_sub(base)
-                                .filter(|&a| a as usize + n <= b.len())
+                                .filter(|&a| a.checked_add(n as u64).is_some_and(|e| e <= b.len() as u64))
                                 .ok_or_else(|| Err(protocol(&self.uri, "hole chunk outside the request")))? as usize;
                             b[at..at + n].fill(0);
                             covered += n as u64;
@@ -417,11 +576,10 @@ impl NbdClient {
                             let code = payload.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(EIO);
                             let mlen = payload.get(4..6).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize).unwrap_or(0);
                             let msg = payload.get(6..6 + mlen).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
-                            // Drain the rest of the reply so the connection stays usable.
-                            if flags & REPLY_FLAG_DONE == 0 {
-                                let _ = self.reply(cookie, base, None, &mut |_| Ok(()));
-                            }
-                            return Err(Ok((code, msg)));
+                            // The rest of the reply is read (in this loop, not by recursion:
+                            // a server sending error chunks without end must not exhaust the
+                            // stack) so the connection stays usable; the first error counts.
+                            server_err.get_or_insert((code, msg));
                         }
                         _ => {
                             let payload = self.take(len, "reading a reply").map_err(Err)?;
@@ -429,6 +587,9 @@ impl NbdClient {
                         }
                     }
                     if flags & REPLY_FLAG_DONE != 0 {
+                        if let Some(e) = server_err {
+                            return Err(Ok(e));
+                        }
                         if let Some(b) = &buf {
                             if covered != b.len() as u64 {
                                 return Err(Err(protocol(&self.uri, format!("a read of {} bytes was answered with {covered}", b.len()))));
@@ -457,7 +618,7 @@ impl NbdClient {
             let base = offset + done as u64;
             let mut attempt = 0;
             loop {
-                let cookie = self.request(CMD_READ, base, n as u32)?;
+                let cookie = self.request(CMD_READ, base, n as u32, n as u64)?;
                 match self.reply(cookie, base, Some(&mut buf[done..done + n]), &mut |_| Ok(())) {
                     Ok(()) => break,
                     Err(Ok((code, msg))) if attempt < self.opts.read_retries && matches!(code, EIO | ENOMEM | ESHUTDOWN) => {
@@ -478,7 +639,10 @@ impl NbdClient {
                             ),
                         ));
                     }
-                    Err(Err(e)) => return Err(e.context(format!("reading {n} bytes at offset {base} from NBD export {}", self.uri))),
+                    Err(Err(e)) => {
+                        let e = self.or_cancelled(e, "reading");
+                        return Err(e.context(format!("reading {n} bytes at offset {base} from NBD export {}", self.uri)));
+                    }
                 }
             }
             done += n;
@@ -486,25 +650,62 @@ impl NbdClient {
         Ok(())
     }
 
-    /// Extents of meta context `ctx` over `[0, size)`: `(offset, length, flags)`, in order,
-    /// contiguous, covering the export.
-    pub fn block_status(&mut self, ctx: &str) -> Result<Vec<(u64, u64, u32)>> {
+    /// The ranges of meta context `ctx` over `[0, size)` whose flags satisfy `pred`, merged,
+    /// as `(offset, length)`. Bounded whatever the server sends: at most
+    /// [`MAX_STATUS_CHUNKS`] chunks per reply, [`MAX_STATUS_EXTENTS`] descriptors read and
+    /// [`MAX_RANGES`] ranges kept (more: `None`, too fragmented to be worth keeping — the
+    /// caller reads as if it had no block status); descriptors past the window asked for
+    /// are not kept; every reply must make progress.
+    pub fn ranges_where(&mut self, ctx: &str, pred: impl Fn(u32) -> bool) -> Result<Option<Vec<(u64, u64)>>> {
         let id = *self.contexts.get(ctx).ok_or_else(|| Error::invalid(format!("meta context '{ctx}' was not negotiated with {}", self.uri)))?;
-        let mut out: Vec<(u64, u64, u32)> = Vec::new();
+        let mut out: Vec<(u64, u64)> = Vec::new();
         let mut pos = 0u64;
+        let mut seen = 0u64;
         let uri = self.uri.clone();
         while pos < self.size {
             let len = (self.size - pos).min(STATUS_WINDOW) as u32;
-            let cookie = self.request(CMD_BLOCK_STATUS, pos, len)?;
-            let mut got: Vec<(u64, u32)> = Vec::new();
+            let cookie = self.request(CMD_BLOCK_STATUS, pos, len, 0)?;
+            // The window's extents, clamped to it: (start, length) runs that satisfy `pred`.
+            let (mut at, end) = (pos, pos + len as u64);
+            let mut chunks = 0usize;
+            let mut fragmented = false;
             let r = self.reply(cookie, pos, None, &mut |p| {
+                chunks += 1;
+                if chunks > MAX_STATUS_CHUNKS {
+                    return Err(protocol(&uri, format!("more than {MAX_STATUS_CHUNKS} chunks in one block status reply")));
+                }
                 if p.len() < 4 || (p.len() - 4) % 8 != 0 {
                     return Err(protocol(&uri, format!("bad block status chunk of {} bytes", p.len())));
                 }
-                if u32::from_be_bytes([p[0], p[1], p[2], p[3]]) == id {
-                    for d in p[4..].chunks(8) {
-                        got.push((u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as u64, u32::from_be_bytes([d[4], d[5], d[6], d[7]])));
+                if u32::from_be_bytes([p[0], p[1], p[2], p[3]]) != id {
+                    return Ok(());
+                }
+                for d in p[4..].chunks(8) {
+                    seen += 1;
+                    if seen > MAX_STATUS_EXTENTS {
+                        fragmented = true;
+                        return Ok(());
                     }
+                    let l = (u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as u64).min(end - at);
+                    if l == 0 {
+                        // Past the window (ignored), or a zero-length extent (no progress).
+                        if at < end {
+                            return Err(protocol(&uri, format!("block status of '{ctx}': a zero-length extent at offset {at}")));
+                        }
+                        continue;
+                    }
+                    if pred(u32::from_be_bytes([d[4], d[5], d[6], d[7]])) {
+                        let full = out.len() >= MAX_RANGES;
+                        match out.last_mut() {
+                            Some(last) if last.0 + last.1 == at => last.1 += l,
+                            _ if full => {
+                                fragmented = true;
+                                return Ok(());
+                            }
+                            _ => out.push((at, l)),
+                        }
+                    }
+                    at += l;
                 }
                 Ok(())
             });
@@ -513,35 +714,30 @@ impl NbdClient {
                 Err(Ok((code, msg))) => {
                     return Err(protocol(&self.uri, format!("block status of '{ctx}' at offset {pos}: server error {} ({code}) {msg}", error_name(code))))
                 }
-                Err(Err(e)) => return Err(e.context(format!("block status of '{ctx}' at offset {pos} from NBD export {}", self.uri))),
+                Err(Err(e)) => {
+                    let e = self.or_cancelled(e, "block status");
+                    return Err(e.context(format!("block status of '{ctx}' at offset {pos} from NBD export {}", self.uri)));
+                }
             }
-            tracing::debug!(ctx, pos, extents = got.len(), "block status reply");
-            if got.is_empty() || got.iter().any(|&(l, _)| l == 0) {
+            if fragmented {
+                tracing::info!(
+                    "NBD server {}: block status of '{ctx}' is too fragmented to keep (more than {MAX_STATUS_EXTENTS} extents or {MAX_RANGES} ranges)",
+                    self.uri
+                );
+                return Ok(None);
+            }
+            tracing::debug!(ctx, pos, to = at, "block status reply");
+            if at == pos {
                 return Err(protocol(&self.uri, format!("block status of '{ctx}' at offset {pos} made no progress")));
             }
-            for (l, f) in got {
-                let l = l.min(self.size - pos);
-                if l == 0 {
-                    break;
-                }
-                match out.last_mut() {
-                    Some(last) if last.2 == f && last.0 + last.1 == pos => last.1 += l,
-                    _ => out.push((pos, l, f)),
-                }
-                pos += l;
-            }
+            pos = at;
         }
-        Ok(out)
-    }
-
-    /// The ranges of `ctx` whose flags satisfy `pred`, merged, as `(offset, length)`.
-    pub fn ranges_where(&mut self, ctx: &str, pred: impl Fn(u32) -> bool) -> Result<Vec<(u64, u64)>> {
-        Ok(self.block_status(ctx)?.into_iter().filter(|e| pred(e.2)).map(|e| (e.0, e.1)).collect())
+        Ok(Some(out))
     }
 
     /// Tells the server goodbye (best effort).
     pub fn disconnect(mut self) {
-        let _ = self.request(CMD_DISC, 0, 0);
+        let _ = self.request(CMD_DISC, 0, 0, 0);
     }
 }
 

@@ -138,13 +138,15 @@ impl VolumeSource for NbdSource {
         self.uri.text.clone()
     }
     async fn open(self: Box<Self>, _parent: Option<ParentVolume<'_>>, cancel: &CancellationToken) -> Result<Opened> {
-        // Blocking socket I/O (bounded by its timeouts), off the reactor.
+        // Blocking socket I/O (bounded by its timeouts and deadlines), off the reactor; a
+        // cancel shuts the socket, so the blocking thread ends with the job.
+        let c = cancel.clone();
         let work = tokio::task::spawn_blocking(move || {
             let mut uri = self.uri.clone();
             if let Some(s) = &self.socket {
                 uri.target = crate::nbd::Target::Unix(s.proc_path());
             }
-            nbd::open(&uri, self.bitmap.as_deref(), self.options)
+            nbd::open(&uri, self.bitmap.as_deref(), self.options, &c)
         });
         tokio::select! {
             r = work => r?,

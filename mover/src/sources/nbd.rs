@@ -9,17 +9,24 @@ use crate::nbd::{NbdClient, NbdOptions, NbdUri};
 use mover_engine::source::{Changes, Opened, Reader};
 use mover_engine::Result;
 use mover_format::manifest::ChangeSource;
+use tokio_util::sync::CancellationToken;
 
-/// Connects and asks for allocation and, with `bitmap`, the dirty ranges.
-pub fn open(uri: &NbdUri, bitmap: Option<&str>, options: NbdOptions) -> Result<Opened> {
+/// Connects and asks for allocation and, with `bitmap`, the dirty ranges. The connection
+/// is tied to `cancel`: a cancelled job shuts its socket down.
+pub fn open(uri: &NbdUri, bitmap: Option<&str>, options: NbdOptions, cancel: &CancellationToken) -> Result<Opened> {
     let mut meta = vec![BASE_ALLOCATION.to_string()];
     if let Some(b) = bitmap {
         meta.push(bitmap_context(b));
     }
-    let mut client = NbdClient::connect(uri, &meta, options)?;
-    // As `[start, end)` pairs, like SEEK_DATA gives.
+    let connect = || -> Result<NbdClient> {
+        let mut c = NbdClient::connect(uri, &meta, options)?;
+        c.cancel_with(cancel.clone());
+        Ok(c)
+    };
+    let mut client = connect()?;
+    // As `[start, end)` pairs, like SEEK_DATA gives; too fragmented to keep: read it all.
     let allocated = if client.has_context(BASE_ALLOCATION) {
-        Some(client.ranges_where(BASE_ALLOCATION, |f| f & STATE_ZERO == 0)?.into_iter().map(|(o, l)| (o, o + l)).collect())
+        client.ranges_where(BASE_ALLOCATION, |f| f & STATE_ZERO == 0)?.map(|r| r.into_iter().map(|(o, l)| (o, o + l)).collect())
     } else {
         None
     };
@@ -35,12 +42,13 @@ pub fn open(uri: &NbdUri, bitmap: Option<&str>, options: NbdOptions) -> Result<O
             client.contexts().join(", ")
         )),
         Some(b) => match client.ranges_where(&bitmap_context(b), |f| f & STATE_DIRTY != 0) {
-            Ok(d) => {
+            Ok(None) => Changes::fallback(format!("dirty bitmap '{b}' is too fragmented to keep; reading everything allocated")),
+            Ok(Some(d)) => {
                 Changes { source: Some(ChangeSource::Nbd), changed: Some(d), since: Some(b.to_string()), fallback: None, sparse: false, ..Default::default() }
             }
             Err(e) => {
                 // The connection may be unusable after a failed request: start afresh.
-                client = NbdClient::connect(uri, &[], options)?;
+                client = connect()?;
                 Changes::fallback(format!("reading dirty bitmap '{b}' failed: {e:#}"))
             }
         },

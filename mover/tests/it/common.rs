@@ -232,3 +232,29 @@ impl Drop for Loop {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
+
+/// A process run to its end, with what the kernel measured of it.
+pub struct Measured {
+    pub code: Option<i32>,
+    pub stderr: String,
+    /// Peak resident memory (`ru_maxrss`), MiB.
+    pub max_rss_mib: u64,
+    pub elapsed: std::time::Duration,
+}
+
+/// Runs `c` and measures its peak memory (`wait4`'s rusage of that child alone) and time.
+pub fn measured(mut c: Command) -> Measured {
+    let err = tempfile::NamedTempFile::new().unwrap();
+    c.stdout(std::process::Stdio::null()).stderr(err.reopen().unwrap());
+    let t0 = std::time::Instant::now();
+    let child = c.spawn().unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled by the kernel.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: waits for our own child, reaping it (the Child handle is not waited again).
+    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut ru) }, pid);
+    let elapsed = t0.elapsed();
+    let code = if libc::WIFEXITED(status) { Some(libc::WEXITSTATUS(status)) } else { None };
+    Measured { code, stderr: std::fs::read_to_string(err.path()).unwrap_or_default(), max_rss_mib: ru.ru_maxrss as u64 / 1024, elapsed }
+}

@@ -671,3 +671,201 @@ fn a_caller_scoped_to_its_pods_names_nothing_else() {
     assert_eq!((atime(&theirs), atime(&node_file)), (untouched, node_untouched), "a scoped caller read outside its scope");
     assert_eq!((hash(&theirs), hash(&node_file)), before, "a scoped caller wrote outside its scope");
 }
+
+/// What a hostile NBD server does (`hostile_nbd`).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Hostile {
+    /// Grants meta contexts without end (1 MiB each).
+    MetaFlood,
+    /// Answers a block status request with 16 MiB chunks without end.
+    StatusFlood,
+    /// Answers a block status request with error chunks without end, never done.
+    ErrorFlood,
+    /// Sends its greeting one byte every 500 ms.
+    TrickleGreeting,
+    /// Negotiates, then answers a read one byte every 500 ms.
+    TrickleRead,
+}
+
+/// An NBD server on `path` that attacks its client as `mode` says. The returned flag is set
+/// once the client has gone (its socket read EOF or failed).
+fn hostile_nbd(path: &Path, mode: Hostile) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use mover::nbd::proto::*;
+    use std::io::{Read, Write};
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    let gone = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = gone.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                let _ = (|| -> std::io::Result<()> {
+                    let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+                    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+                    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+                    if mode == Hostile::TrickleGreeting {
+                        for b in greeting.iter().cycle() {
+                            s.write_all(&[*b])?;
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                    s.write_all(&greeting)?;
+                    let mut flags = [0u8; 4];
+                    s.read_exact(&mut flags)?;
+                    let structured = mode != Hostile::TrickleRead;
+                    loop {
+                        let mut h = [0u8; 16];
+                        s.read_exact(&mut h)?;
+                        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+                        let mut data = vec![0u8; u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize];
+                        s.read_exact(&mut data)?;
+                        let mut reply = |typ: u32, d: &[u8]| -> std::io::Result<()> {
+                            let mut b = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+                            b.extend_from_slice(&opt.to_be_bytes());
+                            b.extend_from_slice(&typ.to_be_bytes());
+                            b.extend_from_slice(&(d.len() as u32).to_be_bytes());
+                            b.extend_from_slice(d);
+                            s.write_all(&b)
+                        };
+                        match opt {
+                            OPT_STRUCTURED_REPLY if structured => reply(REP_ACK, &[])?,
+                            OPT_STRUCTURED_REPLY => reply(REP_ERR_UNSUP, &[])?,
+                            OPT_SET_META_CONTEXT if mode == Hostile::MetaFlood => {
+                                let mut ctx = 1u32.to_be_bytes().to_vec();
+                                ctx.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                                ctx.resize(1 << 20, b'x');
+                                loop {
+                                    reply(REP_META_CONTEXT, &ctx)?;
+                                }
+                            }
+                            OPT_SET_META_CONTEXT => {
+                                let mut ctx = 1u32.to_be_bytes().to_vec();
+                                ctx.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                                reply(REP_META_CONTEXT, &ctx)?;
+                                reply(REP_ACK, &[])?;
+                            }
+                            OPT_GO => {
+                                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                                info.extend_from_slice(&(1u64 << 30).to_be_bytes());
+                                info.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_READ_ONLY).to_be_bytes());
+                                reply(REP_INFO, &info)?;
+                                reply(REP_ACK, &[])?;
+                                break;
+                            }
+                            _ => reply(REP_ERR_UNSUP, &[])?,
+                        }
+                    }
+                    loop {
+                        let mut r = [0u8; 28];
+                        s.read_exact(&mut r)?;
+                        let cmd = u16::from_be_bytes([r[6], r[7]]);
+                        let cookie = &r[8..16];
+                        let chunk = |flags: u16, typ: u16, len: u32| {
+                            let mut b = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+                            b.extend_from_slice(&flags.to_be_bytes());
+                            b.extend_from_slice(&typ.to_be_bytes());
+                            b.extend_from_slice(cookie);
+                            b.extend_from_slice(&len.to_be_bytes());
+                            b
+                        };
+                        match (mode, cmd) {
+                            (Hostile::StatusFlood, CMD_BLOCK_STATUS) => {
+                                // Extents of 512 bytes, allocated and not, alternating.
+                                let n = (16 << 20) / 8 - 1;
+                                let mut b = chunk(0, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n);
+                                b.extend_from_slice(&1u32.to_be_bytes());
+                                for i in 0..n {
+                                    b.extend_from_slice(&512u32.to_be_bytes());
+                                    b.extend_from_slice(&((i % 2) as u32 * 3).to_be_bytes());
+                                }
+                                loop {
+                                    s.write_all(&b)?;
+                                }
+                            }
+                            (Hostile::ErrorFlood, CMD_BLOCK_STATUS) => {
+                                let mut b = chunk(0, REPLY_TYPE_ERROR, 6);
+                                b.extend_from_slice(&5u32.to_be_bytes());
+                                b.extend_from_slice(&0u16.to_be_bytes());
+                                loop {
+                                    s.write_all(&b)?;
+                                }
+                            }
+                            (Hostile::TrickleRead, CMD_READ) => {
+                                let mut b = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+                                b.extend_from_slice(&0u32.to_be_bytes());
+                                b.extend_from_slice(cookie);
+                                b.resize(b.len() + u32::from_be_bytes(r[24..28].try_into().unwrap()) as usize, 7);
+                                for x in b {
+                                    s.write_all(&[x])?;
+                                    std::thread::sleep(Duration::from_millis(500));
+                                }
+                            }
+                            _ => return Ok(()),
+                        }
+                    }
+                })();
+                // The client is gone when a read sees EOF (or the socket fails).
+                let mut b = [0u8; 4096];
+                while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    gone
+}
+
+#[test]
+fn a_hostile_nbd_server_costs_bounded_memory_and_time() {
+    let e = Env::new();
+    for (mode, says) in [
+        (Hostile::MetaFlood, "meta context"),
+        (Hostile::StatusFlood, "more than 16 chunks"),
+        (Hostile::ErrorFlood, "block status"),
+        (Hostile::TrickleGreeting, "too slow"),
+        (Hostile::TrickleRead, "too slow"),
+    ] {
+        let sock = e.path(&format!("{mode:?}.sock"));
+        hostile_nbd(&sock, mode);
+        let mut c = e.cmd(&["backup", "--nbd", &format!("nbd+unix:///?socket={}", sock.display()), "--name", "vm", "--nbd-timeout", "2"]);
+        c.env("MOVER_LOG", "warn");
+        let m = measured(c);
+        eprintln!("{mode:?}: exit {:?} in {:?}, peak {} MiB: {}", m.code, m.elapsed, m.max_rss_mib, m.stderr.lines().next().unwrap_or(""));
+        assert_eq!(m.code, Some(1), "{}", m.stderr);
+        assert!(m.stderr.contains(says), "{mode:?}: {}", m.stderr);
+        // The DaemonSet's limit is 1 GiB; a backup's own buffers are a fraction of it.
+        assert!(m.max_rss_mib < 256, "{mode:?}: peak {} MiB", m.max_rss_mib);
+        // A trickling read may take the I/O timeout plus a second per MiB of its request.
+        assert!(m.elapsed < Duration::from_secs(30), "{mode:?}: took {:?}", m.elapsed);
+    }
+    assert_eq!(e.snapshot_count(), 0);
+}
+
+#[test]
+fn a_cancelled_nbd_backup_lets_go_of_its_server_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "nbd_io_timeout_seconds = 600", false);
+    let sock = dir.path().join("vols/trickle.sock");
+    let gone = hostile_nbd(&sock, Hostile::TrickleRead);
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let r = pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![pb::BackupVolume { name: "vm".into(), nbd_uri: format!("nbd+unix:///?socket={}", sock.display()), ..Default::default() }],
+            ..Default::default()
+        };
+        let t = c.start_backup(r).await.unwrap().into_inner();
+        wait_state(&mut c, &t.id, pb::TransferState::Running, Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!gone.load(std::sync::atomic::Ordering::SeqCst), "the server lost its client before the cancel");
+        let t0 = Instant::now();
+        c.cancel_transfer(pb::GetTransferRequest { id: t.id.clone() }).await.unwrap();
+        let end = watch_end(&mut c, &t.id).await;
+        assert_eq!(end.state(), pb::TransferState::Cancelled, "{}", end.error);
+        // The reading thread let go of the socket: the server sees its client gone.
+        while !gone.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the backup still holds the NBD connection {:?} after the cancel", t0.elapsed());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("cancelled, and the connection closed, in {:?}", t0.elapsed());
+    });
+}
