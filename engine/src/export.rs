@@ -24,7 +24,7 @@ use crate::pipeline::restore::{decode, default_window, fetch, load_map, load_map
 use crate::snapshots::load_refs;
 use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::VolumeEntry;
-use mover_format::tree::{MapEntry, SegmentMap, SegmentRef};
+use mover_format::tree::{MapEntry, SegRefs, SegmentMap, SegmentRef};
 use mover_format::{Repository, SnapshotId};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -99,7 +99,7 @@ pub struct VolumeImage {
     index: Arc<dyn ChunkIndex>,
     snap: SnapshotId,
     vol: VolumeEntry,
-    refs: Vec<SegmentRef>,
+    refs: SegRefs,
     cache: Mutex<Cache>,
     opts: ImageOptions,
     /// Per sequential reader (a client may read several regions at once, e.g. one per
@@ -170,7 +170,7 @@ impl VolumeImage {
     pub fn allocated(&self) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for (i, r) in self.refs.iter().enumerate() {
-            if matches!(r, SegmentRef::Hole) {
+            if matches!(r, Some(SegmentRef::Hole)) {
                 continue;
             }
             let (a, b) = (i as u64 * self.seg_size(), i as u64 * self.seg_size() + self.seg_len(i as u64));
@@ -183,7 +183,7 @@ impl VolumeImage {
     }
 
     /// The volume's segment references.
-    pub fn refs(&self) -> &[SegmentRef] {
+    pub fn refs(&self) -> &SegRefs {
         &self.refs
     }
 
@@ -194,7 +194,7 @@ impl VolumeImage {
 
     /// A decoded segment (`None` for a hole), from the cache or fetched.
     async fn segment(self: &Arc<Self>, seg: u64) -> Result<Option<Arc<AlignedBuf>>> {
-        let map = match self.refs[seg as usize] {
+        let map = match self.refs.at(seg as usize) {
             SegmentRef::Hole => return Ok(None),
             SegmentRef::Map { map, .. } => map,
         };
@@ -225,7 +225,7 @@ impl VolumeImage {
     /// nothing is kept. The segment is remembered, so a second such read fetches it whole
     /// into the cache. Returns whether it served the read (`false`: read it whole).
     async fn read_part(self: &Arc<Self>, seg: u64, in_seg: u64, dst: &mut [u8]) -> Result<bool> {
-        let SegmentRef::Map { map, .. } = self.refs[seg as usize] else { return Ok(false) };
+        let SegmentRef::Map { map, .. } = self.refs.at(seg as usize) else { return Ok(false) };
         let cached = self.cache.lock().map(|c| c.slots.contains_key(&seg)).unwrap_or(true);
         let again = self.parts.lock().map(|p| p.contains(&seg)).unwrap_or(true);
         if cached || again || dst.len() as u64 >= self.seg_len(seg) {
@@ -267,10 +267,9 @@ impl VolumeImage {
         };
         let batch = cell
             .get_or_init(|| async {
-                let ids = self.refs[b * MAP_BATCH..((b + 1) * MAP_BATCH).min(self.refs.len())]
-                    .iter()
-                    .filter_map(|r| match r {
-                        SegmentRef::Map { map, .. } => Some(*map),
+                let ids = (b * MAP_BATCH..((b + 1) * MAP_BATCH).min(self.refs.len()))
+                    .filter_map(|i| match self.refs.at(i) {
+                        SegmentRef::Map { map, .. } => Some(map),
                         SegmentRef::Hole => None,
                     })
                     .collect();
@@ -315,7 +314,7 @@ impl VolumeImage {
         }
         let last = self.refs.len() as u64;
         for ahead in (seg + 1..last).take(self.opts.read_ahead) {
-            if matches!(self.refs[ahead as usize], SegmentRef::Hole) {
+            if matches!(self.refs.at(ahead as usize), SegmentRef::Hole) {
                 continue;
             }
             let cached = self.cache.lock().map(|c| c.slots.contains_key(&ahead)).unwrap_or(true);
@@ -380,7 +379,7 @@ impl VolumeImage {
             let seg = pos / self.seg_size();
             let base = seg * self.seg_size();
             let seg_end = (base + self.seg_len(seg)).min(end);
-            match self.refs[seg as usize] {
+            match self.refs.at(seg as usize) {
                 SegmentRef::Hole => push(seg_end - pos, true),
                 SegmentRef::Map { map, .. } => {
                     let m = self.map_of(seg, &map).await?;

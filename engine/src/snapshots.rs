@@ -5,7 +5,7 @@
 use crate::error::{Error, Result, ResultExt};
 use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::{Manifest, VolumeEntry};
-use mover_format::tree::{SegmentGroup, SegmentRef};
+use mover_format::tree::{SegRefs, SegmentGroup};
 use mover_format::{ChunkId, Repository, SnapshotId};
 use std::collections::BTreeMap;
 use tokio_util::sync::CancellationToken;
@@ -68,10 +68,11 @@ pub async fn load_blob(repo: &Repository, index: &dyn ChunkIndex, id: &ChunkId, 
     repo.read_blob(id, &loc, cancel).await.context(what)
 }
 
-/// The segment refs of a stored volume, in order.
-pub async fn load_refs(repo: &Repository, index: &dyn ChunkIndex, snap: &SnapshotId, vol: &VolumeEntry, cancel: &CancellationToken) -> Result<Vec<SegmentRef>> {
+/// The segment refs of a stored volume, in order (compact: a hole costs 4 bytes).
+pub async fn load_refs(repo: &Repository, index: &dyn ChunkIndex, snap: &SnapshotId, vol: &VolumeEntry, cancel: &CancellationToken) -> Result<SegRefs> {
     use futures::StreamExt;
-    let mut refs = Vec::new();
+    let nseg = vol.size.div_ceil(vol.segment_size as u64);
+    let mut refs = SegRefs::default();
     let what = format!("segment group of volume '{}' in snapshot {snap}", vol.name);
     // Several groups fetched at once (in order): a large volume has one per few GiB.
     let what_ = what.as_str();
@@ -87,9 +88,13 @@ pub async fn load_refs(repo: &Repository, index: &dyn ChunkIndex, snap: &Snapsho
         if group.first_segment != refs.len() as u64 {
             return Err(Error::corrupt(format!("{what}: blob {g} starts at segment {}, expected {}", group.first_segment, refs.len())));
         }
-        refs.extend(group.segments);
+        if refs.len() as u64 + group.segments.len() as u64 > nseg {
+            return Err(Error::corrupt(format!("{what}: blob {g} lists segments past the volume's {nseg}")));
+        }
+        for r in group.segments {
+            refs.push(r);
+        }
     }
-    let nseg = vol.size.div_ceil(vol.segment_size as u64);
     if refs.len() as u64 != nseg {
         return Err(Error::corrupt(format!("volume '{}' in snapshot {snap}: {} segments recorded, size {} needs {nseg}", vol.name, refs.len(), vol.size)));
     }

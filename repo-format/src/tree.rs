@@ -145,6 +145,89 @@ pub enum SegmentRef {
     },
 }
 
+/// A volume's segment refs, in order, held compactly: 4 bytes a segment, and 64 more for
+/// each segment that holds data. A 64 TiB volume of holes costs 64 MiB here, where a
+/// `Vec<SegmentRef>` costs 1 GiB (the DaemonSet's whole memory limit). A slot may be
+/// unset while a backup fills it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SegRefs {
+    slots: Vec<u32>,
+    maps: Vec<(ChunkId, SegmentDigest)>,
+}
+
+const SLOT_UNSET: u32 = u32::MAX;
+const SLOT_HOLE: u32 = u32::MAX - 1;
+
+impl SegRefs {
+    /// `n` unset slots.
+    pub fn unset(n: usize) -> Self {
+        Self { slots: vec![SLOT_UNSET; n], maps: Vec::new() }
+    }
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+    fn slot_of(&mut self, r: SegmentRef) -> u32 {
+        match r {
+            SegmentRef::Hole => SLOT_HOLE,
+            SegmentRef::Map { map, digest } => {
+                self.maps.push((map, digest));
+                (self.maps.len() - 1) as u32
+            }
+        }
+    }
+    pub fn push(&mut self, r: SegmentRef) {
+        let s = self.slot_of(r);
+        self.slots.push(s);
+    }
+    /// Segment `i`'s ref; `None` past the end or while unset.
+    pub fn get(&self, i: usize) -> Option<SegmentRef> {
+        match *self.slots.get(i)? {
+            SLOT_UNSET => None,
+            SLOT_HOLE => Some(SegmentRef::Hole),
+            m => {
+                let (map, digest) = self.maps[m as usize];
+                Some(SegmentRef::Map { map, digest })
+            }
+        }
+    }
+    /// Segment `i`'s ref, which must be set (refs loaded from a snapshot always are).
+    pub fn at(&self, i: usize) -> SegmentRef {
+        self.get(i).unwrap_or_else(|| panic!("segment {i} of {} has no ref", self.slots.len()))
+    }
+    pub fn set(&mut self, i: usize, r: SegmentRef) {
+        match (self.slots[i], r) {
+            // A map over a map: in place (no garbage grows).
+            (m, SegmentRef::Map { map, digest }) if m < SLOT_HOLE => self.maps[m as usize] = (map, digest),
+            _ => self.slots[i] = self.slot_of(r),
+        }
+    }
+    /// The first unset slot.
+    pub fn first_unset(&self) -> Option<usize> {
+        self.slots.iter().position(|&s| s == SLOT_UNSET)
+    }
+    /// The refs in order (`None` for unset slots).
+    pub fn iter(&self) -> impl Iterator<Item = Option<SegmentRef>> + '_ {
+        (0..self.slots.len()).map(|i| self.get(i))
+    }
+    /// Segments `[from, to)`, which must be set: a group's contents.
+    pub fn range(&self, from: usize, to: usize) -> Vec<SegmentRef> {
+        (from..to).map(|i| self.at(i)).collect()
+    }
+}
+
+impl FromIterator<SegmentRef> for SegRefs {
+    fn from_iter<I: IntoIterator<Item = SegmentRef>>(it: I) -> Self {
+        let mut r = SegRefs::default();
+        for x in it {
+            r.push(x);
+        }
+        r
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SegmentGroup {
     pub first_segment: u64,
@@ -192,6 +275,27 @@ impl SegmentGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seg_refs_hold_holes_in_four_bytes_and_give_back_what_was_set() {
+        let m = |b: u8| SegmentRef::Map { map: ChunkId::from_bytes([b; 32]), digest: SegmentDigest::from_bytes([b ^ 1; 32]) };
+        let mut r = SegRefs::unset(4);
+        assert_eq!((r.len(), r.first_unset(), r.get(0)), (4, Some(0), None));
+        r.set(0, SegmentRef::Hole);
+        r.set(1, m(1));
+        r.set(1, m(2));
+        r.set(3, m(3));
+        assert_eq!(r.first_unset(), Some(2));
+        r.set(2, SegmentRef::Hole);
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![Some(SegmentRef::Hole), Some(m(2)), Some(SegmentRef::Hole), Some(m(3))]);
+        assert_eq!(r.range(1, 3), vec![m(2), SegmentRef::Hole]);
+        assert_eq!(r.maps.len(), 2, "a map set over a map is replaced in place");
+        let mut holes = SegRefs::default();
+        for _ in 0..1000 {
+            holes.push(SegmentRef::Hole);
+        }
+        assert!(holes.maps.is_empty() && holes.slots.capacity() * 4 < 8192);
+    }
     use proptest::prelude::*;
 
     proptest! {

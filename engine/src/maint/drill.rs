@@ -13,7 +13,7 @@ use crate::progress::Progress;
 use crate::snapshots::load_refs;
 use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::Manifest;
-use mover_format::tree::SegmentRef;
+use mover_format::tree::{SegRefs, SegmentRef};
 use mover_format::{Repository, SegmentDigest, SnapshotId};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -62,7 +62,7 @@ impl Drop for Scratch {
 /// Returns the segments compared.
 fn verify_segments(
     reader: &std::fs::File,
-    refs: &[SegmentRef],
+    refs: &SegRefs,
     seg_size: u64,
     size: u64,
     digest: impl Fn(&[u8]) -> SegmentDigest,
@@ -71,7 +71,8 @@ fn verify_segments(
 ) -> Result<u64> {
     let mut buf = vec![0u8; seg_size as usize];
     let mut n = 0u64;
-    for (i, r) in refs.iter().enumerate() {
+    for i in 0..refs.len() {
+        let r = refs.at(i);
         if cancel.is_cancelled() {
             return Err(Error::cancelled("verifying the restored volume"));
         }
@@ -80,8 +81,8 @@ fn verify_segments(
         reader.read_exact_at(&mut buf[..len], off).with_context(|| format!("reading back the restored volume at offset {off}"))?;
         let ok = match r {
             SegmentRef::Hole => buf[..len].iter().all(|b| *b == 0),
-            SegmentRef::Map { digest: want, map } if *want == UNKNOWN_DIGEST => fetch(off, map, len)?[..] == buf[..len],
-            SegmentRef::Map { digest: want, .. } => digest(&buf[..len]) == *want,
+            SegmentRef::Map { digest: want, map } if want == UNKNOWN_DIGEST => fetch(off, &map, len)?[..] == buf[..len],
+            SegmentRef::Map { digest: want, .. } => digest(&buf[..len]) == want,
         };
         if !ok {
             return Err(Error::corrupt(format!(
@@ -171,7 +172,7 @@ mod tests {
         let mut data = vec![7u8; 3 * seg as usize + 100];
         data[seg as usize..2 * seg as usize].fill(0);
         let map = mover_format::ChunkId([0; 32]);
-        let refs: Vec<SegmentRef> =
+        let refs: SegRefs =
             data.chunks(seg as usize).map(|c| if c.iter().all(|b| *b == 0) { SegmentRef::Hole } else { SegmentRef::Map { map, digest: digest(c) } }).collect();
         let f = tempfile::tempfile().unwrap();
         f.write_all_at(&data, 0).unwrap();
@@ -194,7 +195,8 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.write_all_at(&data, 0).unwrap();
         let map = mover_format::ChunkId([1; 32]);
-        let refs = vec![SegmentRef::Map { map, digest: digest(&data[..seg as usize]) }, SegmentRef::Map { map, digest: UNKNOWN_DIGEST }];
+        let refs: SegRefs =
+            [SegmentRef::Map { map, digest: digest(&data[..seg as usize]) }, SegmentRef::Map { map, digest: UNKNOWN_DIGEST }].into_iter().collect();
         let c = CancellationToken::new();
         let asked = std::cell::Cell::new(0);
         let good = |off: u64, _: &mover_format::ChunkId, len: usize| {

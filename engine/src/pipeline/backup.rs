@@ -10,7 +10,7 @@
 
 use super::chunk::{spawn_workers, SegOut, Shared};
 use super::packer::Packer;
-use super::reader::{self, IoBackend, IoChoice, ReadDone, ReadJob};
+use super::reader::{self, IoBackend, IoChoice, ReadDone, ReadJob, ReadPlan};
 use super::splice::ParentMaps;
 use crate::aligned::{AlignedBuf, ALIGN};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
@@ -21,7 +21,7 @@ use mover_format::blob::{BlobEncoder, BlobKind};
 use mover_format::local_index::ChunkIndex;
 use mover_format::lock::LockKind;
 use mover_format::manifest::{ChangeSource, Manifest, MetadataEntry, VolumeEntry, VolumeStats, MANIFEST_VERSION};
-use mover_format::tree::{SegmentGroup, SegmentMap, SegmentRef, GROUP_SEGMENTS};
+use mover_format::tree::{SegRefs, SegmentGroup, SegmentMap, SegmentRef, GROUP_SEGMENTS};
 use mover_format::{ChunkId, Repository, SnapshotId};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -451,12 +451,12 @@ fn normalized(ext: &[(u64, u64)]) -> Vec<(u64, u64)> {
 fn plan_reads(
     v: &OpenVolume,
     allocated: impl FnOnce() -> Option<Vec<(u64, u64)>>,
-    prefs: Option<&[SegmentRef]>,
+    prefs: Option<&SegRefs>,
     seg_size: u64,
-    refs: &mut [Option<SegmentRef>],
+    refs: &mut SegRefs,
     st: &mut VolumeStats,
     progress: &Progress,
-) -> Result<(Vec<ReadJob>, Vec<(u64, SegmentRef)>)> {
+) -> Result<(ReadPlan, Vec<(u64, SegmentRef)>)> {
     let size = v.opened.size;
     let parent_size = v.parent.as_ref().map(|p| p.1.size).unwrap_or(0);
     let sparse = v.opened.changes.sparse;
@@ -473,7 +473,7 @@ fn plan_reads(
     // extents (150 ms on a fragmented 16 GiB image, more than a scattered incremental's
     // whole read), which an incremental that splices every changed segment never needs.
     let allocated = std::cell::LazyCell::new(|| allocated().map(|al| normalized(&al.iter().map(|&(a, b)| (a, b.saturating_sub(a))).collect::<Vec<_>>())));
-    let mut jobs = Vec::new();
+    let mut jobs = ReadPlan::new(seg_size, size);
     let mut spliced = Vec::new();
     for seg in 0..refs.len() as u64 {
         let start = seg * seg_size;
@@ -486,7 +486,7 @@ fn plan_reads(
                 let ranges = segment_ranges(ext, start, end, align);
                 if ranges.is_empty() {
                     // Untouched: the parent's copy as is.
-                    refs[seg as usize] = Some(pr[seg as usize]);
+                    refs.set(seg as usize, pr.at(seg as usize));
                     st.bytes_skipped += len;
                     progress.add_skipped(len);
                     progress.add_done(len);
@@ -494,7 +494,7 @@ fn plan_reads(
                 }
                 let changed: u64 = ranges.iter().map(|(a, b)| (b - a) as u64).sum();
                 if sparse || changed * 4 <= len {
-                    spliced.push((seg, pr[seg as usize]));
+                    spliced.push((seg, pr.at(seg as usize)));
                     jobs.push(ReadJob { seg, offset: start, len: len as usize, ranges: Some(ranges) });
                     continue;
                 }
@@ -503,7 +503,7 @@ fn plan_reads(
         if let Some(al) = &*allocated {
             let i = al.partition_point(|&(o, l)| o + l <= start);
             if !al.get(i).is_some_and(|&(o, _)| o < end) {
-                refs[seg as usize] = Some(SegmentRef::Hole);
+                refs.set(seg as usize, SegmentRef::Hole);
                 st.bytes_zero += len;
                 progress.add_done(len);
                 continue;
@@ -521,16 +521,16 @@ async fn backup_volume(
     packer: &mut Packer,
     enc: &mut BlobEncoder,
     v: OpenVolume,
-    prefs: Option<Vec<SegmentRef>>,
+    prefs: Option<SegRefs>,
     tuning: &Tuning,
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<(VolumeEntry, IoBackend, Option<ChangeCheck>)> {
     let seg_size = sh.params.segment_size as u64;
-    let (v, mut check, compare) = check_changes(sh, v, prefs.as_deref(), tuning, cancel).await?;
+    let (v, mut check, compare) = check_changes(sh, v, prefs.as_ref(), tuning, cancel).await?;
     let size = v.opened.size;
     let nseg = size.div_ceil(seg_size);
-    let mut refs: Vec<Option<SegmentRef>> = vec![None; nseg as usize];
+    let mut refs = SegRefs::unset(nseg as usize);
     let mut st = VolumeStats { bytes_total: size, ..Default::default() };
     let allocated = || match (&v.opened.allocated, &v.opened.reader) {
         (Some(a), _) => Some(a.clone()),
@@ -543,7 +543,7 @@ async fn backup_volume(
         _ => ChangeSource::Full,
     };
     let trusted = v.opened.changes.changed.is_some() && prefs.is_some();
-    let (jobs, spliced) = plan_reads(&v, allocated, prefs.as_deref(), seg_size, &mut refs, &mut st, progress)?;
+    let (jobs, spliced) = plan_reads(&v, allocated, prefs.as_ref(), seg_size, &mut refs, &mut st, progress)?;
     tracing::debug!(volume = %v.name, reads = jobs.len(), spliced = spliced.len(), "reads planned");
     let parent_maps = ParentMaps::spawn(sh.repo.clone(), tree.clone(), spliced, 256, cancel.clone());
 
@@ -583,7 +583,7 @@ async fn backup_volume(
             progress.add_new(o.stats.bytes_new);
             progress.add_done(o.stats.bytes_read + o.stats.bytes_skipped);
             st.add(&o.stats);
-            refs[o.seg as usize] = Some(o.r);
+            refs.set(o.seg as usize, o.r);
             Ok::<(), Error>(())
         }
         .await;
@@ -613,16 +613,15 @@ async fn backup_volume(
 
     // Segment groups, in order.
     let mut groups = Vec::new();
-    let all: Vec<SegmentRef> = refs
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| r.ok_or_else(|| Error::new(ErrorKind::Permanent, format!("volume '{}': segment {i} was never processed", v.name))))
-        .collect::<Result<_>>()?;
+    if let Some(i) = refs.first_unset() {
+        return Err(Error::new(ErrorKind::Permanent, format!("volume '{}': segment {i} was never processed", v.name)));
+    }
+    let all = refs;
     // A periodic full comparison: the segments the source called unchanged, as read now,
     // against the parent's copies.
     let mut fallback = v.opened.changes.fallback.clone();
     if let (Some(claimed), Some(pr), Some(c)) = (&compare, prefs.as_ref(), check.as_mut()) {
-        let differed: Vec<u64> = claimed.iter().copied().filter(|&s| !same_content(&all[s as usize], &pr[s as usize])).collect();
+        let differed: Vec<u64> = claimed.iter().copied().filter(|&s| !same_content(&all.at(s as usize), &pr.at(s as usize))).collect();
         c.compared = claimed.len() as u64;
         c.differed = differed.len() as u64;
         if let Some(&first) = differed.first() {
@@ -638,8 +637,8 @@ async fn backup_volume(
             add_reason(&mut fallback, why);
         }
     }
-    for (gi, chunk) in all.chunks(GROUP_SEGMENTS).enumerate() {
-        let g = SegmentGroup { first_segment: (gi * GROUP_SEGMENTS) as u64, segments: chunk.to_vec() }.encode();
+    for first in (0..all.len()).step_by(GROUP_SEGMENTS) {
+        let g = SegmentGroup { first_segment: first as u64, segments: all.range(first, (first + GROUP_SEGMENTS).min(all.len())) }.encode();
         let id = sh.keys().chunk_id(&g);
         if !sh.known(&id)? {
             packer.add(&enc.encode(sh.keys(), id, BlobKind::Tree, &g)?).await?;
@@ -674,17 +673,17 @@ async fn avoid_damage(
     repo: &Repository,
     tree: &Arc<dyn ChunkIndex>,
     v: &mut OpenVolume,
-    mut prefs: Vec<SegmentRef>,
+    mut prefs: SegRefs,
     unhealed: &HashSet<ChunkId>,
     cancel: &CancellationToken,
-) -> Result<Vec<SegmentRef>> {
+) -> Result<SegRefs> {
     // A sparse source holds only the changes: the rest of a segment cannot be read from it.
     if unhealed.is_empty() || v.opened.changes.sparse {
         return Ok(prefs);
     }
     use futures::StreamExt;
     let maps: Vec<(usize, ChunkId)> =
-        prefs.iter().enumerate().filter_map(|(i, r)| if let SegmentRef::Map { map, .. } = r { Some((i, *map)) } else { None }).collect();
+        prefs.iter().enumerate().filter_map(|(i, r)| if let Some(SegmentRef::Map { map, .. }) = r { Some((i, map)) } else { None }).collect();
     let what = format!("parent of volume '{}'", v.name);
     let what = what.as_str();
     let mut loads = futures::stream::iter(maps)
@@ -709,8 +708,8 @@ async fn avoid_damage(
     }
     tainted.sort_unstable();
     for &i in &tainted {
-        if let SegmentRef::Map { map, .. } = prefs[i] {
-            prefs[i] = SegmentRef::Map { map, digest: super::splice::UNKNOWN_DIGEST };
+        if let SegmentRef::Map { map, .. } = prefs.at(i) {
+            prefs.set(i, SegmentRef::Map { map, digest: super::splice::UNKNOWN_DIGEST });
         }
         if let Some(ch) = v.opened.changes.changed.as_mut() {
             let start = i as u64 * seg_size;
@@ -753,7 +752,7 @@ fn same_content(a: &SegmentRef, b: &SegmentRef) -> bool {
 /// what the source holds now: wholly inside the parent's volume, with a parent copy known
 /// by content (a hole, or a map of a segment read whole: a spliced segment's digest is
 /// unknown), and for a descriptor of whole 4096-byte blocks.
-fn claimed_unchanged(v: &OpenVolume, ext: &[(u64, u64)], prefs: &[SegmentRef], seg_size: u64) -> Vec<u64> {
+fn claimed_unchanged(v: &OpenVolume, ext: &[(u64, u64)], prefs: &SegRefs, seg_size: u64) -> Vec<u64> {
     let size = v.opened.size;
     let parent_size = v.parent.as_ref().map(|p| p.1.size).unwrap_or(0);
     let align = matches!(v.opened.reader, Reader::File(_));
@@ -767,7 +766,7 @@ fn claimed_unchanged(v: &OpenVolume, ext: &[(u64, u64)], prefs: &[SegmentRef], s
         }
         match prefs.get(seg as usize) {
             Some(SegmentRef::Hole) => out.push(seg),
-            Some(SegmentRef::Map { digest, .. }) if *digest != super::splice::UNKNOWN_DIGEST => out.push(seg),
+            Some(SegmentRef::Map { digest, .. }) if digest != super::splice::UNKNOWN_DIGEST => out.push(seg),
             _ => {}
         }
     }
@@ -783,7 +782,7 @@ fn claimed_unchanged(v: &OpenVolume, ext: &[(u64, u64)], prefs: &[SegmentRef], s
 async fn check_changes(
     sh: &Arc<Shared>,
     mut v: OpenVolume,
-    prefs: Option<&[SegmentRef]>,
+    prefs: Option<&SegRefs>,
     tuning: &Tuning,
     cancel: &CancellationToken,
 ) -> Result<(OpenVolume, Option<ChangeCheck>, Option<Vec<u64>>)> {
@@ -809,7 +808,7 @@ async fn check_changes(
     }
     let mut sample: Vec<u64> = rand::seq::index::sample(&mut rand::rng(), claimed.len(), k).into_iter().map(|i| claimed[i]).collect();
     sample.sort_unstable();
-    let parents: Vec<SegmentRef> = sample.iter().map(|&s| pr[s as usize]).collect();
+    let parents: Vec<SegmentRef> = sample.iter().map(|&s| pr.at(s as usize)).collect();
     let bytes: u64 = sample.iter().map(|&s| seg_size.min(v.opened.size - s * seg_size)).sum();
     let (sh2, cancel2) = (sh.clone(), cancel.clone());
     let size = v.opened.size;

@@ -15,7 +15,7 @@ use mover_format::chunker::{is_zero, split_segment, Chunker, ChunkerParams, Piec
 use mover_format::crypto::Keys;
 use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::VolumeStats;
-use mover_format::tree::{MapEntry, SegmentMap, SegmentRef};
+use mover_format::tree::{MapEntry, SegRefs, SegmentMap, SegmentRef};
 use mover_format::{ChunkId, Repository, SegmentDigest};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
@@ -153,7 +153,7 @@ pub(super) fn spawn_workers(
     workers: usize,
     shared: &Arc<Shared>,
     level: i32,
-    parent_refs: Arc<Option<Vec<SegmentRef>>>,
+    parent_refs: Arc<Option<SegRefs>>,
     parent_maps: Arc<ParentMaps>,
     reads: mpsc::Receiver<Result<ReadDone>>,
     pool: &mpsc::Sender<AlignedBuf>,
@@ -179,7 +179,7 @@ pub(super) fn spawn_workers(
                 let done = item.and_then(|done| {
                     let t = std::time::Instant::now();
                     let r = match &done.ranges {
-                        None => process_segment(&sh, &mut enc, done.buf.as_slice(), prefs.as_ref().as_ref().and_then(|p| p.get(done.seg as usize))),
+                        None => process_segment(&sh, &mut enc, done.buf.as_slice(), prefs.as_ref().as_ref().and_then(|p| p.get(done.seg as usize)).as_ref()),
                         Some(ranges) => pmaps.take(done.seg, &cancel).and_then(|pm| process_splice(&sh, &mut enc, done.buf.as_slice(), ranges, &pm)),
                     };
                     let seg = done.seg;

@@ -231,7 +231,7 @@ async fn copy_one(
                 let prefs = crate::snapshots::load_refs(src, &**tree, &pid, pv, cancel).await?;
                 let seg = v.segment_size as u64;
                 let mut ext: Vec<(u64, u64)> = Vec::new();
-                for (i, (a, b)) in image.refs().iter().zip(&prefs).enumerate() {
+                for (i, (a, b)) in image.refs().iter().zip(prefs.iter()).enumerate() {
                     if a == b {
                         continue;
                     }

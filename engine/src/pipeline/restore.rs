@@ -662,11 +662,9 @@ async fn restore_volume_inner(
     // Maps one batch ahead. A batch that fails to load is left to the segments, which load
     // their own maps and report exactly what is wrong.
     let batch_ids = |b: usize| -> Vec<mover_format::ChunkId> {
-        refs.iter()
-            .skip(b * MAP_BATCH)
-            .take(MAP_BATCH)
-            .filter_map(|r| match r {
-                SegmentRef::Map { map, .. } => Some(*map),
+        (b * MAP_BATCH..((b + 1) * MAP_BATCH).min(refs.len()))
+            .filter_map(|i| match refs.at(i) {
+                SegmentRef::Map { map, .. } => Some(map),
                 SegmentRef::Hole => None,
             })
             .collect()
@@ -691,11 +689,11 @@ async fn restore_volume_inner(
             }
             let off = next as u64 * seg_size;
             let len = seg_size.min(vol.size - off);
-            let map = match refs[next] {
+            let map = match refs.at(next) {
                 SegmentRef::Map { map, .. } => maps.remove(&map),
                 SegmentRef::Hole => None,
             };
-            let (cx, r, c) = (cx.clone(), refs[next], job.clone());
+            let (cx, r, c) = (cx.clone(), refs.at(next), job.clone());
             set.spawn(async move { restore_segment(cx, off, len, r, map, c).await.map(|(w, h)| (w, h, len)) });
             next += 1;
         }
