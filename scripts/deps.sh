@@ -9,7 +9,7 @@ want() { for p in "$@"; do have_pkg "$p" || need+=("$p"); done; }
 
 want libclang-dev clang pkg-config util-linux e2fsprogs curl b3sum protobuf-compiler
 case "$what" in
-  test) want qemu-utils libnbd-bin python3-libnbd nbdkit openssl fuse3 buildah podman runc binutils kubectl prometheus ;;
+  test) want qemu-utils libnbd-bin python3-libnbd nbdkit openssl fuse3 buildah podman runc binutils kubectl prometheus time ;;
   image) want buildah binutils ;;
   bench) want restic borgbackup hyperfine fio time ;;
 esac

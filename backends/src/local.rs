@@ -120,10 +120,20 @@ fn beneath(root: &Path, name: &str) -> io::Result<PathBuf> {
     Ok(root.join(name))
 }
 
-/// Opens an existing file for reading without following a link at its last component.
+/// Opens an existing object for reading without following a link at its last component;
+/// anything but a regular file (a FIFO planted as `config`, a device) is refused without
+/// blocking: the open is non-blocking, the type checked on the descriptor.
 fn open_nofollow(path: &Path, extra: libc::c_int) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | extra).open(path)
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | extra).open(path)?;
+    let t = f.metadata()?.file_type();
+    if !t.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a regular file ({t:?}); the repository's store holds only files", path.display()),
+        ));
+    }
+    Ok(f)
 }
 
 fn put_file(path: &Path, data: &[u8]) -> io::Result<PutOutcome> {
@@ -361,5 +371,23 @@ mod tests {
         // A plain object works as before.
         s.put("index/real", Bytes::from_static(b"ok"), &c).await.unwrap();
         assert_eq!(&s.get("index/real", 16, &c).await.unwrap()[..], b"ok");
+    }
+
+    /// A FIFO planted as an object (`config`) is refused at once: it was opened for reading
+    /// and waited for a writer for ever (`mover snapshots` hung, deaf to SIGTERM).
+    #[tokio::test]
+    async fn a_fifo_in_place_of_an_object_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = std::ffi::CString::new(dir.path().join("config").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let s = LocalStorage::new(dir.path());
+        let c = CancellationToken::new();
+        let t0 = std::time::Instant::now();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), s.get("config", 1 << 20, &c)).await.expect("the read blocked").unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), s.get_range("config", 0, 16, &c)).await.expect("the read blocked").unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(2));
     }
 }

@@ -260,8 +260,13 @@ pub fn staleness(info: &LockInfo, now_ms: u64) -> Option<String> {
     None
 }
 
+/// How far in the future a lock's name may lie (another node's clock) and still be taken
+/// for a lock.
+const MAX_NAME_SKEW_MS: u64 = 3_600_000;
+
 /// Every lock in the repository. A lock whose object cannot be opened (damaged, or written
-/// with another key) is reported live until its name's refresh time plus the default TTL.
+/// with another key) is reported live until its name's refresh time plus the default TTL,
+/// unless that name lies more than an hour in the future (junk: stale).
 pub async fn list(repo: &Repository, cancel: &CancellationToken) -> Result<Vec<LockView>> {
     'again: for _attempt in 0..5 {
         let mut by_id: HashMap<String, Vec<(u64, String)>> = HashMap::new();
@@ -275,6 +280,7 @@ pub async fn list(repo: &Repository, cancel: &CancellationToken) -> Result<Vec<L
         for (id, mut objs) in by_id {
             objs.sort();
             let (ms, latest) = objs.last().cloned().unwrap_or_default();
+            let mut unreadable = false;
             let info = match repo.read_lock(&latest, cancel).await {
                 Ok(i) => i,
                 // Refreshed between listing and reading: list again.
@@ -282,6 +288,7 @@ pub async fn list(repo: &Repository, cancel: &CancellationToken) -> Result<Vec<L
                 Err(e) if e.is_cancelled() => return Err(e.into()),
                 Err(e) => {
                     tracing::warn!("{e:#}");
+                    unreadable = true;
                     LockInfo {
                         id: id.clone(),
                         kind: LockKind::Other("unknown".into()),
@@ -295,7 +302,15 @@ pub async fn list(repo: &Repository, cancel: &CancellationToken) -> Result<Vec<L
                     }
                 }
             };
-            let stale = staleness(&info, now);
+            // A lock that does not open and is named past any clock skew was not written by
+            // a Mover (its name is its refresh time): junk that would otherwise look live
+            // for ever and block gc. Stale; `unlock` removes it.
+            let stale = match unreadable {
+                true if ms > now.saturating_add(MAX_NAME_SKEW_MS) => {
+                    Some(format!("it does not open and is named {} s in the future: not a lock Mover wrote", (ms - now) / 1000))
+                }
+                _ => staleness(&info, now),
+            };
             out.push(LockView { info, objects: objs.into_iter().map(|(_, n)| n).collect(), stale });
         }
         out.sort_by(|a, b| (a.info.created_ms, &a.info.id).cmp(&(b.info.created_ms, &b.info.id)));

@@ -101,17 +101,40 @@ pub fn permits(authorization: Option<&super::config::AuthConfig>, identities: &[
     identities.iter().any(|i| list.contains(i))
 }
 
+/// Whether a process of `uid`/`gid` may use the daemon's unix sockets at all: the daemon's
+/// own uid, root, `socket_allowed_uids`, or `socket_group` as its primary group.
+fn socket_peer(cfg: &super::config::DaemonConfig, uid: u32, gid: u32) -> Result<(), String> {
+    let me = nix::unistd::geteuid().as_raw();
+    if uid == me || uid == 0 || cfg.socket_allowed_uids.contains(&uid) || cfg.socket_group == Some(gid) {
+        Ok(())
+    } else {
+        Err(format!("uid {uid} may not use this daemon's socket (socket_allowed_uids, socket_group)"))
+    }
+}
+
+/// Who may connect to a unix-socket export: whoever may use the daemon's socket *and* call
+/// `restore` RPCs as `uid:N` — the right that starting the export needed.
+pub fn export_peers(cfg: &super::config::DaemonConfig) -> crate::nbd::server::PeerCheck {
+    let cfg = cfg.clone();
+    crate::nbd::server::PeerCheck(std::sync::Arc::new(move |uid, gid| {
+        socket_peer(&cfg, uid, gid)?;
+        if permits(cfg.authorization.as_ref(), &[format!("uid:{uid}")], Group::Restore) {
+            Ok(())
+        } else {
+            Err(format!("uid:{uid} may not read exports (restore)"))
+        }
+    }))
+}
+
 fn identify<T>(d: &Daemon, req: &Request<T>) -> Result<Caller, Status> {
     if let Some(info) = req.extensions().get::<tonic::transport::server::UdsConnectInfo>() {
         let Some(cred) = info.peer_cred else {
             return Err(Status::permission_denied("the peer's credentials on the unix socket are unknown"));
         };
         let (uid, gid) = (cred.uid(), cred.gid());
-        let me = nix::unistd::geteuid().as_raw();
-        let ok = uid == me || uid == 0 || d.cfg.socket_allowed_uids.contains(&uid) || d.cfg.socket_group == Some(gid);
-        if !ok {
+        if let Err(why) = socket_peer(&d.cfg, uid, gid) {
             tracing::warn!("refused a call on the unix socket from uid {uid} gid {gid}");
-            return Err(Status::permission_denied(format!("uid {uid} may not use this daemon's socket (socket_allowed_uids, socket_group)")));
+            return Err(Status::permission_denied(why));
         }
         return Ok(Caller { identities: vec![format!("uid:{uid}")] });
     }

@@ -88,6 +88,8 @@ struct Raw {
     tls: Option<TlsFiles>,
     #[serde(default)]
     insecure_plaintext: bool,
+    #[serde(default)]
+    insecure_plaintext_exports: bool,
     socket_mode: Option<String>,
     socket_group: Option<u32>,
     #[serde(default)]
@@ -169,6 +171,8 @@ pub struct DaemonConfig {
     /// The address TCP exports listen on (a free port each); 127.0.0.1 unless set. Off
     /// loopback, exports need [tls] (NBD over TLS with the same certificates and rules).
     pub export_address: std::net::IpAddr,
+    /// TCP exports without [tls] (plaintext NBD, readable by any local user) are allowed.
+    pub insecure_plaintext_exports: bool,
     /// How often the recovery-point metrics are recomputed (also after every job).
     pub status_interval: Duration,
     /// Where drills restore to (default `<state_dir>/drill`); scratch files are removed.
@@ -301,6 +305,7 @@ impl DaemonConfig {
         }
         let cfg = Self {
             export_address,
+            insecure_plaintext_exports: raw.insecure_plaintext_exports,
             status_interval: Duration::from_secs(raw.status_interval_seconds.unwrap_or(300).max(1)),
             drill_scratch_dir: raw.drill_scratch_dir.unwrap_or_else(|| state_dir.join("drill")),
             listen,

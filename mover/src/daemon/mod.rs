@@ -111,11 +111,26 @@ impl Daemon {
                 Listen::Tcp(_) => self.cfg.state_dir.clone(),
             }
             .join("exports");
-            let listen = ExportListen::Unix { path: dir.join(format!("{id}.sock")), mode: self.cfg.socket_mode, group: self.cfg.socket_group };
+            let listen = ExportListen::Unix {
+                path: dir.join(format!("{id}.sock")),
+                mode: self.cfg.socket_mode,
+                group: self.cfg.socket_group,
+                peers: Some(auth::export_peers(&self.cfg)),
+            };
             return Ok((listen, ExportTls::None));
         }
         let listen = ExportListen::Tcp(std::net::SocketAddr::new(self.cfg.export_address, 0));
-        let Some(t) = &self.cfg.tls else { return Ok((listen, ExportTls::None)) };
+        let Some(t) = &self.cfg.tls else {
+            // NBD has no authentication: a plaintext TCP export is readable by every local
+            // user (a port scan finds it), so it takes the operator's explicit word.
+            if !self.cfg.insecure_plaintext_exports {
+                return Err(Error::precondition(
+                    "a TCP export needs [tls] (NBD over TLS with client certificates): plaintext NBD on TCP is readable by any local user; use the unix-socket export, or set insecure_plaintext_exports = true",
+                ));
+            }
+            tracing::warn!("export {id}: plaintext NBD on TCP {}: any local user can read it (insecure_plaintext_exports)", self.cfg.export_address);
+            return Ok((listen, ExportTls::None));
+        };
         Ok((listen, ExportTls::Required { config: nbd_tls_config(t)?, admit: self.nbd_admission() }))
     }
 
@@ -394,6 +409,27 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding gRPC listener {addr}"))?;
             d.ready.store(true, Ordering::Relaxed);
             started(&addr.to_string());
+            if cfg.tls.is_none() {
+                let open = match &cfg.authorization {
+                    None => "every RPC (no [authorization] section)".to_string(),
+                    Some(a) => {
+                        let anon = |l: &Vec<String>| l.iter().any(|i| i == "anonymous");
+                        let groups: Vec<&str> = [("backup", anon(&a.backup)), ("restore", anon(&a.restore)), ("read", anon(&a.read))]
+                            .into_iter()
+                            .filter_map(|(g, y)| y.then_some(g))
+                            .collect();
+                        if groups.is_empty() {
+                            "nothing ([authorization] lists no 'anonymous')".to_string()
+                        } else {
+                            format!("{} RPCs", groups.join(", "))
+                        }
+                    }
+                };
+                tracing::warn!("gRPC on {addr} is plaintext TCP: any process that can reach it, every local user included, calls as 'anonymous' and may call {open}; prefer the unix socket or [tls]");
+            }
+            if cfg.insecure_plaintext_exports {
+                tracing::warn!("insecure_plaintext_exports: TCP exports without [tls] are readable by any local user");
+            }
             router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(l), shutdown).await
         }
         Listen::Unix(path) => {

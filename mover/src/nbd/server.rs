@@ -26,6 +26,13 @@ pub const MAX_IN_FLIGHT: usize = 64;
 pub const MAX_BYTES_IN_FLIGHT: u32 = 64 << 20;
 /// Largest option payload accepted during negotiation.
 const MAX_OPTION: u32 = 64 << 10;
+/// Options one negotiation may send before it is dropped.
+const MAX_OPTIONS: usize = 256;
+/// Client connections one export serves at once; more are closed as they arrive (with a
+/// warning), so idle or stuck clients cannot exhaust the daemon's descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The handshake (negotiation, and TLS when required) must be done within this.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Block status answers at most this much of the volume per request.
 const STATUS_WINDOW: u64 = 1 << 30;
 /// The context id of `base:allocation` on every connection.
@@ -85,21 +92,41 @@ enum Outcome {
     StartTls,
 }
 
-/// Serves one connection until the client disconnects or `stop` fires.
+/// Serves one connection until the client disconnects or `stop` fires. The handshake must
+/// be done within [`HANDSHAKE_TIMEOUT`].
 pub async fn serve(stream: Box<dyn Stream>, image: Arc<VolumeImage>, export: String, tls: ExportTls, stop: CancellationToken) -> Result<()> {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(stream, &image, &export, &tls, &stop));
+    let (io, session) = match handshake.await {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(proto_err(format!("the handshake was not done within {} s", HANDSHAKE_TIMEOUT.as_secs()))),
+    };
+    transmission(io, image, session, stop).await
+}
+
+/// Negotiation (and TLS): the stream to serve and what was negotiated; `None` when the
+/// client aborted or `stop` fired.
+async fn handshake(
+    stream: Box<dyn Stream>,
+    image: &VolumeImage,
+    export: &str,
+    tls: &ExportTls,
+    stop: &CancellationToken,
+) -> Result<Option<(Box<dyn Stream>, Session)>> {
     let mut io = stream;
     let mut hello = true;
     let mut no_zeroes = true;
     let mut tls_pending = matches!(tls, ExportTls::Required { .. });
     let session = loop {
         let outcome = tokio::select! {
-            o = negotiate(&mut io, &image, &export, hello, tls_pending, &mut no_zeroes) => o?,
-            _ = stop.cancelled() => return Ok(()),
+            o = negotiate(&mut io, image, export, hello, tls_pending, &mut no_zeroes) => o?,
+            _ = stop.cancelled() => return Ok(None),
         };
         hello = false;
         match outcome {
             Outcome::Go(s) => break s,
-            Outcome::Abort => return Ok(()),
+            Outcome::Abort => return Ok(None),
             Outcome::StartTls => {
                 let ExportTls::Required { config, admit } = &tls else { unreachable!("STARTTLS is only accepted when TLS is required") };
                 let t = tokio_rustls::TlsAcceptor::from(config.clone()).accept(io).await.context("NBD TLS handshake")?;
@@ -113,6 +140,11 @@ pub async fn serve(stream: Box<dyn Stream>, image: Arc<VolumeImage>, export: Str
             }
         }
     };
+    Ok(Some((io, session)))
+}
+
+/// The transmission phase: requests served concurrently, within the connection's bounds.
+async fn transmission(io: Box<dyn Stream>, image: Arc<VolumeImage>, session: Session, stop: CancellationToken) -> Result<()> {
     let (mut r, w) = tokio::io::split(io);
     let w = Arc::new(Mutex::new(w));
     let session = Arc::new(session);
@@ -203,7 +235,10 @@ where
     }
     let mut s = Session::default();
     let tflags = FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN;
-    loop {
+    for n in 0.. {
+        if n >= MAX_OPTIONS {
+            return Err(proto_err(format!("more than {MAX_OPTIONS} options in one negotiation")));
+        }
         let magic = io.read_u64().await.context("NBD negotiation")?;
         if magic != IHAVEOPT {
             return Err(proto_err(format!("bad option magic {magic:#x}")));
@@ -325,6 +360,7 @@ where
             _ => opt_reply(io, opt, REP_ERR_UNSUP, b"not supported").await?,
         }
     }
+    unreachable!("the option loop returns or fails")
 }
 
 async fn write_all<W: AsyncWrite + Unpin>(w: &Arc<Mutex<W>>, b: &[u8]) -> Result<()> {
@@ -452,11 +488,23 @@ async fn request<W: AsyncWrite + Unpin + Send>(
     }
 }
 
+/// Who may connect to a unix-socket export, by the peer's credentials (`SO_PEERCRED`):
+/// `Err(why)` refuses the connection before a byte is exchanged.
+#[derive(Clone)]
+pub struct PeerCheck(pub Arc<dyn Fn(u32, u32) -> std::result::Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for PeerCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerCheck")
+    }
+}
+
 /// Where an export listens.
 #[derive(Debug, Clone)]
 pub enum ExportListen {
-    /// A unix socket, created with `mode` (0600 by default) and owned by `group`.
-    Unix { path: std::path::PathBuf, mode: u32, group: Option<u32> },
+    /// A unix socket, created with `mode` (0600 by default) and owned by `group`; with
+    /// `peers`, each connecting process's uid and gid are checked too.
+    Unix { path: std::path::PathBuf, mode: u32, group: Option<u32>, peers: Option<PeerCheck> },
     /// TCP: on a loopback address, or anywhere with [`ExportTls::Required`] (NBD has no
     /// authentication of its own). Port 0 picks a free port.
     Tcp(std::net::SocketAddr),
@@ -464,7 +512,7 @@ pub enum ExportListen {
 
 impl ExportListen {
     pub fn unix(path: impl Into<std::path::PathBuf>) -> Self {
-        ExportListen::Unix { path: path.into(), mode: 0o600, group: None }
+        ExportListen::Unix { path: path.into(), mode: 0o600, group: None, peers: None }
     }
 }
 
@@ -490,7 +538,17 @@ pub async fn run_export(
     ready: impl FnOnce(String),
 ) -> Result<()> {
     let mut conns = tokio::task::JoinSet::new();
-    let serve_one = |conns: &mut tokio::task::JoinSet<()>, s: Box<dyn Stream>| {
+    // Serves a connection, unless the export already serves as many as it may.
+    let mut refused = 0u64;
+    let mut serve_one = |conns: &mut tokio::task::JoinSet<()>, s: Box<dyn Stream>, from: &str| {
+        while conns.try_join_next().is_some() {}
+        if conns.len() >= MAX_CONNECTIONS {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!("NBD export: refused a connection from {from}: {MAX_CONNECTIONS} are open ({refused} refused so far)");
+            }
+            return;
+        }
         let (image, export, tls, stop) = (image.clone(), export.clone(), tls.clone(), stop.clone());
         conns.spawn(async move {
             if let Err(e) = serve(s, image, export, tls, stop).await {
@@ -499,14 +557,27 @@ pub async fn run_export(
         });
     };
     match &listen {
-        ExportListen::Unix { path, mode, group } => {
+        ExportListen::Unix { path, mode, group, peers } => {
             let l = crate::socket::bind_unix(path, *mode, *group, "NBD export socket")?;
             ready(unix_uri(path, &export));
             loop {
                 tokio::select! {
                     a = l.accept() => {
-                        let (s, _) = a.with_context(|| format!("accepting on {}", path.display()))?;
-                        serve_one(&mut conns, Box::new(s));
+                        let s = match a {
+                            Ok((s, _)) => s,
+                            Err(e) => { accept_failed(&e, &path.display().to_string()).await; continue }
+                        };
+                        let (uid, gid) = match s.peer_cred() {
+                            Ok(c) => (c.uid(), c.gid()),
+                            Err(e) => { tracing::warn!("NBD export {}: a client whose credentials are unknown was refused: {e}", path.display()); continue }
+                        };
+                        if let Some(PeerCheck(check)) = peers {
+                            if let Err(why) = check(uid, gid) {
+                                tracing::warn!("NBD export {}: refused uid {uid} gid {gid}: {why}", path.display());
+                                continue;
+                            }
+                        }
+                        serve_one(&mut conns, Box::new(s), &format!("uid {uid}"));
                     }
                     _ = stop.cancelled() => break,
                 }
@@ -526,9 +597,12 @@ pub async fn run_export(
             loop {
                 tokio::select! {
                     a = l.accept() => {
-                        let (s, _) = a.with_context(|| format!("accepting on {bound}"))?;
+                        let (s, peer) = match a {
+                            Ok(x) => x,
+                            Err(e) => { accept_failed(&e, &bound.to_string()).await; continue }
+                        };
                         let _ = s.set_nodelay(true);
-                        serve_one(&mut conns, Box::new(s));
+                        serve_one(&mut conns, Box::new(s), &peer.to_string());
                     }
                     _ = stop.cancelled() => break,
                 }
@@ -538,6 +612,13 @@ pub async fn run_export(
     image.close();
     while conns.join_next().await.is_some() {}
     Ok(())
+}
+
+/// An accept that failed (out of descriptors, a connection reset before it was taken):
+/// the export goes on after a pause, instead of failing for good.
+async fn accept_failed(e: &std::io::Error, on: &str) {
+    tracing::warn!("NBD export {on}: accepting a connection failed: {e}; going on");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
 /// A connection's stream.

@@ -242,19 +242,29 @@ pub struct Measured {
     pub elapsed: std::time::Duration,
 }
 
-/// Runs `c` and measures its peak memory (`wait4`'s rusage of that child alone) and time.
-pub fn measured(mut c: Command) -> Measured {
+/// Runs `c` and measures its peak memory and time, through `/usr/bin/time` (GNU time): its
+/// child starts from a small process, so the peak is the command's own (a child forked
+/// from this large test process would count the test's memory as its own until exec).
+pub fn measured(c: Command) -> Measured {
     let err = tempfile::NamedTempFile::new().unwrap();
-    c.stdout(std::process::Stdio::null()).stderr(err.reopen().unwrap());
+    let rss = tempfile::NamedTempFile::new().unwrap();
+    let mut t = Command::new("/usr/bin/time");
+    t.args(["-f", "%M", "-o"]).arg(rss.path()).arg(c.get_program()).args(c.get_args());
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => t.env(k, v),
+            None => t.env_remove(k),
+        };
+    }
+    if let Some(d) = c.get_current_dir() {
+        t.current_dir(d);
+    }
+    t.stdout(std::process::Stdio::null()).stderr(err.reopen().unwrap());
     let t0 = std::time::Instant::now();
-    let child = c.spawn().unwrap();
-    let mut status = 0;
-    // SAFETY: rusage is plain data, filled by the kernel.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: waits for our own child, reaping it (the Child handle is not waited again).
-    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut ru) }, pid);
+    let status = t.status().expect("/usr/bin/time (apt-get install time)");
     let elapsed = t0.elapsed();
-    let code = if libc::WIFEXITED(status) { Some(libc::WEXITSTATUS(status)) } else { None };
-    Measured { code, stderr: std::fs::read_to_string(err.path()).unwrap_or_default(), max_rss_mib: ru.ru_maxrss as u64 / 1024, elapsed }
+    let text = std::fs::read_to_string(rss.path()).unwrap_or_default();
+    // A killed command makes time write "Command terminated by signal N" first.
+    let kib: u64 = text.lines().filter_map(|l| l.trim().parse().ok()).last().unwrap_or_else(|| panic!("no peak memory from time: {text}"));
+    Measured { code: status.code(), stderr: std::fs::read_to_string(err.path()).unwrap_or_default(), max_rss_mib: kib / 1024, elapsed }
 }

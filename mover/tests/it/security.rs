@@ -908,3 +908,117 @@ fn a_64_tib_export_of_holes_backs_up_in_bounded_memory_and_one_read_in_full_too(
     }
     assert_eq!(e.snapshot_count(), 1);
 }
+
+#[test]
+fn exports_admit_only_who_may_restore_and_bound_their_connections() {
+    use pb::export_service_client::ExportServiceClient;
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    // uid 65534 may use the daemon's sockets but not restore; root may do both.
+    let extra = "socket_allowed_uids = [65534]\n[authorization]\nbackup = [\"anonymous\"]\nrestore = [\"anonymous\", \"uid:0\"]\nread = [\"anonymous\"]\n";
+    let d = Daemon::start(dir.path(), extra, false);
+    let src = dir.path().join("vols/disk.img");
+    std::fs::write(&src, noise(31, 4 << 20)).unwrap();
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let t = c.start_backup(backup_req("disk", &src)).await.unwrap().into_inner();
+        let snap = watch_end(&mut c, &t.id).await.snapshot_id;
+        let ch = mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap();
+        let mut ec = ExportServiceClient::new(ch);
+        let start = |tcp: bool| pb::StartExportRequest { repository: "main".into(), snapshot: snap.clone(), tcp, ..Default::default() };
+        // Plaintext NBD on TCP: refused without the operator's explicit word, no lease kept.
+        let e = ec.start_export(start(true)).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+        assert!(e.message().contains("insecure_plaintext_exports"), "{}", e.message());
+        assert_eq!(std::fs::read_dir(dir.path().join("repo/locks")).map(|d| d.count()).unwrap_or(0), 0, "a refused export kept its lease");
+        let x = ec.start_export(start(false)).await.unwrap().into_inner();
+        let sock = PathBuf::from(x.uri.split("socket=").nth(1).unwrap());
+        // A client that connects and says nothing: dropped once the handshake time is up.
+        let mut silent = UnixStream::connect(&sock).unwrap();
+        let t_silent = Instant::now();
+        // The socket's mode opened to everyone (an operator's mistake): the peer check holds.
+        let mut p = sock.clone();
+        while p != dir.path().parent().unwrap() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(if p == sock { 0o666 } else { 0o755 })).unwrap();
+            p = p.parent().unwrap().to_path_buf();
+        }
+        let nbdinfo_as = |uid: u32| {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid", &uid.to_string(), "--regid", &uid.to_string(), "--clear-groups", "nbdinfo", "--size", &x.uri]);
+            c.output().unwrap()
+        };
+        for uid in [65534, 65533] {
+            let o = nbdinfo_as(uid);
+            assert!(!o.status.success(), "uid {uid} read the export: {}", String::from_utf8_lossy(&o.stdout));
+        }
+        let o = nbdinfo_as(0);
+        assert!(o.status.success(), "root (uid:0 may restore) was refused: {}", String::from_utf8_lossy(&o.stderr));
+        let log = std::fs::read_to_string(&d.log).unwrap();
+        assert!(log.contains("refused uid 65534") && log.contains("may not read exports (restore)"), "{log}");
+        assert!(log.contains("refused uid 65533") && log.contains("may not use this daemon's socket"), "{log}");
+        // Connections past the cap are closed as they come; the export goes on serving.
+        let mut held = Vec::new();
+        let mut closed = 0;
+        for _ in 0..200 {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut greeting = [0u8; 18];
+            match s.read_exact(&mut greeting) {
+                Ok(()) => held.push(s),
+                Err(_) => closed += 1,
+            }
+        }
+        assert_eq!(
+            (held.len(), closed),
+            (mover::nbd::server::MAX_CONNECTIONS - 1, 200 - mover::nbd::server::MAX_CONNECTIONS + 1),
+            "connections served and closed"
+        );
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let list = ec.list_exports(pb::ListExportsRequest {}).await.unwrap().into_inner().exports;
+        assert_eq!(list[0].state(), pb::ExportState::Serving);
+        assert!(nbdinfo_as(0).status.success(), "the export stopped serving after the flood");
+        // The silent client is gone by the handshake's deadline.
+        silent.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+        let mut b = [0u8; 64];
+        let mut total = 0;
+        while let Ok(n) = silent.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        let waited = t_silent.elapsed();
+        assert!(total <= 18 && waited >= Duration::from_secs(29) && waited < Duration::from_secs(40), "silent client held {waited:?}");
+    });
+}
+
+#[test]
+fn a_junk_lock_named_in_the_future_blocks_nothing_and_unlock_removes_it() {
+    // A store writer without the key drops lock objects: one named years ahead (it was: live
+    // for ever, so gc never swept what it took out), one named now (it may be a lock damaged
+    // in flight: live for its TTL, kept).
+    let e = Env::new();
+    let src = e.path("disk.img");
+    std::fs::write(&src, noise(75, 1 << 20)).unwrap();
+    e.json(&["backup", "--volume", &format!("disk={}", src.display())]);
+    let locks = Path::new(&e.repo).join("locks");
+    std::fs::create_dir_all(&locks).unwrap();
+    let now_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let future = locks.join(format!("{}-{}", "a1".repeat(8), now_ms + 10 * 365 * 86_400_000));
+    std::fs::write(&future, noise(76, 300)).unwrap();
+    let l = e.json(&["locks"]);
+    assert!(l[0]["stale"].as_str().is_some_and(|s| s.contains("in the future")), "{l}");
+    let g = e.json(&["gc"]);
+    assert_eq!(g["stale_locks_removed"], 1, "{g}");
+    assert!(!future.exists(), "gc kept the junk lock");
+    std::fs::write(&future, noise(76, 300)).unwrap();
+    e.ok(&["unlock"]);
+    assert!(!future.exists(), "unlock kept the junk lock");
+    let recent = locks.join(format!("{}-{}", "b2".repeat(8), now_ms));
+    std::fs::write(&recent, noise(77, 300)).unwrap();
+    let l = e.json(&["locks"]);
+    assert!(l[0]["stale"].is_null(), "{l}");
+    e.ok(&["unlock"]);
+    assert!(recent.exists(), "unlock removed a lock that may be live");
+}
