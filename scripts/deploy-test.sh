@@ -82,7 +82,9 @@ for profile in shipped no-io-uring; do
   mkdir -p "$W/$profile"
   truncate -s 96M "$W/$profile/target.img"
   dst=$(losetup -f --show "$W/$profile/target.img"); loops+=("$dst")
-  c=("${run[@]}" --user 0 --security-opt seccomp="$prof" --device "$src" --device "$dst" -v "$W/$profile:/data" -e MOVER_PASSWORD=deploy-test "$image" --repo /data/repo --cache-dir /data/cache)
+  # --pid=host: as the DaemonSet's block-volumes component (the in-use look at every
+  # process's open files before a restore writes onto a device).
+  c=("${run[@]}" --pid=host --user 0 --security-opt seccomp="$prof" --device "$src" --device "$dst" -v "$W/$profile:/data" -e MOVER_PASSWORD=deploy-test "$image" --repo /data/repo --cache-dir /data/cache)
   "${c[@]}" init >/dev/null
   "${c[@]}" backup --volume "disk=$src" --json > "$W/$profile/backup.json"
   got=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["io_backend"])' "$W/$profile/backup.json")

@@ -65,6 +65,88 @@ pub fn refuse_if_in_use(f: &File, label: &str, what: &str) -> Result<()> {
     }
 }
 
+/// The processes that hold block device `f` open (other than this one): QEMU holds a raw
+/// block PVC open read-write but not exclusively, so the kernel's `O_EXCL` does not see it.
+/// Found by looking at every process's descriptors (`/proc/<pid>/fd`). `Err` says why that
+/// look cannot be complete: outside the host's PID namespace other pods' processes are
+/// invisible (the DaemonSet sets `hostPID`), and without `CAP_SYS_PTRACE` the descriptors of
+/// processes with other credentials cannot be read.
+pub fn block_holders(f: &File) -> std::result::Result<Vec<String>, String> {
+    use std::os::unix::fs::MetadataExt;
+    /// The inode number of the initial PID namespace (the kernel's `PROC_PID_INIT_INO`).
+    const INIT_PID_NS: u64 = 0xEFFF_FFFC;
+    let rdev = f.metadata().map_err(|e| format!("inspecting the device: {e}"))?.rdev();
+    match std::fs::metadata("/proc/self/ns/pid") {
+        Ok(m) if m.ino() == INIT_PID_NS => {}
+        Ok(_) => return Err("this process is not in the host's PID namespace, so other pods' processes are not visible (run with hostPID)".into()),
+        Err(e) => return Err(format!("cannot tell this process's PID namespace ({e})")),
+    }
+    let me = std::process::id();
+    let mut holders = Vec::new();
+    let mut unreadable = Vec::new();
+    let procs = std::fs::read_dir("/proc").map_err(|e| format!("listing /proc: {e}"))?;
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let fds = match std::fs::read_dir(p.path().join("fd")) {
+            Ok(d) => d,
+            // Gone meanwhile, or a kernel thread.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => {
+                unreadable.push(pid);
+                continue;
+            }
+        };
+        for fd in fds.flatten() {
+            // stat follows the descriptor's magic link to the open file itself.
+            if let Ok(m) = std::fs::metadata(fd.path()) {
+                if m.file_type().is_block_device() && m.rdev() == rdev {
+                    let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                    holders.push(format!("pid {pid} ({})", comm.trim()));
+                    break;
+                }
+            }
+        }
+    }
+    if holders.is_empty() && !unreadable.is_empty() {
+        return Err(format!(
+            "the open files of {} process(es) (pid {}{}) cannot be read (CAP_SYS_PTRACE is needed)",
+            unreadable.len(),
+            unreadable[0],
+            if unreadable.len() > 1 { ", …" } else { "" }
+        ));
+    }
+    Ok(holders)
+}
+
+/// Refuses a block device another process holds open, exclusively or not, and one for which
+/// that cannot be told (fails closed). Called when a restore target is opened and again just
+/// before the first write.
+pub fn refuse_if_held(f: &File, label: &str, what: &str) -> Result<()> {
+    let mut found = block_holders(f);
+    // udev probes a device for a moment after it changes: a holder must still be there
+    // a second later to count.
+    for _ in 0..2 {
+        if !matches!(&found, Ok(h) if !h.is_empty()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        found = block_holders(f);
+    }
+    match found {
+        Ok(h) if h.is_empty() => Ok(()),
+        Ok(h) => Err(Error::precondition(format!(
+            "{what} {label} is in use: held open by {} (a running VM?); nothing was written",
+            h.join(", ")
+        ))),
+        Err(why) => Err(Error::precondition(format!(
+            "{what} {label}: cannot tell whether another process holds it open ({why}); refusing to write onto a device that may be a running VM's disk; nothing was written"
+        ))),
+    }
+}
+
 /// Zeroes `len` bytes at `offset` of a block device (BLKZEROOUT: the device may unmap).
 pub fn zero_out_device(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
     let range = [offset, len];

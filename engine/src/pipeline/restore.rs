@@ -608,9 +608,13 @@ async fn restore_volume_inner(
     let refs = load_refs(repo, &*index, snap, vol, cancel).await?;
     let Target { file, label, kind, fresh, finish } = target;
     check_target_size(&label, &file, vol, snap)?;
+    // Again at the moment of writing: a queued restore starts long after its request, and
+    // a VM may have opened its disk since.
     if kind == Kind::File && !fresh {
-        // Again at the moment of writing: a queued restore starts long after its request.
         crate::device::refuse_if_in_use(&file, &label, "restore target")?;
+    }
+    if kind == Kind::BlockDevice {
+        crate::device::refuse_if_held(&file, &label, "restore target")?;
     }
     if kind == Kind::File {
         file.set_len(vol.size).with_context(|| format!("sizing restore target {label} to {} bytes", vol.size))?;

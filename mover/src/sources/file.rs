@@ -607,6 +607,9 @@ impl PathPolicy {
                         e
                     }
                 })?;
+                // O_EXCL sees mounts and exclusive openers only: QEMU holds a raw block
+                // volume open read-write, not exclusively.
+                device::refuse_if_held(&file, &r.label, what)?;
                 Ok(OpenedTarget { file, label: r.label, kind: Kind::BlockDevice, fresh: false, pending: None })
             }
             Kind::File => {

@@ -271,6 +271,24 @@ fn restores_onto_a_mounted_held_or_open_target_are_refused_and_write_nothing() {
         assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
         assert_eq!(hash_prefix(&dev.dev, 8 << 20), hash(&src));
 
+        // A device another program holds open read-write but not exclusively, as QEMU
+        // holds a raw block volume: O_EXCL does not see it; the look at every process's
+        // descriptors does (daemon and CLI), and names the holder.
+        let before = hash_prefix(&dev.dev, 16 << 20);
+        let mut holder = Command::new("sh").arg("-c").arg(format!("exec 3<>{} && sleep 30", dev.dev.display())).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let m = expect(
+            c.start_restore(pb::StartRestoreRequest { overwrite: true, ..req(&dev.dev) }).await,
+            Code::FailedPrecondition,
+            &["in use", "held open by pid"],
+        );
+        assert!(m.contains(&format!("pid {}", holder.id())), "{m}");
+        let o = cli_restore(dir.path(), &snap, &dev.dev);
+        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("held open by pid"), "{}", String::from_utf8_lossy(&o.stderr));
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert_eq!(hash_prefix(&dev.dev, 16 << 20), before, "the device held open was written");
+
         // A regular file another process has open (a running VM's disk).
         let busy = dir.path().join("vols/busy.img");
         std::fs::write(&busy, b"in use").unwrap();
@@ -1021,4 +1039,63 @@ fn a_junk_lock_named_in_the_future_blocks_nothing_and_unlock_removes_it() {
     assert!(l[0]["stale"].is_null(), "{l}");
     e.ok(&["unlock"]);
     assert!(recent.exists(), "unlock removed a lock that may be live");
+}
+
+#[test]
+fn a_queued_restore_looks_for_holders_again_when_it_starts() {
+    // The restore waits behind a slow backup; meanwhile a VM opens the device (not
+    // exclusively). When the restore's turn comes, it is refused and writes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "max_concurrent_transfers = 1", false);
+    let src = dir.path().join("vols/src.img");
+    std::fs::write(&src, noise(41, 8 << 20)).unwrap();
+    let img = dir.path().join("target.img");
+    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    let dev = Loop::new(&img, 0);
+    let before = hash(&dev.dev);
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let t = c.start_backup(backup_req("disk", &src)).await.unwrap().into_inner();
+        let snap = watch_end(&mut c, &t.id).await.snapshot_id;
+        let other = dir.path().join("vols/other.img");
+        std::fs::write(&other, noise(42, 8 << 20)).unwrap();
+        let slow = c.start_backup(pb::StartBackupRequest { bandwidth_limit: 2 << 20, ..backup_req("other", &other) }).await.unwrap().into_inner();
+        wait_state(&mut c, &slow.id, pb::TransferState::Running, Duration::from_secs(10)).await;
+        let r = pb::StartRestoreRequest { repository: "main".into(), snapshot: snap, target: path_ref(&dev.dev), ..Default::default() };
+        let r = c.start_restore(r).await.unwrap().into_inner();
+        assert_eq!(r.state(), pb::TransferState::Queued, "the restore should wait for the backup");
+        let mut holder = Command::new("sh").arg("-c").arg(format!("exec 3<>{} && sleep 60", dev.dev.display())).spawn().unwrap();
+        let end = watch_end(&mut c, &r.id).await;
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert_eq!(end.state(), pb::TransferState::Failed, "{}", end.error);
+        assert!(end.error.contains("held open by pid"), "{}", end.error);
+        assert_eq!(watch_end(&mut c, &slow.id).await.state(), pb::TransferState::Succeeded);
+    });
+    assert_eq!(hash(&dev.dev), before, "a queued restore wrote onto a device a VM opened meanwhile");
+}
+
+#[test]
+fn a_device_whose_holders_cannot_be_seen_is_not_written() {
+    // Outside the host's PID namespace (a container without hostPID) the look for holders
+    // cannot be complete: refused, nothing written.
+    let e = Env::new();
+    let src = e.path("src.img");
+    std::fs::write(&src, noise(43, 4 << 20)).unwrap();
+    let snap = e.json(&["backup", "--volume", &format!("disk={}", src.display())])["snapshot_id"].as_str().unwrap().to_string();
+    let img = e.path("target.img");
+    std::fs::File::create(&img).unwrap().set_len(4 << 20).unwrap();
+    let dev = Loop::new(&img, 0);
+    let before = hash(&dev.dev);
+    let target = dev.dev.to_str().unwrap();
+    // (Descriptors this process may not read fail closed the same way; this kernel lets
+    // root without CAP_SYS_PTRACE read them, so that case is not reproduced here.)
+    for (wrapper, says) in [(vec!["unshare", "--pid", "--fork", "--mount-proc"], "not in the host's PID namespace")] {
+        let o = e.cmd_in(&wrapper, &["restore", &snap, target]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("cannot tell whether another process holds it") && err.contains(says), "{wrapper:?}: {err}");
+    }
+    assert_eq!(hash(&dev.dev), before, "a device whose holders could not be seen was written");
+    e.ok(&["restore", &snap, target]);
+    assert_eq!(hash(&img), hash(&src), "the restore after is not byte-exact");
 }
