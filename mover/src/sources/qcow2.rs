@@ -190,6 +190,19 @@ impl Qcow2 {
             _ => v.push((a, b)),
         };
         let per_l2_bytes = cs * (cs / 8);
+        // Every L2 table and data cluster lies in the file, once (QEMU's backup output
+        // shares none): more of them than the file has clusters means tables pointing at
+        // the same clusters again and again — a small file claiming a large disk of data,
+        // which would be read (and chunked) without end.
+        let file_clusters = self.file_len.div_ceil(cs);
+        let tables = self.l1.iter().filter(|e| *e & L1_OFFSET_MASK != 0).count() as u64;
+        if tables > file_clusters {
+            return Err(Error::invalid(format!(
+                "qcow2 image {}: {tables} L2 tables in a file of {file_clusters} clusters: tables are aliased; this is not an image QEMU's backup wrote",
+                self.label
+            )));
+        }
+        let mut data_clusters = 0u64;
         let mut off = 0u64;
         while off < self.size {
             // Skip whole unallocated L2 tables at once.
@@ -199,7 +212,16 @@ impl Qcow2 {
             }
             let end = (off + cs).min(self.size);
             match self.cluster(off)? {
-                Cluster::Data(_) => push(&mut data, off, end),
+                Cluster::Data(_) => {
+                    data_clusters += 1;
+                    if data_clusters + tables > file_clusters {
+                        return Err(Error::invalid(format!(
+                            "qcow2 image {}: more data clusters than its file of {file_clusters} clusters holds (by guest offset {off}): clusters are aliased; this is not an image QEMU's backup wrote",
+                            self.label
+                        )));
+                    }
+                    push(&mut data, off, end)
+                }
                 Cluster::Zero => push(&mut zero, off, end),
                 Cluster::Absent => {}
             }

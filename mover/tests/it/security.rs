@@ -1099,3 +1099,57 @@ fn a_device_whose_holders_cannot_be_seen_is_not_written() {
     e.ok(&["restore", &snap, target]);
     assert_eq!(hash(&img), hash(&src), "the restore after is not byte-exact");
 }
+
+/// A qcow2 image (version 2) of `clusters` clusters of 2^`bits` bytes claiming a disk of
+/// `size` bytes: L1 table in cluster 1; `l1` gives its entries, `l2` the entries of the L2
+/// table in cluster 2 (when some L1 entry points there); cluster 3 holds data.
+fn qcow2_image(path: &Path, bits: u32, size: u64, l1: &[u64], l2: &[u64]) {
+    let cs = 1usize << bits;
+    let mut f = vec![0u8; 4 * cs];
+    f[0..4].copy_from_slice(&0x5146_49fbu32.to_be_bytes());
+    f[4..8].copy_from_slice(&2u32.to_be_bytes());
+    f[20..24].copy_from_slice(&bits.to_be_bytes());
+    f[24..32].copy_from_slice(&size.to_be_bytes());
+    f[36..40].copy_from_slice(&(l1.len() as u32).to_be_bytes());
+    f[40..48].copy_from_slice(&(cs as u64).to_be_bytes());
+    for (i, e) in l1.iter().enumerate() {
+        f[cs + 8 * i..cs + 8 * i + 8].copy_from_slice(&e.to_be_bytes());
+    }
+    for (i, e) in l2.iter().enumerate() {
+        f[2 * cs + 8 * i..2 * cs + 8 * i + 8].copy_from_slice(&e.to_be_bytes());
+    }
+    f[3 * cs..].fill(0x5a);
+    std::fs::write(path, f).unwrap();
+}
+
+#[test]
+fn a_hostile_qcow2_image_costs_bounded_memory_and_time() {
+    let e = Env::new();
+    // 256 KiB claiming 64 GiB of data: every L1 entry at the one L2 table, every L2 entry
+    // at the one data cluster (it was: 64 GiB read, 31 s of CPU).
+    let (bits, cs) = (16u32, 1u64 << 16);
+    let per_l2 = cs / 8;
+    let size = 64u64 << 30;
+    let aliased = e.path("aliased.qcow2");
+    qcow2_image(&aliased, bits, size, &vec![2 * cs; (size / (cs * per_l2)) as usize], &vec![3 * cs; per_l2 as usize]);
+    // One table, each of its entries at the one data cluster: 512 MiB claimed.
+    let one_table = e.path("aliased-data.qcow2");
+    qcow2_image(&one_table, bits, cs * per_l2, &[2 * cs], &vec![3 * cs; per_l2 as usize]);
+    // 256 KiB claiming a 1 TiB disk it holds nothing of: 1 TiB of holes.
+    let empty = e.path("empty.qcow2");
+    qcow2_image(&empty, 21, 1 << 40, &[0, 0], &[]);
+    for (img, ok) in [(&aliased, false), (&one_table, false), (&empty, true)] {
+        let mut c = e.cmd(&["backup", "--name", "vm", "--qcow2", img.to_str().unwrap()]);
+        c.env("MOVER_LOG", "warn");
+        let m = measured(c);
+        eprintln!("{}: exit {:?} in {:?}, peak {} MiB: {}", img.display(), m.code, m.elapsed, m.max_rss_mib, m.stderr.lines().next().unwrap_or(""));
+        if ok {
+            assert_eq!(m.code, Some(0), "{}", m.stderr);
+        } else {
+            assert_eq!(m.code, Some(1), "{}", m.stderr);
+            assert!(m.stderr.contains("aliased") && m.stderr.contains(img.to_str().unwrap()), "{}", m.stderr);
+        }
+        assert!(m.max_rss_mib < 256 && m.elapsed < Duration::from_secs(20), "peak {} MiB, {:?}", m.max_rss_mib, m.elapsed);
+    }
+    assert_eq!(e.snapshot_count(), 1);
+}
