@@ -594,6 +594,25 @@ pub async fn restore_volume(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// How much of an existing target's start is cleared before a restore writes anything:
+/// the partition table (MBR, primary GPT), LVM and RAID labels, filesystem superblocks.
+pub const HEADER_WIPE: u64 = 1 << 20;
+
+/// Zeroes the first [`HEADER_WIPE`] bytes of a target and syncs them.
+fn wipe_header(f: &std::fs::File, kind: Kind, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let n = HEADER_WIPE.min(size);
+    if n == 0 {
+        return Ok(());
+    }
+    match kind {
+        // In whole sectors (a device's size is a multiple of them).
+        Kind::BlockDevice => crate::device::zero_out_device(f, 0, n.div_ceil(512) * 512)?,
+        Kind::File => f.write_all_at(&vec![0u8; n as usize], 0)?,
+    }
+    f.sync_data()
+}
+
 async fn restore_volume_inner(
     repo: &Repository,
     index: Arc<dyn ChunkIndex>,
@@ -618,6 +637,12 @@ async fn restore_volume_inner(
     }
     if kind == Kind::File {
         file.set_len(vol.size).with_context(|| format!("sizing restore target {label} to {} bytes", vol.size))?;
+    }
+    if !fresh {
+        // Whatever the target held (a disk's partition table, a filesystem's superblock)
+        // goes first, and the snapshot's first segment is written last: a restore that is
+        // cut short leaves no header that makes old and new bytes look like one disk.
+        wipe_header(&file, kind, vol.size).with_context(|| format!("clearing the first {} bytes of restore target {label}", HEADER_WIPE.min(vol.size)))?;
     }
     let zero_holes = opts.holes.zero_holes(fresh);
     progress.add_total(vol.size);
@@ -663,11 +688,15 @@ async fn restore_volume_inner(
     let (mut written, mut holes) = (0u64, 0u64);
     let mut first_err = None;
     let mut next = 0usize;
+    // Segments in order, the first one last (see `wipe_header`): step `k` restores segment
+    // `seg_at(k)`.
+    let n = refs.len();
+    let seg_at = |k: usize| if n > 1 { (k + 1) % n } else { k };
     // Maps one batch ahead. A batch that fails to load is left to the segments, which load
     // their own maps and report exactly what is wrong.
     let batch_ids = |b: usize| -> Vec<mover_format::ChunkId> {
         (b * MAP_BATCH..((b + 1) * MAP_BATCH).min(refs.len()))
-            .filter_map(|i| match refs.at(i) {
+            .filter_map(|k| match refs.at(seg_at(k)) {
                 SegmentRef::Map { map, .. } => Some(map),
                 SegmentRef::Hole => None,
             })
@@ -691,13 +720,41 @@ async fn restore_volume_inner(
                     pending = Some(load(loaded));
                 }
             }
-            let off = next as u64 * seg_size;
+            let seg = seg_at(next);
+            let off = seg as u64 * seg_size;
             let len = seg_size.min(vol.size - off);
-            let map = match refs.at(next) {
+            let map = match refs.at(seg) {
                 SegmentRef::Map { map, .. } => maps.remove(&map),
                 SegmentRef::Hole => None,
             };
-            let (cx, r, c) = (cx.clone(), refs.at(next), job.clone());
+            // The first segment starts only once every other one is written (each task
+            // ends when its writes have completed) and synced.
+            if seg == 0 && n > 1 {
+                while let Some(r) = set.join_next().await {
+                    match r.map_err(Error::from).and_then(|x| x) {
+                        Ok((w, h, len)) => {
+                            written += w;
+                            holes += h;
+                            progress.add_done(len);
+                        }
+                        Err(e) => {
+                            if first_err.is_none() {
+                                first_err = Some(e);
+                                job.cancel();
+                            }
+                        }
+                    }
+                }
+                if first_err.is_some() || job.is_cancelled() {
+                    break;
+                }
+                let f = cx.file.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || f.sync_data()).await.map_err(Error::from).and_then(|r| r.map_err(Error::from)) {
+                    first_err = Some(e.context(format!("flushing restore target {label}")));
+                    break;
+                }
+            }
+            let (cx, r, c) = (cx.clone(), refs.at(seg), job.clone());
             set.spawn(async move { restore_segment(cx, off, len, r, map, c).await.map(|(w, h)| (w, h, len)) });
             next += 1;
         }
@@ -721,11 +778,25 @@ async fn restore_volume_inner(
     if let Some(p) = pending {
         p.abort();
     }
+    // A target cut short says so: what it holds is neither the old disk nor the snapshot.
+    let done_here = (written + holes).min(vol.size);
+    let incomplete = |e: Error| {
+        if fresh {
+            e
+        } else {
+            e.context(format!(
+                "restore target {label} is incomplete ({} of {} bytes restored): its first {} bytes are cleared until the restore completes, so it cannot be taken for a whole disk; restore it again",
+                done_here,
+                vol.size,
+                HEADER_WIPE.min(vol.size)
+            ))
+        }
+    };
     if let Some(e) = first_err {
-        return Err(e);
+        return Err(incomplete(e));
     }
     if cancel.is_cancelled() {
-        return Err(Error::cancelled(format!("restore of volume '{}'", vol.name)));
+        return Err(incomplete(Error::cancelled(format!("restore of volume '{}'", vol.name))));
     }
     // Every write is complete before the fsync.
     let mut cx = cx;

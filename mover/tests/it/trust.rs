@@ -217,3 +217,30 @@ fn a_restore_onto_a_file_whose_holders_cannot_be_told_is_refused_and_one_held_op
     e.ok(&["restore", &id, t, "--overwrite"]);
     assert_eq!(hash(&target), hash(&src));
 }
+
+#[test]
+fn a_restore_cut_short_leaves_no_header_that_passes_for_a_disk() {
+    // An existing disk image restored over (--overwrite) from a snapshot whose data is
+    // damaged: the restore fails part-way. The target's old partition table must not stay
+    // in front of a mix of old and new bytes (it did: a full-size target 16 % written, no
+    // marker); its first MiB is cleared and the snapshot's first segment written last.
+    let e = Env::new();
+    let src = e.path("disk.img");
+    std::fs::write(&src, noise(61, 64 << 20)).unwrap();
+    let snap = e.json(&["backup", "--volume", &format!("disk={}", src.display())])["snapshot_id"].as_str().unwrap().to_string();
+    let target = e.path("target.img");
+    let mut old = noise(62, 64 << 20);
+    old[..512].copy_from_slice(&[0x55; 512]); // the old disk's "partition table"
+    std::fs::write(&target, &old).unwrap();
+    flip_bytes_in_largest_of(&pack_files(Path::new(&e.repo)), &[0.5]);
+    let err = e.fail(&["restore", "--overwrite", &snap, target.to_str().unwrap()]);
+    assert!(err.contains("is incomplete") && err.contains("restore it again"), "{err}");
+    let now = std::fs::read(&target).unwrap();
+    assert!(now[..1 << 20].iter().all(|b| *b == 0), "the first MiB of an incomplete restore is not cleared");
+    // A restore from an intact snapshot then completes byte-exact, header and all.
+    let src2 = e.path("disk2.img");
+    std::fs::write(&src2, noise(63, 64 << 20)).unwrap();
+    let snap2 = e.json(&["backup", "--volume", &format!("disk={}", src2.display())])["snapshot_id"].as_str().unwrap().to_string();
+    e.ok(&["restore", "--overwrite", &snap2, target.to_str().unwrap()]);
+    assert_eq!(hash(&target), hash(&src2));
+}
