@@ -613,6 +613,31 @@ fn wipe_header(f: &std::fs::File, kind: Kind, size: u64) -> std::io::Result<()> 
     f.sync_data()
 }
 
+/// A finished segment of a restore: its counts added, or its error kept (the first one
+/// stops the others).
+fn settle(
+    r: std::result::Result<Result<(u64, u64, u64)>, tokio::task::JoinError>,
+    written: &mut u64,
+    holes: &mut u64,
+    first_err: &mut Option<Error>,
+    job: &CancellationToken,
+    progress: &Progress,
+) {
+    match r.map_err(Error::from).and_then(|x| x) {
+        Ok((w, h, len)) => {
+            *written += w;
+            *holes += h;
+            progress.add_done(len);
+        }
+        Err(e) => {
+            if first_err.is_none() {
+                *first_err = Some(e);
+                job.cancel();
+            }
+        }
+    }
+}
+
 async fn restore_volume_inner(
     repo: &Repository,
     index: Arc<dyn ChunkIndex>,
@@ -731,19 +756,7 @@ async fn restore_volume_inner(
             // ends when its writes have completed) and synced.
             if seg == 0 && n > 1 {
                 while let Some(r) = set.join_next().await {
-                    match r.map_err(Error::from).and_then(|x| x) {
-                        Ok((w, h, len)) => {
-                            written += w;
-                            holes += h;
-                            progress.add_done(len);
-                        }
-                        Err(e) => {
-                            if first_err.is_none() {
-                                first_err = Some(e);
-                                job.cancel();
-                            }
-                        }
-                    }
+                    settle(r, &mut written, &mut holes, &mut first_err, &job, &progress);
                 }
                 if first_err.is_some() || job.is_cancelled() {
                     break;
@@ -761,19 +774,7 @@ async fn restore_volume_inner(
         let Some(r) = set.join_next().await else {
             break;
         };
-        match r.map_err(Error::from).and_then(|x| x) {
-            Ok((w, h, len)) => {
-                written += w;
-                holes += h;
-                progress.add_done(len);
-            }
-            Err(e) => {
-                if first_err.is_none() {
-                    first_err = Some(e);
-                    job.cancel();
-                }
-            }
-        }
+        settle(r, &mut written, &mut holes, &mut first_err, &job, &progress);
     }
     if let Some(p) = pending {
         p.abort();

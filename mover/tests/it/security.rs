@@ -210,6 +210,12 @@ fn fifos_sockets_and_character_devices_are_not_volumes() {
     });
 }
 
+/// A process that holds `path` open read-write, not exclusively (as QEMU holds a disk),
+/// for a minute or until killed.
+fn hold_open(path: &Path) -> std::process::Child {
+    Command::new("sh").arg("-c").arg(format!("exec 3<>{} && sleep 60", path.display())).spawn().unwrap()
+}
+
 /// Runs `mover restore` through the CLI against the daemon's repository.
 fn cli_restore(dir: &Path, snap: &str, target: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mover"))
@@ -275,7 +281,7 @@ fn restores_onto_a_mounted_held_or_open_target_are_refused_and_write_nothing() {
         // holds a raw block volume: O_EXCL does not see it; the look at every process's
         // descriptors does (daemon and CLI), and names the holder.
         let before = hash_prefix(&dev.dev, 16 << 20);
-        let mut holder = Command::new("sh").arg("-c").arg(format!("exec 3<>{} && sleep 30", dev.dev.display())).spawn().unwrap();
+        let mut holder = hold_open(&dev.dev);
         std::thread::sleep(Duration::from_millis(300));
         let m = expect(
             c.start_restore(pb::StartRestoreRequest { overwrite: true, ..req(&dev.dev) }).await,
@@ -292,7 +298,7 @@ fn restores_onto_a_mounted_held_or_open_target_are_refused_and_write_nothing() {
         // A regular file another process has open (a running VM's disk).
         let busy = dir.path().join("vols/busy.img");
         std::fs::write(&busy, b"in use").unwrap();
-        let mut holder = Command::new("sh").arg("-c").arg(format!("exec 3<>{} && sleep 30", busy.display())).spawn().unwrap();
+        let mut holder = hold_open(&busy);
         std::thread::sleep(Duration::from_millis(300));
         expect(c.start_restore(req(&busy)).await, Code::FailedPrecondition, &["in use", "busy.img"]);
         let _ = holder.kill();
@@ -1064,7 +1070,7 @@ fn a_queued_restore_looks_for_holders_again_when_it_starts() {
         let r = pb::StartRestoreRequest { repository: "main".into(), snapshot: snap, target: path_ref(&dev.dev), ..Default::default() };
         let r = c.start_restore(r).await.unwrap().into_inner();
         assert_eq!(r.state(), pb::TransferState::Queued, "the restore should wait for the backup");
-        let mut holder = Command::new("sh").arg("-c").arg(format!("exec 3<>{} && sleep 60", dev.dev.display())).spawn().unwrap();
+        let mut holder = hold_open(&dev.dev);
         let end = watch_end(&mut c, &r.id).await;
         let _ = holder.kill();
         let _ = holder.wait();
