@@ -978,6 +978,8 @@ fn exports_admit_only_who_may_restore_and_bound_their_connections() {
         let o = nbdinfo_as(0);
         assert!(o.status.success(), "root (uid:0 may restore) was refused: {}", String::from_utf8_lossy(&o.stderr));
         let log = std::fs::read_to_string(&d.log).unwrap();
+        // The plaintext loopback listener said at start whom it admits.
+        assert!(log.contains("is plaintext TCP") && log.contains("may call backup, restore, read RPCs"), "{log}");
         assert!(log.contains("refused uid 65534") && log.contains("may not read exports (restore)"), "{log}");
         assert!(log.contains("refused uid 65533") && log.contains("may not use this daemon's socket"), "{log}");
         // Connections past the cap are closed as they come; the export goes on serving.
