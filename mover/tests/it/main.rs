@@ -16,6 +16,7 @@ mod dr;
 mod drill;
 mod export;
 mod forget;
+mod format;
 mod gc;
 mod groups;
 mod heal;
