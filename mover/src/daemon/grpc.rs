@@ -20,7 +20,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 #[derive(Clone)]
@@ -331,14 +330,19 @@ impl TransferService for Api {
     async fn start_backup(&self, request: Request<pb::StartBackupRequest>) -> Result<Response<pb::Transfer>, Status> {
         let caller = auth::authorize(&self.d, &request, Group::Backup)?;
         let req = request.into_inner();
-        let _g = self.d.jobs.start_lock.lock().await;
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
         let (request_id, repository, bandwidth) = (req.request_id.clone(), req.repository.clone(), req.bandwidth_limit);
+        // Opening the repository and planning (listings, the parent, paths) happen outside
+        // the start lock: a slow repository delays only its own requests.
         let h = self.d.repo(&repository).await.map_err(status)?;
         let plan_req = BackupRequest::try_from(req).map_err(status)?;
-        let plan = crate::plan::backup::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &CancellationToken::new()).await.map_err(status)?;
+        let plan = crate::plan::backup::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(status)?;
+        let _g = self.d.jobs.start_lock.lock().await;
+        if let Some(j) = self.d.jobs.by_request(&request_id) {
+            return Ok(Response::new(to_proto(&j)));
+        }
         let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Backup(plan), h, bandwidth);
         Ok(Response::new(to_proto(&job)))
     }
@@ -346,14 +350,17 @@ impl TransferService for Api {
     async fn start_restore(&self, request: Request<pb::StartRestoreRequest>) -> Result<Response<pb::Transfer>, Status> {
         let caller = auth::authorize(&self.d, &request, Group::Restore)?;
         let req = request.into_inner();
-        let _g = self.d.jobs.start_lock.lock().await;
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
         let (request_id, repository) = (req.request_id.clone(), req.repository.clone());
         let h = self.d.repo(&repository).await.map_err(status)?;
         let plan_req = RestoreRequest::try_from(req).map_err(status)?;
-        let plan = crate::plan::restore::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &CancellationToken::new()).await.map_err(status)?;
+        let plan = crate::plan::restore::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(status)?;
+        let _g = self.d.jobs.start_lock.lock().await;
+        if let Some(j) = self.d.jobs.by_request(&request_id) {
+            return Ok(Response::new(to_proto(&j)));
+        }
         let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Restore(plan), h, 0);
         Ok(Response::new(to_proto(&job)))
     }
@@ -361,7 +368,6 @@ impl TransferService for Api {
     async fn start_copy(&self, request: Request<pb::StartCopyRequest>) -> Result<Response<pb::Transfer>, Status> {
         let caller = auth::authorize(&self.d, &request, Group::Backup)?;
         let req = request.into_inner();
-        let _g = self.d.jobs.start_lock.lock().await;
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
@@ -376,7 +382,7 @@ impl TransferService for Api {
         }
         let h = self.d.repo(&req.repository).await.map_err(status)?;
         let target = self.d.repo(&req.target_repository).await.map_err(status)?;
-        let c = CancellationToken::new();
+        let c = self.d.request_token();
         let selection = if req.snapshots.is_empty() {
             mover_engine::pipeline::copy::Selection::Groups(req.groups.clone())
         } else {
@@ -388,6 +394,10 @@ impl TransferService for Api {
         };
         let request = mover_engine::pipeline::copy::CopyRequest { selection, newer_only: req.newer_only, tuning: Default::default() };
         let work = Work::Copy { target_name: req.target_repository.clone(), target, request };
+        let _g = self.d.jobs.start_lock.lock().await;
+        if let Some(j) = self.d.jobs.by_request(&req.request_id) {
+            return Ok(Response::new(to_proto(&j)));
+        }
         let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), work, h, req.bandwidth_limit);
         Ok(Response::new(to_proto(&job)))
     }
@@ -395,7 +405,6 @@ impl TransferService for Api {
     async fn start_verify(&self, request: Request<pb::StartVerifyRequest>) -> Result<Response<pb::Transfer>, Status> {
         let caller = auth::authorize(&self.d, &request, Group::Backup)?;
         let req = request.into_inner();
-        let _g = self.d.jobs.start_lock.lock().await;
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
@@ -403,6 +412,10 @@ impl TransferService for Api {
             return Err(Status::invalid_argument(format!("read_data_percent {} must be 0 to 100", req.read_data_percent)));
         }
         let h = self.d.repo(&req.repository).await.map_err(status)?;
+        let _g = self.d.jobs.start_lock.lock().await;
+        if let Some(j) = self.d.jobs.by_request(&req.request_id) {
+            return Ok(Response::new(to_proto(&j)));
+        }
         let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), Work::Verify { read_data_percent: req.read_data_percent }, h, 0);
         Ok(Response::new(to_proto(&job)))
     }
@@ -410,7 +423,6 @@ impl TransferService for Api {
     async fn start_drill(&self, request: Request<pb::StartDrillRequest>) -> Result<Response<pb::Transfer>, Status> {
         let caller = auth::authorize(&self.d, &request, Group::Restore)?;
         let req = request.into_inner();
-        let _g = self.d.jobs.start_lock.lock().await;
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
@@ -419,8 +431,12 @@ impl TransferService for Api {
         }
         let h = self.d.repo(&req.repository).await.map_err(status)?;
         let (snapshot, manifest) =
-            mover_engine::snapshots::resolve(&h.repo, &req.snapshot, empty(req.group).as_deref(), &CancellationToken::new()).await.map_err(status)?;
+            mover_engine::snapshots::resolve(&h.repo, &req.snapshot, empty(req.group).as_deref(), &self.d.request_token()).await.map_err(status)?;
         let work = Work::Drill { snapshot, manifest, scratch: self.d.cfg.drill_scratch_dir.clone() };
+        let _g = self.d.jobs.start_lock.lock().await;
+        if let Some(j) = self.d.jobs.by_request(&req.request_id) {
+            return Ok(Response::new(to_proto(&j)));
+        }
         let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), work, h, 0);
         Ok(Response::new(to_proto(&job)))
     }
@@ -478,7 +494,7 @@ impl RepositoryService for Api {
         auth::authorize(&self.d, &request, Group::Read)?;
         let req = request.into_inner();
         let h = self.d.repo(&req.repository).await.map_err(status)?;
-        let c = CancellationToken::new();
+        let c = self.d.request_token();
         let snaps = match empty(req.group) {
             Some(g) => mover_engine::snapshots::in_group(&h.repo, &g, &c).await.map_err(status)?,
             None => h.repo.snapshots(&c).await.map_err(|e| status(e.into()))?,
@@ -490,7 +506,7 @@ impl RepositoryService for Api {
         auth::authorize(&self.d, &request, Group::Read)?;
         let req = request.into_inner();
         let h = self.d.repo(&req.repository).await.map_err(status)?;
-        let (id, m) = mover_engine::snapshots::resolve(&h.repo, &req.snapshot, None, &CancellationToken::new()).await.map_err(status)?;
+        let (id, m) = mover_engine::snapshots::resolve(&h.repo, &req.snapshot, None, &self.d.request_token()).await.map_err(status)?;
         Ok(Response::new(snapshot_proto(&id, &m)))
     }
 
@@ -498,7 +514,7 @@ impl RepositoryService for Api {
         auth::authorize(&self.d, &request, Group::Read)?;
         let req = request.into_inner();
         let h = self.d.repo(&req.repository).await.map_err(status)?;
-        let st = mover_engine::maint::report::status(&h.repo, &CancellationToken::new()).await.map_err(status)?;
+        let st = mover_engine::maint::report::status(&h.repo, &self.d.request_token()).await.map_err(status)?;
         Ok(Response::new(status_proto(&req.repository, &st)))
     }
 }
@@ -565,13 +581,18 @@ impl ExportService for Api {
     async fn start_export(&self, request: Request<pb::StartExportRequest>) -> Result<Response<pb::Export>, Status> {
         let caller = auth::authorize(&self.d, &request, Group::Restore)?;
         let req = request.into_inner();
-        let _g = self.d.exports.start_lock.lock().await;
         if let Some(e) = self.d.exports.by_request(&req.request_id) {
             return Ok(Response::new(export_proto(&e)));
         }
         let h = self.d.repo(&req.repository).await.map_err(status)?;
         let plan_req = ExportRequest { snapshot: req.snapshot, group: empty(req.group), volume: empty(req.volume), options: Default::default() };
-        let plan = crate::plan::export::prepare(plan_req, &h.repo, h.index.clone(), &CancellationToken::new()).await.map_err(status)?;
+        let plan = crate::plan::export::prepare(plan_req, &h.repo, h.index.clone(), &self.d.request_token()).await.map_err(status)?;
+        let _g = self.d.exports.start_lock.lock().await;
+        if let Some(e) = self.d.exports.by_request(&req.request_id) {
+            // The same request, started meanwhile: this plan's lease goes.
+            plan.lock.release().await;
+            return Ok(Response::new(export_proto(&e)));
+        }
         let id = super::exports::Exports::new_id();
         let (listen, tls) = match self.d.export_listen(&id, req.tcp) {
             Ok(x) => x,

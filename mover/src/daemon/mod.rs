@@ -38,8 +38,13 @@ pub struct Daemon {
     pub exports: Arc<exports::Exports>,
     /// What plans may use on this node.
     pub env: Env,
-    repos: tokio::sync::Mutex<HashMap<String, RepoHandle>>,
+    /// One cell per repository, opened on first use: the map's lock is held only to find
+    /// the cell, so a repository that is slow to open (an unreachable store, retried)
+    /// never delays requests for another.
+    repos: std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<RepoHandle>>>>,
     ready: AtomicBool,
+    /// The daemon's stop: request-time work is tied to it.
+    shutdown: CancellationToken,
 }
 
 /// Makes a directory the daemon keeps state in private (0700).
@@ -86,6 +91,12 @@ pub(crate) fn env_from(cfg: &DaemonConfig) -> Env {
 }
 
 impl Daemon {
+    /// A token for a request's work before its job exists (planning, resolving): cancelled
+    /// when the daemon shuts down, so no request outlives it.
+    pub fn request_token(&self) -> CancellationToken {
+        self.shutdown.child_token()
+    }
+
     /// What a plan for `caller` may use: the node's environment, with paths narrowed to the
     /// caller's `[authorization.paths]` when any of its identities is listed there.
     pub fn env_for(&self, caller: &auth::Caller) -> Env {
@@ -166,18 +177,16 @@ impl Daemon {
         if name.is_empty() {
             return Err(Error::invalid(format!("repository: empty; name one configured on this node ({})", self.repository_names())));
         }
-        let mut g = self.repos.lock().await;
-        if let Some(h) = g.get(name) {
-            return Ok(h.clone());
-        }
         let e = self
             .cfg
             .repositories
             .get(name)
             .ok_or_else(|| Error::not_found(format!("repository '{name}' is not configured on this node (configured: {})", self.repository_names())))?;
-        let h = self.open_repo(name, e).await.map_err(|err| err.context(format!("repository '{name}'")))?;
-        g.insert(name.to_string(), h.clone());
-        Ok(h)
+        let cell = self.repos.lock().map_err(|_| Error::permanent("the repository map is poisoned"))?.entry(name.to_string()).or_default().clone();
+        // Callers for the same repository wait for one open; a failed open is tried again
+        // by the next caller.
+        let h = cell.get_or_try_init(|| async { self.open_repo(name, e).await.map_err(|err| err.context(format!("repository '{name}'"))) }).await?;
+        Ok(h.clone())
     }
 
     async fn open_repo(&self, name: &str, e: &RepoEntry) -> Result<RepoHandle> {
@@ -288,8 +297,9 @@ impl Daemon {
     /// request or schedule has used yet is not opened for this: an unreachable store must
     /// not hold up the others).
     async fn refresh_status(&self, name: &str, e: &RepoEntry) -> Result<()> {
-        let Some(h) = self.repos.lock().await.get(name).cloned() else { return Ok(()) };
-        let st = mover_engine::maint::report::status(&h.repo, &CancellationToken::new()).await?;
+        let cell = self.repos.lock().ok().and_then(|m| m.get(name).cloned());
+        let Some(h) = cell.as_ref().and_then(|c| c.get()) else { return Ok(()) };
+        let st = mover_engine::maint::report::status(&h.repo, &self.request_token()).await?;
         self.metrics.set_status(name, &st, &e.status_groups);
         Ok(())
     }
@@ -339,8 +349,9 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
         metrics,
         exports: exports.clone(),
         env,
-        repos: tokio::sync::Mutex::new(HashMap::new()),
+        repos: std::sync::Mutex::new(HashMap::new()),
         ready: AtomicBool::new(false),
+        shutdown: stop.clone(),
     });
 
     // Repositories that must exist are opened (or created) before we accept requests.

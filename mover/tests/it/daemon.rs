@@ -626,3 +626,45 @@ fn nbd_sources_through_the_api_report_change_source_and_fallbacks() {
     let _ = q.kill();
     let _ = q.wait();
 }
+
+#[test]
+fn an_unreachable_repository_never_delays_requests_on_another() {
+    // A store that accepts connections and never answers, configured beside the local one.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("[repositories.far]\nurl = \"s3://mover-far/x\"\ns3_endpoint = \"http://127.0.0.1:{port}\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\n");
+    let d = Daemon::start(dir.path(), &extra, false);
+    let src = dir.path().join("vols/disk.img");
+    make_volume(&src, 4 << 20, 81);
+    rt().block_on(async {
+        let ch = mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap();
+        let mut far = pb::repository_service_client::RepositoryServiceClient::new(ch.clone());
+        // Requests on the far repository: they wait for its store (retried).
+        let stuck = tokio::spawn(async move { far.list_snapshots(pb::ListSnapshotsRequest { repository: "far".into(), ..Default::default() }).await });
+        let mut tc = client(&d).await;
+        let mut far_backup = backup_req("disk", &src);
+        far_backup.repository = "far".into();
+        let stuck_backup = tokio::spawn(async move { tc.start_backup(far_backup).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The local repository answers at once, for listings and for new transfers.
+        let mut rc = pb::repository_service_client::RepositoryServiceClient::new(ch);
+        let mut c = client(&d).await;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            rc.list_snapshots(pb::ListSnapshotsRequest { repository: "main".into(), ..Default::default() }).await.unwrap();
+            let t = c.start_backup(backup_req("disk", &src)).await.unwrap().into_inner();
+            assert!(t0.elapsed() < Duration::from_secs(1), "the local repository answered in {:?} while the far one hung", t0.elapsed());
+            assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
+        }
+        assert!(!stuck.is_finished() && !stuck_backup.is_finished(), "the far repository's requests did not wait for its store");
+        stuck.abort();
+        stuck_backup.abort();
+    });
+}
