@@ -113,6 +113,8 @@ struct Raw {
     #[serde(default)]
     csi_drivers: Vec<CsiConfig>,
     max_concurrent_transfers: Option<usize>,
+    transfer_history: Option<usize>,
+    transfer_history_days: Option<u64>,
     bandwidth_limit: Option<u64>,
     state_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
@@ -164,6 +166,9 @@ pub struct DaemonConfig {
     /// `[csi]` and every `[[csi_drivers]]`: at most one without a driver, no driver twice.
     pub csi: Vec<CsiConfig>,
     pub max_concurrent_transfers: usize,
+    /// Ended transfers kept (records, and what Get/List/Watch answer): the newest
+    /// `transfer_history` (default 1000), none older than `transfer_history_days` (30).
+    pub transfer_history: super::jobs::Retention,
     pub bandwidth_limit: u64,
     pub state_dir: PathBuf,
     pub cache_dir: PathBuf,
@@ -332,6 +337,10 @@ impl DaemonConfig {
             },
             csi: csi_services(raw.csi, raw.csi_drivers)?,
             max_concurrent_transfers: max,
+            transfer_history: super::jobs::Retention {
+                count: raw.transfer_history.unwrap_or(1000).max(1),
+                age: Duration::from_secs(raw.transfer_history_days.unwrap_or(30).max(1) * 86_400),
+            },
             bandwidth_limit: raw.bandwidth_limit.unwrap_or(0),
             cache_dir: raw.cache_dir.unwrap_or_else(|| state_dir.join("cache")),
             state_dir,

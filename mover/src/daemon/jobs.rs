@@ -241,6 +241,28 @@ pub struct Jobs {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Told when a job ends (the status refresher recomputes the repository's report).
     pub finished: Arc<tokio::sync::Notify>,
+    retention: Retention,
+}
+
+/// How many ended transfers are kept (in memory and as records), and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub count: usize,
+    pub age: std::time::Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { count: 1000, age: std::time::Duration::from_secs(30 * 86_400) }
+    }
+}
+
+/// Of ended transfers `(id, finished_ms)`, those to forget: past the newest `keep.count`,
+/// or finished more than `keep.age` before `now_ms`.
+fn expired(mut ended: Vec<(String, u64)>, keep: Retention, now_ms: u64) -> Vec<String> {
+    ended.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let oldest = now_ms.saturating_sub(keep.age.as_millis() as u64);
+    ended.into_iter().enumerate().filter(|(i, (_, t))| *i >= keep.count || *t < oldest).map(|(_, (id, _))| id).collect()
 }
 
 fn now_ms() -> u64 {
@@ -248,7 +270,14 @@ fn now_ms() -> u64 {
 }
 
 impl Jobs {
-    pub fn load(state_dir: &std::path::Path, max: usize, metrics: Arc<Metrics>, shutdown: CancellationToken, global_limit: u64) -> Result<Self> {
+    pub fn load(
+        state_dir: &std::path::Path,
+        max: usize,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        global_limit: u64,
+        retention: Retention,
+    ) -> Result<Self> {
         let dir = state_dir.join("transfers");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         super::private_dir(&dir)?;
@@ -263,6 +292,7 @@ impl Jobs {
             global_limit: (global_limit > 0).then(|| Arc::new(RateLimiter::new(global_limit))),
             tasks: Mutex::new(Vec::new()),
             finished: Arc::new(tokio::sync::Notify::new()),
+            retention,
         };
         for e in std::fs::read_dir(&jobs.dir).with_context(|| format!("listing {}", jobs.dir.display()))?.flatten() {
             let p = e.path();
@@ -302,7 +332,34 @@ impl Jobs {
                 m.insert(rec.id.clone(), job);
             }
         }
+        jobs.evict();
         Ok(jobs)
+    }
+
+    /// Forgets ended transfers past the retention (`transfer_history`,
+    /// `transfer_history_days`): from memory, the request-id map and the state directory.
+    fn evict(&self) {
+        let ended: Vec<(String, u64)> = self
+            .map
+            .lock()
+            .map(|m| m.values().map(|j| j.record()).filter(|r| r.state.is_terminal()).map(|r| (r.id, r.finished_ms)).collect())
+            .unwrap_or_default();
+        let gone = expired(ended, self.retention, now_ms());
+        if gone.is_empty() {
+            return;
+        }
+        if let Ok(mut m) = self.map.lock() {
+            for id in &gone {
+                m.remove(id);
+            }
+        }
+        if let Ok(mut m) = self.by_request.lock() {
+            m.retain(|_, id| !gone.contains(id));
+        }
+        for id in &gone {
+            let _ = std::fs::remove_file(self.dir.join(format!("{id}.json")));
+        }
+        tracing::debug!(forgotten = gone.len(), "ended transfers past the retention forgotten");
     }
 
     fn persist(&self, r: &Record) {
@@ -466,6 +523,7 @@ impl Jobs {
         });
         job.set_phase(Phase::Done);
         self.persist(&r);
+        self.evict();
         self.finished.notify_one();
     }
 
@@ -692,4 +750,19 @@ fn result_label(s: State) -> &'static str {
 
 fn rand_bytes() -> [u8; 8] {
     rand::random()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_transfers_past_the_count_or_the_age_are_forgotten_newest_kept() {
+        let keep = Retention { count: 2, age: std::time::Duration::from_secs(10) };
+        let ended = vec![("a".to_string(), 95_000), ("b".to_string(), 99_000), ("c".to_string(), 97_000), ("d".to_string(), 80_000)];
+        let mut gone = expired(ended, keep, 100_000);
+        gone.sort();
+        assert_eq!(gone, vec!["a".to_string(), "d".to_string()]);
+        assert!(expired(vec![("x".into(), 100_000)], Retention::default(), 100_000).is_empty());
+    }
 }

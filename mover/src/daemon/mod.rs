@@ -340,7 +340,8 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     std::fs::create_dir_all(&cfg.cache_dir).with_context(|| format!("creating cache directory {}", cfg.cache_dir.display()))?;
     let metrics = Arc::new(Metrics::new().map_err(|e| Error::with_source(ErrorKind::Permanent, "registering metrics", e))?);
     let jobs_stop = CancellationToken::new();
-    let jobs = Arc::new(Jobs::load(&cfg.state_dir, cfg.max_concurrent_transfers, metrics.clone(), jobs_stop.clone(), cfg.bandwidth_limit)?);
+    let jobs =
+        Arc::new(Jobs::load(&cfg.state_dir, cfg.max_concurrent_transfers, metrics.clone(), jobs_stop.clone(), cfg.bandwidth_limit, cfg.transfer_history)?);
     let env = env_from(&cfg);
     let exports = Arc::new(exports::Exports::new(metrics.clone()));
     let d = Arc::new(Daemon {

@@ -668,3 +668,37 @@ fn an_unreachable_repository_never_delays_requests_on_another() {
         stuck_backup.abort();
     });
 }
+
+#[test]
+fn ended_transfers_are_kept_by_count_and_then_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "transfer_history = 2", false);
+    let src = dir.path().join("vols/disk.img");
+    make_volume(&src, 4 << 20, 82);
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let t = c.start_backup(backup_req("disk", &src)).await.unwrap().into_inner();
+            assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
+            ids.push(t.id);
+        }
+        // The end state is published a moment before the record is settled.
+        let t0 = Instant::now();
+        let listed = loop {
+            let l: Vec<String> = c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner().transfers.into_iter().map(|t| t.id).collect();
+            if l.len() <= 2 || t0.elapsed() > Duration::from_secs(5) {
+                break l;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(listed, ids[1..].to_vec(), "the newest two are kept, the oldest forgotten");
+        let e = c.get_transfer(pb::GetTransferRequest { id: ids[0].clone() }).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        let records = std::fs::read_dir(dir.path().join("state/transfers"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
+            .count();
+        assert_eq!(records, 2, "the forgotten transfer's record is still on disk");
+    });
+}
