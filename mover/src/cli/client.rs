@@ -349,7 +349,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             None
         }
         Cmd::List => {
-            let l = tc.list_transfers(pb::ListTransfersRequest {}).await.map_err(status)?.into_inner();
+            let l = tc.list_transfers(pb::ListTransfersRequest::default()).await.map_err(status)?.into_inner();
             if a.json {
                 println!("{}", serde_json::Value::Array(l.transfers.iter().map(transfer_json).collect()));
             } else {

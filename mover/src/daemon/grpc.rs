@@ -484,7 +484,34 @@ impl TransferService for Api {
 
     async fn list_transfers(&self, request: Request<pb::ListTransfersRequest>) -> Result<Response<pb::ListTransfersResponse>, Status> {
         auth::authorize(&self.d, &request, Group::Read)?;
-        Ok(Response::new(pb::ListTransfersResponse { transfers: self.d.jobs.list().iter().map(|j| to_proto(j)).collect() }))
+        let req = request.into_inner();
+        // A page continues after the (created, id) the previous one ended with.
+        let after = match req.page_token.as_str() {
+            "" => None,
+            t => Some(
+                t.split_once(':')
+                    .and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_string())))
+                    .ok_or_else(|| Status::invalid_argument(format!("page_token '{t}' is not one this node gave")))?,
+            ),
+        };
+        let mut out: Vec<pb::Transfer> = self
+            .d
+            .jobs
+            .list()
+            .iter()
+            .map(|j| to_proto(j))
+            .filter(|t| req.kind == 0 || t.kind == req.kind)
+            .filter(|t| req.state == 0 || t.state == req.state)
+            .filter(|t| req.group.is_empty() || t.group == req.group)
+            .filter(|t| after.as_ref().is_none_or(|(ms, id)| (t.created_unix_ms, &t.id) > (*ms, id)))
+            .collect();
+        let mut next_page_token = String::new();
+        if req.page_size > 0 && out.len() > req.page_size as usize {
+            out.truncate(req.page_size as usize);
+            let last = out.last().expect("a page of at least one");
+            next_page_token = format!("{}:{}", last.created_unix_ms, last.id);
+        }
+        Ok(Response::new(pb::ListTransfersResponse { transfers: out, next_page_token }))
     }
 }
 

@@ -389,7 +389,11 @@ impl Jobs {
 
     pub fn list(&self) -> Vec<Arc<Job>> {
         let mut v: Vec<Arc<Job>> = self.map.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
-        v.sort_by_key(|j| j.record().created_ms);
+        // Oldest first; the id breaks ties (ListTransfers pages by this order).
+        v.sort_by_cached_key(|j| {
+            let r = j.record();
+            (r.created_ms, r.id)
+        });
         v
     }
 

@@ -242,7 +242,7 @@ fn unix_socket_listener() {
         let t = c.start_backup(backup_req("disk", &src)).await.unwrap().into_inner();
         let end = watch_end(&mut c, &t.id).await;
         assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
-        let l = c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner();
+        let l = c.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner();
         assert_eq!(l.transfers.len(), 1);
     });
 }
@@ -397,7 +397,7 @@ fn restart_marks_interrupted_and_the_rerun_resumes() {
         wait_state(&mut c, &t.id, pb::TransferState::Running, Duration::from_secs(10)).await;
         t.id
     });
-    let killed = rt.block_on(async { client(&d).await.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner() });
+    let killed = rt.block_on(async { client(&d).await.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner() });
     let running: Vec<_> = killed.transfers.iter().filter(|t| t.state() == pb::TransferState::Running).map(|t| t.id.clone()).collect();
     d.signal("-KILL");
     d.spawn();
@@ -488,11 +488,11 @@ fn mtls_rejects_clients_without_a_certificate_or_from_another_ca() {
     };
     rt().block_on(async {
         let ok = mover::client::connect(&conn(Some("client"))).await.unwrap();
-        TransferServiceClient::new(ok).list_transfers(pb::ListTransfersRequest {}).await.unwrap();
+        TransferServiceClient::new(ok).list_transfers(pb::ListTransfersRequest::default()).await.unwrap();
         for who in [None, Some("rogue")] {
             let refused = match mover::client::connect(&conn(who)).await {
                 Err(_) => true,
-                Ok(ch) => TransferServiceClient::new(ch).list_transfers(pb::ListTransfersRequest {}).await.is_err(),
+                Ok(ch) => TransferServiceClient::new(ch).list_transfers(pb::ListTransfersRequest::default()).await.is_err(),
             };
             assert!(refused, "a client with {who:?} was let in");
         }
@@ -686,7 +686,8 @@ fn ended_transfers_are_kept_by_count_and_then_forgotten() {
         // The end state is published a moment before the record is settled.
         let t0 = Instant::now();
         let listed = loop {
-            let l: Vec<String> = c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner().transfers.into_iter().map(|t| t.id).collect();
+            let l: Vec<String> =
+                c.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner().transfers.into_iter().map(|t| t.id).collect();
             if l.len() <= 2 || t0.elapsed() > Duration::from_secs(5) {
                 break l;
             }
@@ -700,5 +701,52 @@ fn ended_transfers_are_kept_by_count_and_then_forgotten() {
             .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
             .count();
         assert_eq!(records, 2, "the forgotten transfer's record is still on disk");
+    });
+}
+
+#[test]
+fn list_transfers_filters_and_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let src = dir.path().join("vols/disk.img");
+    make_volume(&src, 4 << 20, 83);
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let mut ids = Vec::new();
+        for group in ["vms/a", "vms/b", "vms/a"] {
+            let t = c.start_backup(pb::StartBackupRequest { group: group.into(), ..backup_req("disk", &src) }).await.unwrap().into_inner();
+            assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
+            ids.push(t.id);
+        }
+        let snap = c.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner().transfers[0].snapshot_id.clone();
+        let out = dir.path().join("vols/out.img");
+        let r = pb::StartRestoreRequest { repository: "main".into(), snapshot: snap, target: path_ref(&out), ..Default::default() };
+        let r = c.start_restore(r).await.unwrap().into_inner();
+        watch_end(&mut c, &r.id).await;
+        let list = |req: pb::ListTransfersRequest| {
+            let mut c = c.clone();
+            async move { c.list_transfers(req).await.map(|r| r.into_inner()) }
+        };
+        let ids_of = |r: &pb::ListTransfersResponse| r.transfers.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+        let backups = list(pb::ListTransfersRequest { kind: pb::TransferKind::Backup as i32, ..Default::default() }).await.unwrap();
+        assert_eq!(ids_of(&backups), ids);
+        let a = list(pb::ListTransfersRequest { group: "vms/a".into(), state: pb::TransferState::Succeeded as i32, ..Default::default() }).await.unwrap();
+        // The restore is of a snapshot of vms/a: it concerns that group too.
+        assert_eq!(ids_of(&a), vec![ids[0].clone(), ids[2].clone(), r.id.clone()]);
+        // Pages of two: every transfer once, in order.
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let p = list(pb::ListTransfersRequest { page_size: 2, page_token: token.clone(), ..Default::default() }).await.unwrap();
+            assert!(p.transfers.len() <= 2);
+            seen.extend(ids_of(&p));
+            if p.next_page_token.is_empty() {
+                break;
+            }
+            token = p.next_page_token;
+        }
+        assert_eq!(seen, ids.iter().cloned().chain([r.id.clone()]).collect::<Vec<_>>());
+        let e = list(pb::ListTransfersRequest { page_token: "nonsense".into(), ..Default::default() }).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     });
 }

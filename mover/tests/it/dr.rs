@@ -77,7 +77,7 @@ fn the_daemon_copies_to_a_second_site_verifies_on_schedule_drills_and_reports_rp
         // the copy ended covers the copies.
         let t0 = Instant::now();
         let verify = loop {
-            let l = c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner();
+            let l = c.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner();
             let done = l.transfers.into_iter().find(|t| {
                 t.kind() == pb::TransferKind::Verify
                     && t.repository == "dr"
@@ -186,7 +186,7 @@ fn copy_verify_and_drill_requests_are_checked_before_anything_runs() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         let e = c.start_drill(pb::StartDrillRequest { repository: "main".into(), snapshot: "latest".into(), ..Default::default() }).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
-        let l = c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner();
+        let l = c.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner();
         assert!(l.transfers.is_empty(), "refused requests start nothing");
     });
 }

@@ -57,7 +57,7 @@ fn pod_req(uid: &str, vol: &str) -> pb::StartBackupRequest {
 
 /// No transfer was started and the repository holds no snapshot.
 async fn nothing_started(c: &mut pb::transfer_service_client::TransferServiceClient<tonic::transport::Channel>, d: &Daemon) {
-    assert!(c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner().transfers.is_empty(), "a refused request started a transfer");
+    assert!(c.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner().transfers.is_empty(), "a refused request started a transfer");
     let ch = mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap();
     let mut rc = pb::repository_service_client::RepositoryServiceClient::new(ch);
     let snaps = rc.list_snapshots(pb::ListSnapshotsRequest { repository: "main".into(), ..Default::default() }).await.unwrap().into_inner().snapshots;
@@ -382,7 +382,7 @@ fn callers_are_authorized_by_certificate_identity() {
     rt().block_on(async {
         let mut alice = pb::transfer_service_client::TransferServiceClient::new(mover::client::connect(&conn("alice")).await.unwrap());
         let mut bob = pb::transfer_service_client::TransferServiceClient::new(mover::client::connect(&conn("bob")).await.unwrap());
-        bob.list_transfers(pb::ListTransfersRequest {}).await.unwrap();
+        bob.list_transfers(pb::ListTransfersRequest::default()).await.unwrap();
         expect(bob.start_backup(backup_req("disk", &src)).await, Code::PermissionDenied, &["bob", "backup"]);
         let r =
             pb::StartRestoreRequest { repository: "main".into(), snapshot: "latest".into(), target: path_ref(&p.join("vols/out.img")), ..Default::default() };
@@ -650,7 +650,7 @@ fn a_tenant_volume_yields_no_device_or_link_out_whether_named_by_path_or_as_a_po
         // The kubelet's own entry for a block volume is still a volume.
         let t = c.start_backup(backup_req("disk", &vdev_dir.join("data"))).await.unwrap().into_inner();
         assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
-        let tr = c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner().transfers;
+        let tr = c.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner().transfers;
         assert_eq!(tr.len(), 2, "a refused request started a transfer: {tr:?}");
     });
     assert_eq!(atime(&victim_file), untouched, "another pod's file was read");
@@ -690,7 +690,7 @@ fn a_caller_scoped_to_its_pods_names_nothing_else() {
         for target in [&theirs, &node_file] {
             expect(c.start_restore(restore_req(&end.snapshot_id, target)).await, Code::InvalidArgument, &["[authorization.paths]"]);
         }
-        assert_eq!(c.list_transfers(pb::ListTransfersRequest {}).await.unwrap().into_inner().transfers.len(), 1);
+        assert_eq!(c.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner().transfers.len(), 1);
     });
     assert_eq!((atime(&theirs), atime(&node_file)), (untouched, node_untouched), "a scoped caller read outside its scope");
     assert_eq!((hash(&theirs), hash(&node_file)), before, "a scoped caller wrote outside its scope");
