@@ -116,6 +116,18 @@ struct Conn {
     sock: Sock,
     deadline: Option<Instant>,
     io_timeout: Duration,
+    /// The socket's read timeout as last set: set again only when it must change.
+    set_to: Duration,
+    /// Bytes arrived in the current exchange: a timeout then means too slow, not silent.
+    progressed: bool,
+}
+
+impl Conn {
+    /// Starts an exchange that must complete within `budget`.
+    fn begin(&mut self, budget: Duration) {
+        self.deadline = Some(Instant::now() + budget);
+        self.progressed = false;
+    }
 }
 
 enum Sock {
@@ -160,10 +172,27 @@ impl Read for Conn {
             }
             None => self.io_timeout,
         };
-        self.sock.set_read_timeout(wait)?;
-        match &mut self.sock {
+        // Far from the deadline the wait is the I/O timeout, already set: no system call
+        // per read on the data path.
+        if wait != self.set_to {
+            self.sock.set_read_timeout(wait)?;
+            self.set_to = wait;
+        }
+        let r = match &mut self.sock {
             Sock::Unix(s) => s.read(b),
             Sock::Tcp(s) => s.read(b),
+        };
+        match r {
+            Ok(n) => {
+                self.progressed |= n > 0;
+                Ok(n)
+            }
+            // A server that sent something, then ran out the deadline, trickles: too slow
+            // (one that sent nothing stays "no answer").
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) && self.progressed && wait < self.io_timeout => {
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, DEADLINE))
+            }
+            Err(e) => Err(e),
         }
     }
 }
@@ -251,7 +280,7 @@ impl NbdClient {
             }
         };
         let mut c = Self {
-            s: Conn { sock, deadline: None, io_timeout: t },
+            s: Conn { sock, deadline: None, io_timeout: t, set_to: t, progressed: false },
             uri: uri.text.clone(),
             size: 0,
             structured: false,
@@ -263,7 +292,8 @@ impl NbdClient {
             closed: CancellationToken::new(),
         };
         // The whole handshake, however many replies, within one budget.
-        c.s.deadline = Some(Instant::now() + c.budget(0));
+        let b = c.budget(0);
+        c.s.begin(b);
         c.handshake(&uri.export, meta).map_err(|e| e.context(format!("NBD handshake with {}", uri.text)))?;
         c.s.deadline = None;
         Ok(c)
@@ -483,7 +513,8 @@ impl NbdClient {
         if self.cancelled() {
             return Err(Error::cancelled(format!("reading NBD export {}", self.uri)));
         }
-        self.s.deadline = Some(Instant::now() + self.budget(reply_bytes));
+        let b = self.budget(reply_bytes);
+        self.s.begin(b);
         self.cookie += 1;
         let mut b = [0u8; 28];
         b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());

@@ -410,9 +410,17 @@ impl Confinement {
         if target.starts_with(self.kubelet_root.join("pods")) {
             return Err(Error::invalid(format!("{what} {label}: the link points into a pod's directory ({}), not to a device", target.display())));
         }
-        // The kubelet's link, not the caller's path: the caller's scope was checked on the entry.
-        let unscoped = Confinement { scope: None, ..self.clone() };
-        let r = unscoped.resolve(&target, what).map_err(|e| e.context(format!("{what} {label} (a link to {})", target.display())))?;
+        // The kubelet's link, not the caller's path: resolved by the node's rules (it may
+        // point into the kubelet's `plugins/…/volumeDevices/publish/`), beneath an allowed
+        // root; the caller's scope was checked on the entry.
+        let root = self
+            .roots
+            .iter()
+            .find(|r| target.starts_with(r))
+            .ok_or_else(|| Error::invalid(format!("{what} {label}: the kubelet's link points to {}, outside the allowed roots", target.display())))?;
+        let rel = target.strip_prefix(root).unwrap_or(&target);
+        let r = beneath(&Self::open_root(root)?, rel, &target.display().to_string(), what)
+            .map_err(|(_, e)| e.context(format!("{what} {label} (a link to {})", target.display())))?;
         if r.kind != Kind::BlockDevice {
             return Err(Error::invalid(format!("{what} {label}: links to {}, which is not a block device", target.display())));
         }

@@ -750,3 +750,47 @@ fn list_transfers_filters_and_pages() {
         assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     });
 }
+
+#[test]
+fn a_kubelet_link_into_its_plugins_directory_is_a_block_volume() {
+    // CSI block volumes: the kubelet's volumeDevices entry links to the device it published
+    // under plugins/kubernetes.io/csi/volumeDevices/publish/ (inside the kubelet root).
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let uid = "6f0c2a4e-1111-2222-3333-444455556667";
+    let img = dir.path().join("block.img");
+    make_volume(&img, 8 << 20, 53);
+    let lo = Loop::new(&img, 0);
+    let publish = dir.path().join("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pv-1");
+    std::fs::create_dir_all(&publish).unwrap();
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&lo.dev).unwrap());
+    nix::sys::stat::mknod(&publish.join(uid), nix::sys::stat::SFlag::S_IFBLK, nix::sys::stat::Mode::from_bits_truncate(0o600), rdev).unwrap();
+    let entry = dir.path().join("kubelet/pods").join(uid).join("volumeDevices/kubernetes.io~csi");
+    std::fs::create_dir_all(&entry).unwrap();
+    std::os::unix::fs::symlink(publish.join(uid), entry.join("pvdisk")).unwrap();
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let by_ref = pb::StartBackupRequest {
+            repository: "main".into(),
+            volumes: vec![pb::BackupVolume {
+                name: "disk".into(),
+                source: Some(pb::VolumeRef {
+                    r#ref: Some(pb::volume_ref::Ref::PodVolume(pb::PodVolume { pod_uid: uid.into(), volume_name: "pvdisk".into() })),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        for req in [by_ref, backup_req("disk", &entry.join("pvdisk"))] {
+            let t = c.start_backup(req).await.unwrap().into_inner();
+            let end = watch_end(&mut c, &t.id).await;
+            assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
+            let out = dir.path().join("vols/out.img");
+            let _ = std::fs::remove_file(&out);
+            let r = pb::StartRestoreRequest { repository: "main".into(), snapshot: end.snapshot_id, target: path_ref(&out), ..Default::default() };
+            let r = c.start_restore(r).await.unwrap().into_inner();
+            assert_eq!(watch_end(&mut c, &r.id).await.state(), pb::TransferState::Succeeded);
+            assert_eq!(hash(&out), hash(&img));
+        }
+    });
+}
