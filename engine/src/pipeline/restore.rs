@@ -593,7 +593,6 @@ pub async fn restore_volume(
     r
 }
 
-#[allow(clippy::too_many_arguments)]
 /// How much of an existing target's start is cleared before a restore writes anything:
 /// the partition table (MBR, primary GPT), LVM and RAID labels, filesystem superblocks.
 pub const HEADER_WIPE: u64 = 1 << 20;
@@ -638,6 +637,7 @@ fn settle(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn restore_volume_inner(
     repo: &Repository,
     index: Arc<dyn ChunkIndex>,
@@ -653,12 +653,15 @@ async fn restore_volume_inner(
     let Target { file, label, kind, fresh, finish } = target;
     check_target_size(&label, &file, vol, snap)?;
     // Again at the moment of writing: a queued restore starts long after its request, and
-    // a VM may have opened its disk since.
-    if kind == Kind::File && !fresh {
-        crate::device::refuse_if_in_use(&file, &label, "restore target")?;
-    }
-    if kind == Kind::BlockDevice {
-        crate::device::refuse_if_held(&file, &label, "restore target")?;
+    // a VM may have opened its disk since. (Off the reactor: a device's check reads every
+    // process's descriptors, and waits a moment when it finds a holder.)
+    if kind == Kind::BlockDevice || !fresh {
+        let (f, l) = (file.try_clone().with_context(|| format!("restore target {label}"))?, label.clone());
+        tokio::task::spawn_blocking(move || match kind {
+            Kind::BlockDevice => crate::device::refuse_if_held(&f, &l, "restore target"),
+            Kind::File => crate::device::refuse_if_in_use(&f, &l, "restore target"),
+        })
+        .await??;
     }
     if kind == Kind::File {
         file.set_len(vol.size).with_context(|| format!("sizing restore target {label} to {} bytes", vol.size))?;

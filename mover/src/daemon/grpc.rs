@@ -334,15 +334,12 @@ impl TransferService for Api {
             return Ok(Response::new(to_proto(&j)));
         }
         let (request_id, repository, bandwidth) = (req.request_id.clone(), req.repository.clone(), req.bandwidth_limit);
-        // Opening the repository and planning (listings, the parent, paths) happen outside
-        // the start lock: a slow repository delays only its own requests.
+        // Opening the repository and planning (listings, the parent, paths) hold no
+        // node-wide lock: a slow repository delays only its own requests. `Jobs::start`
+        // keeps one transfer per request id.
         let h = self.d.repo(&repository).await.map_err(status)?;
         let plan_req = BackupRequest::try_from(req).map_err(status)?;
         let plan = crate::plan::backup::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(status)?;
-        let _g = self.d.jobs.start_lock.lock().await;
-        if let Some(j) = self.d.jobs.by_request(&request_id) {
-            return Ok(Response::new(to_proto(&j)));
-        }
         let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Backup(plan), h, bandwidth);
         Ok(Response::new(to_proto(&job)))
     }
@@ -357,10 +354,6 @@ impl TransferService for Api {
         let h = self.d.repo(&repository).await.map_err(status)?;
         let plan_req = RestoreRequest::try_from(req).map_err(status)?;
         let plan = crate::plan::restore::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(status)?;
-        let _g = self.d.jobs.start_lock.lock().await;
-        if let Some(j) = self.d.jobs.by_request(&request_id) {
-            return Ok(Response::new(to_proto(&j)));
-        }
         let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Restore(plan), h, 0);
         Ok(Response::new(to_proto(&job)))
     }
@@ -394,10 +387,6 @@ impl TransferService for Api {
         };
         let request = mover_engine::pipeline::copy::CopyRequest { selection, newer_only: req.newer_only, tuning: Default::default() };
         let work = Work::Copy { target_name: req.target_repository.clone(), target, request };
-        let _g = self.d.jobs.start_lock.lock().await;
-        if let Some(j) = self.d.jobs.by_request(&req.request_id) {
-            return Ok(Response::new(to_proto(&j)));
-        }
         let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), work, h, req.bandwidth_limit);
         Ok(Response::new(to_proto(&job)))
     }
@@ -412,10 +401,6 @@ impl TransferService for Api {
             return Err(Status::invalid_argument(format!("read_data_percent {} must be 0 to 100", req.read_data_percent)));
         }
         let h = self.d.repo(&req.repository).await.map_err(status)?;
-        let _g = self.d.jobs.start_lock.lock().await;
-        if let Some(j) = self.d.jobs.by_request(&req.request_id) {
-            return Ok(Response::new(to_proto(&j)));
-        }
         let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), Work::Verify { read_data_percent: req.read_data_percent }, h, 0);
         Ok(Response::new(to_proto(&job)))
     }
@@ -433,10 +418,6 @@ impl TransferService for Api {
         let (snapshot, manifest) =
             mover_engine::snapshots::resolve(&h.repo, &req.snapshot, empty(req.group).as_deref(), &self.d.request_token()).await.map_err(status)?;
         let work = Work::Drill { snapshot, manifest, scratch: self.d.cfg.drill_scratch_dir.clone() };
-        let _g = self.d.jobs.start_lock.lock().await;
-        if let Some(j) = self.d.jobs.by_request(&req.request_id) {
-            return Ok(Response::new(to_proto(&j)));
-        }
         let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), work, h, 0);
         Ok(Response::new(to_proto(&job)))
     }

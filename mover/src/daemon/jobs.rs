@@ -230,8 +230,6 @@ impl Job {
 pub struct Jobs {
     map: Mutex<HashMap<String, Arc<Job>>>,
     by_request: Mutex<HashMap<String, String>>,
-    /// Serialises starts so that one request id never starts twice.
-    pub start_lock: tokio::sync::Mutex<()>,
     sem: Arc<Semaphore>,
     dir: PathBuf,
     metrics: Arc<Metrics>,
@@ -284,7 +282,6 @@ impl Jobs {
         let jobs = Self {
             map: Mutex::new(HashMap::new()),
             by_request: Mutex::new(HashMap::new()),
-            start_lock: tokio::sync::Mutex::new(()),
             sem: Arc::new(Semaphore::new(max)),
             dir,
             metrics,
@@ -397,7 +394,8 @@ impl Jobs {
         v
     }
 
-    /// Registers and spawns a validated job; it waits for a slot (Queued) first.
+    /// Registers and spawns a validated job; it waits for a slot (Queued) first. A request
+    /// id already started returns that transfer instead.
     pub fn start(self: &Arc<Self>, request_id: String, repository: String, caller: String, work: Work, handle: RepoHandle, bandwidth: u64) -> Arc<Job> {
         let (kind, volumes, group) = match &work {
             Work::Backup(p) => (Kind::Backup, p.volume_names.clone(), p.group.clone()),
@@ -437,7 +435,6 @@ impl Jobs {
             verify: None,
             drill: None,
         };
-        self.persist(&rec);
         let (tx, _) = watch::channel(0);
         let job = Arc::new(Job {
             record: Mutex::new(rec),
@@ -447,14 +444,20 @@ impl Jobs {
             phase: Mutex::new(Phase::Queued),
             started: Mutex::new(None),
         });
-        if let Ok(mut m) = self.map.lock() {
-            m.insert(id.clone(), job.clone());
-        }
-        if !request_id.is_empty() {
-            if let Ok(mut m) = self.by_request.lock() {
-                m.insert(request_id, id);
+        {
+            // One transfer per request id: the check and the registration under one lock
+            // (requests are planned before, concurrently; the second start of a request id
+            // gets the first one's transfer, its own plan dropped).
+            let mut reqs = self.by_request.lock().expect("transfers by request");
+            if let Some(j) = reqs.get(&request_id).filter(|_| !request_id.is_empty()).and_then(|id| self.get(id)) {
+                return j;
+            }
+            self.map.lock().expect("transfers").insert(id.clone(), job.clone());
+            if !request_id.is_empty() {
+                reqs.insert(request_id, id);
             }
         }
+        self.persist(&job.record());
         let me = self.clone();
         let j = job.clone();
         let h = tokio::spawn(async move { me.run(j, work, handle, bandwidth).await });

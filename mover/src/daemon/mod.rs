@@ -101,13 +101,10 @@ impl Daemon {
     /// caller's `[authorization.paths]` when any of its identities is listed there.
     pub fn env_for(&self, caller: &auth::Caller) -> Env {
         let mut env = self.env.clone();
-        let scope: Vec<std::path::PathBuf> = match self.cfg.authorization.as_ref() {
-            Some(a) => caller.identities.iter().filter_map(|i| a.paths.get(i)).flatten().cloned().collect(),
-            None => Vec::new(),
-        };
-        let listed = self.cfg.authorization.as_ref().is_some_and(|a| caller.identities.iter().any(|i| a.paths.contains_key(i)));
-        if let (true, PathPolicy::Confined(c)) = (listed, &mut env.paths) {
-            c.scope = Some(scope);
+        let listed: Vec<&Vec<std::path::PathBuf>> =
+            self.cfg.authorization.iter().flat_map(|a| caller.identities.iter().filter_map(|i| a.paths.get(i))).collect();
+        if let (false, PathPolicy::Confined(c)) = (listed.is_empty(), &mut env.paths) {
+            c.scope = Some(listed.into_iter().flatten().cloned().collect());
         }
         env
     }
