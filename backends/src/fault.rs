@@ -111,6 +111,9 @@ impl Storage for FaultyStorage {
     fn location(&self) -> &str {
         self.inner.location()
     }
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
     async fn put(&self, name: &str, data: Bytes, cancel: &CancellationToken) -> Result<PutOutcome, StorageError> {
         self.maybe_fail("writing", name)?;
         if let Some(d) = self.delay_for(name) {

@@ -84,6 +84,9 @@ impl Storage for Instrumented {
     fn location(&self) -> &str {
         self.inner.location()
     }
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
     async fn put(&self, name: &str, data: Bytes, cancel: &CancellationToken) -> Result<PutOutcome, StorageError> {
         let t = Instant::now();
         let r = self.inner.put(name, data, cancel).await;

@@ -78,7 +78,7 @@ pub async fn open_verified(url: &str, s3: &S3Endpoint, cancel: &CancellationToke
 /// writes its own probe object, so it may run beside reads of the repository (opening it
 /// costs round trips of its own) as long as it completes before the first write.
 pub async fn verify(storage: &dyn Storage, url: &str, s3: &S3Endpoint, cancel: &CancellationToken) -> Result<(), StorageError> {
-    if url.starts_with("s3://") {
+    if storage.is_remote() {
         let key = format!("{}|{url}", s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()).unwrap_or_default());
         verify_create_only_cached(storage, &key, cancel).await?;
     }

@@ -231,6 +231,10 @@ impl Storage for S3Storage {
         &self.location
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     async fn put(&self, name: &str, data: Bytes, cancel: &CancellationToken) -> Result<PutOutcome, StorageError> {
         if cancel.is_cancelled() {
             return Err(StorageError::cancelled("writing", name, &self.location));

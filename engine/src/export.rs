@@ -120,12 +120,13 @@ impl VolumeImage {
     /// Loads the volume's segment references (groups); chunks are fetched on read.
     pub async fn open(
         repo: &Repository,
-        index: Arc<dyn ChunkIndex>,
+        view: &crate::lock::ReadView,
         snap: SnapshotId,
         vol: VolumeEntry,
         opts: ImageOptions,
         cancel: &CancellationToken,
     ) -> Result<Arc<Self>> {
+        let index = view.index().clone();
         let refs = load_refs(repo, &*index, &snap, &vol, cancel).await?;
         let window_kib = (opts.window.unwrap_or_else(|| default_window(repo)).max(1 << 20) >> 10).min(u32::MAX as u64) as u32;
         Ok(Arc::new(Self {

@@ -22,6 +22,7 @@ pub mod export;
 pub mod index;
 pub mod lock;
 pub mod maint;
+pub mod ops;
 pub mod pipeline;
 pub mod progress;
 pub mod ratelimit;

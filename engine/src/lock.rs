@@ -7,6 +7,7 @@
 //! holder past that no longer trusts its lease and commits nothing.
 
 use crate::error::{Error, Result, ResultExt};
+use mover_format::local_index::ChunkIndex;
 use mover_format::lock::{self, LockInfo, LockKind};
 use mover_format::{names, Repository};
 use std::collections::HashMap;
@@ -102,7 +103,94 @@ impl Lease {
     }
 }
 
-pub struct RepoLock {
+/// What a lock is held for.
+#[derive(Debug, Clone, Copy)]
+pub enum Hold<'a> {
+    /// Restores, exports, drills, copies (on their source) and `check`: gc deletes nothing
+    /// they may still read until the scope ends or the lock expires.
+    Read,
+    /// Backups and repairs: gc keeps what they write and may still reference.
+    Backup,
+    /// `gc`, `forget` and index rebuilds: refused while another live `gc` lock exists.
+    /// The text names the operation in that refusal ("run gc").
+    Exclusive(&'a str),
+}
+
+/// The one way to hold a lock: writes it, keeps it refreshed while `f` runs, and removes it
+/// when `f` ends — on success, on error and on cancellation alike. There is no other
+/// acquire or release: the order the gc protocol needs (lease → read view → work →
+/// release, `docs/gc.md`) is kept by this scope and by [`Held::view`], not by comments.
+pub async fn scope<T, F, Fut>(repo: &Repository, hold: Hold<'_>, cancel: &CancellationToken, f: F) -> Result<T>
+where
+    F: FnOnce(Held) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let lock = match hold {
+        Hold::Read => RepoLock::acquire(repo, LockKind::Read, cancel).await?,
+        Hold::Backup => RepoLock::acquire(repo, LockKind::Backup, cancel).await?,
+        Hold::Exclusive(what) => RepoLock::acquire_exclusive(repo, what, cancel).await?,
+    };
+    let held = Held { repo: repo.clone(), lease: lock.lease.clone() };
+    let r = f(held).await;
+    lock.release().await;
+    r
+}
+
+/// A held lock, as the work inside a [`scope`] sees it: its lease (for commits) and the
+/// read view it makes safe to take. Once the scope ends its lease is given up, so a copy
+/// kept past it commits nothing.
+pub struct Held {
+    repo: Repository,
+    lease: Lease,
+}
+
+impl Held {
+    pub fn id(&self) -> String {
+        self.lease.id.clone()
+    }
+
+    pub fn lease(&self) -> Lease {
+        self.lease.clone()
+    }
+
+    /// The read view: the local index synced with the repository's segments, plus the
+    /// entries gc took out of the index but has not swept (they stay readable while this
+    /// lock lives). Taken after the lock, so nothing it names is deleted while it is used.
+    pub async fn view(&self, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<ReadView> {
+        Ok(ReadView(crate::index::with_pending(&self.repo, index, cancel).await?))
+    }
+
+    /// [`Held::view`] and the quarantine, for writers that must not deduplicate against
+    /// damaged locations (backup, repair).
+    pub async fn view_screened(&self, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<(ReadView, Arc<crate::index::Quarantined>)> {
+        let (tree, q) = crate::index::reading(&self.repo, index, cancel).await?;
+        Ok((ReadView(tree), q))
+    }
+}
+
+/// Where a snapshot's chunks are, for reading them: obtainable only from a held lock
+/// ([`Held::view`]), so every reader has the lease that keeps what it names in the store.
+/// Lookups only; writers go through the `Packer`, which needs a lease of its own.
+#[derive(Clone)]
+pub struct ReadView(Arc<dyn ChunkIndex>);
+
+impl ReadView {
+    pub fn lookup(&self, id: &mover_format::ChunkId) -> Result<Option<mover_format::index::BlobLocation>> {
+        Ok(self.0.lookup(id)?)
+    }
+
+    /// A blob (a segment map, metadata) named in the view ([`crate::snapshots::load_blob`]).
+    pub async fn load_blob(&self, repo: &Repository, id: &mover_format::ChunkId, what: &str, cancel: &CancellationToken) -> Result<Vec<u8>> {
+        crate::snapshots::load_blob(repo, &*self.0, id, what, cancel).await
+    }
+
+    /// The index behind the view, for the engine's readers.
+    pub(crate) fn index(&self) -> &Arc<dyn ChunkIndex> {
+        &self.0
+    }
+}
+
+struct RepoLock {
     repo: Repository,
     info: Arc<Mutex<LockInfo>>,
     lease: Lease,
@@ -112,7 +200,7 @@ pub struct RepoLock {
 
 impl RepoLock {
     /// Writes a lock of `kind` and starts refreshing it.
-    pub async fn acquire(repo: &Repository, kind: LockKind, cancel: &CancellationToken) -> Result<Self> {
+    async fn acquire(repo: &Repository, kind: LockKind, cancel: &CancellationToken) -> Result<Self> {
         let ttl = default_ttl();
         let what = format!("creating {kind} lock in repository {}", repo.location());
         let info = LockInfo::new(kind, ttl.as_secs());
@@ -125,18 +213,16 @@ impl RepoLock {
         Ok(Self { repo: repo.clone(), info, lease, stop, task: Some(task) })
     }
 
-    /// A `read` lock, for restores, exports and `check`: gc deletes nothing they may still
-    /// read until it is released or expires. Take it *before* resolving the snapshot and
-    /// syncing the index (`docs/gc.md`).
-    pub async fn read(repo: &Repository, cancel: &CancellationToken) -> Result<Self> {
-        Self::acquire(repo, LockKind::Read, cancel).await
-    }
-
     /// A `gc` lock, refused while another live `gc` lock exists.
-    pub async fn acquire_exclusive(repo: &Repository, what: &str, cancel: &CancellationToken) -> Result<Self> {
+    async fn acquire_exclusive(repo: &Repository, what: &str, cancel: &CancellationToken) -> Result<Self> {
         let me = Self::acquire(repo, LockKind::Gc, cancel).await?;
-        let others: Vec<LockView> =
-            list(repo, cancel).await?.into_iter().filter(|l| l.info.kind == LockKind::Gc && l.stale.is_none() && l.info.id != me.id()).collect();
+        let others: Vec<LockView> = match list(repo, cancel).await {
+            Ok(l) => l.into_iter().filter(|l| l.info.kind == LockKind::Gc && l.stale.is_none() && l.info.id != me.lease.id).collect(),
+            Err(e) => {
+                me.release().await;
+                return Err(e);
+            }
+        };
         if let Some(o) = others.first() {
             me.release().await;
             return Err(Error::conflict(format!(
@@ -148,16 +234,9 @@ impl RepoLock {
         Ok(me)
     }
 
-    pub fn id(&self) -> String {
-        self.lease.id.clone()
-    }
-
-    pub fn lease(&self) -> Lease {
-        self.lease.clone()
-    }
-
-    /// Stops refreshing and removes the lock.
-    pub async fn release(mut self) {
+    /// Stops refreshing, gives the lease up and removes the lock.
+    async fn release(mut self) {
+        self.lease.give_up();
         self.stop.cancel();
         if let Some(t) = self.task.take() {
             let _ = t.await;
@@ -173,9 +252,11 @@ impl RepoLock {
 
 impl Drop for RepoLock {
     fn drop(&mut self) {
-        // Dropped without release (an early return): stop refreshing and remove it in the
-        // background so other nodes need not wait for the TTL.
+        // Dropped inside its scope (the scope's future was dropped: a cancelled request):
+        // stop refreshing and remove it in the background so other nodes need not wait
+        // for the TTL.
         if self.task.is_some() {
+            self.lease.give_up();
             self.stop.cancel();
             if let (Ok(info), Ok(rt)) = (self.info.lock().map(|i| i.clone()), tokio::runtime::Handle::try_current()) {
                 let repo = self.repo.clone();

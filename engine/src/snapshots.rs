@@ -29,12 +29,18 @@ pub fn by_group(snaps: Vec<(SnapshotId, Manifest)>) -> BTreeMap<String, Vec<(Sna
     out
 }
 
-/// A snapshot named by a caller: an id, a unique prefix of at least 4 hex digits, or
-/// `latest` — of `group` when one is given, else of the repository's only group.
-pub async fn resolve(repo: &Repository, spec: &str, group: Option<&str>, cancel: &CancellationToken) -> Result<(SnapshotId, Manifest)> {
+/// Refuses a request that names no snapshot, before anything is read or written.
+pub fn check_spec(spec: &str) -> Result<()> {
     if spec.is_empty() {
         return Err(Error::invalid("snapshot: empty; give an id, a unique prefix or 'latest'"));
     }
+    Ok(())
+}
+
+/// A snapshot named by a caller: an id, a unique prefix of at least 4 hex digits, or
+/// `latest` — of `group` when one is given, else of the repository's only group.
+pub async fn resolve(repo: &Repository, spec: &str, group: Option<&str>, cancel: &CancellationToken) -> Result<(SnapshotId, Manifest)> {
+    check_spec(spec)?;
     if spec != "latest" {
         let id = repo.resolve_snapshot(spec, cancel).await?;
         let m = repo.read_snapshot(&id, cancel).await?;

@@ -9,9 +9,8 @@
 
 use fuser::{FileAttr, FileType, Filesystem, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request};
 use mover_engine::export::{ImageOptions, VolumeImage};
-use mover_engine::snapshots::load_blob;
+use mover_engine::lock::ReadView;
 use mover_engine::{Error, Result};
-use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::{Manifest, VolumeEntry};
 use mover_format::{ChunkId, Repository, SnapshotId};
 use std::collections::{BTreeMap, HashMap};
@@ -40,7 +39,7 @@ struct Node {
 pub struct SnapshotFs {
     nodes: Vec<Node>,
     repo: Repository,
-    index: Arc<dyn ChunkIndex>,
+    view: ReadView,
     rt: tokio::runtime::Handle,
     images: Arc<Mutex<HashMap<u64, Arc<VolumeImage>>>>,
     metas: Arc<Mutex<HashMap<u64, Arc<Vec<u8>>>>>,
@@ -50,11 +49,11 @@ pub struct SnapshotFs {
 
 impl SnapshotFs {
     /// The tree of `snaps` (each with its manifest).
-    pub fn new(repo: Repository, index: Arc<dyn ChunkIndex>, snaps: Vec<(SnapshotId, Manifest)>, opts: ImageOptions, cancel: CancellationToken) -> Self {
+    pub fn new(repo: Repository, view: ReadView, snaps: Vec<(SnapshotId, Manifest)>, opts: ImageOptions, cancel: CancellationToken) -> Self {
         let mut fs = SnapshotFs {
             nodes: vec![Node { kind: Kind::Dir(BTreeMap::new()), mtime: 0 }, Node { kind: Kind::Dir(BTreeMap::new()), mtime: 0 }],
             repo,
-            index,
+            view,
             rt: tokio::runtime::Handle::current(),
             images: Default::default(),
             metas: Default::default(),
@@ -178,7 +177,7 @@ impl Filesystem for SnapshotFs {
 
     fn read(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, size: u32, _flags: i32, _lock: Option<u64>, reply: ReplyData) {
         let Some(node) = self.nodes.get(ino as usize) else { return reply.error(libc::ENOENT) };
-        let (repo, index, cancel, opts) = (self.repo.clone(), self.index.clone(), self.cancel.clone(), self.opts);
+        let (repo, view, cancel, opts) = (self.repo.clone(), self.view.clone(), self.cancel.clone(), self.opts);
         match &node.kind {
             Kind::Image { snap, vol } => {
                 let (snap, vol, images) = (*snap, vol.clone(), self.images.clone());
@@ -188,7 +187,7 @@ impl Filesystem for SnapshotFs {
                         let image = match existing {
                             Some(i) => i,
                             None => {
-                                let i = VolumeImage::open(&repo, index, snap, vol, opts, &cancel).await?;
+                                let i = VolumeImage::open(&repo, &view, snap, vol, opts, &cancel).await?;
                                 images.lock().map_err(|_| Error::permanent("image table lock poisoned"))?.entry(ino).or_insert(i).clone()
                             }
                         };
@@ -215,7 +214,7 @@ impl Filesystem for SnapshotFs {
                         if let Some(b) = metas.lock().ok().and_then(|m| m.get(&ino).cloned()) {
                             return Ok(b);
                         }
-                        let b = Arc::new(load_blob(&repo, &*index, &blob, "metadata blob", &cancel).await?);
+                        let b = Arc::new(view.load_blob(&repo, &blob, "metadata blob", &cancel).await?);
                         if let Ok(mut m) = metas.lock() {
                             m.insert(ino, b.clone());
                         }

@@ -9,11 +9,11 @@
 //! manifest references is deleted, and everything restores byte-exact.
 
 use mover::plan::backup::{BackupRequest, SourceRef, VolumeRequest};
-use mover::plan::{Env, NbdPolicy};
-use mover::sources::file::PathPolicy;
+use mover::plan::Env;
 use mover_backends::fault::FaultyStorage;
 use mover_engine::maint::gc::{self, GcOptions};
-use mover_engine::pipeline::backup::{backup, BackupSummary};
+use mover_engine::ops::{self, RepoHandle};
+use mover_engine::pipeline::backup::BackupSummary;
 use mover_engine::progress::Progress;
 use mover_format::crypto::KdfParams;
 use mover_format::storage::Storage;
@@ -40,25 +40,15 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 async fn backup_file(repo: &Repository, cache: &Path, path: &Path, group: &str, limit: u64) -> mover_engine::Result<BackupSummary> {
     let c = CancellationToken::new();
-    let mut req = BackupRequest {
+    let req = BackupRequest {
         group: Some(group.into()),
         volumes: vec![VolumeRequest { name: "disk".into(), source: SourceRef::Path(path.into()), changed_extents: None, csi: None, checkpoint: None }],
+        upload_limit: limit,
         ..Default::default()
     };
-    if limit > 0 {
-        req.tuning.limiters.push(Arc::new(mover_engine::ratelimit::RateLimiter::new(limit)));
-    }
-    let env = Env {
-        paths: PathPolicy::Operator,
-        nbd: NbdPolicy::Any,
-        nbd_options: Default::default(),
-        csi: Vec::new(),
-        kubevirt_hosts: None,
-        backup: Default::default(),
-    };
-    let plan = mover::plan::backup::prepare(req, &env, repo, &c).await?;
-    let index = mover_engine::index::open_local(repo, cache);
-    backup(repo, index, plan.job, Arc::new(Progress::default()), &c).await
+    let plan = mover::plan::backup::prepare(req, &Env::operator(), repo, &c).await?;
+    let h = RepoHandle::local(repo.clone(), cache);
+    ops::backup(&h, plan.job, Arc::new(Progress::default()), &c).await
 }
 
 /// `mover ARGS` against the repository, through the CLI.

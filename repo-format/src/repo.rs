@@ -184,6 +184,10 @@ impl Repository {
     pub fn location(&self) -> &str {
         self.inner.storage.location()
     }
+    /// Whether the store is reached over a network ([`Storage::is_remote`]).
+    pub fn is_remote(&self) -> bool {
+        self.inner.storage.is_remote()
+    }
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.inner.storage
     }

@@ -12,7 +12,7 @@ use mover_format::Repository;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use pending::{reading, with_pending};
+pub(crate) use pending::{reading, with_pending};
 pub use quarantine::{Quarantined, Screen};
 pub use rocks::RocksIndex;
 

@@ -70,12 +70,12 @@ pub async fn load(repo: &Repository, who: Reader, cancel: &CancellationToken) ->
 /// Syncs `index` and returns it plus the entries of unswept gc records, seen through the
 /// quarantine ([`Screen::Read`]: a healed copy before a damaged one), for reading
 /// snapshots (restore, export, a backup's parent tree).
-pub async fn with_pending(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<Arc<dyn ChunkIndex>> {
+pub(crate) async fn with_pending(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<Arc<dyn ChunkIndex>> {
     Ok(reading(repo, index, cancel).await?.0)
 }
 
 /// [`with_pending`], and the quarantine it was screened with.
-pub async fn reading(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<(Arc<dyn ChunkIndex>, Arc<Quarantined>)> {
+pub(crate) async fn reading(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<(Arc<dyn ChunkIndex>, Arc<Quarantined>)> {
     // Records first, then the index: a record swept in between has put its live entries
     // back into an index segment before it was deleted, and the sync sees that segment.
     let (records, q) = tokio::try_join!(load(repo, Reader::Shared, cancel), Quarantined::load(repo, cancel))?;

@@ -282,20 +282,11 @@ impl Visitor for Structure<'_> {
 }
 
 /// Checks structure; with `read_percent` (1..=100), also downloads that share of the packs
-/// and verifies every blob in them. Every damaged object is listed with the snapshots that
-/// need it.
-pub async fn check(repo: &Repository, read_percent: Option<u32>, cancel: &CancellationToken) -> Result<CheckReport> {
-    check_with_progress(repo, read_percent, &Progress::default(), cancel).await
-}
-
-/// [`check`], counting the bytes of the packs it reads in `progress` (total: the sample's
-/// size).
-pub async fn check_with_progress(repo: &Repository, read_percent: Option<u32>, progress: &Progress, cancel: &CancellationToken) -> Result<CheckReport> {
+/// and verifies every blob in them, counting their bytes in `progress` (total: the
+/// sample's size). Every damaged object is listed with the snapshots that need it.
+pub(crate) async fn check_with_progress(repo: &Repository, read_percent: Option<u32>, progress: &Progress, cancel: &CancellationToken) -> Result<CheckReport> {
     // Under a `read` lock: a concurrent gc deletes nothing this check may still read.
-    let lock = crate::lock::RepoLock::read(repo, cancel).await?;
-    let r = check_locked(repo, read_percent, progress, cancel).await;
-    lock.release().await;
-    r
+    crate::lock::scope(repo, crate::lock::Hold::Read, cancel, |_held| check_locked(repo, read_percent, progress, cancel)).await
 }
 
 async fn check_locked(repo: &Repository, read_percent: Option<u32>, progress: &Progress, cancel: &CancellationToken) -> Result<CheckReport> {

@@ -11,7 +11,6 @@ use crate::pipeline::restore::{fetch_segment, restore_volume, RestoreOptions, Se
 use crate::pipeline::splice::UNKNOWN_DIGEST;
 use crate::progress::Progress;
 use crate::snapshots::load_refs;
-use mover_format::local_index::ChunkIndex;
 use mover_format::manifest::Manifest;
 use mover_format::tree::{SegRefs, SegmentRef};
 use mover_format::{Repository, SegmentDigest, SnapshotId};
@@ -96,9 +95,9 @@ fn verify_segments(
 
 /// Restores every volume of `snap` into a new file under `scratch_dir`, verifies it
 /// against the recorded segment digests, and removes it.
-pub async fn drill(
+pub(crate) async fn drill(
     repo: &Repository,
-    index: Arc<dyn ChunkIndex>,
+    view: &crate::lock::ReadView,
     snap: &SnapshotId,
     m: &Manifest,
     scratch_dir: &Path,
@@ -120,11 +119,12 @@ pub async fn drill(
         let reader = file.try_clone().with_context(|| format!("opening {}", path.display()))?;
         let target = Target { file, label: path.display().to_string(), kind: Kind::File, fresh: true, finish: None };
         let t0 = Instant::now();
-        let summary = restore_volume(repo, index.clone(), snap, vol, target, &RestoreOptions::default(), progress.clone(), cancel).await?;
+        let summary = restore_volume(repo, view, snap, vol, target, &RestoreOptions::default(), progress.clone(), cancel).await?;
         let restore_s = t0.elapsed().as_secs_f64();
         // Read back and compare with what the backup read from the source.
         let t1 = Instant::now();
-        let refs = load_refs(repo, &*index, snap, vol, cancel).await?;
+        let index = view.index();
+        let refs = load_refs(repo, &**index, snap, vol, cancel).await?;
         let (repo2, name, seg_size, size, snap2, cancel2) = (repo.clone(), vol.name.clone(), vol.segment_size as u64, vol.size, *snap, cancel.clone());
         let (rt, index2) = (tokio::runtime::Handle::current(), index.clone());
         let segments_verified = tokio::task::spawn_blocking(move || {

@@ -4,7 +4,7 @@
 //! them from `snapshots/`. Data is freed by `gc` later, never here.
 
 use crate::error::{Error, Result, ResultExt};
-use crate::lock::RepoLock;
+use crate::lock::{self, Hold};
 use crate::timeutil::civil_from_days;
 use mover_format::manifest::Manifest;
 use mover_format::pending::PendingDeletion;
@@ -144,8 +144,7 @@ pub async fn forget_snapshots(repo: &Repository, ids: &[SnapshotId], cancel: &Ca
     if ids.is_empty() {
         return Ok(0);
     }
-    let me = RepoLock::acquire_exclusive(repo, "forget snapshots", cancel).await?;
-    let r = async {
+    lock::scope(repo, Hold::Exclusive("forget snapshots"), cancel, |me| async move {
         let mut forgotten = Vec::new();
         for id in ids {
             let bytes = repo.get_object(&names::snapshot(id), cancel).await.with_context(|| format!("reading snapshot {id} to forget it"))?;
@@ -161,10 +160,8 @@ pub async fn forget_snapshots(repo: &Repository, ids: &[SnapshotId], cancel: &Ca
         let ready = super::gc::ready_now(&live);
         lease.commit("writing the gc record's ready marker", async { Ok(repo.write_ready(&record_id, &ready, cancel).await?) }).await?;
         Ok::<usize, Error>(ids.len())
-    }
-    .await;
-    me.release().await;
-    r
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use super::gc_work::{self, Entries, Reach};
 use crate::error::{Error, Result, ResultExt};
 use crate::index::pending::{self, Record};
 use crate::index::Quarantined;
-use crate::lock::{self, RepoLock};
+use crate::lock::{self, Held, Hold};
 use crate::walk::{self, Trees, Visitor};
 use mover_format::blob::{BlobEncoder, EncodedBlob};
 use mover_format::index::{BlobLocation, IndexEntry};
@@ -240,20 +240,16 @@ pub async fn run(repo: &Repository, opts: &GcOptions, cancel: &CancellationToken
     if !(0.0..=1.0).contains(&opts.repack_unused) {
         return Err(Error::invalid(format!("--repack-unused must be between 0 and 1 (a share of a pack's bytes), not {}", opts.repack_unused)));
     }
-    let lock = RepoLock::acquire_exclusive(repo, "run gc", cancel).await?;
-    let scratch = opts.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let r = match gc_work::create(&scratch) {
-        Ok((idx, reach)) => {
-            let mut v = View { q: Quarantined::default(), packs: HashMap::new(), idx, snapshots: HashSet::new(), reach };
-            run_locked(repo, opts, &mut v, &lock, cancel).await
-        }
-        Err(e) => Err(e),
-    };
-    lock.release().await;
-    r
+    lock::scope(repo, Hold::Exclusive("run gc"), cancel, |me| async move {
+        let scratch = opts.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let (idx, reach) = gc_work::create(&scratch)?;
+        let mut v = View { q: Quarantined::default(), packs: HashMap::new(), idx, snapshots: HashSet::new(), reach };
+        run_locked(repo, opts, &mut v, &me, cancel).await
+    })
+    .await
 }
 
-async fn run_locked(repo: &Repository, opts: &GcOptions, v: &mut View, me: &RepoLock, cancel: &CancellationToken) -> Result<GcReport> {
+async fn run_locked(repo: &Repository, opts: &GcOptions, v: &mut View, me: &Held, cancel: &CancellationToken) -> Result<GcReport> {
     let mut rep = GcReport { dry_run: opts.dry_run, ..Default::default() };
     // Order matters (docs/gc.md): packs, then index, then records and snapshots; locks last.
     // Manifests parked by `forget` become roots in `sweep`, unless their record is swept.
@@ -299,7 +295,7 @@ async fn prune_quarantine(repo: &Repository, v: &View, lease: &lock::Lease, canc
 }
 
 /// Live lock ids other than `me`.
-pub(super) async fn live_locks(repo: &Repository, me: &RepoLock, cancel: &CancellationToken) -> Result<Vec<lock::LockView>> {
+pub(super) async fn live_locks(repo: &Repository, me: &Held, cancel: &CancellationToken) -> Result<Vec<lock::LockView>> {
     Ok(lock::list(repo, cancel).await?.into_iter().filter(|l| l.stale.is_none() && l.info.id != me.id()).collect())
 }
 
@@ -308,7 +304,7 @@ async fn sweep(
     repo: &Repository,
     v: &mut View,
     records: &mut Vec<Record>,
-    me: &RepoLock,
+    me: &Held,
     dry_run: bool,
     rep: &mut GcReport,
     cancel: &CancellationToken,
@@ -419,7 +415,7 @@ async fn mark(
     v: &mut View,
     records: &[Record],
     opts: &GcOptions,
-    me: &RepoLock,
+    me: &Held,
     rep: &mut GcReport,
     cancel: &CancellationToken,
 ) -> Result<Option<Record>> {

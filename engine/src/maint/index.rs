@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result, ResultExt};
 use crate::index::RocksIndex;
-use crate::lock::RepoLock;
+use crate::lock::{self, Hold};
 use mover_format::local_index::{self, RebuildReport, SyncReport};
 use mover_format::Repository;
 use std::path::{Path, PathBuf};
@@ -23,8 +23,7 @@ pub async fn rebuild(repo: &Repository, cache_root: &Path, cancel: &Cancellation
     let path = RocksIndex::path_for(cache_root, &repo.config().id);
     // The lock first, then the index: nothing is deleted while another process (a running
     // daemon) has the database open — RocksDB's own lock refuses the open then.
-    let lock = RepoLock::acquire_exclusive(repo, "rebuild the index", cancel).await?;
-    let r = async {
+    let r = lock::scope(repo, Hold::Exclusive("rebuild the index"), cancel, |_held| async {
         if path.exists() {
             if held_elsewhere(&path.join("LOCK")) {
                 return Err(Error::precondition(format!(
@@ -36,9 +35,8 @@ pub async fn rebuild(repo: &Repository, cache_root: &Path, cancel: &Cancellation
         }
         let idx = RocksIndex::open(&path)?;
         local_index::rebuild_from_packs(repo, &idx, true, cancel).await.map_err(Error::from)
-    }
+    })
     .await;
-    lock.release().await;
     Ok((path, r?))
 }
 

@@ -17,14 +17,12 @@
 
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::export::{ImageOptions, VolumeImage};
-use crate::index::reading;
-use crate::lock::RepoLock;
+use crate::lock::{self, Hold};
 use crate::pipeline::packer::{Claims, Packer};
 use crate::progress::Progress;
 use crate::walk::{self, Trees, Visitor};
 use mover_format::blob::{BlobEncoder, BlobKind};
 use mover_format::local_index::ChunkIndex;
-use mover_format::lock::LockKind;
 use mover_format::manifest::Manifest;
 use mover_format::tree::MapEntry;
 use mover_format::{ChunkId, Repository, SnapshotId};
@@ -140,20 +138,18 @@ impl Visitor for Finder<'_> {
 pub async fn repair(repo: &Repository, index: Arc<dyn ChunkIndex>, src: RepairSources, cancel: &CancellationToken) -> Result<RepairReport> {
     // A backup lease: repair stores blobs and index segments as a backup does, and gc
     // running beside it keeps what it writes.
-    let lock = RepoLock::acquire(repo, LockKind::Backup, cancel).await?;
-    let r = repair_locked(repo, index, &src, &lock, cancel).await;
-    lock.release().await;
-    r
+    lock::scope(repo, Hold::Backup, cancel, |held| async move { repair_locked(repo, index, &src, &held, cancel).await }).await
 }
 
 async fn repair_locked(
     repo: &Repository,
     index: Arc<dyn ChunkIndex>,
     src: &RepairSources,
-    lock: &RepoLock,
+    lock: &lock::Held,
     cancel: &CancellationToken,
 ) -> Result<RepairReport> {
-    let (tree, q) = reading(repo, index.clone(), cancel).await.context("syncing the local index")?;
+    let (view, q) = lock.view_screened(index.clone(), cancel).await.context("syncing the local index")?;
+    let tree = view.index().clone();
     let mut rep = RepairReport { quarantined: q.len(), dry_run: src.dry_run, ..Default::default() };
     let unhealed = q.unhealed(&*tree)?;
     rep.unhealed_before = unhealed.len();
@@ -167,8 +163,7 @@ async fn repair_locked(
     if !src.dry_run {
         let progress = Arc::new(Progress::default());
         let dedup = crate::index::quarantine::screen(index.clone(), &q, crate::index::Screen::Dedup);
-        let mut packer = Packer::new(repo.clone(), dedup, Arc::new(Claims::default()), 2, 4, progress, cancel.clone());
-        packer.lease = Some(lock.lease());
+        let mut packer = Packer::new(repo.clone(), dedup, Arc::new(Claims::default()), lock.lease(), 2, 4, progress, cancel.clone());
         let mut enc = BlobEncoder::new(repo.config().compression.level);
         let by_id: HashMap<SnapshotId, &Manifest> = snaps.iter().map(|(id, m)| (*id, m)).collect();
         if let Some((from, from_index)) = &src.from {
@@ -260,10 +255,8 @@ async fn heal_from_repository(
     rep: &mut RepairReport,
     cancel: &CancellationToken,
 ) -> Result<usize> {
-    let lock = RepoLock::read(from, cancel).await?;
-    let r = async {
-        let from_tree =
-            crate::index::with_pending(from, from_index, cancel).await.with_context(|| format!("syncing the local index of {}", from.location()))?;
+    lock::scope(from, Hold::Read, cancel, |held| async move {
+        let from_view = held.view(from_index, cancel).await.with_context(|| format!("syncing the local index of {}", from.location()))?;
         let theirs = from.snapshots(cancel).await?;
         let mut images: HashMap<(SnapshotId, String), Option<Arc<VolumeImage>>> = HashMap::new();
         let mut n = 0;
@@ -284,15 +277,9 @@ async fn heal_from_repository(
                     }
                     let key = (*tid, volume.clone());
                     if !images.contains_key(&key) {
-                        let img = VolumeImage::open(
-                            from,
-                            from_tree.clone(),
-                            *tid,
-                            tv.clone(),
-                            ImageOptions { cache_segments: 4, read_ahead: 0, window: None },
-                            cancel,
-                        )
-                        .await;
+                        let img =
+                            VolumeImage::open(from, &from_view, *tid, tv.clone(), ImageOptions { cache_segments: 4, read_ahead: 0, window: None }, cancel)
+                                .await;
                         images.insert(key.clone(), img.map_err(|e| tracing::warn!("{e:#}")).ok());
                     }
                     let Some(img) = images.get(&key).cloned().flatten() else { continue };
@@ -320,7 +307,7 @@ async fn heal_from_repository(
                 for (tid, tm) in theirs.iter().filter(|(tid, tm)| tm.identity(&from.config().id.to_hex(), tid) == ident) {
                     let Some(md) = tm.metadata.iter().find(|md| md.name == *name) else { continue };
                     let what = format!("metadata '{name}' of snapshot {tid} in {}", from.location());
-                    let bytes = match crate::snapshots::load_blob(from, &*from_tree, &md.blob, &what, cancel).await {
+                    let bytes = match from_view.load_blob(from, &md.blob, &what, cancel).await {
                         Ok(b) => b,
                         Err(e) if e.is_cancelled() => return Err(e),
                         Err(e) => {
@@ -337,10 +324,8 @@ async fn heal_from_repository(
             }
         }
         Ok(n)
-    }
-    .await;
-    lock.release().await;
-    r
+    })
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -14,12 +14,11 @@ use super::reader::{self, IoBackend, IoChoice, ReadDone, ReadJob, ReadPlan};
 use super::splice::ParentMaps;
 use crate::aligned::{AlignedBuf, ALIGN};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
-use crate::lock::{Lease, RepoLock};
+use crate::lock::{self, Hold, Lease};
 use crate::progress::Progress;
 use crate::source::{self, Opened, ParentVolume, Reader, VolumeSource};
 use mover_format::blob::{BlobEncoder, BlobKind};
 use mover_format::local_index::ChunkIndex;
-use mover_format::lock::LockKind;
 use mover_format::manifest::{ChangeSource, Manifest, MetadataEntry, VolumeEntry, VolumeStats, MANIFEST_VERSION};
 use mover_format::tree::{SegRefs, SegmentGroup, SegmentMap, SegmentRef, GROUP_SEGMENTS};
 use mover_format::{ChunkId, Repository, SnapshotId};
@@ -128,7 +127,7 @@ pub struct BackupJob {
 /// latency, not the disk, limits one upload).
 fn upload_slots(repo: &Repository, requested: usize) -> usize {
     match requested {
-        0 if repo.location().starts_with("s3://") => 3,
+        0 if repo.is_remote() => 3,
         0 => 2,
         n => n,
     }
@@ -181,23 +180,20 @@ pub struct BackupSummary {
 ///
 /// The backup holds a `backup` lock from before it syncs the local index until its
 /// manifest is written, so `gc` knows what it may still reference (`docs/gc.md`).
-pub async fn backup(
+pub(crate) async fn backup(
     repo: &Repository,
     index: Arc<dyn ChunkIndex>,
     job: BackupJob,
     progress: Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<BackupSummary> {
-    if job.volumes.is_empty() {
-        return Err(Error::invalid("nothing to back up: no volume given"));
-    }
-    let lock = RepoLock::acquire(repo, LockKind::Backup, cancel).await?;
-    tracing::debug!("backup lock held");
-    let r = async {
+    lock::scope(repo, Hold::Backup, cancel, |held| async move {
+        tracing::debug!("backup lock held");
         // After the lock: segments a gc replaced before it are seen as gone. Dedup looks
         // chunks up in the index only; the parent's tree may also use entries of unswept gc
         // records, which the parent (or its parked manifest) keeps alive (docs/gc.md).
-        let (tree, q) = crate::index::reading(repo, index.clone(), cancel).await.context("syncing the local index")?;
+        let (view, q) = held.view_screened(index.clone(), cancel).await.context("syncing the local index")?;
+        let tree = view.index().clone();
         tracing::debug!(quarantined = q.len(), "local index in sync");
         // Damaged locations are never deduplicated against: what they held is stored anew
         // (docs/repair.md), and the segments of the parent that need it are read again.
@@ -205,13 +201,11 @@ pub async fn backup(
         let unhealed = Arc::new(q.unhealed(&*tree)?);
         let parent = resolve_parent(repo, &job, cancel).await?;
         tracing::debug!(parent = ?parent.as_ref().map(|p| p.0), "parent resolved");
-        let r = run(repo, index, tree, job, parent, unhealed, progress, lock.lease(), cancel).await;
+        let r = run(repo, index, tree, job, parent, unhealed, progress, held.lease(), cancel).await;
         crate::index::quarantine::note_seen(repo, "backup").await;
         r
-    }
-    .await;
-    lock.release().await;
-    r
+    })
+    .await
 }
 
 /// The parent, read after the lease is held (a parent forgotten before that is not used:
@@ -298,13 +292,13 @@ async fn run(
         repo.clone(),
         index.clone(),
         shared.claims.clone(),
+        lease.clone(),
         upload_slots(repo, job.tuning.upload_concurrency),
         job.tuning.checkpoint_packs,
         progress.clone(),
         stop.clone(),
     );
     packer.limiters = job.tuning.limiters.clone();
-    packer.lease = Some(lease.clone());
     let mut enc = BlobEncoder::new(repo.config().compression.level);
 
     let mut checks = Vec::new();

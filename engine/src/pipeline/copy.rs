@@ -16,7 +16,7 @@
 use super::backup::{backup, BackupJob, BackupSummary, CopyOf, ParentChoice, Tuning, VolumeInput};
 use crate::error::{Error, Result, ResultExt};
 use crate::export::{ImageOptions, VolumeImage};
-use crate::lock::RepoLock;
+use crate::lock::{self, Hold};
 use crate::progress::Progress;
 use crate::source::{BlockRead, Changes, Opened, ParentVolume, Reader, VolumeSource};
 use mover_format::local_index::ChunkIndex;
@@ -82,7 +82,7 @@ pub struct CopySummary {
 /// Copies the selected snapshots from `src` to `dst`, oldest first (so that parents are
 /// there before their children). Holds a read lease on the source throughout; each
 /// snapshot is committed under a backup lease on the target.
-pub async fn copy(
+pub(crate) async fn copy(
     src: &Repository,
     src_index: Arc<dyn ChunkIndex>,
     dst: &Repository,
@@ -94,21 +94,18 @@ pub async fn copy(
     if src.config().id == dst.config().id {
         return Err(Error::invalid(format!("{} and {} are the same repository (id {}): nothing to copy", src.location(), dst.location(), src.config().id)));
     }
-    let lock = RepoLock::read(src, cancel).await?;
-    let r = async {
-        let tree = crate::index::with_pending(src, src_index, cancel).await.context("syncing the source's local index")?;
-        let r = run(src, tree, dst, dst_index, req, progress, cancel).await;
+    lock::scope(src, Hold::Read, cancel, |held| async move {
+        let view = held.view(src_index, cancel).await.context("syncing the source's local index")?;
+        let r = run(src, view, dst, dst_index, req, progress, cancel).await;
         crate::index::quarantine::note_seen(src, "copy").await;
         r
-    }
-    .await;
-    lock.release().await;
-    r
+    })
+    .await
 }
 
 async fn run(
     src: &Repository,
-    tree: Arc<dyn ChunkIndex>,
+    tree: crate::lock::ReadView,
     dst: &Repository,
     dst_index: Arc<dyn ChunkIndex>,
     req: CopyRequest,
@@ -209,7 +206,7 @@ fn select<'a>(sources: &'a [(SnapshotId, Manifest)], targets: &[(SnapshotId, Man
 #[allow(clippy::too_many_arguments)]
 async fn copy_one(
     src: &Repository,
-    tree: &Arc<dyn ChunkIndex>,
+    tree: &crate::lock::ReadView,
     dst: &Repository,
     dst_index: Arc<dyn ChunkIndex>,
     sid: SnapshotId,
@@ -223,12 +220,12 @@ async fn copy_one(
     let opts = ImageOptions { cache_segments: 2, read_ahead: 2, window: None };
     let mut volumes = Vec::new();
     for v in &m.volumes {
-        let image = VolumeImage::open(src, tree.clone(), sid, v.clone(), opts, cancel).await?;
+        let image = VolumeImage::open(src, tree, sid, v.clone(), opts, cancel).await?;
         // Segments that differ from the parent's copy of the volume, when the target has it.
         let mut changed = None;
         if let Some((pid, pm, _)) = parent {
             if let Some(pv) = pm.volume(&v.name).filter(|pv| pv.size == v.size && pv.segment_size == v.segment_size) {
-                let prefs = crate::snapshots::load_refs(src, &**tree, &pid, pv, cancel).await?;
+                let prefs = crate::snapshots::load_refs(src, &**tree.index(), &pid, pv, cancel).await?;
                 let seg = v.segment_size as u64;
                 let mut ext: Vec<(u64, u64)> = Vec::new();
                 for (i, (a, b)) in image.refs().iter().zip(prefs.iter()).enumerate() {
@@ -255,7 +252,7 @@ async fn copy_one(
     let mut metadata = Vec::new();
     for e in &m.metadata {
         let what = format!("metadata '{}' of snapshot {sid}", e.name);
-        metadata.push((e.name.clone(), crate::snapshots::load_blob(src, &**tree, &e.blob, &what, cancel).await?));
+        metadata.push((e.name.clone(), crate::snapshots::load_blob(src, &**tree.index(), &e.blob, &what, cancel).await?));
     }
     let origin = m.origin.clone().unwrap_or_else(|| Origin {
         repository: src.config().id.to_string(),

@@ -69,9 +69,27 @@ fn data_builder(buffers: &Reuse<Vec<u8>>, pack_size: usize) -> PackBuilder {
 }
 
 type UploadResult = Result<(PackId, Vec<IndexEntry>, u64)>;
-/// A checkpoint's entries and the index segment written for them (or why not: then the
-/// entries go back to `pending`, and an error's clean-up writes them).
-type CheckpointResult = (Vec<IndexEntry>, Result<mover_format::IndexId>);
+/// How a checkpoint ended: its index segment not written (the entries go back to
+/// `pending`, and an error's clean-up writes them), or written and — with what the local
+/// index said — recorded there.
+enum CheckpointResult {
+    NotWritten(Vec<IndexEntry>, Error),
+    Written(Vec<IndexEntry>, Result<()>),
+}
+
+/// Records a written segment's entries in the local index off the reactor: RocksDB syncs
+/// its log on every write.
+async fn record_segment(index: Arc<dyn ChunkIndex>, id: mover_format::IndexId, entries: Vec<IndexEntry>) -> (Vec<IndexEntry>, Result<()>) {
+    let r = tokio::task::spawn_blocking(move || {
+        let r = index.ingest(Some(&id), &entries);
+        (entries, r)
+    })
+    .await;
+    match r {
+        Ok((entries, r)) => (entries, r.map_err(Error::from)),
+        Err(e) => (Vec::new(), Err(Error::permanent(format!("recording an index segment in the local index: {e}")))),
+    }
+}
 
 /// Index segments being written at once. A checkpoint's write runs beside the backup (one
 /// round trip each: awaited inline, they stalled the pipeline a round trip every
@@ -99,9 +117,9 @@ pub struct Packer {
     pub bytes_uploaded: u64,
     pub index_segments: u64,
     pub limiters: Vec<Arc<crate::ratelimit::RateLimiter>>,
-    /// The backup's lock: no index segment is written once its lease may have expired
+    /// The writer's lock: no index segment is written once its lease may have expired
     /// (GC may have deleted the packs it names as unindexed).
-    pub lease: Option<crate::lock::Lease>,
+    lease: crate::lock::Lease,
 }
 
 impl Packer {
@@ -109,6 +127,7 @@ impl Packer {
         repo: Repository,
         index: Arc<dyn ChunkIndex>,
         claims: Arc<Claims>,
+        lease: crate::lock::Lease,
         upload_concurrency: usize,
         checkpoint_packs: usize,
         progress: Arc<Progress>,
@@ -136,7 +155,7 @@ impl Packer {
             bytes_uploaded: 0,
             index_segments: 0,
             limiters: Vec::new(),
-            lease: None,
+            lease,
         }
     }
 
@@ -217,29 +236,33 @@ impl Packer {
         }
         let entries = std::mem::take(&mut self.pending);
         self.packs_pending = 0;
-        let (repo, cancel, lease) = (self.repo.clone(), self.cancel.clone(), self.lease.clone());
+        let (repo, index, cancel, lease) = (self.repo.clone(), self.index.clone(), self.cancel.clone(), self.lease.clone());
         self.checkpoints.spawn(async move {
             let write = async { Ok(repo.write_index(&entries, &cancel).await?) };
-            let id = match &lease {
-                Some(l) => l.commit("writing an index segment", write).await,
-                None => write.await,
-            };
-            (entries, id)
+            match lease.commit("writing an index segment", write).await {
+                Ok(id) => {
+                    let (entries, r) = record_segment(index, id, entries).await;
+                    CheckpointResult::Written(entries, r)
+                }
+                Err(e) => CheckpointResult::NotWritten(entries, e),
+            }
         });
         Ok(())
     }
 
-    /// A written index segment's entries into the local index; a failed write's entries
-    /// back to `pending` (for [`Self::finish_after_error`]) and its error.
-    fn ingest(&mut self, (entries, id): CheckpointResult) -> Result<()> {
-        let id = match id {
-            Ok(id) => id,
-            Err(e) => {
+    /// A recorded checkpoint's entries out of the claim set; a failed write's entries back
+    /// to `pending` (for [`Self::finish_after_error`]) and its error.
+    fn ingest(&mut self, c: CheckpointResult) -> Result<()> {
+        let entries = match c {
+            CheckpointResult::NotWritten(entries, e) => {
                 self.pending.extend(entries);
                 return Err(e);
             }
+            CheckpointResult::Written(entries, r) => {
+                r?;
+                entries
+            }
         };
-        self.index.ingest(Some(&id), &entries)?;
         self.claims.release(&entries);
         self.index_segments += 1;
         Ok(())
@@ -285,13 +308,10 @@ impl Packer {
         }
         let fresh = CancellationToken::new();
         let write = async { Ok(self.repo.write_index(&self.pending, &fresh).await?) };
-        let id = match &self.lease {
-            Some(l) => l.commit("writing an index segment", write).await?,
-            None => write.await?,
-        };
-        self.index.ingest(Some(&id), &self.pending)?;
-        self.claims.release(&self.pending);
-        self.pending.clear();
+        let id = self.lease.commit("writing an index segment", write).await?;
+        let (entries, r) = record_segment(self.index.clone(), id, std::mem::take(&mut self.pending)).await;
+        r?;
+        self.claims.release(&entries);
         Ok(())
     }
 }
@@ -315,36 +335,42 @@ mod tests {
         let repo = Repository::init(Arc::new(LocalStorage::new(dir.path())), b"pw", opts, &cancel).await.unwrap();
         let index: Arc<dyn ChunkIndex> = Arc::new(MemIndex::default());
         let claims = Arc::new(Claims::default());
-        let mut packer = Packer::new(repo.clone(), index.clone(), claims.clone(), 2, 1, Arc::new(Progress::default()), cancel.clone());
-        let mut enc = mover_format::blob::BlobEncoder::new(1);
-        let mut ids = Vec::new();
-        let mut most = 0;
-        for i in 0..64u32 {
-            // Incompressible (xorshift), so three chunks fill a 64 KiB pack.
-            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ i as u64;
-            let data: Vec<u8> = (0..20_000)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            let id = repo.keys().chunk_id(&data);
-            assert!(!claims.known(&*index, &id).unwrap(), "chunk {i} is new");
-            assert!(claims.known(&*index, &id).unwrap(), "chunk {i} is claimed: a second worker must not store it");
-            packer.add(&enc.encode(repo.keys(), id, BlobKind::Data, &data).unwrap()).await.unwrap();
-            ids.push(id);
-            most = most.max(claims.len());
-        }
-        packer.finish().await.unwrap();
-        assert!(packer.index_segments >= 4, "{} checkpoints", packer.index_segments);
-        assert!(most < 32, "at most a few packs' chunks are held at once, not all 64 (held {most})");
-        assert_eq!(claims.len(), 0, "every chunk is indexed, none is held");
-        for id in &ids {
-            assert!(index.lookup(id).unwrap().is_some());
-            assert!(claims.known(&*index, id).unwrap(), "an indexed chunk is known");
-        }
-        assert_eq!(claims.len(), 0, "asking about stored chunks holds nothing");
+        let (r, c) = (repo.clone(), cancel.clone());
+        crate::lock::scope(&r, crate::lock::Hold::Backup, &c, |held| async move {
+            let mut packer = Packer::new(repo.clone(), index.clone(), claims.clone(), held.lease(), 2, 1, Arc::new(Progress::default()), cancel.clone());
+            let mut enc = mover_format::blob::BlobEncoder::new(1);
+            let mut ids = Vec::new();
+            let mut most = 0;
+            for i in 0..64u32 {
+                // Incompressible (xorshift), so three chunks fill a 64 KiB pack.
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ i as u64;
+                let data: Vec<u8> = (0..20_000)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                let id = repo.keys().chunk_id(&data);
+                assert!(!claims.known(&*index, &id).unwrap(), "chunk {i} is new");
+                assert!(claims.known(&*index, &id).unwrap(), "chunk {i} is claimed: a second worker must not store it");
+                packer.add(&enc.encode(repo.keys(), id, BlobKind::Data, &data).unwrap()).await.unwrap();
+                ids.push(id);
+                most = most.max(claims.len());
+            }
+            packer.finish().await.unwrap();
+            assert!(packer.index_segments >= 4, "{} checkpoints", packer.index_segments);
+            assert!(most < 32, "at most a few packs' chunks are held at once, not all 64 (held {most})");
+            assert_eq!(claims.len(), 0, "every chunk is indexed, none is held");
+            for id in &ids {
+                assert!(index.lookup(id).unwrap().is_some());
+                assert!(claims.known(&*index, id).unwrap(), "an indexed chunk is known");
+            }
+            assert_eq!(claims.len(), 0, "asking about stored chunks holds nothing");
+            Ok(())
+        })
+        .await
+        .unwrap();
     }
 }

@@ -90,7 +90,7 @@ pub struct RestoreOptions {
 /// the bandwidth-delay product of a store 100 ms away at ~600 MiB/s of packs; 32 MiB for
 /// a local directory, where more in flight gains nothing.
 pub fn default_window(repo: &Repository) -> u64 {
-    if repo.location().starts_with("s3://") {
+    if repo.is_remote() {
         64 << 20
     } else {
         32 << 20
@@ -578,9 +578,9 @@ pub(crate) async fn load_maps(
 /// Restores one volume of a snapshot onto `target` (a block device or a file). Damaged
 /// blobs it meets are quarantined (`docs/repair.md`).
 #[allow(clippy::too_many_arguments)]
-pub async fn restore_volume(
+pub(crate) async fn restore_volume(
     repo: &Repository,
-    index: Arc<dyn ChunkIndex>,
+    view: &crate::lock::ReadView,
     snap: &SnapshotId,
     vol: &VolumeEntry,
     target: Target,
@@ -588,7 +588,7 @@ pub async fn restore_volume(
     progress: Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<RestoreSummary> {
-    let r = restore_volume_inner(repo, index, snap, vol, target, opts, progress, cancel).await;
+    let r = restore_volume_inner(repo, view.index().clone(), snap, vol, target, opts, progress, cancel).await;
     crate::index::quarantine::note_seen(repo, "restore").await;
     r
 }

@@ -3,11 +3,11 @@
 use super::{key_values, progress_bar};
 use mover::nbd::NbdOptions;
 use mover::plan::backup::{BackupRequest, SourceRef, VolumeRequest};
-use mover::plan::{Env, NbdPolicy};
+use mover::plan::Env;
 use mover::repo::RepoArgs;
 use mover::sources::csi::{CsiQuery, CsiService};
-use mover::sources::file::PathPolicy;
-use mover_engine::pipeline::backup::{backup, Tuning};
+use mover_engine::ops::{self, RepoHandle};
+use mover_engine::pipeline::backup::Tuning;
 use mover_engine::progress::Progress;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -203,9 +203,6 @@ fn request(b: &Args) -> anyhow::Result<BackupRequest> {
     if let Some(w) = b.workers {
         tuning.workers = w;
     }
-    if b.limit_upload > 0 {
-        tuning.limiters.push(Arc::new(mover_engine::ratelimit::RateLimiter::new(b.limit_upload)));
-    }
     Ok(BackupRequest {
         group: b.group.clone(),
         volumes: vols,
@@ -213,6 +210,7 @@ fn request(b: &Args) -> anyhow::Result<BackupRequest> {
         metadata,
         tags: key_values(&b.tags, "--tag")?.into_iter().collect(),
         tuning,
+        upload_limit: b.limit_upload,
         verify_sample: Some(b.verify_sample),
         compare_every: Some(b.compare_every),
     })
@@ -221,8 +219,6 @@ fn request(b: &Args) -> anyhow::Result<BackupRequest> {
 pub async fn run(ra: &RepoArgs, b: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
     let req = request(&b)?;
     let env = Env {
-        paths: PathPolicy::Operator,
-        nbd: NbdPolicy::Any,
         nbd_options: NbdOptions { io_timeout: Duration::from_secs(b.nbd_timeout.max(1)), ..Default::default() },
         csi: b
             .cbt_csi
@@ -241,15 +237,14 @@ pub async fn run(ra: &RepoArgs, b: Args, cancel: &CancellationToken) -> anyhow::
             })
             .into_iter()
             .collect(),
-        kubevirt_hosts: None,
         backup: mover::plan::BackupDefaults { kubevirt_retry: Duration::from_secs(b.kubevirt_retry), ..Default::default() },
+        ..Env::operator()
     };
-    let repo = ra.open(cancel).await?;
-    let plan = mover::plan::backup::prepare(req, &env, &repo, cancel).await?;
-    let index = mover_engine::index::open_local(&repo, &ra.cache_root());
+    let h = RepoHandle::local(ra.open(cancel).await?, &ra.cache_root());
+    let plan = mover::plan::backup::prepare(req, &env, &h.repo, cancel).await?;
     let progress = Arc::new(Progress::default());
     let bar = progress_bar(progress.clone(), !b.json, "backup");
-    let r = backup(&repo, index, plan.job, progress, cancel).await;
+    let r = ops::backup(&h, plan.job, progress, cancel).await;
     if let Some(h) = bar {
         h.abort();
     }

@@ -1,6 +1,8 @@
 //! `mover check`: structure, and with `--read-data` every (or a sample of) blob.
 
+use mover::plan::verify::VerifyPlan;
 use mover::repo::RepoArgs;
+use mover_engine::progress::Progress;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
@@ -20,26 +22,12 @@ pub struct Args {
 }
 
 pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
-    let pct = match (&a.read_data_subset, a.read_data) {
-        (Some(s), _) => {
-            let n: u32 = s.trim_end_matches('%').parse().map_err(|_| anyhow::anyhow!("--read-data-subset '{s}' is not a percentage like 10%"))?;
-            if !(1..=100).contains(&n) {
-                anyhow::bail!("--read-data-subset '{s}' must be between 1% and 100%");
-            }
-            Some(n)
-        }
-        (None, true) => Some(100),
-        (None, false) => None,
-    };
+    let plan = VerifyPlan::from_flags(a.read_data, a.read_data_subset.as_deref())?;
     let repo = ra.open(cancel).await?;
-    let t0 = std::time::Instant::now();
-    let r = mover_engine::maint::check::check(&repo, pct, cancel).await?;
-    if a.record {
-        let v = mover_engine::maint::report::VerifyResult::from_check(&r, pct.unwrap_or(0), t0.elapsed().as_secs_f64());
-        mover_engine::maint::report::record(&repo, mover_engine::maint::report::VERIFY, &v, cancel).await?;
-    }
+    let v = mover_engine::ops::verify(&repo, plan.read_percent, a.record, &Progress::default(), cancel).await?;
+    let r = &v.check;
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        println!("{}", serde_json::to_string(r)?);
     } else {
         println!(
             "checked repository {}: {} snapshots, {} packs, {} index segments ({} entries){}",
@@ -48,7 +36,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
             r.packs,
             r.index_segments,
             r.index_entries,
-            if pct.is_some() {
+            if plan.read_percent.is_some() {
                 format!("; read {} packs, verified {} blobs ({} bytes)", r.packs_read, r.blobs_verified, r.bytes_verified)
             } else {
                 String::new()
@@ -79,8 +67,5 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
             println!("{} snapshot(s) do not restore as they are", r.affected_snapshots.len());
         }
     }
-    if !r.problems.is_empty() {
-        anyhow::bail!("repository {} has {} problem(s)", repo.location(), r.problems.len());
-    }
-    Ok(())
+    Ok(v.ok(&repo)?)
 }

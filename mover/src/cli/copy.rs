@@ -1,9 +1,10 @@
 //! `mover copy --to TARGET`: copy snapshots to a second repository.
 
 use super::{mib, progress_bar};
+use mover::plan::copy::CopyRequest;
+use mover::plan::Env;
 use mover::repo::RepoArgs;
-use mover_engine::pipeline::backup::Tuning;
-use mover_engine::pipeline::copy::{copy, CopyRequest, Selection};
+use mover_engine::ops::{self, RepoHandle};
 use mover_engine::progress::Progress;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,29 +43,20 @@ pub struct Args {
 }
 
 pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
-    if !a.snapshots.is_empty() && !a.groups.is_empty() {
-        anyhow::bail!("give snapshots or --group, not both");
-    }
     let to = ra.second(&a.to, a.to_password_file.clone(), a.to_s3_endpoint.clone(), a.to_s3_region.clone(), "MOVER_TO_PASSWORD");
     let (src, dst) = tokio::try_join!(ra.open(cancel), to.open(cancel))?;
-    let selection = if a.snapshots.is_empty() {
-        Selection::Groups(a.groups.clone())
-    } else {
-        let mut ids = Vec::new();
-        for s in &a.snapshots {
-            ids.push(src.resolve_snapshot(s, cancel).await?);
-        }
-        Selection::Ids(ids)
+    let (src, dst) = (RepoHandle::local(src, &ra.cache_root()), RepoHandle::local(dst, &ra.cache_root()));
+    let req = CopyRequest {
+        snapshots: a.snapshots.clone(),
+        groups: a.groups.clone(),
+        newer_only: a.newer,
+        upload_concurrency: a.uploads,
+        upload_limit: a.limit_upload,
     };
-    let mut tuning = Tuning { upload_concurrency: a.uploads, ..Default::default() };
-    if a.limit_upload > 0 {
-        tuning.limiters.push(Arc::new(mover_engine::ratelimit::RateLimiter::new(a.limit_upload)));
-    }
-    let req = CopyRequest { selection, newer_only: a.newer, tuning };
-    let (si, di) = (mover_engine::index::open_local(&src, &ra.cache_root()), mover_engine::index::open_local(&dst, &ra.cache_root()));
+    let plan = mover::plan::copy::prepare(req, &Env::operator(), &src.repo, cancel).await?;
     let progress = Arc::new(Progress::default());
     let bar = progress_bar(progress.clone(), !a.json, "copy");
-    let r = copy(&src, si, &dst, di, req, progress, cancel).await;
+    let r = ops::copy(&src, &dst, plan, progress, cancel).await;
     if let Some(h) = bar {
         h.abort();
     }

@@ -4,10 +4,9 @@
 //! `mover status` and every daemon find it.
 
 use super::progress_bar;
+use mover::plan::drill::DrillRequest;
 use mover::repo::RepoArgs;
-use mover_engine::lock::RepoLock;
-use mover_engine::maint::drill::drill;
-use mover_engine::maint::report::{record, DrillResult, DRILL};
+use mover_engine::ops::{self, RepoHandle};
 use mover_engine::progress::Progress;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,34 +28,14 @@ pub struct Args {
 }
 
 pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
-    let repo = ra.open(cancel).await?;
-    let lock = RepoLock::read(&repo, cancel).await?;
-    let (snap, m) = match mover_engine::snapshots::resolve(&repo, &a.snapshot, a.group.as_deref(), cancel).await {
-        Ok(v) => v,
-        Err(e) => {
-            lock.release().await;
-            return Err(e.into());
-        }
-    };
-    let r = async {
-        let index = mover_engine::index::with_pending(&repo, mover_engine::index::open_local(&repo, &ra.cache_root()), cancel).await?;
-        let scratch = a.scratch.clone().unwrap_or_else(|| ra.cache_root().join("drill"));
-        let progress = Arc::new(Progress::default());
-        let bar = progress_bar(progress.clone(), !a.json, "drill");
-        let r = drill(&repo, index, &snap, &m, &scratch, progress, cancel).await;
-        if let Some(h) = bar {
-            h.abort();
-        }
-        r
-    }
-    .await;
-    lock.release().await;
-    // A failed drill is recorded too (unless it was interrupted): status reports it.
-    if !cancel.is_cancelled() {
-        let result = DrillResult::of(snap, m.group(), &r);
-        if let Err(e) = record(&repo, DRILL, &result, cancel).await {
-            eprintln!("warning: {e:#}");
-        }
+    let h = RepoHandle::local(ra.open(cancel).await?, &ra.cache_root());
+    let req = DrillRequest { snapshot: a.snapshot.clone(), group: a.group.clone(), scratch: a.scratch.clone() };
+    let plan = mover::plan::drill::prepare(req, &ra.cache_root().join("drill"), &h.repo, cancel).await?;
+    let progress = Arc::new(Progress::default());
+    let bar = progress_bar(progress.clone(), !a.json, "drill");
+    let r = ops::drill(&h, plan.snapshot, &plan.manifest, &plan.scratch, progress, cancel).await;
+    if let Some(h) = bar {
+        h.abort();
     }
     let report = r?;
     let line = serde_json::to_string(&report)?;

@@ -4,9 +4,10 @@
 //! through a local overlay (docs/export.md).
 
 use mover::nbd::server::{run_export, ExportListen, ExportTls};
-use mover::plan::export::{prepare, ExportRequest};
+use mover::plan::export::{self, ExportRequest};
 use mover::repo::RepoArgs;
 use mover_engine::export::ImageOptions;
+use mover_engine::ops::{self, RepoHandle};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -40,15 +41,15 @@ pub struct Args {
 }
 
 pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
-    let repo = ra.open(cancel).await?;
     let req = ExportRequest {
         group: a.group.clone(),
         options: ImageOptions { cache_segments: a.cache_segments, read_ahead: a.read_ahead, window: a.window_mib.map(|m| m << 20) },
-        ..ExportRequest::parse(&a.snapshot)
+        ..export::parse(&a.snapshot)
     };
-    let plan = prepare(req, &repo, mover_engine::index::open_local(&repo, &ra.cache_root()), cancel).await?;
-    let (snap, vol) = (plan.snapshot, plan.volume.clone());
-    let r = async {
+    let req = export::prepare(req)?;
+    let h = RepoHandle::local(ra.open(cancel).await?, &ra.cache_root());
+    ops::with_image(&h, req, cancel, |img| async move {
+        let (snap, vol) = (img.snapshot, img.volume);
         let listen = match (a.listen, &a.socket) {
             (Some(addr), _) => ExportListen::Tcp(addr),
             (None, Some(p)) => ExportListen::unix(p),
@@ -56,7 +57,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         };
         let json = a.json;
         let (sid, vname, size) = (snap.to_string(), vol.name.clone(), vol.size);
-        run_export(plan.image, listen, String::new(), ExportTls::None, cancel.clone(), move |uri| {
+        run_export(img.image, listen, String::new(), ExportTls::None, cancel.clone(), move |uri| {
             if json {
                 println!("{}", serde_json::json!({"uri": uri, "snapshot_id": sid, "volume": vname, "size": size}));
             } else {
@@ -64,8 +65,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
             }
         })
         .await
-    }
-    .await;
-    plan.lock.release().await;
-    Ok(r?)
+    })
+    .await?;
+    Ok(())
 }

@@ -5,7 +5,7 @@
 use mover::mount::SnapshotFs;
 use mover::repo::RepoArgs;
 use mover_engine::export::ImageOptions;
-use mover_engine::lock::RepoLock;
+use mover_engine::ops::{self, RepoHandle};
 use mover_engine::Error;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
@@ -27,26 +27,20 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
     if !meta.is_dir() {
         anyhow::bail!("mount point {} is not a directory", a.dir.display());
     }
-    let repo = ra.open(cancel).await?;
-    // A `read` lock while mounted: gc deletes nothing the mount may still read.
-    let lock = RepoLock::read(&repo, cancel).await?;
-    let r = async {
-        let snaps = match &a.group {
-            Some(g) => mover_engine::snapshots::in_group(&repo, g, cancel).await?,
-            None => repo.snapshots(cancel).await?,
-        };
-        let index = mover_engine::index::with_pending(&repo, mover_engine::index::open_local(&repo, &ra.cache_root()), cancel).await?;
+    let h = RepoHandle::local(ra.open(cancel).await?, &ra.cache_root());
+    // Under a read lock while mounted: gc deletes nothing the mount may still read.
+    let (repo, location) = (h.repo.clone(), h.repo.location().to_string());
+    ops::with_snapshots(&h, a.group.as_deref(), cancel, |snaps, view| async move {
         let n = snaps.len();
         let opts = ImageOptions { cache_segments: a.cache_segments.max(1), ..Default::default() };
-        let fs = SnapshotFs::new(repo.clone(), index, snaps, opts, cancel.clone());
+        let fs = SnapshotFs::new(repo, view, snaps, opts, cancel.clone());
         let options = [fuser::MountOption::RO, fuser::MountOption::FSName("mover".into()), fuser::MountOption::Subtype("mover".into())];
         let session = fuser::spawn_mount2(fs, &a.dir, &options).map_err(|e| Error::from(e).context(format!("mounting on {}", a.dir.display())))?;
-        println!("mounted {n} snapshots of repository {} read-only on {}; Ctrl-C unmounts", repo.location(), a.dir.display());
+        println!("mounted {n} snapshots of repository {location} read-only on {}; Ctrl-C unmounts", a.dir.display());
         cancel.cancelled().await;
         drop(session);
-        Ok::<(), Error>(())
-    }
-    .await;
-    lock.release().await;
-    Ok(r?)
+        Ok(())
+    })
+    .await?;
+    Ok(())
 }

@@ -1,15 +1,12 @@
 //! `mover restore`: one volume onto a device or file, or every volume into a directory.
 
 use super::progress_bar;
-use mover::nbd::NbdOptions;
 use mover::plan::restore::{RestoreRequest, TargetRef};
-use mover::plan::{Env, NbdPolicy};
+use mover::plan::Env;
 use mover::repo::RepoArgs;
-use mover::sources::file::PathPolicy;
-use mover_engine::lock::RepoLock;
-use mover_engine::pipeline::restore::{restore_volume, RestoreOptions};
+use mover_engine::ops::{self, RepoHandle};
+use mover_engine::pipeline::restore::RestoreOptions;
 use mover_engine::progress::Progress;
-use mover_format::Repository;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -53,50 +50,16 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         holes: a.holes.parse()?,
         overwrite: a.overwrite,
     };
-    let env = Env {
-        paths: PathPolicy::Operator,
-        nbd: NbdPolicy::Any,
-        nbd_options: NbdOptions::default(),
-        csi: Vec::new(),
-        kubevirt_hosts: None,
-        backup: Default::default(),
-    };
-    let repo = ra.open(cancel).await?;
-    // A `read` lock before the snapshot is resolved and the index synced: gc keeps every
-    // pack this restore may still read until it is released.
-    let lock = RepoLock::read(&repo, cancel).await?;
-    let r = restore(&repo, ra, req, &env, &a, cancel).await;
-    lock.release().await;
-    r
-}
-
-async fn restore(repo: &Repository, ra: &RepoArgs, req: RestoreRequest, env: &Env, a: &Args, cancel: &CancellationToken) -> anyhow::Result<()> {
-    // The snapshot resolved and the targets opened while the index syncs: against a
-    // distant store each costs round trips, and neither needs the other.
-    let (plan, index) = tokio::try_join!(
-        mover::plan::restore::prepare(req, env, repo, cancel),
-        mover_engine::index::with_pending(repo, mover_engine::index::open_local(repo, &ra.cache_root()), cancel)
-    )?;
+    let h = RepoHandle::local(ra.open(cancel).await?, &ra.cache_root());
+    let plan = mover::plan::restore::prepare(req, &Env::operator(), &h.repo, cancel).await?;
     let progress = Arc::new(Progress::default());
     let bar = progress_bar(progress.clone(), !a.json, "restore");
-    let mut out = Vec::new();
     let opts = RestoreOptions { holes: plan.holes, window: a.window_mib.map(|m| m << 20) };
-    let mut failed = None;
-    for (v, t) in plan.volumes {
-        match restore_volume(repo, index.clone(), &plan.snapshot, &v, t, &opts, progress.clone(), cancel).await {
-            Ok(s) => out.push(s),
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        }
-    }
+    let r = ops::restore(&h, plan.snapshot, plan.volumes, &opts, progress, cancel, |_| {}).await;
     if let Some(h) = bar {
         h.abort();
     }
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
+    let out = r?;
     if a.json {
         let bytes_written: u64 = out.iter().map(|s| s.bytes_written).sum();
         let bytes_holes: u64 = out.iter().map(|s| s.bytes_holes).sum();

@@ -254,8 +254,8 @@ impl DaemonConfig {
             if name.is_empty() || r.url.is_empty() {
                 return Err(Error::invalid(format!("repository '{name}' needs a name and a url")));
             }
-            if r.verify_read_data_percent.is_some_and(|p| p > 100) {
-                return Err(Error::invalid(format!("repository '{name}': verify_read_data_percent must be 0 to 100")));
+            if let Some(p) = r.verify_read_data_percent {
+                crate::plan::verify::VerifyPlan::from_percent(p).map_err(|e| e.context(format!("repository '{name}': verify_read_data_percent")))?;
             }
             if r.verify_interval_seconds == Some(0) {
                 return Err(Error::invalid(format!("repository '{name}': verify_interval_seconds must be at least 1")));

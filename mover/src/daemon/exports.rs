@@ -6,10 +6,13 @@
 
 use super::metrics::Metrics;
 use crate::nbd::server::{run_export, ExportListen, ExportTls};
-use crate::plan::export::ExportPlan;
+use crate::plan::export::ExportRequest;
 use mover_engine::export::VolumeImage;
+use mover_engine::ops::{self, RepoHandle};
 use mover_engine::{Error, Result};
-use std::collections::BTreeMap;
+use mover_format::manifest::VolumeEntry;
+use mover_format::SnapshotId;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -57,8 +60,9 @@ impl Export {
 
 pub struct Exports {
     map: Mutex<BTreeMap<String, Arc<Export>>>,
-    /// Serialises starts, so a retried request finds the export its first attempt started.
-    pub start_lock: tokio::sync::Mutex<()>,
+    /// One start at a time per request id, so a retried request finds the export its
+    /// first attempt started; starts of different requests run side by side.
+    starting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
 }
@@ -74,7 +78,7 @@ pub struct Start {
 
 impl Exports {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { map: Mutex::new(BTreeMap::new()), start_lock: tokio::sync::Mutex::new(()), shutdown: CancellationToken::new(), metrics }
+        Self { map: Mutex::new(BTreeMap::new()), starting: Mutex::new(HashMap::new()), shutdown: CancellationToken::new(), metrics }
     }
 
     /// A new export id.
@@ -97,31 +101,65 @@ impl Exports {
         self.map.lock().expect("exports").values().cloned().collect()
     }
 
-    /// Starts serving `plan` as export `id`; returns once clients can connect (or with the
-    /// error that kept it from listening, the lease then released).
-    pub async fn start(self: &Arc<Self>, id: String, plan: ExportPlan, s: Start) -> Result<Arc<Export>> {
+    /// Starts serving the volume `req` names as export `id`; returns once clients can
+    /// connect, or with the error that kept it from serving. A request id already serving
+    /// returns that export.
+    pub async fn start(self: &Arc<Self>, id: String, h: RepoHandle, req: ExportRequest, s: Start) -> Result<Arc<Export>> {
+        let gate = match s.request_id.as_str() {
+            "" => None,
+            r => Some(self.starting.lock().expect("export starts").entry(r.to_string()).or_default().clone()),
+        };
+        let r = {
+            let _one = match &gate {
+                Some(g) => Some(g.lock().await),
+                None => None,
+            };
+            match self.by_request(&s.request_id) {
+                Some(e) => Ok(e),
+                None => self.serve(id, h, req, s).await,
+            }
+        };
+        if let Some(g) = gate {
+            let mut m = self.starting.lock().expect("export starts");
+            // Only the map and this start hold it: nobody waits on it.
+            if Arc::strong_count(&g) == 2 {
+                m.retain(|_, x| !Arc::ptr_eq(x, &g));
+            }
+        }
+        r
+    }
+
+    async fn serve(self: &Arc<Self>, id: String, h: RepoHandle, req: ExportRequest, s: Start) -> Result<Arc<Export>> {
         let stop = self.shutdown.child_token();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<String>();
+        type Ready = (String, SnapshotId, VolumeEntry, Arc<VolumeImage>);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Ready>();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<()>>();
-        let ExportPlan { snapshot, volume, image, lock } = plan;
+        let (listen, tls) = (s.listen, s.tls);
         let serving = {
-            let (image, stop) = (image.clone(), stop.clone());
+            let (stop, conns) = (stop.clone(), stop.clone());
+            // The export's whole life is one operation: its read lock is held until serving
+            // ends, and released by the operation.
             tokio::spawn(async move {
-                let r = run_export(image, s.listen, String::new(), s.tls, stop, move |uri| {
-                    let _ = ready_tx.send(uri);
+                let r = ops::with_image(&h, req, &stop, |img| async move {
+                    let what = format!("export of volume '{}' of snapshot {}", img.volume.name, img.snapshot);
+                    let ready = (img.snapshot, img.volume, img.image.clone());
+                    run_export(img.image, listen, String::new(), tls, conns, move |uri| {
+                        let _ = ready_tx.send((uri, ready.0, ready.1, ready.2));
+                    })
+                    .await
+                    .map_err(|e| e.context(what))
                 })
                 .await;
-                lock.release().await;
                 let _ = done_tx.send(r);
             })
         };
-        let uri = match ready_rx.await {
-            Ok(uri) => uri,
+        let (uri, snapshot, volume, image) = match ready_rx.await {
+            Ok(x) => x,
             Err(_) => {
                 let _ = serving.await;
                 return Err(match done_rx.await {
-                    Ok(Err(e)) => e.context(format!("export of volume '{}' of snapshot {snapshot}", volume.name)),
-                    _ => Error::permanent(format!("export of volume '{}' of snapshot {snapshot} ended before it listened", volume.name)),
+                    Ok(Err(e)) => e,
+                    _ => Error::permanent(format!("export {id} ended before it listened")),
                 });
             }
         };

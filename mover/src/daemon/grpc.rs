@@ -7,8 +7,11 @@ use super::auth::{self, Group};
 use super::jobs::{Job, Kind, State, Work};
 use super::Daemon;
 use crate::plan::backup::{BackupRequest, SourceRef, VolumeRequest};
+use crate::plan::copy::CopyRequest;
+use crate::plan::drill::DrillRequest;
 use crate::plan::export::ExportRequest;
 use crate::plan::restore::{RestoreRequest, TargetRef};
+use crate::plan::verify::VerifyPlan;
 use crate::sources::csi::CsiQuery;
 use mover_engine::pipeline::restore::HoleMode;
 use mover_engine::{Error, ErrorKind};
@@ -131,9 +134,6 @@ impl TryFrom<pb::BackupVolume> for VolumeRequest {
 impl TryFrom<pb::StartBackupRequest> for BackupRequest {
     type Error = Error;
     fn try_from(r: pb::StartBackupRequest) -> Result<Self, Error> {
-        if r.volumes.is_empty() {
-            return Err(Error::invalid("a backup needs at least one volume"));
-        }
         Ok(BackupRequest {
             group: empty(r.group),
             volumes: r.volumes.into_iter().map(VolumeRequest::try_from).collect::<Result<_, _>>()?,
@@ -141,6 +141,7 @@ impl TryFrom<pb::StartBackupRequest> for BackupRequest {
             metadata: r.metadata.into_iter().map(|m| (m.name, m.data)).collect(),
             tags: r.tags.into_iter().collect(),
             tuning: Default::default(),
+            upload_limit: r.bandwidth_limit,
             verify_sample: r.verify_sample.map(|n| n as usize),
             compare_every: r.compare_every,
         })
@@ -150,9 +151,6 @@ impl TryFrom<pb::StartBackupRequest> for BackupRequest {
 impl TryFrom<pb::StartRestoreRequest> for RestoreRequest {
     type Error = Error;
     fn try_from(r: pb::StartRestoreRequest) -> Result<Self, Error> {
-        if r.snapshot.is_empty() {
-            return Err(Error::invalid("snapshot: empty; give an id, a unique prefix or 'latest'"));
-        }
         let target = match volume_ref(r.target, "restore target")? {
             SourceRefOrTarget::Path(p) => TargetRef::Path(p),
             SourceRefOrTarget::Pod(uid, volume) => TargetRef::PodVolume { uid, volume },
@@ -333,14 +331,14 @@ impl TransferService for Api {
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
-        let (request_id, repository, bandwidth) = (req.request_id.clone(), req.repository.clone(), req.bandwidth_limit);
+        let (request_id, repository) = (req.request_id.clone(), req.repository.clone());
         // Opening the repository and planning (listings, the parent, paths) hold no
         // node-wide lock: a slow repository delays only its own requests. `Jobs::start`
         // keeps one transfer per request id.
         let h = self.d.repo(&repository).await.map_err(status)?;
         let plan_req = BackupRequest::try_from(req).map_err(status)?;
         let plan = crate::plan::backup::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(status)?;
-        let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Backup(plan), h, bandwidth);
+        let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Backup(plan), h).await;
         Ok(Response::new(to_proto(&job)))
     }
 
@@ -354,7 +352,7 @@ impl TransferService for Api {
         let h = self.d.repo(&repository).await.map_err(status)?;
         let plan_req = RestoreRequest::try_from(req).map_err(status)?;
         let plan = crate::plan::restore::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(status)?;
-        let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Restore(plan), h, 0);
+        let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Restore(plan), h).await;
         Ok(Response::new(to_proto(&job)))
     }
 
@@ -370,24 +368,12 @@ impl TransferService for Api {
         if req.target_repository == req.repository {
             return Err(Status::invalid_argument(format!("target_repository '{}' is the source repository", req.repository)));
         }
-        if !req.snapshots.is_empty() && !req.groups.is_empty() {
-            return Err(Status::invalid_argument("give snapshots or groups, not both"));
-        }
-        let h = self.d.repo(&req.repository).await.map_err(status)?;
-        let target = self.d.repo(&req.target_repository).await.map_err(status)?;
-        let c = self.d.request_token();
-        let selection = if req.snapshots.is_empty() {
-            mover_engine::pipeline::copy::Selection::Groups(req.groups.clone())
-        } else {
-            let mut ids = Vec::new();
-            for s in &req.snapshots {
-                ids.push(h.repo.resolve_snapshot(s, &c).await.map_err(|e| status(e.into()))?);
-            }
-            mover_engine::pipeline::copy::Selection::Ids(ids)
-        };
-        let request = mover_engine::pipeline::copy::CopyRequest { selection, newer_only: req.newer_only, tuning: Default::default() };
-        let work = Work::Copy { target_name: req.target_repository.clone(), target, request };
-        let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), work, h, req.bandwidth_limit);
+        let (h, target) = tokio::try_join!(self.d.repo(&req.repository), self.d.repo(&req.target_repository)).map_err(status)?;
+        let plan_req =
+            CopyRequest { snapshots: req.snapshots, groups: req.groups, newer_only: req.newer_only, upload_concurrency: 0, upload_limit: req.bandwidth_limit };
+        let plan = crate::plan::copy::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(status)?;
+        let work = Work::Copy { target_name: req.target_repository.clone(), target, plan };
+        let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), work, h).await;
         Ok(Response::new(to_proto(&job)))
     }
 
@@ -397,11 +383,9 @@ impl TransferService for Api {
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
-        if req.read_data_percent > 100 {
-            return Err(Status::invalid_argument(format!("read_data_percent {} must be 0 to 100", req.read_data_percent)));
-        }
+        let plan = VerifyPlan::from_percent(req.read_data_percent).map_err(status)?;
         let h = self.d.repo(&req.repository).await.map_err(status)?;
-        let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), Work::Verify { read_data_percent: req.read_data_percent }, h, 0);
+        let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), Work::Verify(plan), h).await;
         Ok(Response::new(to_proto(&job)))
     }
 
@@ -411,14 +395,11 @@ impl TransferService for Api {
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
-        if req.snapshot.is_empty() {
-            return Err(Status::invalid_argument("snapshot: empty; give an id, a unique prefix or 'latest'"));
-        }
+        mover_engine::snapshots::check_spec(&req.snapshot).map_err(status)?;
         let h = self.d.repo(&req.repository).await.map_err(status)?;
-        let (snapshot, manifest) =
-            mover_engine::snapshots::resolve(&h.repo, &req.snapshot, empty(req.group).as_deref(), &self.d.request_token()).await.map_err(status)?;
-        let work = Work::Drill { snapshot, manifest, scratch: self.d.cfg.drill_scratch_dir.clone() };
-        let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), work, h, 0);
+        let plan_req = DrillRequest { snapshot: req.snapshot, group: empty(req.group), scratch: None };
+        let plan = crate::plan::drill::prepare(plan_req, &self.d.cfg.drill_scratch_dir, &h.repo, &self.d.request_token()).await.map_err(status)?;
+        let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), Work::Drill(plan), h).await;
         Ok(Response::new(to_proto(&job)))
     }
 
@@ -592,25 +573,13 @@ impl ExportService for Api {
         if let Some(e) = self.d.exports.by_request(&req.request_id) {
             return Ok(Response::new(export_proto(&e)));
         }
-        let h = self.d.repo(&req.repository).await.map_err(status)?;
         let plan_req = ExportRequest { snapshot: req.snapshot, group: empty(req.group), volume: empty(req.volume), options: Default::default() };
-        let plan = crate::plan::export::prepare(plan_req, &h.repo, h.index.clone(), &self.d.request_token()).await.map_err(status)?;
-        let _g = self.d.exports.start_lock.lock().await;
-        if let Some(e) = self.d.exports.by_request(&req.request_id) {
-            // The same request, started meanwhile: this plan's lease goes.
-            plan.lock.release().await;
-            return Ok(Response::new(export_proto(&e)));
-        }
+        let plan = crate::plan::export::prepare(plan_req).map_err(status)?;
+        let h = self.d.repo(&req.repository).await.map_err(status)?;
         let id = super::exports::Exports::new_id();
-        let (listen, tls) = match self.d.export_listen(&id, req.tcp) {
-            Ok(x) => x,
-            Err(e) => {
-                plan.lock.release().await;
-                return Err(status(e));
-            }
-        };
+        let (listen, tls) = self.d.export_listen(&id, req.tcp).map_err(status)?;
         let start = super::exports::Start { request_id: req.request_id, repository: req.repository, caller: caller.name(), listen, tls };
-        let e = self.d.exports.start(id, plan, start).await.map_err(status)?;
+        let e = self.d.exports.start(id, h, plan, start).await.map_err(status)?;
         Ok(Response::new(export_proto(&e)))
     }
 

@@ -5,19 +5,17 @@
 
 use super::metrics::Metrics;
 use crate::plan::backup::BackupPlan;
+use crate::plan::drill::DrillPlan;
 use crate::plan::restore::RestorePlan;
-use mover_engine::maint::check::check_with_progress;
-use mover_engine::maint::drill::{drill, DrillReport};
-use mover_engine::maint::report::{self, DrillResult, VerifyResult};
-use mover_engine::pipeline::backup::backup;
-use mover_engine::pipeline::copy::{copy, CopyRequest};
-use mover_engine::pipeline::restore::{restore_volume, RestoreOptions};
+use crate::plan::verify::VerifyPlan;
+use mover_engine::maint::drill::DrillReport;
+use mover_engine::maint::report::VerifyResult;
+use mover_engine::ops::{self, RepoHandle};
+use mover_engine::pipeline::copy::CopyRequest;
+use mover_engine::pipeline::restore::RestoreOptions;
 use mover_engine::progress::Progress;
-use mover_engine::ratelimit::RateLimiter;
 use mover_engine::{ErrorKind, Result, ResultExt};
-use mover_format::local_index::ChunkIndex;
-use mover_format::manifest::{Manifest, VolumeStats};
-use mover_format::{Repository, SnapshotId};
+use mover_format::manifest::VolumeStats;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -56,7 +54,6 @@ impl Kind {
 pub enum Phase {
     Queued,
     BackingUp,
-    SyncingIndex,
     Restoring,
     Copying,
     Verifying,
@@ -69,7 +66,6 @@ impl Phase {
         match self {
             Phase::Queued => "queued",
             Phase::BackingUp => "backing up",
-            Phase::SyncingIndex => "syncing index",
             Phase::Restoring => "restoring",
             Phase::Copying => "copying",
             Phase::Verifying => "verifying",
@@ -171,20 +167,13 @@ impl Record {
     }
 }
 
-/// What a job does: a validated plan.
+/// What a job does: a validated plan, run by one operation of `mover_engine::ops`.
 pub enum Work {
     Backup(BackupPlan),
     Restore(RestorePlan),
-    Copy { target_name: String, target: RepoHandle, request: CopyRequest },
-    Verify { read_data_percent: u32 },
-    Drill { snapshot: SnapshotId, manifest: Manifest, scratch: PathBuf },
-}
-
-/// An open repository and its local index.
-#[derive(Clone)]
-pub struct RepoHandle {
-    pub repo: Repository,
-    pub index: Arc<dyn ChunkIndex>,
+    Copy { target_name: String, target: RepoHandle, plan: CopyRequest },
+    Verify(VerifyPlan),
+    Drill(DrillPlan),
 }
 
 pub struct Job {
@@ -227,15 +216,34 @@ impl Job {
     }
 }
 
+/// The state directory's `transfers/`: one JSON record per transfer.
+#[derive(Clone)]
+struct RecordDir(Arc<PathBuf>);
+
+impl RecordDir {
+    /// Writes `r` durably: a temporary file, synced, renamed over the record.
+    fn persist_now(&self, r: &Record) {
+        let path = self.0.join(format!("{}.json", r.id));
+        let tmp = self.0.join(format!(".{}.tmp", r.id));
+        let res = serde_json::to_vec_pretty(r).map_err(std::io::Error::other).and_then(|b| {
+            std::fs::write(&tmp, b)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        });
+        if let Err(e) = res {
+            tracing::error!("persisting transfer {}: {e}", r.id);
+        }
+    }
+}
+
 pub struct Jobs {
     map: Mutex<HashMap<String, Arc<Job>>>,
     by_request: Mutex<HashMap<String, String>>,
     sem: Arc<Semaphore>,
-    dir: PathBuf,
+    dir: RecordDir,
     metrics: Arc<Metrics>,
     /// Cancelled at shutdown: running jobs end Interrupted.
     shutdown: CancellationToken,
-    global_limit: Option<Arc<RateLimiter>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Told when a job ends (the status refresher recomputes the repository's report).
     pub finished: Arc<tokio::sync::Notify>,
@@ -268,17 +276,11 @@ fn now_ms() -> u64 {
 }
 
 impl Jobs {
-    pub fn load(
-        state_dir: &std::path::Path,
-        max: usize,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-        global_limit: u64,
-        retention: Retention,
-    ) -> Result<Self> {
+    pub fn load(state_dir: &std::path::Path, max: usize, metrics: Arc<Metrics>, shutdown: CancellationToken, retention: Retention) -> Result<Self> {
         let dir = state_dir.join("transfers");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         super::private_dir(&dir)?;
+        let dir = RecordDir(Arc::new(dir));
         let jobs = Self {
             map: Mutex::new(HashMap::new()),
             by_request: Mutex::new(HashMap::new()),
@@ -286,12 +288,11 @@ impl Jobs {
             dir,
             metrics,
             shutdown,
-            global_limit: (global_limit > 0).then(|| Arc::new(RateLimiter::new(global_limit))),
             tasks: Mutex::new(Vec::new()),
             finished: Arc::new(tokio::sync::Notify::new()),
             retention,
         };
-        for e in std::fs::read_dir(&jobs.dir).with_context(|| format!("listing {}", jobs.dir.display()))?.flatten() {
+        for e in std::fs::read_dir(&*jobs.dir.0).with_context(|| format!("listing {}", jobs.dir.0.display()))?.flatten() {
             let p = e.path();
             if p.extension().is_none_or(|x| x != "json") {
                 continue;
@@ -309,7 +310,7 @@ impl Jobs {
                 rec.error = "the daemon stopped while this transfer ran; start it again to resume".into();
                 rec.error_kind = Some(ErrorKind::Transient);
                 rec.finished_ms = now_ms();
-                jobs.persist(&rec);
+                jobs.dir.persist_now(&rec);
             }
             let (tx, _) = watch::channel(0);
             let job = Arc::new(Job {
@@ -354,21 +355,17 @@ impl Jobs {
             m.retain(|_, id| !gone.contains(id));
         }
         for id in &gone {
-            let _ = std::fs::remove_file(self.dir.join(format!("{id}.json")));
+            let _ = std::fs::remove_file(self.dir.0.join(format!("{id}.json")));
         }
         tracing::debug!(forgotten = gone.len(), "ended transfers past the retention forgotten");
     }
 
-    fn persist(&self, r: &Record) {
-        let path = self.dir.join(format!("{}.json", r.id));
-        let tmp = self.dir.join(format!(".{}.tmp", r.id));
-        let res = serde_json::to_vec_pretty(r).map_err(std::io::Error::other).and_then(|b| {
-            std::fs::write(&tmp, b)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        });
-        if let Err(e) = res {
-            tracing::error!("persisting transfer {}: {e}", r.id);
+    /// Writes a record durably, off the reactor (a `fsync` may take as long as the disk
+    /// has writeback queued).
+    async fn persist(&self, r: &Record) {
+        let (dir, r) = (self.dir.clone(), r.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || dir.persist_now(&r)).await {
+            tracing::error!("persisting a transfer record: {e}");
         }
     }
 
@@ -396,20 +393,20 @@ impl Jobs {
 
     /// Registers and spawns a validated job; it waits for a slot (Queued) first. A request
     /// id already started returns that transfer instead.
-    pub fn start(self: &Arc<Self>, request_id: String, repository: String, caller: String, work: Work, handle: RepoHandle, bandwidth: u64) -> Arc<Job> {
+    pub async fn start(self: &Arc<Self>, request_id: String, repository: String, caller: String, work: Work, handle: RepoHandle) -> Arc<Job> {
         let (kind, volumes, group) = match &work {
             Work::Backup(p) => (Kind::Backup, p.volume_names.clone(), p.group.clone()),
             Work::Restore(p) => (Kind::Restore, p.volumes.iter().map(|(v, _)| v.name.clone()).collect(), p.manifest.group()),
             Work::Copy { .. } => (Kind::Copy, Vec::new(), String::new()),
-            Work::Verify { .. } => (Kind::Verify, Vec::new(), String::new()),
-            Work::Drill { manifest, .. } => (Kind::Drill, manifest.volumes.iter().map(|v| v.name.clone()).collect(), manifest.group()),
+            Work::Verify(_) => (Kind::Verify, Vec::new(), String::new()),
+            Work::Drill(p) => (Kind::Drill, p.manifest.volumes.iter().map(|v| v.name.clone()).collect(), p.manifest.group()),
         };
         let target = match &work {
             Work::Copy { target_name, .. } => target_name.clone(),
             _ => String::new(),
         };
         let snapshot_id = match &work {
-            Work::Drill { snapshot, .. } => snapshot.to_string(),
+            Work::Drill(p) => p.snapshot.to_string(),
             _ => String::new(),
         };
         let id = format!("tr-{}", hex::encode(rand_bytes()));
@@ -457,10 +454,10 @@ impl Jobs {
                 reqs.insert(request_id, id);
             }
         }
-        self.persist(&job.record());
+        self.persist(&job.record()).await;
         let me = self.clone();
         let j = job.clone();
-        let h = tokio::spawn(async move { me.run(j, work, handle, bandwidth).await });
+        let h = tokio::spawn(async move { me.run(j, work, handle).await });
         if let Ok(mut t) = self.tasks.lock() {
             t.retain(|h| !h.is_finished());
             t.push(h);
@@ -468,7 +465,7 @@ impl Jobs {
         job
     }
 
-    async fn run(self: Arc<Self>, job: Arc<Job>, work: Work, h: RepoHandle, bandwidth: u64) {
+    async fn run(self: Arc<Self>, job: Arc<Job>, work: Work, h: RepoHandle) {
         let kind = job.record().kind;
         let k = kind.label();
         self.metrics.queued.with_label_values(&[k]).inc();
@@ -485,7 +482,7 @@ impl Jobs {
                 r.finished_ms = now_ms();
             });
             job.set_phase(Phase::Done);
-            self.persist(&r);
+            self.persist(&r).await;
             return;
         };
         self.metrics.active.with_label_values(&[k]).inc();
@@ -496,9 +493,9 @@ impl Jobs {
             r.state = State::Running;
             r.started_ms = now_ms();
         });
-        self.persist(&r);
+        self.persist(&r).await;
         let t0 = Instant::now();
-        let result = self.execute(&job, work, &h, bandwidth).await;
+        let result = self.execute(&job, work, &h).await;
         let secs = t0.elapsed().as_secs_f64();
         let state = match &result {
             Ok(()) => State::Succeeded,
@@ -529,21 +526,18 @@ impl Jobs {
             }
         });
         job.set_phase(Phase::Done);
-        self.persist(&r);
+        self.persist(&r).await;
         self.evict();
         self.finished.notify_one();
     }
 
-    async fn execute(&self, job: &Arc<Job>, work: Work, h: &RepoHandle, bandwidth: u64) -> Result<()> {
-        match work {
-            Work::Backup(mut plan) => {
-                plan.job.tuning.limiters = self.global_limit.iter().cloned().collect();
-                if bandwidth > 0 {
-                    plan.job.tuning.limiters.push(Arc::new(RateLimiter::new(bandwidth)));
-                }
+    /// Runs the job's plan with its operation and records what it returned.
+    async fn execute(&self, job: &Arc<Job>, work: Work, h: &RepoHandle) -> Result<()> {
+        let m = &self.metrics;
+        let rec = match work {
+            Work::Backup(plan) => {
                 job.set_phase(Phase::BackingUp);
-                let s = backup(&h.repo, h.index.clone(), plan.job, job.progress.clone(), &job.cancel).await?;
-                let m = &self.metrics;
+                let s = ops::backup(h, plan.job, job.progress.clone(), &job.cancel).await?;
                 let st = &s.stats;
                 for (what, v) in [
                     ("read", st.bytes_read),
@@ -569,74 +563,37 @@ impl Jobs {
                         m.change_mismatches.with_label_values(&[c.source.as_str()]).inc();
                     }
                 }
-                let r = job.update(|r| {
+                job.update(|r| {
                     r.snapshot_id = s.snapshot_id.to_string();
                     r.changes =
                         s.volumes.iter().map(|v| (v.name.clone(), v.change_source.to_string(), v.change_fallback.clone().unwrap_or_default())).collect();
                     r.stats = Stats { backup: *st, bytes_uploaded: s.bytes_uploaded, io_backend: s.io_backend.clone(), ..Default::default() };
-                });
-                self.persist(&r);
+                })
             }
             Work::Restore(plan) => {
-                job.set_phase(Phase::SyncingIndex);
-                // A `read` lock first: gc keeps every pack this restore may still read. The
-                // snapshot was resolved when the request came; it must still exist now that
-                // the lock protects it (a forget in between would otherwise go unnoticed).
-                let lock = mover_engine::lock::RepoLock::read(&h.repo, &job.cancel).await?;
-                // Both at once (a round trip less against a distant store).
-                let (snap, index) =
-                    tokio::join!(h.repo.read_snapshot(&plan.snapshot, &job.cancel), mover_engine::index::with_pending(&h.repo, h.index.clone(), &job.cancel));
-                let index = match snap {
-                    Ok(_) => index,
-                    Err(e) => Err(mover_engine::Error::from(e).context("the snapshot was forgotten after the restore was requested")),
-                };
-                let index = match index {
-                    Ok(i) => i,
-                    Err(e) => {
-                        lock.release().await;
-                        return Err(e);
-                    }
-                };
                 job.set_phase(Phase::Restoring);
-                let mut written = (0, 0, 0);
-                let mut result = Ok(());
-                for (volume, target) in plan.volumes {
-                    let opts = RestoreOptions { holes: plan.holes, ..Default::default() };
-                    match restore_volume(&h.repo, index.clone(), &plan.snapshot, &volume, target, &opts, job.progress.clone(), &job.cancel).await {
-                        Ok(s) => {
-                            self.metrics.restore_bytes.with_label_values(&["written"]).inc_by(s.bytes_written);
-                            self.metrics.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);
-                            written = (written.0 + volume.size, written.1 + s.bytes_written, written.2 + s.bytes_holes);
-                        }
-                        Err(e) => {
-                            result = Err(e);
-                            break;
-                        }
-                    }
-                }
-                lock.release().await;
-                result?;
-                let r = job.update(|r| {
+                let opts = RestoreOptions { holes: plan.holes, ..Default::default() };
+                let total: u64 = plan.volumes.iter().map(|(v, _)| v.size).sum();
+                let out = ops::restore(h, plan.snapshot, plan.volumes, &opts, job.progress.clone(), &job.cancel, |s| {
+                    m.restore_bytes.with_label_values(&["written"]).inc_by(s.bytes_written);
+                    m.restore_bytes.with_label_values(&["holes"]).inc_by(s.bytes_holes);
+                })
+                .await?;
+                job.update(|r| {
                     r.snapshot_id = plan.snapshot.to_string();
                     r.stats = Stats {
-                        backup: VolumeStats { bytes_total: written.0, ..Default::default() },
-                        bytes_written: written.1,
-                        bytes_holes: written.2,
+                        backup: VolumeStats { bytes_total: total, ..Default::default() },
+                        bytes_written: out.iter().map(|s| s.bytes_written).sum(),
+                        bytes_holes: out.iter().map(|s| s.bytes_holes).sum(),
                         ..Default::default()
                     };
-                });
-                self.persist(&r);
+                })
             }
-            Work::Copy { target, request, .. } => {
-                let mut request = request;
-                request.tuning.limiters = self.global_limit.iter().cloned().collect();
-                if bandwidth > 0 {
-                    request.tuning.limiters.push(Arc::new(RateLimiter::new(bandwidth)));
-                }
+            Work::Copy { target, plan, .. } => {
                 job.set_phase(Phase::Copying);
-                let s = copy(&h.repo, h.index.clone(), &target.repo, target.index.clone(), request, job.progress.clone(), &job.cancel).await?;
-                self.metrics.upload_bytes.inc_by(s.bytes_uploaded);
-                let r = job.update(|r| {
+                let s = ops::copy(h, &target, plan, job.progress.clone(), &job.cancel).await?;
+                m.upload_bytes.inc_by(s.bytes_uploaded);
+                job.update(|r| {
                     r.copied = s
                         .copied
                         .iter()
@@ -664,71 +621,37 @@ impl Jobs {
                         bytes_uploaded: s.bytes_uploaded,
                         ..Default::default()
                     };
-                });
-                self.persist(&r);
+                })
             }
-            Work::Verify { read_data_percent } => {
+            Work::Verify(plan) => {
                 job.set_phase(Phase::Verifying);
-                let t0 = Instant::now();
-                let pct = (read_data_percent > 0).then_some(read_data_percent.min(100));
                 let repo_label = job.record().repository;
-                let runs = |result: &str| self.metrics.verify_runs.with_label_values(&[repo_label.as_str(), result]).inc();
-                let rep = check_with_progress(&h.repo, pct, &job.progress, &job.cancel).await.inspect_err(|_| runs("err"))?;
-                let v = VerifyResult::from_check(&rep, pct.unwrap_or(0), t0.elapsed().as_secs_f64());
-                // The damage and last-success gauges follow from the recorded result: the status
-                // refresher sets them once this job ends.
-                runs(if v.ok { "ok" } else { "damaged" });
-                let recorded = report::record(&h.repo, report::VERIFY, &v, &job.cancel).await;
-                let r = job.update(|r| {
-                    r.stats = Stats { backup: VolumeStats { bytes_read: v.bytes_verified, ..Default::default() }, ..Default::default() };
-                    r.verify = Some(v.clone());
+                let runs = |result: &str| m.verify_runs.with_label_values(&[repo_label.as_str(), result]).inc();
+                // Recorded in the repository, damaged or not: the damage and last-success
+                // gauges follow from it (the status refresher sets them once this job ends).
+                let v = ops::verify(&h.repo, plan.read_percent, true, &job.progress, &job.cancel).await.inspect_err(|_| runs("err"))?;
+                runs(if v.result.ok { "ok" } else { "damaged" });
+                let rec = job.update(|r| {
+                    r.stats = Stats { backup: VolumeStats { bytes_read: v.result.bytes_verified, ..Default::default() }, ..Default::default() };
+                    r.verify = Some(v.result.clone());
                 });
-                self.persist(&r);
-                recorded?;
-                if !v.ok {
-                    let objects: Vec<String> = v.damaged.iter().take(5).map(|d| d.object.clone()).collect();
-                    return Err(mover_engine::Error::corrupt(format!(
-                        "repository {}: {} problem(s); {} damaged object(s) ({}{}) needed by {} snapshot(s)",
-                        h.repo.location(),
-                        v.problems_total,
-                        v.damaged.len(),
-                        objects.join(", "),
-                        if v.damaged.len() > 5 { ", …" } else { "" },
-                        v.affected_snapshots.len()
-                    )));
-                }
+                self.persist(&rec).await;
+                return v.ok(&h.repo);
             }
-            Work::Drill { snapshot, manifest, scratch } => {
+            Work::Drill(plan) => {
                 job.set_phase(Phase::Drilling);
-                let lock = mover_engine::lock::RepoLock::read(&h.repo, &job.cancel).await?;
-                let r = async {
-                    h.repo
-                        .read_snapshot(&snapshot, &job.cancel)
-                        .await
-                        .map_err(|e| mover_engine::Error::from(e).context("the snapshot was forgotten after the drill was requested"))?;
-                    let index = mover_engine::index::with_pending(&h.repo, h.index.clone(), &job.cancel).await?;
-                    drill(&h.repo, index, &snapshot, &manifest, &scratch, job.progress.clone(), &job.cancel).await
-                }
-                .await;
-                lock.release().await;
-                if !job.cancel.is_cancelled() {
-                    let result = DrillResult::of(snapshot, manifest.group(), &r);
-                    if let Err(e) = report::record(&h.repo, report::DRILL, &result, &job.cancel).await {
-                        tracing::warn!("{e:#}");
-                    }
-                }
-                let d = r?;
-                let rec = job.update(|rec| {
+                let d = ops::drill(h, plan.snapshot, &plan.manifest, &plan.scratch, job.progress.clone(), &job.cancel).await?;
+                job.update(|rec| {
                     rec.stats = Stats {
                         backup: VolumeStats { bytes_total: d.volumes.iter().map(|v| v.size).sum(), ..Default::default() },
                         bytes_written: d.volumes.iter().map(|v| v.bytes_written).sum(),
                         ..Default::default()
                     };
                     rec.drill = Some(d.clone());
-                });
-                self.persist(&rec);
+                })
             }
-        }
+        };
+        self.persist(&rec).await;
         Ok(())
     }
 

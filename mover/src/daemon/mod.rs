@@ -18,9 +18,10 @@ use crate::plan::{Env, NbdPolicy};
 use crate::sources::csi::CsiService;
 use crate::sources::file::{Confinement, PathPolicy};
 use config::{DaemonConfig, Listen, RepoEntry};
-use jobs::{Jobs, RepoHandle};
+use jobs::Jobs;
 use metrics::Metrics;
 use mover_backends::instrumented::Instrumented;
+use mover_engine::ops::RepoHandle;
 use mover_engine::{Error, ErrorKind, Result, ResultExt};
 use mover_format::{InitOptions, RepoError, Repository};
 use mover_protocol::v1 as pb;
@@ -87,6 +88,7 @@ pub(crate) fn env_from(cfg: &DaemonConfig) -> Env {
             .collect(),
         kubevirt_hosts: Some(cfg.kubevirt_export_hosts.clone()),
         backup: cfg.backup,
+        upload_limit: (cfg.bandwidth_limit > 0).then(|| Arc::new(mover_engine::ratelimit::RateLimiter::new(cfg.bandwidth_limit))),
     }
 }
 
@@ -188,7 +190,7 @@ impl Daemon {
 
     async fn open_repo(&self, name: &str, e: &RepoEntry) -> Result<RepoHandle> {
         let s3 = mover_backends::S3Endpoint { endpoint: e.s3_endpoint.clone(), region: e.s3_region.clone() };
-        let c = CancellationToken::new();
+        let c = self.request_token();
         let inner = match mover_backends::open_verified(&e.url, &s3, &c).await {
             Ok(s) => s,
             Err(mover_backends::OpenError::Url(err)) => return Err(Error::invalid(err.to_string())),
@@ -279,14 +281,15 @@ impl Daemon {
             return Ok(now + every_ms.min(60_000));
         }
         let h = self.repo(name).await?;
-        let c = CancellationToken::new();
+        let c = self.request_token();
         let last = last_verify(&h.repo, now, &c).await?;
         if let Some(last) = last.filter(|l| now.saturating_sub(*l) < every_ms) {
             return Ok(last + every_ms);
         }
         let pct = e.verify_read_data_percent.unwrap_or(10);
+        let plan = crate::plan::verify::VerifyPlan::from_percent(pct)?;
         tracing::info!("starting the scheduled verify of repository '{name}' ({pct}% of the data)");
-        self.jobs.start(String::new(), name.to_string(), "scheduler".into(), jobs::Work::Verify { read_data_percent: pct }, h, 0);
+        self.jobs.start(String::new(), name.to_string(), "scheduler".into(), jobs::Work::Verify(plan), h).await;
         Ok(now + every_ms)
     }
 
@@ -337,8 +340,7 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     std::fs::create_dir_all(&cfg.cache_dir).with_context(|| format!("creating cache directory {}", cfg.cache_dir.display()))?;
     let metrics = Arc::new(Metrics::new().map_err(|e| Error::with_source(ErrorKind::Permanent, "registering metrics", e))?);
     let jobs_stop = CancellationToken::new();
-    let jobs =
-        Arc::new(Jobs::load(&cfg.state_dir, cfg.max_concurrent_transfers, metrics.clone(), jobs_stop.clone(), cfg.bandwidth_limit, cfg.transfer_history)?);
+    let jobs = Arc::new(Jobs::load(&cfg.state_dir, cfg.max_concurrent_transfers, metrics.clone(), jobs_stop.clone(), cfg.transfer_history)?);
     let env = env_from(&cfg);
     let exports = Arc::new(exports::Exports::new(metrics.clone()));
     let d = Arc::new(Daemon {
@@ -478,9 +480,7 @@ mod tests {
         junk(now - 1000, "0badf00d");
         junk(9_999_999_999_999, "deadbeef");
         assert_eq!(last_verify(&repo, now, &c).await.unwrap(), None, "junk is no verify");
-        let v = mover_engine::maint::check::check(&repo, None, &c).await.unwrap();
-        let rec = mover_engine::maint::report::VerifyResult::from_check(&v, 0, 0.1);
-        mover_engine::maint::report::record(&repo, mover_engine::maint::report::VERIFY, &rec, &c).await.unwrap();
+        mover_engine::ops::verify(&repo, None, true, &Default::default(), &c).await.unwrap();
         let t = mover_format::now_unix_ms();
         // A newer one that does not open (within the clock-skew allowance) is skipped too.
         junk(t + 60_000, "0ddba11a");

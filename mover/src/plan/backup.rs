@@ -56,6 +56,8 @@ pub struct BackupRequest {
     pub metadata: Vec<(String, Vec<u8>)>,
     pub tags: BTreeMap<String, String>,
     pub tuning: Tuning,
+    /// Upload limit in bytes per second (0: none of its own; the node's still applies).
+    pub upload_limit: u64,
     /// Segments a change source called unchanged to read and compare anyway; `None`: the
     /// node's default.
     pub verify_sample: Option<usize>,
@@ -74,7 +76,7 @@ pub struct BackupPlan {
 /// anything is read or written.
 pub async fn prepare(req: BackupRequest, env: &Env, repo: &Repository, cancel: &CancellationToken) -> Result<BackupPlan> {
     if req.volumes.is_empty() {
-        return Err(Error::invalid("nothing to back up: give a source, a volume NAME=SOURCE or an NBD URI"));
+        return Err(Error::invalid("nothing to back up: a backup needs at least one volume (give a source, a volume NAME=SOURCE or an NBD URI)"));
     }
     let mut names = HashSet::new();
     for v in &req.volumes {
@@ -192,6 +194,7 @@ pub async fn prepare(req: BackupRequest, env: &Env, repo: &Repository, cancel: &
     let mut tuning = req.tuning;
     tuning.verify_sample = req.verify_sample.unwrap_or(env.backup.verify_sample);
     tuning.compare_every = req.compare_every.unwrap_or(env.backup.compare_every);
+    tuning.limiters = env.limiters(req.upload_limit);
     Ok(BackupPlan {
         group: group.clone(),
         volume_names,

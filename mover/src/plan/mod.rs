@@ -1,12 +1,21 @@
-//! One plan per request. A backup or restore request — from the CLI or from gRPC — is
-//! turned here, once, into a validated plan: names checked, sources and targets resolved
-//! and opened (the plan carries the descriptors the checks were made on), sizes known,
-//! parent and snapshot resolved. The CLI and the daemon's gRPC adapter only build requests
-//! and render results; every rule lives in this module (or in the engine it calls).
+//! One plan per request. Every request kind — backup, restore, copy, verify, drill,
+//! export — from the CLI, from gRPC or from any later front end is turned here, once, into
+//! a validated plan: names checked, sources and targets resolved and opened (the plan
+//! carries the descriptors the checks were made on), sizes known, parent and snapshot
+//! resolved. The plan is then run by one operation of `mover_engine::ops`, which owns the
+//! lock and the read view. Front ends only build requests and render or record results;
+//! every rule lives in this module or in the engine (`docs/design.md`, "Where each rule
+//! lives").
 
 pub mod backup;
+pub mod copy;
+pub mod drill;
 pub mod export;
 pub mod restore;
+pub mod verify;
+
+use mover_engine::ratelimit::RateLimiter;
+use std::sync::Arc;
 
 use crate::nbd::NbdOptions;
 use crate::sources::csi::CsiService;
@@ -29,6 +38,30 @@ pub struct Env {
     pub kubevirt_hosts: Option<Vec<String>>,
     /// What a backup request leaves unset.
     pub backup: BackupDefaults,
+    /// The node's upload limit, shared by every transfer that uploads (`bandwidth_limit`).
+    pub upload_limit: Option<Arc<RateLimiter>>,
+}
+
+impl Env {
+    /// The operator's environment (the CLI): paths as given, any NBD endpoint, no CSI
+    /// service, no node-wide upload limit.
+    pub fn operator() -> Self {
+        Self {
+            paths: PathPolicy::Operator,
+            nbd: NbdPolicy::Any,
+            nbd_options: NbdOptions::default(),
+            csi: Vec::new(),
+            kubevirt_hosts: None,
+            backup: BackupDefaults::default(),
+            upload_limit: None,
+        }
+    }
+
+    /// The rate limiters an upload passes: the node's, and the request's own
+    /// `bytes_per_s` (0: none).
+    pub fn limiters(&self, bytes_per_s: u64) -> Vec<Arc<RateLimiter>> {
+        self.upload_limit.iter().cloned().chain((bytes_per_s > 0).then(|| Arc::new(RateLimiter::new(bytes_per_s)))).collect()
+    }
 }
 
 /// The node's defaults for what a backup request may leave unset.

@@ -24,6 +24,7 @@ mod index;
 mod kubevirt;
 mod maint;
 mod nbd;
+mod ops;
 mod resume;
 mod roundtrip;
 mod s3;

@@ -97,6 +97,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Where the store is, for messages: a path or `s3://bucket/prefix`.
     fn location(&self) -> &str;
 
+    /// Whether the store is reached over a network (an object store), where latency, not
+    /// a disk, bounds one request: more requests in flight pay off.
+    fn is_remote(&self) -> bool {
+        false
+    }
+
     /// Create-only write; see the module docs for durability.
     async fn put(&self, name: &str, data: Bytes, cancel: &CancellationToken) -> Result<PutOutcome, StorageError>;
 
