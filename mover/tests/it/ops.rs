@@ -6,9 +6,7 @@
 use super::*;
 
 fn locks(repo: &str) -> Vec<String> {
-    std::fs::read_dir(Path::new(repo).join("locks"))
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default()
+    std::fs::read_dir(Path::new(repo).join("locks")).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
 }
 
 #[test]
