@@ -28,3 +28,13 @@ if ! command -v cargo >/dev/null; then
   echo "cargo is missing: install Rust (rustup) first" >&2
   exit 1
 fi
+# The test command lints with clippy: rustup's default profile has it; add it where not.
+if [ "$what" = test ] && ! cargo clippy --version >/dev/null 2>&1; then
+  if command -v rustup >/dev/null; then
+    echo "installing: clippy (rustup component)" >&2
+    rustup component add clippy >&2
+  else
+    echo "cargo clippy is missing and there is no rustup to add it: install clippy" >&2
+    exit 1
+  fi
+fi

@@ -19,6 +19,9 @@ if [ -n "$bad" ]; then echo "mover-engine depends on: $bad" >&2; exit 1; fi
 # One layout (rustfmt.toml); skipped with a note where rustfmt is not installed.
 if cargo fmt --version >/dev/null 2>&1; then cargo fmt --all --check; else echo "rustfmt not installed: format check skipped" >&2; fi
 
+# Lints (docs/design.md): clippy with every warning an error, in the release profile so
+# its build scripts' output (RocksDB) is the one the build below uses.
+cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --workspace --all-targets
 cargo test --release --workspace
 

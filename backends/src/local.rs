@@ -76,7 +76,7 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 fn write_direct_prefix(path: &Path, data: &[u8]) -> usize {
     use std::os::unix::fs::OpenOptionsExt;
     let n = data.len() / DIRECT_ALIGN as usize * DIRECT_ALIGN as usize;
-    if (n as u64) < DIRECT_MIN || data.as_ptr() as usize % DIRECT_ALIGN as usize != 0 {
+    if (n as u64) < DIRECT_MIN || !(data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN as usize) {
         return 0;
     }
     let Ok(f) = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) else {

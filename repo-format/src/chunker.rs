@@ -36,10 +36,10 @@ impl ChunkerParams {
         if !(p.avg_size.is_power_of_two() && p.min_size >= 64 && p.min_size < p.avg_size && p.avg_size < p.max_size) {
             return Err(format!("chunker sizes must satisfy 64 <= min < avg < max with avg a power of two: {p:?}"));
         }
-        if p.max_size > p.segment_size || p.segment_size % p.zero_block != 0 || !p.zero_block.is_power_of_two() {
+        if p.max_size > p.segment_size || !p.segment_size.is_multiple_of(p.zero_block) || !p.zero_block.is_power_of_two() {
             return Err(format!("segment size must be a multiple of the zero block and at least max: {p:?}"));
         }
-        if p.min_hole < p.zero_block || p.min_hole % p.zero_block != 0 {
+        if p.min_hole < p.zero_block || !p.min_hole.is_multiple_of(p.zero_block) {
             return Err(format!("min_hole must be a multiple of zero_block: {p:?}"));
         }
         Ok(())

@@ -56,7 +56,7 @@ impl IndexEntry {
 
 pub fn encode_plain(entries: &[IndexEntry]) -> Vec<u8> {
     let mut sorted = entries.to_vec();
-    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    sorted.sort_by_key(|a| a.id);
     let mut out = Vec::with_capacity(5 + sorted.len() * INDEX_RECORD);
     out.push(INDEX_VERSION);
     put_u32(&mut out, sorted.len() as u32);
@@ -111,7 +111,7 @@ mod tests {
             let entries: Vec<IndexEntry> = raw.iter().map(|(c, p, k, o, s, r)| IndexEntry {
                 id: ChunkId(*c), loc: BlobLocation { pack: PackId(*p), kind: [BlobKind::Data, BlobKind::Tree, BlobKind::Metadata][*k as usize % 3], offset: *o, stored_len: *s, raw_len: *r } }).collect();
             let mut sorted = entries.clone();
-            sorted.sort_by(|a, b| a.id.cmp(&b.id));
+            sorted.sort_by_key(|a| a.id);
             prop_assert_eq!(decode_plain(&encode_plain(&entries)).unwrap(), sorted);
         }
     }

@@ -155,7 +155,7 @@ impl VolumeEntry {
         if n.is_empty() || n.len() > 253 || n == "." || n == ".." || n.contains(['/', ':', '\0']) {
             return Err(format!("volume name {n:?} is not valid"));
         }
-        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&self.segment_size) || self.segment_size % MIN_SEGMENT_SIZE != 0 {
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&self.segment_size) || !self.segment_size.is_multiple_of(MIN_SEGMENT_SIZE) {
             return Err(format!("volume '{n}': segment size {} is out of bounds", self.segment_size));
         }
         if self.size > MAX_VOLUME_BYTES {

@@ -106,7 +106,7 @@ pub fn plan(snaps: &[(SnapshotId, Manifest)], p: &Policy, by: GroupBy) -> Result
     }
     let mut out = Vec::new();
     for (key, mut list) in groups {
-        list.sort_by(|a, b| (b.1.time_unix_ms, b.0).cmp(&(a.1.time_unix_ms, a.0)));
+        list.sort_by_key(|s| std::cmp::Reverse((s.1.time_unix_ms, s.0)));
         let limits = [("hourly", p.hourly), ("daily", p.daily), ("weekly", p.weekly), ("monthly", p.monthly), ("yearly", p.yearly)];
         let mut seen: Vec<HashSet<i64>> = vec![HashSet::new(); limits.len()];
         let mut decisions = Vec::new();

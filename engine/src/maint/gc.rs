@@ -682,13 +682,13 @@ mod tests {
     /// current-thread one, where `block_in_place` would panic (an embedding, a test).
     #[tokio::test(flavor = "current_thread")]
     async fn off_reactor_does_not_panic_on_a_current_thread_runtime() {
-        let v = vec![1u8, 2, 3];
+        let v = [1u8, 2, 3];
         assert_eq!(super::off_reactor(|| v.iter().map(|&b| b as u32).sum::<u32>()), 6);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn off_reactor_blocks_in_place_on_a_multi_threaded_runtime() {
-        let v = vec![1u8, 2, 3];
+        let v = [1u8, 2, 3];
         assert_eq!(super::off_reactor(|| v.len()), 3);
     }
 }

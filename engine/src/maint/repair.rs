@@ -242,7 +242,6 @@ async fn store_if_same(
     Ok(true)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn heal_from_repository(
     repo: &Repository,
     from: &Repository,
@@ -328,7 +327,6 @@ async fn heal_from_repository(
     .await
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn heal_from_source(
     repo: &Repository,
     volume: &str,

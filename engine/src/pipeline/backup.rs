@@ -238,7 +238,6 @@ struct OpenVolume {
     parent: Option<(SnapshotId, VolumeEntry)>,
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run(
     repo: &Repository,
     index: Arc<dyn ChunkIndex>,
@@ -441,7 +440,6 @@ fn normalized(ext: &[(u64, u64)]) -> Vec<(u64, u64)> {
 /// unallocated ones are taken as they are, filling `refs` and the counters; a segment with
 /// a few small changes is spliced (only its changed bytes read, see [`super::splice`]); the
 /// rest is read whole. Returns the reads and the parent refs of the spliced segments.
-#[allow(clippy::too_many_arguments)]
 fn plan_reads(
     v: &OpenVolume,
     allocated: impl FnOnce() -> Option<Vec<(u64, u64)>>,
@@ -496,7 +494,7 @@ fn plan_reads(
         }
         if let Some(al) = &*allocated {
             let i = al.partition_point(|&(o, l)| o + l <= start);
-            if !al.get(i).is_some_and(|&(o, _)| o < end) {
+            if al.get(i).is_none_or(|&(o, _)| o >= end) {
                 refs.set(seg as usize, SegmentRef::Hole);
                 st.bytes_zero += len;
                 progress.add_done(len);
@@ -508,7 +506,6 @@ fn plan_reads(
     Ok((jobs, spliced))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn backup_volume(
     sh: &Arc<Shared>,
     tree: &Arc<dyn ChunkIndex>,
@@ -830,7 +827,6 @@ async fn check_changes(
 }
 
 /// Reads each of `segs` whole and returns those whose content differs from `parents`.
-#[allow(clippy::too_many_arguments)]
 fn compare_sample(
     sh: &Shared,
     reader: &mut Reader,

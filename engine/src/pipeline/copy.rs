@@ -203,7 +203,6 @@ fn select<'a>(sources: &'a [(SnapshotId, Manifest)], targets: &[(SnapshotId, Man
     Ok(picked)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn copy_one(
     src: &Repository,
     tree: &crate::lock::ReadView,

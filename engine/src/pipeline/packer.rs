@@ -52,6 +52,10 @@ impl Claims {
         self.set().len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.set().is_empty()
+    }
+
     fn set(&self) -> std::sync::MutexGuard<'_, HashSet<ChunkId>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -298,7 +298,6 @@ async fn read_uring(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn feed(
     path: &str,
     file: &std::rc::Rc<tokio_uring::fs::File>,

@@ -494,7 +494,7 @@ async fn restore_segment(
     };
     let written: u64 = runs.iter().map(|(a, b)| b - a).sum();
     let ctx = || format!("writing volume '{}' at offset {seg_offset}", cx.vol);
-    let aligned = |a: u64, b: u64| (seg_offset + a) % ALIGN as u64 == 0 && (b - a) % ALIGN as u64 == 0;
+    let aligned = |a: u64, b: u64| (seg_offset + a).is_multiple_of(ALIGN as u64) && (b - a).is_multiple_of(ALIGN as u64);
     let direct_ok = cx.direct.is_some() && runs.iter().all(|&(a, b)| aligned(a, b));
     match (&cx.writer, direct_ok || cx.direct.is_none()) {
         // io_uring on the O_DIRECT descriptor (or on the plain one when there is none).
@@ -577,7 +577,6 @@ pub(crate) async fn load_maps(
 
 /// Restores one volume of a snapshot onto `target` (a block device or a file). Damaged
 /// blobs it meets are quarantined (`docs/repair.md`).
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn restore_volume(
     repo: &Repository,
     view: &crate::lock::ReadView,
@@ -637,7 +636,6 @@ fn settle(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn restore_volume_inner(
     repo: &Repository,
     index: Arc<dyn ChunkIndex>,

@@ -263,7 +263,7 @@ impl DaemonConfig {
         }
         let max = raw.max_concurrent_transfers.unwrap_or(2);
         if max == 0 {
-            return Err(Error::invalid(format!("max_concurrent_transfers must be at least 1")));
+            return Err(Error::invalid("max_concurrent_transfers must be at least 1".to_string()));
         }
         let socket_mode = match raw.socket_mode.as_deref() {
             None => 0o600,

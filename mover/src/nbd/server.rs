@@ -410,7 +410,6 @@ async fn reply_done<W: AsyncWrite + Unpin>(w: &Arc<Mutex<W>>, s: &Session, cooki
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn request<W: AsyncWrite + Unpin + Send>(
     w: Arc<Mutex<W>>,
     image: Arc<VolumeImage>,

@@ -111,7 +111,7 @@ impl Qcow2 {
         if l1_size < needed || l1_size > needed + 1024 {
             return Err(bad(format!("L1 table of {l1_size} entries for a {size}-byte disk (needs {needed})")));
         }
-        if l1_offset % 512 != 0 || l1_offset.checked_add(l1_size * 8).is_none_or(|e| e > file_len) {
+        if !l1_offset.is_multiple_of(512) || l1_offset.checked_add(l1_size * 8).is_none_or(|e| e > file_len) {
             return Err(bad(format!("L1 table at {l1_offset} lies outside the file")));
         }
         let mut raw = vec![0u8; (l1_size * 8) as usize];
@@ -140,7 +140,7 @@ impl Qcow2 {
             self.cache.push(hit);
         } else {
             let cs = self.cluster_size();
-            if off % cs != 0 || off + cs > self.file_len {
+            if !off.is_multiple_of(cs) || off + cs > self.file_len {
                 return Err(Error::corrupt(format!("qcow2 image {}: L2 table {i} at {off} lies outside the file", self.label)));
             }
             let mut raw = vec![0u8; cs as usize];
@@ -174,7 +174,7 @@ impl Qcow2 {
         if host == 0 {
             return Ok(Cluster::Absent);
         }
-        if host % cs != 0 || host + cs > file_len.div_ceil(cs) * cs {
+        if !host.is_multiple_of(cs) || host + cs > file_len.div_ceil(cs) * cs {
             return Err(Error::corrupt(format!("qcow2 image {label}: cluster at guest offset {off} points to {host}, outside the file")));
         }
         Ok(Cluster::Data(host))

@@ -265,6 +265,6 @@ pub fn measured(c: Command) -> Measured {
     let elapsed = t0.elapsed();
     let text = std::fs::read_to_string(rss.path()).unwrap_or_default();
     // A killed command makes time write "Command terminated by signal N" first.
-    let kib: u64 = text.lines().filter_map(|l| l.trim().parse().ok()).last().unwrap_or_else(|| panic!("no peak memory from time: {text}"));
+    let kib: u64 = text.lines().filter_map(|l| l.trim().parse().ok()).next_back().unwrap_or_else(|| panic!("no peak memory from time: {text}"));
     Measured { code: status.code(), stderr: std::fs::read_to_string(err.path()).unwrap_or_default(), max_rss_mib: kib / 1024, elapsed }
 }

@@ -394,7 +394,7 @@ for off, n in reads:
 print(len(reads), len(bad), bad[:10])
 "#,
         path = src.display(),
-        ext = format!("{ext:?}")
+        ext = format_args!("{ext:?}")
     );
     let o = x.nbdsh(&script);
     assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stderr), x.log());

@@ -574,7 +574,7 @@ fn a_junk_object_among_the_snapshots_is_skipped_by_listings_and_reported_by_chec
     std::fs::write(&src, noise(73, 4 << 20)).unwrap();
     let v = format!("disk={}", src.display());
     let s1 = e.json(&["backup", "--volume", &v]);
-    let junk = format!("{}", "ab".repeat(32));
+    let junk = "ab".repeat(32).to_string();
     std::fs::write(Path::new(&e.repo).join("snapshots").join(&junk), noise(74, 4096)).unwrap();
     let list = e.json(&["snapshots"]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
@@ -800,7 +800,7 @@ fn hostile_nbd(path: &Path, mode: Hostile) -> std::sync::Arc<std::sync::atomic::
                                 b.extend_from_slice(&1u32.to_be_bytes());
                                 for i in 0..n {
                                     b.extend_from_slice(&512u32.to_be_bytes());
-                                    b.extend_from_slice(&((i % 2) as u32 * 3).to_be_bytes());
+                                    b.extend_from_slice(&((i % 2) * 3).to_be_bytes());
                                 }
                                 loop {
                                     s.write_all(&b)?;
@@ -1098,7 +1098,8 @@ fn a_device_whose_holders_cannot_be_seen_is_not_written() {
     let target = dev.dev.to_str().unwrap();
     // (Descriptors this process may not read fail closed the same way; this kernel lets
     // root without CAP_SYS_PTRACE read them, so that case is not reproduced here.)
-    for (wrapper, says) in [(vec!["unshare", "--pid", "--fork", "--mount-proc"], "not in the host's PID namespace")] {
+    {
+        let (wrapper, says) = (vec!["unshare", "--pid", "--fork", "--mount-proc"], "not in the host's PID namespace");
         let o = e.cmd_in(&wrapper, &["restore", &snap, target]).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains("cannot tell whether another process holds it") && err.contains(says), "{wrapper:?}: {err}");
