@@ -20,6 +20,7 @@ pub mod repo;
 pub mod secrets;
 pub mod socket;
 pub mod sources;
+pub mod velero;
 
 /// Selects rustls's crypto provider (ring) for the process. The AWS SDK and tonic enable
 /// different providers, so rustls cannot choose one by itself. Idempotent.
