@@ -30,3 +30,4 @@ mod roundtrip;
 mod s3;
 mod security;
 mod trust;
+mod velero;

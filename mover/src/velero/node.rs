@@ -1,0 +1,103 @@
+//! One node's pass over the DataUploads: the steps of [`super::reconcile`] applied through
+//! [`Cluster`]. So far the steps that need no exposure: claiming (with requests checked
+//! first, so a malformed one fails at once, naming the field, and nothing is created for
+//! it), cancelling what has not run, and failing a preparation past its timeout. Exposing
+//! and running are returned as work for the caller.
+
+use super::cluster::Cluster;
+use super::reconcile::{format_time, step, upload_request, Claim, Step};
+use super::types::DataUpload;
+use mover_engine::Result;
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// What a node needs to know to take part.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's name (`spec.nodeName`, from the downward API).
+    pub node: String,
+    /// The BackupStorageLocations this node has a repository for.
+    pub locations: BTreeSet<String>,
+    /// How long an accepted DataUpload may take to be prepared.
+    pub prepare_timeout: Duration,
+}
+
+/// What a pass did to one DataUpload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing (not ours, done, or another node's).
+    Left,
+    /// Refused before anything was created; the message written.
+    Failed(String),
+    /// Accepted by this node: to be prepared.
+    Accepted,
+    /// Another node accepted it first.
+    Lost,
+    Canceled,
+    /// Work for the caller: prepare, run, resume or cancel the running transfer.
+    Pending(Step),
+}
+
+/// One pass over every DataUpload in Velero's namespace; `running` names those whose
+/// transfer this process runs.
+pub async fn pass(c: &Cluster, cfg: &NodeConfig, running: &BTreeSet<String>, now_ms: u64) -> Result<Vec<(String, Outcome)>> {
+    let mut out = Vec::new();
+    for du in c.list_uploads().await? {
+        let name = du.metadata.name.clone();
+        let o = one(c, cfg, &du, running.contains(&name), now_ms).await?;
+        out.push((name, o));
+    }
+    Ok(out)
+}
+
+async fn one(c: &Cluster, cfg: &NodeConfig, du: &DataUpload, running: bool, now_ms: u64) -> Result<Outcome> {
+    let ended = |phase: &str, message: String| {
+        json!({"phase": phase, "message": message, "completionTimestamp": format_time(now_ms),
+               "startTimestamp": du.status.start_timestamp.clone().unwrap_or_else(|| format_time(now_ms))})
+    };
+    Ok(match step(Claim::from(du), &cfg.node, running, now_ms, cfg.prepare_timeout) {
+        Step::NotOurs | Step::Done | Step::Wait => Outcome::Left,
+        Step::Accept => {
+            let checked = upload_request(du).and_then(|r| match cfg.locations.contains(&r.location) {
+                true => Ok(r),
+                false => Err(format!(
+                    "DataUpload {}/{}: BackupStorageLocation '{}' has no Mover repository on node {} (configured: {})",
+                    du.metadata.namespace,
+                    du.metadata.name,
+                    r.location,
+                    cfg.node,
+                    cfg.locations.iter().cloned().collect::<Vec<_>>().join(", ")
+                )),
+            });
+            match checked {
+                Err(msg) => match c.set_upload_status(du, ended("Failed", msg.clone())).await? {
+                    true => Outcome::Failed(msg),
+                    false => Outcome::Lost,
+                },
+                Ok(_) => match c.accept_upload(du, &cfg.node, now_ms).await? {
+                    Some(_) => Outcome::Accepted,
+                    None => Outcome::Lost,
+                },
+            }
+        }
+        Step::Cancel => match c.set_upload_status(du, ended("Canceled", "cancelled before it ran".into())).await? {
+            true => Outcome::Canceled,
+            false => Outcome::Lost,
+        },
+        Step::PrepareTimedOut => {
+            let msg = format!(
+                "DataUpload {}/{}: accepted by node {} but not prepared within {} s",
+                du.metadata.namespace,
+                du.metadata.name,
+                du.status.accepted_by_node,
+                cfg.prepare_timeout.as_secs()
+            );
+            match c.set_upload_status(du, ended("Failed", msg.clone())).await? {
+                true => Outcome::Failed(msg),
+                false => Outcome::Lost,
+            }
+        }
+        s @ (Step::Prepare | Step::Run | Step::Resume | Step::CancelRunning) => Outcome::Pending(s),
+    })
+}

@@ -1,0 +1,225 @@
+//! The Velero data mover against `kube_standin.py`, a TEST STAND-IN for the Kubernetes API
+//! server (no API server runs here; the stand-in follows upstream's REST semantics and
+//! cites the files it follows).
+
+use super::*;
+use mover::velero::cluster::Cluster;
+use mover::velero::types::{DataUpload, Phase};
+use std::process::{Child, Stdio};
+
+const STANDIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/kube_standin.py");
+
+pub struct KubeStandin {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl KubeStandin {
+    pub fn start() -> Self {
+        Self::with_history(1000)
+    }
+
+    /// Keeping only `events` watch events (upstream keeps a bounded window too).
+    pub fn with_history(events: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port_file = dir.path().join("port");
+        let child = Command::new("python3").arg(STANDIN).arg(&port_file).arg(events.to_string()).stdout(Stdio::null()).spawn().expect("python3");
+        let t0 = std::time::Instant::now();
+        while !port_file.exists() {
+            assert!(t0.elapsed().as_secs() < 10, "the Kubernetes API stand-in did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let port = std::fs::read_to_string(&port_file).unwrap();
+        KubeStandin { child, url: format!("http://127.0.0.1:{}", port.trim()), _dir: dir }
+    }
+
+    /// `curl` against the stand-in: (status code, body).
+    pub fn call(&self, method: &str, path: &str, ctype: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let o = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, "-H"])
+            .arg(format!("Content-Type: {ctype}"))
+            .arg("--data-binary")
+            .arg(body.to_string())
+            .arg(format!("{}{path}", self.url))
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (body, code) = out.rsplit_once('\n').unwrap();
+        (code.trim().parse().unwrap(), serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+    }
+}
+
+impl Drop for KubeStandin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+const UPLOADS: &str = "/apis/velero.io/v2alpha1/namespaces/velero/datauploads";
+
+fn create_upload(k: &KubeStandin, name: &str, datamover: &str) {
+    let du = serde_json::json!({
+        "apiVersion": "velero.io/v2alpha1", "kind": "DataUpload",
+        "metadata": {"name": name, "namespace": "velero"},
+        "spec": {"snapshotType": "CSI", "csiSnapshot": {"volumeSnapshot": format!("vs-{name}"), "storageClass": "sc"},
+                 "sourcePVC": "disk", "sourceNamespace": "vms", "backupStorageLocation": "default", "datamover": datamover,
+                 "operationTimeout": "10m0s"},
+    });
+    let (code, body) = k.call("POST", UPLOADS, "application/json", &du);
+    assert_eq!(code, 201, "{body}");
+}
+
+/// Velero's node-agents race to accept a DataUpload, and so do Mover's: each node writes
+/// with the resourceVersion it read, the API server refuses all but the first (409), and
+/// exactly one node runs it. Twenty DataUploads, two nodes deciding at the same moment:
+/// every one is accepted exactly once, and the loser's status write changed nothing.
+#[test]
+fn two_nodes_race_for_each_data_upload_and_exactly_one_wins() {
+    let k = KubeStandin::start();
+    for i in 0..20 {
+        create_upload(&k, &format!("du-{i}"), "mover");
+    }
+    let rt = rt();
+    let won: Vec<(String, String)> = rt.block_on(async {
+        let (a, b) = (Cluster::connect(Some(&k.url), "velero").await.unwrap(), Cluster::connect(Some(&k.url), "velero").await.unwrap());
+        // Both read the same objects at the same resourceVersions, then both accept each.
+        let (la, lb) = (a.list_uploads().await.unwrap(), b.list_uploads().await.unwrap());
+        assert_eq!(la.len(), 20);
+        let mut won = Vec::new();
+        for (da, db) in la.iter().zip(lb.iter()) {
+            assert_eq!(da.status.phase, Phase::New, "created without a phase: New");
+            let (ra, rb) = tokio::join!(a.accept_upload(da, "node-a", 1_000), b.accept_upload(db, "node-b", 1_000));
+            match (ra.unwrap(), rb.unwrap()) {
+                (Some(x), None) | (None, Some(x)) => won.push((x.metadata.name.clone(), x.status.accepted_by_node.clone())),
+                (x, y) => panic!("{}: both or neither won: {x:?} {y:?}", da.metadata.name),
+            }
+        }
+        won
+    });
+    // What the API server holds agrees with the winners.
+    for (name, node) in &won {
+        let (code, body) = k.call("GET", &format!("{UPLOADS}/{name}"), "application/json", &serde_json::Value::Null);
+        assert_eq!(code, 200);
+        let du: DataUpload = serde_json::from_value(body).unwrap();
+        assert_eq!(du.status.phase, Phase::Accepted);
+        assert_eq!(&du.status.accepted_by_node, node, "{name}: the loser's write changed nothing");
+        assert_eq!(du.status.accepted_timestamp.as_deref(), Some("1970-01-01T00:00:01Z"));
+        assert_eq!(du.spec.source_pvc, "disk", "a status write leaves the spec alone");
+    }
+    assert_eq!(won.len(), 20);
+}
+
+/// The stand-in keeps the API server's rules the controller relies on: a stale
+/// resourceVersion is a 409 Conflict (with upstream's message), a missing object a 404
+/// naming it, a status write leaves the spec alone and a spec write the status, a watch
+/// from an expired resourceVersion is a 410 ERROR event, and kubectl can read it.
+#[test]
+fn the_kubernetes_api_stand_in_keeps_upstream_rules() {
+    let k = KubeStandin::with_history(20);
+    create_upload(&k, "du-x", "velero");
+    let merge = "application/merge-patch+json";
+    let (c, b) =
+        k.call("PATCH", &format!("{UPLOADS}/du-x/status"), merge, &serde_json::json!({"metadata": {"resourceVersion": "1"}, "status": {"phase": "Accepted"}}));
+    assert_eq!(c, 409, "{b}");
+    assert_eq!(b["reason"], "Conflict");
+    assert!(b["message"].as_str().unwrap().contains("the object has been modified; please apply your changes to the latest version and try again"), "{b}");
+    let (c, b) = k.call("PATCH", &format!("{UPLOADS}/du-x/status"), merge, &serde_json::json!({"status": {"phase": "Accepted"}, "spec": {"cancel": true}}));
+    assert_eq!(c, 200, "{b}");
+    assert_eq!((b["status"]["phase"].as_str(), b["spec"]["cancel"].as_bool()), (Some("Accepted"), None), "status only: {b}");
+    let (c, b) = k.call("PATCH", &format!("{UPLOADS}/du-x"), merge, &serde_json::json!({"status": {"phase": "Failed"}, "spec": {"cancel": true}}));
+    assert_eq!(c, 200, "{b}");
+    assert_eq!((b["status"]["phase"].as_str(), b["spec"]["cancel"].as_bool()), (Some("Accepted"), Some(true)), "spec only: {b}");
+    let (c, b) = k.call("PATCH", &format!("{UPLOADS}/du-x"), "application/json-patch+json", &serde_json::json!([]));
+    assert_eq!(c, 415, "{b}");
+    let (c, b) = k.call("GET", &format!("{UPLOADS}/nosuch"), "application/json", &serde_json::Value::Null);
+    assert_eq!((c, b["reason"].as_str()), (404, Some("NotFound")));
+    assert!(b["message"].as_str().unwrap().contains("datauploads.velero.io \"nosuch\" not found"), "{b}");
+    let (c, b) = k.call("POST", UPLOADS, "application/json", &serde_json::json!({"metadata": {"name": "du-x"}}));
+    assert_eq!((c, b["reason"].as_str()), (409, Some("AlreadyExists")));
+    // Push the first events out of the kept history (20 here), then watch from before them.
+    for i in 0..30 {
+        k.call("PATCH", &format!("{UPLOADS}/du-x/status"), merge, &serde_json::json!({"status": {"message": format!("m{i}")}}));
+    }
+    let o = Command::new("curl").arg("-sN").arg(format!("{}{UPLOADS}?watch=true&resourceVersion=101&timeoutSeconds=1", k.url)).output().unwrap();
+    let ev: serde_json::Value = serde_json::from_slice(o.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!((ev["type"].as_str(), ev["object"]["code"].as_u64(), ev["object"]["reason"].as_str()), (Some("ERROR"), Some(410), Some("Expired")), "{ev}");
+    // A real client: kubectl reads what the stand-in serves (discovery, list, get).
+    let o = Command::new("kubectl").args(["--server", &k.url, "-n", "velero", "get", "datauploads.velero.io", "du-x", "-o", "json"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let du: DataUpload = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(du.status.message, "m29");
+}
+
+fn get_upload(k: &KubeStandin, name: &str) -> DataUpload {
+    let (code, body) = k.call("GET", &format!("{UPLOADS}/{name}"), "application/json", &serde_json::Value::Null);
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_value(body).unwrap()
+}
+
+/// One node's pass: a malformed DataUpload (no VolumeSnapshot named) and one for a
+/// BackupStorageLocation this node has no repository for fail at once with a message
+/// naming the object and what is wrong, and nothing is created for them; one cancelled
+/// before any node took it ends Canceled; one accepted by a node that died long ago fails
+/// as not prepared in time; Velero's own is never touched; the good one is accepted.
+#[test]
+fn a_pass_refuses_bad_uploads_at_once_cancels_unstarted_ones_and_fails_what_a_dead_node_held() {
+    use mover::velero::node::{pass, NodeConfig, Outcome};
+    let k = KubeStandin::start();
+    let merge = "application/merge-patch+json";
+    for n in ["good", "velero-own", "no-snap", "elsewhere", "cancelled", "orphaned"] {
+        create_upload(&k, n, if n == "velero-own" { "velero" } else { "mover" });
+    }
+    k.call("PATCH", &format!("{UPLOADS}/no-snap"), merge, &serde_json::json!({"spec": {"csiSnapshot": null}}));
+    k.call("PATCH", &format!("{UPLOADS}/elsewhere"), merge, &serde_json::json!({"spec": {"backupStorageLocation": "elsewhere"}}));
+    k.call("PATCH", &format!("{UPLOADS}/cancelled"), merge, &serde_json::json!({"spec": {"cancel": true}}));
+    let dead = serde_json::json!({"status": {"phase": "Accepted", "acceptedByNode": "dead-node", "acceptedTimestamp": "2026-01-01T00:00:00Z"}});
+    k.call("PATCH", &format!("{UPLOADS}/orphaned/status"), merge, &dead);
+    let before: serde_json::Value =
+        serde_json::from_str(&String::from_utf8(Command::new("curl").arg("-s").arg(format!("{}/standin/requests", k.url)).output().unwrap().stdout).unwrap())
+            .unwrap();
+
+    let cfg = NodeConfig { node: "n1".into(), locations: ["default".to_string()].into(), prepare_timeout: std::time::Duration::from_secs(300) };
+    let t0 = std::time::Instant::now();
+    let out = rt().block_on(async {
+        let c = Cluster::connect(Some(&k.url), "velero").await.unwrap();
+        pass(&c, &cfg, &Default::default(), mover_format::now_unix_ms()).await.unwrap()
+    });
+    assert!(t0.elapsed().as_secs() < 5, "a pass answers in seconds: {:?}", t0.elapsed());
+    let out: std::collections::BTreeMap<String, Outcome> = out.into_iter().collect();
+    assert_eq!(out["good"], Outcome::Accepted);
+    assert_eq!(out["velero-own"], Outcome::Left);
+    assert_eq!(out["cancelled"], Outcome::Canceled);
+    for (n, what) in [
+        ("no-snap", "spec.csiSnapshot.volumeSnapshot is missing"),
+        ("elsewhere", "BackupStorageLocation 'elsewhere' has no Mover repository on node n1"),
+        ("orphaned", "accepted by node dead-node but not prepared within 300 s"),
+    ] {
+        let Outcome::Failed(msg) = &out[n] else { panic!("{n}: {:?}", out[n]) };
+        assert!(msg.contains(&format!("DataUpload velero/{n}")) && msg.contains(what), "{n}: {msg}");
+        let du = get_upload(&k, n);
+        assert_eq!(du.status.phase, Phase::Failed, "{n}");
+        assert_eq!(&du.status.message, msg, "{n}: the message is on the object");
+        assert!(du.status.completion_timestamp.is_some(), "{n}");
+    }
+    assert_eq!(get_upload(&k, "cancelled").status.phase, Phase::Canceled);
+    assert_eq!(get_upload(&k, "good").status.accepted_by_node, "n1");
+    let own = get_upload(&k, "velero-own");
+    assert_eq!((own.status.phase, own.metadata.resource_version.as_str()), (Phase::New, "102"), "Velero's own DataUpload is untouched");
+
+    // Nothing was created and nothing but the DataUploads' status was written.
+    let after: serde_json::Value =
+        serde_json::from_str(&String::from_utf8(Command::new("curl").arg("-s").arg(format!("{}/standin/requests", k.url)).output().unwrap().stdout).unwrap())
+            .unwrap();
+    for (req, n) in after.as_object().unwrap() {
+        let was = before.get(req).and_then(|v| v.as_u64()).unwrap_or(0);
+        if n.as_u64().unwrap() > was && !req.starts_with("GET ") {
+            assert!(req.starts_with("PATCH ") && req.ends_with("/status") && !req.contains("velero-own"), "the pass wrote {req}");
+        }
+    }
+}
