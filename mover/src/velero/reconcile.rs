@@ -23,33 +23,26 @@ pub struct Claim<'a> {
     pub node: &'a str,
 }
 
-impl<'a> From<&'a DataUpload> for Claim<'a> {
-    fn from(d: &'a DataUpload) -> Self {
-        let s = &d.status;
-        Claim {
-            data_mover: &d.spec.data_mover,
-            phase: s.phase,
-            cancel: d.spec.cancel,
-            accepted_by: &s.accepted_by_node,
-            accepted_ms: s.accepted_timestamp.as_deref().and_then(parse_time_ms),
-            node: &s.node,
+/// Both kinds carry the claim in the same fields.
+macro_rules! claim_of {
+    ($kind:ty) => {
+        impl<'a> From<&'a $kind> for Claim<'a> {
+            fn from(d: &'a $kind) -> Self {
+                let s = &d.status;
+                Claim {
+                    data_mover: &d.spec.data_mover,
+                    phase: s.phase,
+                    cancel: d.spec.cancel,
+                    accepted_by: &s.accepted_by_node,
+                    accepted_ms: s.accepted_timestamp.as_deref().and_then(parse_time_ms),
+                    node: &s.node,
+                }
+            }
         }
-    }
+    };
 }
-
-impl<'a> From<&'a DataDownload> for Claim<'a> {
-    fn from(d: &'a DataDownload) -> Self {
-        let s = &d.status;
-        Claim {
-            data_mover: &d.spec.data_mover,
-            phase: s.phase,
-            cancel: d.spec.cancel,
-            accepted_by: &s.accepted_by_node,
-            accepted_ms: s.accepted_timestamp.as_deref().and_then(parse_time_ms),
-            node: &s.node,
-        }
-    }
-}
+claim_of!(DataUpload);
+claim_of!(DataDownload);
 
 /// The next step for this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,7 +186,7 @@ pub fn parse_time_ms(s: &str) -> Option<u64> {
     let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
     let mut t = hms.splitn(3, ':').map(|x| x.parse::<i64>().ok());
     let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || !(0..=23).contains(&hh) || !(0..=59).contains(&mm) || !(0..=60).contains(&ss) {
         return None;
     }
     let ms = match frac {
@@ -201,29 +194,15 @@ pub fn parse_time_ms(s: &str) -> Option<u64> {
         f if f.bytes().all(|b| b.is_ascii_digit()) => format!("{:0<3}", &f[..f.len().min(3)]).parse::<i64>().ok()?,
         _ => return None,
     };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = mover_engine::timeutil::days_from_civil(y, m as u32, day as u32);
     u64::try_from(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms).ok()
 }
 
 /// `ms` since the epoch as Kubernetes writes a time (`metav1.Time`: seconds, UTC).
 pub fn format_time(ms: u64) -> String {
-    let secs = (ms / 1000) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let secs = ms / 1000;
+    let (y, m, d) = mover_engine::timeutil::civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
@@ -338,7 +317,7 @@ mod tests {
         assert_eq!(parse_time_ms("2026-12-06T10:00:00Z"), Some(1_796_551_200_000));
         assert_eq!(parse_time_ms("2026-12-06T10:00:00.25Z"), Some(1_796_551_200_250));
         assert_eq!(format_time(1_796_551_200_999), "2026-12-06T10:00:00Z");
-        for bad in ["", "2026-12-06", "2026-13-06T10:00:00Z", "2026-12-06T10:00:00+01:00", "2026-12-06T10:00:00.x1Z"] {
+        for bad in ["", "2026-12-06", "2026-13-06T10:00:00Z", "2026-12-06T-1:00:00Z", "2026-12-06T10:00:00+01:00", "2026-12-06T10:00:00.x1Z"] {
             assert_eq!(parse_time_ms(bad), None, "{bad}");
         }
     }
