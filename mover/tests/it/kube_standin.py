@@ -167,11 +167,13 @@ class H(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def body(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(n) if n else b""
-        return json.loads(raw) if raw else {}
+        return json.loads(self.raw) if self.raw else {}
 
     def route(self, method):
+        # Every request's body is read, used or not (a DELETE carries DeleteOptions): what
+        # is left unread would be taken for the next request on the connection.
+        n = int(self.headers.get("Content-Length") or 0)
+        self.raw = self.rfile.read(n) if n else b""
         u = urlparse(self.path)
         q = {k: v[-1] for k, v in parse_qs(u.query).items()}
         with lock:

@@ -223,3 +223,74 @@ fn a_pass_refuses_bad_uploads_at_once_cancels_unstarted_ones_and_fails_what_a_de
         }
     }
 }
+
+/// Exposing a DataUpload's snapshot on a node: a snapshot that is not ready is refused
+/// naming it, and nothing is created; a ready one gets a Block claim from the snapshot
+/// and a pod that holds it on this node only (a required node affinity, read-only, no
+/// privileges); it counts as exposed once the pod runs and the claim is bound; cleaning
+/// up removes the pod, the claim, the VolumeSnapshot and its content, and again is fine.
+#[test]
+fn a_snapshot_is_exposed_on_this_node_as_a_block_claim_and_cleaned_up_with_the_snapshot() {
+    use mover::velero::cluster::Exposed;
+    use mover::velero::reconcile::upload_request;
+    let k = KubeStandin::start();
+    let merge = "application/merge-patch+json";
+    create_upload(&k, "du-1", "mover");
+    const VS: &str = "/apis/snapshot.storage.k8s.io/v1/namespaces/vms/volumesnapshots";
+    const VSC: &str = "/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents";
+    let (c, b) = k.call(
+        "POST",
+        VS,
+        "application/json",
+        &serde_json::json!({"metadata": {"name": "vs-du-1"}, "spec": {"source": {"persistentVolumeClaimName": "disk"}}}),
+    );
+    assert_eq!(c, 201, "{b}");
+    let (c, b) = k.call("POST", VSC, "application/json", &serde_json::json!({"metadata": {"name": "snapcontent-1"}, "spec": {"driver": "d", "deletionPolicy": "Delete", "source": {"volumeHandle": "h"}, "volumeSnapshotRef": {"name": "vs-du-1", "namespace": "vms"}}}));
+    assert_eq!(c, 201, "{b}");
+    let rt = rt();
+    let c = rt.block_on(Cluster::connect(Some(&k.url), "velero")).unwrap();
+    let du = get_upload(&k, "du-1");
+    let req = upload_request(&du).unwrap();
+
+    let e = rt.block_on(c.expose(&du, &req, "n1", "mover:test")).unwrap_err();
+    assert!(format!("{e:#}").contains("VolumeSnapshot vms/vs-du-1 of DataUpload velero/du-1 is not ready to use"), "{e:#}");
+    let (code, _) = k.call("GET", "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-1", "application/json", &serde_json::Value::Null);
+    assert_eq!(code, 404, "nothing created for a snapshot that is not ready");
+
+    let ready = serde_json::json!({"status": {"readyToUse": true, "restoreSize": "64Mi", "boundVolumeSnapshotContentName": "snapcontent-1"}});
+    k.call("PATCH", &format!("{VS}/vs-du-1/status"), merge, &ready);
+    rt.block_on(c.expose(&du, &req, "n1", "mover:test")).unwrap();
+    rt.block_on(c.expose(&du, &req, "n1", "mover:test")).unwrap(); // resumed: what exists is kept
+    let (_, pvc) = k.call("GET", "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-1", "application/json", &serde_json::Value::Null);
+    assert_eq!(pvc["spec"]["volumeMode"], "Block");
+    assert_eq!(pvc["spec"]["dataSource"], serde_json::json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "vs-du-1"}));
+    assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "64Mi");
+    assert_eq!(pvc["spec"]["storageClassName"], "sc");
+    assert_eq!(pvc["metadata"]["labels"]["mover.io/data-upload"], "du-1");
+    let (_, pod) = k.call("GET", "/api/v1/namespaces/vms/pods/mover-du-1", "application/json", &serde_json::Value::Null);
+    let term = &pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0];
+    assert_eq!((term["key"].as_str(), term["values"][0].as_str()), (Some("kubernetes.io/hostname"), Some("n1")), "{pod}");
+    assert!(pod["spec"]["nodeName"].is_null(), "scheduled, not forced: WaitForFirstConsumer binds through the scheduler");
+    assert_eq!(pod["spec"]["volumes"][0]["persistentVolumeClaim"], serde_json::json!({"claimName": "mover-du-1", "readOnly": true}));
+    assert_eq!(pod["spec"]["containers"][0]["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+
+    assert_eq!(rt.block_on(c.exposed(&du, &req)).unwrap(), None, "not running, not bound");
+    k.call("PATCH", "/api/v1/namespaces/vms/pods/mover-du-1/status", merge, &serde_json::json!({"status": {"phase": "Running"}}));
+    k.call("PATCH", "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-1", merge, &serde_json::json!({"spec": {"volumeName": "pvc-123"}}));
+    k.call("PATCH", "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-1/status", merge, &serde_json::json!({"status": {"phase": "Bound"}}));
+    let uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
+    assert_eq!(rt.block_on(c.exposed(&du, &req)).unwrap(), Some(Exposed { pod_uid: uid, pv: "pvc-123".into() }));
+
+    rt.block_on(c.clean_up(&du, &req)).unwrap();
+    for p in [
+        "/api/v1/namespaces/vms/pods/mover-du-1",
+        "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-1",
+        &format!("{VS}/vs-du-1"),
+        &format!("{VSC}/snapcontent-1"),
+    ] {
+        let (code, _) = k.call("GET", p, "application/json", &serde_json::Value::Null);
+        assert_eq!(code, 404, "{p} is gone");
+    }
+    rt.block_on(c.clean_up(&du, &req)).unwrap();
+}
