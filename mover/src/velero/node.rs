@@ -101,3 +101,53 @@ async fn one(c: &Cluster, cfg: &NodeConfig, du: &DataUpload, running: bool, now_
         s @ (Step::Prepare | Step::Run | Step::Resume | Step::CancelRunning) => Outcome::Pending(s),
     })
 }
+
+/// The backup a DataUpload becomes once its volume is exposed on this node — the same
+/// request the CLI and gRPC build, run by the same plan and operation: the exposed device
+/// through the pod-volume rule, in the group `<sourceNamespace>/<sourcePVC>` with the
+/// group's latest snapshot as parent, the volume named after the source PVC, and the
+/// DataUpload (with the Velero backup it belongs to) recorded as the snapshot's metadata.
+pub fn backup_request(du: &DataUpload, req: &super::reconcile::UploadRequest, exposed: &super::cluster::Exposed) -> crate::plan::backup::BackupRequest {
+    use crate::plan::backup::{BackupRequest, SourceRef, VolumeRequest};
+    let backup = du.metadata.labels.get("velero.io/backup-name").cloned().unwrap_or_default();
+    let record = json!({
+        "dataUpload": {"namespace": du.metadata.namespace, "name": du.metadata.name, "uid": du.metadata.uid},
+        "backup": backup,
+        "sourceNamespace": req.source_namespace,
+        "sourcePVC": req.source_pvc,
+        "volumeSnapshot": req.volume_snapshot,
+        "storageClass": req.storage_class,
+        "driver": req.driver,
+    });
+    let mut tags = std::collections::BTreeMap::new();
+    if !backup.is_empty() {
+        tags.insert("velero.io/backup-name".to_string(), backup);
+    }
+    BackupRequest {
+        group: Some(req.group.clone()),
+        volumes: vec![VolumeRequest {
+            name: req.source_pvc.clone(),
+            source: SourceRef::PodVolume { uid: exposed.pod_uid.clone(), volume: exposed.pv.clone() },
+            changed_extents: None,
+            csi: None,
+            checkpoint: None,
+        }],
+        parent: Some("latest".into()),
+        metadata: vec![("velero-dataupload.json".into(), record.to_string().into_bytes())],
+        tags,
+        ..Default::default()
+    }
+}
+
+/// The status of a DataUpload whose backup is committed: `Completed`, the `snapshotID` a
+/// DataDownload restores from alone, and the volume's size as done.
+pub fn completed(snapshot: &super::reconcile::SnapshotRef, size: u64, new_bytes: u64, now_ms: u64) -> serde_json::Value {
+    json!({
+        "phase": "Completed",
+        "snapshotID": snapshot.encode(),
+        "progress": {"totalBytes": size, "bytesDone": size},
+        "incrementalBytes": new_bytes,
+        "completionTimestamp": format_time(now_ms),
+        "message": "",
+    })
+}

@@ -294,3 +294,96 @@ fn a_snapshot_is_exposed_on_this_node_as_a_block_claim_and_cleaned_up_with_the_s
     }
     rt.block_on(c.clean_up(&du, &req)).unwrap();
 }
+
+/// A DataUpload end to end, step by step as a node takes it: accepted, its snapshot
+/// exposed (a stand-in kubelet publishes the claim's device for the hosting pod, as the
+/// real one does under `plugins/kubernetes.io/csi/volumeDevices/publish/`), backed up
+/// through the same plan and operation as the CLI and gRPC (confined to the kubelet's
+/// pod volume), `Completed` with a snapshotID that alone finds the data, the exposure and
+/// the snapshot cleaned up — and what the snapshotID names restores byte-exact.
+#[test]
+fn a_data_upload_is_backed_up_from_its_exposed_snapshot_and_its_snapshot_id_restores_byte_exact() {
+    use mover::sources::file::{Confinement, PathPolicy};
+    use mover::velero::node::{backup_request, completed, pass, NodeConfig, Outcome};
+    use mover::velero::reconcile::{upload_request, SnapshotRef};
+    let k = KubeStandin::start();
+    let e = Env::new();
+    let merge = "application/merge-patch+json";
+    create_upload(&k, "du-1", "mover");
+    const VS: &str = "/apis/snapshot.storage.k8s.io/v1/namespaces/vms/volumesnapshots";
+    k.call("POST", VS, "application/json", &serde_json::json!({"metadata": {"name": "vs-du-1"}, "spec": {"source": {"persistentVolumeClaimName": "disk"}}}));
+    k.call("PATCH", &format!("{VS}/vs-du-1/status"), merge, &serde_json::json!({"status": {"readyToUse": true, "restoreSize": "16Mi"}}));
+    // The snapshot's content, as the CSI driver would restore it into the new claim.
+    let img = e.path("snapshot.img");
+    make_volume(&img, 16 << 20, 71);
+    let lo = Loop::new(&img, 0);
+    let kubelet = e.path("kubelet");
+
+    let rt = rt();
+    let cfg = NodeConfig { node: "n1".into(), locations: ["default".to_string()].into(), prepare_timeout: std::time::Duration::from_secs(300) };
+    let pw = e.path("password");
+    std::fs::write(&pw, "test-password").unwrap();
+    let ra = mover::repo::RepoArgs {
+        repo: Some(e.repo.clone()),
+        password_file: Some(pw),
+        s3_endpoint: None,
+        s3_region: None,
+        cache_dir: Some(e.dir.path().join("cache")),
+        password_env: None,
+    };
+    let repo = rt.block_on(ra.open(&Default::default())).unwrap();
+    let c = rt.block_on(Cluster::connect(Some(&k.url), "velero")).unwrap();
+    let out = rt.block_on(pass(&c, &cfg, &Default::default(), mover_format::now_unix_ms())).unwrap();
+    assert_eq!(out, vec![("du-1".to_string(), Outcome::Accepted)]);
+    let du = get_upload(&k, "du-1");
+    let req = upload_request(&du).unwrap();
+    rt.block_on(c.expose(&du, &req, "n1", "mover:test")).unwrap();
+
+    // The stand-in kubelet and provisioner: the claim bound to a PV, the device published
+    // for the pod, the pod running.
+    let (_, pod) = k.call("GET", "/api/v1/namespaces/vms/pods/mover-du-1", "application/json", &serde_json::Value::Null);
+    let uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
+    let publish = kubelet.join("plugins/kubernetes.io/csi/volumeDevices/publish/pvc-du-1");
+    std::fs::create_dir_all(&publish).unwrap();
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&lo.dev).unwrap());
+    nix::sys::stat::mknod(&publish.join(&uid), nix::sys::stat::SFlag::S_IFBLK, nix::sys::stat::Mode::from_bits_truncate(0o600), rdev).unwrap();
+    let entry = kubelet.join("pods").join(&uid).join("volumeDevices/kubernetes.io~csi");
+    std::fs::create_dir_all(&entry).unwrap();
+    std::os::unix::fs::symlink(publish.join(&uid), entry.join("pvc-du-1")).unwrap();
+    k.call("PATCH", "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-1", merge, &serde_json::json!({"spec": {"volumeName": "pvc-du-1"}}));
+    k.call("PATCH", "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-1/status", merge, &serde_json::json!({"status": {"phase": "Bound"}}));
+    k.call("PATCH", "/api/v1/namespaces/vms/pods/mover-du-1/status", merge, &serde_json::json!({"status": {"phase": "Running"}}));
+    let exposed = rt.block_on(c.exposed(&du, &req)).unwrap().expect("exposed");
+
+    // The daemon's confinement: the kubelet's pods, nothing else.
+    let env = mover::plan::Env {
+        paths: PathPolicy::Confined(Confinement { roots: vec![kubelet.canonicalize().unwrap()], kubelet_root: kubelet.canonicalize().unwrap(), scope: None }),
+        ..mover::plan::Env::operator()
+    };
+    let h = mover_engine::ops::RepoHandle::local(repo.clone(), &e.dir.path().join("cache"));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let summary = rt.block_on(async {
+        let plan = mover::plan::backup::prepare(backup_request(&du, &req, &exposed), &env, &repo, &cancel).await.unwrap();
+        mover_engine::ops::backup(&h, plan.job, Default::default(), &cancel).await.unwrap()
+    });
+    assert_eq!(summary.group, "vms/disk");
+    let sref = SnapshotRef { repository_id: repo.config().id.to_hex(), snapshot: summary.snapshot_id.to_string(), volume: "disk".into() };
+    let du = get_upload(&k, "du-1");
+    assert!(rt.block_on(c.set_upload_status(&du, completed(&sref, summary.stats.bytes_total, summary.stats.bytes_new, mover_format::now_unix_ms()))).unwrap());
+    rt.block_on(c.clean_up(&du, &req)).unwrap();
+
+    let du = get_upload(&k, "du-1");
+    assert_eq!(du.status.phase, Phase::Completed);
+    assert_eq!((du.status.progress.total_bytes, du.status.progress.bytes_done), (16 << 20, 16 << 20));
+    for p in ["/api/v1/namespaces/vms/pods/mover-du-1", "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-1", &format!("{VS}/vs-du-1")] {
+        assert_eq!(k.call("GET", p, "application/json", &serde_json::Value::Null).0, 404, "{p} is gone");
+    }
+    // The snapshotID alone finds the data.
+    let back = SnapshotRef::parse(&du.status.snapshot_id).unwrap();
+    assert_eq!(back.repository_id, repo.config().id.to_hex());
+    let out = e.path("restored.img");
+    e.ok(&["restore", &format!("{}:{}", back.snapshot, back.volume), out.to_str().unwrap()]);
+    assert_eq!(hash(&out), hash(&img), "byte-exact");
+    let meta = e.ok(&["snapshots", "--json"]);
+    assert!(meta.contains("vms/disk"), "{meta}");
+}
