@@ -144,6 +144,10 @@ enum Cmd {
     Serve(serve::Args),
     /// Talk to a daemon.
     Client(client::Args),
+    /// Hold a volume and do nothing until stopped (SIGTERM): what the pod that exposes a
+    /// Velero DataUpload's snapshot on a node runs (docs/velero.md).
+    #[command(hide = true)]
+    Hold,
 }
 
 pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -170,6 +174,10 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Cmd::Status(a) => status::run(&ra, a, &cancel).await,
         Cmd::Serve(a) => serve::run(a, &cancel).await,
         Cmd::Client(a) => client::run(a).await,
+        Cmd::Hold => {
+            cancel.cancelled().await;
+            Ok(())
+        }
     }
 }
 

@@ -150,6 +150,16 @@ impl Cluster {
             serde_json::Value::Number(n) => n.to_string(),
             _ => return Err(Error::precondition(format!("{what} has no restoreSize"))),
         };
+        // Mover reads devices: the claim is Block whatever the snapshot's source was, and
+        // a claim whose mode differs from its snapshot's source needs the content to
+        // allow it (external-snapshotter 7.0; the annotation as Kubernetes documents it).
+        if let Some(content) = st["boundVolumeSnapshotContentName"].as_str() {
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &snapshot_resource("VolumeSnapshotContent", "volumesnapshotcontents"));
+            let allow = json!({"metadata": {"annotations": {"snapshot.storage.kubernetes.io/allow-volume-mode-change": "true"}}});
+            api.patch(content, &PatchParams::default(), &Patch::Merge(&allow))
+                .await
+                .map_err(|e| api_error(e, &format!("allowing a Block claim from VolumeSnapshotContent {content} of {what}")))?;
+        }
         let name = exposure_name(du);
         let labels = json!({UPLOAD_LABEL: du.metadata.name});
         let mut pvc_spec = json!({

@@ -274,6 +274,9 @@ fn a_snapshot_is_exposed_on_this_node_as_a_block_claim_and_cleaned_up_with_the_s
     assert_eq!(pod["spec"]["volumes"][0]["persistentVolumeClaim"], serde_json::json!({"claimName": "mover-du-1", "readOnly": true}));
     assert_eq!(pod["spec"]["containers"][0]["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+    assert_eq!(pod["spec"]["containers"][0]["args"], serde_json::json!(["hold"]));
+    let (_, vsc) = k.call("GET", &format!("{VSC}/snapcontent-1"), "application/json", &serde_json::Value::Null);
+    assert_eq!(vsc["metadata"]["annotations"]["snapshot.storage.kubernetes.io/allow-volume-mode-change"], "true", "a Block claim from any source mode");
 
     assert_eq!(rt.block_on(c.exposed(&du, &req)).unwrap(), None, "not running, not bound");
     k.call("PATCH", "/api/v1/namespaces/vms/pods/mover-du-1/status", merge, &serde_json::json!({"status": {"phase": "Running"}}));
@@ -386,4 +389,23 @@ fn a_data_upload_is_backed_up_from_its_exposed_snapshot_and_its_snapshot_id_rest
     assert_eq!(hash(&out), hash(&img), "byte-exact");
     let meta = e.ok(&["snapshots", "--json"]);
     assert!(meta.contains("vms/disk"), "{meta}");
+}
+
+/// The exposure pod runs `mover hold`: it holds the volume until the pod is deleted, then
+/// ends at once on SIGTERM (the pod has no grace period to wait out).
+#[test]
+fn the_exposure_pod_command_holds_until_sigterm() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mover")).arg("hold").env_remove("MOVER_REPOSITORY").spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "it holds");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed().as_secs() < 5, "it ends on SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
 }
