@@ -138,6 +138,41 @@ pub fn upload_request(du: &DataUpload) -> Result<UploadRequest, String> {
     })
 }
 
+/// What a DataDownload asks for, checked: the backup its `snapshotID` names and the PVC
+/// Velero's restore created for it (whose selector the PV Mover creates must match).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadRequest {
+    pub snapshot: SnapshotRef,
+    pub target_namespace: String,
+    pub target_pvc: String,
+    /// `spec.backupStorageLocation`: names the repository on this node.
+    pub location: String,
+}
+
+/// Checks a DataDownload before anything is created for it; the error is its `Failed`
+/// message and names the object. Velero passes a restore nothing but `snapshotID` (not
+/// `dataMoverResult`), so everything must come from it.
+pub fn download_request(dd: &DataDownload) -> Result<DownloadRequest, String> {
+    let name = format!("DataDownload {}/{}", dd.metadata.namespace, dd.metadata.name);
+    let s = &dd.spec;
+    let snapshot = SnapshotRef::parse(&s.snapshot_id).map_err(|e| format!("{name}: {e}"))?;
+    for (field, v) in [
+        ("targetVolume.namespace", &s.target_volume.namespace),
+        ("targetVolume.pvc", &s.target_volume.pvc),
+        ("backupStorageLocation", &s.backup_storage_location),
+    ] {
+        if v.is_empty() {
+            return Err(format!("{name}: spec.{field} is missing"));
+        }
+    }
+    Ok(DownloadRequest {
+        snapshot,
+        target_namespace: s.target_volume.namespace.clone(),
+        target_pvc: s.target_volume.pvc.clone(),
+        location: s.backup_storage_location.clone(),
+    })
+}
+
 /// Everything a DataDownload needs to find a backup, from `snapshotID` alone (Velero passes
 /// a restore nothing else): the repository by its id — so any cluster whose Mover has it
 /// configured, under any name, can restore — the snapshot and the volume.
@@ -298,6 +333,24 @@ mod tests {
         let st = serde_json::to_value(DataUploadStatus { snapshot_id: "s".into(), ..Default::default() }).unwrap();
         assert_eq!(st["snapshotID"], "s");
         assert_eq!(st["nodeOS"], "");
+    }
+
+    #[test]
+    fn a_download_is_checked_from_its_snapshot_id_alone() {
+        let mut d = DataDownload::default();
+        d.metadata = ObjectMeta { name: "dd-1".into(), namespace: "velero".into(), ..Default::default() };
+        d.spec.data_mover = DATA_MOVER.into();
+        d.spec.snapshot_id = "kopia-abc".into();
+        d.spec.target_volume = TargetVolumeSpec { pvc: "disk".into(), pv: String::new(), namespace: "vms-restored".into() };
+        d.spec.backup_storage_location = "default".into();
+        let e = download_request(&d).unwrap_err();
+        assert!(e.contains("DataDownload velero/dd-1") && e.contains("not one Mover wrote"), "{e}");
+        let r = SnapshotRef { repository_id: "ab".into(), snapshot: "cd".into(), volume: "disk".into() };
+        d.spec.snapshot_id = r.encode();
+        let req = download_request(&d).unwrap();
+        assert_eq!((req.snapshot, req.target_namespace.as_str(), req.target_pvc.as_str()), (r, "vms-restored", "disk"));
+        d.spec.target_volume.pvc.clear();
+        assert!(download_request(&d).unwrap_err().contains("spec.targetVolume.pvc is missing"));
     }
 
     #[test]
