@@ -337,8 +337,7 @@ mod tests {
 
     #[test]
     fn a_download_is_checked_from_its_snapshot_id_alone() {
-        let mut d = DataDownload::default();
-        d.metadata = ObjectMeta { name: "dd-1".into(), namespace: "velero".into(), ..Default::default() };
+        let mut d = DataDownload { metadata: ObjectMeta { name: "dd-1".into(), namespace: "velero".into(), ..Default::default() }, ..Default::default() };
         d.spec.data_mover = DATA_MOVER.into();
         d.spec.snapshot_id = "kopia-abc".into();
         d.spec.target_volume = TargetVolumeSpec { pvc: "disk".into(), pv: String::new(), namespace: "vms-restored".into() };
