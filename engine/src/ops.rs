@@ -191,16 +191,13 @@ where
 {
     lock::scope(&h.repo, Hold::Read, cancel, |held| async move {
         let (snapshot, m) = crate::snapshots::resolve(&h.repo, &req.snapshot, req.group.as_deref(), cancel).await?;
-        let names = || m.volumes.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ");
         let volume = match (&req.volume, m.volumes.len()) {
-            (Some(v), _) => m
-                .volumes
-                .iter()
-                .find(|x| &x.name == v)
-                .cloned()
-                .ok_or_else(|| Error::not_found(format!("snapshot {snapshot} has no volume '{v}' (it has: {})", names())))?,
+            (Some(v), _) => crate::snapshots::volume(&snapshot, &m, v)?.clone(),
             (None, 1) => m.volumes[0].clone(),
-            (None, n) => return Err(Error::invalid(format!("snapshot {snapshot} has {n} volumes ({}): name one as SNAPSHOT:VOLUME", names()))),
+            (None, n) => {
+                let names = crate::snapshots::volume_names(&m);
+                return Err(Error::invalid(format!("snapshot {snapshot} has {n} volumes ({names}): name one as SNAPSHOT:VOLUME")));
+            }
         };
         let view = held.view(h.index.clone(), cancel).await.context("syncing the local index")?;
         let opts = ImageOptions { cache_segments: req.options.cache_segments.max(1), ..req.options };

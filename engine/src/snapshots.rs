@@ -29,6 +29,16 @@ pub fn by_group(snaps: Vec<(SnapshotId, Manifest)>) -> BTreeMap<String, Vec<(Sna
     out
 }
 
+/// Volume `name` of snapshot `id`; not found names the volumes it has.
+pub fn volume<'a>(id: &SnapshotId, m: &'a Manifest, name: &str) -> Result<&'a mover_format::manifest::VolumeEntry> {
+    m.volume(name).ok_or_else(|| Error::not_found(format!("snapshot {id} has no volume named '{name}' (it has: {})", volume_names(m))))
+}
+
+/// A snapshot's volume names, for messages.
+pub fn volume_names(m: &Manifest) -> String {
+    m.volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
 /// Refuses a request that names no snapshot, before anything is read or written.
 pub fn check_spec(spec: &str) -> Result<()> {
     if spec.is_empty() {

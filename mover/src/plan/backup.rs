@@ -115,10 +115,8 @@ pub async fn prepare(req: BackupRequest, env: &Env, repo: &Repository, cancel: &
             let id = repo.resolve_snapshot(p, cancel).await?;
             let m = repo.read_snapshot(&id, cancel).await?;
             for v in &req.volumes {
-                if m.volume(&v.name).is_none() {
-                    let has: Vec<&str> = m.volumes.iter().map(|v| v.name.as_str()).collect();
-                    return Err(Error::precondition(format!("parent snapshot {id} has no volume named '{}' (it has: {})", v.name, has.join(", "))));
-                }
+                // The parent exists; a volume it lacks makes the request wrong for it.
+                mover_engine::snapshots::volume(&id, &m, &v.name).map_err(|e| Error::precondition(format!("parent {e}")))?;
             }
             ParentChoice::Id(id)
         }

@@ -46,12 +46,7 @@ pub struct RestorePlan {
 pub async fn prepare(req: RestoreRequest, env: &Env, repo: &Repository, cancel: &CancellationToken) -> Result<RestorePlan> {
     let (id, m) = snapshots::resolve(repo, &req.snapshot, req.group.as_deref(), cancel).await?;
     let vols: Vec<VolumeEntry> = match &req.volume {
-        Some(v) if !v.is_empty() => vec![m.volume(v).cloned().ok_or_else(|| {
-            Error::not_found(format!(
-                "snapshot {id} has no volume named '{v}' (it has: {})",
-                m.volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
-            ))
-        })?],
+        Some(v) if !v.is_empty() => vec![snapshots::volume(&id, &m, v)?.clone()],
         _ if m.volumes.len() == 1 || req.into_directory => m.volumes.clone(),
         _ => return Err(Error::invalid(format!("snapshot {id} has {} volumes: name one", m.volumes.len()))),
     };

@@ -111,6 +111,14 @@ pub struct UploadRequest {
     pub group: String,
 }
 
+/// The first of `fields` (spec field, value) that is empty, as `object`'s `Failed` message.
+fn required(object: &str, fields: &[(&str, &String)]) -> Result<(), String> {
+    match fields.iter().find(|(_, v)| v.is_empty()) {
+        Some((field, _)) => Err(format!("{object}: spec.{field} is missing")),
+        None => Ok(()),
+    }
+}
+
 /// Checks a DataUpload before anything is created for it; the error is its `Failed`
 /// message and names the object.
 pub fn upload_request(du: &DataUpload) -> Result<UploadRequest, String> {
@@ -122,11 +130,7 @@ pub fn upload_request(du: &DataUpload) -> Result<UploadRequest, String> {
     let Some(csi) = s.csi_snapshot.as_ref().filter(|c| !c.volume_snapshot.is_empty()) else {
         return Err(format!("{name}: spec.csiSnapshot.volumeSnapshot is missing"));
     };
-    for (field, v) in [("sourceNamespace", &s.source_namespace), ("sourcePVC", &s.source_pvc), ("backupStorageLocation", &s.backup_storage_location)] {
-        if v.is_empty() {
-            return Err(format!("{name}: spec.{field} is missing"));
-        }
-    }
+    required(&name, &[("sourceNamespace", &s.source_namespace), ("sourcePVC", &s.source_pvc), ("backupStorageLocation", &s.backup_storage_location)])?;
     Ok(UploadRequest {
         volume_snapshot: csi.volume_snapshot.clone(),
         storage_class: csi.storage_class.clone(),
@@ -156,15 +160,14 @@ pub fn download_request(dd: &DataDownload) -> Result<DownloadRequest, String> {
     let name = format!("DataDownload {}/{}", dd.metadata.namespace, dd.metadata.name);
     let s = &dd.spec;
     let snapshot = SnapshotRef::parse(&s.snapshot_id).map_err(|e| format!("{name}: {e}"))?;
-    for (field, v) in [
-        ("targetVolume.namespace", &s.target_volume.namespace),
-        ("targetVolume.pvc", &s.target_volume.pvc),
-        ("backupStorageLocation", &s.backup_storage_location),
-    ] {
-        if v.is_empty() {
-            return Err(format!("{name}: spec.{field} is missing"));
-        }
-    }
+    required(
+        &name,
+        &[
+            ("targetVolume.namespace", &s.target_volume.namespace),
+            ("targetVolume.pvc", &s.target_volume.pvc),
+            ("backupStorageLocation", &s.backup_storage_location),
+        ],
+    )?;
     Ok(DownloadRequest {
         snapshot,
         target_namespace: s.target_volume.namespace.clone(),
