@@ -80,9 +80,81 @@ pub struct AuthConfig {
     pub paths: BTreeMap<String, Vec<PathBuf>>,
 }
 
+/// `[velero]`: Mover as Velero's data mover `mover` (docs/velero.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VeleroRaw {
+    namespace: Option<String>,
+    node_name: Option<String>,
+    api_server: Option<String>,
+    holder_image: Option<String>,
+    prepare_timeout_seconds: Option<u64>,
+    repository_timeout_seconds: Option<u64>,
+    resync_seconds: Option<u64>,
+    progress_interval_seconds: Option<u64>,
+    #[serde(default)]
+    locations: BTreeMap<String, String>,
+}
+
+/// The Velero data mover's settings, checked.
+#[derive(Debug, Clone)]
+pub struct VeleroConfig {
+    /// Velero's namespace (`openshift-adp` under OADP); default `velero`.
+    pub namespace: String,
+    /// This node's name: `node_name`, else `$NODE_NAME` (the downward API).
+    pub node: String,
+    /// The API server; unset: the in-cluster configuration.
+    pub api_server: Option<String>,
+    /// The image of the pods that hold exposed volumes: `holder_image`, else `$MOVER_IMAGE`.
+    pub holder_image: String,
+    pub prepare_timeout: Duration,
+    /// Bound on opening a DataUpload's or DataDownload's repository before it fails.
+    pub repository_timeout: Duration,
+    /// How often every object is looked at again without a watch event.
+    pub resync: Duration,
+    /// How often a running transfer's progress is written.
+    pub progress_interval: Duration,
+    /// BackupStorageLocation name → repository name.
+    pub locations: BTreeMap<String, String>,
+}
+
+impl VeleroRaw {
+    fn check(self, repositories: &BTreeMap<String, RepoEntry>) -> Result<VeleroConfig> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let node = self.node_name.filter(|n| !n.is_empty()).or_else(|| env("NODE_NAME"));
+        let node = node.ok_or_else(|| Error::invalid("[velero]: node_name is unset and so is NODE_NAME (set it from spec.nodeName)"))?;
+        let holder_image = self.holder_image.filter(|n| !n.is_empty()).or_else(|| env("MOVER_IMAGE"));
+        let holder_image = holder_image.ok_or_else(|| Error::invalid("[velero]: holder_image is unset and so is MOVER_IMAGE (Mover's own image)"))?;
+        if self.locations.is_empty() {
+            return Err(Error::invalid("[velero]: locations is empty: map each BackupStorageLocation to a repository (e.g. default = \"default\")"));
+        }
+        for (bsl, repo) in &self.locations {
+            if !repositories.contains_key(repo) {
+                return Err(Error::invalid(format!(
+                    "[velero.locations] {bsl} = \"{repo}\": no such repository (configured: {})",
+                    repositories.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        let secs = |v: Option<u64>, d: u64| Duration::from_secs(v.unwrap_or(d).max(1));
+        Ok(VeleroConfig {
+            namespace: self.namespace.filter(|n| !n.is_empty()).unwrap_or_else(|| "velero".into()),
+            node,
+            api_server: self.api_server.filter(|s| !s.is_empty()),
+            holder_image,
+            prepare_timeout: secs(self.prepare_timeout_seconds, 300),
+            repository_timeout: secs(self.repository_timeout_seconds, 30),
+            resync: secs(self.resync_seconds, 30),
+            progress_interval: secs(self.progress_interval_seconds, 2),
+            locations: self.locations,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Raw {
+    velero: Option<VeleroRaw>,
     listen: Option<String>,
     http_listen: Option<String>,
     tls: Option<TlsFiles>,
@@ -182,6 +254,8 @@ pub struct DaemonConfig {
     pub status_interval: Duration,
     /// Where drills restore to (default `<state_dir>/drill`); scratch files are removed.
     pub drill_scratch_dir: PathBuf,
+    /// `[velero]`: the Velero data mover runs when set.
+    pub velero: Option<VeleroConfig>,
 }
 
 pub fn parse_listen(s: &str) -> Result<Listen> {
@@ -308,7 +382,9 @@ impl DaemonConfig {
                 "export_address {export_address} is not loopback: NBD has no authentication of its own, so exports off loopback need [tls]"
             )));
         }
+        let velero = raw.velero.map(|v| v.check(&repositories)).transpose()?;
         let cfg = Self {
+            velero,
             export_address,
             insecure_plaintext_exports: raw.insecure_plaintext_exports,
             status_interval: Duration::from_secs(raw.status_interval_seconds.unwrap_or(300).max(1)),

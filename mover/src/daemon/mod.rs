@@ -365,6 +365,7 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
         d.metrics.init_repository(name);
     }
     let bg_task = tokio::spawn(background(d.clone(), stop.clone()));
+    let velero_task = cfg.velero.clone().map(|v| tokio::spawn(crate::velero::controller::run(d.clone(), v, stop.clone())));
 
     let http = tokio::net::TcpListener::bind(cfg.http_listen).await.with_context(|| format!("binding HTTP listener {}", cfg.http_listen))?;
     let http_task = tokio::spawn(http::serve(d.clone(), http, stop.clone()));
@@ -456,6 +457,9 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     jobs.shutdown(Duration::from_secs(cfg.shutdown_grace_seconds)).await;
     let _ = http_task.await;
     let _ = bg_task.await;
+    if let Some(t) = velero_task {
+        let _ = t.await;
+    }
     grpc_result.map_err(|e| Error::with_source(ErrorKind::Permanent, "gRPC server", e))?;
     Ok(())
 }

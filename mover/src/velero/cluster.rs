@@ -4,6 +4,7 @@
 //! decide at once cannot both win (the API server answers the second with 409).
 
 use super::reconcile::format_time;
+use super::reconcile::Moved;
 use super::types::{DataUpload, API_VERSION};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use mover_engine::{Error, Result};
@@ -51,30 +52,82 @@ impl Cluster {
         Ok(Self { client, namespace: namespace.to_string() })
     }
 
-    fn uploads(&self) -> Api<DynamicObject> {
-        Api::namespaced_with(self.client.clone(), &self.namespace, &resource("DataUpload", "datauploads"))
+    /// The Kubernetes client (the controller's watch uses it).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
     }
 
-    /// Every DataUpload in Velero's namespace.
-    pub async fn list_uploads(&self) -> Result<Vec<DataUpload>> {
-        let what = format!("listing DataUploads in namespace {}", self.namespace);
-        let list = self.uploads().list(&ListParams::default()).await.map_err(|e| api_error(e, &what))?;
-        list.items.into_iter().map(|o| decode(o, "DataUpload")).collect()
+    fn api<T: Moved>(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.namespace, &resource(T::KIND, T::PLURAL))
     }
 
-    /// Races to accept `du` for `node`, as every node does: `Some(updated)` when this node
-    /// won, `None` when another wrote first (the resourceVersion `du` was read at is stale).
-    pub async fn accept_upload(&self, du: &DataUpload, node: &str, now_ms: u64) -> Result<Option<DataUpload>> {
-        let name = &du.metadata.name;
-        let patch = json!({
-            "metadata": {"resourceVersion": du.metadata.resource_version},
-            "status": {"phase": "Accepted", "acceptedByNode": node, "acceptedTimestamp": format_time(now_ms)},
-        });
-        let what = format!("accepting DataUpload {}/{name}", self.namespace);
-        match self.uploads().patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(o) => Ok(Some(decode(o, "DataUpload")?)),
+    /// Every object of the kind in Velero's namespace, and the list's resourceVersion (a
+    /// watch starts from it).
+    pub async fn list<T: Moved>(&self) -> Result<(Vec<T>, String)> {
+        let what = format!("listing {}s in namespace {}", T::KIND, self.namespace);
+        let list = self.api::<T>().list(&ListParams::default()).await.map_err(|e| api_error(e, &what))?;
+        let rv = list.metadata.resource_version.clone().unwrap_or_default();
+        Ok((list.items.into_iter().map(|o| decode(o, T::KIND)).collect::<Result<_>>()?, rv))
+    }
+
+    /// The object as it is now; `None` when it is gone.
+    pub async fn get<T: Moved>(&self, name: &str) -> Result<Option<T>> {
+        match self.api::<T>().get(name).await {
+            Ok(o) => Ok(Some(decode(o, T::KIND)?)),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(e) => Err(api_error(e, &format!("reading {} {}/{name}", T::KIND, self.namespace))),
+        }
+    }
+
+    /// Races to accept `o` for `node`, as every node does: `Some(updated)` when this node
+    /// won, `None` when another wrote first (the resourceVersion `o` was read at is stale).
+    pub async fn accept<T: Moved>(&self, o: &T, node: &str, now_ms: u64) -> Result<Option<T>> {
+        let status = json!({"phase": "Accepted", "acceptedByNode": node, "acceptedTimestamp": format_time(now_ms)});
+        match self.patch_status(o, status).await? {
+            Some(o) => Ok(Some(decode(o, T::KIND)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `status` (merged) if `o` is still at the resourceVersion it was read at:
+    /// `true` when written, `false` when another writer came first.
+    pub async fn set_status<T: Moved>(&self, o: &T, status: serde_json::Value) -> Result<bool> {
+        Ok(self.patch_status(o, status).await?.is_some())
+    }
+
+    async fn patch_status<T: Moved>(&self, o: &T, status: serde_json::Value) -> Result<Option<DynamicObject>> {
+        let name = &o.meta().name;
+        let patch = json!({"metadata": {"resourceVersion": o.meta().resource_version}, "status": status});
+        match self.api::<T>().patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(o) => Ok(Some(o)),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
-            Err(e) => Err(api_error(e, &what)),
+            Err(e) => Err(api_error(e, &format!("updating the status of {}", o.what()))),
+        }
+    }
+
+    /// Merges `progress` into the status whatever its resourceVersion (progress only
+    /// grows, and only the node running the transfer writes it).
+    pub async fn set_progress<T: Moved>(&self, name: &str, total: u64, done: u64) -> Result<()> {
+        let patch = json!({"status": {"progress": {"totalBytes": total, "bytesDone": done}}});
+        self.api::<T>()
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| api_error(e, &format!("updating the progress of {} {}/{name}", T::KIND, self.namespace)))
+    }
+
+    /// Waits until something changes in either kind after `rv` (a watch), or `timeout`.
+    /// `Err` with a resource version too old (410 Expired) or any other failure: the caller
+    /// lists again.
+    pub async fn changes<T: Moved>(&self, rv: &str, timeout: std::time::Duration) -> Result<()> {
+        use futures::StreamExt;
+        let wp = kube::api::WatchParams::default().timeout(timeout.as_secs().clamp(1, 290) as u32);
+        let what = format!("watching {}s in namespace {}", T::KIND, self.namespace);
+        let mut stream = self.api::<T>().watch(&wp, rv).await.map_err(|e| api_error(e, &what))?.boxed();
+        match stream.next().await {
+            Some(Ok(kube::api::WatchEvent::Error(e))) => Err(Error::transient(format!("{what}: {} ({} {})", e.message, e.code, e.reason))),
+            Some(Ok(_)) | None => Ok(()),
+            Some(Err(e)) => Err(api_error(e, &what)),
         }
     }
 }
@@ -84,30 +137,13 @@ fn decode<T: serde::de::DeserializeOwned>(o: DynamicObject, kind: &str) -> Resul
     serde_json::to_value(&o).and_then(serde_json::from_value).map_err(|e| Error::invalid(format!("{kind} {name} does not read as one: {e}")))
 }
 
-/// A status change written only if the object is still at the resourceVersion it was
-/// decided on.
-impl Cluster {
-    /// Writes `status` (merged) if `du` is still at the resourceVersion it was read at:
-    /// `true` when written, `false` when another writer came first.
-    pub async fn set_upload_status(&self, du: &DataUpload, status: serde_json::Value) -> Result<bool> {
-        let name = &du.metadata.name;
-        let patch = json!({"metadata": {"resourceVersion": du.metadata.resource_version}, "status": status});
-        let what = format!("updating the status of DataUpload {}/{name}", self.namespace);
-        match self.uploads().patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-            Err(e) => Err(api_error(e, &what)),
-        }
-    }
-}
-
 /// The label on what Mover creates for a DataUpload (its name as the value).
 pub const UPLOAD_LABEL: &str = "mover.io/data-upload";
 
 /// What Mover creates for a DataUpload: a PVC and a pod of this name in the source
 /// namespace.
 pub fn exposure_name(du: &DataUpload) -> String {
-    format!("mover-{}", du.metadata.name)
+    exposure_name_of(&du.metadata.name)
 }
 
 /// A volume exposed on this node: the hosting pod's uid and the PV bound to its claim,
@@ -129,6 +165,23 @@ fn core_resource(kind: &str, plural: &str) -> ApiResource {
 impl Cluster {
     fn namespaced(&self, ns: &str, ar: &ApiResource) -> Api<DynamicObject> {
         Api::namespaced_with(self.client.clone(), ns, ar)
+    }
+
+    /// Checks the source claim's volume mode, as Velero's node-agent reads it before
+    /// exposing (`pkg/controller/data_upload_controller.go` setupExposeParam): Block or
+    /// Filesystem (unset: Filesystem) — both are exposed as Block — anything else is
+    /// refused. A source claim deleted since its snapshot was taken is no obstacle.
+    pub async fn check_source(&self, du: &DataUpload, req: &super::reconcile::UploadRequest) -> Result<()> {
+        let (ns, name) = (&req.source_namespace, &req.source_pvc);
+        let what = format!("source PersistentVolumeClaim {ns}/{name} of {}", du.what());
+        match self.namespaced(ns, &core_resource("PersistentVolumeClaim", "persistentvolumeclaims")).get(name).await {
+            Ok(p) => match p.data["spec"]["volumeMode"].as_str() {
+                None | Some("Block") | Some("Filesystem") => Ok(()),
+                Some(m) => Err(Error::invalid(format!("{what}: volumeMode '{m}' is neither Block nor Filesystem"))),
+            },
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(api_error(e, &what)),
+        }
     }
 
     /// Creates the claim (a Block volume from the VolumeSnapshot, whatever the source's
@@ -172,32 +225,24 @@ impl Cluster {
             pvc_spec["storageClassName"] = json!(req.storage_class);
         }
         let pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": ns, "labels": labels}, "spec": pvc_spec});
-        let pod = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": labels},
-            "spec": {
-                // A required node affinity, not spec.nodeName: a WaitForFirstConsumer
-                // storage class binds the claim only through the scheduler.
-                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}},
-                "restartPolicy": "Never",
-                "terminationGracePeriodSeconds": 0,
-                "automountServiceAccountToken": false,
-                "containers": [{
-                    "name": "hold", "image": image, "args": ["hold"],
-                    "volumeDevices": [{"name": "data", "devicePath": "/dev/mover-data"}],
-                    "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "runAsNonRoot": true, "runAsUser": 65532, "capabilities": {"drop": ["ALL"]}},
-                }],
-                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name, "readOnly": true}}],
-            },
-        });
-        for (obj, ar) in [(pvc, core_resource("PersistentVolumeClaim", "persistentvolumeclaims")), (pod, core_resource("Pod", "pods"))] {
+        let pod = holder_pod(&name, ns, &labels, node, image, true);
+        self.create_all(ns, vec![pvc, pod], &du.what()).await
+    }
+
+    /// Creates each object in `ns`; one that exists already (a preparation resumed) is kept.
+    async fn create_all(&self, ns: &str, objects: Vec<serde_json::Value>, owner: &str) -> Result<()> {
+        for obj in objects {
             let kind = obj["kind"].as_str().unwrap_or_default().to_string();
+            let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let ar = match kind.as_str() {
+                "Pod" => core_resource("Pod", "pods"),
+                _ => core_resource("PersistentVolumeClaim", "persistentvolumeclaims"),
+            };
             let o: DynamicObject = serde_json::from_value(obj).map_err(|e| Error::permanent(format!("building the {kind}: {e}")))?;
             match self.namespaced(ns, &ar).create(&kube::api::PostParams::default(), &o).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {}
-                Err(e) => return Err(api_error(e, &format!("creating {kind} {ns}/{name} for DataUpload {}/{}", self.namespace, du.metadata.name))),
+                Err(e) => return Err(api_error(e, &format!("creating {kind} {ns}/{name} for {owner}"))),
             }
         }
         Ok(())
@@ -205,10 +250,15 @@ impl Cluster {
 
     /// The exposed volume once its pod runs and its claim is bound; `None` before.
     pub async fn exposed(&self, du: &DataUpload, req: &super::reconcile::UploadRequest) -> Result<Option<Exposed>> {
-        let (ns, name) = (&req.source_namespace, exposure_name(du));
-        let what = format!("the exposure {ns}/{name} of DataUpload {}/{}", self.namespace, du.metadata.name);
-        let pod = self.namespaced(ns, &core_resource("Pod", "pods")).get(&name).await.map_err(|e| api_error(e, &what))?;
-        let pvc = self.namespaced(ns, &core_resource("PersistentVolumeClaim", "persistentvolumeclaims")).get(&name).await.map_err(|e| api_error(e, &what))?;
+        self.held(&req.source_namespace, &exposure_name(du), &du.what()).await
+    }
+
+    /// The volume of claim `ns/name` held by pod `ns/name`, once the pod runs and the claim
+    /// is bound.
+    async fn held(&self, ns: &str, name: &str, owner: &str) -> Result<Option<Exposed>> {
+        let what = format!("the exposure {ns}/{name} of {owner}");
+        let pod = self.namespaced(ns, &core_resource("Pod", "pods")).get(name).await.map_err(|e| api_error(e, &what))?;
+        let pvc = self.namespaced(ns, &core_resource("PersistentVolumeClaim", "persistentvolumeclaims")).get(name).await.map_err(|e| api_error(e, &what))?;
         let phase = pod.data["status"]["phase"].as_str().unwrap_or("Pending");
         if phase == "Failed" || phase == "Succeeded" {
             return Err(Error::permanent(format!("{what}: its pod ended ({phase})")));
@@ -248,4 +298,173 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// The pod that holds claim `name` on `node` for Mover to read (or write) its device: a
+/// required node affinity, not `spec.nodeName` (a WaitForFirstConsumer storage class binds
+/// the claim only through the scheduler); no privileges; `mover hold` until deleted.
+fn holder_pod(name: &str, ns: &str, labels: &serde_json::Value, node: &str, image: &str, read_only: bool) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}},
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0,
+            "automountServiceAccountToken": false,
+            "containers": [{
+                "name": "hold", "image": image, "args": ["hold"],
+                "volumeDevices": [{"name": "data", "devicePath": "/dev/mover-data"}],
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "runAsNonRoot": true, "runAsUser": 65532, "capabilities": {"drop": ["ALL"]}},
+            }],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name, "readOnly": read_only}}],
+        },
+    })
+}
+
+/// The label on what Mover creates for a DataDownload (its name as the value).
+pub const DOWNLOAD_LABEL: &str = "mover.io/data-download";
+
+/// What Velero's rewritten target claim asks of the volume Mover provides: its storage
+/// class, size, mode and access modes, and the labels its selector matches
+/// (`velero.io/dynamic-pv-restore`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetClaim {
+    pub storage_class: String,
+    pub size: String,
+    pub volume_mode: String,
+    pub access_modes: serde_json::Value,
+    pub match_labels: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Cluster {
+    /// The target claim of a DataDownload. Velero creates it after the DataDownload, so a
+    /// missing one is waited for (`precondition`).
+    pub async fn target_claim(&self, dd: &super::types::DataDownload, req: &super::reconcile::DownloadRequest) -> Result<TargetClaim> {
+        let (ns, name) = (&req.target_namespace, &req.target_pvc);
+        let what = format!("target PersistentVolumeClaim {ns}/{name} of {}", dd.what());
+        let pvc = match self.namespaced(ns, &core_resource("PersistentVolumeClaim", "persistentvolumeclaims")).get(name).await {
+            Ok(p) => p,
+            Err(kube::Error::Api(s)) if s.code == 404 => return Err(Error::precondition(format!("waiting for {what} to be created"))),
+            Err(e) => return Err(api_error(e, &what)),
+        };
+        let spec = &pvc.data["spec"];
+        let size = match &spec["resources"]["requests"]["storage"] {
+            serde_json::Value::String(s) if !s.is_empty() => s.clone(),
+            _ => return Err(Error::invalid(format!("{what} requests no storage size"))),
+        };
+        let volume_mode = spec["volumeMode"].as_str().unwrap_or("Filesystem").to_string();
+        if volume_mode != "Filesystem" && volume_mode != "Block" {
+            return Err(Error::invalid(format!("{what}: volumeMode '{volume_mode}' is neither Block nor Filesystem")));
+        }
+        Ok(TargetClaim {
+            storage_class: spec["storageClassName"].as_str().unwrap_or_default().to_string(),
+            size,
+            volume_mode,
+            access_modes: match &spec["accessModes"] {
+                serde_json::Value::Array(a) if !a.is_empty() => serde_json::Value::Array(a.clone()),
+                _ => json!(["ReadWriteOnce"]),
+            },
+            match_labels: spec["selector"]["matchLabels"].as_object().cloned().unwrap_or_default(),
+        })
+    }
+
+    /// Creates, in Velero's namespace, a new Block claim of the target's storage class and
+    /// size and the pod that holds it (writable) on `node`: Mover restores into its device.
+    pub async fn expose_restore(&self, dd: &super::types::DataDownload, target: &TargetClaim, node: &str, image: &str) -> Result<()> {
+        let (ns, name) = (self.namespace.clone(), exposure_name_of(&dd.metadata.name));
+        let labels = json!({DOWNLOAD_LABEL: dd.metadata.name});
+        let mut pvc_spec = json!({"accessModes": ["ReadWriteOnce"], "volumeMode": "Block", "resources": {"requests": {"storage": target.size}}});
+        if !target.storage_class.is_empty() {
+            pvc_spec["storageClassName"] = json!(target.storage_class);
+        }
+        let pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": ns, "labels": labels}, "spec": pvc_spec});
+        let pod = holder_pod(&name, &ns, &labels, node, image, false);
+        self.create_all(&ns, vec![pvc, pod], &dd.what()).await
+    }
+
+    /// The restore volume once its pod runs and its claim is bound.
+    pub async fn restore_exposed(&self, dd: &super::types::DataDownload) -> Result<Option<Exposed>> {
+        self.held(&self.namespace, &exposure_name_of(&dd.metadata.name), &dd.what()).await
+    }
+
+    /// Hands the restored volume to Velero's target claim, as Velero's own restore exposer
+    /// does (`pkg/exposer/generic_restore.go` RebindVolume): the PV is retained, the pod
+    /// and claim that held it deleted; then the PV is created anew for the target — same
+    /// volume, the target's volume mode (Mover restored through a Block claim), a
+    /// `claimRef` to the target and the labels its selector matches — the target claim is
+    /// pointed at it (`pkg/util/kube/pvc_pv.go` RebindPVC, ResetPVBinding), and the
+    /// original reclaim policy is put back. Returns the PV's name.
+    pub async fn hand_over(&self, dd: &super::types::DataDownload, req: &super::reconcile::DownloadRequest, target: &TargetClaim) -> Result<String> {
+        let (ns, name) = (self.namespace.clone(), exposure_name_of(&dd.metadata.name));
+        let owner = dd.what();
+        let pvcs = self.namespaced(&ns, &core_resource("PersistentVolumeClaim", "persistentvolumeclaims"));
+        let pvs: Api<DynamicObject> = Api::all_with(self.client.clone(), &core_resource("PersistentVolume", "persistentvolumes"));
+        let claim = pvcs.get(&name).await.map_err(|e| api_error(e, &format!("the restore claim {ns}/{name} of {owner}")))?;
+        let pv_name = claim.data["spec"]["volumeName"].as_str().filter(|v| !v.is_empty()).map(str::to_string);
+        let pv_name = pv_name.ok_or_else(|| Error::permanent(format!("the restore claim {ns}/{name} of {owner} is bound to no volume")))?;
+        let what = format!("PersistentVolume {pv_name} restored for {owner}");
+        let pv = pvs.get(&pv_name).await.map_err(|e| api_error(e, &what))?;
+        let reclaim = pv.data["spec"]["persistentVolumeReclaimPolicy"].as_str().unwrap_or("Delete").to_string();
+        let retain = json!({"spec": {"persistentVolumeReclaimPolicy": "Retain"}});
+        pvs.patch(&pv_name, &PatchParams::default(), &Patch::Merge(&retain)).await.map_err(|e| api_error(e, &format!("retaining {what}")))?;
+        self.delete_and_wait(&self.namespaced(&ns, &core_resource("Pod", "pods")), &name, &format!("pod {ns}/{name}")).await?;
+        self.delete_and_wait(&pvcs, &name, &format!("PersistentVolumeClaim {ns}/{name}")).await?;
+        self.delete_and_wait(&pvs, &pv_name, &what).await?;
+        let mut spec = pv.data["spec"].clone();
+        spec["volumeMode"] = json!(target.volume_mode);
+        spec["persistentVolumeReclaimPolicy"] = json!(reclaim);
+        spec["claimRef"] = json!({"kind": "PersistentVolumeClaim", "apiVersion": "v1", "namespace": req.target_namespace, "name": req.target_pvc});
+        let mut labels = pv.metadata.labels.clone().unwrap_or_default();
+        labels.remove(DOWNLOAD_LABEL);
+        for (k, v) in &target.match_labels {
+            labels.entry(k.clone()).or_insert_with(|| v.as_str().unwrap_or_default().to_string());
+        }
+        let new = json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name, "labels": labels}, "spec": spec});
+        let o: DynamicObject = serde_json::from_value(new).map_err(|e| Error::permanent(format!("building {what}: {e}")))?;
+        pvs.create(&kube::api::PostParams::default(), &o).await.map_err(|e| api_error(e, &format!("creating {what}")))?;
+        let bind = json!({"spec": {"volumeName": pv_name}});
+        self.namespaced(&req.target_namespace, &core_resource("PersistentVolumeClaim", "persistentvolumeclaims"))
+            .patch(&req.target_pvc, &PatchParams::default(), &Patch::Merge(&bind))
+            .await
+            .map_err(|e| api_error(e, &format!("binding target PersistentVolumeClaim {}/{} to {what}", req.target_namespace, req.target_pvc)))?;
+        Ok(pv_name)
+    }
+
+    /// Deletes `name` and waits (a minute at most) until the API server no longer has it.
+    async fn delete_and_wait(&self, api: &Api<DynamicObject>, name: &str, what: &str) -> Result<()> {
+        match api.delete(name, &kube::api::DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(e) => return Err(api_error(e, &format!("deleting {what}"))),
+        }
+        let t0 = std::time::Instant::now();
+        loop {
+            match api.get(name).await {
+                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+                Err(e) => return Err(api_error(e, &format!("waiting for {what} to go"))),
+                Ok(_) if t0.elapsed() > std::time::Duration::from_secs(60) => return Err(Error::transient(format!("{what} was not deleted within 60 s"))),
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Removes the restore pod and claim (what is gone already is fine).
+    pub async fn clean_up_restore(&self, dd: &super::types::DataDownload) -> Result<()> {
+        let (ns, name) = (self.namespace.clone(), exposure_name_of(&dd.metadata.name));
+        let dp = kube::api::DeleteParams::default();
+        for (ar, kind) in [(core_resource("Pod", "pods"), "pod"), (core_resource("PersistentVolumeClaim", "persistentvolumeclaims"), "PersistentVolumeClaim")] {
+            match self.namespaced(&ns, &ar).delete(&name, &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(api_error(e, &format!("deleting {kind} {ns}/{name}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn exposure_name_of(name: &str) -> String {
+    format!("mover-{name}")
 }

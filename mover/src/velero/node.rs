@@ -5,7 +5,7 @@
 //! and running are returned as work for the caller.
 
 use super::cluster::Cluster;
-use super::reconcile::{format_time, step, upload_request, Claim, Step};
+use super::reconcile::{format_time, step, Moved, Step};
 use super::types::DataUpload;
 use mover_engine::Result;
 use serde_json::json;
@@ -39,66 +39,70 @@ pub enum Outcome {
     Pending(Step),
 }
 
-/// One pass over every DataUpload in Velero's namespace; `running` names those whose
-/// transfer this process runs.
-pub async fn pass(c: &Cluster, cfg: &NodeConfig, running: &BTreeSet<String>, now_ms: u64) -> Result<Vec<(String, Outcome)>> {
+/// What this process knows of the objects it works on.
+#[derive(Debug, Clone, Default)]
+pub struct Local {
+    /// Those whose transfer this process runs.
+    pub running: BTreeSet<String>,
+    /// Those being prepared here, with what the preparation waits for (a timeout says it).
+    pub waiting: std::collections::BTreeMap<String, String>,
+}
+
+/// One pass over every object of the kind in Velero's namespace.
+pub async fn pass<T: Moved>(c: &Cluster, cfg: &NodeConfig, local: &Local, now_ms: u64) -> Result<Vec<(T, Outcome)>> {
     let mut out = Vec::new();
-    for du in c.list_uploads().await? {
-        let name = du.metadata.name.clone();
-        let o = one(c, cfg, &du, running.contains(&name), now_ms).await?;
-        out.push((name, o));
+    for o in c.list::<T>().await?.0 {
+        let r = one(c, cfg, &o, local, now_ms).await?;
+        out.push((o, r));
     }
     Ok(out)
 }
 
-async fn one(c: &Cluster, cfg: &NodeConfig, du: &DataUpload, running: bool, now_ms: u64) -> Result<Outcome> {
-    let ended = |phase: &str, message: String| {
-        json!({"phase": phase, "message": message, "completionTimestamp": format_time(now_ms),
-               "startTimestamp": du.status.start_timestamp.clone().unwrap_or_else(|| format_time(now_ms))})
-    };
-    Ok(match step(Claim::from(du), &cfg.node, running, now_ms, cfg.prepare_timeout) {
+/// The status of an object that ends now with `phase` and `message`.
+pub fn ended<T: Moved>(o: &T, phase: &str, message: &str, now_ms: u64) -> serde_json::Value {
+    json!({"phase": phase, "message": message, "completionTimestamp": format_time(now_ms),
+           "startTimestamp": o.start_timestamp().map(str::to_string).unwrap_or_else(|| format_time(now_ms))})
+}
+
+async fn one<T: Moved>(c: &Cluster, cfg: &NodeConfig, o: &T, local: &Local, now_ms: u64) -> Result<Outcome> {
+    let name = &o.meta().name;
+    let end = |phase: &'static str, msg: String| end_as(c, o, phase, msg, now_ms);
+    Ok(match step(o.claim(), &cfg.node, local.running.contains(name), now_ms, cfg.prepare_timeout) {
         Step::NotOurs | Step::Done | Step::Wait => Outcome::Left,
         Step::Accept => {
-            let checked = upload_request(du).and_then(|r| match cfg.locations.contains(&r.location) {
-                true => Ok(r),
+            let checked = o.location().and_then(|l| match cfg.locations.contains(&l) {
+                true => Ok(l),
                 false => Err(format!(
-                    "DataUpload {}/{}: BackupStorageLocation '{}' has no Mover repository on node {} (configured: {})",
-                    du.metadata.namespace,
-                    du.metadata.name,
-                    r.location,
+                    "{}: BackupStorageLocation '{l}' has no Mover repository on node {} (configured: {})",
+                    o.what(),
                     cfg.node,
                     cfg.locations.iter().cloned().collect::<Vec<_>>().join(", ")
                 )),
             });
             match checked {
-                Err(msg) => match c.set_upload_status(du, ended("Failed", msg.clone())).await? {
-                    true => Outcome::Failed(msg),
-                    false => Outcome::Lost,
-                },
-                Ok(_) => match c.accept_upload(du, &cfg.node, now_ms).await? {
+                Err(msg) => end("Failed", msg).await?,
+                Ok(_) => match c.accept(o, &cfg.node, now_ms).await? {
                     Some(_) => Outcome::Accepted,
                     None => Outcome::Lost,
                 },
             }
         }
-        Step::Cancel => match c.set_upload_status(du, ended("Canceled", "cancelled before it ran".into())).await? {
-            true => Outcome::Canceled,
-            false => Outcome::Lost,
-        },
+        Step::Cancel => end("Canceled", "cancelled before it ran".into()).await?,
         Step::PrepareTimedOut => {
-            let msg = format!(
-                "DataUpload {}/{}: accepted by node {} but not prepared within {} s",
-                du.metadata.namespace,
-                du.metadata.name,
-                du.status.accepted_by_node,
-                cfg.prepare_timeout.as_secs()
-            );
-            match c.set_upload_status(du, ended("Failed", msg.clone())).await? {
-                true => Outcome::Failed(msg),
-                false => Outcome::Lost,
-            }
+            let why = local.waiting.get(name).map(|w| format!(": {w}")).unwrap_or_default();
+            let msg = format!("{}: accepted by node {} but not prepared within {} s{why}", o.what(), o.claim().accepted_by, cfg.prepare_timeout.as_secs());
+            end("Failed", msg).await?
         }
         s @ (Step::Prepare | Step::Run | Step::Resume | Step::CancelRunning) => Outcome::Pending(s),
+    })
+}
+
+/// Writes `o` as ended with `phase` and `msg` (if still at the version read).
+async fn end_as<T: Moved>(c: &Cluster, o: &T, phase: &'static str, msg: String, now_ms: u64) -> Result<Outcome> {
+    Ok(match c.set_status(o, ended(o, phase, &msg, now_ms)).await? {
+        true if phase == "Canceled" => Outcome::Canceled,
+        true => Outcome::Failed(msg),
+        false => Outcome::Lost,
     })
 }
 

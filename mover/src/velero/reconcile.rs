@@ -23,26 +23,53 @@ pub struct Claim<'a> {
     pub node: &'a str,
 }
 
+/// What the node's pass needs of either kind: the claim, and the request checked.
+pub trait Moved: serde::de::DeserializeOwned + Clone + Send + Sync + 'static {
+    const KIND: &'static str;
+    const PLURAL: &'static str;
+    fn meta(&self) -> &super::types::ObjectMeta;
+    fn claim(&self) -> Claim<'_>;
+    fn start_timestamp(&self) -> Option<&str>;
+    /// The request checked before anything is created for it: the BackupStorageLocation
+    /// it names, or the `Failed` message (naming the object and the field).
+    fn location(&self) -> Result<String, String>;
+    /// `KIND namespace/name`, for messages.
+    fn what(&self) -> String {
+        format!("{} {}/{}", Self::KIND, self.meta().namespace, self.meta().name)
+    }
+}
+
 /// Both kinds carry the claim in the same fields.
 macro_rules! claim_of {
-    ($kind:ty) => {
-        impl<'a> From<&'a $kind> for Claim<'a> {
-            fn from(d: &'a $kind) -> Self {
-                let s = &d.status;
+    ($kind:ty, $plural:literal, $check:ident) => {
+        impl Moved for $kind {
+            const KIND: &'static str = stringify!($kind);
+            const PLURAL: &'static str = $plural;
+            fn meta(&self) -> &super::types::ObjectMeta {
+                &self.metadata
+            }
+            fn claim(&self) -> Claim<'_> {
+                let s = &self.status;
                 Claim {
-                    data_mover: &d.spec.data_mover,
+                    data_mover: &self.spec.data_mover,
                     phase: s.phase,
-                    cancel: d.spec.cancel,
+                    cancel: self.spec.cancel,
                     accepted_by: &s.accepted_by_node,
                     accepted_ms: s.accepted_timestamp.as_deref().and_then(parse_time_ms),
                     node: &s.node,
                 }
             }
+            fn start_timestamp(&self) -> Option<&str> {
+                self.status.start_timestamp.as_deref()
+            }
+            fn location(&self) -> Result<String, String> {
+                $check(self).map(|r| r.location)
+            }
         }
     };
 }
-claim_of!(DataUpload);
-claim_of!(DataDownload);
+claim_of!(DataUpload, "datauploads", upload_request);
+claim_of!(DataDownload, "datadownloads", download_request);
 
 /// The next step for this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,7 +292,7 @@ mod tests {
     #[test]
     fn each_node_acts_only_on_what_is_its_own() {
         let now = 1_000_000 + 1000;
-        let s = |d: &DataUpload, running| step(d.into(), "n1", running, now, T);
+        let s = |d: &DataUpload, running| step(d.claim(), "n1", running, now, T);
         let mut other = du(Phase::New, false, "", "");
         other.spec.data_mover = "velero".into();
         assert_eq!(s(&other, false), Step::NotOurs, "Velero's own is not ours");
@@ -290,9 +317,9 @@ mod tests {
     #[test]
     fn a_preparation_past_its_timeout_fails_on_any_node() {
         let late = 1_000_000 + T.as_millis() as u64;
-        assert_eq!(step((&du(Phase::Accepted, false, "n2", "")).into(), "n1", false, late, T), Step::PrepareTimedOut, "the accepting node may be dead");
-        assert_eq!(step((&du(Phase::Accepted, false, "n1", "")).into(), "n1", true, late, T), Step::PrepareTimedOut);
-        assert_eq!(step((&du(Phase::Accepted, false, "n1", "")).into(), "n1", true, late - 1, T), Step::Wait);
+        assert_eq!(step(du(Phase::Accepted, false, "n2", "").claim(), "n1", false, late, T), Step::PrepareTimedOut, "the accepting node may be dead");
+        assert_eq!(step(du(Phase::Accepted, false, "n1", "").claim(), "n1", true, late, T), Step::PrepareTimedOut);
+        assert_eq!(step(du(Phase::Accepted, false, "n1", "").claim(), "n1", true, late - 1, T), Step::Wait);
     }
 
     #[test]

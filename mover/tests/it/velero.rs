@@ -89,12 +89,12 @@ fn two_nodes_race_for_each_data_upload_and_exactly_one_wins() {
     let won: Vec<(String, String)> = rt.block_on(async {
         let (a, b) = (Cluster::connect(Some(&k.url), "velero").await.unwrap(), Cluster::connect(Some(&k.url), "velero").await.unwrap());
         // Both read the same objects at the same resourceVersions, then both accept each.
-        let (la, lb) = (a.list_uploads().await.unwrap(), b.list_uploads().await.unwrap());
+        let (la, lb) = (a.list::<DataUpload>().await.unwrap().0, b.list::<DataUpload>().await.unwrap().0);
         assert_eq!(la.len(), 20);
         let mut won = Vec::new();
         for (da, db) in la.iter().zip(lb.iter()) {
             assert_eq!(da.status.phase, Phase::New, "created without a phase: New");
-            let (ra, rb) = tokio::join!(a.accept_upload(da, "node-a", 1_000), b.accept_upload(db, "node-b", 1_000));
+            let (ra, rb) = tokio::join!(a.accept(da, "node-a", 1_000), b.accept(db, "node-b", 1_000));
             match (ra.unwrap(), rb.unwrap()) {
                 (Some(x), None) | (None, Some(x)) => won.push((x.metadata.name.clone(), x.status.accepted_by_node.clone())),
                 (x, y) => panic!("{}: both or neither won: {x:?} {y:?}", da.metadata.name),
@@ -188,10 +188,10 @@ fn a_pass_refuses_bad_uploads_at_once_cancels_unstarted_ones_and_fails_what_a_de
     let t0 = std::time::Instant::now();
     let out = rt().block_on(async {
         let c = Cluster::connect(Some(&k.url), "velero").await.unwrap();
-        pass(&c, &cfg, &Default::default(), mover_format::now_unix_ms()).await.unwrap()
+        pass::<DataUpload>(&c, &cfg, &Default::default(), mover_format::now_unix_ms()).await.unwrap()
     });
     assert!(t0.elapsed().as_secs() < 5, "a pass answers in seconds: {:?}", t0.elapsed());
-    let out: std::collections::BTreeMap<String, Outcome> = out.into_iter().collect();
+    let out: std::collections::BTreeMap<String, Outcome> = out.into_iter().map(|(o, r)| (o.metadata.name, r)).collect();
     assert_eq!(out["good"], Outcome::Accepted);
     assert_eq!(out["velero-own"], Outcome::Left);
     assert_eq!(out["cancelled"], Outcome::Canceled);
@@ -336,8 +336,8 @@ fn a_data_upload_is_backed_up_from_its_exposed_snapshot_and_its_snapshot_id_rest
     };
     let repo = rt.block_on(ra.open(&Default::default())).unwrap();
     let c = rt.block_on(Cluster::connect(Some(&k.url), "velero")).unwrap();
-    let out = rt.block_on(pass(&c, &cfg, &Default::default(), mover_format::now_unix_ms())).unwrap();
-    assert_eq!(out, vec![("du-1".to_string(), Outcome::Accepted)]);
+    let out = rt.block_on(pass::<DataUpload>(&c, &cfg, &Default::default(), mover_format::now_unix_ms())).unwrap();
+    assert_eq!(out.iter().map(|(o, r)| (o.metadata.name.as_str(), r)).collect::<Vec<_>>(), vec![("du-1", &Outcome::Accepted)]);
     let du = get_upload(&k, "du-1");
     let req = upload_request(&du).unwrap();
     rt.block_on(c.expose(&du, &req, "n1", "mover:test")).unwrap();
@@ -372,7 +372,7 @@ fn a_data_upload_is_backed_up_from_its_exposed_snapshot_and_its_snapshot_id_rest
     assert_eq!(summary.group, "vms/disk");
     let sref = SnapshotRef { repository_id: repo.config().id.to_hex(), snapshot: summary.snapshot_id.to_string(), volume: "disk".into() };
     let du = get_upload(&k, "du-1");
-    assert!(rt.block_on(c.set_upload_status(&du, completed(&sref, summary.stats.bytes_total, summary.stats.bytes_new, mover_format::now_unix_ms()))).unwrap());
+    assert!(rt.block_on(c.set_status(&du, completed(&sref, summary.stats.bytes_total, summary.stats.bytes_new, mover_format::now_unix_ms()))).unwrap());
     rt.block_on(c.clean_up(&du, &req)).unwrap();
 
     let du = get_upload(&k, "du-1");
@@ -408,4 +408,352 @@ fn the_exposure_pod_command_holds_until_sigterm() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
+}
+
+// ---- The data mover inside the daemon, against the API stand-in and the stand-in
+// kubelet and provisioner (`kubelet_standin.py`).
+
+const KUBELET_STANDIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/kubelet_standin.py");
+const VS_PATH: &str = "/apis/snapshot.storage.k8s.io/v1/namespaces/vms/volumesnapshots";
+const VSC_PATH: &str = "/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents";
+const DOWNLOADS: &str = "/apis/velero.io/v2alpha1/namespaces/velero/datadownloads";
+const MERGE: &str = "application/merge-patch+json";
+
+/// One node's stand-in kubelet (and, on one node, the cluster's provisioner).
+struct Kubelet(Child);
+
+impl Kubelet {
+    fn start(k: &KubeStandin, node: &str, root: &std::path::Path, volumes: &std::path::Path, provisioner: bool) -> Self {
+        std::fs::create_dir_all(root).unwrap();
+        let mut c = Command::new("python3");
+        c.arg(KUBELET_STANDIN).arg(&k.url).arg(node).arg(root).arg(volumes);
+        if provisioner {
+            c.arg("--provisioner");
+        }
+        Kubelet(c.spawn().expect("python3"))
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        // SIGTERM: the stand-in detaches its loop devices.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+/// A ready VolumeSnapshot `vms/<name>` whose content's handle is `image` (the stand-in
+/// CSI driver restores a claim from it by copying the file).
+fn snapshot(k: &KubeStandin, name: &str, image: &std::path::Path, size: &str) {
+    let content = format!("content-{name}");
+    let (code, body) = k.call(
+        "POST",
+        VS_PATH,
+        "application/json",
+        &serde_json::json!({"metadata": {"name": name}, "spec": {"source": {"persistentVolumeClaimName": "disk"}}}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let st = serde_json::json!({"status": {"readyToUse": true, "restoreSize": size, "boundVolumeSnapshotContentName": content}});
+    k.call("PATCH", &format!("{VS_PATH}/{name}/status"), MERGE, &st);
+    let (code, body) =
+        k.call("POST", VSC_PATH, "application/json", &serde_json::json!({"metadata": {"name": content}, "spec": {"driver": "standin.csi.mover.test"}}));
+    assert_eq!(code, 201, "{body}");
+    k.call(
+        "PATCH",
+        &format!("{VSC_PATH}/{content}/status"),
+        MERGE,
+        &serde_json::json!({"status": {"snapshotHandle": image.display().to_string(), "readyToUse": true}}),
+    );
+}
+
+fn get_json(k: &KubeStandin, path: &str) -> (u16, serde_json::Value) {
+    k.call("GET", path, "application/json", &serde_json::Value::Null)
+}
+
+/// Bytes in the files beneath `dir`.
+fn walkdir(dir: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => walkdir(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// A counter of the daemon's `/metrics` (0 when it has no series yet).
+fn counter(d: &super::daemon::Daemon, series: &str) -> u64 {
+    let (_, body) = super::daemon::http_get(d.http, "/metrics").unwrap();
+    body.lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse::<f64>().ok())).unwrap_or(0.0) as u64
+}
+
+fn requests(k: &KubeStandin) -> serde_json::Value {
+    get_json(k, "/standin/requests").1
+}
+
+/// Waits (at most `secs`) until the DataUpload `name` is in a final phase.
+fn wait_upload_final(k: &KubeStandin, name: &str, secs: u64) -> DataUpload {
+    let t0 = std::time::Instant::now();
+    loop {
+        let du = get_upload(k, name);
+        if du.status.phase.is_final() {
+            return du;
+        }
+        assert!(t0.elapsed().as_secs() < secs, "{name} still {:?} after {secs} s: {:?}", du.status.phase, du.status);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The `[velero]` section of a node's daemon configuration.
+fn velero_config(k: &KubeStandin, node: &str, extra: &str) -> String {
+    format!(
+        "{extra}\n[velero]\nnamespace = \"velero\"\nnode_name = \"{node}\"\napi_server = \"{}\"\nholder_image = \"mover:test\"\nresync_seconds = 1\nprogress_interval_seconds = 1\nprepare_timeout_seconds = 60\nrepository_timeout_seconds = 5\n[velero.locations]\ndefault = \"main\"\n",
+        k.url
+    )
+}
+
+/// An incompressible volume image of `size` bytes.
+fn noise_image(path: &std::path::Path, size: usize, seed: u64) {
+    std::fs::write(path, noise(seed, size)).unwrap();
+}
+
+/// The daemon as Velero's data mover, end to end: a DataUpload goes to `Completed` with
+/// progress that grows while it runs; the exposure, the VolumeSnapshot and its content
+/// are gone after; and a DataDownload of its snapshotID (into another namespace, as a
+/// restore to a new namespace does) gives Velero's rewritten claim a PV — the claim's
+/// mode, its selector's label, a claimRef to it — whose volume holds the source's bytes.
+#[test]
+fn the_daemon_backs_up_a_data_upload_and_restores_its_snapshot_id_into_a_new_volume() {
+    let k = KubeStandin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("snapshot.img");
+    noise_image(&img, 128 << 20, 5);
+    snapshot(&k, "vs-du-1", &img, "128Mi");
+    // 16 MiB/s: the transfer takes seconds, long enough to watch its progress (which runs
+    // ahead of the upload by what the pipeline holds).
+    let _d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", "bandwidth_limit = 16777216"), true);
+    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    create_upload(&k, "du-1", "mover");
+
+    let t0 = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let du = loop {
+        let du = get_upload(&k, "du-1");
+        if du.status.phase == Phase::InProgress && seen.last() != Some(&du.status.progress.bytes_done) {
+            seen.push(du.status.progress.bytes_done);
+        }
+        if du.status.phase.is_final() {
+            break du;
+        }
+        assert!(t0.elapsed().as_secs() < 90, "du-1 still {:?}: {:?}", du.status.phase, du.status);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(du.status.phase, Phase::Completed, "{:?}", du.status);
+    assert_eq!((du.status.progress.total_bytes, du.status.progress.bytes_done), (128 << 20, 128 << 20));
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "progress only grows: {seen:?}");
+    assert!(seen.iter().filter(|d| **d > 0 && **d < 128 << 20).count() >= 2, "progress was seen growing while it ran: {seen:?}");
+    assert_eq!(du.status.node, "n1");
+    assert!(du.status.start_timestamp.is_some() && du.status.completion_timestamp.is_some());
+    for p in [
+        "/api/v1/namespaces/vms/pods/mover-du-1",
+        "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-1",
+        &format!("{VS_PATH}/vs-du-1"),
+        &format!("{VSC_PATH}/content-vs-du-1"),
+    ] {
+        assert_eq!(get_json(&k, p).0, 404, "{p} is gone");
+    }
+
+    // Velero's restore: the rewritten claim in the new namespace (a selector, no
+    // volume), then the DataDownload with nothing but the snapshotID.
+    let selector = "restored.disk.x7k2p";
+    let target = serde_json::json!({"metadata": {"name": "disk", "namespace": "restored"}, "spec": {
+        "accessModes": ["ReadWriteOnce"], "volumeMode": "Block", "storageClassName": "sc",
+        "resources": {"requests": {"storage": "128Mi"}},
+        "selector": {"matchLabels": {"velero.io/dynamic-pv-restore": selector}}}});
+    assert_eq!(k.call("POST", "/api/v1/namespaces/restored/persistentvolumeclaims", "application/json", &target).0, 201);
+    let dd = serde_json::json!({"apiVersion": "velero.io/v2alpha1", "kind": "DataDownload",
+        "metadata": {"name": "dd-1", "namespace": "velero"},
+        "spec": {"targetVolume": {"pvc": "disk", "namespace": "restored", "pv": ""}, "backupStorageLocation": "default",
+                 "datamover": "mover", "snapshotID": du.status.snapshot_id, "sourceNamespace": "vms", "operationTimeout": "10m0s"}});
+    assert_eq!(k.call("POST", DOWNLOADS, "application/json", &dd).0, 201);
+    let t0 = std::time::Instant::now();
+    let dd = loop {
+        let (_, body) = get_json(&k, &format!("{DOWNLOADS}/dd-1"));
+        let dd: mover::velero::types::DataDownload = serde_json::from_value(body).unwrap();
+        if dd.status.phase.is_final() {
+            break dd;
+        }
+        assert!(t0.elapsed().as_secs() < 90, "dd-1 still {:?}: {:?}", dd.status.phase, dd.status);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(dd.status.phase, Phase::Completed, "{:?}", dd.status);
+    assert_eq!(dd.status.progress.bytes_done, 128 << 20);
+    let (_, claim) = get_json(&k, "/api/v1/namespaces/restored/persistentvolumeclaims/disk");
+    let pv_name = claim["spec"]["volumeName"].as_str().expect("the target claim names the PV").to_string();
+    let (code, pv) = get_json(&k, &format!("/api/v1/persistentvolumes/{pv_name}"));
+    assert_eq!(code, 200);
+    assert_eq!(pv["metadata"]["labels"]["velero.io/dynamic-pv-restore"], selector, "{pv}");
+    assert_eq!((pv["spec"]["claimRef"]["namespace"].as_str(), pv["spec"]["claimRef"]["name"].as_str()), (Some("restored"), Some("disk")), "{pv}");
+    assert_eq!(pv["spec"]["volumeMode"], "Block");
+    assert_eq!(pv["spec"]["persistentVolumeReclaimPolicy"], "Delete", "the original reclaim policy is back");
+    let t0 = std::time::Instant::now();
+    while get_json(&k, "/api/v1/namespaces/restored/persistentvolumeclaims/disk").1["status"]["phase"] != "Bound" {
+        assert!(t0.elapsed().as_secs() < 10, "the target claim binds to the PV");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let volume = std::path::PathBuf::from(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap());
+    assert_eq!(hash(&volume), hash(&img), "the PV's volume holds the source's bytes");
+    for p in ["/api/v1/namespaces/velero/pods/mover-dd-1", "/api/v1/namespaces/velero/persistentvolumeclaims/mover-dd-1"] {
+        assert_eq!(get_json(&k, p).0, 404, "{p} is gone");
+    }
+}
+
+/// Two nodes' daemons race for every DataUpload: each is run by exactly one of them — the
+/// one that accepted it — and completes.
+#[test]
+fn two_daemons_race_for_data_uploads_and_each_runs_on_exactly_one_node() {
+    let k = KubeStandin::start();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let names: Vec<String> = (0..4).map(|i| format!("du-{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        let img = a.path().join(format!("{n}.img"));
+        noise_image(&img, 8 << 20, 20 + i as u64);
+        snapshot(&k, &format!("vs-{n}"), &img, "8Mi");
+    }
+    let da = super::daemon::Daemon::start(a.path(), &velero_config(&k, "n1", ""), true);
+    let db = super::daemon::Daemon::start(b.path(), &velero_config(&k, "n2", ""), true);
+    let _ka = Kubelet::start(&k, "n1", &a.path().join("kubelet"), &a.path().join("volumes"), true);
+    let _kb = Kubelet::start(&k, "n2", &b.path().join("kubelet"), &b.path().join("volumes"), false);
+    for n in &names {
+        create_upload(&k, n, "mover");
+    }
+    let mut by_node = std::collections::BTreeMap::<String, u64>::new();
+    for n in &names {
+        let du = wait_upload_final(&k, n, 90);
+        assert_eq!(du.status.phase, Phase::Completed, "{n}: {:?}", du.status);
+        assert_eq!(du.status.node, du.status.accepted_by_node, "{n} ran where it was accepted");
+        *by_node.entry(du.status.node.clone()).or_default() += 1;
+    }
+    let ok = "mover_transfers_total{kind=\"backup\",result=\"ok\"}";
+    assert_eq!(counter(&da, ok), by_node.get("n1").copied().unwrap_or(0), "node n1 ran exactly what it accepted ({by_node:?})");
+    assert_eq!(counter(&db, ok), by_node.get("n2").copied().unwrap_or(0), "node n2 ran exactly what it accepted ({by_node:?})");
+    assert_eq!(counter(&da, ok) + counter(&db, ok), 4, "each DataUpload ran once");
+}
+
+/// `spec.cancel` on a running DataUpload: it ends `Canceled` within seconds, its
+/// transfer cancelled and what it made removed; the next DataUpload of the same volume
+/// (Velero's next backup) sends only what the cancelled one had not.
+#[test]
+fn a_cancelled_data_upload_ends_canceled_and_the_next_one_does_not_upload_again() {
+    let k = KubeStandin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    noise_image(&img, 96 << 20, 9);
+    snapshot(&k, "vs-du-a", &img, "96Mi");
+    let d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", "bandwidth_limit = 8388608"), true);
+    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    create_upload(&k, "du-a", "mover");
+    let t0 = std::time::Instant::now();
+    // What is in the store is what was uploaded (the local repository's files).
+    let stored = || -> u64 { walkdir(&dir.path().join("repo")) };
+    while stored() < 24 << 20 {
+        assert!(t0.elapsed().as_secs() < 60, "du-a uploads: {:?}", get_upload(&k, "du-a").status);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(get_upload(&k, "du-a").status.phase, Phase::InProgress);
+    k.call("PATCH", &format!("{UPLOADS}/du-a"), MERGE, &serde_json::json!({"spec": {"cancel": true}}));
+    let t0 = std::time::Instant::now();
+    let du = wait_upload_final(&k, "du-a", 15);
+    assert!(t0.elapsed().as_secs() < 10, "cancelled in seconds: {:?}", t0.elapsed());
+    assert_eq!(du.status.phase, Phase::Canceled, "{:?}", du.status);
+    assert_eq!(counter(&d, "mover_transfers_total{kind=\"backup\",result=\"cancelled\"}"), 1, "the transfer was cancelled");
+    for p in ["/api/v1/namespaces/vms/pods/mover-du-a", &format!("{VS_PATH}/vs-du-a")] {
+        assert_eq!(get_json(&k, p).0, 404, "{p} is gone");
+    }
+    let sent_before = stored();
+    assert!(sent_before < 90 << 20, "cancelled before the end: {sent_before}");
+
+    snapshot(&k, "vs-du-b", &img, "96Mi");
+    create_upload(&k, "du-b", "mover");
+    let du = wait_upload_final(&k, "du-b", 90);
+    assert_eq!(du.status.phase, Phase::Completed, "{:?}", du.status);
+    let sent = stored();
+    // Noise does not compress: one volume is ~96 MiB of packs. Sending the cancelled part
+    // again would make it ~96 MiB + what was sent before.
+    assert!(sent < (96 << 20) + (4 << 20), "the volume was sent once in all: {sent} bytes (before the cancel: {sent_before})");
+    assert!((du.status.incremental_bytes as u64) < (96 << 20) - (20 << 20), "du-b stored only what du-a had not: {}", du.status.incremental_bytes);
+}
+
+/// A DataUpload whose repository cannot be reached fails in seconds, with a message that
+/// names it and the repository — not after Velero's 4-hour operation timeout — and no pod
+/// or claim is created for it.
+#[test]
+fn an_unreachable_repository_fails_the_data_upload_in_seconds() {
+    let k = KubeStandin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    noise_image(&img, 4 << 20, 3);
+    snapshot(&k, "vs-du-far", &img, "4Mi");
+    let cfg = velero_config(&k, "n1", "")
+        + "remote = \"far\"\n[repositories.far]\nurl = \"s3://unreachable/repo\"\ns3_endpoint = \"http://127.0.0.1:9\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\n";
+    let _d = super::daemon::Daemon::start(dir.path(), &cfg, true);
+    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    create_upload(&k, "du-far", "mover");
+    k.call("PATCH", &format!("{UPLOADS}/du-far"), MERGE, &serde_json::json!({"spec": {"backupStorageLocation": "remote"}}));
+    let t0 = std::time::Instant::now();
+    let du = wait_upload_final(&k, "du-far", 30);
+    assert!(t0.elapsed().as_secs() < 15, "failed in seconds: {:?}", t0.elapsed());
+    assert_eq!(du.status.phase, Phase::Failed);
+    let m = &du.status.message;
+    assert!(m.contains("DataUpload velero/du-far") && m.contains("'remote'") && m.contains("far"), "{m}");
+    for p in ["/api/v1/namespaces/vms/pods/mover-du-far", "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-far"] {
+        assert_eq!(get_json(&k, p).0, 404, "{p} was never created");
+    }
+}
+
+/// Malformed DataUploads — no snapshot named, a snapshot that does not exist, a source
+/// claim of an unknown volume mode — fail at once with a message naming the object and
+/// what is wrong, and change nothing else: nothing created, nothing deleted (the
+/// snapshot stays), no transfer run.
+#[test]
+fn malformed_data_uploads_fail_with_a_clear_message_and_change_nothing() {
+    let k = KubeStandin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    noise_image(&img, 4 << 20, 4);
+    snapshot(&k, "vs-odd-mode", &img, "4Mi");
+    let odd = serde_json::json!({"metadata": {"name": "odd", "namespace": "vms"}, "spec": {"volumeMode": "Tape", "volumeName": "pv-odd", "resources": {"requests": {"storage": "4Mi"}}}});
+    assert_eq!(k.call("POST", "/api/v1/namespaces/vms/persistentvolumeclaims", "application/json", &odd).0, 201);
+    let d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", ""), true);
+    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = requests(&k);
+    for n in ["no-snap", "gone-snap", "odd-mode"] {
+        create_upload(&k, n, "mover");
+    }
+    k.call("PATCH", &format!("{UPLOADS}/no-snap"), MERGE, &serde_json::json!({"spec": {"csiSnapshot": null}}));
+    k.call("PATCH", &format!("{UPLOADS}/odd-mode"), MERGE, &serde_json::json!({"spec": {"sourcePVC": "odd"}}));
+    let t0 = std::time::Instant::now();
+    for (n, what) in [
+        ("no-snap", "spec.csiSnapshot.volumeSnapshot is missing"),
+        ("gone-snap", "VolumeSnapshot vms/vs-gone-snap"),
+        ("odd-mode", "volumeMode 'Tape' is neither Block nor Filesystem"),
+    ] {
+        let du = wait_upload_final(&k, n, 20);
+        assert_eq!(du.status.phase, Phase::Failed, "{n}: {:?}", du.status);
+        assert!(du.status.message.contains(&format!("DataUpload velero/{n}")) && du.status.message.contains(what), "{n}: {}", du.status.message);
+    }
+    assert!(t0.elapsed().as_secs() < 10, "refused at once: {:?}", t0.elapsed());
+    assert_eq!(get_json(&k, &format!("{VS_PATH}/vs-odd-mode")).0, 200, "the snapshot is left as it was");
+    let after = requests(&k);
+    for (req, n) in after.as_object().unwrap() {
+        let was = before.get(req).and_then(|v| v.as_u64()).unwrap_or(0);
+        let new = n.as_u64().unwrap() > was;
+        assert!(
+            !(new && (req.starts_with("DELETE ") || (req.starts_with("POST ") && !req.contains("datauploads")))),
+            "a malformed DataUpload made the data mover call {req}"
+        );
+    }
+    assert_eq!(counter(&d, "mover_transfers_total{kind=\"backup\",result=\"ok\"}") + counter(&d, "mover_transfers_total{kind=\"backup\",result=\"err\"}"), 0);
 }
