@@ -757,3 +757,99 @@ fn malformed_data_uploads_fail_with_a_clear_message_and_change_nothing() {
     }
     assert_eq!(counter(&d, "mover_transfers_total{kind=\"backup\",result=\"ok\"}") + counter(&d, "mover_transfers_total{kind=\"backup\",result=\"err\"}"), 0);
 }
+
+/// A node that restarts mid-transfer (the daemon killed, its pod and claim still there)
+/// resumes the DataUpload it was running: it completes, byte-exact, and what the last
+/// index checkpoint before the kill recorded is not sent again.
+#[test]
+fn a_daemon_killed_mid_transfer_resumes_its_data_upload_after_restart() {
+    let k = KubeStandin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    noise_image(&img, 192 << 20, 11);
+    snapshot(&k, "vs-du-r", &img, "192Mi");
+    let mut d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", "bandwidth_limit = 25165824"), true);
+    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    create_upload(&k, "du-r", "mover");
+    let stored = || -> u64 { walkdir(&dir.path().join("repo")) };
+    let t0 = std::time::Instant::now();
+    // Killed once an index checkpoint (every 4 packs of 16 MiB) made the first uploads
+    // findable; what came after it is the most a kill may cost.
+    let index = dir.path().join("repo/index");
+    while std::fs::read_dir(&index).map(|d| d.count()).unwrap_or(0) < 1 {
+        assert!(t0.elapsed().as_secs() < 60, "du-r uploads: {:?}", get_upload(&k, "du-r").status);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    d.signal("-KILL");
+    let before = stored();
+    assert_eq!(get_upload(&k, "du-r").status.phase, Phase::InProgress);
+    d.spawn();
+    let du = wait_upload_final(&k, "du-r", 90);
+    assert_eq!(du.status.phase, Phase::Completed, "{:?}", du.status);
+    assert_eq!(du.status.progress.bytes_done, 192 << 20);
+    let sent = stored();
+    assert!(sent < (192 << 20) + (68 << 20), "at most one checkpoint's packs were sent again: {sent} bytes (before the restart: {before})");
+    assert!((du.status.incremental_bytes as u64) <= (192 - 60) << 20, "the resumed run found the checkpointed packs: {}", du.status.incremental_bytes);
+    assert_eq!(get_json(&k, &format!("{VS_PATH}/vs-du-r")).0, 404, "cleaned up after the resumed run");
+    let back = mover::velero::reconcile::SnapshotRef::parse(&du.status.snapshot_id).unwrap();
+    let out = dir.path().join("restored.img");
+    let o = Command::new(env!("CARGO_BIN_EXE_mover"))
+        .args(["restore", "-r"])
+        .arg(dir.path().join("repo"))
+        .arg(format!("{}:{}", back.snapshot, back.volume))
+        .arg(&out)
+        .env("MOVER_PASSWORD", "daemon-test-pw")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(hash(&out), hash(&img), "byte-exact after the resume");
+}
+
+/// A Filesystem-mode source (an ext4 volume) is backed up through a Block claim, and its
+/// DataDownload gives a Filesystem-mode target claim a Filesystem PV holding the same
+/// filesystem, its file intact.
+#[test]
+fn a_filesystem_mode_volume_goes_through_velero_and_comes_back_as_a_filesystem_pv() {
+    let k = KubeStandin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("hello.txt"), "restored through Velero\n").unwrap();
+    let img = dir.path().join("fs.img");
+    let st = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&content).arg(&img).arg("16M").status().unwrap();
+    assert!(st.success());
+    let source = serde_json::json!({"metadata": {"name": "disk", "namespace": "vms"}, "spec": {"volumeMode": "Filesystem", "volumeName": "pv-src", "resources": {"requests": {"storage": "16Mi"}}}});
+    assert_eq!(k.call("POST", "/api/v1/namespaces/vms/persistentvolumeclaims", "application/json", &source).0, 201);
+    snapshot(&k, "vs-du-fs", &img, "16Mi");
+    let _d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", ""), true);
+    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    create_upload(&k, "du-fs", "mover");
+    let du = wait_upload_final(&k, "du-fs", 60);
+    assert_eq!(du.status.phase, Phase::Completed, "{:?}", du.status);
+
+    let target = serde_json::json!({"metadata": {"name": "disk", "namespace": "vms-copy"}, "spec": {
+        "accessModes": ["ReadWriteOnce"], "volumeMode": "Filesystem", "storageClassName": "sc",
+        "resources": {"requests": {"storage": "16Mi"}},
+        "selector": {"matchLabels": {"velero.io/dynamic-pv-restore": "vms-copy.disk.abcde"}}}});
+    assert_eq!(k.call("POST", "/api/v1/namespaces/vms-copy/persistentvolumeclaims", "application/json", &target).0, 201);
+    let dd = serde_json::json!({"apiVersion": "velero.io/v2alpha1", "kind": "DataDownload", "metadata": {"name": "dd-fs", "namespace": "velero"},
+        "spec": {"targetVolume": {"pvc": "disk", "namespace": "vms-copy"}, "backupStorageLocation": "default", "datamover": "mover", "snapshotID": du.status.snapshot_id}});
+    assert_eq!(k.call("POST", DOWNLOADS, "application/json", &dd).0, 201);
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, body) = get_json(&k, &format!("{DOWNLOADS}/dd-fs"));
+        let phase = body["status"]["phase"].as_str().unwrap_or("").to_string();
+        if phase == "Completed" {
+            break;
+        }
+        assert!(!["Failed", "Canceled"].contains(&phase.as_str()) && t0.elapsed().as_secs() < 60, "dd-fs: {body}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (_, claim) = get_json(&k, "/api/v1/namespaces/vms-copy/persistentvolumeclaims/disk");
+    let (_, pv) = get_json(&k, &format!("/api/v1/persistentvolumes/{}", claim["spec"]["volumeName"].as_str().unwrap()));
+    assert_eq!(pv["spec"]["volumeMode"], "Filesystem", "the target's mode: {pv}");
+    let volume = std::path::PathBuf::from(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap());
+    assert_eq!(hash(&volume), hash(&img));
+    let o = Command::new("debugfs").args(["-R", "cat /hello.txt"]).arg(&volume).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "restored through Velero\n");
+}
