@@ -104,7 +104,8 @@ grep -q 'image: localhost/mover:' "$W/base.yaml" || fail "kustomize did not set 
 cp -r deploy/kubernetes "$W/all"
 sed -i 's|^# components:|components:|; s|^#   - components/|  - components/|' "$W/all/kustomization.yaml"
 kubectl kustomize "$W/all" > "$W/all.yaml"
-grep -q 'privileged: true' "$W/all.yaml" && grep -q 'audience: snapshot-metadata' "$W/all.yaml" || fail "components did not apply"
+grep -q 'privileged: true' "$W/all.yaml" && grep -q 'audience: snapshot-metadata' "$W/all.yaml" &&
+  grep -q 'name: mover-velero' "$W/all.yaml" && grep -q 'fieldPath: spec.nodeName' "$W/all.yaml" || fail "components did not apply"
 "$VENV/bin/kubernetes-validate" --strict "$W/all.yaml"
 kubectl kustomize deploy/kubernetes/monitoring > "$W/monitoring.yaml"
 "$VENV/bin/kubernetes-validate" --strict "$W/monitoring.yaml"

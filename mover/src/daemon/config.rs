@@ -105,8 +105,9 @@ pub struct VeleroConfig {
     pub node: String,
     /// The API server; unset: the in-cluster configuration.
     pub api_server: Option<String>,
-    /// The image of the pods that hold exposed volumes: `holder_image`, else `$MOVER_IMAGE`.
-    pub holder_image: String,
+    /// The image of the pods that hold exposed volumes: `holder_image`, else `$MOVER_IMAGE`;
+    /// unset: the image of the daemon's own pod (`$POD_NAME` in `$POD_NAMESPACE`).
+    pub holder_image: Option<String>,
     pub prepare_timeout: Duration,
     /// Bound on opening a DataUpload's or DataDownload's repository before it fails.
     pub repository_timeout: Duration,
@@ -124,7 +125,11 @@ impl VeleroRaw {
         let node = self.node_name.filter(|n| !n.is_empty()).or_else(|| env("NODE_NAME"));
         let node = node.ok_or_else(|| Error::invalid("[velero]: node_name is unset and so is NODE_NAME (set it from spec.nodeName)"))?;
         let holder_image = self.holder_image.filter(|n| !n.is_empty()).or_else(|| env("MOVER_IMAGE"));
-        let holder_image = holder_image.ok_or_else(|| Error::invalid("[velero]: holder_image is unset and so is MOVER_IMAGE (Mover's own image)"))?;
+        if holder_image.is_none() && (env("POD_NAME").is_none() || env("POD_NAMESPACE").is_none()) {
+            return Err(Error::invalid(
+                "[velero]: holder_image is unset, and so are MOVER_IMAGE and POD_NAME/POD_NAMESPACE (to read the daemon's own image from its pod)",
+            ));
+        }
         if self.locations.is_empty() {
             return Err(Error::invalid("[velero]: locations is empty: map each BackupStorageLocation to a repository (e.g. default = \"default\")"));
         }
@@ -478,6 +483,42 @@ mod tests {
         assert!(e.to_string().contains("not loopback"), "{e}");
         let e = DaemonConfig::from_raw(Raw { socket_mode: Some("0666".into()), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("every local user"), "{e}");
+    }
+
+    /// The shipped ConfigMap's `[velero]` section, uncommented, loads (the node and image,
+    /// which the DaemonSet passes as NODE_NAME and POD_NAME, given here); a location naming
+    /// no repository, or none at all, is refused naming what is wrong.
+    #[test]
+    fn the_shipped_velero_section_loads_and_bad_ones_are_refused() {
+        let yaml = include_str!("../../../deploy/kubernetes/configmap.yaml");
+        let mut on = false;
+        let toml_text: String = yaml
+            .lines()
+            .skip_while(|l| !l.contains("mover.toml: |"))
+            .skip(1)
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .map(|l| {
+                on |= l == "# [velero]";
+                if on {
+                    l.strip_prefix("# ").unwrap_or(l)
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = toml_text.replace("[velero]\n", "[velero]\nnode_name = \"n1\"\nholder_image = \"mover:1\"\n");
+        let c = DaemonConfig::from_raw(toml::from_str(&text).unwrap()).unwrap();
+        let v = c.velero.expect("[velero] is set");
+        assert_eq!((v.namespace.as_str(), v.node.as_str()), ("openshift-adp", "n1"));
+        assert_eq!(v.locations.get("default").map(String::as_str), Some("default"));
+        assert_eq!(v.prepare_timeout, Duration::from_secs(300));
+        let bad = text.replace("default = \"default\"", "default = \"nowhere\"");
+        let e = DaemonConfig::from_raw(toml::from_str(&bad).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("default = \"nowhere\": no such repository (configured: default)"), "{e}");
+        let none = text.replace("default = \"default\"", "");
+        let e = DaemonConfig::from_raw(toml::from_str(&none).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("locations is empty"), "{e}");
     }
 
     /// A node with two CBT-capable CSI drivers has a service for each; a request picks by

@@ -167,6 +167,16 @@ impl Cluster {
         Api::namespaced_with(self.client.clone(), ns, ar)
     }
 
+    /// The image of pod `ns/name`'s container `mover` (or its first): the daemon's own,
+    /// which the pods holding exposed volumes run.
+    pub async fn pod_image(&self, ns: &str, name: &str) -> Result<String> {
+        let what = format!("the daemon's own pod {ns}/{name}");
+        let pod = self.namespaced(ns, &core_resource("Pod", "pods")).get(name).await.map_err(|e| api_error(e, &what))?;
+        let containers = pod.data["spec"]["containers"].as_array().cloned().unwrap_or_default();
+        let c = containers.iter().find(|c| c["name"] == "mover").or(containers.first());
+        c.and_then(|c| c["image"].as_str()).map(str::to_string).ok_or_else(|| Error::permanent(format!("{what} names no image")))
+    }
+
     /// Checks the source claim's volume mode, as Velero's node-agent reads it before
     /// exposing (`pkg/controller/data_upload_controller.go` setupExposeParam): Block or
     /// Filesystem (unset: Filesystem) — both are exposed as Block — anything else is
@@ -303,6 +313,7 @@ impl Cluster {
 /// The pod that holds claim `name` on `node` for Mover to read (or write) its device: a
 /// required node affinity, not `spec.nodeName` (a WaitForFirstConsumer storage class binds
 /// the claim only through the scheduler); no privileges; `mover hold` until deleted.
+/// The pod reads nothing itself: Mover reads the device through the kubelet's entry.
 fn holder_pod(name: &str, ns: &str, labels: &serde_json::Value, node: &str, image: &str, read_only: bool) -> serde_json::Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -316,7 +327,10 @@ fn holder_pod(name: &str, ns: &str, labels: &serde_json::Value, node: &str, imag
             "containers": [{
                 "name": "hold", "image": image, "args": ["hold"],
                 "volumeDevices": [{"name": "data", "devicePath": "/dev/mover-data"}],
-                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "runAsNonRoot": true, "runAsUser": 65532, "capabilities": {"drop": ["ALL"]}},
+                // The "restricted" Pod Security Standard (and OpenShift's restricted-v2,
+                // which picks the uid): the image's own user is non-root.
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "runAsNonRoot": true,
+                                    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
             }],
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name, "readOnly": read_only}}],
         },

@@ -28,6 +28,8 @@ struct Controller {
     c: Cluster,
     cfg: VeleroConfig,
     node: NodeConfig,
+    /// The image of the pods that hold exposed volumes.
+    image: String,
     /// Per kind: what runs here and what is being prepared.
     local: Mutex<HashMap<&'static str, Local>>,
     stop: CancellationToken,
@@ -46,9 +48,21 @@ fn now() -> u64 {
 
 /// Runs the data mover until `stop`.
 pub async fn run(d: Arc<Daemon>, cfg: VeleroConfig, stop: CancellationToken) {
-    let c = loop {
-        match Cluster::connect(cfg.api_server.as_deref(), &cfg.namespace).await {
-            Ok(c) => break c,
+    let (c, image) = loop {
+        let r = async {
+            let c = Cluster::connect(cfg.api_server.as_deref(), &cfg.namespace).await?;
+            let image = match &cfg.holder_image {
+                Some(i) => i.clone(),
+                None => {
+                    let var = |k: &str| std::env::var(k).unwrap_or_default();
+                    c.pod_image(&var("POD_NAMESPACE"), &var("POD_NAME")).await?
+                }
+            };
+            Ok::<_, Error>((c, image))
+        }
+        .await;
+        match r {
+            Ok(x) => break x,
             Err(e) => tracing::error!("velero: connecting to the Kubernetes API: {e:#}; trying again in 10 s"),
         }
         tokio::select! {
@@ -64,7 +78,7 @@ pub async fn run(d: Arc<Daemon>, cfg: VeleroConfig, stop: CancellationToken) {
         cfg.namespace,
         cfg.locations.iter().map(|(b, r)| format!("{b}→{r}")).collect::<Vec<_>>().join(", ")
     );
-    let ctl = Arc::new(Controller { d, c, cfg, node, local: Mutex::default(), stop: stop.clone() });
+    let ctl = Arc::new(Controller { d, c, cfg, node, image, local: Mutex::default(), stop: stop.clone() });
     let wake = Arc::new(tokio::sync::Notify::new());
     let watchers = [watch::<DataUpload>(ctl.clone(), wake.clone()), watch::<DataDownload>(ctl.clone(), wake.clone())];
     loop {
@@ -208,7 +222,7 @@ impl Controller {
     /// fails now; one that waits (a snapshot not ready, a pod not yet running) is looked at
     /// again, and the prepare timeout fails it with what it waited for.
     async fn prepare(&self, o: Obj) -> Result<()> {
-        let (node, image) = (&self.node.node, &self.cfg.holder_image);
+        let (node, image) = (&self.node.node, &self.image);
         let exposed = match &o {
             Obj::Up(du) => {
                 let req = match upload_request(du) {
