@@ -177,6 +177,19 @@ impl Cluster {
         c.and_then(|c| c["image"].as_str()).map(str::to_string).ok_or_else(|| Error::permanent(format!("{what} names no image")))
     }
 
+    /// The CSI handle of the DataUpload's snapshot (its content's `status.snapshotHandle`):
+    /// recorded as the backup's checkpoint, the base of the next one's changed blocks.
+    pub async fn snapshot_handle(&self, req: &super::reconcile::UploadRequest) -> Result<Option<String>> {
+        let ns = &req.source_namespace;
+        let what = format!("VolumeSnapshot {ns}/{}", req.volume_snapshot);
+        let vs =
+            self.namespaced(ns, &snapshot_resource("VolumeSnapshot", "volumesnapshots")).get(&req.volume_snapshot).await.map_err(|e| api_error(e, &what))?;
+        let Some(content) = vs.data["status"]["boundVolumeSnapshotContentName"].as_str() else { return Ok(None) };
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &snapshot_resource("VolumeSnapshotContent", "volumesnapshotcontents"));
+        let c = api.get(content).await.map_err(|e| api_error(e, &format!("VolumeSnapshotContent {content} of {what}")))?;
+        Ok(c.data["status"]["snapshotHandle"].as_str().filter(|h| !h.is_empty()).map(str::to_string))
+    }
+
     /// Checks the source claim's volume mode, as Velero's node-agent reads it before
     /// exposing (`pkg/controller/data_upload_controller.go` setupExposeParam): Block or
     /// Filesystem (unset: Filesystem) — both are exposed as Block — anything else is

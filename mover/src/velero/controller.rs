@@ -325,7 +325,9 @@ impl Controller {
                     let req = upload_request(du).map_err(Error::invalid)?;
                     let (name, h) = self.repository(&o, &req.location).await.map_err(Error::transient)?;
                     let exposed = self.c.exposed(du, &req).await?.ok_or_else(|| Error::permanent("its exposure pod no longer runs"))?;
-                    let plan = crate::plan::backup::prepare(backup_request(du, &req, &exposed), &self.d.env, &h.repo, &cancel).await?;
+                    let handle = self.c.snapshot_handle(&req).await?;
+                    let cbt = !req.driver.is_empty() && crate::plan::backup::csi_service(&self.d.env, Some(&req.driver), &req.source_pvc).is_ok();
+                    let plan = crate::plan::backup::prepare(backup_request(du, &req, &exposed, handle, cbt), &self.d.env, &h.repo, &cancel).await?;
                     Ok::<_, Error>((name, h, Work::Backup(plan), Then::Upload(req)))
                 }
                 Obj::Down(dd) => {

@@ -111,7 +111,16 @@ async fn end_as<T: Moved>(c: &Cluster, o: &T, phase: &'static str, msg: String, 
 /// through the pod-volume rule, in the group `<sourceNamespace>/<sourcePVC>` with the
 /// group's latest snapshot as parent, the volume named after the source PVC, and the
 /// DataUpload (with the Velero backup it belongs to) recorded as the snapshot's metadata.
-pub fn backup_request(du: &DataUpload, req: &super::reconcile::UploadRequest, exposed: &super::cluster::Exposed) -> crate::plan::backup::BackupRequest {
+/// `handle`, the snapshot's CSI handle, is recorded as the checkpoint; with `cbt` (the
+/// node has a SnapshotMetadata service for the DataUpload's driver) the changed blocks
+/// since the parent's checkpoint are asked for, and only they are read.
+pub fn backup_request(
+    du: &DataUpload,
+    req: &super::reconcile::UploadRequest,
+    exposed: &super::cluster::Exposed,
+    handle: Option<String>,
+    cbt: bool,
+) -> crate::plan::backup::BackupRequest {
     use crate::plan::backup::{BackupRequest, SourceRef, VolumeRequest};
     let backup = du.metadata.labels.get("velero.io/backup-name").cloned().unwrap_or_default();
     let record = json!({
@@ -133,8 +142,13 @@ pub fn backup_request(du: &DataUpload, req: &super::reconcile::UploadRequest, ex
             name: req.source_pvc.clone(),
             source: SourceRef::PodVolume { uid: exposed.pod_uid.clone(), volume: exposed.pv.clone() },
             changed_extents: None,
-            csi: None,
-            checkpoint: None,
+            csi: cbt.then(|| crate::sources::csi::CsiQuery {
+                namespace: req.source_namespace.clone(),
+                snapshot: req.volume_snapshot.clone(),
+                base_id: None,
+                driver: Some(req.driver.clone()),
+            }),
+            checkpoint: handle,
         }],
         parent: Some("latest".into()),
         metadata: vec![("velero-dataupload.json".into(), record.to_string().into_bytes())],
