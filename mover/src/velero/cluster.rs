@@ -82,7 +82,12 @@ impl Cluster {
     /// Races to accept `o` for `node`, as every node does: `Some(updated)` when this node
     /// won, `None` when another wrote first (the resourceVersion `o` was read at is stale).
     pub async fn accept<T: Moved>(&self, o: &T, node: &str, now_ms: u64) -> Result<Option<T>> {
-        let status = json!({"phase": "Accepted", "acceptedByNode": node, "acceptedTimestamp": format_time(now_ms)});
+        let mut status = json!({"phase": "Accepted", "acceptedByNode": node, "acceptedTimestamp": format_time(now_ms)});
+        // Accepted again after a release: the first acceptance's time stays, so the
+        // prepare timeout bounds the whole preparation across nodes.
+        if o.claim().accepted_ms.is_some() {
+            status.as_object_mut().map(|m| m.remove("acceptedTimestamp"));
+        }
         match self.patch_status(o, status).await? {
             Some(o) => Ok(Some(decode(o, T::KIND)?)),
             None => Ok(None),
@@ -276,6 +281,40 @@ impl Cluster {
         self.held(&req.source_namespace, &exposure_name(du), &du.what()).await
     }
 
+    /// Why the exposure pod of `du` does not run yet, when the scheduler said: `(true, why)`
+    /// when it cannot be placed on this node (`PodScheduled` false, reason `Unschedulable`:
+    /// a volume node affinity conflict, no room), `(false, why)` for another condition.
+    pub async fn not_running(&self, ns: &str, name: &str) -> Result<Option<(bool, String)>> {
+        let pod = match self.namespaced(ns, &core_resource("Pod", "pods")).get(name).await {
+            Ok(p) => p,
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
+            Err(e) => return Err(api_error(e, &format!("pod {ns}/{name}"))),
+        };
+        let conds = pod.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        Ok(conds.iter().find(|c| c["type"] == "PodScheduled" && c["status"] == "False").map(|c| {
+            let why = format!("pod {ns}/{name}: {} ({})", c["message"].as_str().unwrap_or(""), c["reason"].as_str().unwrap_or(""));
+            (c["reason"] == "Unschedulable", why)
+        }))
+    }
+
+    /// Deletes the exposure pod and claim of `du` (not the snapshot: another node exposes
+    /// it again).
+    pub async fn unexpose(&self, du: &DataUpload, req: &super::reconcile::UploadRequest) -> Result<()> {
+        self.delete_exposure(&req.source_namespace, &exposure_name(du)).await
+    }
+
+    async fn delete_exposure(&self, ns: &str, name: &str) -> Result<()> {
+        let dp = kube::api::DeleteParams::default();
+        for (ar, kind) in [(core_resource("Pod", "pods"), "pod"), (core_resource("PersistentVolumeClaim", "persistentvolumeclaims"), "PersistentVolumeClaim")] {
+            match self.namespaced(ns, &ar).delete(name, &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(api_error(e, &format!("deleting {kind} {ns}/{name}"))),
+            }
+        }
+        Ok(())
+    }
+
     /// The volume of claim `ns/name` held by pod `ns/name`, once the pod runs and the claim
     /// is bound.
     async fn held(&self, ns: &str, name: &str, owner: &str) -> Result<Option<Exposed>> {
@@ -309,11 +348,7 @@ impl Cluster {
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
             Err(e) => Err(api_error(e, &what)),
         };
-        gone(self.namespaced(ns, &core_resource("Pod", "pods")).delete(&name, &dp).await.map(|_| ()), format!("deleting pod {ns}/{name}"))?;
-        gone(
-            self.namespaced(ns, &core_resource("PersistentVolumeClaim", "persistentvolumeclaims")).delete(&name, &dp).await.map(|_| ()),
-            format!("deleting PersistentVolumeClaim {ns}/{name}"),
-        )?;
+        self.delete_exposure(ns, &name).await?;
         gone(vs_api.delete(&req.volume_snapshot, &dp).await.map(|_| ()), format!("deleting VolumeSnapshot {ns}/{}", req.volume_snapshot))?;
         if let Some(c) = content {
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &snapshot_resource("VolumeSnapshotContent", "volumesnapshotcontents"));
@@ -479,16 +514,7 @@ impl Cluster {
 
     /// Removes the restore pod and claim (what is gone already is fine).
     pub async fn clean_up_restore(&self, dd: &super::types::DataDownload) -> Result<()> {
-        let (ns, name) = (self.namespace.clone(), exposure_name_of(&dd.metadata.name));
-        let dp = kube::api::DeleteParams::default();
-        for (ar, kind) in [(core_resource("Pod", "pods"), "pod"), (core_resource("PersistentVolumeClaim", "persistentvolumeclaims"), "PersistentVolumeClaim")] {
-            match self.namespaced(&ns, &ar).delete(&name, &dp).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(api_error(e, &format!("deleting {kind} {ns}/{name}"))),
-            }
-        }
-        Ok(())
+        self.delete_exposure(&self.namespace.clone(), &exposure_name_of(&dd.metadata.name)).await
     }
 }
 

@@ -195,6 +195,24 @@ impl Controller {
         Ok(())
     }
 
+    /// Gives `o` back (`New` again, this node's claim cleared, its exposure deleted) for
+    /// another node to take, when this node cannot reach its volume. This node does not
+    /// accept it again; the first acceptance's time still bounds the whole preparation.
+    async fn release(&self, o: &Obj, why: String) -> Result<()> {
+        let Obj::Up(du) = o else { return Ok(()) };
+        let req = upload_request(du).map_err(Error::invalid)?;
+        self.c.unexpose(du, &req).await?;
+        let msg = format!("released by node {}: {why}", self.node.node);
+        if o.set_status(&self.c, json!({"phase": "New", "acceptedByNode": "", "message": msg})).await? {
+            tracing::info!("velero: {}: {msg}", o.what());
+        }
+        self.local(o.kind(), |l| {
+            l.waiting.remove(&o.name());
+            l.released.insert(o.name())
+        });
+        Ok(())
+    }
+
     /// Refuses `o` (`Failed` with `msg`): nothing was created for it, and what it names —
     /// its snapshot — is left as it was.
     async fn refuse(&self, o: &Obj, msg: String) -> Result<()> {
@@ -266,9 +284,23 @@ impl Controller {
                 Ok(())
             }
             Ok(None) => {
-                let why = format!("the pod holding its volume is not running on node {node} or its claim is not bound");
-                self.local(o.kind(), |l| l.waiting.insert(o.name(), why));
-                Ok(())
+                let (ns, pod) = match &o {
+                    Obj::Up(du) => (du.spec.source_namespace.clone(), super::cluster::exposure_name(du)),
+                    Obj::Down(dd) => (self.cfg.namespace.clone(), format!("mover-{}", dd.metadata.name)),
+                };
+                match self.c.not_running(&ns, &pod).await? {
+                    // This node cannot reach the volume: another node may.
+                    Some((true, why)) if matches!(o, Obj::Up(_)) => self.release(&o, why).await,
+                    Some((_, why)) => {
+                        self.local(o.kind(), |l| l.waiting.insert(o.name(), why));
+                        Ok(())
+                    }
+                    None => {
+                        let why = format!("pod {ns}/{pod} is not running on node {node} or its claim is not bound");
+                        self.local(o.kind(), |l| l.waiting.insert(o.name(), why));
+                        Ok(())
+                    }
+                }
             }
             Err(e) if matches!(e.kind(), ErrorKind::Precondition | ErrorKind::Transient) => {
                 self.local(o.kind(), |l| l.waiting.insert(o.name(), format!("{e:#}")));

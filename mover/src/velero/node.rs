@@ -46,6 +46,8 @@ pub struct Local {
     pub running: BTreeSet<String>,
     /// Those being prepared here, with what the preparation waits for (a timeout says it).
     pub waiting: std::collections::BTreeMap<String, String>,
+    /// Those this node released (it could not reach their volume): not accepted again here.
+    pub released: BTreeSet<String>,
 }
 
 /// One pass over every object of the kind in Velero's namespace.
@@ -69,6 +71,7 @@ async fn one<T: Moved>(c: &Cluster, cfg: &NodeConfig, o: &T, local: &Local, now_
     let end = |phase: &'static str, msg: String| end_as(c, o, phase, msg, now_ms);
     Ok(match step(o.claim(), &cfg.node, local.running.contains(name), now_ms, cfg.prepare_timeout) {
         Step::NotOurs | Step::Done | Step::Wait => Outcome::Left,
+        Step::Accept if local.released.contains(name) => Outcome::Left,
         Step::Accept => {
             let checked = o.location().and_then(|l| match cfg.locations.contains(&l) {
                 true => Ok(l),

@@ -80,7 +80,7 @@ pub enum Step {
     Done,
     /// Not this node's to act on now (another node's, or this node's work under way).
     Wait,
-    /// Race to accept it.
+    /// Race to accept it (also after a node released it).
     Accept,
     /// Cancelled before it ran: Canceled, and clean up what was exposed.
     Cancel,
@@ -107,6 +107,9 @@ pub fn step(c: Claim<'_>, me: &str, running_here: bool, now_ms: u64, prepare_tim
         Phase::Completed | Phase::Failed | Phase::Canceled => Step::Done,
         Phase::Unknown => Step::Wait,
         Phase::New if c.cancel => Step::Cancel,
+        // Released by a node that could not reach its volume: the first acceptance's time
+        // still bounds how long preparing may take, across nodes.
+        Phase::New if timed_out => Step::PrepareTimedOut,
         Phase::New => Step::Accept,
         Phase::Accepted if mine(c.accepted_by) && c.cancel => Step::Cancel,
         Phase::Accepted if timed_out => Step::PrepareTimedOut,
@@ -320,6 +323,18 @@ mod tests {
         assert_eq!(step(du(Phase::Accepted, false, "n2", "").claim(), "n1", false, late, T), Step::PrepareTimedOut, "the accepting node may be dead");
         assert_eq!(step(du(Phase::Accepted, false, "n1", "").claim(), "n1", true, late, T), Step::PrepareTimedOut);
         assert_eq!(step(du(Phase::Accepted, false, "n1", "").claim(), "n1", true, late - 1, T), Step::Wait);
+    }
+
+    /// A DataUpload released by a node that could not reach its volume is `New` again
+    /// with its first acceptance's time: another node accepts it, and the prepare timeout
+    /// still counts from that first acceptance.
+    #[test]
+    fn a_released_upload_is_accepted_again_within_the_first_prepare_timeout() {
+        const T: Duration = Duration::from_secs(300);
+        let mut d = du(Phase::New, false, "", "");
+        d.status.accepted_timestamp = Some(format_time(1_000_000));
+        assert_eq!(step(d.claim(), "n2", false, 1_000_000 + 299_000, T), Step::Accept);
+        assert_eq!(step(d.claim(), "n2", false, 1_000_000 + 300_000, T), Step::PrepareTimedOut);
     }
 
     #[test]

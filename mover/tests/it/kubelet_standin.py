@@ -28,7 +28,14 @@ publish/<pv>/<pod uid>, and linked from KUBELET_ROOT/pods/<pod uid>/volumeDevice
 kubernetes.io~csi/<pv>; then the pod is Running. A pod that is gone is torn down: link
 and device node removed, the loop device detached. On SIGTERM everything is torn down.
 
-Usage: kubelet_standin.py API_URL NODE KUBELET_ROOT VOLUMES_DIR [--provisioner]
+With --unreachable=CLASS it also plays the scheduler's verdict for its node: a pod
+pinned here whose claim has storage class CLASS (a volume this node cannot reach, e.g.
+in another zone) is not started; it gets the condition the scheduler writes
+(kubernetes pkg/scheduler/schedule_one.go, volumebinding's ErrReasonNodeConflict):
+PodScheduled False, reason Unschedulable, "0/2 nodes are available: 1 node(s) had volume
+node affinity conflict, 1 node(s) didn't match Pod's node affinity/selector."
+
+Usage: kubelet_standin.py API_URL NODE KUBELET_ROOT VOLUMES_DIR [--provisioner] [--unreachable=CLASS]
 """
 import json
 import os
@@ -43,6 +50,7 @@ import urllib.request
 
 API, NODE, KUBELET, VOLUMES = sys.argv[1:5]
 PROVISIONER = "--provisioner" in sys.argv[5:]
+UNREACHABLE = [a.split("=", 1)[1] for a in sys.argv[5:] if a.startswith("--unreachable=")]
 DRIVER = "standin.csi.mover.test"
 attached = {}  # pod uid -> [(loop device, link, device node)]
 
@@ -181,6 +189,11 @@ def kubelet():
             if not claim:
                 continue
             code, c = call("GET", claim_path(ns, claim["claimName"]))
+            if code == 200 and c["spec"].get("storageClassName") in UNREACHABLE:
+                cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                        "message": "0/2 nodes are available: 1 node(s) had volume node affinity conflict, 1 node(s) didn't match Pod's node affinity/selector."}
+                merge(f"/api/v1/namespaces/{ns}/pods/{meta['name']}/status", {"status": {"phase": "Pending", "conditions": [cond]}})
+                break
             if code != 200 or c.get("status", {}).get("phase") != "Bound":
                 break
             code, pv = call("GET", f"/api/v1/persistentvolumes/{c['spec']['volumeName']}")

@@ -424,12 +424,13 @@ struct Kubelet(Child);
 
 impl Kubelet {
     fn start(k: &KubeStandin, node: &str, root: &std::path::Path, volumes: &std::path::Path, provisioner: bool) -> Self {
+        Self::with_args(k, node, root, volumes, if provisioner { &["--provisioner"] } else { &[] })
+    }
+
+    fn with_args(k: &KubeStandin, node: &str, root: &std::path::Path, volumes: &std::path::Path, args: &[&str]) -> Self {
         std::fs::create_dir_all(root).unwrap();
         let mut c = Command::new("python3");
-        c.arg(KUBELET_STANDIN).arg(&k.url).arg(node).arg(root).arg(volumes);
-        if provisioner {
-            c.arg("--provisioner");
-        }
+        c.arg(KUBELET_STANDIN).arg(&k.url).arg(node).arg(root).arg(volumes).args(args);
         Kubelet(c.spawn().expect("python3"))
     }
 }
@@ -440,6 +441,41 @@ impl Drop for Kubelet {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
         let _ = self.0.wait();
     }
+}
+
+/// One node: its daemon, with `[velero]` for node `name` (and `extra` settings first), and
+/// its stand-in kubelet (with the cluster's provisioner when `provisioner`). Dropped in
+/// that order: the daemon stops, then the kubelet detaches its loop devices.
+struct Node {
+    d: super::daemon::Daemon,
+    _kubelet: Kubelet,
+}
+
+impl Node {
+    fn start(k: &KubeStandin, dir: &std::path::Path, name: &str, extra: &str, provisioner: bool) -> Self {
+        Self::with_config(k, dir, name, &velero_config(k, name, extra), provisioner)
+    }
+
+    fn with_config(k: &KubeStandin, dir: &std::path::Path, name: &str, config: &str, provisioner: bool) -> Self {
+        let d = super::daemon::Daemon::start(dir, config, true);
+        Node { d, _kubelet: Kubelet::start(k, name, &dir.join("kubelet"), &dir.join("volumes"), provisioner) }
+    }
+}
+
+/// Restores what a snapshotID names from the daemon's repository under `dir` with the CLI.
+fn restore_snapshot_id(dir: &std::path::Path, snapshot_id: &str) -> std::path::PathBuf {
+    let back = mover::velero::reconcile::SnapshotRef::parse(snapshot_id).unwrap();
+    let out = dir.join("restored.img");
+    let o = Command::new(env!("CARGO_BIN_EXE_mover"))
+        .args(["restore", "-r"])
+        .arg(dir.join("repo"))
+        .arg(format!("{}:{}", back.snapshot, back.volume))
+        .arg(&out)
+        .env("MOVER_PASSWORD", "daemon-test-pw")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
 }
 
 /// A ready VolumeSnapshot `vms/<name>` whose content's handle is `image` (the stand-in
@@ -532,8 +568,7 @@ fn the_daemon_backs_up_a_data_upload_and_restores_its_snapshot_id_into_a_new_vol
     snapshot(&k, "vs-du-1", &img, "128Mi");
     // 16 MiB/s: the transfer takes seconds, long enough to watch its progress (which runs
     // ahead of the upload by what the pipeline holds).
-    let _d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", "bandwidth_limit = 16777216"), true);
-    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    let _d = Node::start(&k, dir.path(), "n1", "bandwidth_limit = 16777216", true);
     create_upload(&k, "du-1", "mover");
 
     let t0 = std::time::Instant::now();
@@ -621,10 +656,8 @@ fn two_daemons_race_for_data_uploads_and_each_runs_on_exactly_one_node() {
         noise_image(&img, 8 << 20, 20 + i as u64);
         snapshot(&k, &format!("vs-{n}"), &img, "8Mi");
     }
-    let da = super::daemon::Daemon::start(a.path(), &velero_config(&k, "n1", ""), true);
-    let db = super::daemon::Daemon::start(b.path(), &velero_config(&k, "n2", ""), true);
-    let _ka = Kubelet::start(&k, "n1", &a.path().join("kubelet"), &a.path().join("volumes"), true);
-    let _kb = Kubelet::start(&k, "n2", &b.path().join("kubelet"), &b.path().join("volumes"), false);
+    let da = Node::start(&k, a.path(), "n1", "", true);
+    let db = Node::start(&k, b.path(), "n2", "", false);
     for n in &names {
         create_upload(&k, n, "mover");
     }
@@ -636,9 +669,9 @@ fn two_daemons_race_for_data_uploads_and_each_runs_on_exactly_one_node() {
         *by_node.entry(du.status.node.clone()).or_default() += 1;
     }
     let ok = "mover_transfers_total{kind=\"backup\",result=\"ok\"}";
-    assert_eq!(counter(&da, ok), by_node.get("n1").copied().unwrap_or(0), "node n1 ran exactly what it accepted ({by_node:?})");
-    assert_eq!(counter(&db, ok), by_node.get("n2").copied().unwrap_or(0), "node n2 ran exactly what it accepted ({by_node:?})");
-    assert_eq!(counter(&da, ok) + counter(&db, ok), 4, "each DataUpload ran once");
+    assert_eq!(counter(&da.d, ok), by_node.get("n1").copied().unwrap_or(0), "node n1 ran exactly what it accepted ({by_node:?})");
+    assert_eq!(counter(&db.d, ok), by_node.get("n2").copied().unwrap_or(0), "node n2 ran exactly what it accepted ({by_node:?})");
+    assert_eq!(counter(&da.d, ok) + counter(&db.d, ok), 4, "each DataUpload ran once");
 }
 
 /// `spec.cancel` on a running DataUpload: it ends `Canceled` within seconds, its
@@ -651,8 +684,7 @@ fn a_cancelled_data_upload_ends_canceled_and_the_next_one_does_not_upload_again(
     let img = dir.path().join("disk.img");
     noise_image(&img, 96 << 20, 9);
     snapshot(&k, "vs-du-a", &img, "96Mi");
-    let d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", "bandwidth_limit = 8388608"), true);
-    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    let d = Node::start(&k, dir.path(), "n1", "bandwidth_limit = 8388608", true);
     create_upload(&k, "du-a", "mover");
     let t0 = std::time::Instant::now();
     // What is in the store is what was uploaded (the local repository's files).
@@ -667,7 +699,7 @@ fn a_cancelled_data_upload_ends_canceled_and_the_next_one_does_not_upload_again(
     let du = wait_upload_final(&k, "du-a", 15);
     assert!(t0.elapsed().as_secs() < 10, "cancelled in seconds: {:?}", t0.elapsed());
     assert_eq!(du.status.phase, Phase::Canceled, "{:?}", du.status);
-    assert_eq!(counter(&d, "mover_transfers_total{kind=\"backup\",result=\"cancelled\"}"), 1, "the transfer was cancelled");
+    assert_eq!(counter(&d.d, "mover_transfers_total{kind=\"backup\",result=\"cancelled\"}"), 1, "the transfer was cancelled");
     for p in ["/api/v1/namespaces/vms/pods/mover-du-a", &format!("{VS_PATH}/vs-du-a")] {
         assert_eq!(get_json(&k, p).0, 404, "{p} is gone");
     }
@@ -697,8 +729,7 @@ fn an_unreachable_repository_fails_the_data_upload_in_seconds() {
     snapshot(&k, "vs-du-far", &img, "4Mi");
     let cfg = velero_config(&k, "n1", "")
         + "remote = \"far\"\n[repositories.far]\nurl = \"s3://unreachable/repo\"\ns3_endpoint = \"http://127.0.0.1:9\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\n";
-    let _d = super::daemon::Daemon::start(dir.path(), &cfg, true);
-    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    let _d = Node::with_config(&k, dir.path(), "n1", &cfg, true);
     create_upload(&k, "du-far", "mover");
     k.call("PATCH", &format!("{UPLOADS}/du-far"), MERGE, &serde_json::json!({"spec": {"backupStorageLocation": "remote"}}));
     let t0 = std::time::Instant::now();
@@ -725,8 +756,7 @@ fn malformed_data_uploads_fail_with_a_clear_message_and_change_nothing() {
     snapshot(&k, "vs-odd-mode", &img, "4Mi");
     let odd = serde_json::json!({"metadata": {"name": "odd", "namespace": "vms"}, "spec": {"volumeMode": "Tape", "volumeName": "pv-odd", "resources": {"requests": {"storage": "4Mi"}}}});
     assert_eq!(k.call("POST", "/api/v1/namespaces/vms/persistentvolumeclaims", "application/json", &odd).0, 201);
-    let d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", ""), true);
-    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    let d = Node::start(&k, dir.path(), "n1", "", true);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let before = requests(&k);
     for n in ["no-snap", "gone-snap", "odd-mode"] {
@@ -755,7 +785,10 @@ fn malformed_data_uploads_fail_with_a_clear_message_and_change_nothing() {
             "a malformed DataUpload made the data mover call {req}"
         );
     }
-    assert_eq!(counter(&d, "mover_transfers_total{kind=\"backup\",result=\"ok\"}") + counter(&d, "mover_transfers_total{kind=\"backup\",result=\"err\"}"), 0);
+    assert_eq!(
+        counter(&d.d, "mover_transfers_total{kind=\"backup\",result=\"ok\"}") + counter(&d.d, "mover_transfers_total{kind=\"backup\",result=\"err\"}"),
+        0
+    );
 }
 
 /// A node that restarts mid-transfer (the daemon killed, its pod and claim still there)
@@ -768,8 +801,7 @@ fn a_daemon_killed_mid_transfer_resumes_its_data_upload_after_restart() {
     let img = dir.path().join("disk.img");
     noise_image(&img, 192 << 20, 11);
     snapshot(&k, "vs-du-r", &img, "192Mi");
-    let mut d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", "bandwidth_limit = 25165824"), true);
-    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    let mut d = Node::start(&k, dir.path(), "n1", "bandwidth_limit = 25165824", true);
     create_upload(&k, "du-r", "mover");
     let stored = || -> u64 { walkdir(&dir.path().join("repo")) };
     let t0 = std::time::Instant::now();
@@ -780,28 +812,23 @@ fn a_daemon_killed_mid_transfer_resumes_its_data_upload_after_restart() {
         assert!(t0.elapsed().as_secs() < 60, "du-r uploads: {:?}", get_upload(&k, "du-r").status);
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    d.signal("-KILL");
+    d.d.signal("-KILL");
     let before = stored();
     assert_eq!(get_upload(&k, "du-r").status.phase, Phase::InProgress);
-    d.spawn();
+    d.d.spawn();
     let du = wait_upload_final(&k, "du-r", 90);
     assert_eq!(du.status.phase, Phase::Completed, "{:?}", du.status);
     assert_eq!(du.status.progress.bytes_done, 192 << 20);
     let sent = stored();
     assert!(sent < (192 << 20) + (68 << 20), "at most one checkpoint's packs were sent again: {sent} bytes (before the restart: {before})");
-    assert!((du.status.incremental_bytes as u64) <= (192 - 60) << 20, "the resumed run found the checkpointed packs: {}", du.status.incremental_bytes);
+    // At least one checkpointed pack (16 MiB) was found again, not stored twice.
+    assert!(
+        (du.status.incremental_bytes as u64) <= (192 - 16) << 20,
+        "the resumed run found the checkpointed packs: {} new bytes (stored before the restart: {before})",
+        du.status.incremental_bytes
+    );
     assert_eq!(get_json(&k, &format!("{VS_PATH}/vs-du-r")).0, 404, "cleaned up after the resumed run");
-    let back = mover::velero::reconcile::SnapshotRef::parse(&du.status.snapshot_id).unwrap();
-    let out = dir.path().join("restored.img");
-    let o = Command::new(env!("CARGO_BIN_EXE_mover"))
-        .args(["restore", "-r"])
-        .arg(dir.path().join("repo"))
-        .arg(format!("{}:{}", back.snapshot, back.volume))
-        .arg(&out)
-        .env("MOVER_PASSWORD", "daemon-test-pw")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = restore_snapshot_id(dir.path(), &du.status.snapshot_id);
     assert_eq!(hash(&out), hash(&img), "byte-exact after the resume");
 }
 
@@ -821,8 +848,7 @@ fn a_filesystem_mode_volume_goes_through_velero_and_comes_back_as_a_filesystem_p
     let source = serde_json::json!({"metadata": {"name": "disk", "namespace": "vms"}, "spec": {"volumeMode": "Filesystem", "volumeName": "pv-src", "resources": {"requests": {"storage": "16Mi"}}}});
     assert_eq!(k.call("POST", "/api/v1/namespaces/vms/persistentvolumeclaims", "application/json", &source).0, 201);
     snapshot(&k, "vs-du-fs", &img, "16Mi");
-    let _d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", ""), true);
-    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
+    let _d = Node::start(&k, dir.path(), "n1", "", true);
     create_upload(&k, "du-fs", "mover");
     let du = wait_upload_final(&k, "du-fs", 60);
     assert_eq!(du.status.phase, Phase::Completed, "{:?}", du.status);
@@ -881,9 +907,8 @@ fn the_next_data_upload_of_a_volume_reads_only_the_blocks_csi_says_changed() {
         csi.join("ca.pem").display(),
         csi.join("token").display()
     );
-    let d = super::daemon::Daemon::start(dir.path(), &velero_config(&k, "n1", &extra), true);
-    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
-    let read = || counter(&d, "mover_backup_bytes_total{what=\"read\"}");
+    let d = Node::start(&k, dir.path(), "n1", &extra, true);
+    let read = || counter(&d.d, "mover_backup_bytes_total{what=\"read\"}");
     let mut done = Vec::new();
     for (n, img) in [("du-1", &s1), ("du-2", &s2)] {
         snapshot(&k, &format!("vs-{n}"), img, "32Mi");
@@ -897,19 +922,46 @@ fn the_next_data_upload_of_a_volume_reads_only_the_blocks_csi_says_changed() {
         done.push((du, read() - before));
     }
     // The first has no parent to take changes against; the second's changes came from CSI.
-    assert_eq!(counter(&d, "mover_backup_volumes_total{change_source=\"csi\"}"), 1, "the second asked the SnapshotMetadata service");
+    assert_eq!(counter(&d.d, "mover_backup_volumes_total{change_source=\"csi\"}"), 1, "the second asked the SnapshotMetadata service");
     let (full, inc) = (done[0].1, done[1].1);
     assert!(inc * 4 < full, "the second read only the changed blocks' segments: {inc} bytes (the first: {full})");
-    let back = mover::velero::reconcile::SnapshotRef::parse(&done[1].0.status.snapshot_id).unwrap();
-    let out = dir.path().join("restored.img");
-    let o = Command::new(env!("CARGO_BIN_EXE_mover"))
-        .args(["restore", "-r"])
-        .arg(dir.path().join("repo"))
-        .arg(format!("{}:{}", back.snapshot, back.volume))
-        .arg(&out)
-        .env("MOVER_PASSWORD", "daemon-test-pw")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = restore_snapshot_id(dir.path(), &done[1].0.status.snapshot_id);
     assert_eq!(hash(&out), hash(&s2), "byte-exact");
+}
+
+/// A node that cannot reach a DataUpload's volume (the scheduler cannot place the pod
+/// holding it there: a volume node affinity conflict) releases it — its pod and claim
+/// deleted, the DataUpload `New` again with why — and another node takes and completes it.
+#[test]
+fn a_node_that_cannot_reach_the_volume_releases_it_and_another_node_runs_it() {
+    let k = KubeStandin::start();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let img = a.path().join("disk.img");
+    noise_image(&img, 8 << 20, 41);
+    snapshot(&k, "vs-du-z", &img, "8Mi");
+    // Node n1 cannot reach storage class "sc" (the class create_upload names).
+    let d1 = super::daemon::Daemon::start(a.path(), &velero_config(&k, "n1", ""), true);
+    let _k1 = Kubelet::with_args(&k, "n1", &a.path().join("kubelet"), &a.path().join("volumes"), &["--provisioner", "--unreachable=sc"]);
+    create_upload(&k, "du-z", "mover");
+    let t0 = std::time::Instant::now();
+    loop {
+        let du = get_upload(&k, "du-z");
+        if du.status.message.starts_with("released by node n1") {
+            assert_eq!((du.status.phase, du.status.accepted_by_node.as_str()), (Phase::New, ""), "{:?}", du.status);
+            assert!(du.status.message.contains("volume node affinity conflict"), "{}", du.status.message);
+            assert!(du.status.accepted_timestamp.is_some(), "the first acceptance's time stays");
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 20, "n1 releases it: {:?}", du.status);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for p in ["/api/v1/namespaces/vms/pods/mover-du-z", "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-z"] {
+        assert_eq!(get_json(&k, p).0, 404, "{p}: n1's exposure is gone");
+    }
+    assert_eq!(get_json(&k, &format!("{VS_PATH}/vs-du-z")).0, 200, "the snapshot stays for the next node");
+    let _n2 = Node::start(&k, b.path(), "n2", "", false);
+    let du = wait_upload_final(&k, "du-z", 60);
+    assert_eq!(du.status.phase, Phase::Completed, "{:?}", du.status);
+    assert_eq!(du.status.node, "n2");
+    assert_eq!(counter(&d1, "mover_transfers_total{kind=\"backup\",result=\"ok\"}"), 0, "n1 ran nothing");
 }
