@@ -965,3 +965,47 @@ fn a_node_that_cannot_reach_the_volume_releases_it_and_another_node_runs_it() {
     assert_eq!(du.status.node, "n2");
     assert_eq!(counter(&d1, "mover_transfers_total{kind=\"backup\",result=\"ok\"}"), 0, "n1 ran nothing");
 }
+
+/// A restore in another cluster from the snapshotID alone: the second cluster (its own API
+/// server) has the same repository configured under another name, behind another
+/// BackupStorageLocation; its DataDownload names only the snapshotID and that location,
+/// and the PV it gets holds the source's bytes.
+#[test]
+fn another_cluster_restores_from_the_snapshot_id_alone() {
+    let (k1, k2) = (KubeStandin::start(), KubeStandin::start());
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let img = a.path().join("disk.img");
+    noise_image(&img, 8 << 20, 51);
+    snapshot(&k1, "vs-du-x", &img, "8Mi");
+    let _n1 = Node::start(&k1, a.path(), "n1", "", true);
+    create_upload(&k1, "du-x", "mover");
+    let du = wait_upload_final(&k1, "du-x", 60);
+    assert_eq!(du.status.phase, Phase::Completed, "{:?}", du.status);
+
+    // Cluster 2: the first cluster's repository as "dr", behind location "site-a".
+    let cfg = velero_config(&k2, "m1", &format!("[repositories.dr]\nurl = \"{}\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\n", a.path().join("repo").display()))
+        + "site-a = \"dr\"\n";
+    let _m1 = Node::with_config(&k2, b.path(), "m1", &cfg, true);
+    let target = serde_json::json!({"metadata": {"name": "disk", "namespace": "vms"}, "spec": {
+        "accessModes": ["ReadWriteOnce"], "volumeMode": "Block", "storageClassName": "other-sc",
+        "resources": {"requests": {"storage": "8Mi"}},
+        "selector": {"matchLabels": {"velero.io/dynamic-pv-restore": "vms.disk.q9w8e"}}}});
+    assert_eq!(k2.call("POST", "/api/v1/namespaces/vms/persistentvolumeclaims", "application/json", &target).0, 201);
+    let dd = serde_json::json!({"apiVersion": "velero.io/v2alpha1", "kind": "DataDownload", "metadata": {"name": "dd-x", "namespace": "velero"},
+        "spec": {"targetVolume": {"pvc": "disk", "namespace": "vms"}, "backupStorageLocation": "site-a", "datamover": "mover", "snapshotID": du.status.snapshot_id}});
+    assert_eq!(k2.call("POST", DOWNLOADS, "application/json", &dd).0, 201);
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, body) = get_json(&k2, &format!("{DOWNLOADS}/dd-x"));
+        match body["status"]["phase"].as_str().unwrap_or("") {
+            "Completed" => break,
+            p @ ("Failed" | "Canceled") => panic!("dd-x {p}: {body}"),
+            _ => assert!(t0.elapsed().as_secs() < 60, "dd-x: {body}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (_, claim) = get_json(&k2, "/api/v1/namespaces/vms/persistentvolumeclaims/disk");
+    let (_, pv) = get_json(&k2, &format!("/api/v1/persistentvolumes/{}", claim["spec"]["volumeName"].as_str().unwrap()));
+    assert_eq!(pv["spec"]["storageClassName"], "other-sc", "the target's storage class");
+    assert_eq!(hash(std::path::Path::new(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap())), hash(&img));
+}
