@@ -541,6 +541,20 @@ fn wait_upload_final(k: &KubeStandin, name: &str, secs: u64) -> DataUpload {
     }
 }
 
+/// Waits (at most `secs`) until the DataDownload `name` ends, and asserts it `Completed`.
+fn wait_download_completed(k: &KubeStandin, name: &str, secs: u64) -> mover::velero::types::DataDownload {
+    let t0 = std::time::Instant::now();
+    loop {
+        let dd: mover::velero::types::DataDownload = serde_json::from_value(get_json(k, &format!("{DOWNLOADS}/{name}")).1).unwrap();
+        if dd.status.phase.is_final() {
+            assert_eq!(dd.status.phase, Phase::Completed, "{name}: {:?}", dd.status);
+            return dd;
+        }
+        assert!(t0.elapsed().as_secs() < secs, "{name} still {:?} after {secs} s: {:?}", dd.status.phase, dd.status);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// The `[velero]` section of a node's daemon configuration.
 fn velero_config(k: &KubeStandin, node: &str, extra: &str) -> String {
     format!(
@@ -612,17 +626,7 @@ fn the_daemon_backs_up_a_data_upload_and_restores_its_snapshot_id_into_a_new_vol
         "spec": {"targetVolume": {"pvc": "disk", "namespace": "restored", "pv": ""}, "backupStorageLocation": "default",
                  "datamover": "mover", "snapshotID": du.status.snapshot_id, "sourceNamespace": "vms", "operationTimeout": "10m0s"}});
     assert_eq!(k.call("POST", DOWNLOADS, "application/json", &dd).0, 201);
-    let t0 = std::time::Instant::now();
-    let dd = loop {
-        let (_, body) = get_json(&k, &format!("{DOWNLOADS}/dd-1"));
-        let dd: mover::velero::types::DataDownload = serde_json::from_value(body).unwrap();
-        if dd.status.phase.is_final() {
-            break dd;
-        }
-        assert!(t0.elapsed().as_secs() < 90, "dd-1 still {:?}: {:?}", dd.status.phase, dd.status);
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    assert_eq!(dd.status.phase, Phase::Completed, "{:?}", dd.status);
+    let dd = wait_download_completed(&k, "dd-1", 90);
     assert_eq!(dd.status.progress.bytes_done, 128 << 20);
     let (_, claim) = get_json(&k, "/api/v1/namespaces/restored/persistentvolumeclaims/disk");
     let pv_name = claim["spec"]["volumeName"].as_str().expect("the target claim names the PV").to_string();
@@ -861,16 +865,7 @@ fn a_filesystem_mode_volume_goes_through_velero_and_comes_back_as_a_filesystem_p
     let dd = serde_json::json!({"apiVersion": "velero.io/v2alpha1", "kind": "DataDownload", "metadata": {"name": "dd-fs", "namespace": "velero"},
         "spec": {"targetVolume": {"pvc": "disk", "namespace": "vms-copy"}, "backupStorageLocation": "default", "datamover": "mover", "snapshotID": du.status.snapshot_id}});
     assert_eq!(k.call("POST", DOWNLOADS, "application/json", &dd).0, 201);
-    let t0 = std::time::Instant::now();
-    loop {
-        let (_, body) = get_json(&k, &format!("{DOWNLOADS}/dd-fs"));
-        let phase = body["status"]["phase"].as_str().unwrap_or("").to_string();
-        if phase == "Completed" {
-            break;
-        }
-        assert!(!["Failed", "Canceled"].contains(&phase.as_str()) && t0.elapsed().as_secs() < 60, "dd-fs: {body}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_download_completed(&k, "dd-fs", 60);
     let (_, claim) = get_json(&k, "/api/v1/namespaces/vms-copy/persistentvolumeclaims/disk");
     let (_, pv) = get_json(&k, &format!("/api/v1/persistentvolumes/{}", claim["spec"]["volumeName"].as_str().unwrap()));
     assert_eq!(pv["spec"]["volumeMode"], "Filesystem", "the target's mode: {pv}");
@@ -994,16 +989,7 @@ fn another_cluster_restores_from_the_snapshot_id_alone() {
     let dd = serde_json::json!({"apiVersion": "velero.io/v2alpha1", "kind": "DataDownload", "metadata": {"name": "dd-x", "namespace": "velero"},
         "spec": {"targetVolume": {"pvc": "disk", "namespace": "vms"}, "backupStorageLocation": "site-a", "datamover": "mover", "snapshotID": du.status.snapshot_id}});
     assert_eq!(k2.call("POST", DOWNLOADS, "application/json", &dd).0, 201);
-    let t0 = std::time::Instant::now();
-    loop {
-        let (_, body) = get_json(&k2, &format!("{DOWNLOADS}/dd-x"));
-        match body["status"]["phase"].as_str().unwrap_or("") {
-            "Completed" => break,
-            p @ ("Failed" | "Canceled") => panic!("dd-x {p}: {body}"),
-            _ => assert!(t0.elapsed().as_secs() < 60, "dd-x: {body}"),
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_download_completed(&k2, "dd-x", 60);
     let (_, claim) = get_json(&k2, "/api/v1/namespaces/vms/persistentvolumeclaims/disk");
     let (_, pv) = get_json(&k2, &format!("/api/v1/persistentvolumes/{}", claim["spec"]["volumeName"].as_str().unwrap()));
     assert_eq!(pv["spec"]["storageClassName"], "other-sc", "the target's storage class");
