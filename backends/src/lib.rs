@@ -46,12 +46,68 @@ pub async fn open(url: &str, s3: &S3Endpoint) -> Result<Arc<dyn Storage>, UrlErr
     if url.starts_with("s3://") {
         let mut o = S3Options::from_url(url).map_err(|reason| UrlError { url: url.into(), reason })?;
         o.endpoint = s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok()).or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+        if let Some(e) = o.endpoint.as_deref() {
+            check_endpoint(e).map_err(|reason| UrlError { url: url.into(), reason })?;
+        }
         o.region = s3.region.clone();
         Ok(Arc::new(S3Storage::new(o).await))
     } else if url.contains("://") {
         Err(UrlError { url: url.into(), reason: "unknown scheme (use a local path or s3://bucket/prefix)".into() })
+    } else if looks_like_a_url(url) {
+        // `s3:/bucket/x` or `s3:bucket` would otherwise become a local directory named so.
+        Err(UrlError {
+            url: url.into(),
+            reason:
+                "neither a path nor a URL Mover knows: an S3 repository is s3://bucket/prefix; a local directory with a colon in its name is written ./NAME"
+                    .into(),
+        })
     } else {
         Ok(Arc::new(LocalStorage::new(url)))
+    }
+}
+
+/// `scheme:` at the start of something that is not written as a path.
+fn looks_like_a_url(url: &str) -> bool {
+    match url.split_once(':') {
+        Some((scheme, _)) => {
+            !scheme.is_empty()
+                && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+        }
+        None => false,
+    }
+}
+
+/// An S3 endpoint is a URL with its scheme: `127.0.0.1:9000` alone would be retried as
+/// "unreachable" for seconds.
+fn check_endpoint(e: &str) -> Result<(), String> {
+    let rest = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
+        Some(_) => Err(format!("S3 endpoint '{e}' names no host")),
+        None => Err(format!("S3 endpoint '{e}' needs its scheme: http://{e} or https://{e}")),
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    /// A mistyped URL is refused at once, naming what is wrong (`s3:/bucket/x` used to
+    /// become a local directory of that name).
+    #[tokio::test]
+    async fn mistyped_urls_and_endpoints_are_refused_at_once() {
+        for bad in ["s3:/bucket/x", "s3:bucket", "S3:/b"] {
+            let Err(e) = open(bad, &S3Endpoint::default()).await else { panic!("{bad} was accepted") };
+            assert!(e.reason.contains("s3://bucket/prefix"), "{bad}: {}", e.reason);
+        }
+        let s3 = |e: &str| S3Endpoint { endpoint: Some(e.into()), region: None };
+        let e = open("s3://b/x", &s3("127.0.0.1:9000")).await.err().unwrap();
+        assert!(e.reason.contains("needs its scheme: http://127.0.0.1:9000"), "{}", e.reason);
+        assert!(open("s3://b/x", &s3("http://")).await.err().unwrap().reason.contains("names no host"));
+        // Paths stay paths, colons included when written as one.
+        assert!(open("./a:b", &S3Endpoint::default()).await.is_ok());
+        assert!(open("/srv/backup", &S3Endpoint::default()).await.is_ok());
     }
 }
 

@@ -141,10 +141,16 @@ fn put_file(path: &Path, data: &[u8]) -> io::Result<PutOutcome> {
         return Ok(PutOutcome::Existed);
     }
     let dir = path.parent().ok_or_else(|| io::Error::other("object name has no directory"))?;
-    fs::create_dir_all(dir)?;
+    // Only the repository's owner reads it, as restic does: the key files hold the
+    // encrypted master key (a brute-force target), and the rest is nobody else's.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
     let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
     let result = (|| {
-        let f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         let done = write_direct_prefix(&tmp, data);
         f.write_all_at(&data[done..], done as u64)?;
         f.sync_all()?;

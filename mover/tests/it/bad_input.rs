@@ -71,3 +71,31 @@ fn corrupt_chunk_stops_restore_naming_everything() {
     assert!(err.contains("volume 'disk'") && err.contains(s["snapshot_id"].as_str().unwrap()) && err.contains("at offset"), "{err}");
     assert!(err.contains(pack_id) && err.contains("chunk ") && err.contains("authentication failed"), "{err}");
 }
+
+/// A mistyped repository URL or S3 endpoint is refused at once with one line, and nothing
+/// is created (`s3:/bucket/x` used to become a local directory `./s3:/bucket/x`; an
+/// endpoint without its scheme was retried for seconds as "unreachable").
+#[test]
+fn a_mistyped_repository_url_or_endpoint_is_refused_at_once_and_creates_nothing() {
+    let e = Env::new_uninit();
+    let cwd = tempfile::tempdir().unwrap();
+    for (repo, endpoint, want) in [
+        ("s3:/bucket/x", None, "s3://bucket/prefix"),
+        ("s3:bucket", None, "s3://bucket/prefix"),
+        ("s3://bucket/x", Some("127.0.0.1:9000"), "needs its scheme: http://127.0.0.1:9000"),
+    ] {
+        let mut c = e.cmd(&["init"]);
+        c.env("MOVER_REPOSITORY", repo).current_dir(cwd.path());
+        if let Some(ep) = endpoint {
+            c.args(["--s3-endpoint", ep]);
+        }
+        let t0 = std::time::Instant::now();
+        let o = c.output().unwrap();
+        assert!(!o.status.success(), "{repo}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want) && err.contains(repo), "{repo}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(t0.elapsed().as_secs() < 3, "{repo}: refused at once, not retried: {:?}", t0.elapsed());
+    }
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0, "nothing was created");
+}

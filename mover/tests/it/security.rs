@@ -1162,3 +1162,34 @@ fn a_hostile_qcow2_image_costs_bounded_memory_and_time() {
     }
     assert_eq!(e.snapshot_count(), 1);
 }
+
+/// A local repository is its owner's alone (files 0600, directories 0700, as restic
+/// keeps them): the key files hold the encrypted master key. And logs written anywhere but
+/// a terminal carry no colour codes.
+#[test]
+fn a_local_repository_is_private_and_logs_off_a_terminal_are_plain() {
+    use std::os::unix::fs::PermissionsExt;
+    let e = Env::new();
+    let src = e.path("disk.img");
+    make_volume(&src, 4 << 20, 3);
+    let o = e.cmd(&["backup", src.to_str().unwrap()]).env("MOVER_LOG", "debug").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("DEBUG"), "the backup logged at debug: {log}");
+    assert!(!log.contains('\x1b'), "no ANSI escape codes off a terminal: {log:?}");
+    let mut seen = 0;
+    let mut stack = vec![std::path::PathBuf::from(&e.repo)];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = entry.metadata().unwrap();
+            let mode = m.permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}: readable by others", entry.path().display());
+            if m.is_dir() {
+                stack.push(entry.path());
+            } else {
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 4, "config, key, pack, index, snapshot: {seen} files");
+}
