@@ -1,5 +1,5 @@
 //! The daemon's HTTP side: `/metrics` (Prometheus), `/healthz` (alive), `/readyz`
-//! (listening, repositories open).
+//! (listening, every configured repository open; else 503 saying which and why).
 
 use super::Daemon;
 use mover_engine::{Error, ErrorKind, Result};
@@ -17,10 +17,9 @@ pub async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, stop: Canc
         .route(
             "/readyz",
             get(move || async move {
-                if r.is_ready() {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+                match r.not_ready() {
+                    None => (StatusCode::OK, "ready\n".to_string()),
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
                 }
             }),
         );

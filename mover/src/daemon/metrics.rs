@@ -36,6 +36,8 @@ pub struct Metrics {
     pub verify_affected: IntGaugeVec,
     /// When a verify last found the repository intact (unix seconds; 0: never).
     pub verify_last_ok: prometheus::GaugeVec,
+    /// 1 while the repository is open (its store answered and the key opened), else 0.
+    pub repository_up: IntGaugeVec,
     /// Per repository and group (configured `status_groups`, the rest as `other`, worst
     /// of them): age of the newest snapshot (RPO), of the newest verified and newest
     /// drilled snapshot (+Inf: none), and the restore time to expect (+Inf: never drilled).
@@ -100,6 +102,11 @@ impl Metrics {
             Opts::new("mover_verify_last_success_timestamp_seconds", "When a verify last found the repository intact (0: never)"),
             &["repository"],
         )?;
+        let repository_up = IntGaugeVec::new(
+            Opts::new("mover_repository_up", "1 while the repository is open (store reachable, key opened); 0 while it cannot be opened"),
+            &["repository"],
+        )?;
+        registry.register(Box::new(repository_up.clone()))?;
         let gauge = |name: &str, help: &str| prometheus::GaugeVec::new(Opts::new(name, help), &["repository", "group"]);
         let snapshot_age =
             gauge("mover_snapshot_age_seconds", "Age of the newest snapshot of the group (RPO); group 'other': the worst of the unlisted groups")?;
@@ -163,6 +170,7 @@ impl Metrics {
             verify_damaged,
             verify_affected,
             verify_last_ok,
+            repository_up,
             snapshot_age,
             verified_age,
             drilled_age,
@@ -179,6 +187,7 @@ impl Metrics {
         self.verify_damaged.with_label_values(&[name]).set(0);
         self.verify_affected.with_label_values(&[name]).set(0);
         self.verify_last_ok.with_label_values(&[name]).set(0.0);
+        self.repository_up.with_label_values(&[name]).set(0);
         for g in [&self.snapshot_age, &self.verified_age, &self.drilled_age, &self.projected_restore] {
             g.with_label_values(&[name, "other"]).set(0.0);
         }

@@ -44,6 +44,8 @@ pub struct Daemon {
     /// never delays requests for another.
     repos: std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<RepoHandle>>>>,
     ready: AtomicBool,
+    /// Why a repository could not be opened, by name (gone once it opens).
+    repo_errors: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     /// The daemon's stop: request-time work is tied to it.
     shutdown: CancellationToken,
 }
@@ -161,9 +163,27 @@ impl Daemon {
         })
     }
 
-    /// Listening, with every repository that must exist open.
+    /// Listening, with every configured repository open.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.not_ready().is_none()
+    }
+
+    /// Why the daemon is not ready: still starting, or the repositories that are not open
+    /// and why (`/readyz` answers it).
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some("starting".into());
+        }
+        let errors = self.repo_errors.lock().map(|e| e.clone()).unwrap_or_default();
+        let cells = self.repos.lock().map(|m| m.clone()).unwrap_or_default();
+        let down: Vec<String> = self
+            .cfg
+            .repositories
+            .keys()
+            .filter(|n| cells.get(*n).and_then(|c| c.get()).is_none())
+            .map(|n| format!("repository '{n}': {}", errors.get(n).map(String::as_str).unwrap_or("not opened yet")))
+            .collect();
+        (!down.is_empty()).then(|| down.join("; "))
     }
 
     /// The repository names configured here, for messages.
@@ -184,7 +204,19 @@ impl Daemon {
         let cell = self.repos.lock().map_err(|_| Error::permanent("the repository map is poisoned"))?.entry(name.to_string()).or_default().clone();
         // Callers for the same repository wait for one open; a failed open is tried again
         // by the next caller.
-        let h = cell.get_or_try_init(|| async { self.open_repo(name, e).await.map_err(|err| err.context(format!("repository '{name}'"))) }).await?;
+        let h = cell
+            .get_or_try_init(|| async {
+                let r = self.open_repo(name, e).await;
+                if let Ok(mut errs) = self.repo_errors.lock() {
+                    match &r {
+                        Ok(_) => errs.remove(name),
+                        Err(err) => errs.insert(name.to_string(), format!("{err:#}")),
+                    };
+                }
+                self.metrics.repository_up.with_label_values(&[name]).set(r.is_ok() as i64);
+                r.map_err(|err| err.context(format!("repository '{name}'")))
+            })
+            .await?;
         Ok(h.clone())
     }
 
@@ -209,6 +241,45 @@ impl Daemon {
         repo.cache_manifests_in(mover_engine::index::manifest_cache_dir(&self.cfg.cache_dir, &repo));
         let index = mover_engine::index::open_local(&repo, &self.cfg.cache_dir);
         Ok(RepoHandle { repo, index })
+    }
+}
+
+/// Opens every configured repository that is not open yet, again every 10 s until it
+/// opens (each try bounded by 60 s): `/readyz` and `mover_repository_up` say which cannot
+/// be opened and why, and the log says it once per change.
+async fn keep_open(d: Arc<Daemon>, stop: CancellationToken) {
+    let mut said: HashMap<String, String> = HashMap::new();
+    loop {
+        for name in d.cfg.repositories.keys() {
+            let open = d.repos.lock().ok().and_then(|m| m.get(name).and_then(|c| c.get().map(|_| ()))).is_some();
+            if open {
+                continue;
+            }
+            let why = match tokio::time::timeout(Duration::from_secs(60), d.repo(name)).await {
+                Ok(Ok(_)) => {
+                    if said.remove(name).is_some() {
+                        tracing::info!("repository '{name}' is open again");
+                    }
+                    continue;
+                }
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => {
+                    let why = format!("repository '{name}': its store did not answer within 60 s");
+                    if let Ok(mut errs) = d.repo_errors.lock() {
+                        errs.insert(name.clone(), "its store did not answer within 60 s".into());
+                    }
+                    why
+                }
+            };
+            if said.get(name) != Some(&why) {
+                tracing::warn!("not ready: {why}");
+                said.insert(name.clone(), why);
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
     }
 }
 
@@ -351,20 +422,21 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
         env,
         repos: std::sync::Mutex::new(HashMap::new()),
         ready: AtomicBool::new(false),
+        repo_errors: Default::default(),
         shutdown: stop.clone(),
     });
 
+    for name in cfg.repositories.keys() {
+        d.metrics.init_repository(name);
+    }
     // Repositories that must exist are opened (or created) before we accept requests.
     for (name, e) in &cfg.repositories {
         if e.init_if_missing {
             d.repo(name).await?;
         }
     }
-
-    for name in cfg.repositories.keys() {
-        d.metrics.init_repository(name);
-    }
     let bg_task = tokio::spawn(background(d.clone(), stop.clone()));
+    let open_task = tokio::spawn(keep_open(d.clone(), stop.clone()));
     let velero_task = cfg.velero.clone().map(|v| tokio::spawn(crate::velero::controller::run(d.clone(), v, stop.clone())));
 
     let http = tokio::net::TcpListener::bind(cfg.http_listen).await.with_context(|| format!("binding HTTP listener {}", cfg.http_listen))?;
@@ -457,6 +529,7 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     jobs.shutdown(Duration::from_secs(cfg.shutdown_grace_seconds)).await;
     let _ = http_task.await;
     let _ = bg_task.await;
+    let _ = open_task.await;
     if let Some(t) = velero_task {
         let _ = t.await;
     }

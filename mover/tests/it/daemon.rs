@@ -17,6 +17,8 @@ pub(crate) struct Daemon {
     pub log: PathBuf,
     pub grpc: String,
     pub http: u16,
+    /// What `spawn` waits for: `/readyz`, or `/healthz` for a daemon that cannot be ready.
+    probe: &'static str,
 }
 
 /// Ports handed out once per test process (parallel tests never share one), from a range
@@ -44,8 +46,19 @@ pub(crate) fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 impl Daemon {
-    /// Writes a config under `dir` (volumes allowed under `dir/vols`) and starts the daemon.
+    /// Writes a config under `dir` (volumes allowed under `dir/vols`) and starts the daemon;
+    /// returns once it is ready (`/readyz`: every repository open).
     pub(crate) fn start(dir: &Path, extra: &str, unix: bool) -> Daemon {
+        Self::start_waiting_for(dir, extra, unix, "/readyz")
+    }
+
+    /// Starts the daemon and returns once it is alive (`/healthz`), for a configuration
+    /// with a repository that cannot be opened (it is never ready).
+    pub(crate) fn start_alive(dir: &Path, extra: &str, unix: bool) -> Daemon {
+        Self::start_waiting_for(dir, extra, unix, "/healthz")
+    }
+
+    fn start_waiting_for(dir: &Path, extra: &str, unix: bool, probe: &'static str) -> Daemon {
         std::fs::create_dir_all(dir.join("vols")).unwrap();
         std::fs::create_dir_all(dir.join("kubelet")).unwrap();
         let http = free_port();
@@ -70,7 +83,7 @@ impl Daemon {
         )
         .unwrap();
         let log = dir.join("daemon.log");
-        let mut d = Daemon { child: None, cfg, log, grpc, http };
+        let mut d = Daemon { child: None, cfg, log, grpc, http, probe };
         d.spawn();
         d
     }
@@ -87,7 +100,7 @@ impl Daemon {
         self.child = Some(child);
         let t = Instant::now();
         loop {
-            if let Some((200, _)) = http_get(self.http, "/readyz") {
+            if let Some((200, _)) = http_get(self.http, self.probe) {
                 return;
             }
             if let Some(c) = self.child.as_mut() {
@@ -640,7 +653,21 @@ fn an_unreachable_repository_never_delays_requests_on_another() {
     });
     let dir = tempfile::tempdir().unwrap();
     let extra = format!("[repositories.far]\nurl = \"s3://mover-far/x\"\ns3_endpoint = \"http://127.0.0.1:{port}\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\n");
-    let d = Daemon::start(dir.path(), &extra, false);
+    let d = Daemon::start_alive(dir.path(), &extra, false);
+    // Not ready while a configured repository cannot be opened: the probe says which and
+    // why, and so does the metric.
+    let t0 = Instant::now();
+    loop {
+        let (code, body) = http_get(d.http, "/readyz").unwrap();
+        if body.contains("repository 'far'") && d.metric("mover_repository_up{repository=\"main\"}") == 1 {
+            assert_eq!(code, 503, "{body}");
+            assert!(!body.contains("'main'"), "{body}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{code} {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.metric("mover_repository_up{repository=\"far\"}"), 0);
     let src = dir.path().join("vols/disk.img");
     make_volume(&src, 4 << 20, 81);
     rt().block_on(async {

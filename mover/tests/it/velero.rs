@@ -733,7 +733,8 @@ fn an_unreachable_repository_fails_the_data_upload_in_seconds() {
     snapshot(&k, "vs-du-far", &img, "4Mi");
     let cfg = velero_config(&k, "n1", "")
         + "remote = \"far\"\n[repositories.far]\nurl = \"s3://unreachable/repo\"\ns3_endpoint = \"http://127.0.0.1:9\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\n";
-    let _d = Node::with_config(&k, dir.path(), "n1", &cfg, true);
+    let d = super::daemon::Daemon::start_alive(dir.path(), &cfg, true);
+    let _kubelet = Kubelet::start(&k, "n1", &dir.path().join("kubelet"), &dir.path().join("volumes"), true);
     create_upload(&k, "du-far", "mover");
     k.call("PATCH", &format!("{UPLOADS}/du-far"), MERGE, &serde_json::json!({"spec": {"backupStorageLocation": "remote"}}));
     let t0 = std::time::Instant::now();
@@ -745,6 +746,9 @@ fn an_unreachable_repository_fails_the_data_upload_in_seconds() {
     for p in ["/api/v1/namespaces/vms/pods/mover-du-far", "/api/v1/namespaces/vms/persistentvolumeclaims/mover-du-far"] {
         assert_eq!(get_json(&k, p).0, 404, "{p} was never created");
     }
+    // The node says so too: not ready, naming the repository.
+    let (code, body) = super::daemon::http_get(d.http, "/readyz").unwrap();
+    assert!(code == 503 && body.contains("repository 'far'"), "{code} {body}");
 }
 
 /// Malformed DataUploads — no snapshot named, a snapshot that does not exist, a source
