@@ -30,6 +30,15 @@ pub struct Api {
     pub d: Arc<Daemon>,
 }
 
+impl Api {
+    /// A transfer refused at the call (its repository cannot be opened, its plan fails):
+    /// counted as a failed transfer of its kind, so alerts on failures see it.
+    fn refused(&self, kind: Kind, e: Error) -> Status {
+        self.d.metrics.transfers.with_label_values(&[kind.label(), "err"]).inc();
+        status(e)
+    }
+}
+
 /// The status code for an engine error kind; the message is the whole chain.
 pub fn status(e: Error) -> Status {
     let msg = format!("{e:#}");
@@ -335,9 +344,11 @@ impl TransferService for Api {
         // Opening the repository and planning (listings, the parent, paths) hold no
         // node-wide lock: a slow repository delays only its own requests. `Jobs::start`
         // keeps one transfer per request id.
-        let h = self.d.repo(&repository).await.map_err(status)?;
-        let plan_req = BackupRequest::try_from(req).map_err(status)?;
-        let plan = crate::plan::backup::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(status)?;
+        let h = self.d.repo(&repository).await.map_err(|e| self.refused(Kind::Backup, e))?;
+        let plan_req = BackupRequest::try_from(req).map_err(|e| self.refused(Kind::Backup, e))?;
+        let plan = crate::plan::backup::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token())
+            .await
+            .map_err(|e| self.refused(Kind::Backup, e))?;
         let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Backup(plan), h).await;
         Ok(Response::new(to_proto(&job)))
     }
@@ -349,9 +360,11 @@ impl TransferService for Api {
             return Ok(Response::new(to_proto(&j)));
         }
         let (request_id, repository) = (req.request_id.clone(), req.repository.clone());
-        let h = self.d.repo(&repository).await.map_err(status)?;
-        let plan_req = RestoreRequest::try_from(req).map_err(status)?;
-        let plan = crate::plan::restore::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(status)?;
+        let h = self.d.repo(&repository).await.map_err(|e| self.refused(Kind::Restore, e))?;
+        let plan_req = RestoreRequest::try_from(req).map_err(|e| self.refused(Kind::Restore, e))?;
+        let plan = crate::plan::restore::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token())
+            .await
+            .map_err(|e| self.refused(Kind::Restore, e))?;
         let job = self.d.jobs.start(request_id, repository, caller.name(), Work::Restore(plan), h).await;
         Ok(Response::new(to_proto(&job)))
     }
@@ -368,10 +381,11 @@ impl TransferService for Api {
         if req.target_repository == req.repository {
             return Err(Status::invalid_argument(format!("target_repository '{}' is the source repository", req.repository)));
         }
-        let (h, target) = tokio::try_join!(self.d.repo(&req.repository), self.d.repo(&req.target_repository)).map_err(status)?;
+        let (h, target) = tokio::try_join!(self.d.repo(&req.repository), self.d.repo(&req.target_repository)).map_err(|e| self.refused(Kind::Copy, e))?;
         let plan_req =
             CopyRequest { snapshots: req.snapshots, groups: req.groups, newer_only: req.newer_only, upload_concurrency: 0, upload_limit: req.bandwidth_limit };
-        let plan = crate::plan::copy::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(status)?;
+        let plan =
+            crate::plan::copy::prepare(plan_req, &self.d.env_for(&caller), &h.repo, &self.d.request_token()).await.map_err(|e| self.refused(Kind::Copy, e))?;
         let work = Work::Copy { target_name: req.target_repository.clone(), target, plan };
         let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), work, h).await;
         Ok(Response::new(to_proto(&job)))
@@ -383,8 +397,8 @@ impl TransferService for Api {
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
-        let plan = VerifyPlan::from_percent(req.read_data_percent).map_err(status)?;
-        let h = self.d.repo(&req.repository).await.map_err(status)?;
+        let plan = VerifyPlan::from_percent(req.read_data_percent).map_err(|e| self.refused(Kind::Verify, e))?;
+        let h = self.d.repo(&req.repository).await.map_err(|e| self.refused(Kind::Verify, e))?;
         let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), Work::Verify(plan), h).await;
         Ok(Response::new(to_proto(&job)))
     }
@@ -395,10 +409,12 @@ impl TransferService for Api {
         if let Some(j) = self.d.jobs.by_request(&req.request_id) {
             return Ok(Response::new(to_proto(&j)));
         }
-        mover_engine::snapshots::check_spec(&req.snapshot).map_err(status)?;
-        let h = self.d.repo(&req.repository).await.map_err(status)?;
+        mover_engine::snapshots::check_spec(&req.snapshot).map_err(|e| self.refused(Kind::Drill, e))?;
+        let h = self.d.repo(&req.repository).await.map_err(|e| self.refused(Kind::Drill, e))?;
         let plan_req = DrillRequest { snapshot: req.snapshot, group: empty(req.group), scratch: None };
-        let plan = crate::plan::drill::prepare(plan_req, &self.d.cfg.drill_scratch_dir, &h.repo, &self.d.request_token()).await.map_err(status)?;
+        let plan = crate::plan::drill::prepare(plan_req, &self.d.cfg.drill_scratch_dir, &h.repo, &self.d.request_token())
+            .await
+            .map_err(|e| self.refused(Kind::Drill, e))?;
         let job = self.d.jobs.start(req.request_id, req.repository, caller.name(), Work::Drill(plan), h).await;
         Ok(Response::new(to_proto(&job)))
     }

@@ -696,6 +696,22 @@ fn an_unreachable_repository_never_delays_requests_on_another() {
     });
 }
 
+/// A backup refused at the call (its source does not exist) is a failed backup for the
+/// metrics: `MoverBackupsFailing` sees a node whose every backup is refused.
+#[test]
+fn a_backup_refused_at_the_call_counts_as_a_failed_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let err = "mover_transfers_total{kind=\"backup\",result=\"err\"}";
+    assert_eq!(d.metric(err), 0);
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let e = c.start_backup(backup_req("disk", &dir.path().join("vols/missing.img"))).await.unwrap_err();
+        assert!(e.message().contains("missing.img"), "{e:?}");
+    });
+    assert_eq!(d.metric(err), 1, "the refused backup is counted as failed");
+}
+
 #[test]
 fn ended_transfers_are_kept_by_count_and_then_forgotten() {
     let dir = tempfile::tempdir().unwrap();
