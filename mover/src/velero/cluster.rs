@@ -168,6 +168,11 @@ fn core_resource(kind: &str, plural: &str) -> ApiResource {
 }
 
 impl Cluster {
+    /// VolumeSnapshotContents (cluster-scoped).
+    fn contents(&self) -> Api<DynamicObject> {
+        Api::all_with(self.client.clone(), &snapshot_resource("VolumeSnapshotContent", "volumesnapshotcontents"))
+    }
+
     fn namespaced(&self, ns: &str, ar: &ApiResource) -> Api<DynamicObject> {
         Api::namespaced_with(self.client.clone(), ns, ar)
     }
@@ -190,7 +195,7 @@ impl Cluster {
         let vs =
             self.namespaced(ns, &snapshot_resource("VolumeSnapshot", "volumesnapshots")).get(&req.volume_snapshot).await.map_err(|e| api_error(e, &what))?;
         let Some(content) = vs.data["status"]["boundVolumeSnapshotContentName"].as_str() else { return Ok(None) };
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &snapshot_resource("VolumeSnapshotContent", "volumesnapshotcontents"));
+        let api = self.contents();
         let c = api.get(content).await.map_err(|e| api_error(e, &format!("VolumeSnapshotContent {content} of {what}")))?;
         Ok(c.data["status"]["snapshotHandle"].as_str().filter(|h| !h.is_empty()).map(str::to_string))
     }
@@ -235,7 +240,7 @@ impl Cluster {
         // a claim whose mode differs from its snapshot's source needs the content to
         // allow it (external-snapshotter 7.0; the annotation as Kubernetes documents it).
         if let Some(content) = st["boundVolumeSnapshotContentName"].as_str() {
-            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &snapshot_resource("VolumeSnapshotContent", "volumesnapshotcontents"));
+            let api = self.contents();
             let allow = json!({"metadata": {"annotations": {"snapshot.storage.kubernetes.io/allow-volume-mode-change": "true"}}});
             api.patch(content, &PatchParams::default(), &Patch::Merge(&allow))
                 .await
@@ -351,7 +356,7 @@ impl Cluster {
         self.delete_exposure(ns, &name).await?;
         gone(vs_api.delete(&req.volume_snapshot, &dp).await.map(|_| ()), format!("deleting VolumeSnapshot {ns}/{}", req.volume_snapshot))?;
         if let Some(c) = content {
-            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &snapshot_resource("VolumeSnapshotContent", "volumesnapshotcontents"));
+            let api = self.contents();
             gone(api.delete(&c, &dp).await.map(|_| ()), format!("deleting VolumeSnapshotContent {c}"))?;
         }
         Ok(())

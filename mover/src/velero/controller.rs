@@ -360,7 +360,8 @@ impl Controller {
                     let handle = self.c.snapshot_handle(&req).await?;
                     let cbt = !req.driver.is_empty() && crate::plan::backup::csi_service(&self.d.env, Some(&req.driver), &req.source_pvc).is_ok();
                     let plan = crate::plan::backup::prepare(backup_request(du, &req, &exposed, handle, cbt), &self.d.env, &h.repo, &cancel).await?;
-                    Ok::<_, Error>((name, h, Work::Backup(plan), Then::Upload(req)))
+                    let repository_id = h.repo.config().id.to_hex();
+                    Ok::<_, Error>((name, h, Work::Backup(plan), Then::Upload(req, repository_id)))
                 }
                 Obj::Down(dd) => {
                     let req = download_request(dd).map_err(Error::invalid)?;
@@ -458,9 +459,8 @@ impl Controller {
     /// the volume handed to the target claim first.
     async fn succeeded(&self, o: &Obj, r: &crate::daemon::jobs::Record, then: &Then) -> Result<(&'static str, String, Option<serde_json::Value>)> {
         match (o, then) {
-            (Obj::Up(_), Then::Upload(req)) => {
-                let (_, h) = self.repository(o, &req.location).await.map_err(Error::transient)?;
-                let sref = SnapshotRef { repository_id: h.repo.config().id.to_hex(), snapshot: r.snapshot_id.clone(), volume: req.source_pvc.clone() };
+            (Obj::Up(_), Then::Upload(req, repository_id)) => {
+                let sref = SnapshotRef { repository_id: repository_id.clone(), snapshot: r.snapshot_id.clone(), volume: req.source_pvc.clone() };
                 let st = completed(&sref, r.stats.backup.bytes_total, r.stats.backup.bytes_new, now());
                 Ok(("Completed", String::new(), Some(st)))
             }
@@ -499,7 +499,8 @@ impl Controller {
 
 /// What a job's success leads to.
 enum Then {
-    Upload(UploadRequest),
+    /// The request, and the id of the repository the backup goes to (the snapshotID's).
+    Upload(UploadRequest, String),
     Download(DownloadRequest, TargetClaim),
 }
 
