@@ -117,5 +117,17 @@ start = lines.index("spec:")
 open(sys.argv[2], "w").write("\n".join(l[2:] for l in lines[start + 1:]) + "\n")
 EOF
 promtool check rules "$W/rules.yaml"
+# Unit tests for every alert: it fires when it should, and stays silent after a restart,
+# on a node with no VMs and on an idle cluster.
+cp deploy/kubernetes/monitoring/rules-test.yaml "$W/"
+promtool test rules "$W/rules-test.yaml" || fail "promtool test rules"
+python3 - "$W/rules.yaml" "$W/rules-test.yaml" <<'EOF'
+import re, sys
+alerts = set(re.findall(r"- alert: (\w+)", open(sys.argv[1]).read()))
+tested = set(re.findall(r"alertname: (\w+)", open(sys.argv[2]).read()))
+untested = sorted(alerts - tested)
+if untested:
+    sys.exit(f"deploy test: alerts without a promtool test: {', '.join(untested)}")
+EOF
 scripts/check-dashboard.py "$W/metrics" deploy/grafana/mover-dashboard.json deploy/kubernetes/monitoring/prometheusrule.yaml
-ok "manifests (kubernetes-validate --strict), rules (promtool), dashboard and alerts query only exported metrics"
+ok "manifests (kubernetes-validate --strict), rules (promtool check and unit tests for every alert), dashboard and alerts query only exported metrics"

@@ -248,6 +248,41 @@ pub struct Jobs {
     /// Told when a job ends (the status refresher recomputes the repository's report).
     pub finished: Arc<tokio::sync::Notify>,
     retention: Retention,
+    /// When a transfer of each kind and group last succeeded, kept in the state directory
+    /// (so `mover_last_success_timestamp_seconds` survives restarts).
+    successes: Mutex<LastSuccess>,
+}
+
+/// `last-success.json` in the state directory: kind → group label → unix seconds.
+struct LastSuccess {
+    path: PathBuf,
+    times: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
+}
+
+impl LastSuccess {
+    fn load(state_dir: &std::path::Path) -> Self {
+        let path = state_dir.join("last-success.json");
+        let times = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!("ignoring unreadable {}: {e}", path.display());
+                Default::default()
+            }),
+            Err(_) => Default::default(),
+        };
+        Self { path, times }
+    }
+
+    /// Written whole, through a temporary file renamed over it (a crash leaves the old one).
+    fn save(&self) {
+        let tmp = self.path.with_extension("tmp");
+        let res = serde_json::to_vec_pretty(&self.times).map_err(std::io::Error::other).and_then(|b| {
+            std::fs::write(&tmp, b)?;
+            std::fs::rename(&tmp, &self.path)
+        });
+        if let Err(e) = res {
+            tracing::error!("persisting {}: {e}", self.path.display());
+        }
+    }
 }
 
 /// How many ended transfers are kept (in memory and as records), and for how long.
@@ -291,7 +326,15 @@ impl Jobs {
             tasks: Mutex::new(Vec::new()),
             finished: Arc::new(tokio::sync::Notify::new()),
             retention,
+            successes: Mutex::new(LastSuccess::load(state_dir)),
         };
+        if let Ok(s) = jobs.successes.lock() {
+            for (kind, groups) in &s.times {
+                for (group, t) in groups {
+                    jobs.metrics.last_success.with_label_values(&[kind, group]).set(*t);
+                }
+            }
+        }
         for e in std::fs::read_dir(&*jobs.dir.0).with_context(|| format!("listing {}", jobs.dir.0.display()))?.flatten() {
             let p = e.path();
             if p.extension().is_none_or(|x| x != "json") {
@@ -358,6 +401,24 @@ impl Jobs {
             let _ = std::fs::remove_file(self.dir.0.join(format!("{id}.json")));
         }
         tracing::debug!(forgotten = gone.len(), "ended transfers past the retention forgotten");
+    }
+
+    /// Records a success of `kind` for `group` of `repository`: the metric, and the state
+    /// directory's `last-success.json` (written off the reactor).
+    async fn succeeded(&self, kind: &str, repository: &str, group: &str) {
+        let label = self.metrics.group_label(repository, group);
+        let t = mover_format::now_unix_ms() as f64 / 1000.0;
+        self.metrics.last_success.with_label_values(&[kind, &label]).set(t);
+        let snapshot = match self.successes.lock() {
+            Ok(mut s) => {
+                s.times.entry(kind.to_string()).or_default().insert(label, t);
+                LastSuccess { path: s.path.clone(), times: s.times.clone() }
+            }
+            Err(_) => return,
+        };
+        if let Err(e) = tokio::task::spawn_blocking(move || snapshot.save()).await {
+            tracing::error!("persisting the last successes: {e}");
+        }
     }
 
     /// Writes a record durably, off the reactor (a `fsync` may take as long as the disk
@@ -508,7 +569,8 @@ impl Jobs {
         self.metrics.transfers.with_label_values(&[k, result_label(state)]).inc();
         self.metrics.duration.with_label_values(&[k, result_label(state)]).observe(secs);
         if state == State::Succeeded {
-            self.metrics.last_success.with_label_values(&[k]).set(mover_format::now_unix_ms() as f64 / 1000.0);
+            let r = job.record();
+            self.succeeded(k, &r.repository, &r.group).await;
         }
         let r = job.update(|r| {
             r.state = state;

@@ -27,8 +27,15 @@ pub struct Metrics {
     pub change_mismatches: IntCounterVec,
     /// NBD exports serving now.
     pub exports_active: prometheus::IntGauge,
-    /// When a transfer of each kind last succeeded (unix seconds; 0: not since start).
+    /// When a transfer of each kind last succeeded on this node, by group (configured
+    /// `status_groups`, the rest as `other`); unix seconds, kept across restarts; absent
+    /// until the first success.
     pub last_success: prometheus::GaugeVec,
+    /// When the recovery-point gauges of a repository were last computed from a listing
+    /// that succeeded (absent until the first).
+    pub status_time: prometheus::GaugeVec,
+    /// The configured `status_groups` of each repository: bounds the `group` label.
+    groups: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
     /// Verify runs by repository (configured names) and result = ok | damaged | err.
     pub verify_runs: IntCounterVec,
     /// Damaged objects / affected snapshots the last verify found, per repository.
@@ -87,10 +94,21 @@ impl Metrics {
         let exports_active = prometheus::IntGauge::new("mover_exports_active", "Snapshot volumes served over NBD now")?;
         registry.register(Box::new(exports_active.clone()))?;
         let last_success = prometheus::GaugeVec::new(
-            Opts::new("mover_last_success_timestamp_seconds", "When a transfer of this kind last succeeded on this node (0: not since the daemon started)"),
-            &["kind"],
+            Opts::new(
+                "mover_last_success_timestamp_seconds",
+                "When a transfer of this kind and group last succeeded on this node (kept across restarts; absent: never)",
+            ),
+            &["kind", "group"],
         )?;
         registry.register(Box::new(last_success.clone()))?;
+        let status_time = prometheus::GaugeVec::new(
+            Opts::new(
+                "mover_repository_status_timestamp_seconds",
+                "When the repository's snapshots were last listed for the recovery-point gauges (absent: never)",
+            ),
+            &["repository"],
+        )?;
+        registry.register(Box::new(status_time.clone()))?;
         let verify_runs = IntCounterVec::new(Opts::new("mover_verify_runs_total", "Verify jobs run, by repository and result"), &["repository", "result"])?;
         let verify_damaged =
             IntGaugeVec::new(Opts::new("mover_verify_damaged_objects", "Damaged objects the last verify of the repository found"), &["repository"])?;
@@ -108,8 +126,10 @@ impl Metrics {
         )?;
         registry.register(Box::new(repository_up.clone()))?;
         let gauge = |name: &str, help: &str| prometheus::GaugeVec::new(Opts::new(name, help), &["repository", "group"]);
-        let snapshot_age =
-            gauge("mover_snapshot_age_seconds", "Age of the newest snapshot of the group (RPO); group 'other': the worst of the unlisted groups")?;
+        let snapshot_age = gauge(
+            "mover_snapshot_age_seconds",
+            "Age of the newest snapshot of the group (RPO; NaN: not known yet, +Inf: none); group 'other': the worst of the unlisted groups",
+        )?;
         let verified_age = gauge("mover_verified_snapshot_age_seconds", "Age of the newest snapshot a verify found intact (+Inf: none)")?;
         let drilled_age = gauge("mover_drilled_snapshot_age_seconds", "Age of the newest snapshot a drill restored and verified (+Inf: none)")?;
         let projected_restore =
@@ -147,7 +167,6 @@ impl Metrics {
                 duration.with_label_values(&[k, r]);
             }
             active.with_label_values(&[k]).set(0);
-            last_success.with_label_values(&[k]).set(0.0);
             queued.with_label_values(&[k]).set(0);
         }
         Ok(Self {
@@ -166,6 +185,8 @@ impl Metrics {
             change_mismatches,
             exports_active,
             last_success,
+            status_time,
+            groups: Default::default(),
             verify_runs,
             verify_damaged,
             verify_affected,
@@ -178,9 +199,13 @@ impl Metrics {
         })
     }
 
-    /// Label sets of a configured repository, at zero, so dashboards and alerts find them
-    /// before the first verify.
-    pub fn init_repository(&self, name: &str) {
+    /// Label sets of a configured repository, so dashboards and alerts find them before the
+    /// first verify: counters at zero, recovery points unknown (NaN) for every configured
+    /// group and `other` until a listing succeeds.
+    pub fn init_repository(&self, name: &str, groups: &[String]) {
+        if let Ok(mut m) = self.groups.lock() {
+            m.insert(name.to_string(), groups.to_vec());
+        }
         for r in ["ok", "damaged", "err"] {
             self.verify_runs.with_label_values(&[name, r]);
         }
@@ -188,8 +213,28 @@ impl Metrics {
         self.verify_affected.with_label_values(&[name]).set(0);
         self.verify_last_ok.with_label_values(&[name]).set(0.0);
         self.repository_up.with_label_values(&[name]).set(0);
-        for g in [&self.snapshot_age, &self.verified_age, &self.drilled_age, &self.projected_restore] {
-            g.with_label_values(&[name, "other"]).set(0.0);
+        self.status_unknown(name);
+    }
+
+    /// The recovery-point gauges of a repository read "unknown" (NaN): its snapshots could
+    /// not be listed, so nothing is known about its recovery points.
+    pub fn status_unknown(&self, name: &str) {
+        let groups = self.groups.lock().ok().and_then(|m| m.get(name).cloned()).unwrap_or_default();
+        for label in groups.iter().map(String::as_str).chain(["other"]) {
+            for g in [&self.snapshot_age, &self.verified_age, &self.drilled_age, &self.projected_restore] {
+                g.with_label_values(&[name, label]).set(f64::NAN);
+            }
+        }
+    }
+
+    /// The `group` label of a transfer's group in `repository`: a configured status group,
+    /// else `other` (label values come from fixed sets).
+    pub fn group_label(&self, repository: &str, group: &str) -> String {
+        let listed = self.groups.lock().ok().is_some_and(|m| m.get(repository).is_some_and(|g| g.iter().any(|g| g == group)));
+        if listed {
+            group.to_string()
+        } else {
+            "other".into()
         }
     }
 
@@ -197,9 +242,10 @@ impl Metrics {
     /// `wanted`; the rest summed up as `other`, by their worst value).
     pub fn set_status(&self, name: &str, st: &mover_engine::maint::report::RepoStatus, wanted: &[String]) {
         let inf = f64::INFINITY;
-        let mut groups = mover_engine::maint::report::bounded_groups(st, wanted);
-        // A configured group without snapshots has no recovery point: +Inf. `other` always
-        // exists (0 when every group is listed by name).
+        let groups = mover_engine::maint::report::bounded_groups(st, wanted);
+        self.status_time.with_label_values(&[name]).set(st.time_unix_ms as f64 / 1000.0);
+        // A configured group without snapshots has no recovery point: +Inf. `other` exists
+        // while some unlisted group has snapshots (never 0 for "none").
         for w in wanted {
             if !groups.contains_key(w) {
                 for g in [&self.snapshot_age, &self.verified_age, &self.drilled_age, &self.projected_restore] {
@@ -207,7 +253,11 @@ impl Metrics {
                 }
             }
         }
-        groups.entry("other".into()).or_default();
+        if !groups.contains_key("other") {
+            for g in [&self.snapshot_age, &self.verified_age, &self.drilled_age, &self.projected_restore] {
+                let _ = g.remove_label_values(&[name, "other"]);
+            }
+        }
         for (label, gs) in groups {
             let worst = |f: &dyn Fn(&mover_engine::maint::report::GroupStatus) -> Option<f64>| gs.iter().map(|g| f(g).unwrap_or(inf)).fold(0.0, f64::max);
             let l = [name, label.as_str()];

@@ -309,6 +309,7 @@ async fn background(d: Arc<Daemon>, stop: CancellationToken) {
         if now >= next_status {
             for (name, e) in &d.cfg.repositories {
                 if let Err(err) = d.refresh_status(name, e).await {
+                    d.metrics.status_unknown(name);
                     tracing::warn!("recovery-point status of repository '{name}': {err:#}");
                 }
             }
@@ -426,8 +427,8 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
         shutdown: stop.clone(),
     });
 
-    for name in cfg.repositories.keys() {
-        d.metrics.init_repository(name);
+    for (name, e) in &cfg.repositories {
+        d.metrics.init_repository(name, &e.status_groups);
     }
     // Repositories that must exist are opened (or created) before we accept requests.
     for (name, e) in &cfg.repositories {

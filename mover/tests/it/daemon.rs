@@ -128,6 +128,24 @@ impl Daemon {
     }
 }
 
+/// A metric's value (`+Inf` included); `None` when the series is absent.
+pub(crate) fn metric(d: &Daemon, series: &str) -> Option<f64> {
+    let (_, body) = http_get(d.http, "/metrics")?;
+    body.lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse::<f64>().ok()))
+}
+
+/// Waits until `f` holds for the metric (the status refresher runs after every job).
+pub(crate) fn wait_metric(d: &Daemon, series: &str, f: impl Fn(f64) -> bool) -> f64 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = metric(d, series).filter(|v| f(*v)) {
+            return v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{series} is {:?}", metric(d, series));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.signal("-KILL");
@@ -836,4 +854,73 @@ fn a_kubelet_link_into_its_plugins_directory_is_a_block_volume() {
             assert_eq!(hash(&out), hash(&img));
         }
     });
+}
+
+/// Recovery points read "unknown" (NaN), never "0 s old", until a listing succeeded: for
+/// every configured group from the start, and again while the store cannot be listed. The
+/// last success per kind and group survives a restart.
+#[test]
+fn recovery_points_are_unknown_until_listed_and_the_last_success_survives_a_restart() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "status_interval_seconds = 1\n\
+         [repositories.far]\nurl = \"s3://mover-far/x\"\ns3_endpoint = \"http://127.0.0.1:{port}\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\nstatus_groups = [\"vms/a\"]\n\
+         [repositories.grouped]\nurl = \"{}\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\ninit_if_missing = true\nstatus_groups = [\"vms/a\", \"vms/b\"]\n",
+        dir.path().join("grouped").display()
+    );
+    let mut d = Daemon::start_alive(dir.path(), &extra, false);
+    let (_, body) = http_get(d.http, "/metrics").unwrap();
+    for l in ["{group=\"vms/a\",repository=\"far\"}", "{group=\"other\",repository=\"far\"}"] {
+        for m in ["mover_snapshot_age_seconds", "mover_verified_snapshot_age_seconds", "mover_drilled_snapshot_age_seconds", "mover_projected_restore_seconds"]
+        {
+            let v = metric(&d, &format!("{m}{l}"));
+            assert!(v.is_some_and(f64::is_nan), "{m}{l} = {v:?} (unknown must be NaN, never 0)\n{body}");
+        }
+    }
+    assert!(!body.contains("mover_last_success_timestamp_seconds{"), "no success yet, no series: {body}");
+    assert!(!body.contains("mover_repository_status_timestamp_seconds{repository=\"far\"}"), "{body}");
+    // The open repository, listed: its configured groups without snapshots are +Inf (none),
+    // `other` has no snapshots and no series.
+    let a = "{group=\"vms/a\",repository=\"grouped\"}";
+    assert_eq!(wait_metric(&d, &format!("mover_snapshot_age_seconds{a}"), |v| !v.is_nan()), f64::INFINITY);
+    assert_eq!(metric(&d, "mover_snapshot_age_seconds{group=\"other\",repository=\"grouped\"}"), None);
+    assert!(metric(&d, "mover_repository_status_timestamp_seconds{repository=\"grouped\"}").unwrap() > 1e9);
+
+    let src = dir.path().join("vols/disk.img");
+    make_volume(&src, 4 << 20, 83);
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        for group in ["vms/a", "vms/zzz"] {
+            let mut req = backup_req("disk", &src);
+            req.repository = "grouped".into();
+            req.group = group.into();
+            let t = c.start_backup(req).await.unwrap().into_inner();
+            assert_eq!(watch_end(&mut c, &t.id).await.state(), pb::TransferState::Succeeded);
+        }
+    });
+    assert!(wait_metric(&d, &format!("mover_snapshot_age_seconds{a}"), f64::is_finite) < 60.0);
+    assert!(wait_metric(&d, "mover_snapshot_age_seconds{group=\"other\",repository=\"grouped\"}", f64::is_finite) < 60.0);
+    assert_eq!(metric(&d, "mover_snapshot_age_seconds{group=\"vms/b\",repository=\"grouped\"}"), Some(f64::INFINITY));
+    let (sa, so) =
+        ("mover_last_success_timestamp_seconds{group=\"vms/a\",kind=\"backup\"}", "mover_last_success_timestamp_seconds{group=\"other\",kind=\"backup\"}");
+    let (ta, to) = (metric(&d, sa).unwrap(), metric(&d, so).unwrap());
+    assert!(ta > 1e9 && to >= ta, "{ta} {to}");
+
+    // After a restart (killed: nothing written at shutdown), the same times, before any
+    // transfer; the far repository's recovery points are unknown again.
+    d.signal("-KILL");
+    d.spawn();
+    assert_eq!((metric(&d, sa), metric(&d, so)), (Some(ta), Some(to)));
+    assert!(metric(&d, "mover_snapshot_age_seconds{group=\"vms/a\",repository=\"far\"}").is_some_and(f64::is_nan));
+    let state = dir.path().join("state/last-success.json");
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(saved["backup"]["vms/a"].as_f64(), Some(ta), "{saved}");
 }

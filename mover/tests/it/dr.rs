@@ -1,28 +1,10 @@
 //! Disaster recovery through the daemon: copy to a second site (an S3 repository), a
 //! scheduled verify, drills, and the recovery-point report over gRPC and in /metrics.
 
-use super::daemon::{backup_req, client, http_get, rt, watch_end, Daemon};
+use super::daemon::{backup_req, client, metric, rt, wait_metric, watch_end, Daemon};
 use super::{flip_bytes_in_largest_of, hash, make_volume, modify, pack_files, rand_suffix, s3_env};
 use mover_protocol::v1 as pb;
 use std::time::{Duration, Instant};
-
-/// A metric's value (`+Inf` included); `None` when the series is absent.
-fn metric(d: &Daemon, series: &str) -> Option<f64> {
-    let (_, body) = http_get(d.http, "/metrics")?;
-    body.lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse::<f64>().ok()))
-}
-
-/// Waits until `f` holds for the metric (the status refresher runs after every job).
-fn wait_metric(d: &Daemon, series: &str, f: impl Fn(f64) -> bool) -> f64 {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = metric(d, series).filter(|v| f(*v)) {
-            return v;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "{series} is {:?}", metric(d, series));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn the_daemon_copies_to_a_second_site_verifies_on_schedule_drills_and_reports_rpo_and_rto() {
