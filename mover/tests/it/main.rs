@@ -19,6 +19,7 @@ mod forget;
 mod format;
 mod gc;
 mod groups;
+mod grpc_clients;
 mod heal;
 mod index;
 mod kubevirt;
