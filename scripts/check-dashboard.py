@@ -62,6 +62,15 @@ for f in sys.argv[2:]:
                 bad.append(f"{f}: {where}: {tok}")
             elif not tok.startswith("mover_") and tok not in FUNCS and not re.match(r"^(instance|kind|result|op|what|change_source|job|repository|group|Inf|e|m|s|h|d)$", tok):
                 bad.append(f"{f}: {where}: '{tok}' is not a metric Mover exports")
+# What an operator looks for first: recovery points and times, verify, drills, repositories,
+# failures and exports each have a panel.
+REQUIRED = {"mover_snapshot_age_seconds", "mover_projected_restore_seconds", "mover_verified_snapshot_age_seconds",
+            "mover_drilled_snapshot_age_seconds", "mover_verify_damaged_objects", "mover_repository_up",
+            "mover_transfers_total", "mover_exports_active", "mover_last_success_timestamp_seconds"}
+for f in sys.argv[2:]:
+    if f.endswith(".json"):
+        queried = set(re.findall(r"mover_[a-z_]+", " ".join(e for _, e in exprs(f))))
+        bad += [f"{f}: no panel shows {m}" for m in sorted(REQUIRED - queried)]
 if bad:
     print("\n".join(bad), file=sys.stderr)
     sys.exit(1)
