@@ -27,10 +27,18 @@ case "${1:-}" in
     # Credentials for the admin identity that `weed mini` creates.
     export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-moveradmin}
     export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-moversecret}
+    # Two identities: the admin, and one that may only read and list (tests of what a
+    # node with read-only credentials can do).
+    cat > "$STATE/identities.json" <<EOF
+{"identities": [
+  {"name": "admin", "credentials": [{"accessKey": "$AWS_ACCESS_KEY_ID", "secretKey": "$AWS_SECRET_ACCESS_KEY"}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+  {"name": "reader", "credentials": [{"accessKey": "moverreader", "secretKey": "moverreadersecret"}], "actions": ["Read", "List"]}
+]}
+EOF
     setsid "$VENV/bin/weed" mini -dir="$STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
       -master.port=$((BASE + 0)) -volume.port=$((BASE + 1)) -filer.port=$((BASE + 2)) \
       -s3.port=$S3_PORT -webdav=false -admin.ui=false -admin.port=$((BASE + 4)) \
-      -bucket="$BUCKET" >"$STATE/weed.log" 2>&1 < /dev/null &
+      -bucket="$BUCKET" -s3.config="$STATE/identities.json" >"$STATE/weed.log" 2>&1 < /dev/null &
     echo $! > "$STATE/pid"
     for _ in $(seq 1 120); do
       if curl -s -o /dev/null "http://127.0.0.1:$S3_PORT/" 2>/dev/null; then
@@ -55,7 +63,7 @@ case "${1:-}" in
       tail -5 "$STATE/weed.log" >&2; exit 1
     fi
     put -X DELETE "http://127.0.0.1:$S3_PORT/$BUCKET/.ready" >/dev/null || true
-    echo "export MOVER_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT MOVER_TEST_S3_BUCKET=$BUCKET AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY AWS_REGION=us-east-1"
+    echo "export MOVER_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT MOVER_TEST_S3_BUCKET=$BUCKET AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY AWS_REGION=us-east-1 MOVER_TEST_S3_READER=moverreader:moverreadersecret"
     ;;
   stop)
     if [ -f "$STATE/pid" ]; then

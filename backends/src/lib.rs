@@ -121,24 +121,63 @@ pub enum OpenError {
     Store(#[from] StorageError),
 }
 
-/// [`open`], then — for an S3 store, once per process and store — [`verify_create_only`].
-/// A local directory needs no probe: its create-only write is a hard link, which the
-/// kernel refuses onto an existing name.
-pub async fn open_verified(url: &str, s3: &S3Endpoint, cancel: &CancellationToken) -> Result<Arc<dyn Storage>, OpenError> {
+/// [`open`]; an S3 store is wrapped so that [`verify_create_only`] runs (once per process
+/// and store) before its first write or delete — never for a process that only reads, so
+/// read-only credentials can list, show, check and restore. A local directory needs no
+/// probe: its create-only write is a hard link, which the kernel refuses onto an existing
+/// name.
+pub async fn open_verified(url: &str, s3: &S3Endpoint, _cancel: &CancellationToken) -> Result<Arc<dyn Storage>, OpenError> {
     let storage = open(url, s3).await?;
-    verify(&*storage, url, s3, cancel).await?;
-    Ok(storage)
+    if !storage.is_remote() {
+        return Ok(storage);
+    }
+    let key = format!("{}|{url}", s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()).unwrap_or_default());
+    Ok(Arc::new(CheckedBeforeWrite { inner: storage, key, checked: tokio::sync::OnceCell::new() }))
 }
 
-/// The check [`open_verified`] makes, for a store opened with [`open`]: it only reads and
-/// writes its own probe object, so it may run beside reads of the repository (opening it
-/// costs round trips of its own) as long as it completes before the first write.
-pub async fn verify(storage: &dyn Storage, url: &str, s3: &S3Endpoint, cancel: &CancellationToken) -> Result<(), StorageError> {
-    if storage.is_remote() {
-        let key = format!("{}|{url}", s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()).unwrap_or_default());
-        verify_create_only_cached(storage, &key, cancel).await?;
+/// A store whose create-only contract is checked before the first write or delete through
+/// it (a failed check is tried again by the next write).
+#[derive(Debug)]
+pub struct CheckedBeforeWrite {
+    inner: Arc<dyn Storage>,
+    key: String,
+    checked: tokio::sync::OnceCell<()>,
+}
+
+impl CheckedBeforeWrite {
+    async fn check(&self, cancel: &CancellationToken) -> Result<(), StorageError> {
+        self.checked.get_or_try_init(|| verify_create_only_cached(&*self.inner, &self.key, cancel)).await.map(|_| ())
     }
-    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Storage for CheckedBeforeWrite {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
+    async fn put(&self, name: &str, data: bytes::Bytes, cancel: &CancellationToken) -> Result<PutOutcome, StorageError> {
+        self.check(cancel).await?;
+        self.inner.put(name, data, cancel).await
+    }
+    async fn get(&self, name: &str, max_len: u64, cancel: &CancellationToken) -> Result<bytes::Bytes, StorageError> {
+        self.inner.get(name, max_len, cancel).await
+    }
+    async fn get_range(&self, name: &str, offset: u64, len: u64, cancel: &CancellationToken) -> Result<bytes::Bytes, StorageError> {
+        self.inner.get_range(name, offset, len, cancel).await
+    }
+    async fn head(&self, name: &str, cancel: &CancellationToken) -> Result<Option<u64>, StorageError> {
+        self.inner.head(name, cancel).await
+    }
+    async fn list_page(&self, prefix: &str, token: Option<String>, cancel: &CancellationToken) -> Result<mover_format::storage::ListPage, StorageError> {
+        self.inner.list_page(prefix, token, cancel).await
+    }
+    async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
+        self.check(cancel).await?;
+        self.inner.delete(name, cancel).await
+    }
 }
 
 /// Stores that passed [`verify_create_only`] in this process.

@@ -43,6 +43,7 @@ impl LocalStorage {
         let kind = match e.kind() {
             io::ErrorKind::NotFound => ErrorKind::NotFound,
             io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ErrorKind::Transient,
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => ErrorKind::Denied,
             _ => ErrorKind::Permanent,
         };
         StorageError::new(kind, op, name, &self.location, e.to_string()).with_source(e)

@@ -11,7 +11,7 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Region};
-use aws_sdk_s3::error::SdkError;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
@@ -61,6 +61,21 @@ pub struct S3Storage {
 
 /// Whether a request failed because no credentials could be loaded (none configured, or
 /// their provider failed), which the SDK reports as a dispatch failure.
+/// An error and its causes in one line ("dispatch failure: io error: … Connection
+/// refused"), each said once — not the SDK's debug form.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        let t = x.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = x.source();
+    }
+    parts.join(": ")
+}
+
 fn credentials_failure(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(x) = cur {
@@ -139,12 +154,14 @@ impl S3Storage {
         }
     }
 
+    /// One line naming the store, the object and the cause — the S3 error code, message
+    /// and request id, or the transport's chain of causes — never the SDK's debug dump.
     fn classify<E>(&self, op: &'static str, name: &str, e: SdkError<E, HttpResponse>) -> StorageError
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
     {
         let (kind, msg) = match &e {
-            SdkError::ConstructionFailure(_) => (ErrorKind::Permanent, "request could not be built".to_string()),
+            SdkError::ConstructionFailure(_) => (ErrorKind::Permanent, format!("request could not be built: {}", causes(&e))),
             SdkError::TimeoutError(_) => (ErrorKind::Transient, "timed out".to_string()),
             // The SDK found no credentials, or its provider failed: no retry brings them.
             SdkError::DispatchFailure(_) if credentials_failure(&e) => (
@@ -152,20 +169,34 @@ impl S3Storage {
                 "no S3 credentials: the AWS SDK found none it could use (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a web identity)"
                     .to_string(),
             ),
-            SdkError::DispatchFailure(d) => (ErrorKind::Transient, format!("store unreachable ({d:?})")),
-            SdkError::ResponseError(_) => (ErrorKind::Transient, "malformed response".to_string()),
+            SdkError::DispatchFailure(_) => (ErrorKind::Transient, format!("store unreachable: {}", causes(&e))),
+            SdkError::ResponseError(_) => (ErrorKind::Transient, format!("malformed response: {}", causes(&e))),
             SdkError::ServiceError(s) => {
                 let status = http_status(s.raw());
                 let kind = match status {
+                    401 | 403 => ErrorKind::Denied,
                     404 => ErrorKind::NotFound,
                     408 | 409 | 429 | 500..=599 => ErrorKind::Transient,
                     _ => ErrorKind::Permanent,
                 };
-                (kind, format!("HTTP {status}: {}", s.err()))
+                let m = s.err().meta();
+                let mut msg = format!("HTTP {status}");
+                if let Some(c) = m.code() {
+                    msg += &format!(" {c}");
+                }
+                match m.message() {
+                    Some(t) if !t.is_empty() => msg += &format!(": {t}"),
+                    _ if m.code().is_none() => msg += &format!(": {}", s.err()),
+                    _ => {}
+                }
+                if let Some(id) = m.extra("aws_request_id").or_else(|| s.raw().headers().get("x-amz-request-id")) {
+                    msg += &format!(" (request id {id})");
+                }
+                (kind, msg)
             }
-            _ => (ErrorKind::Transient, "request failed".to_string()),
+            _ => (ErrorKind::Transient, format!("request failed: {}", causes(&e))),
         };
-        StorageError::new(kind, op, name, &self.location, msg).with_source(e)
+        StorageError::new(kind, op, name, &self.location, msg)
     }
 
     async fn put_multipart(&self, name: &str, key: &str, data: Bytes) -> Result<PutOutcome, StorageError> {

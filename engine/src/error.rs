@@ -187,6 +187,7 @@ fn store_kind(k: StoreKind) -> ErrorKind {
         StoreKind::NotFound => ErrorKind::NotFound,
         StoreKind::Transient => ErrorKind::Transient,
         StoreKind::Permanent => ErrorKind::Permanent,
+        StoreKind::Denied => ErrorKind::Precondition,
         StoreKind::Cancelled => ErrorKind::Cancelled,
     }
 }

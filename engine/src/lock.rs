@@ -126,13 +126,34 @@ where
     Fut: std::future::Future<Output = Result<T>>,
 {
     let lock = match hold {
-        Hold::Read => RepoLock::acquire(repo, LockKind::Read, cancel).await?,
-        Hold::Backup => RepoLock::acquire(repo, LockKind::Backup, cancel).await?,
-        Hold::Exclusive(what) => RepoLock::acquire_exclusive(repo, what, cancel).await?,
+        Hold::Read => match RepoLock::acquire_or_denied(repo, LockKind::Read, cancel).await? {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::debug!("read lock: {e}");
+                // Read-only credentials: reading needs no lock to be right — every chunk is
+                // checked against its hash, so a pack a concurrent gc deleted fails the
+                // read, never changes it — only to be sure to finish.
+                tracing::warn!(
+                    "repository {}: these credentials may not write a read lock; reading without one (a gc running now could make this fail, never read wrong data)",
+                    repo.location()
+                );
+                None
+            }
+        },
+        Hold::Backup => Some(RepoLock::acquire(repo, LockKind::Backup, cancel).await?),
+        Hold::Exclusive(what) => Some(RepoLock::acquire_exclusive(repo, what, cancel).await?),
     };
-    let held = Held { repo: repo.clone(), lease: lock.lease.clone() };
+    let lease = match &lock {
+        Some(l) => l.lease.clone(),
+        None => {
+            Lease { last_ok: Arc::new(Mutex::new(Instant::now())), lost: Default::default(), ttl: Duration::from_secs(100 * 365 * 86_400), id: String::new() }
+        }
+    };
+    let held = Held { repo: repo.clone(), lease };
     let r = f(held).await;
-    lock.release().await;
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
     r
 }
 
@@ -201,16 +222,32 @@ struct RepoLock {
 impl RepoLock {
     /// Writes a lock of `kind` and starts refreshing it.
     async fn acquire(repo: &Repository, kind: LockKind, cancel: &CancellationToken) -> Result<Self> {
+        let what = format!("creating {kind} lock in repository {}", repo.location());
+        Self::acquire_or_denied(repo, kind, cancel)
+            .await?
+            .map_err(|e| Error::precondition(format!("{what}: {e} (these credentials may not write; a node that backs up or maintains needs write access)")))
+    }
+
+    /// [`Self::acquire`], or the store's refusal when it denies writing the lock (read-only
+    /// credentials).
+    async fn acquire_or_denied(
+        repo: &Repository,
+        kind: LockKind,
+        cancel: &CancellationToken,
+    ) -> Result<std::result::Result<Self, mover_format::storage::StorageError>> {
         let ttl = default_ttl();
         let what = format!("creating {kind} lock in repository {}", repo.location());
         let info = LockInfo::new(kind, ttl.as_secs());
         let sent = Instant::now();
-        repo.write_lock(&info, cancel).await.context(what)?;
+        match repo.write_lock(&info, cancel).await {
+            Err(mover_format::RepoError::Storage(e)) if e.kind == mover_format::storage::ErrorKind::Denied => return Ok(Err(e)),
+            r => r.context(what)?,
+        };
         let lease = Lease { last_ok: Arc::new(Mutex::new(sent)), lost: Default::default(), ttl, id: info.id.clone() };
         let info = Arc::new(Mutex::new(info));
         let stop = CancellationToken::new();
         let task = tokio::spawn(refresh_loop(repo.clone(), info.clone(), lease.clone(), stop.clone()));
-        Ok(Self { repo: repo.clone(), info, lease, stop, task: Some(task) })
+        Ok(Ok(Self { repo: repo.clone(), info, lease, stop, task: Some(task) }))
     }
 
     /// A `gc` lock, refused while another live `gc` lock exists.

@@ -63,19 +63,14 @@ impl RepoArgs {
         }
     }
 
-    /// The repository, its store checked to honour create-only writes. The check runs
-    /// beside the reads that open the repository (against a distant store each costs round
-    /// trips); nothing is written before both are done.
+    /// The repository, its store checked to honour create-only writes before the first
+    /// write (a process that only reads needs only read access).
     pub async fn open(&self, cancel: &CancellationToken) -> Result<Repository> {
-        let s3 = mover_backends::S3Endpoint { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone() };
-        let url = self.url()?;
-        let storage = mover_backends::open(&url, &s3).await.map_err(|e| Error::invalid(e.to_string()))?;
+        let storage = self.storage(cancel).await?;
         let pw = self.password()?;
-        let (checked, repo) = tokio::join!(mover_backends::verify(&*storage, &url, &s3, cancel), Repository::open(storage.clone(), &pw, cancel));
-        checked?;
-        let repo = repo?;
+        let repo = Repository::open(storage, &pw, cancel).await?;
         repo.cache_manifests_in(mover_engine::index::manifest_cache_dir(&self.cache_root(), &repo));
-        tracing::debug!(repository = %url, "repository opened");
+        tracing::debug!(repository = %repo.location(), "repository opened");
         Ok(repo)
     }
 

@@ -20,7 +20,9 @@ fn unreachable_store_fails_quickly_naming_it() {
     let e = Env { repo: "s3://nobucket/x".into(), dir, extra: vec!["--s3-endpoint".into(), "http://127.0.0.1:9".into()] };
     let t = std::time::Instant::now();
     let err = e.fail(&["snapshots"]);
-    assert!(err.contains("s3://nobucket/x") && err.contains("unreachable"), "{err}");
+    assert!(err.contains("s3://nobucket/x") && err.contains("unreachable") && err.contains("Connection refused"), "{err}");
+    // One line, the causes in words: not the SDK's debug dump.
+    assert!(err.trim_end().lines().count() == 1 && !err.contains("DispatchFailure(") && !err.contains("ConnectorError"), "{err}");
     assert!(t.elapsed().as_secs() < 60);
 }
 
@@ -69,4 +71,50 @@ fn restore_with_a_window_smaller_than_a_segment_or_a_large_one_is_byte_exact() {
         assert!(o.status.success(), "window {w} MiB: {}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(hash(&src), hash(&out), "window {w} MiB");
     }
+}
+
+/// Credentials that may only read and list (the test server's `reader` identity): listing,
+/// showing, checking and restoring work — no probe object is written for them — and a
+/// backup is refused by the store, in one line naming the store, with nothing written.
+#[test]
+fn read_only_credentials_list_check_and_restore_and_a_backup_is_refused_writing_nothing() {
+    let e = Env::s3("readonly");
+    let src = e.path("disk.img");
+    make_volume(&src, 8 << 20, 31);
+    let snap = e.json(&["backup", src.to_str().unwrap()])["snapshot_id"].as_str().unwrap().to_string();
+    let reader = std::env::var("MOVER_TEST_S3_READER").expect("MOVER_TEST_S3_READER: run with scripts/test.sh");
+    let (key, secret) = reader.split_once(':').unwrap();
+    let (endpoint, bucket) = s3_env();
+    let prefix = e.repo.strip_prefix(&format!("s3://{bucket}/")).unwrap().to_string();
+    let objects = || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut o = mover_backends::S3Options::from_url(&format!("s3://{bucket}/{prefix}")).unwrap();
+            o.endpoint = Some(endpoint.clone());
+            let s = mover_backends::S3Storage::new(o).await;
+            let c = tokio_util::sync::CancellationToken::new();
+            mover_format::storage::list_all(&s, "", &c).await.unwrap().into_iter().map(|m| m.name).collect::<Vec<_>>()
+        })
+    };
+    let before = objects();
+    let as_reader = |args: &[&str]| {
+        let o = e.cmd(args).env("AWS_ACCESS_KEY_ID", key).env("AWS_SECRET_ACCESS_KEY", secret).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (ok, out, err) = as_reader(&["snapshots"]);
+    assert!(ok && out.contains(&snap[..8]), "{out}{err}");
+    let (ok, _, err) = as_reader(&["show", &snap]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = as_reader(&["check", "--read-data"]);
+    assert!(ok, "{err}");
+    let out_img = e.path("out.img");
+    let (ok, _, err) = as_reader(&["restore", &snap, out_img.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(hash(&src), hash(&out_img));
+    // A backup needs to write: refused by the store, said in one line naming it.
+    let (ok, _, err) = as_reader(&["backup", src.to_str().unwrap()]);
+    assert!(!ok, "a backup with read-only credentials succeeded");
+    assert!(err.starts_with("error: ") && err.trim_end().lines().count() == 1, "not one line: {err}");
+    assert!(err.contains(&e.repo) && (err.contains("AccessDenied") || err.contains("denied")), "{err}");
+    assert_eq!(objects(), before, "something was written or deleted with read-only credentials");
 }

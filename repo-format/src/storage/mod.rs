@@ -33,8 +33,11 @@ pub enum ErrorKind {
     NotFound,
     /// May succeed if tried again: timeouts, throttling, 5xx, connection resets.
     Transient,
-    /// Will fail again: permission denied, bad request, corrupt response.
+    /// Will fail again: bad request, corrupt response.
     Permanent,
+    /// The store refuses these credentials the operation (HTTP 401/403, EACCES/EPERM):
+    /// not damage, not retried.
+    Denied,
     /// The caller's cancellation token fired.
     Cancelled,
 }
