@@ -4,19 +4,22 @@
 
 mod cli;
 
-use clap::Parser;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_noting_flags();
     mover::init_tls();
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log_filter()).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     // Colour only on a terminal: a log file or a container log gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match cli.log_format {
+        cli::LogFormat::Text => fmt.with_ansi(ansi).init(),
+        cli::LogFormat::Json => fmt.json().with_current_span(false).init(),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -33,7 +36,8 @@ fn main() -> ExitCode {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
-            eprintln!("stopping (what was uploaded is kept)");
+            // A log line, so that a JSON log stays JSON.
+            tracing::warn!("stopping on a signal");
             c2.cancel();
         });
         cli::run(cli, cancel).await

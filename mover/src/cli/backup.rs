@@ -91,6 +91,7 @@ pub struct Args {
     /// File holding the security token (e.g. a projected service-account token).
     #[arg(long, value_name = "FILE")]
     cbt_token: Option<PathBuf>,
+    /// Namespace of the VolumeSnapshots (--cbt-snapshot, --cbt-base).
     #[arg(long, value_name = "NS", default_value = "default")]
     cbt_namespace: String,
     /// The VolumeSnapshot being backed up.
@@ -132,6 +133,7 @@ pub struct Args {
     /// Upload limit in bytes per second (0: none).
     #[arg(long, default_value_t = 0, value_name = "BYTES_PER_S")]
     limit_upload: u64,
+    /// Print the result as JSON (exact byte counts).
     #[arg(long)]
     json: bool,
 }
@@ -257,11 +259,12 @@ pub async fn run(ra: &RepoArgs, b: Args, cancel: &CancellationToken) -> anyhow::
         if let Some(p) = s.parent {
             println!("  parent          {p}");
         }
-        println!("  volume bytes    {}", st.bytes_total);
-        println!("  read            {} ({} reused from parent)", st.bytes_read, st.bytes_reused_parent);
-        println!("  skipped         {} (unchanged per extents)", st.bytes_skipped);
-        println!("  zero            {}", st.bytes_zero);
-        println!("  new             {} in {} chunks, stored as {}", st.bytes_new, st.chunks_new, st.bytes_stored);
+        let size = super::size;
+        println!("  volume size     {}", size(st.bytes_total));
+        println!("  read            {} ({} reused from parent)", size(st.bytes_read), size(st.bytes_reused_parent));
+        println!("  skipped         {} (unchanged per extents)", size(st.bytes_skipped));
+        println!("  zero            {}", size(st.bytes_zero));
+        println!("  new             {} in {} chunks, stored as {}", size(st.bytes_new), st.chunks_new, size(st.bytes_stored));
         println!("  deduplicated    {} chunks", st.chunks_dedup);
         for v in &s.volumes {
             if let Some(f) = &v.change_fallback {

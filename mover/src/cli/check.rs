@@ -17,6 +17,7 @@ pub struct Args {
     /// daemons find it as the last verify.
     #[arg(long)]
     record: bool,
+    /// Print the result as JSON (exact byte counts).
     #[arg(long)]
     json: bool,
 }
@@ -37,7 +38,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
             r.index_segments,
             r.index_entries,
             if plan.read_percent.is_some() {
-                format!("; read {} packs, verified {} blobs ({} bytes)", r.packs_read, r.blobs_verified, r.bytes_verified)
+                format!("; read {} packs, verified {} blobs ({})", r.packs_read, r.blobs_verified, super::size(r.bytes_verified))
             } else {
                 String::new()
             }

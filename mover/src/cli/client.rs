@@ -99,47 +99,59 @@ enum Cmd {
         to: String,
         /// Snapshot ids or prefixes; none: every snapshot of --group (or of every group).
         snapshots: Vec<String>,
+        /// Copy the snapshots of this group (repeatable).
         #[arg(long = "group")]
         groups: Vec<String>,
         /// Only snapshots newer than the target's newest of their group.
         #[arg(long)]
         newer: bool,
+        /// Idempotency key: a repeated start with the same id returns the same transfer.
         #[arg(long, default_value = "")]
         request_id: String,
+        /// Upload limit for this transfer, bytes per second (0: none).
         #[arg(long, default_value_t = 0)]
         bandwidth_limit: u64,
+        /// Follow progress until the transfer ends.
         #[arg(long)]
         watch: bool,
     },
     /// Verify a repository: structure, and a share of the data; damaged objects are named
     /// with the snapshots that need them.
     StartVerify {
+        /// A repository of the daemon's configuration.
         #[arg(long, default_value = "default")]
         repository: String,
         /// Share of the packs to download and check (0: structure only).
         #[arg(long, default_value_t = 10)]
         read_data_percent: u32,
+        /// Idempotency key: a repeated start with the same id returns the same transfer.
         #[arg(long, default_value = "")]
         request_id: String,
+        /// Follow progress until the transfer ends.
         #[arg(long)]
         watch: bool,
     },
     /// Restore a snapshot into the daemon's scratch space, compare it with the backup's
     /// digests, measure the rate, clean up.
     StartDrill {
+        /// A repository of the daemon's configuration.
         #[arg(long, default_value = "default")]
         repository: String,
         /// A snapshot id, a unique prefix, or `latest` (of --group).
         snapshot: String,
+        /// The group `latest` is looked up in.
         #[arg(long, default_value = "")]
         group: String,
+        /// Idempotency key: a repeated start with the same id returns the same transfer.
         #[arg(long, default_value = "")]
         request_id: String,
+        /// Follow progress until the transfer ends.
         #[arg(long)]
         watch: bool,
     },
     /// Recovery points and times per group of a repository.
     Status {
+        /// A repository of the daemon's configuration.
         #[arg(long, default_value = "default")]
         repository: String,
     },
@@ -149,8 +161,22 @@ enum Cmd {
     Watch { id: String },
     /// Cancel a transfer (what it uploaded is kept; a rerun resumes).
     Cancel { id: String },
-    /// List the daemon's transfers.
-    List,
+    /// List the daemon's transfers, newest first: id, kind, state, group, age, progress,
+    /// snapshot, error.
+    List {
+        /// Only this kind: backup, restore, copy, verify, drill.
+        #[arg(long, value_parser = ["backup", "restore", "copy", "verify", "drill"])]
+        kind: Option<String>,
+        /// Only this state: queued, running, succeeded, failed, cancelled, interrupted.
+        #[arg(long, value_parser = ["queued", "running", "succeeded", "failed", "cancelled", "interrupted"])]
+        state: Option<String>,
+        /// Only this snapshot group.
+        #[arg(long)]
+        group: Option<String>,
+        /// At most this many (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
     /// Serve a snapshot's volume over NBD from the daemon; prints the export and its URI.
     StartExport {
         /// A repository of the daemon's configuration.
@@ -206,15 +232,21 @@ fn print(t: &pb::Transfer, json: bool) {
         println!("{}", transfer_json(t));
     } else {
         let p = t.progress.clone().unwrap_or_default();
+        let kind = t.kind().as_str_name().trim_start_matches("TRANSFER_KIND_").to_lowercase();
+        let age = (mover_format::now_unix_ms() as i64 - t.created_unix_ms).max(0) as f64 / 1000.0;
+        let progress = if p.bytes_total > 0 {
+            format!("{}/{} ({:.0}%)", super::size(p.bytes_done), super::size(p.bytes_total), 100.0 * p.bytes_done as f64 / p.bytes_total as f64)
+        } else {
+            "-".into()
+        };
+        let snap = if t.snapshot_id.is_empty() { "-" } else { &t.snapshot_id[..t.snapshot_id.len().min(16)] };
+        let group = if t.group.is_empty() { "-" } else { &t.group };
         println!(
-            "{} {} {} {}/{} bytes {}{}",
+            "{}  {kind:<7}  {:<11}  {group:<20}  {:>7} ago  {progress:<26}  {snap}{}",
             t.id,
             state_name(t),
-            p.phase,
-            p.bytes_done,
-            p.bytes_total,
-            t.snapshot_id,
-            if t.error.is_empty() { String::new() } else { format!(" error: {}{}", t.error, if t.retryable { " (retryable)" } else { "" }) }
+            super::status::human(age),
+            if t.error.is_empty() { String::new() } else { format!("  error: {}{}", t.error, if t.retryable { " (retryable)" } else { "" }) }
         );
     }
 }
@@ -348,12 +380,34 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             print(&tc.cancel_transfer(pb::GetTransferRequest { id }).await.map_err(status)?.into_inner(), a.json);
             None
         }
-        Cmd::List => {
-            let l = tc.list_transfers(pb::ListTransfersRequest::default()).await.map_err(status)?.into_inner();
+        Cmd::List { kind, state, group, limit } => {
+            let mut req = pb::ListTransfersRequest { group: group.unwrap_or_default(), page_size: 500, ..Default::default() };
+            if let Some(k) = kind {
+                req.set_kind(pb::TransferKind::from_str_name(&format!("TRANSFER_KIND_{}", k.to_uppercase())).unwrap_or_default());
+            }
+            if let Some(st) = state {
+                req.set_state(pb::TransferState::from_str_name(&format!("TRANSFER_STATE_{}", st.to_uppercase())).unwrap_or_default());
+            }
+            let mut all = Vec::new();
+            loop {
+                let l = tc.list_transfers(req.clone()).await.map_err(status)?.into_inner();
+                all.extend(l.transfers);
+                if l.next_page_token.is_empty() || (limit > 0 && all.len() >= limit) {
+                    break;
+                }
+                req.page_token = l.next_page_token;
+            }
+            all.sort_by_key(|t| std::cmp::Reverse(t.created_unix_ms));
+            if limit > 0 {
+                all.truncate(limit);
+            }
             if a.json {
-                println!("{}", serde_json::Value::Array(l.transfers.iter().map(transfer_json).collect()));
+                println!("{}", serde_json::Value::Array(all.iter().map(transfer_json).collect()));
             } else {
-                for t in &l.transfers {
+                if all.is_empty() {
+                    eprintln!("no transfers");
+                }
+                for t in &all {
                     print(t, false);
                 }
             }

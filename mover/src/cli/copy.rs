@@ -24,6 +24,7 @@ pub struct Args {
     /// The target's S3 endpoint URL, when it differs from the source's.
     #[arg(long)]
     to_s3_endpoint: Option<String>,
+    /// The target's S3 region, when it differs from the source's.
     #[arg(long)]
     to_s3_region: Option<String>,
     /// Copy only these groups' snapshots (repeatable).
@@ -38,6 +39,7 @@ pub struct Args {
     /// Upload limit in bytes per second (0: none).
     #[arg(long, default_value_t = 0, value_name = "BYTES_PER_S")]
     limit_upload: u64,
+    /// Print the result as JSON (exact byte counts).
     #[arg(long)]
     json: bool,
 }

@@ -61,7 +61,7 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
             if json {
                 println!("{}", serde_json::json!({"uri": uri, "snapshot_id": sid, "volume": vname, "size": size}));
             } else {
-                println!("serving volume '{vname}' of snapshot {sid} ({size} bytes) read-only at {uri}; Ctrl-C stops");
+                println!("serving volume '{vname}' of snapshot {sid} ({}) read-only at {uri}; Ctrl-C stops", super::size(size));
             }
         })
         .await

@@ -9,21 +9,36 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
+    /// List the key files (the current one marked *).
     List {
+        /// Print as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Add a password; the new one from MOVER_NEW_PASSWORD or --new-password-file.
     Add {
+        /// File holding the new password.
         #[arg(long)]
         new_password_file: Option<PathBuf>,
+        /// Print the new key's id as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a key file by id.
-    Remove { id: String },
+    Remove {
+        id: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change the password: add a key with the new password, remove the current one.
     Passwd {
+        /// File holding the new password.
         #[arg(long)]
         new_password_file: Option<PathBuf>,
+        /// Print the old and new key ids as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -51,20 +66,32 @@ pub async fn run(ra: &RepoArgs, cmd: Cmd, cancel: &CancellationToken) -> anyhow:
                 }
             }
         }
-        Cmd::Add { new_password_file } => {
+        Cmd::Add { new_password_file, json } => {
             let np = new_password(&new_password_file)?;
             let id = repo.add_key(&ra.password()?, &np, KdfParams::default(), cancel).await?;
-            println!("added key {id}");
+            if json {
+                println!("{}", serde_json::json!({"added": id.to_string()}));
+            } else {
+                println!("added key {id}");
+            }
         }
-        Cmd::Remove { id } => {
+        Cmd::Remove { id, json } => {
             let id = id.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
             repo.remove_key(&id, cancel).await?;
-            println!("removed key {id}");
+            if json {
+                println!("{}", serde_json::json!({"removed": id.to_string()}));
+            } else {
+                println!("removed key {id}");
+            }
         }
-        Cmd::Passwd { new_password_file } => {
+        Cmd::Passwd { new_password_file, json } => {
             let np = new_password(&new_password_file)?;
             let (old, new) = mover_engine::maint::keys::passwd(&repo, ra.storage(cancel).await?, &ra.password()?, &np, KdfParams::default(), cancel).await?;
-            println!("password changed: key {old} replaced by {new}");
+            if json {
+                println!("{}", serde_json::json!({"removed": old.to_string(), "added": new.to_string()}));
+            } else {
+                println!("password changed: key {old} replaced by {new}");
+            }
         }
     }
     Ok(())

@@ -42,11 +42,38 @@ pub struct Cli {
     /// Log filter (e.g. info, debug); also MOVER_LOG.
     #[arg(long, global = true, env = "MOVER_LOG")]
     log: Option<String>,
+    /// Log lines as text, or as JSON objects (one per line: timestamp, level, fields) for a
+    /// log collector. No colour codes unless stderr is a terminal.
+    #[arg(long, global = true, env = "MOVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+    /// The repository options given on the command line (not from the environment):
+    /// `mover client` refuses them rather than ignore them.
+    #[arg(skip)]
+    repo_flags_given: Vec<String>,
 }
 
 impl Cli {
+    /// Parses the command line, noting which repository options it gave.
+    pub fn parse_noting_flags() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let m = Self::command().get_matches();
+        let mut cli = Self::from_arg_matches(&m).unwrap_or_else(|e| e.exit());
+        for (id, flag) in [
+            ("repo", "--repo"),
+            ("password_file", "--password-file"),
+            ("s3_endpoint", "--s3-endpoint"),
+            ("s3_region", "--s3-region"),
+            ("cache_dir", "--cache-dir"),
+        ] {
+            if m.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                cli.repo_flags_given.push(flag.to_string());
+            }
+        }
+        cli
+    }
+
     /// The log filter: as given; by default `warn`, and `info` for the daemon (its startup
     /// line says where it listens).
     pub fn log_filter(&self) -> String {
@@ -61,22 +88,29 @@ impl Cli {
     }
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Args, Debug, Clone)]
 struct RepoOpts {
-    /// Repository: a directory, or s3://bucket/prefix.
-    #[arg(long, short = 'r', global = true, env = "MOVER_REPOSITORY")]
+    /// Repository: a directory, or s3://bucket/prefix. For `serve`: its default
+    /// repository (without [repositories] in its configuration). Not for `client`.
+    #[arg(long, short = 'r', global = true, env = "MOVER_REPOSITORY", help_heading = "Repository options")]
     repo: Option<String>,
     /// File holding the password (else MOVER_PASSWORD).
-    #[arg(long, global = true, env = "MOVER_PASSWORD_FILE")]
+    #[arg(long, global = true, env = "MOVER_PASSWORD_FILE", help_heading = "Repository options")]
     password_file: Option<PathBuf>,
-    /// S3 endpoint URL (else AWS_ENDPOINT_URL).
-    #[arg(long, global = true)]
+    /// S3 endpoint URL with its scheme (else AWS_ENDPOINT_URL).
+    #[arg(long, global = true, help_heading = "Repository options")]
     s3_endpoint: Option<String>,
     /// S3 region (else AWS_REGION, else us-east-1).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Repository options")]
     s3_region: Option<String>,
     /// Directory of the local index cache (else MOVER_CACHE_DIR, else ~/.cache/mover).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Repository options")]
     cache_dir: Option<PathBuf>,
 }
 
@@ -151,7 +185,7 @@ enum Cmd {
 }
 
 pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
-    let ra: RepoArgs = cli.repo.into();
+    let ra: RepoArgs = cli.repo.clone().into();
     match cli.cmd {
         Cmd::Init(a) => init::run(&ra, a, &cancel).await,
         Cmd::Backup(a) => backup::run(&ra, a, &cancel).await,
@@ -172,8 +206,16 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Cmd::Unlock(a) => locks::unlock(&ra, a, &cancel).await,
         Cmd::Stats(a) => stats::run(&ra, a, &cancel).await,
         Cmd::Status(a) => status::run(&ra, a, &cancel).await,
-        Cmd::Serve(a) => serve::run(a, &cancel).await,
-        Cmd::Client(a) => client::run(a).await,
+        Cmd::Serve(a) => serve::run(&ra, a, &cancel).await,
+        Cmd::Client(a) => {
+            if !cli.repo_flags_given.is_empty() {
+                anyhow::bail!(
+                    "mover client does not take {}: the daemon opens its repositories from its configuration; name one with --repository",
+                    cli.repo_flags_given.join(", ")
+                );
+            }
+            client::run(a).await
+        }
         Cmd::Hold => {
             cancel.cancelled().await;
             Ok(())
@@ -181,19 +223,47 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
     }
 }
 
-/// A progress bar on stderr while `progress` advances, when stderr is a terminal.
-pub fn progress_bar(progress: Arc<Progress>, enabled: bool, label: &'static str) -> Option<tokio::task::JoinHandle<()>> {
+/// A progress bar on stderr while `progress` advances, when stderr is a terminal. It stays
+/// hidden until the total is known (never a full bar at "0 B/0 B"), and ends at what was
+/// done (never frozen at a stale 90 %).
+pub fn progress_bar(progress: Arc<Progress>, enabled: bool, label: &'static str) -> Option<Bar> {
     if !enabled || !std::io::stderr().is_terminal() {
         return None;
     }
     let pb = bar(label);
-    Some(tokio::spawn(async move {
+    let (p, b) = (progress.clone(), pb.clone());
+    let task = tokio::spawn(async move {
         loop {
-            pb.set_length(progress.total());
-            pb.set_position(progress.done());
+            let total = p.total();
+            if total > 0 {
+                b.set_length(total);
+                b.set_position(p.done().min(total));
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }))
+    });
+    Some(Bar { task, pb, progress })
+}
+
+/// A running progress bar; [`Bar::abort`] draws its last state and clears it.
+pub struct Bar {
+    task: tokio::task::JoinHandle<()>,
+    pb: indicatif::ProgressBar,
+    progress: Arc<Progress>,
+}
+
+impl Bar {
+    /// Stops updating, shows where the work ended, and clears the bar (the command's
+    /// summary follows).
+    pub fn abort(self) {
+        self.task.abort();
+        let (total, done) = (self.progress.total(), self.progress.done());
+        if total > 0 {
+            self.pb.set_length(total);
+            self.pb.set_position(done.min(total));
+        }
+        self.pb.finish_and_clear();
+    }
 }
 
 /// The progress bar style every command uses.
@@ -211,6 +281,11 @@ pub fn bar(label: &str) -> indicatif::ProgressBar {
 /// `K=V` values of a repeatable flag.
 pub fn key_values(items: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> {
     items.iter().map(|t| mover::plan::split_kv(t, what).map(|(k, v)| (k.to_string(), v.to_string())).map_err(Into::into)).collect()
+}
+
+/// A size for people: binary units ("1.50 GiB"); `--json` keeps exact bytes.
+pub fn size(b: u64) -> String {
+    indicatif::BinaryBytes(b).to_string()
 }
 
 pub fn mib(b: u64) -> f64 {

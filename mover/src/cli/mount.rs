@@ -20,6 +20,9 @@ pub struct Args {
     /// Decoded 4 MiB segments kept in memory per open image.
     #[arg(long, default_value_t = 32)]
     cache_segments: usize,
+    /// Print the mount (directory, repository, snapshots) as JSON once mounted.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
@@ -36,7 +39,11 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         let fs = SnapshotFs::new(repo, view, snaps, opts, cancel.clone());
         let options = [fuser::MountOption::RO, fuser::MountOption::FSName("mover".into()), fuser::MountOption::Subtype("mover".into())];
         let session = fuser::spawn_mount2(fs, &a.dir, &options).map_err(|e| Error::from(e).context(format!("mounting on {}", a.dir.display())))?;
-        println!("mounted {n} snapshots of repository {location} read-only on {}; Ctrl-C unmounts", a.dir.display());
+        if a.json {
+            println!("{}", serde_json::json!({"mounted": a.dir, "repository": location, "snapshots": n}));
+        } else {
+            println!("mounted {n} snapshots of repository {location} read-only on {}; Ctrl-C unmounts", a.dir.display());
+        }
         cancel.cancelled().await;
         drop(session);
         Ok(())

@@ -19,6 +19,7 @@ pub struct Args {
     /// The second repository's S3 endpoint URL, when it differs from this one's.
     #[arg(long)]
     from_s3_endpoint: Option<String>,
+    /// The second repository's S3 region, when it differs from this one's.
     #[arg(long)]
     from_s3_region: Option<String>,
     /// A volume's data as it is now, to look for damaged content in: NAME=PATH (a file
@@ -28,6 +29,7 @@ pub struct Args {
     /// Only report what is damaged and which bytes of which snapshots it costs.
     #[arg(long)]
     dry_run: bool,
+    /// Print the result as JSON (exact byte counts).
     #[arg(long)]
     json: bool,
 }

@@ -32,6 +32,7 @@ pub struct Args {
     /// MiB of memory per MiB.
     #[arg(long)]
     window_mib: Option<u64>,
+    /// Print the result as JSON (exact byte counts).
     #[arg(long)]
     json: bool,
 }
@@ -72,8 +73,13 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
     } else {
         for s in &out {
             println!(
-                "restored volume '{}' of snapshot {} to {}: {} bytes written, {} bytes of holes, {:.2} s",
-                s.volume, s.snapshot_id, s.target, s.bytes_written, s.bytes_holes, s.duration_s
+                "restored volume '{}' of snapshot {} to {}: {} written, {} of holes, {:.2} s",
+                s.volume,
+                s.snapshot_id,
+                s.target,
+                super::size(s.bytes_written),
+                super::size(s.bytes_holes),
+                s.duration_s
             );
         }
     }

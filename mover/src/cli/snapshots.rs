@@ -9,6 +9,7 @@ pub struct ListArgs {
     /// Only this group's snapshots.
     #[arg(long)]
     group: Option<String>,
+    /// Print the result as JSON (exact byte counts).
     #[arg(long)]
     json: bool,
 }
@@ -17,8 +18,10 @@ pub struct ListArgs {
 pub struct ShowArgs {
     /// An id, a unique prefix, or `latest` (of --group, or of the only group).
     snapshot: String,
+    /// The group `latest` is looked up in.
     #[arg(long)]
     group: Option<String>,
+    /// Print the result as JSON (exact byte counts).
     #[arg(long)]
     json: bool,
 }
@@ -42,7 +45,14 @@ pub async fn list(ra: &RepoArgs, a: ListArgs, cancel: &CancellationToken) -> any
         println!("{:<16} {:<20} {:<28} {:>14}  volumes", "id", "time (UTC)", "group", "size");
         for (id, m) in &snaps {
             let vols: Vec<String> = m.volumes.iter().map(|v| v.name.clone()).collect();
-            println!("{:<16} {:<20} {:<28} {:>14}  {}", &id.to_hex()[..16], fmt_time(m.time_unix_ms), m.group(), m.stats.bytes_total, vols.join(","));
+            println!(
+                "{:<16} {:<20} {:<28} {:>14}  {}",
+                &id.to_hex()[..16],
+                fmt_time(m.time_unix_ms),
+                m.group(),
+                super::size(m.stats.bytes_total),
+                vols.join(",")
+            );
         }
         println!("{} snapshots", snaps.len());
     }
@@ -70,19 +80,19 @@ pub async fn show(ra: &RepoArgs, a: ShowArgs, cancel: &CancellationToken) -> any
         }
         for v in &m.volumes {
             println!(
-                "  volume    {} ({} bytes) from {} [{}{}]: read {}, new {}, stored {}",
+                "  volume    {} ({}) from {} [{}{}]: read {}, new {}, stored {}",
                 v.name,
-                v.size,
+                super::size(v.size),
                 v.source,
                 v.change_source,
                 v.change_base.as_ref().map(|b| format!(", checkpoint {b}")).unwrap_or_default(),
-                v.stats.bytes_read,
-                v.stats.bytes_new,
-                v.stats.bytes_stored
+                super::size(v.stats.bytes_read),
+                super::size(v.stats.bytes_new),
+                super::size(v.stats.bytes_stored)
             );
         }
         for md in &m.metadata {
-            println!("  metadata  {} ({} bytes, blob {})", md.name, md.size, md.blob);
+            println!("  metadata  {} ({}, blob {})", md.name, super::size(md.size), md.blob);
         }
     }
     Ok(())

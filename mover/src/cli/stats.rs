@@ -5,6 +5,7 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Print the result as JSON (exact byte counts).
     #[arg(long)]
     json: bool,
 }
@@ -16,14 +17,15 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         println!("{}", serde_json::to_string(&s)?);
     } else {
         println!("snapshots          {}", s.snapshots);
-        println!("logical size       {} bytes (all volumes of all snapshots)", s.logical_bytes);
-        println!("referenced data    {} bytes (holes excluded)", s.referenced_bytes);
-        println!("unique data        {} bytes in {} chunks", s.unique_bytes, s.chunks);
-        println!("stored             {} bytes in {} packs", s.stored_bytes, s.packs);
+        let size = super::size;
+        println!("logical size       {} (all volumes of all snapshots)", size(s.logical_bytes));
+        println!("referenced data    {} (holes excluded)", size(s.referenced_bytes));
+        println!("unique data        {} in {} chunks", size(s.unique_bytes), s.chunks);
+        println!("stored             {} in {} packs", size(s.stored_bytes), s.packs);
         println!("dedup ratio        {:.2}", s.dedup_ratio);
         println!("compression ratio  {:.2}", s.compression_ratio);
         for p in &s.per_snapshot {
-            println!("  {}  logical {}  unique {}", &p.id.to_hex()[..16], p.logical_bytes, p.unique_bytes);
+            println!("  {}  logical {}  unique {}", &p.id.to_hex()[..16], size(p.logical_bytes), size(p.unique_bytes));
         }
     }
     Ok(())

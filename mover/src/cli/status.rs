@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Print the result as JSON (exact byte counts).
     #[arg(long)]
     json: bool,
 }

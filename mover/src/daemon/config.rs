@@ -442,6 +442,37 @@ impl DaemonConfig {
         Ok(())
     }
 
+    /// `mover serve -r URL` (or `MOVER_REPOSITORY`): the daemon's `default` repository is
+    /// `url` instead of the embedded one — its password from `password_file`, else
+    /// `MOVER_PASSWORD`; not created when missing (`mover init` creates it). Refused when
+    /// the configuration names its own repositories: one place says where they are.
+    pub fn use_repository(&mut self, url: &str, password_file: Option<PathBuf>, s3_endpoint: Option<String>, s3_region: Option<String>) -> Result<()> {
+        let embedded = self.repositories.len() == 1
+            && self
+                .repositories
+                .get("default")
+                .is_some_and(|r| r.init_if_missing && r.password_file.as_ref().is_some_and(|p| p.ends_with("default-repository.password")));
+        if !embedded {
+            return Err(Error::invalid(format!(
+                "--repo / MOVER_REPOSITORY ('{url}') names the default repository of a daemon without [repositories]; this configuration names its own ({}): set the url there, or unset MOVER_REPOSITORY",
+                self.repositories.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let entry = RepoEntry {
+            url: url.to_string(),
+            password_file,
+            password_env: None,
+            s3_endpoint,
+            s3_region,
+            init_if_missing: false,
+            verify_interval_seconds: None,
+            verify_read_data_percent: None,
+            status_groups: Vec::new(),
+        };
+        self.repositories.insert("default".into(), entry);
+        Ok(())
+    }
+
     /// Applies the command line's overrides, then checks the transport rule again.
     pub fn override_with(&mut self, listen: Option<&str>, http_listen: Option<&str>, state_dir: Option<&Path>, from_file: bool) -> Result<()> {
         if let Some(s) = state_dir {

@@ -924,3 +924,83 @@ fn recovery_points_are_unknown_until_listed_and_the_last_success_survives_a_rest
     let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
     assert_eq!(saved["backup"]["vms/a"].as_f64(), Some(ta), "{saved}");
 }
+
+/// `mover serve -r REPO` serves REPO as its `default` repository (not a new one in its
+/// state directory), with JSON logs when asked; `mover client` refuses repository options
+/// given on its command line instead of ignoring them (from the environment they are
+/// left to the repository commands); a configuration with its own repositories and a
+/// `MOVER_REPOSITORY` is refused, naming both.
+#[test]
+fn serve_takes_its_default_repository_from_repo_and_client_refuses_repository_options() {
+    let e = super::Env::new();
+    let src = e.path("disk.img");
+    make_volume(&src, 4 << 20, 92);
+    let state = e.path("state");
+    let http = free_port();
+    let log = e.path("serve.log");
+    // A configuration without [repositories]: -r (here MOVER_REPOSITORY) names the default.
+    let cfg = e.path("serve.toml");
+    std::fs::write(&cfg, format!("allowed_roots = [\"{}\"]\nshutdown_grace_seconds = 0\n", e.dir.path().display())).unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        e.cmd(&[
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+            "--log-format",
+            "json",
+        ])
+        .args(["--listen", &format!("unix:{}", state.join("mover.sock").display())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    let t0 = Instant::now();
+    while http_get(http, "/readyz").map(|r| r.0) != Some(200) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let server = format!("unix:{}", state.join("mover.sock").display());
+    let out = e.ok(&["client", "--server", &server, "start-backup", "--repository", "default", "--volume", &format!("disk={}", src.display()), "--watch"]);
+    assert!(out.contains("succeeded"), "{out}");
+    // `client list`: kind, state, group and age per line, filtered on request.
+    let listed = e.ok(&["client", "--server", &server, "list", "--kind", "backup", "--state", "succeeded"]);
+    let line = listed.lines().next().unwrap_or_default();
+    assert!(line.contains("  backup ") && line.contains("succeeded") && line.contains(" ago") && line.contains("4.00 MiB/4.00 MiB (100%)"), "{listed}");
+    assert_eq!(e.ok(&["client", "--server", &server, "list", "--kind", "restore"]), "", "no restore ran");
+    // The snapshot is in the repository -r named, and no repository was made in the state
+    // directory.
+    let snaps = e.ok(&["snapshots", "--json"]);
+    assert_eq!(snaps.lines().count(), 1, "{snaps}");
+    assert!(!state.join("repository").exists());
+    // Repository options on client's command line are refused, naming them.
+    let err = e.fail(&["client", "--server", &server, "snapshots", "-r", "dr"]);
+    assert!(err.contains("does not take --repo") && err.contains("--repository"), "{err}");
+    let _ = Command::new("kill").arg(child.0.id().to_string()).status();
+    let _ = child.0.wait();
+    // Every log line is a JSON object with a level and a message, without colour codes.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines = 0;
+    for l in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|err| panic!("not JSON ({err}): {l}"));
+        assert!(v["level"].is_string() && v["fields"]["message"].is_string() && !l.contains('\u{1b}'), "{l}");
+        lines += 1;
+    }
+    assert!(lines >= 2 && text.contains("serving gRPC"), "{text}");
+    // A configuration naming its own repositories and MOVER_REPOSITORY: refused.
+    let cfg = e.path("c.toml");
+    std::fs::write(&cfg, format!("state_dir = \"{}\"\n[repositories.main]\nurl = \"{}\"\n", e.path("s2").display(), e.repo)).unwrap();
+    let err = e.fail(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(err.contains("MOVER_REPOSITORY") && err.contains("main"), "{err}");
+}

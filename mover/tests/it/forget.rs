@@ -28,6 +28,25 @@ fn retention_plan_dry_run_and_execute() {
     e.ok(&["restore", &ids[4], out.to_str().unwrap()]);
     assert_eq!(hash(&src), hash(&out));
     assert!(problems_free(&e));
+
+    // `forget ID…`: those snapshots (a unique prefix will do), nothing else; with a policy
+    // it is refused; an unknown id removes nothing.
+    let o = e.run(&["forget", &ids[3], "--keep-last", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cannot be used with"), "{err}");
+    let err = e.fail(&["forget", &ids[3], "ffffffffffffffff"]);
+    assert!(err.contains("ffffffffffffffff"), "{err}");
+    assert_eq!(e.snapshot_count(), 3, "nothing removed when one id is unknown");
+    let dry = e.json(&["forget", &ids[3][..12], "--dry-run"]);
+    assert_eq!((dry["removed"].as_u64(), dry["snapshots"][0]["id"].as_str()), (Some(0), Some(ids[3].as_str())));
+    assert_eq!(e.snapshot_count(), 3);
+    let done = e.json(&["forget", &ids[3][..12]]);
+    assert_eq!(done["removed"], 1);
+    assert_eq!(e.snapshot_count(), 2);
+    let out = e.path("out.img");
+    e.ok(&["restore", &ids[4], out.to_str().unwrap(), "--overwrite"]);
+    assert_eq!(hash(&src), hash(&out));
+    assert!(problems_free(&e));
 }
 
 fn problems_free(e: &Env) -> bool {
