@@ -178,6 +178,13 @@ enum Cmd {
     Serve(serve::Args),
     /// Talk to a daemon.
     Client(client::Args),
+    /// Write the seccomp profile built into this binary (deploy/seccomp/mover.json) to
+    /// DIR/mover.json: what the DaemonSet's init container runs on each node.
+    InstallSeccompProfile {
+        /// The kubelet's seccomp directory (e.g. /var/lib/kubelet/seccomp).
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Hold a volume and do nothing until stopped (SIGTERM): what the pod that exposes a
     /// Velero DataUpload's snapshot on a node runs (docs/velero.md).
     #[command(hide = true)]
@@ -216,11 +223,38 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             }
             client::run(a).await
         }
+        Cmd::InstallSeccompProfile { dir } => install_seccomp_profile(&dir),
         Cmd::Hold => {
             cancel.cancelled().await;
             Ok(())
         }
     }
+}
+
+/// deploy/seccomp/mover.json, built in.
+const SECCOMP_PROFILE: &str = include_str!("../../../deploy/seccomp/mover.json");
+
+/// Writes [`SECCOMP_PROFILE`] to `dir/mover.json` (mode 0644) through a temporary file
+/// renamed over it, so the kubelet never reads half a profile; an identical file is left.
+fn install_seccomp_profile(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("mover.json");
+    if std::fs::read(&path).ok().as_deref() == Some(SECCOMP_PROFILE.as_bytes()) {
+        println!("{} is up to date", path.display());
+        return Ok(());
+    }
+    let tmp = dir.join(".mover.json.tmp");
+    let write = || -> std::io::Result<()> {
+        std::fs::write(&tmp, SECCOMP_PROFILE)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().with_context(|| format!("writing {}", path.display()))?;
+    println!("installed {}", path.display());
+    Ok(())
 }
 
 /// A progress bar on stderr while `progress` advances, when stderr is a terminal. It stays

@@ -128,12 +128,20 @@ impl Metrics {
         let gauge = |name: &str, help: &str| prometheus::GaugeVec::new(Opts::new(name, help), &["repository", "group"]);
         let snapshot_age = gauge(
             "mover_snapshot_age_seconds",
-            "Age of the newest snapshot of the group (RPO; NaN: not known yet, +Inf: none); group 'other': the worst of the unlisted groups",
+            "Age of the newest snapshot of the group (RPO; NaN: not known yet, +Inf: none; 'other': the worst unlisted group, absent when none has snapshots)",
         )?;
-        let verified_age = gauge("mover_verified_snapshot_age_seconds", "Age of the newest snapshot a verify found intact (+Inf: none)")?;
-        let drilled_age = gauge("mover_drilled_snapshot_age_seconds", "Age of the newest snapshot a drill restored and verified (+Inf: none)")?;
-        let projected_restore =
-            gauge("mover_projected_restore_seconds", "Restore time of the newest snapshot at the last drill's rate (RTO; +Inf: never drilled)")?;
+        let verified_age = gauge(
+            "mover_verified_snapshot_age_seconds",
+            "Age of the newest snapshot a verify found intact (+Inf: none; NaN: not known yet; absent: no snapshots)",
+        )?;
+        let drilled_age = gauge(
+            "mover_drilled_snapshot_age_seconds",
+            "Age of the newest snapshot a drill restored and verified (+Inf: none; NaN: not known yet; absent: no snapshots)",
+        )?;
+        let projected_restore = gauge(
+            "mover_projected_restore_seconds",
+            "Restore time of the newest snapshot at the last drill's rate (RTO; +Inf: never drilled; NaN: not known yet; absent: no snapshots)",
+        )?;
         registry.register(Box::new(verify_runs.clone()))?;
         registry.register(Box::new(verify_damaged.clone()))?;
         registry.register(Box::new(verify_affected.clone()))?;
