@@ -658,17 +658,23 @@ fn nbd_sources_through_the_api_report_change_source_and_fallbacks() {
     let _ = q.wait();
 }
 
-#[test]
-fn an_unreachable_repository_never_delays_requests_on_another() {
-    // A store that accepts connections and never answers, configured beside the local one.
+/// A store on 127.0.0.1 that accepts connections and never answers; its port.
+fn silent_store() -> u16 {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
-    let _keep = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let mut held = Vec::new();
         for s in silent.incoming().flatten() {
             held.push(s);
         }
     });
+    port
+}
+
+#[test]
+fn an_unreachable_repository_never_delays_requests_on_another() {
+    // A store that accepts connections and never answers, configured beside the local one.
+    let port = silent_store();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!("[repositories.far]\nurl = \"s3://mover-far/x\"\ns3_endpoint = \"http://127.0.0.1:{port}\"\npassword_env = \"MOVER_TEST_DAEMON_PW\"\n");
     let d = Daemon::start_alive(dir.path(), &extra, false);
@@ -861,14 +867,7 @@ fn a_kubelet_link_into_its_plugins_directory_is_a_block_volume() {
 /// last success per kind and group survives a restart.
 #[test]
 fn recovery_points_are_unknown_until_listed_and_the_last_success_survives_a_restart() {
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let _keep = std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for s in silent.incoming().flatten() {
-            held.push(s);
-        }
-    });
+    let port = silent_store();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
         "status_interval_seconds = 1\n\
