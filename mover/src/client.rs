@@ -25,7 +25,7 @@ pub async fn connect(c: &Conn) -> Result<Channel> {
                 async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
             }))
             .await
-            .map_err(|e| Error::with_source(ErrorKind::Transient, format!("connecting to {}", c.server), e))?;
+            .map_err(|e| cannot_connect(&c.server, &e))?;
         return Ok(ch);
     }
     let mut ep =
@@ -47,7 +47,17 @@ pub async fn connect(c: &Conn) -> Result<Channel> {
         }
         ep = ep.tls_config(tls).map_err(|e| Error::with_source(ErrorKind::InvalidRequest, "TLS configuration", e))?;
     }
-    ep.connect().await.map_err(|e| Error::with_source(ErrorKind::Transient, format!("connecting to {}", c.server), e))
+    ep.connect().await.map_err(|e| cannot_connect(&c.server, &e))
+}
+
+/// "connecting to SERVER: CAUSE", the innermost cause once (tonic's transport error wraps
+/// the same I/O error twice).
+fn cannot_connect(server: &str, e: &(dyn std::error::Error + 'static)) -> Error {
+    let mut cause = e;
+    while let Some(s) = cause.source() {
+        cause = s;
+    }
+    Error::new(ErrorKind::Transient, format!("connecting to {server}: {cause}"))
 }
 
 pub fn state_name(t: &pb::Transfer) -> &'static str {

@@ -556,7 +556,26 @@ impl Jobs {
         });
         self.persist(&r).await;
         let t0 = Instant::now();
-        let result = self.execute(&job, work, &h).await;
+        // `mover_upload_bytes_total` follows the uploads as they happen (every second),
+        // and counts what a failed or cancelled transfer uploaded too.
+        let mut counted = 0u64;
+        let mut count_uploads = || {
+            let now = job.progress.bytes_uploaded.load(std::sync::atomic::Ordering::Relaxed);
+            self.metrics.upload_bytes.inc_by(now.saturating_sub(counted));
+            counted = counted.max(now);
+        };
+        let result = {
+            let exec = self.execute(&job, work, &h);
+            tokio::pin!(exec);
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    r = &mut exec => break r,
+                    _ = tick.tick() => count_uploads(),
+                }
+            }
+        };
+        count_uploads();
         let secs = t0.elapsed().as_secs_f64();
         let state = match &result {
             Ok(()) => State::Succeeded,
@@ -612,7 +631,6 @@ impl Jobs {
                 ] {
                     m.backup_bytes.with_label_values(&[what]).inc_by(v);
                 }
-                m.upload_bytes.inc_by(s.bytes_uploaded);
                 if s.io_backend == "pread" {
                     m.io_uring_fallbacks.inc();
                 }
@@ -654,7 +672,6 @@ impl Jobs {
             Work::Copy { target, plan, .. } => {
                 job.set_phase(Phase::Copying);
                 let s = ops::copy(h, &target, plan, job.progress.clone(), &job.cancel).await?;
-                m.upload_bytes.inc_by(s.bytes_uploaded);
                 job.update(|r| {
                     r.copied = s
                         .copied

@@ -58,7 +58,7 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
         let backup_bytes = IntCounterVec::new(Opts::new("mover_backup_bytes_total", "Bytes of backed-up volumes by what happened to them"), &["what"])?;
-        let upload_bytes = IntCounter::new("mover_upload_bytes_total", "Bytes of packs uploaded to repositories")?;
+        let upload_bytes = IntCounter::new("mover_upload_bytes_total", "Bytes of packs uploaded to repositories (as they upload, failed transfers' included)")?;
         let restore_bytes = IntCounterVec::new(Opts::new("mover_restore_bytes_total", "Bytes restored, written or left as holes"), &["what"])?;
         let transfers = IntCounterVec::new(Opts::new("mover_transfers_total", "Finished transfers by kind and result"), &["kind", "result"])?;
         let active = IntGaugeVec::new(Opts::new("mover_transfers_active", "Transfers running now"), &["kind"])?;

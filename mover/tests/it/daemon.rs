@@ -1003,3 +1003,35 @@ fn serve_takes_its_default_repository_from_repo_and_client_refuses_repository_op
     let err = e.fail(&["serve", "--config", cfg.to_str().unwrap()]);
     assert!(err.contains("MOVER_REPOSITORY") && err.contains("main"), "{err}");
 }
+
+/// `mover_upload_bytes_total` grows while a transfer uploads (not only when it ends), and
+/// ends equal to what the transfer reports.
+#[test]
+fn upload_bytes_are_counted_as_they_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let src = dir.path().join("vols/disk.img");
+    std::fs::write(&src, super::noise(94, 48 << 20)).unwrap();
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let mut req = backup_req("disk", &src);
+        req.bandwidth_limit = 8 << 20; // ~6 s of uploads, pack by pack
+        let t = c.start_backup(req).await.unwrap().into_inner();
+        let mut seen_between = Vec::new();
+        let end = loop {
+            let now = c.get_transfer(pb::GetTransferRequest { id: t.id.clone() }).await.unwrap().into_inner();
+            let m = d.metric("mover_upload_bytes_total");
+            if now.state() != pb::TransferState::Running && now.state() != pb::TransferState::Queued {
+                break now;
+            }
+            if m > 0 {
+                seen_between.push(m);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
+        let total = end.stats.unwrap().bytes_uploaded;
+        assert!(seen_between.iter().any(|m| *m < total), "uploads were not counted before the end: {seen_between:?} of {total}");
+        assert_eq!(d.metric("mover_upload_bytes_total"), total);
+    });
+}
