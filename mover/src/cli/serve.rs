@@ -26,7 +26,7 @@ pub struct Args {
 /// `--password-file` and S3 options) and its cache directory (`--cache-dir`).
 pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::Result<()> {
     let mut cfg = DaemonConfig::load(a.config.as_deref())?;
-    cfg.override_with(a.listen.as_deref(), a.http_listen.as_deref(), a.state_dir.as_deref(), a.config.is_some())?;
+    cfg.override_with(a.listen.as_deref(), a.http_listen.as_deref(), a.state_dir.as_deref())?;
     match ra.repo.as_deref() {
         Some(url) if !url.is_empty() => cfg.use_repository(url, ra.password_file.clone(), ra.s3_endpoint.clone(), ra.s3_region.clone())?,
         _ => {

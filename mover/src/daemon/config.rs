@@ -261,6 +261,18 @@ pub struct DaemonConfig {
     pub drill_scratch_dir: PathBuf,
     /// `[velero]`: the Velero data mover runs when set.
     pub velero: Option<VeleroConfig>,
+    /// The settings that took their default beneath `state_dir` (not set in the file):
+    /// `--state-dir` moves them along.
+    derived: Derived,
+}
+
+/// Which state-directory defaults were taken (see [`DaemonConfig::override_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Derived {
+    repository: bool,
+    listen: bool,
+    cache_dir: bool,
+    drill_scratch_dir: bool,
 }
 
 pub fn parse_listen(s: &str) -> Result<Listen> {
@@ -325,6 +337,12 @@ impl DaemonConfig {
         };
         let http_listen: SocketAddr =
             raw.http_listen.as_deref().unwrap_or("127.0.0.1:7601").parse().map_err(|_| Error::invalid("http_listen is not HOST:PORT"))?;
+        let derived = Derived {
+            repository: raw.repositories.is_empty(),
+            listen: raw.listen.is_none(),
+            cache_dir: raw.cache_dir.is_none(),
+            drill_scratch_dir: raw.drill_scratch_dir.is_none(),
+        };
         let mut repositories = raw.repositories;
         if repositories.is_empty() {
             repositories.insert("default".into(), Self::default_repository(&state_dir));
@@ -389,6 +407,7 @@ impl DaemonConfig {
         }
         let velero = raw.velero.map(|v| v.check(&repositories)).transpose()?;
         let cfg = Self {
+            derived,
             velero,
             export_address,
             insecure_plaintext_exports: raw.insecure_plaintext_exports,
@@ -474,20 +493,25 @@ impl DaemonConfig {
     }
 
     /// Applies the command line's overrides, then checks the transport rule again.
-    pub fn override_with(&mut self, listen: Option<&str>, http_listen: Option<&str>, state_dir: Option<&Path>, from_file: bool) -> Result<()> {
+    pub fn override_with(&mut self, listen: Option<&str>, http_listen: Option<&str>, state_dir: Option<&Path>) -> Result<()> {
         if let Some(s) = state_dir {
-            if !from_file {
-                // Keep the embedded defaults inside the given state directory.
+            // Keep the defaults inside the given state directory: whatever the file (if
+            // any) left to its default, the embedded repository included.
+            if self.derived.repository {
                 for r in self.repositories.values_mut() {
                     if r.init_if_missing {
                         *r = Self::default_repository(s);
                     }
                 }
+            }
+            if self.derived.cache_dir {
                 self.cache_dir = s.join("cache");
+            }
+            if self.derived.drill_scratch_dir {
                 self.drill_scratch_dir = s.join("drill");
-                if listen.is_none() {
-                    self.listen = Listen::Unix(s.join("mover.sock"));
-                }
+            }
+            if self.derived.listen && listen.is_none() {
+                self.listen = Listen::Unix(s.join("mover.sock"));
             }
             self.state_dir = s.to_path_buf();
         }

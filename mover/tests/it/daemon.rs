@@ -937,7 +937,8 @@ fn serve_takes_its_default_repository_from_repo_and_client_refuses_repository_op
     let state = e.path("state");
     let http = free_port();
     let log = e.path("serve.log");
-    // A configuration without [repositories]: -r (here MOVER_REPOSITORY) names the default.
+    // A configuration without [repositories]: -r (here MOVER_REPOSITORY) names the default;
+    // without `listen`, the socket follows --state-dir.
     let cfg = e.path("serve.toml");
     std::fs::write(&cfg, format!("allowed_roots = [\"{}\"]\nshutdown_grace_seconds = 0\n", e.dir.path().display())).unwrap();
     struct Killed(std::process::Child);
@@ -959,7 +960,6 @@ fn serve_takes_its_default_repository_from_repo_and_client_refuses_repository_op
             "--log-format",
             "json",
         ])
-        .args(["--listen", &format!("unix:{}", state.join("mover.sock").display())])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
