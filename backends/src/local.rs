@@ -16,10 +16,19 @@ use tokio_util::sync::CancellationToken;
 
 const PAGE: usize = 1000;
 
+/// A listing's walk, kept for its next page: `(prefix, token)` → (when, the sorted
+/// objects, where the next page starts). A listing of P objects then walks the directory
+/// once, not once per page (O(P), not O(P²/PAGE)); a listing abandoned midway is dropped
+/// after [`WALK_TTL`], and at most [`WALKS`] are kept.
+type Walks = std::collections::HashMap<(String, String), (std::time::Instant, std::sync::Arc<Vec<ObjectMeta>>, usize)>;
+const WALK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+const WALKS: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
     root: PathBuf,
     location: String,
+    walks: std::sync::Arc<std::sync::Mutex<Walks>>,
 }
 
 impl LocalStorage {
@@ -27,7 +36,7 @@ impl LocalStorage {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         let root = root.into();
         let location = root.display().to_string();
-        Self { root, location }
+        Self { root, location, walks: Default::default() }
     }
 
     pub fn root(&self) -> &Path {
@@ -250,6 +259,22 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
     Ok(())
 }
 
+impl LocalStorage {
+    /// One page of a walk from `from`; the rest is kept for the next page's token.
+    fn page(&self, prefix: &str, all: std::sync::Arc<Vec<ObjectMeta>>, from: usize) -> ListPage {
+        let end = (from + PAGE).min(all.len());
+        let objects = all[from..end].to_vec();
+        let next = (end < all.len()).then(|| all[end - 1].name.clone());
+        if let (Some(n), Ok(mut w)) = (&next, self.walks.lock()) {
+            w.retain(|_, (t, _, _)| t.elapsed() < WALK_TTL);
+            if w.len() < WALKS {
+                w.insert((prefix.to_string(), n.clone()), (std::time::Instant::now(), all, end));
+            }
+        }
+        ListPage { objects, next }
+    }
+}
+
 #[async_trait]
 impl Storage for LocalStorage {
     fn location(&self) -> &str {
@@ -304,6 +329,14 @@ impl Storage for LocalStorage {
     }
 
     async fn list_page(&self, prefix: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
+        // The next page of a listing in progress: from its walk. Objects written or
+        // deleted since the listing began may or may not be in it (as on S3).
+        if let Some(t) = &token {
+            let kept = self.walks.lock().ok().and_then(|mut w| w.remove(&(prefix.to_string(), t.clone())));
+            if let Some((_, all, from)) = kept {
+                return Ok(self.page(prefix, all, from));
+            }
+        }
         // Walk the directory that holds the prefix, filter by the full prefix.
         let dir_part = match prefix.rfind('/') {
             Some(i) => &prefix[..i],
@@ -321,9 +354,7 @@ impl Storage for LocalStorage {
             .await?;
         all.retain(|o| o.name.starts_with(&prefix_owned) && token.as_ref().is_none_or(|t| o.name > *t));
         all.sort_by(|a, b| a.name.cmp(&b.name));
-        let next = if all.len() > PAGE { Some(all[PAGE - 1].name.clone()) } else { None };
-        all.truncate(PAGE);
-        Ok(ListPage { objects: all, next })
+        Ok(self.page(prefix, std::sync::Arc::new(all), 0))
     }
 
     async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
@@ -347,6 +378,35 @@ impl Storage for LocalStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listing of more than one page returns every object once, in order, whether its
+    /// pages come from one walk or (another listing, an expired walk) from a new one.
+    #[tokio::test]
+    async fn a_listing_of_many_pages_returns_every_object_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStorage::new(dir.path().join("repo"));
+        let c = CancellationToken::new();
+        let mut want = Vec::new();
+        for i in 0..2_500u32 {
+            let name = format!("packs/{:02x}/{i:08}", i % 7);
+            s.put(&name, Bytes::from_static(b"x"), &c).await.unwrap();
+            want.push(name);
+        }
+        s.put("index/a", Bytes::from_static(b"y"), &c).await.unwrap();
+        want.sort();
+        let t0 = std::time::Instant::now();
+        let got: Vec<String> = mover_format::storage::list_all(&s, "packs/", &c).await.unwrap().into_iter().map(|o| o.name).collect();
+        eprintln!("listed {} objects in {:?}", got.len(), t0.elapsed());
+        assert_eq!(got, want);
+        // Two listings interleaved, and one resumed from a token its walk no longer has.
+        let (a, b) = (s.list_page("packs/", None, &c).await.unwrap(), s.list_page("packs/", None, &c).await.unwrap());
+        assert_eq!(a.objects.len(), PAGE);
+        let a2 = s.list_page("packs/", a.next.clone(), &c).await.unwrap();
+        s.walks.lock().unwrap().clear();
+        let b2 = s.list_page("packs/", b.next.clone(), &c).await.unwrap();
+        assert_eq!(a2.objects.iter().map(|o| &o.name).collect::<Vec<_>>(), b2.objects.iter().map(|o| &o.name).collect::<Vec<_>>());
+        assert_eq!(a2.objects[0].name, want[PAGE]);
+    }
 
     /// A link planted below the root (a directory or an object) is never followed: reads,
     /// writes, deletes and listings refuse or skip it, and nothing outside is touched.
