@@ -59,8 +59,6 @@ pub struct S3Storage {
     location: String,
 }
 
-/// Whether a request failed because no credentials could be loaded (none configured, or
-/// their provider failed), which the SDK reports as a dispatch failure.
 /// An error and its causes in one line ("dispatch failure: io error: … Connection
 /// refused"), each said once — not the SDK's debug form.
 fn causes(e: &(dyn std::error::Error + 'static)) -> String {
@@ -76,6 +74,8 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// Whether a request failed because no credentials could be loaded (none configured, or
+/// their provider failed), which the SDK reports as a dispatch failure.
 fn credentials_failure(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(x) = cur {

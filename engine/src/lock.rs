@@ -57,6 +57,12 @@ impl Lease {
         self.lost.store(true, std::sync::atomic::Ordering::Release);
     }
 
+    /// The lease of a reader that could not write a lock: it never expires (nothing of
+    /// another node's depends on it).
+    fn without_lock() -> Self {
+        Lease { last_ok: Arc::new(Mutex::new(Instant::now())), lost: Default::default(), ttl: Duration::from_secs(100 * 365 * 86_400), id: String::new() }
+    }
+
     /// Fails when the lock may have expired in the eyes of another node.
     pub fn check(&self) -> Result<()> {
         if self.lost() || Instant::now() >= self.deadline() {
@@ -129,26 +135,17 @@ where
         Hold::Read => match RepoLock::acquire_or_denied(repo, LockKind::Read, cancel).await? {
             Ok(l) => Some(l),
             Err(e) => {
-                tracing::debug!("read lock: {e}");
                 // Read-only credentials: reading needs no lock to be right — every chunk is
                 // checked against its hash, so a pack a concurrent gc deleted fails the
                 // read, never changes it — only to be sure to finish.
-                tracing::warn!(
-                    "repository {}: these credentials may not write a read lock; reading without one (a gc running now could make this fail, never read wrong data)",
-                    repo.location()
-                );
+                tracing::warn!("reading without a lock ({e}): a gc running now could make this fail, never read wrong data");
                 None
             }
         },
         Hold::Backup => Some(RepoLock::acquire(repo, LockKind::Backup, cancel).await?),
         Hold::Exclusive(what) => Some(RepoLock::acquire_exclusive(repo, what, cancel).await?),
     };
-    let lease = match &lock {
-        Some(l) => l.lease.clone(),
-        None => {
-            Lease { last_ok: Arc::new(Mutex::new(Instant::now())), lost: Default::default(), ttl: Duration::from_secs(100 * 365 * 86_400), id: String::new() }
-        }
-    };
+    let lease = lock.as_ref().map(|l| l.lease.clone()).unwrap_or_else(Lease::without_lock);
     let held = Held { repo: repo.clone(), lease };
     let r = f(held).await;
     if let Some(lock) = lock {

@@ -22,6 +22,21 @@ pub mod socket;
 pub mod sources;
 pub mod velero;
 
+/// Replaces `path` with `bytes` durably: a temporary file beside it (`.NAME.tmp`) with
+/// permissions `mode`, synced, renamed over it — a crash leaves the old file or the new
+/// one, never half of one.
+pub fn replace_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    // Exactly `mode`, whatever the umask.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Selects rustls's crypto provider (ring) for the process. The AWS SDK and tonic enable
 /// different providers, so rustls cannot choose one by itself. Idempotent.
 pub fn init_tls() {

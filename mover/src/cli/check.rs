@@ -17,7 +17,7 @@ pub struct Args {
     /// daemons find it as the last verify.
     #[arg(long)]
     record: bool,
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }

@@ -39,7 +39,7 @@ pub struct Args {
     /// Upload limit in bytes per second (0: none).
     #[arg(long, default_value_t = 0, value_name = "BYTES_PER_S")]
     limit_upload: u64,
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }

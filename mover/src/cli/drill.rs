@@ -23,7 +23,7 @@ pub struct Args {
     /// volume is verified, or when the drill fails.
     #[arg(long)]
     scratch: Option<PathBuf>,
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }

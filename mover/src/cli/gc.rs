@@ -17,7 +17,7 @@ pub struct Args {
     /// the repository shrinks afterwards. Rewrites only packs that shrink by 3 % or more.
     #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(1..=22))]
     recompress: Option<i32>,
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }

@@ -7,14 +7,14 @@ use tokio_util::sync::CancellationToken;
 pub enum Cmd {
     /// Bring the local index up to date with the store's index segments.
     Sync {
-        /// Print the result as JSON (exact byte counts).
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Delete the local index and rebuild it from index segments, and from pack trailers
     /// for packs no readable index segment names (writing new segments for them).
     Rebuild {
-        /// Print the result as JSON (exact byte counts).
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },

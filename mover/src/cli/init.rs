@@ -19,7 +19,7 @@ pub struct Args {
     /// index: about 100 bytes per chunk.
     #[arg(long, default_value_t = 128)]
     chunk_avg_kib: u32,
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }

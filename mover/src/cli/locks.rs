@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
 pub struct ListArgs {
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -16,7 +16,7 @@ pub struct UnlockArgs {
     /// Remove every lock, also live ones. Only when you know their holders are gone.
     #[arg(long)]
     force: bool,
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }

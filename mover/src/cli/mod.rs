@@ -234,25 +234,18 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
 /// deploy/seccomp/mover.json, built in.
 const SECCOMP_PROFILE: &str = include_str!("../../../deploy/seccomp/mover.json");
 
-/// Writes [`SECCOMP_PROFILE`] to `dir/mover.json` (mode 0644) through a temporary file
-/// renamed over it, so the kubelet never reads half a profile; an identical file is left.
+/// Writes [`SECCOMP_PROFILE`] to `dir/mover.json` (mode 0644) with
+/// [`mover::replace_file`], so the kubelet never reads half a profile; an identical file
+/// is left.
 fn install_seccomp_profile(dir: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
-    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("mover.json");
     if std::fs::read(&path).ok().as_deref() == Some(SECCOMP_PROFILE.as_bytes()) {
         println!("{} is up to date", path.display());
         return Ok(());
     }
-    let tmp = dir.join(".mover.json.tmp");
-    let write = || -> std::io::Result<()> {
-        std::fs::write(&tmp, SECCOMP_PROFILE)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().with_context(|| format!("writing {}", path.display()))?;
+    mover::replace_file(&path, SECCOMP_PROFILE.as_bytes(), 0o644).with_context(|| format!("writing {}", path.display()))?;
     println!("installed {}", path.display());
     Ok(())
 }

@@ -29,7 +29,7 @@ pub struct Args {
     /// Only report what is damaged and which bytes of which snapshots it costs.
     #[arg(long)]
     dry_run: bool,
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }

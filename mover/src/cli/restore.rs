@@ -32,7 +32,7 @@ pub struct Args {
     /// MiB of memory per MiB.
     #[arg(long)]
     window_mib: Option<u64>,
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }

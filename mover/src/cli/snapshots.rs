@@ -9,7 +9,7 @@ pub struct ListArgs {
     /// Only this group's snapshots.
     #[arg(long)]
     group: Option<String>,
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -21,7 +21,7 @@ pub struct ShowArgs {
     /// The group `latest` is looked up in.
     #[arg(long)]
     group: Option<String>,
-    /// Print the result as JSON (exact byte counts).
+    /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }

@@ -221,15 +221,10 @@ impl Job {
 struct RecordDir(Arc<PathBuf>);
 
 impl RecordDir {
-    /// Writes `r` durably: a temporary file, synced, renamed over the record.
+    /// Writes `r` durably ([`crate::replace_file`]).
     fn persist_now(&self, r: &Record) {
         let path = self.0.join(format!("{}.json", r.id));
-        let tmp = self.0.join(format!(".{}.tmp", r.id));
-        let res = serde_json::to_vec_pretty(r).map_err(std::io::Error::other).and_then(|b| {
-            std::fs::write(&tmp, b)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        });
+        let res = serde_json::to_vec_pretty(r).map_err(std::io::Error::other).and_then(|b| crate::replace_file(&path, &b, 0o600));
         if let Err(e) = res {
             tracing::error!("persisting transfer {}: {e}", r.id);
         }
@@ -272,16 +267,9 @@ impl LastSuccess {
         Self { path, times }
     }
 
-    /// Written whole, through a temporary file renamed over it (a crash leaves the old one).
-    fn save(&self) {
-        let tmp = self.path.with_extension("tmp");
-        let res = serde_json::to_vec_pretty(&self.times).map_err(std::io::Error::other).and_then(|b| {
-            std::fs::write(&tmp, b)?;
-            std::fs::rename(&tmp, &self.path)
-        });
-        if let Err(e) = res {
-            tracing::error!("persisting {}: {e}", self.path.display());
-        }
+    /// The file's new contents, to write with [`crate::replace_file`].
+    fn encoded(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(&self.times).unwrap_or_default()
     }
 }
 
@@ -409,15 +397,17 @@ impl Jobs {
         let label = self.metrics.group_label(repository, group);
         let t = mover_format::now_unix_ms() as f64 / 1000.0;
         self.metrics.last_success.with_label_values(&[kind, &label]).set(t);
-        let snapshot = match self.successes.lock() {
+        let (path, bytes) = match self.successes.lock() {
             Ok(mut s) => {
                 s.times.entry(kind.to_string()).or_default().insert(label, t);
-                LastSuccess { path: s.path.clone(), times: s.times.clone() }
+                (s.path.clone(), s.encoded())
             }
             Err(_) => return,
         };
-        if let Err(e) = tokio::task::spawn_blocking(move || snapshot.save()).await {
-            tracing::error!("persisting the last successes: {e}");
+        match tokio::task::spawn_blocking(move || crate::replace_file(&path, &bytes, 0o600).map_err(|e| format!("{}: {e}", path.display()))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("persisting {e}"),
+            Err(e) => tracing::error!("persisting the last successes: {e}"),
         }
     }
 
