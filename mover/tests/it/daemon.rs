@@ -21,14 +21,17 @@ pub(crate) struct Daemon {
     probe: &'static str,
 }
 
-/// Ports handed out once per test process (parallel tests never share one), from a range
-/// that depends on the process id, each checked to be bindable.
+/// Ports handed out once per test process (parallel tests never share one), each checked
+/// to be bindable. They come from 10000–32767, below the kernel's ephemeral range
+/// (32768–60999 by default): a port there can be taken by any outgoing connection between
+/// this check and the daemon's bind (a CI run failed so, on 38684). The starting point
+/// depends on the process id, so two test processes rarely start on the same port.
 pub(crate) fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 500) as u16 * 40;
+    let start = (std::process::id() % 100) as u16 * 227;
     loop {
-        let p = base + NEXT.fetch_add(1, Ordering::SeqCst) % 4000;
+        let p = 10_000 + (start + NEXT.fetch_add(1, Ordering::SeqCst)) % 22_700;
         if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
             return p;
         }

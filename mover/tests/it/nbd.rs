@@ -97,8 +97,7 @@ pub(crate) fn nbdinfo_dirty(uri: &str, bitmap: &str) -> Vec<(u64, u64)> {
 }
 
 fn port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    super::daemon::free_port()
 }
 
 pub(crate) fn restore_hash(e: &Env, snap: &str) -> String {
