@@ -245,7 +245,10 @@ pub struct Jobs {
     retention: Retention,
     /// When a transfer of each kind and group last succeeded, kept in the state directory
     /// (so `mover_last_success_timestamp_seconds` survives restarts).
-    successes: Mutex<LastSuccess>,
+    successes: Arc<Mutex<LastSuccess>>,
+    /// Held while `last-success.json` is written: each write encodes the times as they are
+    /// then, so the newest write holds the newest times.
+    successes_file: Arc<Mutex<()>>,
 }
 
 /// `last-success.json` in the state directory: kind → group label → unix seconds.
@@ -314,7 +317,8 @@ impl Jobs {
             tasks: Mutex::new(Vec::new()),
             finished: Arc::new(tokio::sync::Notify::new()),
             retention,
-            successes: Mutex::new(LastSuccess::load(state_dir)),
+            successes: Arc::new(Mutex::new(LastSuccess::load(state_dir))),
+            successes_file: Default::default(),
         };
         if let Ok(s) = jobs.successes.lock() {
             for (kind, groups) in &s.times {
@@ -397,14 +401,20 @@ impl Jobs {
         let label = self.metrics.group_label(repository, group);
         let t = mover_format::now_unix_ms() as f64 / 1000.0;
         self.metrics.last_success.with_label_values(&[kind, &label]).set(t);
-        let (path, bytes) = match self.successes.lock() {
-            Ok(mut s) => {
-                s.times.entry(kind.to_string()).or_default().insert(label, t);
-                (s.path.clone(), s.encoded())
-            }
+        match self.successes.lock() {
+            Ok(mut s) => s.times.entry(kind.to_string()).or_default().insert(label, t),
             Err(_) => return,
         };
-        match tokio::task::spawn_blocking(move || crate::replace_file(&path, &bytes, 0o600).map_err(|e| format!("{}: {e}", path.display()))).await {
+        let (successes, file) = (self.successes.clone(), self.successes_file.clone());
+        let write = move || {
+            let _one = file.lock().map_err(|_| "last-success.json: a writer panicked".to_string())?;
+            let (path, bytes) = match successes.lock() {
+                Ok(s) => (s.path.clone(), s.encoded()),
+                Err(_) => return Ok(()),
+            };
+            crate::replace_file(&path, &bytes, 0o600).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        match tokio::task::spawn_blocking(write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!("persisting {e}"),
             Err(e) => tracing::error!("persisting the last successes: {e}"),
