@@ -35,8 +35,24 @@ pub fn now_unix() -> u64 {
     now_unix_ms() / 1000
 }
 
+/// Milliseconds since the Unix epoch: the time Mover stamps on snapshots, reports and locks
+/// and judges retention by.
+///
+/// For the fleet benchmark only (`benches/fleet.py`), which plays months of daily backups in
+/// an hour: with `MOVER_CLOCK_OFFSET_FILE` set, the number of seconds in that file is added
+/// (read at every call; a missing or unreadable file adds nothing). Every process of one
+/// repository must then see the same file, and the offset may only move while no process
+/// holds a lock (a jump ages every lock by as much). Nothing else reads it: the store's
+/// request signatures keep the real clock.
 pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    real.saturating_add(clock_offset_s().saturating_mul(1000))
+}
+
+fn clock_offset_s() -> u64 {
+    static FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let Some(path) = FILE.get_or_init(|| std::env::var_os("MOVER_CLOCK_OFFSET_FILE").map(Into::into)) else { return 0 };
+    std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }
 
 /// This machine's host name, or `unknown`.

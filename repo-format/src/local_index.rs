@@ -138,6 +138,45 @@ pub struct SyncReport {
 /// segments must not be deduplicated against; new segments first, so a chunk a `gc` only
 /// moved to a new segment is never missing in between).
 pub async fn sync(repo: &Repository, index: &dyn ChunkIndex, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
+    let t0 = std::time::Instant::now();
+    let r = sync_retrying(repo, index, cancel).await;
+    SYNCS.record(t0.elapsed(), r.as_ref().ok());
+    r
+}
+
+/// What this process's syncs cost, since it started: for the daemon's metrics (a node's
+/// share of the fleet's work is what it must ingest of the others' writes).
+#[derive(Debug, Default)]
+pub struct SyncTotals {
+    pub syncs: std::sync::atomic::AtomicU64,
+    pub nanos: std::sync::atomic::AtomicU64,
+    pub segments_ingested: std::sync::atomic::AtomicU64,
+    pub entries_ingested: std::sync::atomic::AtomicU64,
+    pub segments_removed: std::sync::atomic::AtomicU64,
+}
+
+pub static SYNCS: SyncTotals = SyncTotals {
+    syncs: std::sync::atomic::AtomicU64::new(0),
+    nanos: std::sync::atomic::AtomicU64::new(0),
+    segments_ingested: std::sync::atomic::AtomicU64::new(0),
+    entries_ingested: std::sync::atomic::AtomicU64::new(0),
+    segments_removed: std::sync::atomic::AtomicU64::new(0),
+};
+
+impl SyncTotals {
+    fn record(&self, took: std::time::Duration, r: Option<&SyncReport>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.syncs.fetch_add(1, Relaxed);
+        self.nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+        if let Some(r) = r {
+            self.segments_ingested.fetch_add(r.segments_ingested as u64, Relaxed);
+            self.entries_ingested.fetch_add(r.entries_ingested as u64, Relaxed);
+            self.segments_removed.fetch_add(r.segments_removed as u64, Relaxed);
+        }
+    }
+}
+
+async fn sync_retrying(repo: &Repository, index: &dyn ChunkIndex, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
     // A segment deleted between listing and reading means a gc replaced it just now: list
     // again, which shows its replacement. Back off between attempts so that gc runs in
     // quick succession cannot starve the sync.

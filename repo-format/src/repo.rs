@@ -542,11 +542,17 @@ impl Repository {
 
     /// Every snapshot, oldest first.
     pub async fn snapshots(&self, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, Manifest)>, RepoError> {
-        // Several manifests read at once: against a distant store listing costs round
-        // trips, one per snapshot when read one after another.
-        use futures::StreamExt;
         let ids = self.list_snapshot_ids(cancel).await?;
         self.prune_kept_manifests(&ids).await;
+        self.read_listed_snapshots(ids, cancel).await
+    }
+
+    /// The manifests of snapshots just listed (a kept copy where there is one), sorted by
+    /// time. Several are read at once: against a distant store reading costs round trips,
+    /// one per snapshot when read one after another. One one forgotten since the listing, or one that is not a snapshot
+    /// of this repository (said, skipped), is left out.
+    pub async fn read_listed_snapshots(&self, ids: Vec<SnapshotId>, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, Manifest)>, RepoError> {
+        use futures::StreamExt;
         let mut reads = futures::stream::iter(ids).map(|id| async move { (id, self.read_listed_snapshot(&id, cancel).await) }).buffer_unordered(64);
         let mut out = Vec::new();
         while let Some((id, r)) = reads.next().await {

@@ -110,28 +110,98 @@ pub async fn record<T: Serialize>(repo: &Repository, kind: &str, value: &T, canc
     Ok(name)
 }
 
-/// The newest reports of `kind` among `all` (a listing, oldest first), newest first, at
-/// most `n`. Unreadable ones are skipped with a warning: a damaged report must not hide
-/// the others.
-async fn newest<T: serde::de::DeserializeOwned + Send>(
+/// The newest readable reports of `kind` among `all` (a listing, oldest first), newest
+/// first, at most `n`, with their names; those in `known` are taken from there, not read.
+/// Unreadable ones are skipped with a warning: a damaged report must not hide the others.
+async fn newest<T: serde::de::DeserializeOwned + Send + Clone>(
     repo: &Repository,
     all: &[(String, u64, String)],
     kind: &str,
     n: usize,
+    known: &HashMap<String, T>,
     cancel: &CancellationToken,
-) -> Result<Vec<T>> {
+) -> Result<Vec<(String, T)>> {
     use futures::StreamExt;
     let names: Vec<String> = all.iter().rev().filter(|(_, _, k)| k == kind).take(n).map(|(name, _, _)| name.clone()).collect();
-    let mut reads = futures::stream::iter(names).map(|name| async move { (repo.read_report::<T>(&name, cancel).await, name) }).buffered(16);
+    let mut reads = futures::stream::iter(names)
+        .map(|name| async move {
+            match known.get(&name) {
+                Some(v) => (Ok(v.clone()), name),
+                None => (repo.read_report::<T>(&name, cancel).await, name),
+            }
+        })
+        .buffered(16);
     let mut out = Vec::new();
     while let Some((r, name)) = reads.next().await {
         match r {
-            Ok(v) => out.push(v),
+            Ok(v) => out.push((name, v)),
             Err(e) if e.is_cancelled() => return Err(e.into()),
             Err(e) => tracing::warn!("skipping report {name}: {e:#}"),
         }
     }
     Ok(out)
+}
+
+/// What a status needs of a snapshot (a few dozen bytes: 20,000 snapshots are ~2 MiB).
+#[derive(Debug, Clone)]
+pub struct SnapRow {
+    pub id: SnapshotId,
+    pub group: String,
+    pub time_unix_ms: u64,
+    /// Bytes of all its volumes.
+    pub size: u64,
+}
+
+impl SnapRow {
+    pub fn of(id: SnapshotId, m: &Manifest) -> Self {
+        Self { id, group: m.group(), time_unix_ms: m.time_unix_ms, size: m.volumes.iter().map(|v| v.size).sum() }
+    }
+}
+
+/// What the last status read, so that the next reads only what changed: manifests of
+/// snapshots added since (those forgotten are dropped), reports written since. The listing
+/// of names is the only cost that grows with the repository (one request per 1,000
+/// snapshots on S3).
+#[derive(Debug, Default)]
+pub struct StatusCache {
+    snaps: HashMap<SnapshotId, SnapRow>,
+    verify: HashMap<String, VerifyResult>,
+    drills: HashMap<String, DrillResult>,
+}
+
+/// What a refresh cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RefreshCost {
+    pub snapshots: usize,
+    pub manifests_read: usize,
+}
+
+/// The RPO/RTO report of a repository.
+pub async fn status(repo: &Repository, cancel: &CancellationToken) -> Result<RepoStatus> {
+    Ok(refresh(repo, &mut StatusCache::default(), cancel).await?.0)
+}
+
+/// [`status`], reading only what changed since `cache` was last refreshed.
+pub async fn refresh(repo: &Repository, cache: &mut StatusCache, cancel: &CancellationToken) -> Result<(RepoStatus, RefreshCost)> {
+    let (ids, reports) = tokio::try_join!(repo.list_snapshot_ids(cancel), repo.list_reports(cancel))?;
+    let listed: HashSet<SnapshotId> = ids.iter().copied().collect();
+    cache.snaps.retain(|id, _| listed.contains(id));
+    let new: Vec<SnapshotId> = ids.into_iter().filter(|id| !cache.snaps.contains_key(id)).collect();
+    let (added, verify, drills) = tokio::try_join!(
+        async { repo.read_listed_snapshots(new, cancel).await.map_err(crate::error::Error::from) },
+        newest::<VerifyResult>(repo, &reports, VERIFY, 1, &cache.verify, cancel),
+        newest::<DrillResult>(repo, &reports, DRILL, KEEP_REPORTS, &cache.drills, cancel),
+    )?;
+    let cost = RefreshCost { snapshots: cache.snaps.len() + added.len(), manifests_read: added.len() };
+    for (id, m) in &added {
+        cache.snaps.insert(*id, SnapRow::of(*id, m));
+    }
+    cache.verify = verify.iter().cloned().collect();
+    cache.drills = drills.iter().cloned().collect();
+    let mut rows: Vec<SnapRow> = cache.snaps.values().cloned().collect();
+    rows.sort_by_key(|r| (r.time_unix_ms, r.id));
+    let st = build(repo.location(), mover_format::now_unix_ms(), rows, verify.into_iter().next().map(|x| x.1), drills.into_iter().map(|x| x.1).collect());
+    Ok((st, cost))
 }
 
 /// Recovery points and times of one group.
@@ -177,38 +247,35 @@ pub struct RepoStatus {
     pub groups: Vec<GroupStatus>,
 }
 
-/// The RPO/RTO report of a repository.
-pub async fn status(repo: &Repository, cancel: &CancellationToken) -> Result<RepoStatus> {
-    let (snaps, reports) = tokio::try_join!(repo.snapshots(cancel), repo.list_reports(cancel))?;
-    let (verify, drills) =
-        tokio::try_join!(newest::<VerifyResult>(repo, &reports, VERIFY, 1, cancel), newest::<DrillResult>(repo, &reports, DRILL, KEEP_REPORTS, cancel))?;
-    Ok(build(repo.location(), mover_format::now_unix_ms(), snaps, verify.into_iter().next(), drills))
-}
-
-/// [`status`] from what was read (`drills` newest first).
-pub fn build(location: &str, now_ms: u64, snaps: Vec<(SnapshotId, Manifest)>, verify: Option<VerifyResult>, drills: Vec<DrillResult>) -> RepoStatus {
+/// [`status`] from what was read (`snaps` oldest first, `drills` newest first).
+pub fn build(location: &str, now_ms: u64, snaps: Vec<SnapRow>, verify: Option<VerifyResult>, drills: Vec<DrillResult>) -> RepoStatus {
     let age = |t: u64| now_ms.saturating_sub(t) as f64 / 1000.0;
     let checked: HashSet<SnapshotId> = verify.iter().flat_map(|v| v.snapshots_checked.iter().copied()).collect();
     let affected: HashSet<SnapshotId> = verify.iter().flat_map(|v| v.affected_snapshots.iter().copied()).collect();
-    let time_of: HashMap<SnapshotId, u64> = snaps.iter().map(|(id, m)| (*id, m.time_unix_ms)).collect();
+    let time_of: HashMap<SnapshotId, u64> = snaps.iter().map(|r| (r.id, r.time_unix_ms)).collect();
+    let mut by_group: BTreeMap<String, Vec<SnapRow>> = BTreeMap::new();
+    for r in snaps {
+        by_group.entry(r.group.clone()).or_default().push(r);
+    }
     let mut groups = Vec::new();
-    for (group, list) in crate::snapshots::by_group(snaps) {
-        let Some((newest, nm)) = list.last() else { continue };
-        let verified = list.iter().rev().find(|(id, _)| checked.contains(id) && !affected.contains(id));
+    for (group, list) in by_group {
+        let Some(nm) = list.last() else { continue };
+        let newest = &nm.id;
+        let verified = list.iter().rev().find(|r| checked.contains(&r.id) && !affected.contains(&r.id));
         let group_drills: Vec<&DrillResult> = drills.iter().filter(|d| d.group == group).collect();
         // The newest snapshot (still in the repository) a passed drill restored.
         let drilled = group_drills.iter().filter(|d| d.ok).filter_map(|d| time_of.get(&d.snapshot_id).map(|t| (d.snapshot_id, *t))).max_by_key(|(_, t)| *t);
         let last_ok = group_drills.iter().find(|d| d.ok);
         let rate = last_ok.and_then(|d| d.bytes_per_s());
-        let size: u64 = nm.volumes.iter().map(|v| v.size).sum();
+        let size = nm.size;
         groups.push(GroupStatus {
             group: group.clone(),
             snapshots: list.len(),
             newest_snapshot: *newest,
             newest_time_unix_ms: nm.time_unix_ms,
             rpo_seconds: age(nm.time_unix_ms),
-            newest_verified: verified.map(|(id, _)| *id),
-            verified_age_seconds: verified.map(|(_, m)| age(m.time_unix_ms)),
+            newest_verified: verified.map(|r| r.id),
+            verified_age_seconds: verified.map(|r| age(r.time_unix_ms)),
             newest_drilled: drilled.map(|(id, _)| id),
             drilled_age_seconds: drilled.map(|(_, t)| age(t)),
             last_drill_unix_ms: group_drills.first().map(|d| d.time_unix_ms),

@@ -519,7 +519,7 @@ impl RepositoryService for Api {
         auth::authorize(&self.d, &request, Group::Read)?;
         let req = request.into_inner();
         let h = self.d.repo(&req.repository).await.map_err(status)?;
-        let st = mover_engine::maint::report::status(&h.repo, &self.d.request_token()).await.map_err(status)?;
+        let st = self.d.repo_status(&req.repository, &h).await.map_err(status)?;
         Ok(Response::new(status_proto(&req.repository, &st)))
     }
 }

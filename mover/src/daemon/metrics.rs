@@ -52,6 +52,18 @@ pub struct Metrics {
     pub verified_age: prometheus::GaugeVec,
     pub drilled_age: prometheus::GaugeVec,
     pub projected_restore: prometheus::GaugeVec,
+    /// How long the last recovery-point refresh of a repository took, and the manifests
+    /// refreshes read (only those added since the one before: the cost follows the work).
+    pub status_refresh_seconds: prometheus::GaugeVec,
+    pub status_manifests_read: IntCounterVec,
+    /// This process's local index syncs (before every backup and restore): count, time,
+    /// and what they ingested of other writers' index segments. Copied from
+    /// `mover_format::local_index::SYNCS` at each scrape.
+    index_syncs: IntCounter,
+    index_sync_seconds: prometheus::Counter,
+    index_sync_segments: IntCounter,
+    index_sync_entries: IntCounter,
+    scrape: std::sync::Mutex<()>,
 }
 
 impl Metrics {
@@ -150,6 +162,24 @@ impl Metrics {
         registry.register(Box::new(verified_age.clone()))?;
         registry.register(Box::new(drilled_age.clone()))?;
         registry.register(Box::new(projected_restore.clone()))?;
+        let status_refresh_seconds = prometheus::GaugeVec::new(
+            Opts::new("mover_status_refresh_seconds", "How long the last recovery-point refresh of the repository took (absent: none yet)"),
+            &["repository"],
+        )?;
+        let status_manifests_read = IntCounterVec::new(
+            Opts::new("mover_status_manifests_read_total", "Snapshot manifests recovery-point refreshes read (only those new since the refresh before)"),
+            &["repository"],
+        )?;
+        let index_syncs = IntCounter::new("mover_index_syncs_total", "Syncs of the node's local index with the repository's index segments")?;
+        let index_sync_seconds = prometheus::Counter::new("mover_index_sync_seconds_total", "Time spent syncing the node's local index")?;
+        let index_sync_segments = IntCounter::new("mover_index_sync_segments_total", "Index segments (written by other nodes or a gc) the syncs ingested")?;
+        let index_sync_entries = IntCounter::new("mover_index_sync_entries_total", "Index entries the syncs ingested")?;
+        registry.register(Box::new(status_refresh_seconds.clone()))?;
+        registry.register(Box::new(status_manifests_read.clone()))?;
+        registry.register(Box::new(index_syncs.clone()))?;
+        registry.register(Box::new(index_sync_seconds.clone()))?;
+        registry.register(Box::new(index_sync_segments.clone()))?;
+        registry.register(Box::new(index_sync_entries.clone()))?;
         // Every label set exists from the start, at zero: rate() and absent() work before the
         // first transfer, and dashboards find every series they query.
         for w in ["read", "zero", "skipped", "reused_parent", "deduplicated", "new", "stored"] {
@@ -204,6 +234,13 @@ impl Metrics {
             verified_age,
             drilled_age,
             projected_restore,
+            status_refresh_seconds,
+            status_manifests_read,
+            index_syncs,
+            index_sync_seconds,
+            index_sync_segments,
+            index_sync_entries,
+            scrape: std::sync::Mutex::new(()),
         })
     }
 
@@ -284,7 +321,22 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        self.copy_index_syncs();
         prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+    }
+
+    /// Brings the index-sync counters up to the process's totals (one scrape at a time, so
+    /// two cannot add the same difference twice).
+    fn copy_index_syncs(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _one = self.scrape.lock();
+        let t = &mover_format::local_index::SYNCS;
+        let up = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
+        up(&self.index_syncs, t.syncs.load(Relaxed));
+        up(&self.index_sync_segments, t.segments_ingested.load(Relaxed));
+        up(&self.index_sync_entries, t.entries_ingested.load(Relaxed));
+        let secs = t.nanos.load(Relaxed) as f64 / 1e9;
+        self.index_sync_seconds.inc_by((secs - self.index_sync_seconds.get()).max(0.0));
     }
 
     /// The object-store observer that feeds `mover_store_request_seconds`.

@@ -48,6 +48,9 @@ pub struct Daemon {
     repo_errors: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     /// The daemon's stop: request-time work is tied to it.
     shutdown: CancellationToken,
+    /// What the last recovery-point status of each repository read: the next reads only
+    /// manifests and reports added since.
+    status_caches: tokio::sync::Mutex<HashMap<String, mover_engine::maint::report::StatusCache>>,
 }
 
 /// Makes a directory the daemon keeps state in private (0700).
@@ -371,9 +374,22 @@ impl Daemon {
     async fn refresh_status(&self, name: &str, e: &RepoEntry) -> Result<()> {
         let cell = self.repos.lock().ok().and_then(|m| m.get(name).cloned());
         let Some(h) = cell.as_ref().and_then(|c| c.get()) else { return Ok(()) };
-        let st = mover_engine::maint::report::status(&h.repo, &self.request_token()).await?;
+        let st = self.repo_status(name, h).await?;
         self.metrics.set_status(name, &st, &e.status_groups);
         Ok(())
+    }
+
+    /// The recovery-point status of the open repository `name`, reading only the manifests
+    /// and reports added since the last one.
+    pub async fn repo_status(&self, name: &str, h: &RepoHandle) -> Result<mover_engine::maint::report::RepoStatus> {
+        let t0 = std::time::Instant::now();
+        let mut caches = self.status_caches.lock().await;
+        let cache = caches.entry(name.to_string()).or_default();
+        let (st, cost) = mover_engine::maint::report::refresh(&h.repo, cache, &self.request_token()).await?;
+        self.metrics.status_refresh_seconds.with_label_values(&[name]).set(t0.elapsed().as_secs_f64());
+        self.metrics.status_manifests_read.with_label_values(&[name]).inc_by(cost.manifests_read as u64);
+        tracing::debug!("status of '{name}': {} snapshots, {} manifests read, {:?}", cost.snapshots, cost.manifests_read, t0.elapsed());
+        Ok(st)
     }
 }
 
@@ -407,6 +423,12 @@ fn nbd_tls_config(t: &config::TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
 /// Runs the daemon until `stop` fires.
 pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
     crate::init_tls();
+    if let Some(f) = std::env::var_os("MOVER_CLOCK_OFFSET_FILE") {
+        tracing::warn!(
+            "MOVER_CLOCK_OFFSET_FILE={}: snapshot, report and lock times are shifted by the seconds in it (for benchmarks only)",
+            f.to_string_lossy()
+        );
+    }
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
     private_dir(&cfg.state_dir)?;
     std::fs::create_dir_all(&cfg.cache_dir).with_context(|| format!("creating cache directory {}", cfg.cache_dir.display()))?;
@@ -425,6 +447,7 @@ pub async fn serve(cfg: DaemonConfig, stop: CancellationToken) -> Result<()> {
         ready: AtomicBool::new(false),
         repo_errors: Default::default(),
         shutdown: stop.clone(),
+        status_caches: Default::default(),
     });
 
     for (name, e) in &cfg.repositories {

@@ -927,6 +927,57 @@ fn recovery_points_are_unknown_until_listed_and_the_last_success_survives_a_rest
     assert_eq!(saved["backup"]["vms/a"].as_f64(), Some(ta), "{saved}");
 }
 
+/// The recovery-point refresh after every job reads only the manifests added since the
+/// refresh before (issue 33: its cost follows the work, not the repository): after three
+/// backups it has read three manifests, not 1 + 2 + 3; a status request reads none; a
+/// snapshot forgotten by another process is gone from the next status without a read.
+/// The index syncs before each backup are counted.
+#[test]
+fn recovery_point_refreshes_read_only_what_was_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "", false);
+    let src = dir.path().join("vols/disk.img");
+    make_volume(&src, 4 << 20, 91);
+    let read = "mover_status_manifests_read_total{repository=\"main\"}";
+    let counts = |st: &pb::RepositoryStatus| -> Vec<(String, u64)> { st.groups.iter().map(|g| (g.group.clone(), g.snapshots)).collect() };
+    rt().block_on(async {
+        let mut c = client(&d).await;
+        let mut ids = Vec::new();
+        for (i, group) in ["vms/a", "vms/b", "vms/a"].into_iter().enumerate() {
+            let mut req = backup_req("disk", &src);
+            req.group = group.into();
+            let t = c.start_backup(req).await.unwrap().into_inner();
+            let end = watch_end(&mut c, &t.id).await;
+            assert_eq!(end.state(), pb::TransferState::Succeeded, "{}", end.error);
+            ids.push(end.snapshot_id);
+            // The refresh after this job has read this job's manifest, and only it.
+            assert_eq!(wait_metric(&d, read, |v| v >= (i + 1) as f64), (i + 1) as f64);
+        }
+        let mut rc = pb::repository_service_client::RepositoryServiceClient::new(
+            mover::client::connect(&mover::client::Conn { server: d.grpc.clone(), ..Default::default() }).await.unwrap(),
+        );
+        let st = rc.get_status(pb::GetStatusRequest { repository: "main".into() }).await.unwrap().into_inner();
+        assert_eq!(counts(&st), [("vms/a".to_string(), 2), ("vms/b".to_string(), 1)]);
+        assert_eq!(metric(&d, read), Some(3.0), "a status request reads no manifest it has read before");
+        assert!(metric(&d, "mover_index_syncs_total").unwrap() >= 3.0);
+        assert!(metric(&d, "mover_status_refresh_seconds{repository=\"main\"}").is_some());
+
+        // Another process forgets the first snapshot of vms/a: the next status has one left.
+        let out = Command::new(env!("CARGO_BIN_EXE_mover"))
+            .args(["forget", &ids[0], "-r"])
+            .arg(dir.path().join("repo"))
+            .env("MOVER_PASSWORD", "daemon-test-pw")
+            .env("MOVER_CACHE_DIR", dir.path().join("cli-cache"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let st = rc.get_status(pb::GetStatusRequest { repository: "main".into() }).await.unwrap().into_inner();
+        assert_eq!(counts(&st), [("vms/a".to_string(), 1), ("vms/b".to_string(), 1)]);
+        assert_eq!(st.groups[0].newest_snapshot, ids[2]);
+        assert_eq!(metric(&d, read), Some(3.0));
+    });
+}
+
 /// `mover serve -r REPO` serves REPO as its `default` repository (not a new one in its
 /// state directory), with JSON logs when asked; `mover client` refuses repository options
 /// given on its command line instead of ignoring them (from the environment they are
