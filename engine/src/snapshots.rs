@@ -12,12 +12,23 @@ use tokio_util::sync::CancellationToken;
 
 /// Every snapshot of `group`, oldest first.
 pub async fn in_group(repo: &Repository, group: &str, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, Manifest)>> {
-    Ok(repo.snapshots(cancel).await?.into_iter().filter(|(_, m)| m.group() == group).collect())
+    let ids = repo.group_snapshots(group, cancel).await?.into_iter().map(|(id, _)| id).collect();
+    // Read again (kept copies): the group's own manifests, checked as always.
+    Ok(repo.read_listed_snapshots(ids, cancel).await?.into_iter().filter(|(_, m)| m.group() == group).collect())
 }
 
-/// The newest snapshot of `group`, if it has any. `latest` never crosses groups.
+/// The newest snapshot of `group`, if it has any. `latest` never crosses groups. Reads one
+/// manifest beyond those added since this handle last looked (one forgotten since the
+/// listing is passed over for the one before it).
 pub async fn latest(repo: &Repository, group: &str, cancel: &CancellationToken) -> Result<Option<(SnapshotId, Manifest)>> {
-    Ok(in_group(repo, group, cancel).await?.pop())
+    for (id, _) in repo.group_snapshots(group, cancel).await?.into_iter().rev() {
+        if let Some((id, m)) = repo.read_listed_snapshots(vec![id], cancel).await?.pop() {
+            if m.group() == group {
+                return Ok(Some((id, m)));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Snapshots by group, each group oldest first.

@@ -45,6 +45,10 @@ struct Inner {
     /// Blob locations this handle found damaged (a blob that failed to decode, a pack that
     /// is missing), not yet written to a quarantine record ([`Repository::take_damage_seen`]).
     damage_seen: std::sync::Mutex<Vec<crate::quarantine::Damaged>>,
+    /// The group and time of every snapshot this handle has read (a few dozen bytes each),
+    /// so that finding a group's snapshots reads only manifests listed since
+    /// ([`Repository::group_snapshots`]).
+    groups: std::sync::Mutex<std::collections::HashMap<SnapshotId, (String, u64)>>,
 }
 
 /// An open repository; cheap to clone.
@@ -101,7 +105,16 @@ impl Repository {
             }
         }
         Ok(Self {
-            inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy, manifest_cache: Default::default(), damage_seen: Default::default() }),
+            inner: Arc::new(Inner {
+                storage,
+                config,
+                keys,
+                key_id,
+                retry: policy,
+                manifest_cache: Default::default(),
+                damage_seen: Default::default(),
+                groups: Default::default(),
+            }),
         })
     }
 
@@ -177,7 +190,16 @@ impl Repository {
             return Err(RepoError::ConfigMismatch { location: loc });
         }
         Ok(Self {
-            inner: Arc::new(Inner { storage, config, keys, key_id, retry: policy, manifest_cache: Default::default(), damage_seen: Default::default() }),
+            inner: Arc::new(Inner {
+                storage,
+                config,
+                keys,
+                key_id,
+                retry: policy,
+                manifest_cache: Default::default(),
+                damage_seen: Default::default(),
+                groups: Default::default(),
+            }),
         })
     }
 
@@ -572,6 +594,42 @@ impl Repository {
         }
         out.sort_by_key(|(id, m)| (m.time_unix_ms, *id));
         Ok(out)
+    }
+
+    /// The ids and times of `group`'s snapshots, oldest first: one listing, and only the
+    /// manifests this handle has not read before (a backup's `latest` parent costs what was
+    /// added since the last backup, not every manifest of the repository).
+    pub async fn group_snapshots(&self, group: &str, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, u64)>, RepoError> {
+        let ids = self.list_snapshot_ids(cancel).await?;
+        let new: Vec<SnapshotId> = {
+            let known = self.inner.groups.lock().unwrap_or_else(|e| e.into_inner());
+            ids.iter().filter(|id| !known.contains_key(id)).copied().collect()
+        };
+        let read = self.read_listed_snapshots(new, cancel).await?;
+        let listed: std::collections::HashSet<&SnapshotId> = ids.iter().collect();
+        let (out, gone) = {
+            let mut known = self.inner.groups.lock().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<SnapshotId> = known.keys().filter(|id| !listed.contains(id)).copied().collect();
+            for id in &gone {
+                known.remove(id);
+            }
+            for (id, m) in read {
+                known.insert(id, (m.group(), m.time_unix_ms));
+            }
+            let mut out: Vec<(SnapshotId, u64)> = known.iter().filter(|(_, (g, _))| g == group).map(|(id, (_, t))| (*id, *t)).collect();
+            out.sort_by_key(|(id, t)| (*t, *id));
+            (out, gone)
+        };
+        self.drop_kept_manifests(&gone).await;
+        Ok(out)
+    }
+
+    /// Removes the kept manifests of snapshots found forgotten. Best effort.
+    pub async fn drop_kept_manifests(&self, ids: &[SnapshotId]) {
+        let Some(dir) = self.inner.manifest_cache.get() else { return };
+        for id in ids {
+            let _ = tokio::fs::remove_file(dir.join(id.to_hex())).await;
+        }
     }
 
     /// Removes kept manifests of snapshots the store no longer lists (forgotten), so the

@@ -185,7 +185,11 @@ pub async fn status(repo: &Repository, cancel: &CancellationToken) -> Result<Rep
 pub async fn refresh(repo: &Repository, cache: &mut StatusCache, cancel: &CancellationToken) -> Result<(RepoStatus, RefreshCost)> {
     let (ids, reports) = tokio::try_join!(repo.list_snapshot_ids(cancel), repo.list_reports(cancel))?;
     let listed: HashSet<SnapshotId> = ids.iter().copied().collect();
-    cache.snaps.retain(|id, _| listed.contains(id));
+    let gone: Vec<SnapshotId> = cache.snaps.keys().filter(|id| !listed.contains(id)).copied().collect();
+    for id in &gone {
+        cache.snaps.remove(id);
+    }
+    repo.drop_kept_manifests(&gone).await;
     let new: Vec<SnapshotId> = ids.into_iter().filter(|id| !cache.snaps.contains_key(id)).collect();
     let (added, verify, drills) = tokio::try_join!(
         async { repo.read_listed_snapshots(new, cancel).await.map_err(crate::error::Error::from) },
