@@ -383,55 +383,76 @@ const MAX_NAME_SKEW_MS: u64 = 3_600_000;
 /// with another key) is reported live until its name's refresh time plus the default TTL,
 /// unless that name lies more than an hour in the future (junk: stale).
 pub async fn list(repo: &Repository, cancel: &CancellationToken) -> Result<Vec<LockView>> {
-    'again: for _attempt in 0..5 {
-        let mut by_id: HashMap<String, Vec<(u64, String)>> = HashMap::new();
-        for o in repo.list_objects(names::LOCKS_PREFIX, cancel).await? {
-            if let Some((id, ms)) = lock::parse_name(&o.name) {
-                by_id.entry(id).or_default().push((ms, o.name));
-            }
+    let mut by_id: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+    for o in repo.list_objects(names::LOCKS_PREFIX, cancel).await? {
+        if let Some((id, ms)) = lock::parse_name(&o.name) {
+            by_id.entry(id).or_default().push((ms, o.name));
         }
-        let now = mover_format::now_unix_ms();
-        let mut out = Vec::new();
-        for (id, mut objs) in by_id {
-            objs.sort();
-            let (ms, latest) = objs.last().cloned().unwrap_or_default();
-            let mut unreadable = false;
-            let info = match repo.read_lock(&latest, cancel).await {
-                Ok(i) => i,
-                // Refreshed between listing and reading: list again.
-                Err(mover_format::RepoError::Storage(e)) if e.is_not_found() => continue 'again,
-                Err(e) if e.is_cancelled() => return Err(e.into()),
-                Err(e) => {
-                    tracing::warn!("{e:#}");
-                    unreadable = true;
-                    LockInfo {
-                        id: id.clone(),
-                        kind: LockKind::Other("unknown".into()),
-                        hostname: "unknown".into(),
-                        boot_id: String::new(),
-                        pid_ns: String::new(),
-                        pid: 0,
-                        created_ms: ms,
-                        refreshed_ms: ms,
-                        ttl_s: default_ttl().as_secs(),
-                    }
-                }
-            };
-            // A lock that does not open and is named past any clock skew was not written by
-            // a Mover (its name is its refresh time): junk that would otherwise look live
-            // for ever and block gc. Stale; `unlock` removes it.
-            let stale = match unreadable {
-                true if ms > now.saturating_add(MAX_NAME_SKEW_MS) => {
-                    Some(format!("it does not open and is named {} s in the future: not a lock Mover wrote", (ms - now) / 1000))
-                }
-                _ => staleness(&info, now),
-            };
-            out.push(LockView { info, objects: objs.into_iter().map(|(_, n)| n).collect(), stale });
-        }
-        out.sort_by(|a, b| (a.info.created_ms, &a.info.id).cmp(&(b.info.created_ms, &b.info.id)));
-        return Ok(out);
     }
-    Err(Error::transient(format!("locks in repository {} kept changing while being listed", repo.location())))
+    let now = mover_format::now_unix_ms();
+    let mut out = Vec::new();
+    for (id, objs) in by_id {
+        // A lock refreshed or released between the listing and the read: its objects are
+        // listed again (only its own: on a busy fleet some lock always changes while all
+        // are read, and listing everything again never ended). Released: it protects
+        // nothing any more and is left out.
+        let Some((objs, read)) = read_latest(repo, &id, objs, cancel).await? else { continue };
+        let ms = objs.last().map(|(ms, _)| *ms).unwrap_or_default();
+        let unreadable = read.is_err();
+        let info = read.unwrap_or_else(|e| {
+            tracing::warn!("{e:#}");
+            LockInfo {
+                id: id.clone(),
+                kind: LockKind::Other("unknown".into()),
+                hostname: "unknown".into(),
+                boot_id: String::new(),
+                pid_ns: String::new(),
+                pid: 0,
+                created_ms: ms,
+                refreshed_ms: ms,
+                ttl_s: default_ttl().as_secs(),
+            }
+        });
+        // A lock that does not open and is named past any clock skew was not written by
+        // a Mover (its name is its refresh time): junk that would otherwise look live
+        // for ever and block gc. Stale; `unlock` removes it.
+        let stale = match unreadable {
+            true if ms > now.saturating_add(MAX_NAME_SKEW_MS) => {
+                Some(format!("it does not open and is named {} s in the future: not a lock Mover wrote", (ms - now) / 1000))
+            }
+            _ => staleness(&info, now),
+        };
+        out.push(LockView { info, objects: objs.into_iter().map(|(_, n)| n).collect(), stale });
+    }
+    out.sort_by(|a, b| (a.info.created_ms, &a.info.id).cmp(&(b.info.created_ms, &b.info.id)));
+    Ok(out)
+}
+
+/// The newest object of lock `id` (listed as `objs`), read: its objects (sorted) and what
+/// reading it gave; `None` when the lock is gone (released). An object gone before it
+/// was read (refreshed) makes the lock's own objects listed again, a few times.
+async fn read_latest(
+    repo: &Repository,
+    id: &str,
+    mut objs: Vec<(u64, String)>,
+    cancel: &CancellationToken,
+) -> Result<Option<(Vec<(u64, String)>, std::result::Result<LockInfo, mover_format::RepoError>)>> {
+    for _attempt in 0..5 {
+        objs.sort();
+        let Some((_, latest)) = objs.last().cloned() else { return Ok(None) };
+        match repo.read_lock(&latest, cancel).await {
+            Err(mover_format::RepoError::Storage(e)) if e.is_not_found() => {}
+            Err(e) if e.is_cancelled() => return Err(e.into()),
+            r => return Ok(Some((objs, r))),
+        }
+        objs = repo
+            .list_objects(&format!("{}{id}-", names::LOCKS_PREFIX), cancel)
+            .await?
+            .into_iter()
+            .filter_map(|o| lock::parse_name(&o.name).filter(|(i, _)| i == id).map(|(_, ms)| (ms, o.name)))
+            .collect();
+    }
+    Err(Error::transient(format!("lock {id} in repository {} kept changing while being read", repo.location())))
 }
 
 /// Removes stale locks (all locks with `force`); returns what was removed.
