@@ -286,11 +286,18 @@ async fn keep_open(d: Arc<Daemon>, stop: CancellationToken) {
     }
 }
 
+/// After a job ends the recovery-point metrics are recomputed, but not sooner than this
+/// after the last time: a node ending a backup every second would otherwise list the
+/// repository's snapshots and reports once a second (issue 33: on the fleet benchmark,
+/// three of a backup's eight listings).
+const STATUS_AFTER_JOB_GAP: Duration = Duration::from_secs(5);
+
 /// Scheduled verify jobs, and the recovery-point metrics recomputed every
-/// `status_interval` and after every job.
+/// `status_interval` and soon after jobs end.
 async fn background(d: Arc<Daemon>, stop: CancellationToken) {
     let mut next_verify: HashMap<String, u64> = HashMap::new();
     let mut next_status = 0u64;
+    let mut last_status: Option<std::time::Instant> = None;
     let shortest = d.cfg.repositories.values().filter_map(|e| e.verify_interval_seconds).min().unwrap_or(u64::MAX);
     let tick = Duration::from_secs((shortest / 4).clamp(1, 60)).min(d.cfg.status_interval);
     loop {
@@ -317,11 +324,16 @@ async fn background(d: Arc<Daemon>, stop: CancellationToken) {
                 }
             }
             next_status = mover_format::now_unix_ms() + d.cfg.status_interval.as_millis() as u64;
+            last_status = Some(std::time::Instant::now());
         }
+        let until_status = Duration::from_millis(next_status.saturating_sub(mover_format::now_unix_ms()));
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = d.jobs.finished.notified() => next_status = 0,
-            _ = tokio::time::sleep(tick) => {}
+            _ = d.jobs.finished.notified() => {
+                let wait = last_status.map(|t| STATUS_AFTER_JOB_GAP.saturating_sub(t.elapsed())).unwrap_or_default();
+                next_status = next_status.min(mover_format::now_unix_ms() + wait.as_millis() as u64);
+            }
+            _ = tokio::time::sleep(tick.min(until_status)) => {}
         }
     }
 }
