@@ -267,7 +267,11 @@ def main():
     ap.add_argument("--work", default="/var/tmp/mover-fleet")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (images, repository, logs)")
     ap.add_argument("--samples", type=int, default=24, help="snapshots restored and compared at the end")
+    ap.add_argument("--report", metavar="FLEET_JSON", help="print the markdown table of a finished run's fleet.json, run nothing")
     a = ap.parse_args()
+    if a.report:
+        print(report(json.load(open(a.report))))
+        return 0
 
     mover = os.environ.get("MOVER_BIN")
     if not mover:
@@ -408,6 +412,7 @@ def day_record(day, changed, done, nodes, before, maint, backups_s, day_s):
     per_node = []
     for n in nodes:
         m, b = n.metrics(), before[n.i]
+        n.last_metrics = m
         d = lambda k: m.get(k, 0.0) - b.get(k, 0.0)
         rss, hwm = n.memory_mib()
         mine = [(t["finished_unix_ms"] - t["started_unix_ms"]) / 1000 for (ni, _), t in done.items() if ni == n.i and t["state"] == "succeeded"]
@@ -422,8 +427,20 @@ def day_record(day, changed, done, nodes, before, maint, backups_s, day_s):
             "rss_mib": rss,
             "peak_rss_mib": hwm,
         })
+    # Store requests of the day over all nodes: how many per backup, and how long each took
+    # (which of the two grows tells Mover's work from the server's slowing down).
+    store = {}
+    for op in ("list", "get", "put"):
+        cnt = ssum = 0.0
+        for n in nodes:
+            m, b = n.last_metrics, before[n.i]
+            k = f'mover_store_request_seconds_count{{op="{op}",result="ok"}}'
+            cnt += m.get(k, 0.0) - b.get(k, 0.0)
+            k = f'mover_store_request_seconds_sum{{op="{op}",result="ok"}}'
+            ssum += m.get(k, 0.0) - b.get(k, 0.0)
+        store[op] = {"per_backup": cnt / max(1, len(ts)), "mean_ms": 1000 * ssum / max(1.0, cnt)}
     return {
-        "day": day, "backups": len(ts), "failed": len(ts) - len(ok), "changed_bytes": changed,
+        "day": day, "backups": len(ts), "failed": len(ts) - len(ok), "changed_bytes": changed, "store": store,
         "latency_s": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99), "max": max(lat, default=0)},
         "run_s": {"p50": pct(run, 50), "p90": pct(run, 90), "p99": pct(run, 99)},
         "read_bytes": read, "new_bytes": new, "stored_bytes": stored,
@@ -440,6 +457,7 @@ def day_line(r):
         f"p50/p90/p99 {r['latency_s']['p50']:.2f}/{r['latency_s']['p90']:.2f}/{r['latency_s']['p99']:.2f} s",
         f"changed {r['changed_bytes'] / MIB:.0f} MiB, stored {r['stored_bytes'] / MIB:.1f} MiB ({r['stored_bytes'] / max(1, r['changed_bytes']):.2f}/changed)",
         f"sync {100 * sync:.2f}% of backup time",
+        "store " + ", ".join(f"{op} {v['per_backup']:.1f}/backup {v['mean_ms']:.0f} ms" for op, v in r["store"].items()),
         f"status {max(n['status_refresh_s'] for n in nodes) * 1000:.0f} ms",
         f"peak RSS {max(n['peak_rss_mib'] for n in nodes):.0f} MiB",
         f"forget {m.get('forget', {}).get('seconds', 0):.1f} s/{m.get('forget', {}).get('rss_mib', 0):.0f} MiB",
@@ -529,6 +547,32 @@ def summarize(days, end, failures, a):
     last = [r for r in days if "stats" in r][-1]["stats"]
     out["repository"] = {"snapshots": last["snapshots"], "stored_mib": last["stored_bytes"] / MIB, "logical_mib": last["logical_bytes"] / MIB, "chunks": last["chunks"]}
     return out
+
+
+def report(run):
+    """The per-day curve of a run as a markdown table: day 1, every 10th day, the last."""
+    days = run["days"]
+    last = days[-1]["day"]
+    rows = ["| day | snapshots | backups wall s | latency p50 / p99 s | stored / changed | sync % of backup time | list, get per backup | status refresh ms | forget s | gc s / MiB | node peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    snaps = None
+    for r in days:
+        if "stats" in r:
+            snaps = r["stats"]["snapshots"]
+        if not (r["day"] in (1, last) or r["day"] % 10 == 0 or "gc" in r["maintenance"] and r["day"] in (7, last - last % 7)):
+            continue
+        n = r["nodes"]
+        sync = 100 * sum(x["sync_s"] for x in n) / max(1e-9, sum(x["backup_s"] for x in n))
+        st = r.get("store", {})
+        lg = f"{st['list']['per_backup']:.1f}, {st['get']['per_backup']:.1f}" if st else "–"
+        m = r["maintenance"]
+        gc = f"{m['gc']['seconds']:.0f} / {m['gc']['rss_mib']:.0f}" if "gc" in m else ""
+        rows.append(
+            f"| {r['day']} | {snaps if 'stats' in r else ''} | {r['backups_wall_s']:.1f} | {r['latency_s']['p50']:.1f} / {r['latency_s']['p99']:.1f} | "
+            f"{r['stored_bytes'] / max(1, r['changed_bytes']):.2f} | {sync:.1f} | {lg} | {1000 * max(x['status_refresh_s'] for x in n):.0f} | "
+            f"{m.get('forget', {}).get('seconds', float('nan')):.1f} | {gc} | {max(x['peak_rss_mib'] for x in n):.0f} |"
+        )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

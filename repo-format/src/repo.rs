@@ -57,6 +57,15 @@ pub struct Repository {
     inner: Arc<Inner>,
 }
 
+impl Repository {
+    /// A handle on a repository whose config and key were just read or written.
+    fn opened(storage: Arc<dyn Storage>, config: RepoConfig, keys: Keys, key_id: KeyId, retry: RetryPolicy) -> Self {
+        let inner =
+            Inner { storage, config, keys, key_id, retry, manifest_cache: Default::default(), damage_seen: Default::default(), groups: Default::default() };
+        Self { inner: Arc::new(inner) }
+    }
+}
+
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Repository({}, id {})", self.location(), self.inner.config.id)
@@ -104,18 +113,7 @@ impl Repository {
                 return Err(RepoError::AlreadyInitialised { location: loc });
             }
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                storage,
-                config,
-                keys,
-                key_id,
-                retry: policy,
-                manifest_cache: Default::default(),
-                damage_seen: Default::default(),
-                groups: Default::default(),
-            }),
-        })
+        Ok(Self::opened(storage, config, keys, key_id, policy))
     }
 
     /// Opens an existing repository with a password.
@@ -189,18 +187,7 @@ impl Repository {
         if keys.config_mac(&cbytes[..mac_at]) != mac {
             return Err(RepoError::ConfigMismatch { location: loc });
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                storage,
-                config,
-                keys,
-                key_id,
-                retry: policy,
-                manifest_cache: Default::default(),
-                damage_seen: Default::default(),
-                groups: Default::default(),
-            }),
-        })
+        Ok(Self::opened(storage, config, keys, key_id, policy))
     }
 
     pub fn location(&self) -> &str {
