@@ -45,10 +45,25 @@ struct Inner {
     /// Blob locations this handle found damaged (a blob that failed to decode, a pack that
     /// is missing), not yet written to a quarantine record ([`Repository::take_damage_seen`]).
     damage_seen: std::sync::Mutex<Vec<crate::quarantine::Damaged>>,
-    /// The group and time of every snapshot this handle has read (a few dozen bytes each),
-    /// so that finding a group's snapshots reads only manifests listed since
-    /// ([`Repository::group_snapshots`]).
-    groups: std::sync::Mutex<std::collections::HashMap<SnapshotId, (String, u64)>>,
+    /// What listings need of every snapshot this handle has read (a few dozen bytes each),
+    /// so that the next reads only manifests listed since ([`Repository::snapshot_rows`]).
+    rows: std::sync::Mutex<std::collections::HashMap<SnapshotId, SnapshotRow>>,
+}
+
+/// What listings need of a snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotRow {
+    pub id: SnapshotId,
+    pub group: String,
+    pub time_unix_ms: u64,
+    /// Bytes of all its volumes.
+    pub size: u64,
+}
+
+impl SnapshotRow {
+    pub fn of(id: SnapshotId, m: &Manifest) -> Self {
+        Self { id, group: m.group(), time_unix_ms: m.time_unix_ms, size: m.volumes.iter().map(|v| v.size).sum() }
+    }
 }
 
 /// An open repository; cheap to clone.
@@ -61,7 +76,7 @@ impl Repository {
     /// A handle on a repository whose config and key were just read or written.
     fn opened(storage: Arc<dyn Storage>, config: RepoConfig, keys: Keys, key_id: KeyId, retry: RetryPolicy) -> Self {
         let inner =
-            Inner { storage, config, keys, key_id, retry, manifest_cache: Default::default(), damage_seen: Default::default(), groups: Default::default() };
+            Inner { storage, config, keys, key_id, retry, manifest_cache: Default::default(), damage_seen: Default::default(), rows: Default::default() };
         Self { inner: Arc::new(inner) }
     }
 }
@@ -558,7 +573,7 @@ impl Repository {
 
     /// The manifests of snapshots just listed (a kept copy where there is one), sorted by
     /// time. Several are read at once: against a distant store reading costs round trips,
-    /// one per snapshot when read one after another. One one forgotten since the listing, or one that is not a snapshot
+    /// one per snapshot when read one after another. One forgotten since the listing, or one that is not a snapshot
     /// of this repository (said, skipped), is left out.
     pub async fn read_listed_snapshots(&self, ids: Vec<SnapshotId>, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, Manifest)>, RepoError> {
         use futures::StreamExt;
@@ -583,32 +598,37 @@ impl Repository {
         Ok(out)
     }
 
-    /// The ids and times of `group`'s snapshots, oldest first: one listing, and only the
-    /// manifests this handle has not read before (a backup's `latest` parent costs what was
-    /// added since the last backup, not every manifest of the repository).
-    pub async fn group_snapshots(&self, group: &str, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, u64)>, RepoError> {
+    /// Every snapshot's group, time and size, oldest first, and how many manifests were
+    /// read for it: one listing, and only the manifests this handle has not read before (a
+    /// backup's `latest` parent and a status refresh cost what was added since, not every
+    /// manifest of the repository). Kept copies of snapshots found gone are dropped.
+    pub async fn snapshot_rows(&self, cancel: &CancellationToken) -> Result<(Vec<SnapshotRow>, usize), RepoError> {
         let ids = self.list_snapshot_ids(cancel).await?;
         let new: Vec<SnapshotId> = {
-            let known = self.inner.groups.lock().unwrap_or_else(|e| e.into_inner());
+            let known = self.inner.rows.lock().unwrap_or_else(|e| e.into_inner());
             ids.iter().filter(|id| !known.contains_key(id)).copied().collect()
         };
         let read = self.read_listed_snapshots(new, cancel).await?;
         let listed: std::collections::HashSet<&SnapshotId> = ids.iter().collect();
-        let (out, gone) = {
-            let mut known = self.inner.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut out, gone) = {
+            let mut known = self.inner.rows.lock().unwrap_or_else(|e| e.into_inner());
             let gone: Vec<SnapshotId> = known.keys().filter(|id| !listed.contains(id)).copied().collect();
             for id in &gone {
                 known.remove(id);
             }
-            for (id, m) in read {
-                known.insert(id, (m.group(), m.time_unix_ms));
+            for (id, m) in &read {
+                known.insert(*id, SnapshotRow::of(*id, m));
             }
-            let mut out: Vec<(SnapshotId, u64)> = known.iter().filter(|(_, (g, _))| g == group).map(|(id, (_, t))| (*id, *t)).collect();
-            out.sort_by_key(|(id, t)| (*t, *id));
-            (out, gone)
+            (known.values().cloned().collect::<Vec<_>>(), gone)
         };
         self.drop_kept_manifests(&gone).await;
-        Ok(out)
+        out.sort_by_key(|r| (r.time_unix_ms, r.id));
+        Ok((out, read.len()))
+    }
+
+    /// The ids and times of `group`'s snapshots, oldest first ([`Repository::snapshot_rows`]).
+    pub async fn group_snapshots(&self, group: &str, cancel: &CancellationToken) -> Result<Vec<(SnapshotId, u64)>, RepoError> {
+        Ok(self.snapshot_rows(cancel).await?.0.into_iter().filter(|r| r.group == group).map(|r| (r.id, r.time_unix_ms)).collect())
     }
 
     /// Removes the kept manifests of snapshots found forgotten. Best effort.

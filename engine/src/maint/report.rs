@@ -8,7 +8,6 @@
 use super::check::{CheckReport, DamagedObject};
 use super::drill::DrillReport;
 use crate::error::{Result, ResultExt};
-use mover_format::manifest::Manifest;
 use mover_format::{Repository, SnapshotId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -142,29 +141,12 @@ async fn newest<T: serde::de::DeserializeOwned + Send + Clone>(
     Ok(out)
 }
 
-/// What a status needs of a snapshot (a few dozen bytes: 20,000 snapshots are ~2 MiB).
-#[derive(Debug, Clone)]
-pub struct SnapRow {
-    pub id: SnapshotId,
-    pub group: String,
-    pub time_unix_ms: u64,
-    /// Bytes of all its volumes.
-    pub size: u64,
-}
+pub use mover_format::repo::SnapshotRow as SnapRow;
 
-impl SnapRow {
-    pub fn of(id: SnapshotId, m: &Manifest) -> Self {
-        Self { id, group: m.group(), time_unix_ms: m.time_unix_ms, size: m.volumes.iter().map(|v| v.size).sum() }
-    }
-}
-
-/// What the last status read, so that the next reads only what changed: manifests of
-/// snapshots added since (those forgotten are dropped), reports written since. The listing
-/// of names is the only cost that grows with the repository (one request per 1,000
-/// snapshots on S3).
+/// The reports the last status read, so that the next reads only those written since
+/// (the snapshots' rows are kept by the repository handle: [`Repository::snapshot_rows`]).
 #[derive(Debug, Default)]
 pub struct StatusCache {
-    snaps: HashMap<SnapshotId, SnapRow>,
     verify: HashMap<String, VerifyResult>,
     drills: HashMap<String, DrillResult>,
 }
@@ -183,27 +165,14 @@ pub async fn status(repo: &Repository, cancel: &CancellationToken) -> Result<Rep
 
 /// [`status`], reading only what changed since `cache` was last refreshed.
 pub async fn refresh(repo: &Repository, cache: &mut StatusCache, cancel: &CancellationToken) -> Result<(RepoStatus, RefreshCost)> {
-    let (ids, reports) = tokio::try_join!(repo.list_snapshot_ids(cancel), repo.list_reports(cancel))?;
-    let listed: HashSet<SnapshotId> = ids.iter().copied().collect();
-    let gone: Vec<SnapshotId> = cache.snaps.keys().filter(|id| !listed.contains(id)).copied().collect();
-    for id in &gone {
-        cache.snaps.remove(id);
-    }
-    repo.drop_kept_manifests(&gone).await;
-    let new: Vec<SnapshotId> = ids.into_iter().filter(|id| !cache.snaps.contains_key(id)).collect();
-    let (added, verify, drills) = tokio::try_join!(
-        async { repo.read_listed_snapshots(new, cancel).await.map_err(crate::error::Error::from) },
+    let ((rows, manifests_read), reports) = tokio::try_join!(repo.snapshot_rows(cancel), repo.list_reports(cancel))?;
+    let (verify, drills) = tokio::try_join!(
         newest::<VerifyResult>(repo, &reports, VERIFY, 1, &cache.verify, cancel),
         newest::<DrillResult>(repo, &reports, DRILL, KEEP_REPORTS, &cache.drills, cancel),
     )?;
-    let cost = RefreshCost { snapshots: cache.snaps.len() + added.len(), manifests_read: added.len() };
-    for (id, m) in &added {
-        cache.snaps.insert(*id, SnapRow::of(*id, m));
-    }
+    let cost = RefreshCost { snapshots: rows.len(), manifests_read };
     cache.verify = verify.iter().cloned().collect();
     cache.drills = drills.iter().cloned().collect();
-    let mut rows: Vec<SnapRow> = cache.snaps.values().cloned().collect();
-    rows.sort_by_key(|r| (r.time_unix_ms, r.id));
     let st = build(repo.location(), mover_format::now_unix_ms(), rows, verify.into_iter().next().map(|x| x.1), drills.into_iter().map(|x| x.1).collect());
     Ok((st, cost))
 }
