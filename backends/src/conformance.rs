@@ -150,6 +150,16 @@ pub async fn listing(s: Arc<dyn Storage>, base: &str) -> R {
     if page.next.is_none() || page.objects.len() >= n {
         return fail("a listing of more than 1000 objects did not paginate");
     }
+    // From a point on (S3 `StartAfter`): only the names after it, across pages too.
+    for from in [0usize, 3, 990] {
+        let after = &names[from];
+        let listed = mover_format::storage::list_all_after(&*s, &format!("{base}list/"), Some(after), &c).await.map_err(|e| format!("{e:#}"))?;
+        let got: Vec<&str> = listed.iter().map(|o| o.name.as_str()).collect();
+        let want: Vec<&str> = names[from + 1..].iter().map(String::as_str).collect();
+        if got != want {
+            return fail(format!("a listing after {after} returned {} names, expected the {} after it in order", got.len(), want.len()));
+        }
+    }
     Ok(())
 }
 

@@ -148,6 +148,10 @@ impl Storage for FaultyStorage {
         self.maybe_fail("listing", prefix)?;
         self.inner.list_page(prefix, token, cancel).await
     }
+    async fn list_page_after(&self, prefix: &str, after: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
+        self.maybe_fail("listing", prefix)?;
+        self.inner.list_page_after(prefix, after, token, cancel).await
+    }
     async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
         self.maybe_fail("deleting", name)?;
         self.inner.delete(name, cancel).await

@@ -117,6 +117,12 @@ impl Storage for Instrumented {
         self.observe(Op::List, t, &r);
         r
     }
+    async fn list_page_after(&self, prefix: &str, after: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
+        let t = Instant::now();
+        let r = self.inner.list_page_after(prefix, after, token, cancel).await;
+        self.observe(Op::List, t, &r);
+        r
+    }
     async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
         let t = Instant::now();
         let r = self.inner.delete(name, cancel).await;

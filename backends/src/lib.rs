@@ -174,6 +174,15 @@ impl Storage for CheckedBeforeWrite {
     async fn list_page(&self, prefix: &str, token: Option<String>, cancel: &CancellationToken) -> Result<mover_format::storage::ListPage, StorageError> {
         self.inner.list_page(prefix, token, cancel).await
     }
+    async fn list_page_after(
+        &self,
+        prefix: &str,
+        after: &str,
+        token: Option<String>,
+        cancel: &CancellationToken,
+    ) -> Result<mover_format::storage::ListPage, StorageError> {
+        self.inner.list_page_after(prefix, after, token, cancel).await
+    }
     async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
         self.check(cancel).await?;
         self.inner.delete(name, cancel).await

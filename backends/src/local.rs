@@ -261,6 +261,37 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
 
 impl LocalStorage {
     /// One page of a walk from `from`; the rest is kept for the next page's token.
+    /// One page of a listing (names after `after` when given). The next page of a listing
+    /// in progress comes from its walk: objects written or deleted since the listing began
+    /// may or may not be in it (as on S3).
+    async fn list(&self, prefix: &str, after: Option<&str>, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
+        if let Some(t) = &token {
+            let kept = self.walks.lock().ok().and_then(|mut w| w.remove(&(prefix.to_string(), t.clone())));
+            if let Some((_, all, from)) = kept {
+                return Ok(self.page(prefix, all, from));
+            }
+        }
+        // Walk the directory that holds the prefix, filter by the full prefix.
+        let dir_part = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let dir = self.root.join(dir_part);
+        let rel = dir_part.to_string();
+        let prefix_owned = prefix.to_string();
+        let mut all = self
+            .blocking("listing", prefix, cancel, move || {
+                let mut v = Vec::new();
+                walk(&dir, &rel, &mut v)?;
+                Ok(v)
+            })
+            .await?;
+        let after = token.as_deref().or(after).map(str::to_owned);
+        all.retain(|o| o.name.starts_with(&prefix_owned) && after.as_ref().is_none_or(|t| o.name > *t));
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(self.page(prefix, std::sync::Arc::new(all), 0))
+    }
+
     fn page(&self, prefix: &str, all: std::sync::Arc<Vec<ObjectMeta>>, from: usize) -> ListPage {
         let end = (from + PAGE).min(all.len());
         let objects = all[from..end].to_vec();
@@ -329,32 +360,11 @@ impl Storage for LocalStorage {
     }
 
     async fn list_page(&self, prefix: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
-        // The next page of a listing in progress: from its walk. Objects written or
-        // deleted since the listing began may or may not be in it (as on S3).
-        if let Some(t) = &token {
-            let kept = self.walks.lock().ok().and_then(|mut w| w.remove(&(prefix.to_string(), t.clone())));
-            if let Some((_, all, from)) = kept {
-                return Ok(self.page(prefix, all, from));
-            }
-        }
-        // Walk the directory that holds the prefix, filter by the full prefix.
-        let dir_part = match prefix.rfind('/') {
-            Some(i) => &prefix[..i],
-            None => "",
-        };
-        let dir = self.root.join(dir_part);
-        let rel = dir_part.to_string();
-        let prefix_owned = prefix.to_string();
-        let mut all = self
-            .blocking("listing", prefix, cancel, move || {
-                let mut v = Vec::new();
-                walk(&dir, &rel, &mut v)?;
-                Ok(v)
-            })
-            .await?;
-        all.retain(|o| o.name.starts_with(&prefix_owned) && token.as_ref().is_none_or(|t| o.name > *t));
-        all.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(self.page(prefix, std::sync::Arc::new(all), 0))
+        self.list(prefix, None, token, cancel).await
+    }
+
+    async fn list_page_after(&self, prefix: &str, after: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
+        self.list(prefix, Some(after), token, cancel).await
     }
 
     async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError> {

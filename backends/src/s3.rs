@@ -256,6 +256,32 @@ macro_rules! cancellable {
     };
 }
 
+impl S3Storage {
+    /// One page of a listing, from after `after` when given (S3 `StartAfter`; a
+    /// continuation token, when present, takes over from it).
+    async fn list(&self, prefix: &str, after: Option<&str>, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
+        let key_prefix = self.key(prefix);
+        let start_after = after.map(|a| self.key(a));
+        cancellable!(self, cancel, "listing", prefix, async {
+            let r = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.opts.bucket)
+                .prefix(&key_prefix)
+                .set_start_after(start_after)
+                .set_continuation_token(token)
+                .max_keys(1000)
+                .send()
+                .await
+                .map_err(|e| self.classify("listing", prefix, e))?;
+            let objects =
+                r.contents().iter().filter_map(|o| o.key().map(|k| ObjectMeta { name: self.strip(k), size: o.size().unwrap_or(0).max(0) as u64 })).collect();
+            let next = if r.is_truncated().unwrap_or(false) { r.next_continuation_token().map(String::from) } else { None };
+            Ok(ListPage { objects, next })
+        })
+    }
+}
+
 #[async_trait]
 impl Storage for S3Storage {
     fn location(&self) -> &str {
@@ -363,23 +389,11 @@ impl Storage for S3Storage {
     }
 
     async fn list_page(&self, prefix: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
-        let key_prefix = self.key(prefix);
-        cancellable!(self, cancel, "listing", prefix, async {
-            let r = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.opts.bucket)
-                .prefix(&key_prefix)
-                .set_continuation_token(token)
-                .max_keys(1000)
-                .send()
-                .await
-                .map_err(|e| self.classify("listing", prefix, e))?;
-            let objects =
-                r.contents().iter().filter_map(|o| o.key().map(|k| ObjectMeta { name: self.strip(k), size: o.size().unwrap_or(0).max(0) as u64 })).collect();
-            let next = if r.is_truncated().unwrap_or(false) { r.next_continuation_token().map(String::from) } else { None };
-            Ok(ListPage { objects, next })
-        })
+        self.list(prefix, None, token, cancel).await
+    }
+
+    async fn list_page_after(&self, prefix: &str, after: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
+        self.list(prefix, Some(after), token, cancel).await
     }
 
     async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError> {

@@ -33,6 +33,29 @@ pub trait ChunkIndex: Send + Sync {
     fn remove_segment(&self, segment: &IndexId) -> Result<usize, RepoError>;
     /// Chunks with at least one location.
     fn entry_count(&self) -> Result<u64, RepoError>;
+    /// Whether `segment` was ingested.
+    fn has_segment(&self, segment: &IndexId) -> Result<bool, RepoError> {
+        Ok(self.ingested_segments()?.contains(segment))
+    }
+    /// What the last sync left ([`SyncMark`]); `None` makes the next sync a full one.
+    fn sync_mark(&self) -> Result<Option<SyncMark>, RepoError> {
+        Ok(None)
+    }
+    /// Records the mark of a sync that completed.
+    fn set_sync_mark(&self, _mark: &SyncMark) -> Result<(), RepoError> {
+        Ok(())
+    }
+}
+
+/// What a cache remembers of its last sync, kept with it (a deleted cache starts over
+/// with a full listing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SyncMark {
+    /// The gc generation ([`crate::repo::GcListing::generation`]) seen before the last
+    /// full listing of the segments began; `"unknown"` when the sync was not given one.
+    pub generation: String,
+    /// When the last listing began, by this node's clock (ms).
+    pub listed_ms: u64,
 }
 
 /// An in-memory [`ChunkIndex`].
@@ -48,6 +71,7 @@ struct MemInner {
     segments: HashMap<IndexId, u32>,
     members: HashMap<u32, Vec<ChunkId>>,
     next: u32,
+    mark: Option<SyncMark>,
 }
 
 fn poisoned() -> RepoError {
@@ -120,6 +144,15 @@ impl ChunkIndex for MemIndex {
     fn entry_count(&self) -> Result<u64, RepoError> {
         self.with(|m| m.entries.len() as u64)
     }
+    fn has_segment(&self, segment: &IndexId) -> Result<bool, RepoError> {
+        self.with(|m| m.segments.contains_key(segment))
+    }
+    fn sync_mark(&self) -> Result<Option<SyncMark>, RepoError> {
+        self.with(|m| m.mark.clone())
+    }
+    fn set_sync_mark(&self, mark: &SyncMark) -> Result<(), RepoError> {
+        self.with(|m| m.mark = Some(mark.clone()))
+    }
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -131,6 +164,9 @@ pub struct SyncReport {
     /// them): what they contributed was removed.
     pub segments_removed: usize,
     pub entries_removed: usize,
+    /// Listed only the segments added since the last sync (the gc generation had not
+    /// changed), not all of them.
+    pub incremental: bool,
 }
 
 /// Brings the cache to the union of the index segments in the store: ingests the new ones,
@@ -138,10 +174,59 @@ pub struct SyncReport {
 /// segments must not be deduplicated against; new segments first, so a chunk a `gc` only
 /// moved to a new segment is never missing in between).
 pub async fn sync(repo: &Repository, index: &dyn ChunkIndex, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
+    sync_at(repo, index, None, cancel).await
+}
+
+/// [`sync`], listing only the segments added since the last sync when `generation` — the
+/// newest gc generation marker, listed after the caller's lock was written — is the one
+/// the last full listing began after: then no segment this cache holds was deleted since
+/// (a gc writes a new marker after deleting segments and before listing the locks its
+/// record waits for, `docs/gc.md`). Otherwise, and when `generation` is `None`, every
+/// segment is listed. `overlap_ms`: how far before the last listing the next one starts
+/// (the lock TTL: a segment committed after a listing began was sealed less than one TTL
+/// before it by the lister's clock, given the lease and clock assumptions of `docs/gc.md`).
+pub async fn sync_at(repo: &Repository, index: &dyn ChunkIndex, generation: Option<(&str, u64)>, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
+    // One sync at a time in a process: a sync that ingests a segment after another one's
+    // full listing removed it would leave its entries with a mark that says the cache is
+    // exact, and the next syncs would not list it again (a cache is one process's: RocksDB
+    // locks its directory).
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = tokio::select! {
+        g = ONE_AT_A_TIME.lock() => g,
+        _ = cancel.cancelled() => return Err(RepoError::Cancelled),
+    };
     let t0 = std::time::Instant::now();
-    let r = sync_retrying(repo, index, cancel).await;
+    let listed_ms = crate::now_unix_ms();
+    let mark = index.sync_mark()?;
+    let since = match (generation, &mark) {
+        (Some((g, overlap_ms)), Some(m)) if m.generation == g => Some(m.listed_ms.saturating_sub(overlap_ms)),
+        _ => None,
+    };
+    let r = match since {
+        Some(ms) => sync_since(repo, index, ms, cancel).await,
+        None => sync_retrying(repo, index, cancel).await,
+    };
+    if r.is_ok() {
+        index.set_sync_mark(&SyncMark { generation: generation.map_or("unknown", |(g, _)| g).to_string(), listed_ms })?;
+    }
     SYNCS.record(t0.elapsed(), r.as_ref().ok());
     r
+}
+
+/// Ingests the segments sealed since `ms` that this cache lacks. A segment listed and then
+/// gone (a gc replaced it just now) is skipped: an entry missing from the cache costs a
+/// chunk stored twice, never a wrong dedup.
+async fn sync_since(repo: &Repository, index: &dyn ChunkIndex, ms: u64, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
+    let listed = repo.list_index_since(ms, cancel).await?;
+    let mut rep = SyncReport { segments_total: listed.len(), incremental: true, ..Default::default() };
+    let mut todo = Vec::new();
+    for (id, size) in listed {
+        if !index.has_segment(&id)? {
+            todo.push((id, size));
+        }
+    }
+    ingest(repo, index, todo, true, &mut rep, cancel).await?;
+    Ok(rep)
 }
 
 /// What this process's syncs cost, since it started: for the daemon's metrics (a node's
@@ -208,28 +293,45 @@ async fn sync_once(repo: &Repository, index: &dyn ChunkIndex, cancel: &Cancellat
     let mut rep = SyncReport { segments_total: all.len(), ..Default::default() };
     // Several segments read at once: against a distant store a sync costs round trips, not
     // bandwidth. Ingested as they arrive (segments are independent).
-    use futures::StreamExt;
     let todo: Vec<(IndexId, u64)> = all.into_iter().filter(|(id, _)| !have.contains(id)).collect();
+    ingest(repo, index, todo, false, &mut rep, cancel).await?;
+    for id in have.iter().filter(|s| !listed.contains(s)) {
+        rep.entries_removed += index.remove_segment(id)?;
+        rep.segments_removed += 1;
+    }
+    Ok(rep)
+}
+
+/// Reads `todo` and ingests each segment as it arrives (segments are independent). With
+/// `skip_gone`, a segment deleted since it was listed is skipped instead of failing.
+async fn ingest(
+    repo: &Repository,
+    index: &dyn ChunkIndex,
+    todo: Vec<(IndexId, u64)>,
+    skip_gone: bool,
+    rep: &mut SyncReport,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    use futures::StreamExt;
     let budget = tokio::sync::Semaphore::new(SYNC_BYTES_IN_FLIGHT_KIB as usize);
     let budget = &budget;
     let mut reads = futures::stream::iter(todo)
         .map(|(id, size)| async move {
             let kib = (size >> 10).clamp(1, SYNC_BYTES_IN_FLIGHT_KIB as u64) as u32;
             let _held = budget.acquire_many(kib).await.map_err(|_| RepoError::Cancelled)?;
-            repo.read_index(&id, cancel).await.map(|e| (id, e))
+            repo.read_index(&id, cancel).await.map(|e| (id, Some(e))).or_else(|e| match e {
+                RepoError::Storage(s) if skip_gone && s.is_not_found() => Ok((id, None)),
+                e => Err(e),
+            })
         })
         .buffer_unordered(SYNC_READS_IN_FLIGHT);
     while let Some(done) = reads.next().await {
-        let (id, entries) = done?;
+        let (id, Some(entries)) = done? else { continue };
         index.ingest(Some(&id), &entries)?;
         rep.segments_ingested += 1;
         rep.entries_ingested += entries.len();
     }
-    for id in have.iter().filter(|s| !listed.contains(s)) {
-        rep.entries_removed += index.remove_segment(id)?;
-        rep.segments_removed += 1;
-    }
-    Ok(rep)
+    Ok(())
 }
 
 #[derive(Debug, Default, Clone)]

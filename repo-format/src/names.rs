@@ -2,6 +2,7 @@
 //!
 //! Layout: `config`, `keys/<id>`, `packs/<first 2 hex>/<id>`, `index/<id>`,
 //! `snapshots/<id>`, `locks/<lock id>-<refreshed ms>`, `gc/<record id>.entries|.ready`,
+//! `gc/generation-<counter>-<8 hex>`,
 //! `reports/<created ms>-<kind>-<8 hex>`, `quarantine/<created ms>-<8 hex>`.
 
 use crate::id::{IndexId, KeyId, PackId, SnapshotId};
@@ -29,6 +30,20 @@ pub fn index(id: &IndexId) -> String {
 pub fn snapshot(id: &SnapshotId) -> String {
     format!("{SNAPSHOTS_PREFIX}{id}")
 }
+/// A gc generation marker: `gc/generation-<counter, 20 digits>-<8 hex>` (names sort by
+/// counter; the random part tells a marker written again under a reused counter apart).
+pub fn generation(counter: u64, rand: u32) -> String {
+    format!("{GC_PREFIX}generation-{counter:020}-{rand:08x}")
+}
+
+/// The counter of a generation marker's name.
+pub fn parse_generation(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix(GC_PREFIX)?.strip_prefix("generation-")?;
+    let (n, r) = rest.split_once('-')?;
+    (n.len() == 20 && r.len() == 8 && r.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
+    n.parse().ok()
+}
+
 pub fn lock(name: &str) -> String {
     format!("{LOCKS_PREFIX}{name}")
 }
@@ -108,5 +123,14 @@ mod tests {
         let n = pack(&id);
         assert!(n.starts_with("packs/3f/3f3f"));
         assert_eq!(parse_id::<PackId>(&n), Some(id));
+    }
+
+    #[test]
+    fn generation_markers_sort_by_counter_and_parse_back() {
+        let a = generation(9, 0xdead_beef);
+        let b = generation(10, 1);
+        assert!(a < b);
+        assert_eq!(parse_generation(&a), Some(9));
+        assert_eq!(parse_generation("gc/0001700000000000-abcd0123.entries"), None);
     }
 }

@@ -72,6 +72,24 @@ pub struct Repository {
     inner: Arc<Inner>,
 }
 
+/// What one listing of `gc/` holds.
+#[derive(Debug, Clone, Default)]
+pub struct GcListing {
+    /// `(record, has .entries, has .ready)`, in name order.
+    pub records: Vec<(String, bool, bool)>,
+    /// Generation marker names, oldest first: a gc writes a new one after it deletes index
+    /// segments, so a node whose newest marker is unchanged since its last full listing
+    /// knows no segment it holds was deleted since, and lists only what is new.
+    pub generations: Vec<String>,
+}
+
+impl GcListing {
+    /// The newest marker, or `"none"`: what a node compares with the one it last synced at.
+    pub fn generation(&self) -> String {
+        self.generations.last().cloned().unwrap_or_else(|| "none".into())
+    }
+}
+
 impl Repository {
     /// A handle on a repository whose config and key were just read or written.
     fn opened(storage: Arc<dyn Storage>, config: RepoConfig, keys: Keys, key_id: KeyId, retry: RetryPolicy) -> Self {
@@ -375,9 +393,19 @@ impl Repository {
     /// Writes an index segment. Call only after every pack it names is durable.
     pub async fn write_index(&self, entries: &[IndexEntry], cancel: &CancellationToken) -> Result<IndexId, RepoError> {
         let bytes = index::seal(self.keys(), entries).map_err(|e| self.err("new index segment", e))?;
-        let id = IndexId(content_id(&bytes));
+        let id = IndexId::timed(crate::now_unix_ms(), &bytes);
         self.put_object(&names::index(&id), Bytes::from(bytes), cancel).await?;
         Ok(id)
+    }
+
+    /// The index segments sealed at `ms` or later by their writers' clocks (and the few
+    /// first-format segments whose random names sort after that): one listing page for
+    /// what was added since then, however many segments the store holds.
+    pub async fn list_index_since(&self, ms: u64, cancel: &CancellationToken) -> Result<Vec<(IndexId, u64)>, RepoError> {
+        let after = names::index(&IndexId::timed_floor(ms));
+        let s = &self.inner.storage;
+        let objs = retry(&self.inner.retry, cancel, || crate::storage::list_all_after(&**s, names::INDEX_PREFIX, Some(&after), cancel)).await?;
+        Ok(objs.into_iter().filter_map(|o| names::parse_id(&o.name).map(|id| (id, o.size))).collect())
     }
 
     pub async fn list_index(&self, cancel: &CancellationToken) -> Result<Vec<IndexId>, RepoError> {
@@ -393,7 +421,7 @@ impl Repository {
     pub async fn read_index(&self, id: &IndexId, cancel: &CancellationToken) -> Result<Vec<IndexEntry>, RepoError> {
         let name = names::index(id);
         let bytes = self.get_object(&name, cancel).await?;
-        if IndexId(content_id(&bytes)) != *id {
+        if !id.names(&bytes) {
             return Err(self.err(&name, FormatError::Corrupt("content does not hash to its name".into())));
         }
         index::open(self.keys(), &bytes).map_err(|e| self.err(&name, e))
@@ -470,16 +498,39 @@ impl Repository {
 
     /// GC records in the store: `(record, has .entries, has .ready)`, in name order.
     pub async fn list_gc_records(&self, cancel: &CancellationToken) -> Result<Vec<(String, bool, bool)>, RepoError> {
+        Ok(self.list_gc(cancel).await?.records)
+    }
+
+    /// One listing of `gc/`: the records and the newest generation marker.
+    pub async fn list_gc(&self, cancel: &CancellationToken) -> Result<GcListing, RepoError> {
         let mut out: std::collections::BTreeMap<String, (bool, bool)> = Default::default();
+        let mut generations = Vec::new();
         for o in self.list_objects(names::GC_PREFIX, cancel).await? {
             let base = &o.name[names::GC_PREFIX.len()..];
             if let Some(r) = base.strip_suffix(".entries") {
                 out.entry(r.to_string()).or_default().0 = true;
             } else if let Some(r) = base.strip_suffix(".ready") {
                 out.entry(r.to_string()).or_default().1 = true;
+            } else if names::parse_generation(&o.name).is_some() {
+                generations.push(o.name);
             }
         }
-        Ok(out.into_iter().map(|(r, (e, d))| (r, e, d)).collect())
+        generations.sort();
+        Ok(GcListing { records: out.into_iter().map(|(r, (e, d))| (r, e, d)).collect(), generations })
+    }
+
+    /// Writes the next generation marker (`docs/gc.md`: after a gc deletes index segments
+    /// and before it lists the locks for a record's `.ready`), and removes all but the
+    /// newest few. Only under the `gc` lock: the counter is the newest marker's plus one.
+    pub async fn write_generation(&self, cancel: &CancellationToken) -> Result<String, RepoError> {
+        let had = self.list_gc(cancel).await?.generations;
+        let next = had.last().and_then(|n| names::parse_generation(n)).map_or(1, |g| g + 1);
+        let name = names::generation(next, rand::random());
+        self.put_object(&name, Bytes::from_static(b"gc generation\n"), cancel).await?;
+        for old in had.iter().rev().skip(2) {
+            self.delete_object(old, cancel).await?;
+        }
+        Ok(name)
     }
 
     // ---- snapshots ----

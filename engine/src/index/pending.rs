@@ -42,9 +42,17 @@ pub enum Reader {
 
 /// The records in the store, oldest first.
 pub async fn load(repo: &Repository, who: Reader, cancel: &CancellationToken) -> Result<Vec<Record>> {
+    Ok(load_listed(repo, who, cancel).await?.0)
+}
+
+/// [`load`], and the gc generation the same listing saw
+/// ([`mover_format::repo::GcListing::generation`]).
+pub async fn load_listed(repo: &Repository, who: Reader, cancel: &CancellationToken) -> Result<(Vec<Record>, String)> {
     let shared = who == Reader::Shared;
     let mut out = Vec::new();
-    for (id, has_entries, has_ready) in repo.list_gc_records(cancel).await? {
+    let listing = repo.list_gc(cancel).await?;
+    let generation = listing.generation();
+    for (id, has_entries, has_ready) in listing.records {
         if !has_entries {
             continue; // a sweep was killed between deleting `.entries` and `.ready`
         }
@@ -64,7 +72,7 @@ pub async fn load(repo: &Repository, who: Reader, cancel: &CancellationToken) ->
         };
         out.push(Record { id, p, ready });
     }
-    Ok(out)
+    Ok((out, generation))
 }
 
 /// Syncs `index` and returns it plus the entries of unswept gc records, seen through the
@@ -78,9 +86,13 @@ pub(crate) async fn with_pending(repo: &Repository, index: Arc<dyn ChunkIndex>, 
 pub(crate) async fn reading(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<(Arc<dyn ChunkIndex>, Arc<Quarantined>)> {
     // Records first, then the index: a record swept in between has put its live entries
     // back into an index segment before it was deleted, and the sync sees that segment.
-    let (records, q) = tokio::try_join!(load(repo, Reader::Shared, cancel), Quarantined::load(repo, cancel))?;
+    // The records' listing also tells whether a gc deleted index segments since this
+    // cache's last full listing (its generation marker): if not, only what was added since
+    // is listed (docs/gc.md).
+    let ((records, generation), q) = tokio::try_join!(load_listed(repo, Reader::Shared, cancel), Quarantined::load(repo, cancel))?;
     let q = Arc::new(q);
-    mover_format::local_index::sync(repo, &*index, cancel).await?;
+    let overlap_ms = crate::lock::default_ttl().as_millis() as u64;
+    mover_format::local_index::sync_at(repo, &*index, Some((&generation, overlap_ms)), cancel).await?;
     if records.iter().all(|r| r.p.entries.is_empty()) {
         return Ok((screen(index, &q, Screen::Read), q));
     }
@@ -123,6 +135,15 @@ impl ChunkIndex for Fallback {
     }
     fn entry_count(&self) -> Result<u64, RepoError> {
         self.primary.entry_count()
+    }
+    fn has_segment(&self, segment: &IndexId) -> Result<bool, RepoError> {
+        self.primary.has_segment(segment)
+    }
+    fn sync_mark(&self) -> Result<Option<mover_format::local_index::SyncMark>, RepoError> {
+        self.primary.sync_mark()
+    }
+    fn set_sync_mark(&self, mark: &mover_format::local_index::SyncMark) -> Result<(), RepoError> {
+        self.primary.set_sync_mark(mark)
     }
     fn ingest(&self, segment: Option<&IndexId>, entries: &[IndexEntry]) -> Result<(), RepoError> {
         self.primary.ingest(segment, entries)

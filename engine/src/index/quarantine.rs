@@ -180,6 +180,15 @@ impl ChunkIndex for Screened {
     fn entry_count(&self) -> std::result::Result<u64, RepoError> {
         self.inner.entry_count()
     }
+    fn has_segment(&self, segment: &IndexId) -> std::result::Result<bool, RepoError> {
+        self.inner.has_segment(segment)
+    }
+    fn sync_mark(&self) -> std::result::Result<Option<mover_format::local_index::SyncMark>, RepoError> {
+        self.inner.sync_mark()
+    }
+    fn set_sync_mark(&self, mark: &mover_format::local_index::SyncMark) -> std::result::Result<(), RepoError> {
+        self.inner.set_sync_mark(mark)
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! it.
 
 use mover_format::index::{BlobLocation, IndexEntry};
-use mover_format::local_index::ChunkIndex;
+use mover_format::local_index::{ChunkIndex, SyncMark};
 use mover_format::{ChunkId, IndexId, RepoError, RepoId};
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, WriteBatch, DB};
 use std::collections::HashSet;
@@ -24,6 +24,8 @@ const CF_SEGMENTS: &str = "segments";
 const CF_MEMBERS: &str = "members";
 const CF_META: &str = "meta";
 const NEXT: &[u8] = b"next";
+/// The [`SyncMark`] of the last sync that completed.
+const SYNC_MARK: &[u8] = b"sync_mark";
 /// One location in a `chunks` value.
 const REC: usize = 4 + mover_format::index::LOCATION_LEN;
 
@@ -219,6 +221,20 @@ impl ChunkIndex for RocksIndex {
             n += 1;
         }
         Ok(n)
+    }
+
+    fn has_segment(&self, segment: &IndexId) -> Result<bool, RepoError> {
+        Ok(self.segment_ordinal(segment)?.is_some())
+    }
+
+    fn sync_mark(&self) -> Result<Option<SyncMark>, RepoError> {
+        // A mark that does not parse (written by another version) only costs a full sync.
+        Ok(self.db.get_cf(self.cf(CF_META)?, SYNC_MARK).map_err(|e| self.e(e))?.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    fn set_sync_mark(&self, mark: &SyncMark) -> Result<(), RepoError> {
+        let v = serde_json::to_vec(mark).map_err(|e| err(&self.path, format!("encoding the sync mark: {e}")))?;
+        self.db.put_cf(self.cf(CF_META)?, SYNC_MARK, v).map_err(|e| self.e(e))
     }
 }
 

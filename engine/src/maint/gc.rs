@@ -312,11 +312,16 @@ async fn sweep(
     if records.is_empty() {
         return Ok(());
     }
+    let lease = me.lease();
+    // A record whose gc was killed before `.ready` may have had its segments deleted: a new
+    // generation first, then the locks, as in `mark` (docs/gc.md).
+    if !dry_run && records.iter().any(|r| r.ready.is_none()) {
+        lease.commit("writing a gc generation marker", async { Ok(repo.write_generation(cancel).await?) }).await?;
+    }
     let live = live_locks(repo, me, cancel).await?;
     let live_ids: HashSet<&str> = live.iter().map(|l| l.info.id.as_str()).collect();
     // A record whose gc was killed before `.ready`: its gc is gone, so the locks live now
     // are a superset of what it must wait for.
-    let lease = me.lease();
     for r in records.iter_mut().filter(|r| r.ready.is_none()) {
         let ready = ready_now(&live);
         if !dry_run {
@@ -647,6 +652,12 @@ async fn mark(
     let old: Vec<String> = replaced.iter().map(names::index).collect();
     delete_objects(repo, &old, &lease, "deleting replaced index segments", cancel).await?;
     rep.index_segments_deleted += old.len();
+    // A new generation after the deletions and before the locks: a node that lists it
+    // lists every segment again and drops the deleted ones; one that listed the markers
+    // before holds a lock listed now (docs/gc.md).
+    if !old.is_empty() {
+        lease.commit("writing a gc generation marker", async { Ok(repo.write_generation(cancel).await?) }).await?;
+    }
     // Every backup that may have read the old segments holds a lock now listed.
     let live = live_locks(repo, me, cancel).await?;
     let ready = ready_now(&live);

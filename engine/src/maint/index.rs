@@ -9,11 +9,15 @@ use mover_format::Repository;
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
 
-/// Ingests the index segments the local index under `cache_root` has not seen.
+/// Ingests the index segments the local index under `cache_root` has not seen: those
+/// added since its last sync, or every segment when a gc has deleted some since
+/// (`local_index::sync_at`).
 pub async fn sync(repo: &Repository, cache_root: &Path, cancel: &CancellationToken) -> Result<(PathBuf, SyncReport)> {
     let path = RocksIndex::path_for(cache_root, &repo.config().id);
     let idx = RocksIndex::open(&path)?;
-    let r = local_index::sync(repo, &idx, cancel).await?;
+    let generation = repo.list_gc(cancel).await?.generation();
+    let overlap_ms = lock::default_ttl().as_millis() as u64;
+    let r = local_index::sync_at(repo, &idx, Some((&generation, overlap_ms)), cancel).await?;
     Ok((path, r))
 }
 

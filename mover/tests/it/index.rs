@@ -71,6 +71,67 @@ fn after_gc_a_node_reads_only_the_segments_gc_rewrote() {
     assert_eq!(c["problems"].as_array().unwrap().len(), 0, "{c}");
 }
 
+/// A node's sync lists and reads only the segments other nodes added since its last one,
+/// however many the repository holds; after a gc deleted segments it lists everything once
+/// and drops what they contributed, so nothing deleted is deduplicated against.
+#[test]
+fn a_node_syncs_what_others_added_and_everything_after_a_gc() {
+    let e = Env::new();
+    let node_b = |args: &[&str]| -> serde_json::Value {
+        let out = e.cmd(args).env("MOVER_CACHE_DIR", e.path("cache-b")).env("MOVER_LOCK_TTL", "2").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let segments = || std::fs::read_dir(Path::new(&e.repo).join("index")).unwrap().count() as u64;
+    let mut disks = Vec::new();
+    for i in 0..6u64 {
+        let p = e.path(&format!("disk{i}.img"));
+        make_volume(&p, 4 << 20, 60 + i);
+        e.json(&["backup", "--volume", &format!("disk={}", p.display()), "--group", &format!("vm{i}")]);
+        disks.push(p);
+    }
+    // Node B syncs past the overlap (the lock TTL, 2 s here) after those backups.
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    let first = node_b(&["index", "sync", "--json"]);
+    assert_eq!(first["incremental"], false, "a new cache lists everything: {first}");
+    assert_eq!(first["segments_ingested"].as_u64(), Some(segments()), "{first}");
+    // Past the overlap again, node A adds two backups.
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    let had = segments();
+    for (i, p) in disks.iter().enumerate().take(2) {
+        std::fs::write(p, noise(80 + i as u64, 4 << 20)).unwrap();
+        e.json(&["backup", "--volume", &format!("disk={}", p.display()), "--group", &format!("vm{i}")]);
+    }
+    let added = segments() - had;
+    assert!(added >= 2, "{added}");
+    let next = node_b(&["index", "sync", "--json"]);
+    assert_eq!(next["incremental"], true, "{next}");
+    assert_eq!(next["segments_total"].as_u64(), Some(added), "only what was added is listed: {next}");
+    assert_eq!(next["segments_ingested"].as_u64(), Some(added), "{next}");
+
+    // A gc replaces segments: node B's next sync lists everything and drops them.
+    e.ok(&["forget", "--group", "vm0", "--keep-last", "1"]);
+    let g = e.json(&["gc"]);
+    assert!(g["index_segments_deleted"].as_u64().unwrap() > 0, "{g}");
+    let after = node_b(&["index", "sync", "--json"]);
+    assert_eq!(after["incremental"], false, "a new gc generation lists everything: {after}");
+    assert_eq!(after["segments_removed"], g["index_segments_deleted"], "{after} after {g}");
+    let again = node_b(&["index", "sync", "--json"]);
+    assert_eq!(again["incremental"], true, "{again}");
+    assert_eq!(again["segments_ingested"], 0, "{again}");
+    // What gc deleted is not deduplicated against on node B: vm0's first disk is stored again.
+    let old0 = e.path("old0.img");
+    make_volume(&old0, 4 << 20, 60);
+    let r = node_b(&["backup", "--volume", &format!("disk={}", old0.display()), "--group", "vm0-old", "--json"]);
+    assert_eq!(r["chunks_dedup"], 0, "{r}");
+    assert_eq!(r["bytes_new"].as_u64().unwrap(), r["bytes_total"].as_u64().unwrap() - r["bytes_zero"].as_u64().unwrap(), "{r}");
+    let out = e.path("out.img");
+    e.ok(&["restore", r["snapshot_id"].as_str().unwrap(), out.to_str().unwrap()]);
+    assert_eq!(hash(&out), hash(&old0));
+    let c = e.json(&["check", "--read-data"]);
+    assert_eq!(c["problems"].as_array().unwrap().len(), 0, "{c}");
+}
+
 /// `index rebuild` while another process has the local index open (a running daemon holds
 /// RocksDB's lock on it) is refused before anything is deleted; once it is closed, the
 /// rebuild runs.

@@ -123,6 +123,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Objects whose names start with `prefix`, in name order, one page at a time.
     async fn list_page(&self, prefix: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError>;
 
+    /// [`Storage::list_page`] of only the names that sort after `after` (S3's `StartAfter`):
+    /// a listing that costs what was added after a point, not everything under `prefix`.
+    /// The default filters a whole listing (correct, not cheaper); real stores override it.
+    async fn list_page_after(&self, prefix: &str, after: &str, token: Option<String>, cancel: &CancellationToken) -> Result<ListPage, StorageError> {
+        let mut page = self.list_page(prefix, token, cancel).await?;
+        page.objects.retain(|o| o.name.as_str() > after);
+        Ok(page)
+    }
+
     /// Removes an object; a missing object is not an error.
     async fn delete(&self, name: &str, cancel: &CancellationToken) -> Result<(), StorageError>;
 }
@@ -140,11 +149,19 @@ pub fn too_large(op: &'static str, name: &str, location: &str, len: u64, max_len
 /// out twice (a listing that would loop forever) or a listing longer than
 /// [`MAX_LISTING`] is an error.
 pub async fn list_all(storage: &dyn Storage, prefix: &str, cancel: &CancellationToken) -> Result<Vec<ObjectMeta>, StorageError> {
+    list_all_after(storage, prefix, None, cancel).await
+}
+
+/// [`list_all`] of the names after `after` ([`Storage::list_page_after`]).
+pub async fn list_all_after(storage: &dyn Storage, prefix: &str, after: Option<&str>, cancel: &CancellationToken) -> Result<Vec<ObjectMeta>, StorageError> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     let mut seen = std::collections::HashSet::new();
     loop {
-        let page = storage.list_page(prefix, token, cancel).await?;
+        let page = match after {
+            Some(a) => storage.list_page_after(prefix, a, token, cancel).await?,
+            None => storage.list_page(prefix, token, cancel).await?,
+        };
         out.extend(page.objects);
         if out.len() > MAX_LISTING {
             return Err(StorageError::new(ErrorKind::Permanent, "listing", prefix, storage.location(), format!("more than {MAX_LISTING} objects")));
