@@ -27,7 +27,7 @@ use mover_format::index::{BlobLocation, IndexEntry};
 use mover_format::manifest::Manifest;
 use mover_format::pack::PackBuilder;
 use mover_format::pending::{PendingDeletion, Ready};
-use mover_format::tree::MapEntry;
+use mover_format::tree::{MapEntry, SegmentGroup, SegmentRef};
 use mover_format::{names, ChunkId, IndexId, PackId, Repository, SnapshotId};
 use std::collections::{HashMap, HashSet};
 use tokio_util::sync::CancellationToken;
@@ -149,39 +149,104 @@ impl View {
         self.idx.refresh(repo, cancel).await
     }
 
-    /// Reads snapshots not seen yet and marks what they reference.
+    /// Reads snapshots not seen yet and marks what they reference. A batch of manifests,
+    /// and the tree blobs of theirs not marked yet, are read several at once (a round trip
+    /// each on an object store); the walk itself goes in order.
     async fn refresh_snapshots(&mut self, repo: &Repository, pending: &HashMap<ChunkId, BlobLocation>, cancel: &CancellationToken) -> Result<()> {
-        for id in repo.list_snapshot_ids(cancel).await? {
-            if self.snapshots.contains(&id) {
-                continue;
+        use futures::StreamExt;
+        let todo: Vec<SnapshotId> = repo.list_snapshot_ids(cancel).await?.into_iter().filter(|id| !self.snapshots.contains(id)).collect();
+        for batch in todo.chunks(SNAPSHOT_BATCH) {
+            let read: Vec<Result<Option<(SnapshotId, Manifest)>>> = futures::stream::iter(batch.iter().copied())
+                .map(|id| async move {
+                    match repo.read_snapshot(&id, cancel).await {
+                        Ok(m) => Ok(Some((id, m))),
+                        // Forgotten between listing and reading: its record (read later) keeps it.
+                        Err(mover_format::RepoError::NotFound { .. }) => Ok(None),
+                        Err(e) => Err(Error::from(e).context("gc deletes nothing while a snapshot is unreadable")),
+                    }
+                })
+                .buffered(gc_work::READS_IN_FLIGHT)
+                .collect()
+                .await;
+            let mut manifests = Vec::new();
+            for r in read {
+                manifests.extend(r?);
             }
-            let m = match repo.read_snapshot(&id, cancel).await {
-                Ok(m) => m,
-                // Forgotten between listing and reading: its record (read later) keeps it.
-                Err(mover_format::RepoError::NotFound { .. }) => continue,
-                Err(e) => return Err(Error::from(e).context("gc deletes nothing while a snapshot is unreadable")),
-            };
-            self.walk(repo, &id, &m, pending, cancel).await?;
-            self.snapshots.insert(id);
+            // Their groups not marked yet, then those groups' maps not marked yet.
+            let mut pre: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+            let mut groups: Vec<ChunkId> = manifests.iter().flat_map(|(_, m)| m.volumes.iter().flat_map(|v| v.groups.iter().copied())).collect();
+            groups.sort_unstable();
+            groups.dedup();
+            groups.retain(|g| !self.reach.contains(g).unwrap_or(true));
+            self.prefetch(repo, &groups, pending, &mut pre, cancel).await;
+            let mut maps: Vec<ChunkId> = Vec::new();
+            for g in &groups {
+                let Some(group) = pre.get(g).and_then(|b| SegmentGroup::decode(b).ok()) else { continue };
+                maps.extend(group.segments.iter().filter_map(|r| if let SegmentRef::Map { map, .. } = r { Some(*map) } else { None }));
+            }
+            maps.sort_unstable();
+            maps.dedup();
+            maps.retain(|m| !self.reach.contains(m).unwrap_or(true));
+            maps.truncate(MAPS_PREFETCHED);
+            self.prefetch(repo, &maps, pending, &mut pre, cancel).await;
+            for (id, m) in manifests {
+                self.walk(repo, &id, &m, pending, &mut pre, cancel).await?;
+                self.snapshots.insert(id);
+            }
         }
         Ok(())
     }
 
-    /// Marks every blob `m` references.
+    /// Reads the tree blobs `ids` into `pre`, several at once. One that cannot be located or
+    /// read is left out: the walk reads it again and stops gc if it fails then.
+    async fn prefetch(
+        &self,
+        repo: &Repository,
+        ids: &[ChunkId],
+        pending: &HashMap<ChunkId, BlobLocation>,
+        pre: &mut HashMap<ChunkId, Vec<u8>>,
+        cancel: &CancellationToken,
+    ) {
+        use futures::StreamExt;
+        let q = &self.q;
+        let located: Vec<(ChunkId, BlobLocation)> = ids
+            .iter()
+            .filter_map(|id| {
+                let loc = self.idx.first(id, |l| !q.is_bad(id, &l.pack)).ok().flatten().or_else(|| pending.get(id).copied())?;
+                Some((*id, loc))
+            })
+            .collect();
+        let mut reads = futures::stream::iter(located)
+            .map(|(id, loc)| async move { (id, repo.read_blob(&id, &loc, cancel).await) })
+            .buffer_unordered(gc_work::READS_IN_FLIGHT);
+        while let Some((id, r)) = reads.next().await {
+            if let Ok(b) = r {
+                pre.insert(id, b);
+            }
+        }
+    }
+
+    /// Marks every blob `m` references; tree blobs in `pre` are taken from there.
     async fn walk(
         &mut self,
         repo: &Repository,
         sid: &SnapshotId,
         m: &Manifest,
         pending: &HashMap<ChunkId, BlobLocation>,
+        pre: &mut HashMap<ChunkId, Vec<u8>>,
         cancel: &CancellationToken,
     ) -> Result<()> {
         let View { q, packs: _, idx, snapshots: _, reach } = self;
-        let mut trees = GcTrees { repo, idx, q, pending, cancel };
+        let mut trees = GcTrees { repo, idx, q, pending, pre, cancel };
         walk::snapshot(&mut trees, &mut Mark(reach), sid, m).await?;
         reach.settle()
     }
 }
+
+/// Manifests gc reads at once, with their tree blobs.
+const SNAPSHOT_BATCH: usize = 64;
+/// At most this many segment maps read ahead per batch of manifests (a few KiB each).
+const MAPS_PREFETCHED: usize = 4096;
 
 /// Marks reachable blobs; a group or map already marked is not walked again.
 struct Mark<'a>(&'a mut Reach);
@@ -210,12 +275,17 @@ struct GcTrees<'a> {
     idx: &'a mut Entries,
     q: &'a Quarantined,
     pending: &'a HashMap<ChunkId, BlobLocation>,
+    /// Read ahead ([`View::prefetch`]), verified like every read.
+    pre: &'a mut HashMap<ChunkId, Vec<u8>>,
     cancel: &'a CancellationToken,
 }
 
 #[async_trait::async_trait]
 impl Trees for GcTrees<'_> {
     async fn blob(&mut self, id: &ChunkId, what: &str) -> Result<Option<Vec<u8>>> {
+        if let Some(b) = self.pre.remove(id) {
+            return Ok(Some(b));
+        }
         let q = self.q;
         let mut loc = self.idx.first(id, |l| !q.is_bad(id, &l.pack))?.or_else(|| self.pending.get(id).copied());
         if loc.is_none() {
@@ -342,7 +412,7 @@ async fn sweep(
     for r in records.iter() {
         for (sid, bytes) in &r.p.forgotten {
             let m = Manifest::open(repo.keys(), bytes).with_context(|| format!("forgotten snapshot {sid} in gc record {}", r.id))?;
-            v.walk(repo, sid, &m, &pending_all, cancel).await?;
+            v.walk(repo, sid, &m, &pending_all, &mut HashMap::new(), cancel).await?;
         }
     }
     if eligible.is_empty() {

@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// Objects gc reads at once (index segments, manifests, tree blobs): a round trip each on
+/// an object store; a backup-sized segment or a tree blob is small.
+pub(super) const READS_IN_FLIGHT: usize = 16;
 const CF_ENTRIES: &str = "entries";
 const CF_REACH: &str = "reach";
 /// Reachable ids buffered before they are written.
@@ -143,14 +146,21 @@ impl Entries {
     /// Reads index segments not seen yet. An unreadable segment stops gc: its packs would
     /// look unindexed.
     pub async fn refresh(&mut self, repo: &Repository, cancel: &CancellationToken) -> Result<()> {
-        for id in repo.list_index(cancel).await? {
-            if self.segments.contains(&id) {
-                continue;
-            }
-            let es = repo
-                .read_index(&id, cancel)
-                .await
-                .context("gc deletes nothing while an index segment is unreadable (run `mover check`, then `mover index rebuild`)")?;
+        use futures::StreamExt;
+        // Several read at once (a round trip each on an object store); recorded in arrival
+        // order (the entries do not depend on it).
+        let todo: Vec<IndexId> = repo.list_index(cancel).await?.into_iter().filter(|id| !self.segments.contains(id)).collect();
+        let mut reads = futures::stream::iter(todo)
+            .map(|id| async move {
+                let es = repo
+                    .read_index(&id, cancel)
+                    .await
+                    .context("gc deletes nothing while an index segment is unreadable (run `mover check`, then `mover index rebuild`)")?;
+                Ok::<_, Error>((id, es))
+            })
+            .buffer_unordered(READS_IN_FLIGHT);
+        while let Some(r) = reads.next().await {
+            let (id, es) = r?;
             self.add(id, &es)?;
         }
         Ok(())
