@@ -16,6 +16,7 @@
 //! | forget | gc (exclusive) | [`crate::maint::forget::forget_snapshots`] |
 //! | repair | backup (+ read on the source) | [`crate::maint::repair::repair`] |
 //! | index rebuild | gc (exclusive) | [`crate::maint::index::rebuild`] |
+//! | protect, unprotect | gc (exclusive) | [`crate::maint::protect::protect`], [`crate::maint::protect::unprotect`] |
 
 use crate::error::{Error, Result, ResultExt};
 use crate::export::{ImageOptions, VolumeImage};

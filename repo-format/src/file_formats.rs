@@ -27,6 +27,8 @@ pub const PENDING_READY_MAGIC: [u8; 8] = *b"MOVRGCR1";
 pub const REPORT_MAGIC: [u8; 8] = *b"MOVRRPT1";
 /// First bytes of a quarantine record (`quarantine/`); also its AEAD associated data.
 pub const QUARANTINE_MAGIC: [u8; 8] = *b"MOVRQTN1";
+/// First bytes of a snapshot's protection (`protected/`); also its AEAD associated data.
+pub const PROTECTION_MAGIC: [u8; 8] = *b"MOVRPRT1";
 /// Associated data of a pack trailer's AEAD.
 pub const PACK_TRAILER_AAD: &[u8] = b"mover pack trailer v1";
 /// Associated data of a wrapped master key.

@@ -3,7 +3,8 @@
 //! Layout: `config`, `keys/<id>`, `packs/<first 2 hex>/<id>`, `index/<id>`,
 //! `snapshots/<id>`, `locks/<lock id>-<refreshed ms>`, `gc/<record id>.entries|.ready`,
 //! `gc/generation-<counter>-<8 hex>`,
-//! `reports/<created ms>-<kind>-<8 hex>`, `quarantine/<created ms>-<8 hex>`.
+//! `reports/<created ms>-<kind>-<8 hex>`, `quarantine/<created ms>-<8 hex>`,
+//! `protected/<snapshot id>`.
 
 use crate::id::{IndexId, KeyId, PackId, SnapshotId};
 
@@ -16,6 +17,7 @@ pub const LOCKS_PREFIX: &str = "locks/";
 pub const GC_PREFIX: &str = "gc/";
 pub const REPORTS_PREFIX: &str = "reports/";
 pub const QUARANTINE_PREFIX: &str = "quarantine/";
+pub const PROTECTED_PREFIX: &str = "protected/";
 
 pub fn key(id: &KeyId) -> String {
     format!("{KEYS_PREFIX}{id}")
@@ -42,6 +44,11 @@ pub fn parse_generation(name: &str) -> Option<u64> {
     let (n, r) = rest.split_once('-')?;
     (n.len() == 20 && r.len() == 8 && r.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
     n.parse().ok()
+}
+
+/// A snapshot's protection: `protected/<snapshot id>`.
+pub fn protection(id: &SnapshotId) -> String {
+    format!("{PROTECTED_PREFIX}{id}")
 }
 
 pub fn lock(name: &str) -> String {
@@ -94,7 +101,7 @@ pub fn probe(id: &str) -> String {
 pub fn max_len(name: &str) -> u64 {
     if name == CONFIG || name.starts_with(KEYS_PREFIX) || name.starts_with(LOCKS_PREFIX) {
         1 << 20
-    } else if name.starts_with(REPORTS_PREFIX) || name.starts_with(QUARANTINE_PREFIX) {
+    } else if name.starts_with(REPORTS_PREFIX) || name.starts_with(QUARANTINE_PREFIX) || name.starts_with(PROTECTED_PREFIX) {
         4 << 20
     } else if name.starts_with(SNAPSHOTS_PREFIX) {
         64 << 20

@@ -72,6 +72,16 @@ pub struct Repository {
     inner: Arc<Inner>,
 }
 
+/// Why and since when a snapshot is protected from `forget` (`protected/<id>`, sealed).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Protection {
+    pub time_unix_ms: u64,
+    pub hostname: String,
+    /// What the operator wrote (`mover protect --note`).
+    #[serde(default)]
+    pub note: String,
+}
+
 /// What one listing of `gc/` holds.
 #[derive(Debug, Clone, Default)]
 pub struct GcListing {
@@ -374,6 +384,35 @@ impl Repository {
         let name = names::quarantine(q.time_unix_ms, rand::random());
         self.put_sealed(&name, self.keys().seal_json(&crate::file_formats::QUARANTINE_MAGIC, q, "quarantine record"), cancel).await?;
         Ok(name)
+    }
+
+    /// Protects snapshot `id` from `forget` (`docs/repo-format.md`); `false` when it already
+    /// was (the first protection stays).
+    pub async fn write_protection(&self, id: &SnapshotId, p: &Protection, cancel: &CancellationToken) -> Result<bool, RepoError> {
+        let name = names::protection(id);
+        let bytes = self.keys().seal_json(&crate::file_formats::PROTECTION_MAGIC, p, "protection").map_err(|e| self.err(&name, e))?;
+        Ok(self.put_object(&name, Bytes::from(bytes), cancel).await? == crate::storage::PutOutcome::Created)
+    }
+
+    /// The protection of snapshot `id`, if it has one.
+    pub async fn read_protection(&self, id: &SnapshotId, cancel: &CancellationToken) -> Result<Option<Protection>, RepoError> {
+        let name = names::protection(id);
+        match self.get_object(&name, cancel).await {
+            Ok(bytes) => Ok(Some(self.keys().open_json(&crate::file_formats::PROTECTION_MAGIC, &bytes, "protection").map_err(|e| self.err(&name, e))?)),
+            Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
+            Err(RepoError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes snapshot `id`'s protection (a missing one is not an error).
+    pub async fn delete_protection(&self, id: &SnapshotId, cancel: &CancellationToken) -> Result<(), RepoError> {
+        self.delete_object(&names::protection(id), cancel).await
+    }
+
+    /// The protected snapshots (names only: a protection is its name).
+    pub async fn list_protected(&self, cancel: &CancellationToken) -> Result<std::collections::HashSet<SnapshotId>, RepoError> {
+        Ok(self.list_objects(names::PROTECTED_PREFIX, cancel).await?.into_iter().filter_map(|o| names::parse_id(&o.name)).collect())
     }
 
     /// Quarantine record names, oldest first.

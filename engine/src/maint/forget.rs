@@ -96,7 +96,7 @@ fn buckets(ms: u64) -> [(&'static str, i64); 5] {
 }
 
 /// Decides, per group, what the policy keeps. Newest first within each group.
-pub fn plan(snaps: &[(SnapshotId, Manifest)], p: &Policy, by: GroupBy) -> Result<Vec<Group>> {
+pub fn plan(snaps: &[(SnapshotId, Manifest)], p: &Policy, by: GroupBy, protected: &HashSet<SnapshotId>) -> Result<Vec<Group>> {
     if p.is_empty() {
         return Err(Error::invalid("no retention policy given (--keep-last, --keep-daily, … or --keep-tag): refusing to forget every snapshot"));
     }
@@ -125,6 +125,9 @@ pub fn plan(snaps: &[(SnapshotId, Manifest)], p: &Policy, by: GroupBy) -> Result
                     reasons.push(format!("tag {tk}={tv}"));
                 }
             }
+            if protected.contains(id) {
+                reasons.push("protected".into());
+            }
             decisions.push(Decision { id: *id, time_unix_ms: m.time_unix_ms, keep: !reasons.is_empty(), reasons });
         }
         out.push(Group { key, snapshots: decisions });
@@ -132,19 +135,50 @@ pub fn plan(snaps: &[(SnapshotId, Manifest)], p: &Policy, by: GroupBy) -> Result
     Ok(out)
 }
 
-/// Removes the manifests the plan removes; returns how many.
+/// Removes the manifests the plan removes; returns how many. One protected since the plan
+/// was made is kept.
 pub async fn execute(repo: &Repository, groups: &[Group], cancel: &CancellationToken) -> Result<usize> {
     let ids: Vec<SnapshotId> = groups.iter().flat_map(|g| g.snapshots.iter()).filter(|d| !d.keep).map(|d| d.id).collect();
-    forget_snapshots(repo, &ids, cancel).await
+    forget(repo, &ids, Protected::Keep, cancel).await
+}
+
+/// What [`forget`] does with a protected snapshot among those it is asked to remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protected {
+    /// Refuse the whole request, removing nothing (asked by id: the operator meant it).
+    Refuse,
+    /// Keep it, remove the others (a policy: protection is one more reason to keep).
+    Keep,
 }
 
 /// Parks manifests in a gc record (under the `gc` lock) and deletes them from `snapshots/`.
-/// They stay roots for gc until every lock live now is gone (`docs/gc.md`).
+/// They stay roots for gc until every lock live now is gone (`docs/gc.md`). A protected
+/// snapshot among them refuses the whole request.
 pub async fn forget_snapshots(repo: &Repository, ids: &[SnapshotId], cancel: &CancellationToken) -> Result<usize> {
+    forget(repo, ids, Protected::Refuse, cancel).await
+}
+
+/// [`forget_snapshots`], with a choice for protected snapshots.
+pub async fn forget(repo: &Repository, ids: &[SnapshotId], on_protected: Protected, cancel: &CancellationToken) -> Result<usize> {
     if ids.is_empty() {
         return Ok(0);
     }
     lock::scope(repo, Hold::Exclusive("forget snapshots"), cancel, |me| async move {
+        // Under the lock `protect` also takes: a protection written before is seen here.
+        let protected = repo.list_protected(cancel).await?;
+        let hit: Vec<&SnapshotId> = ids.iter().filter(|id| protected.contains(id)).collect();
+        if !hit.is_empty() && on_protected == Protected::Refuse {
+            let list: Vec<String> = hit.iter().map(|id| id.to_hex()).collect();
+            return Err(Error::precondition(format!(
+                "snapshot {} is protected (`mover unprotect ID` first, with the maintenance credentials); nothing was forgotten",
+                list.join(", ")
+            )));
+        }
+        let ids: Vec<SnapshotId> = ids.iter().filter(|id| !protected.contains(id)).copied().collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = &ids[..];
         let mut forgotten = Vec::new();
         for id in ids {
             let bytes = repo.get_object(&names::snapshot(id), cancel).await.with_context(|| format!("reading snapshot {id} to forget it"))?;
@@ -204,7 +238,7 @@ mod tests {
         s.push(snap(100, 0, "b", None));
         s.push(snap(101, 1, "b", None));
         let p = Policy { last: 2, daily: 3, tags: vec![("keep".into(), "yes".into())], ..Default::default() };
-        let g = plan(&s, &p, GroupBy::Volumes).unwrap();
+        let g = plan(&s, &p, GroupBy::Volumes, &HashSet::new()).unwrap();
         assert_eq!(g.len(), 2);
         let a = g.iter().find(|g| g.key == "volumes a").unwrap();
         let kept: Vec<u8> = a.snapshots.iter().filter(|d| d.keep).map(|d| d.id.0[0]).collect();
@@ -213,6 +247,6 @@ mod tests {
         assert!(kept.len() <= 6 && kept.len() >= 4, "{kept:?}");
         let b = g.iter().find(|g| g.key == "volumes b").unwrap();
         assert!(b.snapshots.iter().all(|d| d.keep), "each group keeps its own last 2");
-        assert!(plan(&s, &Policy::default(), GroupBy::Group).is_err());
+        assert!(plan(&s, &Policy::default(), GroupBy::Group, &HashSet::new()).is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! Repository maintenance, side by side: [`check`] and [`stats`] read; [`forget`] and [`gc`]
 //! remove (gc is the one operation that deletes data; see `docs/gc.md`); [`index`] syncs
 //! or rebuilds the node's local index; [`keys`] manages passwords; [`repair`] heals damaged
-//! blobs from a second repository or a source and reports what stays lost.
+//! blobs from a second repository or a source and reports what stays lost; [`protect`]
+//! keeps snapshots from `forget`.
 
 pub mod check;
 pub mod drill;
@@ -10,6 +11,7 @@ pub mod gc;
 mod gc_work;
 pub mod index;
 pub mod keys;
+pub mod protect;
 pub mod repair;
 pub mod report;
 pub mod stats;

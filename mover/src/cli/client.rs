@@ -209,6 +209,21 @@ enum Cmd {
         #[arg(long, default_value = "")]
         group: String,
     },
+    /// Keep a snapshot from forget (ProtectSnapshot); removing a protection is
+    /// `mover unprotect`, with credentials that may delete.
+    Protect {
+        /// An id, a unique prefix, or `latest` (with --group).
+        snapshot: String,
+        /// A repository of the daemon's configuration.
+        #[arg(long, default_value = "default")]
+        repository: String,
+        /// With `latest`: the group.
+        #[arg(long, default_value = "")]
+        group: String,
+        /// Why it is kept.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
 }
 
 fn export_json(e: &pb::Export) -> serde_json::Value {
@@ -450,6 +465,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             }
             None
         }
+        Cmd::Protect { snapshot, repository, group, note } => {
+            let mut rc = pb::repository_service_client::RepositoryServiceClient::new(ch);
+            let s = rc.protect_snapshot(pb::ProtectSnapshotRequest { repository, snapshot, group, note }).await.map_err(status)?.into_inner();
+            if a.json {
+                println!("{}", serde_json::json!({"id": s.id, "group": s.group, "time_unix_ms": s.time_unix_ms, "protected": s.protected}));
+            } else {
+                println!("snapshot {} is protected", s.id);
+            }
+            None
+        }
         Cmd::Snapshots { repository, group } => {
             let mut rc = pb::repository_service_client::RepositoryServiceClient::new(ch);
             let l = rc.list_snapshots(pb::ListSnapshotsRequest { repository, group }).await.map_err(status)?.into_inner();
@@ -458,7 +483,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                     .snapshots
                     .iter()
                     .map(|s| {
-                        serde_json::json!({"id": s.id, "group": s.group, "time_unix_ms": s.time_unix_ms, "hostname": s.hostname, "parent": s.parent,
+                        serde_json::json!({"id": s.id, "group": s.group, "time_unix_ms": s.time_unix_ms, "hostname": s.hostname, "parent": s.parent, "protected": s.protected,
                             "volumes": s.volumes.iter().map(|v| serde_json::json!({"name": v.name, "size": v.size})).collect::<Vec<_>>()})
                     })
                     .collect();

@@ -65,7 +65,8 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
         Some(g) => mover_engine::snapshots::in_group(&repo, g, cancel).await?,
         None => repo.snapshots(cancel).await?,
     };
-    let groups = forget::plan(&snaps, &policy, by)?;
+    let protected = mover_engine::maint::protect::protected(&repo, cancel).await?;
+    let groups = forget::plan(&snaps, &policy, by, &protected)?;
     let removed = if a.dry_run { 0 } else { forget::execute(&repo, &groups, cancel).await? };
     if a.json {
         println!("{}", serde_json::json!({"dry_run": a.dry_run, "removed": removed, "groups": groups}));

@@ -14,6 +14,7 @@ mod init;
 mod key;
 mod locks;
 mod mount;
+mod protect;
 mod repair;
 mod restore;
 mod serve;
@@ -162,6 +163,10 @@ enum Cmd {
     Repair(repair::Args),
     /// Remove snapshots by retention policy (per group); data is freed by gc.
     Forget(forget::Args),
+    /// Keep a snapshot from forget (by policy or by id) until it is unprotected.
+    Protect(protect::ProtectArgs),
+    /// Remove a snapshot's protection (a delete: needs credentials that may delete).
+    Unprotect(protect::UnprotectArgs),
     /// Free the space of forgotten snapshots: delete unreferenced packs, repack mostly
     /// unused ones, rewrite the index. Safe while backups run (docs/gc.md).
     Gc(gc::Args),
@@ -208,6 +213,8 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Cmd::Check(a) => check::run(&ra, a, &cancel).await,
         Cmd::Repair(a) => repair::run(&ra, a, &cancel).await,
         Cmd::Forget(a) => forget::run(&ra, a, &cancel).await,
+        Cmd::Protect(a) => protect::protect(&ra, a, &cancel).await,
+        Cmd::Unprotect(a) => protect::unprotect(&ra, a, &cancel).await,
         Cmd::Gc(a) => gc::run(&ra, a, &cancel).await,
         Cmd::Locks(a) => locks::list(&ra, a, &cancel).await,
         Cmd::Unlock(a) => locks::unlock(&ra, a, &cancel).await,

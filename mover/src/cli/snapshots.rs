@@ -32,11 +32,12 @@ pub async fn list(ra: &RepoArgs, a: ListArgs, cancel: &CancellationToken) -> any
         Some(g) => mover_engine::snapshots::in_group(&repo, g, cancel).await?,
         None => repo.snapshots(cancel).await?,
     };
+    let protected = mover_engine::maint::protect::protected(&repo, cancel).await?;
     if a.json {
         let v: Vec<_> = snaps
             .iter()
             .map(|(id, m)| {
-                serde_json::json!({"id": id, "group": m.group(), "time": fmt_time(m.time_unix_ms), "time_unix_ms": m.time_unix_ms, "hostname": m.hostname, "parent": m.parent, "tags": m.tags,
+                serde_json::json!({"id": id, "group": m.group(), "time": fmt_time(m.time_unix_ms), "time_unix_ms": m.time_unix_ms, "hostname": m.hostname, "parent": m.parent, "tags": m.tags, "protected": protected.contains(id),
                     "volumes": m.volumes.iter().map(|v| serde_json::json!({"name": v.name, "size": v.size, "source": v.source, "change_source": v.change_source, "change_base": v.change_base})).collect::<Vec<_>>()})
             })
             .collect();
@@ -46,12 +47,13 @@ pub async fn list(ra: &RepoArgs, a: ListArgs, cancel: &CancellationToken) -> any
         for (id, m) in &snaps {
             let vols: Vec<String> = m.volumes.iter().map(|v| v.name.clone()).collect();
             println!(
-                "{:<16} {:<20} {:<28} {:>14}  {}",
+                "{:<16} {:<20} {:<28} {:>14}  {}{}",
                 &id.to_hex()[..16],
                 fmt_time(m.time_unix_ms),
                 m.group(),
                 super::size(m.stats.bytes_total),
-                vols.join(",")
+                vols.join(","),
+                if protected.contains(id) { "  (protected)" } else { "" }
             );
         }
         println!("{} snapshots", snaps.len());

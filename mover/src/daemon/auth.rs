@@ -19,7 +19,7 @@ use tonic::{Request, Status};
 /// The RPCs a permission covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Group {
-    /// StartBackup (and cancelling backups).
+    /// StartBackup (and cancelling backups); ProtectSnapshot.
     Backup,
     /// StartRestore (and cancelling restores); starting and stopping exports, and
     /// connecting to an export over TLS.

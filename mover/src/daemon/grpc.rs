@@ -302,8 +302,9 @@ pub fn to_proto(j: &Job) -> pb::Transfer {
     t
 }
 
-fn snapshot_proto(id: &mover_format::SnapshotId, m: &mover_format::manifest::Manifest) -> pb::Snapshot {
+fn snapshot_proto(id: &mover_format::SnapshotId, m: &mover_format::manifest::Manifest, protected: bool) -> pb::Snapshot {
     pb::Snapshot {
+        protected,
         id: id.to_string(),
         time_unix_ms: m.time_unix_ms as i64,
         hostname: m.hostname.clone(),
@@ -504,15 +505,29 @@ impl RepositoryService for Api {
             Some(g) => mover_engine::snapshots::in_group(&h.repo, &g, &c).await.map_err(status)?,
             None => h.repo.snapshots(&c).await.map_err(|e| status(e.into()))?,
         };
-        Ok(Response::new(pb::ListSnapshotsResponse { snapshots: snaps.iter().map(|(id, m)| snapshot_proto(id, m)).collect() }))
+        let protected = h.repo.list_protected(&c).await.map_err(|e| status(e.into()))?;
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots: snaps.iter().map(|(id, m)| snapshot_proto(id, m, protected.contains(id))).collect() }))
     }
 
     async fn get_snapshot(&self, request: Request<pb::GetSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
         auth::authorize(&self.d, &request, Group::Read)?;
         let req = request.into_inner();
         let h = self.d.repo(&req.repository).await.map_err(status)?;
-        let (id, m) = mover_engine::snapshots::resolve(&h.repo, &req.snapshot, None, &self.d.request_token()).await.map_err(status)?;
-        Ok(Response::new(snapshot_proto(&id, &m)))
+        let c = self.d.request_token();
+        let (id, m) = mover_engine::snapshots::resolve(&h.repo, &req.snapshot, None, &c).await.map_err(status)?;
+        let protected = h.repo.read_protection(&id, &c).await.map_err(|e| status(e.into()))?.is_some();
+        Ok(Response::new(snapshot_proto(&id, &m, protected)))
+    }
+
+    async fn protect_snapshot(&self, request: Request<pb::ProtectSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
+        auth::authorize(&self.d, &request, Group::Backup)?;
+        let req = request.into_inner();
+        let h = self.d.repo(&req.repository).await.map_err(status)?;
+        let c = self.d.request_token();
+        let (id, m) = mover_engine::snapshots::resolve(&h.repo, &req.snapshot, empty(req.group).as_deref(), &c).await.map_err(status)?;
+        let out = mover_engine::maint::protect::protect(&h.repo, &id, &req.note, &c).await.map_err(status)?;
+        tracing::info!(snapshot = %id, changed = out.changed, "snapshot protected");
+        Ok(Response::new(snapshot_proto(&id, &m, true)))
     }
 
     async fn get_status(&self, request: Request<pb::GetStatusRequest>) -> Result<Response<pb::RepositoryStatus>, Status> {

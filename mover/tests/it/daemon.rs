@@ -260,6 +260,26 @@ fn backup_watch_restore_and_metrics_agree() {
         assert_eq!(snaps.snapshots[0].id, end.snapshot_id);
         assert_eq!(snaps.snapshots[1].id, end2.snapshot_id);
         assert_eq!(snaps.snapshots[1].parent, end.snapshot_id);
+        assert!(!snaps.snapshots[0].protected);
+
+        // A scheduler protects the first snapshot from forget; a snapshot that does not
+        // exist is NOT_FOUND.
+        let p = rc
+            .protect_snapshot(pb::ProtectSnapshotRequest {
+                repository: "main".into(),
+                snapshot: end.snapshot_id.clone(),
+                note: "audit".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(p.protected && p.id == end.snapshot_id, "{p:?}");
+        let snaps = rc.list_snapshots(pb::ListSnapshotsRequest { repository: "main".into(), ..Default::default() }).await.unwrap().into_inner();
+        assert_eq!(snaps.snapshots.iter().map(|s| s.protected).collect::<Vec<_>>(), vec![true, false]);
+        let err =
+            rc.protect_snapshot(pb::ProtectSnapshotRequest { repository: "main".into(), snapshot: "0".repeat(64), ..Default::default() }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     });
     let (code, _) = http_get(d.http, "/healthz").unwrap();
     assert_eq!(code, 200);
