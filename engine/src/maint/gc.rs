@@ -463,6 +463,35 @@ async fn sweep(
     Ok(())
 }
 
+/// Packs read ahead of the one being repacked.
+const REPACK_READS_AHEAD: usize = 3;
+/// New packs uploading while the next is filled.
+const REPACK_UPLOADS: usize = 2;
+
+/// A spawned task that is aborted when dropped (a gc that fails stops its reads and
+/// uploads: a pack half uploaded is never seen, one uploaded and not indexed is deleted by
+/// the next gc as unindexed).
+struct Task<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T: Send + 'static> Task<T> {
+    fn spawn(f: impl std::future::Future<Output = T> + Send + 'static) -> Self {
+        Task(Some(tokio::spawn(f)))
+    }
+
+    async fn join(mut self) -> Result<T> {
+        let h = self.0.take().expect("joined once");
+        h.await.map_err(|e| Error::permanent(format!("a gc read or upload task failed: {e}")))
+    }
+}
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
 /// Objects deleted per commit, concurrently.
 const DELETE_BATCH: usize = 64;
 
@@ -584,8 +613,23 @@ async fn mark(
     }
     let mut recompressed: HashSet<PackId> = HashSet::new();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    for (p, must) in repack.iter().map(|p| (p, true)).chain(recompress.iter().map(|p| (p, false))) {
-        let bytes = repo.get_object(&names::pack(p), cancel).await?;
+    // Reading, verifying and writing overlap: the next packs are read while one is
+    // verified, and full new packs upload while the next are filled (a round trip and a
+    // transfer each on an object store). Memory: REPACK_READS_AHEAD + REPACK_UPLOADS + 1
+    // packs.
+    let order: Vec<(PackId, bool)> = repack.iter().map(|p| (*p, true)).chain(recompress.iter().map(|p| (*p, false))).collect();
+    let mut order = order.into_iter();
+    let mut ahead: std::collections::VecDeque<(PackId, bool, Task<std::result::Result<bytes::Bytes, mover_format::RepoError>>)> = Default::default();
+    let mut uploads: std::collections::VecDeque<Task<std::result::Result<(PackId, Vec<IndexEntry>, u64), mover_format::RepoError>>> = Default::default();
+    loop {
+        while ahead.len() < REPACK_READS_AHEAD {
+            let Some((p, must)) = order.next() else { break };
+            let (r, c) = (repo.clone(), cancel.clone());
+            ahead.push_back((p, must, Task::spawn(async move { r.get_object(&names::pack(&p), &c).await })));
+        }
+        let Some((p, must, read)) = ahead.pop_front() else { break };
+        let p = &p;
+        let bytes = read.join().await??;
         // Each live blob is verified (damage is not copied) and, with `recompress`, those
         // stored compressed are compressed again — on every core, one blob's plaintext at a
         // time per core (a pack of text can hold ten times its size in plaintext).
@@ -650,15 +694,23 @@ async fn mark(
         for b in &blobs {
             if builder.len() + b.sealed.len() > pack_size && !builder.is_empty() {
                 let full = std::mem::replace(&mut builder, PackBuilder::new(pack_size));
-                let (_, es, _) = repo.write_pack(full, cancel).await?;
-                new_entries.extend(es);
+                let (r, c) = (repo.clone(), cancel.clone());
+                uploads.push_back(Task::spawn(async move { r.write_pack(full, &c).await }));
+                if uploads.len() > REPACK_UPLOADS {
+                    let (_, es, _) = uploads.pop_front().expect("an upload").join().await??;
+                    new_entries.extend(es);
+                }
             }
             builder.add(b)?;
             rep.bytes_copied += b.sealed.len() as u64;
         }
     }
     if !builder.is_empty() {
-        let (_, es, _) = repo.write_pack(builder, cancel).await?;
+        let (r, c) = (repo.clone(), cancel.clone());
+        uploads.push_back(Task::spawn(async move { r.write_pack(builder, &c).await }));
+    }
+    while let Some(u) = uploads.pop_front() {
+        let (_, es, _) = u.join().await??;
         new_entries.extend(es);
     }
     let repacked: HashSet<PackId> = repack.iter().filter(|p| !failed_repack.contains(p)).copied().chain(recompressed.iter().copied()).collect();
