@@ -54,6 +54,10 @@ impl RepoError {
     pub fn is_transient(&self) -> bool {
         matches!(self, RepoError::Storage(e) if e.is_transient())
     }
+    /// The object asked for is not in the store.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, RepoError::NotFound { .. }) || matches!(self, RepoError::Storage(e) if e.is_not_found())
+    }
     pub fn is_cancelled(&self) -> bool {
         matches!(self, RepoError::Cancelled) || matches!(self, RepoError::Storage(e) if e.kind == crate::storage::ErrorKind::Cancelled)
     }

@@ -399,8 +399,7 @@ impl Repository {
         let name = names::protection(id);
         match self.get_object(&name, cancel).await {
             Ok(bytes) => Ok(Some(self.keys().open_json(&crate::file_formats::PROTECTION_MAGIC, &bytes, "protection").map_err(|e| self.err(&name, e))?)),
-            Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
-            Err(RepoError::NotFound { .. }) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -13,6 +13,19 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub(crate) use pending::{reading, with_pending};
+
+/// Syncs `index`, listing only what was added since its last sync unless `generation`
+/// (the newest gc generation marker, listed after the caller's lock) says a gc deleted
+/// segments since (`docs/gc.md`, "Index sync"). The overlap is the lock TTL.
+pub async fn sync(
+    repo: &Repository,
+    index: &dyn ChunkIndex,
+    generation: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<mover_format::local_index::SyncReport, mover_format::RepoError> {
+    let overlap_ms = crate::lock::default_ttl().as_millis() as u64;
+    mover_format::local_index::sync_at(repo, index, Some((generation, overlap_ms)), cancel).await
+}
 pub use quarantine::{Quarantined, Screen};
 pub use rocks::RocksIndex;
 

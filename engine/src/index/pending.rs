@@ -91,8 +91,7 @@ pub(crate) async fn reading(repo: &Repository, index: Arc<dyn ChunkIndex>, cance
     // is listed (docs/gc.md).
     let ((records, generation), q) = tokio::try_join!(load_listed(repo, Reader::Shared, cancel), Quarantined::load(repo, cancel))?;
     let q = Arc::new(q);
-    let overlap_ms = crate::lock::default_ttl().as_millis() as u64;
-    mover_format::local_index::sync_at(repo, &*index, Some((&generation, overlap_ms)), cancel).await?;
+    super::sync(repo, &*index, &generation, cancel).await?;
     if records.iter().all(|r| r.p.entries.is_empty()) {
         return Ok((screen(index, &q, Screen::Read), q));
     }

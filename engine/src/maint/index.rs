@@ -16,8 +16,7 @@ pub async fn sync(repo: &Repository, cache_root: &Path, cancel: &CancellationTok
     let path = RocksIndex::path_for(cache_root, &repo.config().id);
     let idx = RocksIndex::open(&path)?;
     let generation = repo.list_gc(cancel).await?.generation();
-    let overlap_ms = lock::default_ttl().as_millis() as u64;
-    let r = local_index::sync_at(repo, &idx, Some((&generation, overlap_ms)), cancel).await?;
+    let r = crate::index::sync(repo, &idx, &generation, cancel).await?;
     Ok((path, r))
 }
 

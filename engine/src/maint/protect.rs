@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use crate::lock::{self, Hold};
 use mover_format::repo::Protection;
-use mover_format::{RepoError, Repository, SnapshotId};
+use mover_format::{Repository, SnapshotId};
 use std::collections::HashSet;
 use tokio_util::sync::CancellationToken;
 
@@ -29,10 +29,7 @@ pub async fn protect(repo: &Repository, id: &SnapshotId, note: &str, cancel: &Ca
     lock::scope(repo, Hold::Exclusive("protect a snapshot"), cancel, |me| async move {
         match repo.read_snapshot(id, cancel).await {
             Ok(_) => {}
-            Err(RepoError::NotFound { .. }) => {
-                return Err(Error::not_found(format!("snapshot {id} does not exist in repository {}; nothing was protected", repo.location())))
-            }
-            Err(RepoError::Storage(e)) if e.is_not_found() => {
+            Err(e) if e.is_not_found() => {
                 return Err(Error::not_found(format!("snapshot {id} does not exist in repository {}; nothing was protected", repo.location())))
             }
             Err(e) => return Err(e.into()),
