@@ -420,6 +420,7 @@ def day_record(day, changed, done, nodes, before, maint, backups_s, day_s):
             "node": n.i,
             "sync_s": d("mover_index_sync_seconds_total"),
             "syncs": d("mover_index_syncs_total"),
+            "syncs_reused": d("mover_index_syncs_reused_total"),
             "sync_segments": d("mover_index_sync_segments_total"),
             "backup_s": sum(mine),
             "status_refresh_s": m.get('mover_status_refresh_seconds{repository="main"}', 0.0),

@@ -179,9 +179,15 @@ impl Held {
     }
 
     /// [`Held::view`] and the quarantine, for writers that must not deduplicate against
-    /// damaged locations (backup, repair).
-    pub async fn view_screened(&self, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<(ReadView, Arc<crate::index::Quarantined>)> {
-        let (tree, q) = crate::index::reading(&self.repo, index, cancel).await?;
+    /// damaged locations (backup, repair). `reuse_listed_after_ms`: a listing of the index
+    /// begun after it is not repeated ([`crate::index::reuse_for_backup`]).
+    pub async fn view_screened(
+        &self,
+        index: Arc<dyn ChunkIndex>,
+        reuse_listed_after_ms: Option<u64>,
+        cancel: &CancellationToken,
+    ) -> Result<(ReadView, Arc<crate::index::Quarantined>)> {
+        let (tree, q) = crate::index::reading(&self.repo, index, reuse_listed_after_ms, cancel).await?;
         Ok((ReadView(tree), q))
     }
 }

@@ -167,6 +167,22 @@ pub struct SyncReport {
     /// Listed only the segments added since the last sync (the gc generation had not
     /// changed), not all of them.
     pub incremental: bool,
+    /// Listed nothing: the last listing was recent enough for the caller ([`Incremental::
+    /// reuse_listed_after_ms`]) and no gc had deleted segments since.
+    pub reused: bool,
+}
+
+/// What lets a sync list less than every segment ([`sync_at`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Incremental<'a> {
+    /// The newest gc generation marker, listed after the caller's lock was written.
+    pub generation: &'a str,
+    /// How far before the last listing the next one starts (the lock TTL).
+    pub overlap_ms: u64,
+    /// List nothing when the last listing began at or after this time (unix ms, this
+    /// process's clock) and `generation` is the one it saw: for a caller that only
+    /// deduplicates against the cache, and reads nothing written after that time.
+    pub reuse_listed_after_ms: Option<u64>,
 }
 
 /// Brings the cache to the union of the index segments in the store: ingests the new ones,
@@ -177,15 +193,17 @@ pub async fn sync(repo: &Repository, index: &dyn ChunkIndex, cancel: &Cancellati
     sync_at(repo, index, None, cancel).await
 }
 
-/// [`sync`], listing only the segments added since the last sync when `generation` — the
-/// newest gc generation marker, listed after the caller's lock was written — is the one
-/// the last full listing began after: then no segment this cache holds was deleted since
-/// (a gc writes a new marker after deleting segments and before listing the locks its
-/// record waits for, `docs/gc.md`). Otherwise, and when `generation` is `None`, every
-/// segment is listed. `overlap_ms`: how far before the last listing the next one starts
-/// (the lock TTL: a segment committed after a listing began was sealed less than one TTL
-/// before it by the lister's clock, given the lease and clock assumptions of `docs/gc.md`).
-pub async fn sync_at(repo: &Repository, index: &dyn ChunkIndex, generation: Option<(&str, u64)>, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
+/// [`sync`], listing only the segments added since the last sync when the generation —
+/// the newest gc generation marker, listed after the caller's lock was written — is the
+/// one the last full listing began after: then no segment this cache holds was deleted
+/// since (a gc writes a new marker after deleting segments and before listing the locks
+/// its record waits for, `docs/gc.md`). Otherwise, and without `inc`, every segment is
+/// listed. The overlap: how far before the last listing the next one starts (the lock
+/// TTL: a segment committed after a listing began was sealed less than one TTL before it
+/// by the lister's clock, given the lease and clock assumptions of `docs/gc.md`). With
+/// `reuse_listed_after_ms`, a listing recent enough is not repeated at all (syncs in a
+/// process run one at a time, so backups that start together share one listing).
+pub async fn sync_at(repo: &Repository, index: &dyn ChunkIndex, inc: Option<Incremental<'_>>, cancel: &CancellationToken) -> Result<SyncReport, RepoError> {
     // One sync at a time in a process: a sync that ingests a segment after another one's
     // full listing removed it would leave its entries with a mark that says the cache is
     // exact, and the next syncs would not list it again (a cache is one process's: RocksDB
@@ -198,16 +216,24 @@ pub async fn sync_at(repo: &Repository, index: &dyn ChunkIndex, generation: Opti
     let t0 = std::time::Instant::now();
     let listed_ms = crate::now_unix_ms();
     let mark = index.sync_mark()?;
-    let since = match (generation, &mark) {
-        (Some((g, overlap_ms)), Some(m)) if m.generation == g => Some(m.listed_ms.saturating_sub(overlap_ms)),
+    let same = match (&inc, &mark) {
+        (Some(i), Some(m)) if m.generation == i.generation => Some((i, m)),
         _ => None,
     };
+    if let Some((Incremental { reuse_listed_after_ms: Some(after), .. }, m)) = same {
+        if m.listed_ms >= *after {
+            let rep = SyncReport { reused: true, incremental: true, ..Default::default() };
+            SYNCS.record(t0.elapsed(), Some(&rep));
+            return Ok(rep);
+        }
+    }
+    let since = same.map(|(i, m)| m.listed_ms.saturating_sub(i.overlap_ms));
     let r = match since {
         Some(ms) => sync_since(repo, index, ms, cancel).await,
         None => sync_retrying(repo, index, cancel).await,
     };
     if r.is_ok() {
-        index.set_sync_mark(&SyncMark { generation: generation.map_or("unknown", |(g, _)| g).to_string(), listed_ms })?;
+        index.set_sync_mark(&SyncMark { generation: inc.map_or("unknown", |i| i.generation).to_string(), listed_ms })?;
     }
     SYNCS.record(t0.elapsed(), r.as_ref().ok());
     r
@@ -238,6 +264,8 @@ pub struct SyncTotals {
     pub segments_ingested: std::sync::atomic::AtomicU64,
     pub entries_ingested: std::sync::atomic::AtomicU64,
     pub segments_removed: std::sync::atomic::AtomicU64,
+    /// Syncs that listed nothing: a recent listing served them ([`SyncReport::reused`]).
+    pub reused: std::sync::atomic::AtomicU64,
 }
 
 pub static SYNCS: SyncTotals = SyncTotals {
@@ -246,6 +274,7 @@ pub static SYNCS: SyncTotals = SyncTotals {
     segments_ingested: std::sync::atomic::AtomicU64::new(0),
     entries_ingested: std::sync::atomic::AtomicU64::new(0),
     segments_removed: std::sync::atomic::AtomicU64::new(0),
+    reused: std::sync::atomic::AtomicU64::new(0),
 };
 
 impl SyncTotals {
@@ -257,6 +286,7 @@ impl SyncTotals {
             self.segments_ingested.fetch_add(r.segments_ingested as u64, Relaxed);
             self.entries_ingested.fetch_add(r.entries_ingested as u64, Relaxed);
             self.segments_removed.fetch_add(r.segments_removed as u64, Relaxed);
+            self.reused.fetch_add(r.reused as u64, Relaxed);
         }
     }
 }

@@ -79,11 +79,17 @@ pub async fn load_listed(repo: &Repository, who: Reader, cancel: &CancellationTo
 /// quarantine ([`Screen::Read`]: a healed copy before a damaged one), for reading
 /// snapshots (restore, export, a backup's parent tree).
 pub(crate) async fn with_pending(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<Arc<dyn ChunkIndex>> {
-    Ok(reading(repo, index, cancel).await?.0)
+    Ok(reading(repo, index, None, cancel).await?.0)
 }
 
-/// [`with_pending`], and the quarantine it was screened with.
-pub(crate) async fn reading(repo: &Repository, index: Arc<dyn ChunkIndex>, cancel: &CancellationToken) -> Result<(Arc<dyn ChunkIndex>, Arc<Quarantined>)> {
+/// [`with_pending`], and the quarantine it was screened with. `reuse_listed_after_ms`:
+/// see [`super::sync`] (a backup's, [`super::reuse_for_backup`]).
+pub(crate) async fn reading(
+    repo: &Repository,
+    index: Arc<dyn ChunkIndex>,
+    reuse_listed_after_ms: Option<u64>,
+    cancel: &CancellationToken,
+) -> Result<(Arc<dyn ChunkIndex>, Arc<Quarantined>)> {
     // Records first, then the index: a record swept in between has put its live entries
     // back into an index segment before it was deleted, and the sync sees that segment.
     // The records' listing also tells whether a gc deleted index segments since this
@@ -91,7 +97,7 @@ pub(crate) async fn reading(repo: &Repository, index: Arc<dyn ChunkIndex>, cance
     // is listed (docs/gc.md).
     let ((records, generation), q) = tokio::try_join!(load_listed(repo, Reader::Shared, cancel), Quarantined::load(repo, cancel))?;
     let q = Arc::new(q);
-    super::sync(repo, &*index, &generation, cancel).await?;
+    super::sync(repo, &*index, &generation, reuse_listed_after_ms, cancel).await?;
     if records.iter().all(|r| r.p.entries.is_empty()) {
         return Ok((screen(index, &q, Screen::Read), q));
     }

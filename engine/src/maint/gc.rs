@@ -96,8 +96,20 @@ pub struct GcReport {
     pub stale_locks_removed: usize,
     /// Quarantine records removed: every pack they named is gone.
     pub quarantine_records_removed: usize,
+    /// Where the time went, phase by phase (seconds): `listing` (packs, index segments,
+    /// quarantine, records), `snapshots` (reading every snapshot's tree), `sweep` (records
+    /// whose backups are gone), `plan` (which packs go or are repacked), `repack` (copying
+    /// live blobs), `index` (rewriting the segments that name a pack that goes, and the
+    /// record).
+    pub phase_seconds: std::collections::BTreeMap<&'static str, f64>,
     /// What the mark decided, pack by pack.
     pub plan: Vec<PlannedPack>,
+}
+
+impl GcReport {
+    fn timed(&mut self, phase: &'static str, since: std::time::Instant) {
+        *self.phase_seconds.entry(phase).or_default() += since.elapsed().as_secs_f64();
+    }
 }
 
 /// What the mark decided for a pack.
@@ -323,14 +335,18 @@ async fn run_locked(repo: &Repository, opts: &GcOptions, v: &mut View, me: &Held
     let mut rep = GcReport { dry_run: opts.dry_run, ..Default::default() };
     // Order matters (docs/gc.md): packs, then index, then records and snapshots; locks last.
     // Manifests parked by `forget` become roots in `sweep`, unless their record is swept.
+    let t = std::time::Instant::now();
     v.packs = repo.list_packs(cancel).await?.into_iter().collect();
     rep.packs_before = v.packs.len();
     rep.bytes_before = v.packs.values().sum();
     v.refresh_index(repo, cancel).await?;
     v.q = Quarantined::load(repo, cancel).await?;
     let mut records = pending::load(repo, pending::Reader::Gc, cancel).await?;
+    rep.timed("listing", t);
+    let t = std::time::Instant::now();
     v.refresh_snapshots(repo, &pending::locations(&records), cancel).await?;
     rep.snapshots = v.snapshots.len();
+    rep.timed("snapshots", t);
 
     // Locks that expired or whose process is gone protect nothing; tidy them away (ours
     // is live, so it stays).
@@ -338,10 +354,14 @@ async fn run_locked(repo: &Repository, opts: &GcOptions, v: &mut View, me: &Held
         rep.stale_locks_removed = lock::unlock(repo, false, cancel).await?.len();
     }
 
+    let t = std::time::Instant::now();
     sweep(repo, v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
+    rep.timed("sweep", t);
     if let Some(record) = mark(repo, v, &records, opts, me, &mut rep, cancel).await? {
         records.push(record);
+        let t = std::time::Instant::now();
         sweep(repo, v, &mut records, me, opts.dry_run, &mut rep, cancel).await?;
+        rep.timed("sweep", t);
     }
     rep.records_held = records.len();
     if !opts.dry_run {
@@ -525,6 +545,7 @@ async fn mark(
 ) -> Result<Option<Record>> {
     // One location per chunk: the pack with the most referenced bytes wins. Each figure is
     // a pass over the working set in chunk order; only per-pack figures stay in memory.
+    let planning = std::time::Instant::now();
     v.reach.settle()?;
     let naive = gc_work::reachable_bytes_per_pack(&v.idx, &v.reach)?;
     // A quarantined location is a home only when the chunk has no other: a healed chunk's
@@ -582,6 +603,7 @@ async fn mark(
     rep.packs_unreferenced += drop_packs.len();
     rep.packs_repacked += repack.len();
     rep.packs_unindexed += orphans.len();
+    rep.timed("plan", planning);
     if drop_packs.is_empty() && repack.is_empty() && orphans.is_empty() && recompress.is_empty() {
         return Ok(None);
     }
@@ -594,6 +616,7 @@ async fn mark(
 
     // Copy the live blobs of the packs to repack (still sealed: a blob's AEAD binds its
     // chunk id, not its place), verifying each first so damage is not copied.
+    let t = std::time::Instant::now();
     let mut new_entries: Vec<IndexEntry> = Vec::new();
     let pack_size = repo.config().pack_size as usize;
     let mut builder = PackBuilder::new(pack_size);
@@ -713,6 +736,8 @@ async fn mark(
         let (_, es, _) = u.join().await??;
         new_entries.extend(es);
     }
+    rep.timed("repack", t);
+    let t = std::time::Instant::now();
     let repacked: HashSet<PackId> = repack.iter().filter(|p| !failed_repack.contains(p)).copied().chain(recompressed.iter().copied()).collect();
     rep.packs_repacked -= repack.iter().filter(|p| failed_repack.contains(p)).count();
     let going: HashSet<PackId> = drop_packs.iter().copied().chain(repacked.iter().copied()).collect();
@@ -785,6 +810,7 @@ async fn mark(
     let ready = ready_now(&live);
     lease.commit("writing the gc record's ready marker", async { Ok(repo.write_ready(&record_id, &ready, cancel).await?) }).await?;
     v.idx.remove(&replaced)?;
+    rep.timed("index", t);
     Ok(Some(Record { id: record_id, p, ready: Some(ready) }))
 }
 

@@ -16,7 +16,7 @@ pub async fn sync(repo: &Repository, cache_root: &Path, cancel: &CancellationTok
     let path = RocksIndex::path_for(cache_root, &repo.config().id);
     let idx = RocksIndex::open(&path)?;
     let generation = repo.list_gc(cancel).await?.generation();
-    let r = crate::index::sync(repo, &idx, &generation, cancel).await?;
+    let r = crate::index::sync(repo, &idx, &generation, None, cancel).await?;
     Ok((path, r))
 }
 

@@ -148,7 +148,7 @@ async fn repair_locked(
     lock: &lock::Held,
     cancel: &CancellationToken,
 ) -> Result<RepairReport> {
-    let (view, q) = lock.view_screened(index.clone(), cancel).await.context("syncing the local index")?;
+    let (view, q) = lock.view_screened(index.clone(), None, cancel).await.context("syncing the local index")?;
     let tree = view.index().clone();
     let mut rep = RepairReport { quarantined: q.len(), dry_run: src.dry_run, ..Default::default() };
     let unhealed = q.unhealed(&*tree)?;

@@ -192,15 +192,18 @@ pub(crate) async fn backup(
         // After the lock: segments a gc replaced before it are seen as gone. Dedup looks
         // chunks up in the index only; the parent's tree may also use entries of unswept gc
         // records, which the parent (or its parked manifest) keeps alive (docs/gc.md).
-        let (view, q) = held.view_screened(index.clone(), cancel).await.context("syncing the local index")?;
+        // The parent first: a listing of the index that began after it was written (and
+        // less than MOVER_INDEX_SYNC_INTERVAL ago) is not repeated (docs/gc.md).
+        let parent = resolve_parent(repo, &job, cancel).await?;
+        tracing::debug!(parent = ?parent.as_ref().map(|p| p.0), "parent resolved");
+        let reuse = crate::index::reuse_for_backup(parent.as_ref().map(|(_, m, _)| m));
+        let (view, q) = held.view_screened(index.clone(), reuse, cancel).await.context("syncing the local index")?;
         let tree = view.index().clone();
         tracing::debug!(quarantined = q.len(), "local index in sync");
         // Damaged locations are never deduplicated against: what they held is stored anew
         // (docs/repair.md), and the segments of the parent that need it are read again.
         let index = crate::index::quarantine::screen(index, &q, crate::index::Screen::Dedup);
         let unhealed = Arc::new(q.unhealed(&*tree)?);
-        let parent = resolve_parent(repo, &job, cancel).await?;
-        tracing::debug!(parent = ?parent.as_ref().map(|p| p.0), "parent resolved");
         let r = run(repo, index, tree, job, parent, unhealed, progress, held.lease(), cancel).await;
         crate::index::quarantine::note_seen(repo, "backup").await;
         r

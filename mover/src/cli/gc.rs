@@ -68,5 +68,9 @@ pub async fn run(ra: &RepoArgs, a: Args, cancel: &CancellationToken) -> anyhow::
     if r.stale_locks_removed > 0 {
         println!("  stale locks removed  {}", r.stale_locks_removed);
     }
+    let phases: Vec<String> = r.phase_seconds.iter().filter(|(_, s)| **s >= 0.05).map(|(p, s)| format!("{p} {s:.1} s")).collect();
+    if !phases.is_empty() {
+        println!("  time                 {}", phases.join(", "));
+    }
     Ok(())
 }

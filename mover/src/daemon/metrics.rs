@@ -63,6 +63,7 @@ pub struct Metrics {
     index_sync_seconds: prometheus::Counter,
     index_sync_segments: IntCounter,
     index_sync_entries: IntCounter,
+    index_syncs_reused: IntCounter,
     scrape: std::sync::Mutex<()>,
 }
 
@@ -180,6 +181,9 @@ impl Metrics {
         registry.register(Box::new(index_sync_seconds.clone()))?;
         registry.register(Box::new(index_sync_segments.clone()))?;
         registry.register(Box::new(index_sync_entries.clone()))?;
+        let index_syncs_reused =
+            IntCounter::new("mover_index_syncs_reused_total", "Syncs that listed nothing: the node's listing of a moment before served the backup")?;
+        registry.register(Box::new(index_syncs_reused.clone()))?;
         // Every label set exists from the start, at zero: rate() and absent() work before the
         // first transfer, and dashboards find every series they query.
         for w in ["read", "zero", "skipped", "reused_parent", "deduplicated", "new", "stored"] {
@@ -240,6 +244,7 @@ impl Metrics {
             index_sync_seconds,
             index_sync_segments,
             index_sync_entries,
+            index_syncs_reused,
             scrape: std::sync::Mutex::new(()),
         })
     }
@@ -335,6 +340,7 @@ impl Metrics {
         up(&self.index_syncs, t.syncs.load(Relaxed));
         up(&self.index_sync_segments, t.segments_ingested.load(Relaxed));
         up(&self.index_sync_entries, t.entries_ingested.load(Relaxed));
+        up(&self.index_syncs_reused, t.reused.load(Relaxed));
         let secs = t.nanos.load(Relaxed) as f64 / 1e9;
         self.index_sync_seconds.inc_by((secs - self.index_sync_seconds.get()).max(0.0));
     }
