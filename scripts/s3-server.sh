@@ -32,7 +32,8 @@ case "${1:-}" in
     cat > "$STATE/identities.json" <<EOF
 {"identities": [
   {"name": "admin", "credentials": [{"accessKey": "$AWS_ACCESS_KEY_ID", "secretKey": "$AWS_SECRET_ACCESS_KEY"}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
-  {"name": "reader", "credentials": [{"accessKey": "moverreader", "secretKey": "moverreadersecret"}], "actions": ["Read", "List"]}
+  {"name": "reader", "credentials": [{"accessKey": "moverreader", "secretKey": "moverreadersecret"}], "actions": ["Read", "List"]},
+  {"name": "appender", "credentials": [{"accessKey": "moverappender", "secretKey": "moverappendersecret"}], "actions": ["Read", "List", "Write"]}
 ]}
 EOF
     setsid "$VENV/bin/weed" mini -dir="$STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
@@ -63,7 +64,17 @@ EOF
       tail -5 "$STATE/weed.log" >&2; exit 1
     fi
     put -X DELETE "http://127.0.0.1:$S3_PORT/$BUCKET/.ready" >/dev/null || true
-    echo "export MOVER_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT MOVER_TEST_S3_BUCKET=$BUCKET AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY AWS_REGION=us-east-1 MOVER_TEST_S3_READER=moverreader:moverreadersecret"
+    # The append-only identity (docs/immutability.md): a bucket policy denies it deletes,
+    # as the policy for an AWS backup node would. SeaweedFS evaluates policies by user ARN
+    # (account 000000000000); it does not evaluate the s3:if-none-match condition.
+    cat > "$STATE/policy.json" <<EOF
+{"Version": "2012-10-17", "Statement": [{"Sid": "AppendOnlyNodes", "Effect": "Deny",
+  "Principal": {"AWS": ["arn:aws:iam::000000000000:user/appender"]},
+  "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"], "Resource": ["arn:aws:s3:::$BUCKET/*"]}]}
+EOF
+    code=$(put -X PUT --data-binary @"$STATE/policy.json" "http://127.0.0.1:$S3_PORT/$BUCKET?policy=")
+    case "$code" in 2*) ;; *) echo "SeaweedFS refused the bucket policy (HTTP $code)" >&2; exit 1 ;; esac
+    echo "export MOVER_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT MOVER_TEST_S3_BUCKET=$BUCKET AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY AWS_REGION=us-east-1 MOVER_TEST_S3_READER=moverreader:moverreadersecret MOVER_TEST_S3_APPENDER=moverappender:moverappendersecret"
     ;;
   stop)
     if [ -f "$STATE/pid" ]; then

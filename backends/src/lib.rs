@@ -210,10 +210,10 @@ pub async fn verify_create_only_cached(storage: &dyn Storage, key: &str, cancel:
 /// Checks that the store honours create-only writes: every invariant of the repository
 /// (immutable objects, lock refreshes, gc records) rests on a write never replacing an
 /// existing object. Writes a probe object, writes it again with other bytes — which must be
-/// refused — reads it back, and deletes it. A store that overwrites is refused with an
-/// error that says so.
+/// refused — reads it back, and deletes it (credentials that may not delete leave it to
+/// gc). A store that overwrites is refused with an error that says so.
 pub async fn verify_create_only(storage: &dyn Storage, cancel: &CancellationToken) -> Result<(), StorageError> {
-    let name = mover_format::names::probe(&hex::encode(rand::random::<[u8; 8]>()));
+    let name = mover_format::names::probe(&mover_format::names::probe_stamp());
     let refuse = |what: &str| {
         StorageError::new(
             mover_format::storage::ErrorKind::Permanent,

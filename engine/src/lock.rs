@@ -22,6 +22,12 @@ pub fn default_ttl() -> Duration {
     Duration::from_secs(s.max(2))
 }
 
+/// `MOVER_APPEND_ONLY` is set (`1`, `true`, `yes`): every repository this process opens is
+/// append-only ([`mover_format::Repository::set_append_only`], `docs/immutability.md`).
+pub fn append_only_from_env() -> bool {
+    std::env::var("MOVER_APPEND_ONLY").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+}
+
 /// A cheap handle on a held lock's lease, for stages that commit (index segments, manifest,
 /// gc records and deletions).
 ///
@@ -281,12 +287,33 @@ impl RepoLock {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
-        let name = self.info.lock().map(|i| i.object_name()).ok();
-        if let Some(name) = name {
-            if let Err(e) = self.repo.delete_object(&name, &CancellationToken::new()).await {
-                tracing::warn!("removing lock {name}: {e:#}");
-            }
+        let info = self.info.lock().map(|i| i.clone()).ok();
+        if let Some(info) = info {
+            remove(&self.repo, &info).await;
         }
+    }
+}
+
+/// Removes a lock: deletes its object, or — append-only ([`Repository::append_only`]) —
+/// writes a newer object of it that says it was released (`ttl_s` 0: expired at once, to
+/// older Movers too). The maintenance node's gc deletes released and expired lock objects.
+async fn remove(repo: &Repository, info: &LockInfo) {
+    let name = info.object_name();
+    if repo.append_only().is_none() {
+        match repo.delete_object(&name, &CancellationToken::new()).await {
+            Ok(()) => return,
+            Err(e) if repo.append_only().is_none() => {
+                tracing::warn!("removing lock {name}: {e:#}");
+                return;
+            }
+            Err(e) => tracing::info!("{e:#}: lock {} is released by a newer object of it instead", info.id),
+        }
+    }
+    let mut done = info.clone();
+    done.refreshed_ms = mover_format::now_unix_ms().max(info.refreshed_ms + 1);
+    done.ttl_s = 0;
+    if let Err(e) = repo.write_lock(&done, &CancellationToken::new()).await {
+        tracing::warn!("releasing lock {} (append-only): {e:#}; it expires {} s after its last refresh", info.id, info.ttl_s);
     }
 }
 
@@ -300,9 +327,7 @@ impl Drop for RepoLock {
             self.stop.cancel();
             if let (Ok(info), Ok(rt)) = (self.info.lock().map(|i| i.clone()), tokio::runtime::Handle::try_current()) {
                 let repo = self.repo.clone();
-                rt.spawn(async move {
-                    let _ = repo.delete_object(&info.object_name(), &CancellationToken::new()).await;
-                });
+                rt.spawn(async move { remove(&repo, &info).await });
             }
         }
     }
@@ -334,8 +359,12 @@ async fn refresh_loop(repo: Repository, info: Arc<Mutex<LockInfo>>, lease: Lease
                 if let Ok(mut t) = lease.last_ok.lock() {
                     *t = (*t).max(sent);
                 }
-                if let Err(e) = repo.delete_object(&cur.object_name(), &stop).await {
-                    tracing::warn!("removing superseded lock object {}: {e:#}", cur.object_name());
+                // Append-only: the superseded object stays (the newest one is the lock's
+                // state); gc on the maintenance node removes it once the lock is gone.
+                if repo.append_only().is_none() {
+                    if let Err(e) = repo.delete_object(&cur.object_name(), &stop).await {
+                        tracing::warn!("removing superseded lock object {}: {e:#}", cur.object_name());
+                    }
                 }
             }
             Err(_) if stop.is_cancelled() => return,
@@ -372,6 +401,9 @@ fn pid_gone(pid: u32) -> bool {
 /// or its process is known to be gone — known only for a process of this machine's boot in
 /// this PID namespace (containers on one node share the host name, not their process ids).
 pub fn staleness(info: &LockInfo, now_ms: u64) -> Option<String> {
+    if info.ttl_s == 0 {
+        return Some("released (by an append-only node)".into());
+    }
     if info.expired(now_ms) {
         return Some(format!("expired {} s ago", (now_ms - info.expires_ms()) / 1000));
     }
@@ -463,6 +495,7 @@ async fn read_latest(
 
 /// Removes stale locks (all locks with `force`); returns what was removed.
 pub async fn unlock(repo: &Repository, force: bool, cancel: &CancellationToken) -> Result<Vec<LockView>> {
+    repo.require_deletes("unlock", cancel).await?;
     let mut removed = Vec::new();
     for l in list(repo, cancel).await? {
         if l.stale.is_some() || force {

@@ -70,6 +70,9 @@ impl RepoArgs {
         let pw = self.password()?;
         let repo = Repository::open(storage, &pw, cancel).await?;
         repo.cache_manifests_in(mover_engine::index::manifest_cache_dir(&self.cache_root(), &repo));
+        if mover_engine::lock::append_only_from_env() {
+            repo.set_append_only();
+        }
         tracing::debug!(repository = %repo.location(), "repository opened");
         Ok(repo)
     }

@@ -29,6 +29,8 @@ pub const REPORT_MAGIC: [u8; 8] = *b"MOVRRPT1";
 pub const QUARANTINE_MAGIC: [u8; 8] = *b"MOVRQTN1";
 /// First bytes of a snapshot's protection (`protected/`); also its AEAD associated data.
 pub const PROTECTION_MAGIC: [u8; 8] = *b"MOVRPRT1";
+/// First bytes of a journal entry (`journal/`); also its AEAD associated data.
+pub const JOURNAL_MAGIC: [u8; 8] = *b"MOVRJNL1";
 /// Associated data of a pack trailer's AEAD.
 pub const PACK_TRAILER_AAD: &[u8] = b"mover pack trailer v1";
 /// Associated data of a wrapped master key.

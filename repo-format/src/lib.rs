@@ -13,6 +13,7 @@ pub mod error;
 pub mod file_formats;
 pub mod id;
 pub mod index;
+pub mod journal;
 pub mod local_index;
 pub mod lock;
 pub mod manifest;

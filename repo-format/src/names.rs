@@ -4,7 +4,7 @@
 //! `snapshots/<id>`, `locks/<lock id>-<refreshed ms>`, `gc/<record id>.entries|.ready`,
 //! `gc/generation-<counter>-<8 hex>`,
 //! `reports/<created ms>-<kind>-<8 hex>`, `quarantine/<created ms>-<8 hex>`,
-//! `protected/<snapshot id>`.
+//! `protected/<snapshot id>`, `journal/<seq, 20 digits>`, `probe/…`.
 
 use crate::id::{IndexId, KeyId, PackId, SnapshotId};
 
@@ -18,6 +18,18 @@ pub const GC_PREFIX: &str = "gc/";
 pub const REPORTS_PREFIX: &str = "reports/";
 pub const QUARANTINE_PREFIX: &str = "quarantine/";
 pub const PROTECTED_PREFIX: &str = "protected/";
+pub const JOURNAL_PREFIX: &str = "journal/";
+
+/// Entry `seq` of the journal (`docs/immutability.md`, "Tamper evidence").
+pub fn journal(seq: u64) -> String {
+    format!("{JOURNAL_PREFIX}{seq:020}")
+}
+
+/// The sequence number of a journal entry's name.
+pub fn parse_journal(name: &str) -> Option<u64> {
+    let s = name.strip_prefix(JOURNAL_PREFIX)?;
+    (s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+}
 
 pub fn key(id: &KeyId) -> String {
     format!("{KEYS_PREFIX}{id}")
@@ -85,21 +97,39 @@ pub fn gc_ready(record: &str) -> String {
     format!("{GC_PREFIX}{record}.ready")
 }
 
-/// Where a create-only probe writes (`mover_backends::verify_create_only`); nothing
-/// else reads this prefix, and a probe left behind by a killed process is harmless.
+/// Where probes write (`mover_backends::verify_create_only`, `Repository::
+/// require_deletes`); nothing else reads this prefix, and a probe left behind (a killed
+/// process, credentials that may not delete) is harmless: gc removes those older than
+/// [`PROBE_MAX_AGE_MS`].
 pub const PROBE_PREFIX: &str = "probe/";
 
-/// A create-only probe object.
+/// A probe object: `probe/create-only-<stamp>` ([`probe_stamp`]: its time comes first).
 pub fn probe(id: &str) -> String {
     format!("{PROBE_PREFIX}create-only-{id}")
 }
+
+/// A probe's unique part: its time (ms, 13 digits) and 8 random bytes.
+pub fn probe_stamp() -> String {
+    format!("{:013}-{}", crate::now_unix_ms(), hex::encode(rand::random::<[u8; 8]>()))
+}
+
+/// The time in a probe's name (names of older Movers have none).
+pub fn probe_time_ms(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix(PROBE_PREFIX)?.strip_prefix("create-only-")?;
+    let rest = rest.strip_prefix("deletes-").unwrap_or(rest);
+    let (ms, _) = rest.split_once('-')?;
+    (ms.len() == 13).then(|| ms.parse().ok()).flatten()
+}
+
+/// How old a probe must be before gc removes it (no probe takes an hour).
+pub const PROBE_MAX_AGE_MS: u64 = 3_600_000;
 
 /// The largest object of each kind a reader accepts: a store that serves more is refused
 /// before memory is sized by it. Packs are bounded by the largest pack size `init` allows
 /// (256 MiB) plus a full chunk beyond it and the trailer; gc records carry every entry gc
 /// took out (77 bytes each) and the manifests forget parked.
 pub fn max_len(name: &str) -> u64 {
-    if name == CONFIG || name.starts_with(KEYS_PREFIX) || name.starts_with(LOCKS_PREFIX) {
+    if name == CONFIG || name.starts_with(KEYS_PREFIX) || name.starts_with(LOCKS_PREFIX) || name.starts_with(JOURNAL_PREFIX) {
         1 << 20
     } else if name.starts_with(REPORTS_PREFIX) || name.starts_with(QUARANTINE_PREFIX) || name.starts_with(PROTECTED_PREFIX) {
         4 << 20

@@ -48,6 +48,12 @@ struct Inner {
     /// What listings need of every snapshot this handle has read (a few dozen bytes each),
     /// so that the next reads only manifests listed since ([`Repository::snapshot_rows`]).
     rows: std::sync::Mutex<std::collections::HashMap<SnapshotId, SnapshotRow>>,
+    /// Whether this handle may delete: [`DELETES_ALLOWED`], or append-only because it was
+    /// configured so ([`APPEND_ONLY_CONFIGURED`]) or the store refused a delete
+    /// ([`APPEND_ONLY_REFUSED`]); `docs/immutability.md`.
+    deletes: std::sync::atomic::AtomicU8,
+    /// The newest journal entry this handle knows of: where the next append looks from.
+    journal_head: std::sync::Mutex<Option<crate::journal::Head>>,
 }
 
 /// What listings need of a snapshot.
@@ -71,6 +77,15 @@ impl SnapshotRow {
 pub struct Repository {
     inner: Arc<Inner>,
 }
+
+/// [`Inner::deletes`]: deletes allowed (as far as this handle knows).
+const DELETES_ALLOWED: u8 = 0;
+/// Append-only by configuration.
+const APPEND_ONLY_CONFIGURED: u8 = 1;
+/// Append-only because the store refused a delete.
+const APPEND_ONLY_REFUSED: u8 = 2;
+/// A probe object was deleted ([`Repository::require_deletes`]): not asked again.
+const DELETES_VERIFIED: u8 = 3;
 
 /// Why and since when a snapshot is protected from `forget` (`protected/<id>`, sealed).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -103,8 +118,18 @@ impl GcListing {
 impl Repository {
     /// A handle on a repository whose config and key were just read or written.
     fn opened(storage: Arc<dyn Storage>, config: RepoConfig, keys: Keys, key_id: KeyId, retry: RetryPolicy) -> Self {
-        let inner =
-            Inner { storage, config, keys, key_id, retry, manifest_cache: Default::default(), damage_seen: Default::default(), rows: Default::default() };
+        let inner = Inner {
+            storage,
+            config,
+            keys,
+            key_id,
+            retry,
+            manifest_cache: Default::default(),
+            damage_seen: Default::default(),
+            rows: Default::default(),
+            deletes: Default::default(),
+            journal_head: Default::default(),
+        };
         Self { inner: Arc::new(inner) }
     }
 }
@@ -276,9 +301,71 @@ impl Repository {
         let s = &self.inner.storage;
         Ok(retry(&self.inner.retry, cancel, || s.head(name, cancel)).await?)
     }
+    /// Deletes `name`. An append-only handle refuses without asking the store; a store
+    /// that refuses (these credentials may not delete) makes the handle append-only.
     pub async fn delete_object(&self, name: &str, cancel: &CancellationToken) -> Result<(), RepoError> {
+        if let Some(why) = self.append_only() {
+            return Err(RepoError::Storage(crate::storage::StorageError::new(crate::storage::ErrorKind::Denied, "deleting", name, self.location(), why)));
+        }
         let s = &self.inner.storage;
-        Ok(retry(&self.inner.retry, cancel, || s.delete(name, cancel)).await?)
+        let r = retry(&self.inner.retry, cancel, || s.delete(name, cancel)).await;
+        if let Err(e) = &r {
+            if e.kind == crate::storage::ErrorKind::Denied {
+                self.inner.deletes.store(APPEND_ONLY_REFUSED, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(r?)
+    }
+
+    /// Makes this handle append-only: it creates objects and never deletes one (locks are
+    /// released by a newer lock object that says so; `docs/immutability.md`).
+    pub fn set_append_only(&self) {
+        self.inner.deletes.store(APPEND_ONLY_CONFIGURED, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Why this handle does not delete, or `None` while it may.
+    pub fn append_only(&self) -> Option<&'static str> {
+        match self.inner.deletes.load(std::sync::atomic::Ordering::Relaxed) {
+            DELETES_ALLOWED | DELETES_VERIFIED => None,
+            APPEND_ONLY_CONFIGURED => Some("this node is append-only (MOVER_APPEND_ONLY or the repository's append_only): it never deletes"),
+            _ => Some("the store refuses these credentials deletes (an append-only identity)"),
+        }
+    }
+
+    /// Fails unless this handle may delete, asking the store when it is not known: a probe
+    /// object is written and deleted (with credentials that may not delete, it stays, under
+    /// `probe/`, until a gc with maintenance credentials removes it). For the operations
+    /// that delete — `forget`, `gc`, `unprotect`, `unlock`, removing a key — before they
+    /// change anything.
+    pub async fn require_deletes(&self, what: &str, cancel: &CancellationToken) -> Result<(), RepoError> {
+        if self.inner.deletes.load(std::sync::atomic::Ordering::Relaxed) == DELETES_VERIFIED {
+            return Ok(());
+        }
+        if self.append_only().is_none() {
+            let name = names::probe(&format!("deletes-{}", names::probe_stamp()));
+            self.put_object(&name, Bytes::from_static(b"may this identity delete?\n"), cancel).await?;
+            match self.delete_object(&name, cancel).await {
+                Ok(()) => {
+                    let _ = self.inner.deletes.compare_exchange(
+                        DELETES_ALLOWED,
+                        DELETES_VERIFIED,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    return Ok(());
+                }
+                Err(RepoError::Storage(e)) if e.kind == crate::storage::ErrorKind::Denied => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let why = self.append_only().unwrap_or("deletes are refused");
+        Err(RepoError::Storage(crate::storage::StorageError::new(
+            crate::storage::ErrorKind::Denied,
+            "checking the right to delete",
+            names::PROBE_PREFIX,
+            self.location(),
+            format!("{what} deletes objects, and {why}; nothing was changed. Run it where the repository's maintenance credentials are configured (docs/immutability.md)"),
+        )))
     }
     pub async fn list_objects(&self, prefix: &str, cancel: &CancellationToken) -> Result<Vec<crate::storage::ObjectMeta>, RepoError> {
         let s = &self.inner.storage;
@@ -569,6 +656,108 @@ impl Repository {
             self.delete_object(old, cancel).await?;
         }
         Ok(name)
+    }
+
+    // ---- journal ----
+
+    /// Appends `event` to the journal as its next entry; returns its number. Concurrent
+    /// appenders race for each number with create-only writes; the loser looks again.
+    pub async fn journal_append(&self, event: crate::journal::JournalEvent, cancel: &CancellationToken) -> Result<u64, RepoError> {
+        use crate::journal::{link, Head, JournalEntry};
+        let mut known = self.inner.journal_head.lock().ok().and_then(|h| h.clone());
+        for attempt in 0..64u32 {
+            // The newest entry after the one known (one LIST page after the first append).
+            let after = known.as_ref().map(|h| names::journal(h.seq));
+            let s = &self.inner.storage;
+            let listed = retry(&self.inner.retry, cancel, || crate::storage::list_all_after(&**s, names::JOURNAL_PREFIX, after.as_deref(), cancel)).await?;
+            if let Some(newest) = listed.iter().filter_map(|o| names::parse_journal(&o.name)).max() {
+                let bytes = self.get_object(&names::journal(newest), cancel).await?;
+                known = Some(Head { seq: newest, hash: link(&bytes) });
+            }
+            let seq = known.as_ref().map_or(1, |h| h.seq + 1);
+            let entry = JournalEntry {
+                seq,
+                prev: known.as_ref().map(|h| h.hash.clone()).unwrap_or_default(),
+                time_unix_ms: crate::now_unix_ms(),
+                hostname: crate::hostname(),
+                event: event.clone(),
+            };
+            let bytes = self.keys().seal_json(&crate::file_formats::JOURNAL_MAGIC, &entry, "journal entry").map_err(|e| self.err("journal entry", e))?;
+            let hash = link(&bytes);
+            if self.put_object(&names::journal(seq), Bytes::from(bytes), cancel).await? == PutOutcome::Created {
+                if let Ok(mut h) = self.inner.journal_head.lock() {
+                    *h = Some(Head { seq, hash });
+                }
+                return Ok(seq);
+            }
+            // Another writer took `seq`: look again after a short, random pause.
+            let pause = std::time::Duration::from_millis(5 + rand::random::<u64>() % (10 + 10 * attempt.min(20) as u64));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = cancel.cancelled() => return Err(RepoError::Cancelled),
+            }
+        }
+        Err(RepoError::Invalid(format!("journal of repository {}: could not take a number in 64 attempts (too many writers at once)", self.location())))
+    }
+
+    /// Every journal entry, in order: its number and what reading it gave (the entry and the
+    /// hash the next one must name), read 16 at a time.
+    #[allow(clippy::type_complexity)]
+    pub async fn read_journal(&self, cancel: &CancellationToken) -> Result<Vec<(u64, Result<(crate::journal::JournalEntry, String), RepoError>)>, RepoError> {
+        use futures::StreamExt;
+        let mut seqs: Vec<u64> = self.list_objects(names::JOURNAL_PREFIX, cancel).await?.iter().filter_map(|o| names::parse_journal(&o.name)).collect();
+        seqs.sort_unstable();
+        let out = futures::stream::iter(seqs)
+            .map(|seq| async move {
+                let name = names::journal(seq);
+                let r = match self.get_object(&name, cancel).await {
+                    Ok(bytes) => self
+                        .keys()
+                        .open_json::<crate::journal::JournalEntry>(&crate::file_formats::JOURNAL_MAGIC, &bytes, "journal entry")
+                        .map_err(|e| self.err(&name, e))
+                        .map(|e| (e, crate::journal::link(&bytes))),
+                    Err(e) => Err(e),
+                };
+                (seq, r)
+            })
+            .buffered(16)
+            .collect::<Vec<_>>()
+            .await;
+        Ok(out)
+    }
+
+    /// The journal entries after entry `seq` that open (a second look, for `check`).
+    pub async fn read_journal_after(&self, seq: u64, cancel: &CancellationToken) -> Result<Vec<crate::journal::JournalEntry>, RepoError> {
+        let after = names::journal(seq);
+        let s = &self.inner.storage;
+        let listed = retry(&self.inner.retry, cancel, || crate::storage::list_all_after(&**s, names::JOURNAL_PREFIX, Some(&after), cancel)).await?;
+        let mut out = Vec::new();
+        for o in listed {
+            if names::parse_journal(&o.name).is_none() {
+                continue;
+            }
+            let bytes = self.get_object(&o.name, cancel).await?;
+            if let Ok(e) = self.keys().open_json(&crate::file_formats::JOURNAL_MAGIC, &bytes, "journal entry") {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The journal head this node verified last (`check`), kept beside the manifests
+    /// ([`Repository::cache_manifests_in`]); `None` without a cache or a check before.
+    pub fn remembered_journal_head(&self) -> Option<crate::journal::Head> {
+        let f = self.inner.manifest_cache.get()?.parent()?.join("journal-head.json");
+        serde_json::from_slice(&std::fs::read(f).ok()?).ok()
+    }
+
+    /// Keeps `head` as the journal head this node verified.
+    pub fn remember_journal_head(&self, head: &crate::journal::Head) -> std::io::Result<()> {
+        let Some(dir) = self.inner.manifest_cache.get().and_then(|d| d.parent()) else { return Ok(()) };
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!("journal-head.json.{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec(head).map_err(std::io::Error::other)?)?;
+        std::fs::rename(tmp, dir.join("journal-head.json"))
     }
 
     // ---- snapshots ----

@@ -39,6 +39,9 @@ pub struct CheckReport {
     pub checked: Vec<SnapshotId>,
     /// What is not a problem but worth knowing (a damaged pack whose damage is healed).
     pub notes: Vec<String>,
+    /// Entries of the journal read (`docs/immutability.md`, "Tamper evidence"); its
+    /// problems and notes are among the others.
+    pub journal_entries: usize,
     /// Damaged blob locations quarantined before this check (`docs/repair.md`).
     pub quarantined: usize,
     /// Of those, the ones whose content is stored again elsewhere (healed).
@@ -292,6 +295,10 @@ pub(crate) async fn check_with_progress(repo: &Repository, read_percent: Option<
 async fn check_locked(repo: &Repository, read_percent: Option<u32>, progress: &Progress, cancel: &CancellationToken) -> Result<CheckReport> {
     let mut rep = CheckReport::default();
     let v = load_view(repo, &mut rep, cancel).await?;
+    let j = super::journal::audit(repo, &v.snapshots, cancel).await?;
+    rep.journal_entries = j.entries;
+    rep.problems.extend(j.problems);
+    rep.notes.extend(j.notes);
     let mut damage = Damage::default();
     // Quarantined locations: damaged, unless the content is stored again elsewhere.
     rep.quarantined = v.quarantine.len();

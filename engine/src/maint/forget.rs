@@ -163,6 +163,7 @@ pub async fn forget(repo: &Repository, ids: &[SnapshotId], on_protected: Protect
     if ids.is_empty() {
         return Ok(0);
     }
+    repo.require_deletes("forget", cancel).await?;
     lock::scope(repo, Hold::Exclusive("forget snapshots"), cancel, |me| async move {
         // Under the lock `protect` also takes: a protection written before is seen here.
         let protected = repo.list_protected(cancel).await?;
@@ -179,6 +180,12 @@ pub async fn forget(repo: &Repository, ids: &[SnapshotId], on_protected: Protect
             return Ok(0);
         }
         let ids = &ids[..];
+        // The journal first: a snapshot is never missing without an entry saying it was
+        // forgotten (`docs/immutability.md`); a failure here changes nothing.
+        for part in ids.chunks(mover_format::journal::FORGOTTEN_PER_ENTRY) {
+            let event = mover_format::journal::JournalEvent::Forgotten { snapshots: part.to_vec() };
+            repo.journal_append(event, cancel).await.context("recording the forget in the repository's journal")?;
+        }
         let mut forgotten = Vec::new();
         for id in ids {
             let bytes = repo.get_object(&names::snapshot(id), cancel).await.with_context(|| format!("reading snapshot {id} to forget it"))?;

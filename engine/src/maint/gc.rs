@@ -94,6 +94,11 @@ pub struct GcReport {
     /// Index segments the mark left as they were (nothing in them changed).
     pub index_segments_kept: usize,
     pub stale_locks_removed: usize,
+    /// Probe objects older than an hour (left by credentials that may not delete, or by
+    /// killed processes) and verify/drill reports beyond the newest 200 of each kind
+    /// (append-only nodes leave them): removed here, on the maintenance node.
+    pub probes_removed: usize,
+    pub reports_removed: usize,
     /// Quarantine records removed: every pack they named is gone.
     pub quarantine_records_removed: usize,
     /// Where the time went, phase by phase (seconds): `listing` (packs, index segments,
@@ -322,6 +327,9 @@ pub async fn run(repo: &Repository, opts: &GcOptions, cancel: &CancellationToken
     if !(0.0..=1.0).contains(&opts.repack_unused) {
         return Err(Error::invalid(format!("--repack-unused must be between 0 and 1 (a share of a pack's bytes), not {}", opts.repack_unused)));
     }
+    if !opts.dry_run {
+        repo.require_deletes("gc", cancel).await?;
+    }
     lock::scope(repo, Hold::Exclusive("run gc"), cancel, |me| async move {
         let scratch = opts.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
         let (idx, reach) = gc_work::create(&scratch)?;
@@ -352,6 +360,17 @@ async fn run_locked(repo: &Repository, opts: &GcOptions, v: &mut View, me: &Held
     // is live, so it stays).
     if !opts.dry_run {
         rep.stale_locks_removed = lock::unlock(repo, false, cancel).await?.len();
+        let now = mover_format::now_unix_ms();
+        let old: Vec<String> = repo
+            .list_objects(names::PROBE_PREFIX, cancel)
+            .await?
+            .into_iter()
+            .filter(|o| names::probe_time_ms(&o.name).is_some_and(|ms| ms.saturating_add(names::PROBE_MAX_AGE_MS) < now))
+            .map(|o| o.name)
+            .collect();
+        delete_objects(repo, &old, &me.lease(), "removing old probe objects", cancel).await?;
+        rep.probes_removed = old.len();
+        rep.reports_removed = super::report::prune(repo, None, cancel).await?;
     }
 
     let t = std::time::Instant::now();

@@ -19,6 +19,7 @@ pub async fn passwd(
     kdf: KdfParams,
     cancel: &CancellationToken,
 ) -> Result<(KeyId, KeyId)> {
+    repo.require_deletes("changing a password (the old key file is removed)", cancel).await?;
     let new_id = repo.add_key(current, new, kdf, cancel).await?;
     let reopened = Repository::open(storage, new, cancel).await?;
     reopened.remove_key(&repo.key_id(), cancel).await?;

@@ -44,6 +44,7 @@ pub async fn protect(repo: &Repository, id: &SnapshotId, note: &str, cancel: &Ca
 
 /// Removes `id`'s protection; a snapshot without one is left as it is.
 pub async fn unprotect(repo: &Repository, id: &SnapshotId, cancel: &CancellationToken) -> Result<ProtectOutcome> {
+    repo.require_deletes("unprotect", cancel).await?;
     lock::scope(repo, Hold::Exclusive("unprotect a snapshot"), cancel, |me| async move {
         let had = repo.read_protection(id, cancel).await?;
         if had.is_some() {

@@ -95,18 +95,36 @@ impl DrillResult {
     }
 }
 
-/// Writes a report and removes the oldest of its kind beyond [`KEEP_REPORTS`].
+/// Writes a report and removes the oldest of its kind beyond [`KEEP_REPORTS`] (an
+/// append-only node leaves them to gc, [`prune`]).
 pub async fn record<T: Serialize>(repo: &Repository, kind: &str, value: &T, cancel: &CancellationToken) -> Result<String> {
     let name = repo.write_report(kind, value, cancel).await.with_context(|| format!("recording the {kind} result in {}", repo.location()))?;
-    if let Ok(all) = repo.list_reports(cancel).await {
-        let mine: Vec<&String> = all.iter().filter(|(_, _, k)| k == kind).map(|(n, _, _)| n).collect();
-        for old in mine.iter().take(mine.len().saturating_sub(KEEP_REPORTS)) {
-            if let Err(e) = repo.delete_object(old, cancel).await {
-                tracing::warn!("removing old report {old}: {e:#}");
-            }
+    if repo.append_only().is_none() {
+        if let Err(e) = prune(repo, Some(kind), cancel).await {
+            tracing::warn!("removing old {kind} reports: {e:#}");
         }
     }
     Ok(name)
+}
+
+/// Removes the oldest reports of `kind` (every kind: `None`) beyond [`KEEP_REPORTS`];
+/// returns how many.
+pub async fn prune(repo: &Repository, kind: Option<&str>, cancel: &CancellationToken) -> Result<usize> {
+    let all = repo.list_reports(cancel).await?;
+    let mut by_kind: std::collections::BTreeMap<&str, Vec<&String>> = Default::default();
+    for (n, _, k) in &all {
+        if kind.is_none_or(|want| want == k.as_str()) {
+            by_kind.entry(k.as_str()).or_default().push(n);
+        }
+    }
+    let mut removed = 0;
+    for mine in by_kind.values() {
+        for old in mine.iter().take(mine.len().saturating_sub(KEEP_REPORTS)) {
+            repo.delete_object(old, cancel).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// The newest readable reports of `kind` among `all` (a listing, oldest first), newest

@@ -371,6 +371,12 @@ async fn run(
     };
     tracing::debug!("data and index written; committing the snapshot");
     let snapshot_id = lease.commit("writing the snapshot manifest", async { Ok(repo.write_snapshot(&manifest, cancel).await?) }).await?;
+    // The journal after the manifest: an entry never names a snapshot that was not written.
+    // The snapshot stands without it (`check` notes the missing entry).
+    let added = mover_format::journal::JournalEvent::Added { snapshot: snapshot_id, group: job.group.clone() };
+    if let Err(e) = repo.journal_append(added, cancel).await {
+        tracing::warn!("snapshot {snapshot_id} was written, but its journal entry was not: {e:#}");
+    }
     Ok(BackupSummary {
         snapshot_id,
         group: job.group,

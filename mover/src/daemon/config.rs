@@ -31,6 +31,11 @@ pub struct RepoEntry {
     /// as `other` (labels stay bounded).
     #[serde(default)]
     pub status_groups: Vec<String>,
+    /// Never delete (an append-only node: its credentials may create objects but not
+    /// delete them); `forget`, `gc` and `unprotect` are refused up front, locks are released
+    /// by a newer object. `MOVER_APPEND_ONLY=1` does the same for every repository.
+    #[serde(default)]
+    pub append_only: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -325,6 +330,7 @@ impl DaemonConfig {
             verify_interval_seconds: None,
             verify_read_data_percent: None,
             status_groups: Vec::new(),
+            append_only: false,
         }
     }
 
@@ -487,6 +493,7 @@ impl DaemonConfig {
             verify_interval_seconds: None,
             verify_read_data_percent: None,
             status_groups: Vec::new(),
+            append_only: false,
         };
         self.repositories.insert("default".into(), entry);
         Ok(())

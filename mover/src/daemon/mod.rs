@@ -242,6 +242,9 @@ impl Daemon {
             Err(err) => return Err(err.into()),
         };
         repo.cache_manifests_in(mover_engine::index::manifest_cache_dir(&self.cfg.cache_dir, &repo));
+        if e.append_only || mover_engine::lock::append_only_from_env() {
+            repo.set_append_only();
+        }
         let index = mover_engine::index::open_local(&repo, &self.cfg.cache_dir);
         Ok(RepoHandle { repo, index })
     }

@@ -32,6 +32,22 @@ impl Env {
         e.ok(&["init"]);
         e
     }
+    /// The names of every object of this S3 repository, sorted (read with the test
+    /// server's admin credentials, not through Mover).
+    pub fn s3_objects(&self) -> Vec<String> {
+        let (endpoint, bucket) = s3_env();
+        assert!(self.repo.starts_with(&format!("s3://{bucket}/")), "not an S3 repository: {}", self.repo);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut o = mover_backends::S3Options::from_url(&self.repo).unwrap();
+            o.endpoint = Some(endpoint);
+            let s = mover_backends::S3Storage::new(o).await;
+            let c = tokio_util::sync::CancellationToken::new();
+            let mut v: Vec<String> = mover_format::storage::list_all(&s, "", &c).await.unwrap().into_iter().map(|m| m.name).collect();
+            v.sort();
+            v
+        })
+    }
     pub fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }

@@ -7,6 +7,7 @@
 mod common;
 use common::*;
 
+mod append_only;
 mod bad_input;
 mod copy;
 mod csi;

@@ -84,18 +84,7 @@ fn read_only_credentials_list_check_and_restore_and_a_backup_is_refused_writing_
     let snap = e.json(&["backup", src.to_str().unwrap()])["snapshot_id"].as_str().unwrap().to_string();
     let reader = std::env::var("MOVER_TEST_S3_READER").expect("MOVER_TEST_S3_READER: run with scripts/test.sh");
     let (key, secret) = reader.split_once(':').unwrap();
-    let (endpoint, bucket) = s3_env();
-    let prefix = e.repo.strip_prefix(&format!("s3://{bucket}/")).unwrap().to_string();
-    let objects = || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            let mut o = mover_backends::S3Options::from_url(&format!("s3://{bucket}/{prefix}")).unwrap();
-            o.endpoint = Some(endpoint.clone());
-            let s = mover_backends::S3Storage::new(o).await;
-            let c = tokio_util::sync::CancellationToken::new();
-            mover_format::storage::list_all(&s, "", &c).await.unwrap().into_iter().map(|m| m.name).collect::<Vec<_>>()
-        })
-    };
+    let objects = || e.s3_objects();
     let before = objects();
     let as_reader = |args: &[&str]| {
         let o = e.cmd(args).env("AWS_ACCESS_KEY_ID", key).env("AWS_SECRET_ACCESS_KEY", secret).output().unwrap();
