@@ -267,10 +267,13 @@ def main():
     ap.add_argument("--work", default="/var/tmp/mover-fleet")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (images, repository, logs)")
     ap.add_argument("--samples", type=int, default=24, help="snapshots restored and compared at the end")
-    ap.add_argument("--report", metavar="FLEET_JSON", help="print the markdown table of a finished run's fleet.json, run nothing")
+    ap.add_argument("--report", metavar="FLEET_JSON", help="print the markdown tables (per day; medians early and late; every gc) of a finished run's fleet.json, run nothing")
     a = ap.parse_args()
     if a.report:
-        print(report(json.load(open(a.report))))
+        run = json.load(open(a.report))
+        print(report(run))
+        print()
+        print(windows(run))
         return 0
 
     mover = os.environ.get("MOVER_BIN")
@@ -548,6 +551,55 @@ def summarize(days, end, failures, a):
     last = [r for r in days if "stats" in r][-1]["stats"]
     out["repository"] = {"snapshots": last["snapshots"], "stored_mib": last["stored_bytes"] / MIB, "logical_mib": last["logical_bytes"] / MIB, "chunks": last["chunks"]}
     return out
+
+
+def windows(run):
+    """Medians of the first days after the first week (8-12) against the last five, per
+    unit of work, as a markdown table; then every gc with its phases."""
+    days = [r for r in run["days"] if r["day"] > 0]
+    last = max(r["day"] for r in days)
+
+    def med(f, lo, hi):
+        v = [x for x in (f(r) for r in days if lo <= r["day"] <= hi) if x is not None]
+        return statistics.median(v) if v else None
+
+    def listing(r):
+        c = sum(n["syncs"] - n.get("syncs_reused", 0) for n in r["nodes"])
+        return sum(n["sync_s"] for n in r["nodes"]) / c if c else None
+
+    def reused(r):
+        c = sum(n["syncs"] for n in r["nodes"])
+        return sum(n.get("syncs_reused", 0) for n in r["nodes"]) / c if c else None
+
+    def forget_per(r):
+        f = r["maintenance"].get("forget")
+        return f["seconds"] / f["removed"] if f and f.get("removed") else None
+
+    rows = [f"| | days 8–12 | days {last - 4}–{last} | growth |", "|---|---|---|---|"]
+    for name, f in [
+        ("backups' wall time per VM, s", lambda r: r["backups_wall_s"] / max(1, r["backups"])),
+        ("a backup's own run time p50, s", lambda r: r.get("run_s", {}).get("p50")),
+        ("latency p50, s", lambda r: r["latency_s"]["p50"]),
+        ("forget per snapshot removed, s", forget_per),
+        ("one index listing, s", listing),
+        ("syncs that reused a listing", reused),
+        ("status refresh (slowest node), s", lambda r: max(n["status_refresh_s"] for n in r["nodes"])),
+        ("index sync share of backup time", lambda r: sum(n["sync_s"] for n in r["nodes"]) / max(1e-9, sum(n["backup_s"] for n in r["nodes"]))),
+        ("stored per changed byte", lambda r: r["stored_bytes"] / max(1, r["changed_bytes"])),
+    ]:
+        e, l = med(f, 8, 12), med(f, last - 4, last)
+        g = f"{l / e:.2f}×" if e and l else ""
+        rows.append(f"| {name} | {e if e is None else round(e, 4)} | {l if l is None else round(l, 4)} | {g} |")
+    rows.append("")
+    for r in run["days"]:
+        g = r["maintenance"].get("gc")
+        if not g:
+            continue
+        res = g["result"] if isinstance(g["result"], dict) else {}
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in sorted(res.get("phase_seconds", {}).items()))
+        rows.append(f"gc day {r['day']}: {g['seconds']:.1f} s ({g['seconds'] / max(1e-9, r['backups_wall_s']):.2f}× the day's backups), "
+                    f"{g['rss_mib']:.0f} MiB; copied {res.get('bytes_copied', 0) / MIB:.0f} MiB, freed {res.get('bytes_freed', 0) / MIB:.0f} MiB; {phases}")
+    return "\n".join(rows)
 
 
 def report(run):

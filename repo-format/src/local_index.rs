@@ -180,8 +180,9 @@ pub struct Incremental<'a> {
     /// How far before the last listing the next one starts (the lock TTL).
     pub overlap_ms: u64,
     /// List nothing when the last listing began at or after this time (unix ms, this
-    /// process's clock) and `generation` is the one it saw: for a caller that only
-    /// deduplicates against the cache, and reads nothing written after that time.
+    /// process's clock), this process made it, and `generation` is the one it saw: for a
+    /// caller that only deduplicates against the cache, and reads nothing written after
+    /// that time.
     pub reuse_listed_after_ms: Option<u64>,
 }
 
@@ -221,7 +222,7 @@ pub async fn sync_at(repo: &Repository, index: &dyn ChunkIndex, inc: Option<Incr
         _ => None,
     };
     if let Some((Incremental { reuse_listed_after_ms: Some(after), .. }, m)) = same {
-        if m.listed_ms >= *after {
+        if m.listed_ms >= *after && listed_here(m.listed_ms) {
             let rep = SyncReport { reused: true, incremental: true, ..Default::default() };
             SYNCS.record(t0.elapsed(), Some(&rep));
             return Ok(rep);
@@ -234,9 +235,24 @@ pub async fn sync_at(repo: &Repository, index: &dyn ChunkIndex, inc: Option<Incr
     };
     if r.is_ok() {
         index.set_sync_mark(&SyncMark { generation: inc.map_or("unknown", |i| i.generation).to_string(), listed_ms })?;
+        if let Ok(mut l) = LISTED_HERE.lock() {
+            if l.len() >= 64 {
+                l.remove(0);
+            }
+            l.push(listed_ms);
+        }
     }
     SYNCS.record(t0.elapsed(), r.as_ref().ok());
     r
+}
+
+/// When the listings this process made began: only those are reused. A process killed
+/// after its listing may not have recorded all of its own segments in the cache, so the
+/// next process (a rerun, a restarted daemon) lists again.
+static LISTED_HERE: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+fn listed_here(ms: u64) -> bool {
+    LISTED_HERE.lock().is_ok_and(|l| l.contains(&ms))
 }
 
 /// Ingests the segments sealed since `ms` that this cache lacks. A segment listed and then
